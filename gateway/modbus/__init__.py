@@ -1,0 +1,1 @@
+"""Modbus transport (buses), register codecs and the generic profile engine."""

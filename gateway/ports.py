@@ -1,0 +1,136 @@
+"""Narrow interfaces between the parts of the gateway.
+
+The session logic talks to storage, the uplink, billing and chargers only through these
+Protocols, so it never imports SQLite, MQTT or Modbus code. ``app.py`` wires real
+implementations; tests wire real ones too (a SQLite file, a mosquitto) or small fakes where a
+part cannot run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.model import Token
+
+__all__ = [
+    "AuthRequester",
+    "AuthStore",
+    "ChargerControl",
+    "CommandTarget",
+    "OutboxRow",
+    "ReadingRow",
+    "Sealer",
+    "SessionStore",
+    "UplinkStore",
+]
+
+Sealer = Callable[[dict[str, Any]], dict[str, Any]]
+"""Completes a finished record whose ``seq`` and ``prev_hash`` are set: adds ``hash`` (and a
+signature where a key is configured). See gateway/records.py."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    stream: str  # "session" | "event" | "status" | "auth"
+    topic: str  # suffix below P/S/, e.g. "sessions/finished"
+    payload: bytes
+    qos: int
+    retain: bool
+    created_ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingRow:
+    id: int
+    device_id: str
+    ts: float
+    values: Mapping[str, Any]
+
+
+class SessionStore(Protocol):
+    """Durable session state. Every method commits before it returns (synchronous=FULL for
+    session transitions)."""
+
+    async def load_open_sessions(self) -> list[dict[str, Any]]: ...
+
+    async def save_open_session(self, session_id: str, charger_id: str, state: dict[str, Any]) -> None: ...
+
+    async def finish_session(self, record: dict[str, Any]) -> dict[str, Any]:
+        """In one transaction: give the record the next ``seq`` of the site and the previous
+        record's hash as ``prev_hash``, seal it, store it, drop the open session row, and queue it
+        on the outbox (topic ``sessions/finished``). Returns the sealed record. Idempotent on
+        ``session_id``: finishing an already finished session returns the stored record."""
+        ...
+
+    async def enqueue(self, stream: str, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int: ...
+
+    async def add_readings(self, rows: Sequence[tuple[str, float, Mapping[str, Any]]]) -> None:
+        """Buffer readings (device_id, ts, values) in one batch; dropped (and said so once) while
+        the disk cap is reached."""
+        ...
+
+
+class UplinkStore(Protocol):
+    async def outbox_fetch(self, stream: str, limit: int, after_id: int = 0) -> list[OutboxRow]: ...
+
+    async def outbox_ack(self, ids: Sequence[int]) -> None: ...
+
+    async def outbox_backlog(self) -> dict[str, int]: ...
+
+    async def readings_fetch_unsynced(self, limit: int, after_id: int = 0) -> list[ReadingRow]: ...
+
+    async def readings_mark_synced(self, ids: Sequence[int]) -> None: ...
+
+
+class AuthStore(Protocol):
+    """Persistence for the cloud-pushed token list and the authorization cache."""
+
+    async def load_cloud_list(self) -> tuple[int, list[Token]]:
+        """(version, tokens); version 0 and [] when none was ever pushed."""
+        ...
+
+    async def save_cloud_list(self, version: int, tokens: Sequence[Token]) -> None: ...
+
+    async def load_auth_cache(self) -> list[tuple[Token, float]]:
+        """Cached cloud answers with the time they were cached."""
+        ...
+
+    async def cache_auth(self, token: Token, cached_at: float) -> None: ...
+
+
+class AuthRequester(Protocol):
+    """The uplink side of online authorization (CONTRACT ``auth/request``)."""
+
+    @property
+    def online(self) -> bool: ...
+
+    async def send_auth_request(self, request_id: str, token: str, token_type: str, charger_id: str) -> None: ...
+
+
+class ChargerControl(Protocol):
+    """What session logic may ask of a charger. Implementations decide how (enable register,
+    current limit 0, nothing if the charger has no control)."""
+
+    def can_control(self, device_id: str) -> bool: ...
+
+    async def set_enabled(self, device_id: str, enabled: bool) -> None: ...
+
+    async def set_current_limit(self, device_id: str, current_a: float) -> None: ...
+
+
+class CommandTarget(Protocol):
+    """What cloud commands reach. Each raises gateway.errors.CommandError to refuse; a refused
+    command changes nothing."""
+
+    async def remote_start(self, charger_id: str, user: str, token: str | None) -> dict[str, Any]: ...
+
+    async def remote_stop(self, charger_id: str | None, session_id: str | None) -> dict[str, Any]: ...
+
+    async def update_tokens(self, version: int, mode: str, tokens: Sequence[Token], remove: Sequence[str]) -> dict[str, Any]: ...
+
+    async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    async def auth_response(self, request_id: str, status: str, user: str | None, expires_at: float | None) -> None: ...
