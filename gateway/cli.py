@@ -1,0 +1,372 @@
+"""The ``evgw`` command line: the only module that imports everything.
+
+Every error a person can cause prints one clear line (no traceback unless ``--debug``) and exits
+non-zero: 2 for usage and configuration problems, 1 for the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any, NoReturn
+
+from gateway import __version__
+from gateway.errors import ConfigError, GatewayError
+
+__all__ = ["main"]
+
+
+class UsageError(GatewayError):
+    exit_code = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _month(text: str) -> str:
+    try:
+        date.fromisoformat(text + "-01")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a month (YYYY-MM): {text!r}") from None
+    return text
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
+
+
+def _duration(text: str) -> float:
+    from gateway.config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="evgw", description="Edge gateway for EV charging sites.")
+    p.add_argument("--version", action="version", version=f"evgw {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--log-json", action="store_true", default=None, help="JSON logs even on a terminal")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def cfg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-c", "--config", required=True, type=Path, help="site configuration (YAML)")
+
+    sp = sub.add_parser("run", help="run the gateway until SIGINT/SIGTERM")
+    cfg(sp)
+
+    sp = sub.add_parser("check-config", help="validate a site configuration")
+    cfg(sp)
+    sp.add_argument("--schema", action="store_true", help="print the configuration's JSON Schema instead")
+
+    sp = sub.add_parser("simulate", help="serve simulated devices for every device of a site config")
+    cfg(sp)
+    sp.add_argument("--scenario", type=Path, help="scripted scenario (YAML)")
+    sp.add_argument("--speed", type=_positive_float, default=1.0, help="simulated seconds per second")
+    sp.add_argument("--duration", type=_duration, help="stop after this long (e.g. 60s)")
+    sp.add_argument("--seed", type=int, help="random seed for EV arrivals")
+    sp.add_argument("--truth", type=Path, help="write the sessions the simulator produced (JSON lines)")
+
+    sp = sub.add_parser("demo", help="embedded broker + simulated site + gateway + live view")
+    sp.add_argument("--broker", help="use this MQTT broker (mqtt://host:port) instead of the embedded one")
+    sp.add_argument("--duration", type=_duration, help="stop after this long (e.g. 60s)")
+    sp.add_argument("--speed", type=_positive_float, default=30.0, help="simulated seconds per second")
+    sp.add_argument("--dir", type=Path, help="where to keep the demo's files (default: a new temp dir)")
+    sp.add_argument("--no-view", action="store_true", help="log instead of drawing the live view")
+
+    sp = sub.add_parser("drivers", help="list device profiles, or show one")
+    sp.add_argument("slug", nargs="?")
+    sp.add_argument("--drivers-path", type=Path, help="also load site profiles from this directory")
+    sp.add_argument("--json-schema", action="store_true", help="print the profile JSON Schema")
+
+    sp = sub.add_parser("scan", help="probe unit ids and name the matching profile")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--tcp", metavar="HOST[:PORT]")
+    g.add_argument("--serial", metavar="DEV")
+    sp.add_argument("--baud", type=int, action="append", help="baud rate(s) to try (serial)")
+    sp.add_argument("--units", default=None, help="unit id range, e.g. 1-10 or 1,2,255")
+    sp.add_argument("--timeout", type=_duration, default=0.3, help="per-request timeout")
+
+    sp = sub.add_parser("read", help="poll one device once and print decoded values")
+    cfg(sp)
+    sp.add_argument("device")
+    sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("sessions", help="sessions in the local buffer")
+    cfg(sp)
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--open", action="store_true", help="only open sessions")
+    g.add_argument("--unsynced", action="store_true", help="only finished sessions not yet delivered")
+    sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("report", help="billing report from the local buffer")
+    cfg(sp)
+    sp.add_argument("--by", choices=["user", "charger"], required=True)
+    sp.add_argument("--from", dest="start", type=_date, required=True, metavar="DATE")
+    sp.add_argument("--to", dest="end", type=_date, required=True, metavar="DATE")
+    sp.add_argument("--format", choices=["csv", "json", "html"], default="csv")
+    sp.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+
+    sp = sub.add_parser("consume", help="reference cloud consumer: store finished sessions idempotently")
+    sp.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
+    sp.add_argument("--db", required=True, help="sqlite:///path.db or postgresql://...")
+    sp.add_argument("--topic-prefix", default="evgw")
+    sp.add_argument("--site", action="append", help="site id(s) to consume (default: all, +)")
+    sp.add_argument("--client-id", default="evgw-consumer")
+    sp.add_argument("--group", help="shared-subscription group ($share/GROUP/...)")
+    sp.add_argument("--ca-file")
+    sp.add_argument("--duration", type=_duration, help="stop after this long")
+
+    sp = sub.add_parser("statement", help="a user's monthly statement from the consumer's store")
+    sp.add_argument("--db", required=True)
+    sp.add_argument("--user", required=True)
+    sp.add_argument("--month", required=True, type=_month)
+    sp.add_argument("--format", choices=["csv", "json", "html", "ocpi"], default="html")
+    sp.add_argument("--timezone", default="UTC")
+    sp.add_argument("-o", "--output", type=Path)
+
+    sp = sub.add_parser("verify", help="check the hash chain and signatures of session records")
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--file", type=Path, help="JSON lines (or a JSON array) of session records")
+    src.add_argument("--db", help="the consumer's store (sqlite:///... or postgresql://...)")
+    src.add_argument("-c", "--config", type=Path, help="the gateway's own buffer")
+    sp.add_argument("--key", type=Path, help="public key (PEM or raw hex) to check signatures")
+    sp.add_argument("--site", help="only this site")
+    return p
+
+
+def _run_async(coro_factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run one coroutine; SIGINT/SIGTERM cancel it, which is the only stop signal."""
+
+    async def runner() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        stopping = False
+
+        def stop() -> None:
+            nonlocal stopping
+            stopping = True
+            task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop)
+        try:
+            return await coro_factory()
+        except asyncio.CancelledError:
+            if stopping:
+                return 0
+            raise
+
+    return asyncio.run(runner())
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.config import check_config, config_json_schema
+
+    if args.schema:
+        import json
+
+        print(json.dumps(config_json_schema(), indent=2))
+        return 0
+    code, text = check_config(args.config)
+    stream = sys.stdout if code == 0 else sys.stderr
+    print(text, file=stream)
+    return code
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from gateway.config import load_config
+
+    return load_config(args.config)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from gateway.app import run_gateway
+
+    config = _load(args)
+    return _run_async(lambda: run_gateway(config))
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from gateway.sim.site import run_simulator
+
+    return _run_async(
+        lambda: run_simulator(
+            args.config,
+            scenario_path=args.scenario,
+            speed=args.speed,
+            duration_s=args.duration,
+            seed=args.seed,
+            truth_path=args.truth,
+        )
+    )
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return _run_async(
+        lambda: run_demo(
+            broker=args.broker,
+            duration_s=args.duration,
+            speed=args.speed,
+            workdir=args.dir,
+            view=not args.no_view,
+        )
+    )
+
+
+def _cmd_drivers(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.profiles import describe_profile, load_profiles, profile_json_schema
+
+    if args.json_schema:
+        print(json.dumps(profile_json_schema(), indent=2))
+        return 0
+    profiles = load_profiles(str(args.drivers_path) if args.drivers_path else None)
+    if args.slug:
+        if args.slug not in profiles:
+            raise UsageError(f"no profile named {args.slug!r}; `evgw drivers` lists them")
+        print(describe_profile(profiles[args.slug]))
+        return 0
+    width = max(len(s) for s in profiles)
+    for slug in sorted(profiles):
+        prof = profiles[slug]
+        print(f"{slug:<{width}}  {prof.kind.value:<7}  {prof.manufacturer} {prof.model}")
+    return 0
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from gateway.modbus.engine import run_scan
+
+    return _run_async(
+        lambda: run_scan(
+            tcp=args.tcp, serial=args.serial, bauds=args.baud, units=args.units, timeout_s=args.timeout
+        )
+    )
+
+
+def _cmd_read(args: argparse.Namespace) -> int:
+    from gateway.modbus.engine import run_read
+
+    config = _load(args)
+    return _run_async(lambda: run_read(config, args.device, as_json=args.json))
+
+
+def _cmd_sessions(args: argparse.Namespace) -> int:
+    from gateway.store.cli import run_sessions
+
+    config = _load(args)
+    return _run_async(lambda: run_sessions(config, open_only=args.open, unsynced=args.unsynced, as_json=args.json))
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from gateway.billing.report import run_report
+
+    config = _load(args)
+    if args.end < args.start:
+        raise UsageError("--to is before --from")
+    return _run_async(
+        lambda: run_report(config, by=args.by, start=args.start, end=args.end, fmt=args.format, output=args.output)
+    )
+
+
+def _cmd_consume(args: argparse.Namespace) -> int:
+    from gateway.billing.consumer import run_consumer
+
+    return _run_async(
+        lambda: run_consumer(
+            broker=args.broker,
+            db_url=args.db,
+            topic_prefix=args.topic_prefix,
+            sites=args.site,
+            client_id=args.client_id,
+            group=args.group,
+            ca_file=args.ca_file,
+            duration_s=args.duration,
+        )
+    )
+
+
+def _cmd_statement(args: argparse.Namespace) -> int:
+    from gateway.billing.statement import run_statement
+
+    return _run_async(
+        lambda: run_statement(
+            db_url=args.db, user=args.user, month=args.month, fmt=args.format, tz=args.timezone, output=args.output
+        )
+    )
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from gateway.billing.verify import run_verify
+
+    config = _load(args) if args.config else None
+    return _run_async(
+        lambda: run_verify(file=args.file, db_url=args.db, config=config, key=args.key, site=args.site)
+    )
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _cmd_run,
+    "check-config": _cmd_check_config,
+    "simulate": _cmd_simulate,
+    "demo": _cmd_demo,
+    "drivers": _cmd_drivers,
+    "scan": _cmd_scan,
+    "read": _cmd_read,
+    "sessions": _cmd_sessions,
+    "report": _cmd_report,
+    "consume": _cmd_consume,
+    "statement": _cmd_statement,
+    "verify": _cmd_verify,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from gateway.logs import configure_logging
+
+    args = build_parser().parse_args(argv)
+    quiet_default = "warning" if args.command not in ("run", "simulate", "consume") else "info"
+    configure_logging("debug" if args.debug else quiet_default, json=args.log_json)
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    except GatewayError as exc:
+        if args.debug:
+            raise
+        print(f"evgw {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0

@@ -1,0 +1,77 @@
+"""Logging: one structlog pipeline for our logs and the standard-library logs of dependencies.
+
+JSON lines when stderr is not a terminal (production, systemd journal), a readable console
+rendering on a terminal. Secrets never reach a log: config values are wrapped in
+``gateway.config.Secret`` and the ``redact_secrets`` processor masks known secret keys anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+__all__ = ["configure_logging"]
+
+_SECRET_KEYS = frozenset({"password", "secret", "token_secret", "key", "private_key"})
+
+
+class RedactSecrets:
+    """Mask values of keys that name secrets, whatever the caller passed."""
+
+    __slots__ = ()
+
+    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        for key in _SECRET_KEYS.intersection(event):
+            event[key] = "***"
+        return event
+
+
+def configure_logging(level: str = "info", *, json: bool | None = None, stream: Any = None) -> None:
+    """Set up structlog and route standard-library logging through the same renderer."""
+    out = stream or sys.stderr
+    if json is None:
+        json = not out.isatty()
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        RedactSecrets(),
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info if json else _identity,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    # pymodbus logs every failed transaction at ERROR; our bus layer reports state changes itself.
+    logging.getLogger("pymodbus").setLevel(max(numeric, logging.CRITICAL))
+    logging.getLogger("amqtt").setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("transitions").setLevel(max(numeric, logging.WARNING))
+
+
+def _identity(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    return event
