@@ -1,0 +1,1 @@
+"""Store-and-forward MQTT uplink: topics, payload schemas, commands and the client."""
