@@ -1,0 +1,649 @@
+"""Simulated Modbus servers: register images served over TCP, RTU (serial / pty) and RTU-over-TCP,
+with per-unit fault injection.
+
+Why our own framing and not pymodbus' server: pymodbus 3.16 deprecates its datastore API
+(``ModbusDeviceContext`` & co., gone in 4.0) and marks the replacement (``SimData``) experimental.
+A Modbus server is small (eight function codes, MBAP or CRC framing), and owning the frame loop
+makes every fault trivial and exact: stay silent, answer an exception, send garbage, hang up. The
+gateway's client side is the real pymodbus client, and the tests drive this server with it. So
+this module imports no pymodbus at all and nothing else in the project depends on a pymodbus
+server API.
+
+Unknown unit ids: on RTU (and RTU-over-TCP) the line stays silent, as a real RS-485 bus does when
+nobody has that address; on Modbus TCP the server answers exception 0x0B "gateway target device
+failed to respond", as TCP<->RTU gateways do. Unit 0 on RTU is a broadcast: writes go to every
+unit and nobody answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import struct
+import tempfile
+import termios
+import tty
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import structlog
+
+from gateway.profiles import Table
+
+__all__ = [
+    "Fault",
+    "FaultKind",
+    "RegisterImage",
+    "SimServer",
+    "SimWriteRejected",
+    "crc16",
+    "pty_pair",
+]
+
+log = structlog.get_logger(__name__)
+
+WriteHook = Callable[[Table, int, list[int]], None]
+
+
+class SimWriteRejected(Exception):
+    """Raised by an ``on_write`` hook to answer a client write with a Modbus exception code."""
+
+    def __init__(self, code: int = 3) -> None:
+        self.code = code
+        super().__init__(f"write rejected with exception {code}")
+
+
+class RegisterImage:
+    """Sparse values of the four Modbus tables of one unit. Unset addresses read as 0.
+
+    ``set`` is for the simulated device itself; client writes arrive through the server, are
+    stored, then passed to ``on_write(table, address, words)`` (which may raise
+    :class:`SimWriteRejected` to answer with an exception; the values are then not stored).
+    Coils and discrete inputs hold 0/1 per address.
+    """
+
+    def __init__(self, on_write: WriteHook | None = None) -> None:
+        self._tables: dict[Table, dict[int, int]] = {t: {} for t in Table}
+        self.on_write: WriteHook | None = on_write
+        self.reads = 0  # requests served for this unit (reads only), for tests and stats
+        self.writes = 0
+
+    def get(self, table: Table | str, address: int, count: int = 1) -> list[int]:
+        values = self._tables[Table(table)]
+        return [values.get(a, 0) for a in range(address, address + count)]
+
+    def set(self, table: Table | str, address: int, words: Iterable[int]) -> None:
+        t = Table(table)
+        values = self._tables[t]
+        for i, word in enumerate(words):
+            w = int(word)
+            if t.is_bits:
+                w = 1 if w else 0
+            elif not 0 <= w <= 0xFFFF:
+                raise ValueError(f"register value out of 0..65535 at {t}:{address + i}: {w}")
+            values[address + i] = w
+
+    def client_write(self, table: Table | str, address: int, words: list[int]) -> None:
+        """A write from a Modbus client: hook first (it may reject), then store."""
+        t = Table(table)
+        if self.on_write is not None:
+            self.on_write(t, address, list(words))
+        self.set(t, address, words)
+        self.writes += 1
+
+    def snapshot(self, table: Table | str) -> dict[int, int]:
+        return dict(self._tables[Table(table)])
+
+
+class FaultKind(StrEnum):
+    NONE = "none"
+    NO_ANSWER = "no_answer"  # stay silent: the client times out
+    EXCEPTION = "exception"  # answer a Modbus exception (``Fault.code``)
+    GARBAGE = "garbage"  # answer random, short bytes instead of a frame
+    DROP = "drop"  # close the connection (TCP); on RTU nothing to close: silent like no_answer
+    FROZEN = "frozen"  # values stop changing; the server answers normally (devices handle it)
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """How a unit misbehaves. ``code`` is the exception code for ``exception`` (2 illegal data
+    address, 4 device failure, 6 busy, ...); ``delay_s`` delays every answer (a slow device, or
+    with a short client timeout a late one)."""
+
+    kind: FaultKind = FaultKind.NONE
+    code: int = 4
+    delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", FaultKind(self.kind))
+        if not 1 <= self.code <= 255:
+            raise ValueError(f"exception code out of 1..255: {self.code}")
+
+    @property
+    def active(self) -> bool:
+        return self.kind is not FaultKind.NONE or self.delay_s > 0
+
+
+NO_FAULT = Fault()
+
+# ---------------------------------------------------------------------------------------------
+# PDU handling (shared by every framing)
+
+_EXC_ILLEGAL_FUNCTION = 1
+_EXC_ILLEGAL_ADDRESS = 2
+_EXC_ILLEGAL_VALUE = 3
+_EXC_GATEWAY_TARGET = 0x0B
+
+_READ_TABLES = {1: Table.COIL, 2: Table.DISCRETE, 3: Table.HOLDING, 4: Table.INPUT}
+
+
+class _Reply(StrEnum):
+    SEND = "send"
+    SILENT = "silent"
+    GARBAGE = "garbage"
+    DROP = "drop"
+
+
+def _exception(function: int, code: int) -> bytes:
+    return bytes([function | 0x80, code])
+
+
+def _pack_bits(bits: list[int]) -> bytes:
+    out = bytearray((len(bits) + 7) // 8)
+    for i, bit in enumerate(bits):
+        if bit:
+            out[i // 8] |= 1 << (i % 8)
+    return bytes(out)
+
+
+def _unpack_bits(data: bytes, count: int) -> list[int]:
+    return [(data[i // 8] >> (i % 8)) & 1 for i in range(count)]
+
+
+def handle_pdu(image: RegisterImage, pdu: bytes) -> bytes:
+    """Execute one request PDU against ``image``; returns the response PDU (maybe an exception)."""
+    if not pdu:
+        return _exception(0, _EXC_ILLEGAL_FUNCTION)
+    fc = pdu[0]
+    try:
+        if fc in _READ_TABLES:
+            address, count = struct.unpack(">HH", pdu[1:5])
+            table = _READ_TABLES[fc]
+            limit = 2000 if table.is_bits else 125
+            if not 1 <= count <= limit:
+                return _exception(fc, _EXC_ILLEGAL_VALUE)
+            if address + count > 0x10000:
+                return _exception(fc, _EXC_ILLEGAL_ADDRESS)
+            values = image.get(table, address, count)
+            image.reads += 1
+            if table.is_bits:
+                data = _pack_bits(values)
+            else:
+                data = b"".join(v.to_bytes(2, "big") for v in values)
+            return bytes([fc, len(data)]) + data
+        if fc == 5:
+            address, value = struct.unpack(">HH", pdu[1:5])
+            if value not in (0x0000, 0xFF00):
+                return _exception(fc, _EXC_ILLEGAL_VALUE)
+            image.client_write(Table.COIL, address, [1 if value else 0])
+            return pdu[:5]
+        if fc == 6:
+            address, value = struct.unpack(">HH", pdu[1:5])
+            image.client_write(Table.HOLDING, address, [value])
+            return pdu[:5]
+        if fc in (15, 16):
+            address, count, nbytes = struct.unpack(">HHB", pdu[1:6])
+            data = pdu[6 : 6 + nbytes]
+            limit = 1968 if fc == 15 else 123
+            expect = (count + 7) // 8 if fc == 15 else count * 2
+            if not 1 <= count <= limit or nbytes != expect or len(data) != nbytes:
+                return _exception(fc, _EXC_ILLEGAL_VALUE)
+            if address + count > 0x10000:
+                return _exception(fc, _EXC_ILLEGAL_ADDRESS)
+            if fc == 15:
+                image.client_write(Table.COIL, address, _unpack_bits(data, count))
+            else:
+                words = [int.from_bytes(data[i : i + 2], "big") for i in range(0, nbytes, 2)]
+                image.client_write(Table.HOLDING, address, words)
+            return pdu[:5]
+    except struct.error:
+        return _exception(fc, _EXC_ILLEGAL_VALUE)
+    except SimWriteRejected as exc:
+        return _exception(fc, exc.code)
+    return _exception(fc, _EXC_ILLEGAL_FUNCTION)
+
+
+def crc16(data: bytes) -> int:
+    """Modbus RTU CRC-16 (poly 0xA001 reflected, init 0xFFFF); sent low byte first."""
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc
+
+
+def _rtu_frame(unit: int, pdu: bytes) -> bytes:
+    body = bytes([unit]) + pdu
+    return body + crc16(body).to_bytes(2, "little")
+
+
+def _rtu_request_length(buf: bytes | bytearray) -> int | None:
+    """Length of the request frame at the start of ``buf``, None if more bytes are needed,
+    0 if the function code is unknown (length cannot be known)."""
+    if len(buf) < 2:
+        return None
+    fc = buf[1]
+    if 1 <= fc <= 6:
+        return 8
+    if fc in (15, 16):
+        if len(buf) < 7:
+            return None
+        return 9 + buf[6]
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+
+
+class SimServer:
+    """Serves ``{unit_id: RegisterImage}`` until the ``async with`` block ends.
+
+    ``SimServer.tcp(host, port, units)`` speaks Modbus TCP (port 0 picks a free port: see
+    ``.port``); ``SimServer.rtu(path, units, ...)`` speaks RTU on a serial device (a pty end from
+    :func:`pty_pair` in tests); ``SimServer.rtu_over_tcp(host, port, units)`` speaks RTU frames
+    over TCP. Faults are set per unit at run time with :meth:`set_fault`.
+    """
+
+    def __init__(
+        self,
+        transport: str,
+        units: Mapping[int, RegisterImage],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        path: str = "",
+        baudrate: int = 9600,
+        parity: str = "N",
+        stopbits: int = 1,
+        bytesize: int = 8,
+        seed: int | None = None,
+    ) -> None:
+        if transport not in ("tcp", "rtu", "rtu-over-tcp"):
+            raise ValueError(f"unknown transport {transport!r}")
+        self.transport = transport
+        self.units: dict[int, RegisterImage] = dict(units)
+        self.host = host
+        self.port = port
+        self.path = path
+        self.baudrate = baudrate
+        self.parity = parity
+        self.stopbits = stopbits
+        self.bytesize = bytesize
+        self._faults: dict[int, Fault] = {}
+        self._rng = random.Random(seed)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._fd: int | None = None
+        self._rtu_buf = bytearray()
+        self._rtu_resync: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.requests = 0  # frames received (all units), for tests and stats
+
+    # constructors -----------------------------------------------------------------------------
+    @classmethod
+    def tcp(
+        cls, host: str, port: int, units: Mapping[int, RegisterImage], *, seed: int | None = None
+    ) -> SimServer:
+        return cls("tcp", units, host=host, port=port, seed=seed)
+
+    @classmethod
+    def rtu_over_tcp(
+        cls, host: str, port: int, units: Mapping[int, RegisterImage], *, seed: int | None = None
+    ) -> SimServer:
+        return cls("rtu-over-tcp", units, host=host, port=port, seed=seed)
+
+    @classmethod
+    def rtu(
+        cls,
+        path: str,
+        units: Mapping[int, RegisterImage],
+        baudrate: int = 9600,
+        parity: str = "N",
+        stopbits: int = 1,
+        bytesize: int = 8,
+        *,
+        seed: int | None = None,
+    ) -> SimServer:
+        return cls(
+            "rtu",
+            units,
+            path=path,
+            baudrate=baudrate,
+            parity=parity,
+            stopbits=stopbits,
+            bytesize=bytesize,
+            seed=seed,
+        )
+
+    # faults -----------------------------------------------------------------------------------
+    def set_fault(self, unit: int, fault: Fault | FaultKind | str) -> None:
+        if not isinstance(fault, Fault):
+            fault = Fault(FaultKind(fault))
+        if fault.active:
+            self._faults[unit] = fault
+        else:
+            self._faults.pop(unit, None)
+        log.info("sim_fault_set", endpoint=self.endpoint, unit=unit, fault=fault.kind.value)
+
+    def clear_fault(self, unit: int) -> None:
+        self.set_fault(unit, NO_FAULT)
+
+    def fault(self, unit: int) -> Fault:
+        return self._faults.get(unit, NO_FAULT)
+
+    @property
+    def endpoint(self) -> str:
+        if self.transport == "rtu":
+            return f"rtu:{self.path}"
+        return f"{self.transport}://{self.host}:{self.port}"
+
+    # lifecycle --------------------------------------------------------------------------------
+    async def __aenter__(self) -> SimServer:
+        if self.transport == "rtu":
+            self._open_serial()
+        else:
+            handler = self._serve_tcp if self.transport == "tcp" else self._serve_rtu_stream
+            self._server = await asyncio.start_server(handler, self.host, self.port)
+            self.port = self._server.sockets[0].getsockname()[1]
+        log.info("sim_server_started", endpoint=self.endpoint, units=sorted(self.units))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._fd is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._fd)
+            if self._rtu_resync is not None:
+                self._rtu_resync.cancel()
+            os.close(self._fd)
+            self._fd = None
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            await self._server.wait_closed()
+            self._server = None
+        log.info("sim_server_stopped", endpoint=self.endpoint)
+
+    # decision shared by all framings ----------------------------------------------------------
+    def _answer(self, unit: int, pdu: bytes, *, tcp: bool) -> tuple[_Reply, bytes, float]:
+        self.requests += 1
+        image = self.units.get(unit)
+        if image is None:
+            if tcp:
+                return _Reply.SEND, _exception(pdu[0] if pdu else 0, _EXC_GATEWAY_TARGET), 0.0
+            return _Reply.SILENT, b"", 0.0
+        fault = self._faults.get(unit, NO_FAULT)
+        kind = fault.kind
+        if kind is FaultKind.NO_ANSWER:
+            return _Reply.SILENT, b"", 0.0
+        if kind is FaultKind.DROP:
+            return _Reply.DROP, b"", fault.delay_s
+        if kind is FaultKind.GARBAGE:
+            size = self._rng.randint(1, 5)
+            return _Reply.GARBAGE, bytes(self._rng.getrandbits(8) for _ in range(size)), 0.0
+        if kind is FaultKind.EXCEPTION:
+            return _Reply.SEND, _exception(pdu[0] if pdu else 0, fault.code), fault.delay_s
+        return _Reply.SEND, handle_pdu(image, pdu), fault.delay_s
+
+    # Modbus TCP -------------------------------------------------------------------------------
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                header = await reader.readexactly(7)
+                tid, pid, length, unit = struct.unpack(">HHHB", header)
+                if length < 2 or length > 254:
+                    break  # not Modbus: hang up like real devices do
+                pdu = await reader.readexactly(length - 1)
+                reply, data, delay_s = self._answer(unit, pdu, tcp=True)
+                if delay_s:
+                    await asyncio.sleep(delay_s)
+                if reply is _Reply.DROP:
+                    break
+                if reply is _Reply.SILENT:
+                    continue
+                if reply is _Reply.GARBAGE:
+                    writer.write(data)
+                else:
+                    writer.write(struct.pack(">HHHB", tid, pid, len(data) + 1, unit) + data)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    # RTU framing over a stream (RTU-over-TCP) -------------------------------------------------
+    async def _serve_rtu_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._writers.add(writer)
+        buf = bytearray()
+        try:
+            while True:
+                chunk = await reader.read(512)
+                if not chunk:
+                    break
+                buf += chunk
+                for unit, reply, data, delay_s in self._rtu_frames(buf):
+                    if delay_s:
+                        await asyncio.sleep(delay_s)
+                    if reply is _Reply.DROP:
+                        return
+                    out = data if reply is _Reply.GARBAGE else _rtu_frame(unit, data)
+                    writer.write(out)
+                    await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _rtu_frames(self, buf: bytearray) -> list[tuple[int, _Reply, bytes, float]]:
+        """Consume complete request frames from ``buf``; return the replies to send."""
+        out: list[tuple[int, _Reply, bytes, float]] = []
+        while True:
+            length = _rtu_request_length(buf)
+            if length is None or len(buf) < (length or 0):
+                return out
+            if length == 0:
+                # Unknown function code: its length is unknowable; a real device waits for the
+                # line to go quiet. Drop what we have.
+                buf.clear()
+                return out
+            frame = bytes(buf[:length])
+            if crc16(frame[:-2]).to_bytes(2, "little") != frame[-2:]:
+                del buf[:1]  # bad CRC: resynchronise byte by byte, answer nothing
+                continue
+            del buf[:length]
+            unit, pdu = frame[0], frame[1:-2]
+            if unit == 0:  # broadcast: apply writes everywhere, never answer
+                for image in self.units.values():
+                    handle_pdu(image, pdu)
+                continue
+            reply, data, delay_s = self._answer(unit, pdu, tcp=False)
+            if reply is _Reply.SILENT:
+                continue
+            out.append((unit, reply, data, delay_s))
+
+    # RTU on a serial device -------------------------------------------------------------------
+    def _open_serial(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            tty.setraw(fd)
+            attrs = termios.tcgetattr(fd)
+            speed = getattr(termios, f"B{self.baudrate}", None)
+            if speed is not None:
+                attrs[4] = attrs[5] = speed
+            cflag = attrs[2] & ~(termios.PARENB | termios.PARODD | termios.CSTOPB | termios.CSIZE)
+            cflag |= {5: termios.CS5, 6: termios.CS6, 7: termios.CS7}.get(
+                self.bytesize, termios.CS8
+            )
+            if self.parity.upper() in ("E", "O"):
+                cflag |= termios.PARENB
+            if self.parity.upper() == "O":
+                cflag |= termios.PARODD
+            if self.stopbits == 2:
+                cflag |= termios.CSTOPB
+            attrs[2] = cflag | termios.CLOCAL | termios.CREAD
+            try:
+                termios.tcsetattr(fd, termios.TCSANOW, attrs)
+            except termios.error:
+                # Some kernels' ptys refuse PARENB (EINVAL). A pty has no wire, so parity means
+                # nothing there: carry on without it rather than fail the simulation.
+                attrs[2] &= ~(termios.PARENB | termios.PARODD)
+                termios.tcsetattr(fd, termios.TCSANOW, attrs)
+                log.warning("sim_serial_parity_unsupported", path=self.path, parity=self.parity)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        asyncio.get_running_loop().add_reader(fd, self._on_serial_readable)
+
+    def _on_serial_readable(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            chunk = os.read(self._fd, 512)
+        except BlockingIOError:
+            return
+        except OSError as exc:  # EIO: the other end of the pty is not open right now
+            if exc.errno == 5:
+                return
+            raise
+        if not chunk:
+            return
+        self._rtu_buf += chunk
+        # A partial frame followed by silence is noise: forget it (the t3.5 rule, loosely).
+        if self._rtu_resync is not None:
+            self._rtu_resync.cancel()
+        loop = asyncio.get_running_loop()
+        for unit, reply, data, delay_s in self._rtu_frames(self._rtu_buf):
+            out = data if reply is _Reply.GARBAGE else _rtu_frame(unit, data)
+            if reply is _Reply.DROP:
+                continue  # nothing to hang up on a serial line: silence
+            if delay_s:
+                loop.call_later(delay_s, self._serial_write, out)
+            else:
+                self._serial_write(out)
+        if self._rtu_buf:
+            self._rtu_resync = loop.call_later(0.5, self._rtu_buf.clear)
+
+    def _serial_write(self, data: bytes) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.write(self._fd, data)
+        except OSError as exc:  # the reader went away; the request is lost like on a real line
+            log.debug("sim_serial_write_failed", path=self.path, error=str(exc))
+
+
+# ---------------------------------------------------------------------------------------------
+# pty pairs
+
+
+@contextlib.asynccontextmanager
+async def pty_pair(
+    gateway_link: str | os.PathLike[str] | None = None,
+    sim_link: str | os.PathLike[str] | None = None,
+    *,
+    timeout_s: float = 5.0,
+) -> AsyncIterator[tuple[str, str]]:
+    """Two connected pseudo-terminals made by socat; yields ``(gateway_path, sim_path)``.
+
+    ``gateway_link`` is where the gateway-side symlink is created (``evgw simulate`` puts it at
+    the bus ``port:`` path from the site config); default: a temporary directory. An existing
+    symlink there (a leftover of a killed run) is replaced; any other existing file is an error.
+    The links exist when the block is entered; socat is terminated when it ends.
+    """
+    socat = shutil.which("socat")
+    if socat is None:
+        raise RuntimeError("socat is not installed (needed for simulated serial lines)")
+    with tempfile.TemporaryDirectory(prefix="evgw-pty-") as tmp:
+        gw = Path(gateway_link) if gateway_link is not None else Path(tmp) / "gateway"
+        sim = Path(sim_link) if sim_link is not None else Path(tmp) / "sim"
+        for link in (gw, sim):
+            if link.is_symlink():
+                link.unlink()
+            elif link.exists():
+                raise FileExistsError(f"{link} exists and is not a symlink; not replacing it")
+            if not link.parent.is_dir():
+                raise FileNotFoundError(f"directory {link.parent} does not exist")
+        proc = await asyncio.create_subprocess_exec(
+            socat,
+            "-d",
+            "-d",
+            f"pty,raw,echo=0,link={gw}",
+            f"pty,raw,echo=0,link={sim}",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert proc.stderr is not None
+            # socat announces each pty, creates the links, then says it starts its loop.
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    line = await proc.stderr.readline()
+                    if not line:
+                        raise RuntimeError("socat exited before creating the pty pair")
+                    if b"starting data transfer loop" in line:
+                        break
+            if not (gw.is_symlink() and sim.is_symlink()):
+                raise RuntimeError(f"socat did not create {gw} and {sim}")
+            # Keep draining socat's stderr so it can never block on a full pipe.
+            drain = asyncio.create_task(_drain(proc.stderr), name="socat_stderr")
+            log.info("sim_pty_pair", gateway=str(gw), sim=str(sim))
+            try:
+                yield str(gw), str(sim)
+            finally:
+                drain.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await drain
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                try:
+                    async with asyncio.timeout(2):
+                        await proc.wait()
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+            for link in (gw, sim):
+                if link.is_symlink():
+                    with contextlib.suppress(OSError):
+                        link.unlink()
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(4096):
+        pass
