@@ -1,0 +1,90 @@
+"""The buffer's schema as a numbered list of migrations.
+
+Migration N brings a database from version N-1 to N. Each is applied in one transaction together
+with its row in ``schema_version``, so a crash mid-upgrade leaves the previous version intact. Only
+ever append to ``MIGRATIONS``: a released migration never changes.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+
+_V1 = (
+    # A session that is still running: the session logic's own state, replaced on each transition.
+    """CREATE TABLE open_sessions (
+        session_id TEXT PRIMARY KEY,
+        charger_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        updated_ts REAL NOT NULL
+    )""",
+    # The energy curve of an open session, for pricing; deleted when the session is finished.
+    """CREATE TABLE session_points (
+        id INTEGER PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        ts REAL NOT NULL,
+        energy_wh INTEGER NOT NULL,
+        charging INTEGER NOT NULL,
+        power_w REAL NOT NULL
+    )""",
+    "CREATE INDEX session_points_by_session ON session_points(session_id, ts)",
+    # Sealed records. Never deleted, never updated except synced_at.
+    """CREATE TABLE finished_sessions (
+        site_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        session_id TEXT NOT NULL UNIQUE,
+        charger_id TEXT,
+        user_id TEXT,
+        started_ts REAL,
+        ended_ts REAL,
+        energy_wh INTEGER,
+        record TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        outbox_id INTEGER,
+        finished_ts REAL NOT NULL,
+        synced_at REAL,
+        PRIMARY KEY (site_id, seq)
+    )""",
+    "CREATE INDEX finished_by_start ON finished_sessions(started_ts)",
+    "CREATE INDEX finished_by_outbox ON finished_sessions(outbox_id)",
+    "CREATE INDEX finished_unsynced ON finished_sessions(seq) WHERE synced_at IS NULL",
+    # AUTOINCREMENT: ids are never reused after deletes, so an uplink cursor (after_id) stays valid.
+    """CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        qos INTEGER NOT NULL,
+        retain INTEGER NOT NULL,
+        created_ts REAL NOT NULL
+    )""",
+    "CREATE INDEX outbox_by_stream ON outbox(stream, id)",
+    """CREATE TABLE readings (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT NOT NULL,
+        ts REAL NOT NULL,
+        data TEXT NOT NULL,
+        synced INTEGER NOT NULL DEFAULT 0
+    )""",
+    "CREATE INDEX readings_by_ts ON readings(ts)",
+    "CREATE INDEX readings_unsynced ON readings(id) WHERE synced = 0",
+    """CREATE TABLE kv (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_ts REAL NOT NULL
+    )""",
+    """CREATE TABLE request_ids (
+        request_id TEXT PRIMARY KEY,
+        seen_ts REAL NOT NULL
+    )""",
+    "CREATE INDEX request_ids_by_ts ON request_ids(seen_ts)",
+    """CREATE TABLE auth_cache (
+        token_id TEXT PRIMARY KEY,
+        token TEXT NOT NULL,
+        cached_at REAL NOT NULL
+    )""",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+"""MIGRATIONS[i] holds the statements that bring the schema to version i + 1."""
+
+SCHEMA_VERSION = len(MIGRATIONS)
