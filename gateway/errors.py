@@ -58,10 +58,13 @@ class ProfileError(ConfigError):
 class DeviceError(GatewayError):
     """A device did not answer as it should: timeout, exception response, bad frame, dropped link."""
 
-    def __init__(self, device_id: str, reason: str, detail: str = "") -> None:
+    def __init__(
+        self, device_id: str, reason: str, detail: str = "", *, exception_code: int | None = None
+    ) -> None:
         self.device_id = device_id
         self.reason = reason
         self.detail = detail
+        self.exception_code = exception_code  # Modbus exception code, for exception_response
         super().__init__(f"{device_id}: {reason}" + (f" ({detail})" if detail else ""))
 
 

@@ -1,0 +1,484 @@
+"""Modbus buses: one object per physical serial line or TCP endpoint.
+
+A bus owns one pymodbus async client and a lock: pymodbus keeps one transaction in flight per
+client anyway, and on RS-485 only one frame may be on the wire. The bus applies its own timeouts
+(``asyncio.timeout``; the client's retries are off and its own timeout is far away), keeps the
+RTU inter-frame gap plus the gap a device asks for, reconnects after errors with capped,
+jittered exponential backoff (requests fail fast with ``connect_failed`` meanwhile, so a dead
+endpoint never holds up another bus), and turns every failure into
+``gateway.errors.DeviceError(endpoint, reason, detail)``.
+
+Reasons: ``timeout`` (nothing usable came back in time), ``exception_response`` (the device
+answered with a Modbus exception; ``exception_code`` says which), ``bad_frame`` (bytes came
+back that are not a valid answer: CRC error, wrong length, garbage), ``connection_lost`` (the
+link dropped during the request), ``connect_failed`` (cannot open the link, or backing off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.framer import FramerType
+from pymodbus.pdu import ExceptionResponse
+
+from gateway.errors import DeviceError
+from gateway.profiles import Table
+
+if TYPE_CHECKING:
+    from gateway.config import BusConfig, DeviceConfig, GatewayConfig
+
+__all__ = [
+    "REASONS",
+    "Backoff",
+    "BusPool",
+    "BusStats",
+    "ModbusBus",
+    "RtuOverTcpBus",
+    "SerialBus",
+    "TcpBus",
+    "rtu_frame_gap_s",
+]
+
+log = structlog.get_logger(__name__)
+
+REASONS = frozenset(
+    {"timeout", "exception_response", "bad_frame", "connection_lost", "connect_failed"}
+)
+
+# The client's own timeout must never fire before ours: ours is per request, its is per client.
+_CLIENT_TIMEOUT_S = 3600.0
+# After this many timeouts in a row with no answer from any unit, a TCP link is presumed
+# half-open and reopened (a single silent unit behind a gateway does not reset the link).
+_TCP_SILENT_LIMIT = 3
+
+
+def rtu_frame_gap_s(baudrate: int) -> float:
+    """RTU t3.5: 3.5 characters of 11 bits, fixed at 1.75 ms above 19200 baud."""
+    if baudrate > 19200:
+        return 0.00175
+    return 3.5 * 11.0 / baudrate
+
+
+class Backoff:
+    """Capped exponential backoff with +-``jitter`` relative spread."""
+
+    __slots__ = ("_current_s", "initial_s", "jitter", "max_s")
+
+    def __init__(self, initial_s: float = 0.5, max_s: float = 30.0, jitter: float = 0.2) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.jitter = jitter
+        self._current_s = 0.0
+
+    def next_delay(self) -> float:
+        self._current_s = (
+            self.initial_s if self._current_s == 0.0 else min(self._current_s * 2, self.max_s)
+        )
+        spread = self._current_s * self.jitter
+        return max(0.0, self._current_s + random.uniform(-spread, spread))
+
+    def reset(self) -> None:
+        self._current_s = 0.0
+
+
+@dataclass(slots=True)
+class BusStats:
+    requests: int = 0
+    errors: int = 0
+    connects: int = 0
+
+
+class ModbusBus(ABC):
+    """One physical line or TCP endpoint, shared by every device on it."""
+
+    frame_gap_s: float = 0.0
+    reset_link_on_bad_frame: bool = True  # stream transports cannot resync after garbage
+
+    def __init__(
+        self, endpoint: str, *, connect_timeout_s: float = 2.0, backoff: Backoff | None = None
+    ) -> None:
+        self.endpoint = endpoint
+        self.connect_timeout_s = connect_timeout_s
+        self.stats = BusStats()
+        self._backoff = backoff or Backoff()
+        self._lock = asyncio.Lock()
+        self._client: Any = None
+        self._retry_at = 0.0  # loop time before which no reconnect is attempted
+        self._last_io_end = 0.0
+        self._rx_seen = False  # bytes arrived during the current request
+        self._silent = 0
+        self._closed = False
+        self._log = log.bind(bus=endpoint)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.endpoint!r})"
+
+    # -- subclass hooks -------------------------------------------------------------------
+    @abstractmethod
+    def _make_client(self) -> Any:
+        """A fresh pymodbus async client with retries=0, no auto-reconnect, our trace hooks."""
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        return {
+            "timeout": _CLIENT_TIMEOUT_S,
+            "retries": 0,
+            "reconnect_delay": 0,
+            "trace_packet": self._trace_packet,
+            "trace_connect": self._trace_connect,
+        }
+
+    # -- public API -----------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and bool(self._client.connected)
+
+    async def read(
+        self,
+        unit: int,
+        table: Table,
+        address: int,
+        count: int,
+        timeout_s: float,
+        *,
+        gap_s: float = 0.0,
+    ) -> list[int]:
+        """Read ``count`` registers (or bits, as 0/1) of ``table`` at ``address`` from ``unit``.
+
+        ``gap_s`` is extra bus silence the device needs before this request (a profile's
+        ``inter_request_delay``).
+        """
+        async with self._lock:
+            client = await self._ready(timeout_s, gap_s)
+            method = {
+                Table.HOLDING: client.read_holding_registers,
+                Table.INPUT: client.read_input_registers,
+                Table.COIL: client.read_coils,
+                Table.DISCRETE: client.read_discrete_inputs,
+            }[table]
+
+            def call() -> Any:
+                return method(address, count=count, device_id=unit)
+
+            rr = await self._transact(call, unit, f"{table.value}:{address}+{count}", timeout_s)
+            if table.is_bits:
+                bits = list(getattr(rr, "bits", []) or [])
+                if len(bits) < count:
+                    self._after_bad_frame()
+                    raise self._fail(unit, "bad_frame", f"{len(bits)} bits for {count}")
+                return [1 if b else 0 for b in bits[:count]]
+            regs = list(getattr(rr, "registers", []) or [])
+            if len(regs) != count:
+                self._after_bad_frame()
+                raise self._fail(unit, "bad_frame", f"{len(regs)} registers for {count}")
+            return regs
+
+    async def write(
+        self,
+        unit: int,
+        table: Table,
+        address: int,
+        values: Sequence[int],
+        function: int,
+        timeout_s: float,
+        *,
+        gap_s: float = 0.0,
+    ) -> None:
+        """Write ``values`` with function 5 (one coil), 6 (one register), 15 (coils) or 16."""
+        if table.is_bits != (function in (5, 15)) or function not in (5, 6, 15, 16):
+            raise ValueError(f"function {function} cannot write {table.value}")
+        if function in (5, 6) and len(values) != 1:
+            raise ValueError(f"function {function} writes exactly one value, got {len(values)}")
+        async with self._lock:
+            client = await self._ready(timeout_s, gap_s)
+
+            def call() -> Any:
+                if function == 5:
+                    return client.write_coil(address, bool(values[0]), device_id=unit)
+                if function == 6:
+                    return client.write_register(address, int(values[0]), device_id=unit)
+                if function == 15:
+                    return client.write_coils(address, [bool(v) for v in values], device_id=unit)
+                return client.write_registers(address, [int(v) for v in values], device_id=unit)
+
+            await self._transact(
+                call, unit, f"write fc{function} {table.value}:{address}", timeout_s
+            )
+
+    async def close(self) -> None:
+        self._closed = True
+        async with self._lock:
+            self._drop_client()
+
+    # -- internals ------------------------------------------------------------------------
+    def _fail(self, unit: int, reason: str, detail: str, code: int | None = None) -> DeviceError:
+        self.stats.errors += 1
+        return DeviceError(f"{self.endpoint}#{unit}", reason, detail, exception_code=code)
+
+    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
+        if not sending and data:
+            self._rx_seen = True
+        return data
+
+    def _trace_connect(self, connected: bool) -> None:
+        if connected:
+            return
+        # pymodbus leaves a request waiting out its timeout when the link drops: fail it now.
+        ctx = getattr(self._client, "ctx", None)
+        fut = getattr(ctx, "response_future", None)
+        if fut is not None and not fut.done():
+            fut.set_exception(ConnectionException("connection lost"))
+
+    async def _ready(self, timeout_s: float, gap_s: float) -> Any:
+        """Connected client, after the silence the line needs. Holds the lock."""
+        if self._closed:
+            raise DeviceError(self.endpoint, "connect_failed", "bus closed")
+        loop = asyncio.get_running_loop()
+        if not self.connected:
+            now = loop.time()
+            if now < self._retry_at:
+                self.stats.errors += 1
+                raise DeviceError(
+                    self.endpoint, "connect_failed", f"retry in {self._retry_at - now:.1f}s"
+                )
+            await self._connect(
+                min(timeout_s, self.connect_timeout_s) if timeout_s > 0 else self.connect_timeout_s
+            )
+        wait_s = self._last_io_end + self.frame_gap_s + gap_s - loop.time()
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        return self._client
+
+    async def _connect(self, timeout_s: float) -> None:
+        self._drop_client()
+        client = self._make_client()
+        self._client = client
+        ok = False
+        detail = "refused"
+        try:
+            async with asyncio.timeout(max(timeout_s, 0.05)):
+                ok = bool(await client.connect())
+        except TimeoutError:
+            detail = "connect timed out"
+        except (OSError, ModbusException) as exc:
+            detail = str(exc) or type(exc).__name__
+        if ok and client.connected:
+            self._backoff.reset()
+            self._silent = 0
+            self.stats.connects += 1
+            self._last_io_end = asyncio.get_running_loop().time()
+            self._log.debug("modbus_connected")
+            return
+        self._drop_client()
+        delay = self._backoff.next_delay()
+        self._retry_at = asyncio.get_running_loop().time() + delay
+        self.stats.errors += 1
+        self._log.debug("modbus_connect_failed", detail=detail, retry_in_s=round(delay, 2))
+        raise DeviceError(self.endpoint, "connect_failed", detail)
+
+    def _drop_client(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            client.close()
+
+    def _after_bad_frame(self) -> None:
+        if self.reset_link_on_bad_frame:
+            self._drop_client()
+        else:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Forget buffered bytes so a garbled answer cannot bleed into the next one."""
+        ctx = getattr(self._client, "ctx", None)
+        if ctx is not None:
+            ctx.recv_buffer = b""
+            transport = getattr(ctx, "transport", None)
+            flush = getattr(transport, "flush", None)
+            if callable(flush):
+                flush()
+
+    async def _transact(
+        self, call: Callable[[], Any], unit: int, what: str, timeout_s: float
+    ) -> Any:
+        self._rx_seen = False
+        self.stats.requests += 1
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout_s):
+                rr = await call()
+        except TimeoutError:
+            if self._rx_seen:
+                # Bytes came, but no valid frame for this request: garbage or a CRC error.
+                self._after_bad_frame()
+                raise self._fail(
+                    unit, "bad_frame", f"{what}: no valid frame in {timeout_s:g}s"
+                ) from None
+            self._silent += 1
+            if self._silent >= _TCP_SILENT_LIMIT and self.reset_link_on_bad_frame:
+                self._drop_client()  # probably half-open: reopen on the next request
+            else:
+                self._flush()
+            raise self._fail(unit, "timeout", f"{what}: no answer in {timeout_s:g}s") from None
+        except ConnectionException as exc:
+            self._drop_client()
+            raise self._fail(unit, "connection_lost", f"{what}: {exc}") from None
+        except ModbusIOException as exc:
+            self._after_bad_frame()
+            raise self._fail(unit, "bad_frame", f"{what}: {exc}") from None
+        except ModbusException as exc:
+            self._after_bad_frame()
+            raise self._fail(unit, "bad_frame", f"{what}: {exc}") from None
+        except OSError as exc:
+            self._drop_client()
+            raise self._fail(unit, "connection_lost", f"{what}: {exc}") from None
+        finally:
+            self._last_io_end = loop.time()
+        self._silent = 0
+        if isinstance(rr, ExceptionResponse) or (rr is not None and rr.isError()):
+            code = int(getattr(rr, "exception_code", 0) or 0)
+            raise self._fail(unit, "exception_response", f"{what}: exception code {code}", code)
+        return rr
+
+
+class TcpBus(ModbusBus):
+    """Modbus TCP (MBAP framing) to one host:port; every unit behind it shares the link."""
+
+    def __init__(self, host: str, port: int = 502, **kw: Any) -> None:
+        super().__init__(f"tcp://{host}:{port}", **kw)
+        self.host = host
+        self.port = port
+
+    def _make_client(self) -> Any:
+        return AsyncModbusTcpClient(self.host, port=self.port, **self._client_kwargs())
+
+
+class RtuOverTcpBus(ModbusBus):
+    """RTU frames through a transparent serial server reached over TCP."""
+
+    def __init__(self, host: str, port: int = 502, *, frame_gap_s: float = 0.0, **kw: Any) -> None:
+        super().__init__(f"rtu+tcp://{host}:{port}", **kw)
+        self.host = host
+        self.port = port
+        # The serial server owns the line timing; a gap can still be set for slow converters.
+        self.frame_gap_s = frame_gap_s
+
+    def _make_client(self) -> Any:
+        return AsyncModbusTcpClient(
+            self.host, port=self.port, framer=FramerType.RTU, **self._client_kwargs()
+        )
+
+
+class SerialBus(ModbusBus):
+    """An RS-485 line driven by this machine's serial port."""
+
+    reset_link_on_bad_frame = False  # a serial port resyncs after a flush and t3.5 of silence
+
+    def __init__(
+        self,
+        port: str,
+        baudrate: int = 9600,
+        parity: str = "N",
+        stopbits: int = 1,
+        bytesize: int = 8,
+        **kw: Any,
+    ) -> None:
+        super().__init__(f"serial://{port}", **kw)
+        self.port = port
+        self.baudrate = baudrate
+        self.parity = parity
+        self.stopbits = stopbits
+        self.bytesize = bytesize
+        self.frame_gap_s = rtu_frame_gap_s(baudrate)
+
+    def _make_client(self) -> Any:
+        return AsyncModbusSerialClient(
+            self.port,
+            framer=FramerType.RTU,
+            baudrate=self.baudrate,
+            parity=self.parity,
+            stopbits=self.stopbits,
+            bytesize=self.bytesize,
+            **self._client_kwargs(),
+        )
+
+
+def bus_from_config(cfg: BusConfig) -> ModbusBus:
+    if cfg.type == "rtu":
+        if not cfg.port:
+            raise ValueError(f"bus {cfg.id}: rtu needs a port")
+        return SerialBus(cfg.port, cfg.baudrate, cfg.parity, cfg.stopbits, cfg.bytesize)
+    if cfg.type == "rtu-over-tcp":
+        if not cfg.host:
+            raise ValueError(f"bus {cfg.id}: rtu-over-tcp needs a host")
+        return RtuOverTcpBus(cfg.host, cfg.tcp_port)
+    raise ValueError(f"bus {cfg.id}: unknown type {cfg.type!r}")
+
+
+class BusPool:
+    """One bus per TCP endpoint or configured bus, shared by the devices on it.
+
+    ``async with BusPool.from_config(config) as pool: pool.bus_for(device)``; buses connect on
+    their first request and all close when the block ends.
+    """
+
+    def __init__(self) -> None:
+        self._buses: dict[str, ModbusBus] = {}
+        self._by_device: dict[str, ModbusBus] = {}
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig) -> BusPool:
+        pool = cls()
+        for bus_cfg in config.buses:
+            pool._buses[f"bus:{bus_cfg.id}"] = bus_from_config(bus_cfg)
+        for dev in config.devices:
+            pool._by_device[dev.id] = pool._bus_for_device(dev)
+        return pool
+
+    def _bus_for_device(self, dev: DeviceConfig) -> ModbusBus:
+        if dev.bus:
+            key = f"bus:{dev.bus}"
+            if key not in self._buses:
+                raise KeyError(f"device {dev.id}: no bus {dev.bus!r}")
+            return self._buses[key]
+        if not dev.host:
+            raise ValueError(f"device {dev.id}: needs host or bus")
+        key = f"tcp:{dev.host}:{dev.port}"
+        if key not in self._buses:
+            self._buses[key] = TcpBus(dev.host, dev.port)
+        return self._buses[key]
+
+    def bus_for(self, device: DeviceConfig | str) -> ModbusBus:
+        if isinstance(device, str):
+            return self._by_device[device]
+        if device.id in self._by_device:
+            return self._by_device[device.id]
+        bus = self._bus_for_device(device)
+        self._by_device[device.id] = bus
+        return bus
+
+    @property
+    def buses(self) -> list[ModbusBus]:
+        return list(self._buses.values())
+
+    async def close(self) -> None:
+        for bus in self._buses.values():
+            await bus.close()
+
+    async def __aenter__(self) -> BusPool:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
