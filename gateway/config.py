@@ -6,10 +6,22 @@ section 3; durations are seconds (``*_s``), sizes carry their unit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import difflib
+import json
+import math
+import os
+import re
+import zoneinfo
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime
+from pathlib import Path
 from typing import Any
 
-from gateway.model import Token
+from gateway.errors import ConfigError, ConfigProblem, TariffError
+from gateway.model import AuthStatus, Token, TokenType
+from gateway.yamlpos import PathT, YamlDoc, load_yaml
 
 __all__ = [
     "AuthConfig",
@@ -23,6 +35,12 @@ __all__ = [
     "StorageConfig",
     "TlsConfig",
     "UplinkConfig",
+    "check_config",
+    "config_json_schema",
+    "format_duration",
+    "load_config",
+    "parse_duration",
+    "summarize",
 ]
 
 
@@ -174,3 +192,1335 @@ class GatewayConfig:
                 return bus
         raise KeyError(bus_id)
 
+
+# =============================================================================================
+# Loading and validation
+#
+# One schema table (``CONFIG_SCHEMA`` below) describes every key: its type, range, enum,
+# whether it is required, its default and a description. The same table validates a file
+# (collecting every problem with its line and column) and renders the JSON Schema for editors.
+# Checks between keys (references, duplicates, addressing) run after the table, on the
+# validated values, and report into the same list; nothing is ever clamped.
+# =============================================================================================
+
+_MISSING: Any = type("_Missing", (), {"__repr__": lambda self: "<missing>"})()
+_INVALID: Any = type("_Invalid", (), {"__repr__": lambda self: "<invalid>"})()
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h|d))+")
+_DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
+_NUMBER_RE = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+DURATION_PATTERN = r"^(?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h|d))+$|^[0-9]+(?:\.[0-9]+)?$"
+
+
+def parse_duration(value: str | float | int) -> float:
+    """``"500ms"``, ``"1s"``, ``"2m"``, ``"1h"``, ``"1d"``, ``"1h30m"`` or a number of seconds ->
+    seconds. Raises ``ValueError`` with a message fit for a person."""
+    if isinstance(value, bool):
+        raise ValueError(
+            f"invalid duration {value!r}: expected a number of seconds or e.g. 500ms, 2m"
+        )
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if _NUMBER_RE.fullmatch(text):
+            seconds = float(text)
+        elif _DURATION_RE.fullmatch(text):
+            seconds = sum(
+                float(num) * _DURATION_UNITS[unit] for num, unit in _DURATION_PART_RE.findall(text)
+            )
+        else:
+            raise ValueError(
+                f"invalid duration {value!r}: use a number of seconds or a number with a unit "
+                "(ms, s, m, h, d), e.g. 500ms or 2m"
+            )
+    else:
+        raise ValueError(
+            "invalid duration: expected a number of seconds or e.g. 500ms, 2m, "
+            f"got {_describe(value)}"
+        )
+    if not math.isfinite(seconds):
+        raise ValueError(f"invalid duration {value!r}: not a finite number")
+    if seconds < 0:
+        raise ValueError(f"invalid duration {value!r}: must not be negative")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest usual spelling: 0.1 -> ``100ms``, 120 -> ``2m``, 7200 -> ``2h``,
+    1.5 -> ``1.5s``."""
+    if seconds != 0 and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _describe(value: Any, *, secret: bool = False) -> str:
+    """How a wrong value is shown in a message; secrets only by their kind."""
+    if value is None:
+        return "an empty value"
+    if isinstance(value, bool):
+        return "a boolean" if secret else ("true" if value else "false")
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, datetime):
+        return "a timestamp"
+    if isinstance(value, date):
+        return "a date"
+    if isinstance(value, int | float):
+        return "a number" if secret else repr(value)
+    if isinstance(value, str):
+        if secret:
+            return "a string"
+        return repr(value) if len(value) <= 80 else repr(value[:77] + "...")
+    return type(value).__name__
+
+
+def _suggest(word: object, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.7)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+@dataclass
+class _Ctx:
+    doc: YamlDoc
+    base_dir: Path
+
+    def add(self, path: PathT, message: str, *, key: bool = False) -> None:
+        self.doc.add(path, message, key=key)
+
+
+class _Node:
+    """One entry of the schema table."""
+
+    what = "a value"  # for "expected ..." messages
+    json_type: str | None = None
+
+    def __init__(
+        self,
+        *,
+        description: str = "",
+        required: bool = False,
+        default: Any = _MISSING,
+        attr: str | None = None,
+        secret: bool = False,
+    ) -> None:
+        self.description = description
+        self.required = required
+        self.default = default
+        self.attr = attr  # dataclass field name; None: same as the key; "": not a field
+        self.secret = secret
+
+    def validate(self, ctx: _Ctx, path: PathT, value: Any) -> Any:
+        raise NotImplementedError
+
+    def build(self, value: Any) -> Any:
+        return value
+
+    def type_error(self, ctx: _Ctx, path: PathT, value: Any) -> Any:
+        ctx.add(path, f"expected {self.what}, got {_describe(value, secret=self.secret)}")
+        return _INVALID
+
+    def schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.json_type:
+            out["type"] = self.json_type
+        if self.description:
+            out["description"] = self.description
+        if (
+            self.default is not _MISSING
+            and self.default is not None
+            and not isinstance(self.default, tuple | dict)
+        ):
+            out["default"] = self.default
+        return out
+
+
+class _Str(_Node):
+    what = "a string"
+    json_type = "string"
+
+    def __init__(
+        self,
+        *,
+        pattern: str | None = None,
+        hint: str = "",
+        min_len: int = 1,
+        max_len: int | None = None,
+        check: Callable[[str], str | None] | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self.pattern = re.compile(pattern) if pattern else None
+        self.hint = hint
+        self.min_len = min_len
+        self.max_len = max_len
+        self.check = check
+
+    def validate(self, ctx: _Ctx, path: PathT, value: Any) -> Any:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            ctx.add(path, "expected a string, got a number: quote the value")
+            return _INVALID
+        if not isinstance(value, str):
+            return self.type_error(ctx, path, value)
+        shown = "" if self.secret else f", got {_describe(value)}"
+        if len(value) < self.min_len:
+            ctx.add(path, "must not be empty")
+            return _INVALID
+        if self.max_len is not None and len(value) > self.max_len:
+            ctx.add(path, f"must be at most {self.max_len} characters, got {len(value)}")
+            return _INVALID
+        if self.pattern is not None and not self.pattern.fullmatch(value):
+            ctx.add(path, f"must be {self.hint or 'like ' + self.pattern.pattern}{shown}")
+            return _INVALID
+        if self.check is not None:
+            message = self.check(value)
+            if message:
+                ctx.add(path, message)
+                return _INVALID
+        return value
+
+    def schema(self) -> dict[str, Any]:
+        out = super().schema()
+        if self.min_len:
+            out["minLength"] = self.min_len
+        if self.max_len is not None:
+            out["maxLength"] = self.max_len
+        if self.pattern is not None:
+            out["pattern"] = f"^(?:{self.pattern.pattern})$"
+        return out
+
+
+class _Path(_Str):
+    """A file system path; relative paths are relative to the config file's directory."""
+
+    def __init__(self, *, must_be: str | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.must_be = must_be  # None | "file" (readable) | "dir"
+
+    def validate(self, ctx: _Ctx, path: PathT, value: Any) -> Any:
+        text = super().validate(ctx, path, value)
+        if text is _INVALID:
+            return _INVALID
+        resolved = (ctx.base_dir / Path(text).expanduser()).resolve()
+        if self.must_be == "file":
+            try:
+                with resolved.open("rb"):
+                    pass
+            except OSError as exc:
+                ctx.add(path, f"cannot read {resolved}: {exc.strerror}")
+                return _INVALID
+        elif self.must_be == "dir" and not resolved.is_dir():
+            what = "not a directory" if resolved.exists() else "directory not found"
+            ctx.add(path, f"{what}: {resolved}")
+            return _INVALID
+        return str(resolved)
+
+
+class _Int(_Node):
+    what = "an integer"
+    json_type = "integer"
+
+    def __init__(self, *, min: int | None = None, max: int | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.min = min
+        self.max = max
+
+    def validate(self, ctx: _Ctx, path: PathT, value: Any) -> Any:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return self.type_error(ctx, path, value)
+        if not _in_range(ctx, path, value, self.min, self.max):
+            return _INVALID
+        return value
+
+    def schema(self) -> dict[str, Any]:
+        out = super().schema()
+        if self.min is not None:
+            out["minimum"] = self.min
+        if self.max is not None:
+            out["maximum"] = self.max
+        return out
+
+
+def _in_range(
+    ctx: _Ctx,
+    path: PathT,
+    value: float,
+    lo: float | None,
+    hi: float | None,
+    show: Callable[[float], str] = str,
+) -> bool:
+    if lo is not None and hi is not None and not lo <= value <= hi:
+        ctx.add(path, f"must be between {show(lo)} and {show(hi)}, got {show(value)}")
+        return False
+    if lo is not None and value < lo:
+        ctx.add(path, f"must be at least {show(lo)}, got {show(value)}")
+        return False
+    if hi is not None and value > hi:
+        ctx.add(path, f"must be at most {show(hi)}, got {show(value)}")
+        return False
+    return True
+
+
+class _Num(_Node):
+    what = "a number"
+    json_type = "number"
+
+    def __init__(self, *, min: float | None = None, max: float | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.min = min
+        self.max = max
+
+    def validate(self, ctx: _Ctx, path: PathT, value: Any) -> Any:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return self.type_error(ctx, path, value)
+        if not math.isfinite(value):
+            ctx.add(path, f"must be a finite number, got {value}")
+            return _INVALID
+        if not _in_range(ctx, path, value, self.min, self.max, lambda v: f"{v:g}"):
+            return _INVALID
+        return float(value)
+
+    def schema(self) -> dict[str, Any]:
+        out = super().schema()
+        if self.min is not None:
+            out["minimum"] = self.min
+        if self.max is not None:
+            out["maximum"] = self.max
+        return out
+
+
+class _Bool(_Node):
+    what = "true or false"
+    json_type = "boolean"
+
+    def validate(self, ctx: _Ctx, path: PathT, value: Any) -> Any:
+        if not isinstance(value, bool):
+            return self.type_error(ctx, path, value)
+        return value
+
+
+class _Enum(_Node):
+    def __init__(
+        self, values: Sequence[str | int], *, convert: Callable[[Any], Any] | None = None, **kw: Any
+    ) -> None:
+        super().__init__(**kw)
+        self.values = tuple(values)
+        self.convert = convert
+
+    def validate(self, ctx: _Ctx, path: PathT, value: Any) -> Any:
+        ok = any(type(value) is type(v) and value == v for v in self.values)
+        if not ok:
+            choices = ", ".join(str(v) for v in self.values)
+            ctx.add(path, f"must be one of {choices}; got {_describe(value)}")
+            return _INVALID
+        return value
+
+    def build(self, value: Any) -> Any:
+        return self.convert(value) if self.convert else value
+
+    def schema(self) -> dict[str, Any]:
+        out = super().schema()
+        out["enum"] = list(self.values)
+        return out
+
+
+class _Duration(_Node):
+    what = "a duration"
+
+    def __init__(self, *, min: float | None = None, max: float | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.min = min
+        self.max = max
+
+    def validate(self, ctx: _Ctx, path: PathT, value: Any) -> Any:
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            ctx.add(path, str(exc))
+            return _INVALID
+        if not _in_range(ctx, path, seconds, self.min, self.max, format_duration):
+            return _INVALID
+        return seconds
+
+    def schema(self) -> dict[str, Any]:
+        out = super().schema()
+        number: dict[str, Any] = {"type": "number"}
+        if self.min is not None:
+            number["minimum"] = self.min
+        if self.max is not None:
+            number["maximum"] = self.max
+        out["anyOf"] = [number, {"type": "string", "pattern": DURATION_PATTERN}]
+        if "default" in out:
+            out["default"] = format_duration(out["default"])
+        return out
+
+
+_RFC3339_RE = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+class _Timestamp(_Node):
+    what = 'an RFC 3339 timestamp with a time zone like "2026-12-31T23:59:59Z"'
+    json_type = "string"
+
+    def validate(self, ctx: _Ctx, path: PathT, value: Any) -> Any:
+        if isinstance(value, datetime):  # YAML reads unquoted timestamps itself
+            if value.tzinfo is None:
+                ctx.add(path, f"expected {self.what}, got one without a time zone")
+                return _INVALID
+            return value.timestamp()
+        if not isinstance(value, str) or not _RFC3339_RE.fullmatch(value):
+            return self.type_error(ctx, path, value)
+        try:
+            return datetime.fromisoformat(value.upper().replace("Z", "+00:00")).timestamp()
+        except ValueError as exc:
+            ctx.add(path, f"invalid timestamp {value!r}: {exc}")
+            return _INVALID
+
+    def schema(self) -> dict[str, Any]:
+        out = super().schema()
+        out["format"] = "date-time"
+        return out
+
+
+class _AnyMapping(_Node):
+    """A mapping validated elsewhere (tariffs: ``gateway.billing.tariff.parse_tariff``)."""
+
+    what = "a mapping"
+    json_type = "object"
+
+    def validate(self, ctx: _Ctx, path: PathT, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return self.type_error(ctx, path, value)
+        return value
+
+
+class _Obj(_Node):
+    what = "a mapping"
+    json_type = "object"
+
+    def __init__(
+        self,
+        fields: dict[str, _Node],
+        *,
+        target: type | None = None,
+        build_when_absent: bool = False,
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self.fields = fields
+        self.target = target
+        self.build_when_absent = build_when_absent
+
+    def validate(self, ctx: _Ctx, path: PathT, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return self.type_error(ctx, path, value)
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            node = self.fields.get(key) if isinstance(key, str) else None
+            if node is None:
+                ctx.add((*path, key), f"unknown key '{key}'{_suggest(key, self.fields)}", key=True)
+                continue
+            checked = node.validate(ctx, (*path, key), item)
+            if checked is not _INVALID:
+                out[key] = checked
+        for key, node in self.fields.items():
+            if node.required and key not in value:
+                ctx.add((*path, key), f"missing required key '{key}'")
+        return out
+
+    def build(self, value: dict[str, Any]) -> Any:
+        kwargs: dict[str, Any] = {}
+        for key, node in self.fields.items():
+            attr = key if node.attr is None else node.attr
+            if not attr:
+                continue
+            if key in value:
+                kwargs[attr] = node.build(value[key])
+            elif node.default is not _MISSING:
+                kwargs[attr] = copy.copy(node.default)
+            elif isinstance(node, _Obj) and node.build_when_absent:
+                kwargs[attr] = node.build({})
+        return self.target(**kwargs) if self.target else kwargs
+
+    def schema(self) -> dict[str, Any]:
+        out = super().schema()
+        out["properties"] = {key: node.schema() for key, node in self.fields.items()}
+        required = [key for key, node in self.fields.items() if node.required]
+        if required:
+            out["required"] = required
+        out["additionalProperties"] = False
+        return out
+
+
+class _List(_Node):
+    what = "a list"
+    json_type = "array"
+
+    def __init__(self, item: _Node, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.item = item
+
+    def validate(self, ctx: _Ctx, path: PathT, value: Any) -> Any:
+        if not isinstance(value, list):
+            return self.type_error(ctx, path, value)
+        # Positions are kept (invalid items as _INVALID) so later checks can name the index.
+        return [self.item.validate(ctx, (*path, i), item) for i, item in enumerate(value)]
+
+    def build(self, value: list[Any]) -> Any:
+        return tuple(self.item.build(v) for v in value)
+
+    def schema(self) -> dict[str, Any]:
+        out = super().schema()
+        out["items"] = self.item.schema()
+        return out
+
+
+class _Map(_Node):
+    """A mapping of free keys (ids) to values of one kind."""
+
+    what = "a mapping"
+    json_type = "object"
+
+    def __init__(self, value: _Node, *, key_pattern: str, key_hint: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.value = value
+        self.key_pattern = re.compile(key_pattern)
+        self.key_hint = key_hint
+
+    def validate(self, ctx: _Ctx, path: PathT, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return self.type_error(ctx, path, value)
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or not self.key_pattern.fullmatch(key):
+                ctx.add((*path, key), f"key must be {self.key_hint}, got {key!r}", key=True)
+                continue
+            checked = self.value.validate(ctx, (*path, key), item)
+            if checked is not _INVALID:
+                out[key] = checked
+        return out
+
+    def build(self, value: dict[str, Any]) -> Any:
+        return {k: self.value.build(v) for k, v in value.items()}
+
+    def schema(self) -> dict[str, Any]:
+        out = super().schema()
+        out["propertyNames"] = {"pattern": f"^(?:{self.key_pattern.pattern})$"}
+        out["additionalProperties"] = self.value.schema()
+        return out
+
+
+# --- value checks used by the table ------------------------------------------------------
+
+_ID_RE = r"[A-Za-z0-9_-]{1,64}"
+_ID_HINT = "1 to 64 characters of A-Z a-z 0-9 _ -"
+_URL_RE = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<host>[A-Za-z0-9._-]+)(?::(?P<port>[0-9]+))?/?"
+)
+BAUDRATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
+
+
+def _check_timezone(name: str) -> str | None:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        hint = _suggest(name, _zones()) or " (use an IANA name like Europe/Berlin)"
+        return f"unknown time zone {name!r}{hint}"
+    return None
+
+
+def _zones() -> set[str]:
+    try:
+        return zoneinfo.available_timezones()
+    except OSError:  # pragma: no cover - no tz database to list
+        return set()
+
+
+def _check_url(url: str) -> str | None:
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme and scheme not in ("mqtt", "mqtts"):
+        return f"unsupported scheme '{scheme}': use mqtt:// or mqtts://"
+    if "@" in url:  # never echo it: it may hold a password
+        return "credentials do not belong in the url: use username and password_file"
+    m = _URL_RE.fullmatch(url)
+    if not scheme or m is None:
+        return f"expected mqtt://host[:port] or mqtts://host[:port], got {url!r}"
+    if m["port"] is not None and not 1 <= int(m["port"]) <= 65535:
+        return f"port must be between 1 and 65535, got {int(m['port'])}"
+    return None
+
+
+def _check_topic_prefix(prefix: str) -> str | None:
+    if "+" in prefix or "#" in prefix:
+        return f"must not contain the MQTT wildcards + or #, got {prefix!r}"
+    if prefix.startswith("/") or prefix.endswith("/"):
+        return f"must not start or end with /, got {prefix!r}"
+    if prefix.startswith("$"):
+        return f"must not start with $ (reserved for broker topics), got {prefix!r}"
+    if "\0" in prefix or "//" in prefix:
+        return f"must not contain empty topic levels, got {prefix!r}"
+    return None
+
+
+def _check_host(host: str) -> str | None:
+    if not re.fullmatch(r"[A-Za-z0-9._:-]+", host) or "://" in host:
+        return f"expected a host name or IP address, got {host!r}"
+    return None
+
+
+_ENV_REF = r"\$\{[A-Za-z_][A-Za-z0-9_]*\}"
+
+
+# --- the schema table --------------------------------------------------------------------
+
+_TLS = _Obj(
+    {
+        "ca_file": _Path(
+            must_be="file",
+            description="CA certificates (PEM) to verify the broker; default: the system's",
+        ),
+        "cert_file": _Path(
+            must_be="file", description="client certificate (PEM) for mutual TLS; needs key_file"
+        ),
+        "key_file": _Path(must_be="file", description="private key (PEM) of cert_file"),
+        "insecure": _Bool(
+            default=False, description="skip verifying the broker's certificate (tests only)"
+        ),
+    },
+    target=TlsConfig,
+    description="TLS settings for mqtts://",
+)
+
+_UPLINK = _Obj(
+    {
+        "url": _Str(
+            required=True,
+            check=_check_url,
+            description="broker: mqtt://host[:port] or mqtts://host[:port]",
+        ),
+        "client_id": _Str(
+            max_len=128,
+            description="MQTT client id; default: evgw-<site id>",
+            pattern=r"[^\s]+",
+            hint="without spaces",
+        ),
+        "topic_prefix": _Str(
+            default="evgw", check=_check_topic_prefix, description="first topic level(s)"
+        ),
+        "username": _Str(description="MQTT user name"),
+        "password_file": _Path(attr="", description="file holding the MQTT password (one line)"),
+        "password": _Str(
+            pattern=_ENV_REF,
+            hint='an environment variable reference like "${MQTT_PASSWORD}" '
+            "(a literal password belongs in password_file)",
+            secret=True,
+            description='"${ENV_VAR}": the MQTT password from the environment',
+        ),
+        "tls": _TLS,
+        "keepalive": _Duration(
+            attr="keepalive_s", default=30.0, min=5.0, max=65535.0, description="MQTT keepalive"
+        ),
+        "session_expiry": _Duration(
+            attr="session_expiry_s",
+            default=7 * 24 * 3600.0,
+            min=0.0,
+            max=float(2**32 - 1),
+            description="MQTT 5 session expiry: how long the broker keeps the session offline",
+        ),
+        "inflight_window": _Int(
+            default=50,
+            min=1,
+            max=1000,
+            description="QoS 1 messages awaiting PUBACK at once (20-100 is fastest)",
+        ),
+        "readings_qos": _Enum((0, 1), default=0, description="QoS of readings batches"),
+        "readings_batch": _Int(
+            default=500, min=1, max=10000, description="readings per message at most"
+        ),
+    },
+    target=UplinkConfig,
+    default=None,
+    description="MQTT uplink; without it the gateway only buffers locally",
+)
+
+_BUS = _Obj(
+    {
+        "id": _Str(
+            required=True, pattern=_ID_RE, hint=_ID_HINT, description="name devices use in bus:"
+        ),
+        "type": _Enum(
+            ("rtu", "rtu-over-tcp"),
+            required=True,
+            description="serial line, or serial server over TCP",
+        ),
+        "port": _Str(description="serial device path (rtu), e.g. /dev/ttyUSB0"),
+        "host": _Str(check=_check_host, description="serial server address (rtu-over-tcp)"),
+        "tcp_port": _Int(
+            default=502, min=1, max=65535, description="serial server TCP port (rtu-over-tcp)"
+        ),
+        "baudrate": _Enum(BAUDRATES, default=9600, description="bits per second"),
+        "parity": _Enum(("N", "E", "O"), default="N", description="N none, E even, O odd"),
+        "stopbits": _Enum((1, 2), default=1),
+        "bytesize": _Enum((7, 8), default=8),
+        "timeout": _Duration(
+            attr="timeout_s", default=1.0, min=0.01, max=60.0, description="answer timeout"
+        ),
+    },
+    target=BusConfig,
+)
+
+_DEVICE = _Obj(
+    {
+        "id": _Str(
+            required=True,
+            pattern=_ID_RE,
+            hint=_ID_HINT,
+            description="device id in topics and records",
+        ),
+        "driver": _Str(
+            required=True,
+            pattern=r"[a-z0-9-]+",
+            hint="a profile slug like abb-terra-ac",
+            description="profile slug (evgw drivers)",
+        ),
+        "host": _Str(
+            check=_check_host, description="Modbus TCP address (TCP devices; not with bus)"
+        ),
+        "port": _Int(
+            min=1, max=65535, description="Modbus TCP port; default: the profile's (usually 502)"
+        ),
+        "bus": _Str(
+            pattern=_ID_RE, hint=_ID_HINT, description="id of the bus (RTU devices; not with host)"
+        ),
+        "unit": _Int(
+            min=0,
+            max=255,
+            description="Modbus unit id: 1..247 on a bus, 0..247 or 255 over TCP; "
+            "default: the profile's",
+        ),
+        "poll_interval": _Duration(
+            attr="poll_interval_s",
+            default=1.0,
+            min=0.1,
+            max=3600.0,
+            description="how often to read the device",
+        ),
+        "timeout": _Duration(
+            attr="timeout_s", default=1.0, min=0.01, max=60.0, description="answer timeout"
+        ),
+        "meter": _Str(
+            pattern=_ID_RE,
+            hint=_ID_HINT,
+            description="chargers: id of the meter device whose counter bills this charger",
+        ),
+        "tariff": _Str(
+            pattern=_ID_RE,
+            hint=_ID_HINT,
+            description="chargers: tariff id of sessions on this charger",
+        ),
+        "connector": _Int(
+            default=1, min=1, max=16, description="chargers: connector number in records"
+        ),
+        "max_current_a": _Num(
+            min=6.0, max=1000.0, description="chargers: site wiring limit per phase"
+        ),
+    },
+    target=DeviceConfig,
+)
+
+_TOKEN = _Obj(
+    {
+        "id": _Str(
+            max_len=64,
+            pattern=r"[^\s]+",
+            hint="without spaces",
+            required=True,
+            description="RFID UID, fob or app token (quote it)",
+        ),
+        "type": _Enum(tuple(t.value for t in TokenType), convert=TokenType, required=True),
+        "user": _Str(max_len=128, required=True, description="user id in records and bills"),
+        "status": _Enum(
+            tuple(s.value for s in AuthStatus if s is not AuthStatus.UNKNOWN),
+            convert=AuthStatus,
+            default=AuthStatus.ACCEPTED.value,
+        ),
+        "expires_at": _Timestamp(description="RFC 3339; after it the token counts as expired"),
+        "group": _Str(pattern=_ID_RE, hint=_ID_HINT, description="user group for billing.groups"),
+    },
+    target=Token,
+)
+
+_AUTH = _Obj(
+    {
+        "offline_policy": _Enum(
+            ("allow_known", "allow_all", "deny"),
+            default="allow_known",
+            description="unknown tokens while the cloud is unreachable",
+        ),
+        "request_timeout": _Duration(
+            attr="request_timeout_s",
+            default=5.0,
+            min=0.1,
+            max=300.0,
+            description="wait for the cloud's auth answer",
+        ),
+        "cache_ttl": _Duration(
+            attr="cache_ttl_s", default=30 * 24 * 3600.0, min=0.0, description="keep cloud answers"
+        ),
+        "tokens": _List(_TOKEN, default=(), description="local authorization list"),
+    },
+    target=AuthConfig,
+    build_when_absent=True,
+)
+
+_BILLING = _Obj(
+    {
+        "default_tariff": _Str(
+            pattern=_ID_RE,
+            hint=_ID_HINT,
+            description="tariff when neither group nor charger names one",
+        ),
+        "groups": _Map(
+            _Str(pattern=_ID_RE, hint=_ID_HINT),
+            key_pattern=_ID_RE,
+            key_hint=_ID_HINT,
+            default={},
+            description="user group -> tariff id (wins over the charger's tariff)",
+        ),
+    },
+    target=BillingConfig,
+    build_when_absent=True,
+)
+
+_GRID = _Obj(
+    {
+        "max_current_a": _Num(min=6.0, max=10000.0, description="site connection limit per phase"),
+        "meter": _Str(
+            pattern=_ID_RE,
+            hint=_ID_HINT,
+            description="id of the meter measuring the whole connection",
+        ),
+    },
+    target=GridConfig,
+    default=None,
+)
+
+CONFIG_SCHEMA = _Obj(
+    {
+        "site": _Obj(
+            {
+                "id": _Str(
+                    required=True,
+                    pattern=_ID_RE,
+                    hint=_ID_HINT,
+                    description="site id in topics and records",
+                ),
+                "timezone": _Str(
+                    default="UTC",
+                    check=_check_timezone,
+                    description="IANA zone for tariffs and reports",
+                ),
+                "name": _Str(default="", min_len=0, description="human name"),
+            },
+            target=SiteConfig,
+            required=True,
+        ),
+        "storage": _Obj(
+            {
+                "path": _Path(
+                    required=True, description="SQLite buffer file (relative to this file)"
+                ),
+                "max_size_mb": _Int(
+                    default=512, min=1, max=1_000_000, description="readings are pruned above this"
+                ),
+                "readings_retention_days": _Int(
+                    default=30, min=1, max=3650, description="keep readings this long"
+                ),
+            },
+            target=StorageConfig,
+            required=True,
+        ),
+        "uplink": _UPLINK,
+        "buses": _List(_BUS, default=(), description="serial lines; TCP devices need none"),
+        "devices": _List(_DEVICE, default=(), description="chargers and meters"),
+        "auth": _AUTH,
+        "tariffs": _Map(
+            _AnyMapping(
+                description="OCPI-style tariff: currency, vat_percent, elements (docs: billing)"
+            ),
+            key_pattern=_ID_RE,
+            key_hint=_ID_HINT,
+            default={},
+            description="tariff id -> tariff",
+        ),
+        "billing": _BILLING,
+        "grid": _GRID,
+        "drivers_path": _Path(
+            must_be="dir",
+            default=None,
+            description="directory of site profiles (override shipped ones)",
+        ),
+        "log_level": _Enum(("debug", "info", "warning", "error"), default="info"),
+    },
+    target=GatewayConfig,
+    description="ev-site-gateway site configuration",
+)
+
+
+def config_json_schema() -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of the config file, for editors. Checks between keys
+    (references, duplicates, host XOR bus) are only in ``load_config``."""
+    schema = CONFIG_SCHEMA.schema()
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://github.com/ev-site-gateway/ev-site-gateway/config/schema.json",
+        "title": "ev-site-gateway site configuration",
+        **schema,
+    }
+
+
+# --- checks between keys -----------------------------------------------------------------
+
+
+def _choices_hint(name: str, choices: Iterable[str], plural: str) -> str:
+    names = sorted(choices)
+    suggestion = _suggest(name, names)
+    if suggestion:
+        return suggestion
+    if not names:
+        return f" (no {plural} are defined)"
+    if len(names) <= 12:
+        return f" (defined {plural}: {', '.join(names)})"
+    return ""
+
+
+def _unknown(kind: str, name: str, choices: Iterable[str], plural: str) -> str:
+    return f"unknown {kind} '{name}'{_choices_hint(name, choices, plural)}"
+
+
+def _first_line(ctx: _Ctx, path: PathT) -> int:
+    return ctx.doc.where(path)[0]
+
+
+def _items(raw: dict[str, Any], section: str) -> list[tuple[int, dict[str, Any]]]:
+    return [(i, item) for i, item in enumerate(raw.get(section) or []) if isinstance(item, dict)]
+
+
+def _ids(
+    ctx: _Ctx,
+    items: list[tuple[int, dict[str, Any]]],
+    section: PathT,
+    kind: str,
+    *,
+    fold: bool = False,
+) -> dict[str, int]:
+    """id -> index of its first definition; reports later duplicates."""
+    seen: dict[str, int] = {}
+    for i, item in items:
+        ident = item.get("id")
+        if not isinstance(ident, str):
+            continue
+        key = ident.casefold() if fold else ident
+        if key in seen:
+            first = (*section, seen[key], "id")
+            note = ""
+            if fold and _get(ctx, first) != ident:
+                note = "; token ids are compared ignoring case"
+            ctx.add(
+                (*section, i, "id"),
+                f"duplicate {kind} id '{ident}' "
+                f"(first defined at line {_first_line(ctx, first)}{note})",
+            )
+        else:
+            seen[key] = i
+    return seen
+
+
+def _get(ctx: _Ctx, path: PathT) -> Any:
+    node = ctx.doc.data
+    for part in path:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def _present(ctx: _Ctx, path: PathT) -> set[str]:
+    node = _get(ctx, path)
+    return {k for k in node if isinstance(k, str)} if isinstance(node, dict) else set()
+
+
+def _load_profiles(ctx: _Ctx, raw: dict[str, Any]) -> dict[str, Any] | None:
+    if "drivers_path" in _present(ctx, ()) and "drivers_path" not in raw:
+        return None  # already reported; every driver would look unknown
+    try:
+        from gateway.profiles import load_profiles  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:  # pragma: no cover - only while the profile loader is being written
+        return None
+    try:
+        profiles: dict[str, Any] = load_profiles(raw.get("drivers_path"))
+    except ConfigError as exc:
+        ctx.doc.problems.extend(exc.problems)
+        return None
+    return profiles
+
+
+def _resolve_secret(ctx: _Ctx, uplink: dict[str, Any]) -> None:
+    path: PathT = ("uplink",)
+    if "password_file" in uplink and "password" in uplink:
+        ctx.add((*path, "password"), "set either password_file or password, not both", key=True)
+        return
+    secret: str | None = None
+    where: PathT = path
+    if "password_file" in uplink:
+        where = (*path, "password_file")
+        file = Path(uplink.pop("password_file"))
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            ctx.add(where, f"cannot read password file {file}: {exc.strerror}")
+            return
+        except UnicodeDecodeError:
+            ctx.add(where, f"password file {file} is not UTF-8 text")
+            return
+        secret = text.rstrip("\r\n")
+        if not secret:
+            ctx.add(where, f"password file {file} is empty")
+            return
+    elif "password" in uplink:
+        where = (*path, "password")
+        var = uplink["password"][2:-1]
+        value = os.environ.get(var)
+        if value is None:
+            ctx.add(where, f"environment variable {var} is not set")
+            del uplink["password"]
+            return
+        if not value:
+            ctx.add(where, f"environment variable {var} is empty")
+            del uplink["password"]
+            return
+        secret = value
+    if secret is not None:
+        uplink["password"] = Secret(secret)
+        if "username" not in uplink and "username" not in _present(ctx, path):
+            ctx.add(where, "a password needs a username", key=True)
+
+
+def _check_uplink(ctx: _Ctx, raw: dict[str, Any]) -> None:
+    uplink = raw.get("uplink")
+    if not isinstance(uplink, dict):
+        return
+    _resolve_secret(ctx, uplink)
+    if "client_id" not in uplink and isinstance(raw.get("site"), dict) and "id" in raw["site"]:
+        uplink["client_id"] = f"evgw-{raw['site']['id']}"
+    url = uplink.get("url", "")
+    tls = uplink.get("tls")
+    if isinstance(tls, dict):
+        if url.startswith("mqtt://"):
+            ctx.add(
+                ("uplink", "tls"),
+                "tls is set but the url is mqtt://: use mqtts:// for TLS",
+                key=True,
+            )
+        if ("cert_file" in tls) != ("key_file" in tls):
+            have, need = (
+                ("cert_file", "key_file") if "cert_file" in tls else ("key_file", "cert_file")
+            )
+            ctx.add(("uplink", "tls", have), f"{have} needs {need}", key=True)
+
+
+def _check_buses(ctx: _Ctx, raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    items = _items(raw, "buses")
+    first = _ids(ctx, items, ("buses",), "bus")
+    for i, bus in items:
+        path: PathT = ("buses", i)
+        present = _present(ctx, path)
+        if bus.get("type") == "rtu":
+            if "port" not in present:
+                ctx.add(
+                    (*path, "port"), "an rtu bus needs port (the serial device, e.g. /dev/ttyUSB0)"
+                )
+            for key in sorted({"host", "tcp_port"} & present):
+                ctx.add(
+                    (*path, key), f"{key} is for rtu-over-tcp buses; an rtu bus uses port", key=True
+                )
+        elif bus.get("type") == "rtu-over-tcp":
+            if "host" not in present:
+                ctx.add((*path, "host"), "an rtu-over-tcp bus needs host (the serial server)")
+            if "port" in present:
+                ctx.add(
+                    (*path, "port"),
+                    "port is the serial device of an rtu bus; "
+                    "an rtu-over-tcp bus uses host and tcp_port",
+                    key=True,
+                )
+    return {ident: dict(raw["buses"][i]) for ident, i in first.items()}
+
+
+def _check_devices(
+    ctx: _Ctx,
+    raw: dict[str, Any],
+    buses: dict[str, dict[str, Any]],
+    profiles: dict[str, Any] | None,
+) -> None:
+    items = _items(raw, "devices")
+    first = _ids(ctx, items, ("devices",), "device")
+    tariffs = raw.get("tariffs") or {}
+    tariffs_known = "tariffs" not in _present(ctx, ()) or "tariffs" in raw
+    kinds: dict[str, str] = {}  # device id -> "charger" | "meter"
+    addresses: dict[tuple[Any, ...], str] = {}
+    for i, dev in items:
+        path: PathT = ("devices", i)
+        present = _present(ctx, path)
+        profile = None
+        if profiles is not None and "driver" in dev:
+            profile = profiles.get(dev["driver"])
+            if profile is None:
+                hint = _suggest(dev["driver"], profiles) or " (evgw drivers lists them)"
+                ctx.add((*path, "driver"), f"unknown driver '{dev['driver']}'{hint}")
+            elif first.get(dev.get("id", "")) == i:
+                kinds[dev["id"]] = str(profile.kind)
+        if profile is not None:
+            dev.setdefault("unit", profile.connection.default_unit)
+            if "host" in present:
+                dev.setdefault("port", profile.connection.default_port)
+        is_tcp = "host" in present
+        if "host" in present and "bus" in present:
+            ctx.add(
+                (*path, "bus"),
+                "set either host (Modbus TCP) or bus (serial line), not both",
+                key=True,
+            )
+            continue
+        if not is_tcp and "bus" not in present:
+            ctx.add(path, "needs host (Modbus TCP) or bus (serial line)")
+            continue
+        unit = dev.get("unit", 1)
+        if is_tcp:
+            transport = "tcp"
+            if 248 <= unit <= 254:
+                ctx.add((*path, "unit"), f"must be between 0 and 247, or 255, got {unit}")
+            key: tuple[Any, ...] = ("tcp", dev.get("host"), dev.get("port", 502), unit)
+            where = f"at {dev.get('host')}:{dev.get('port', 502)}"
+        else:
+            if "port" in present:
+                ctx.add(
+                    (*path, "port"),
+                    "port is for Modbus TCP devices (with host); "
+                    "a device on a bus is reached through the bus",
+                    key=True,
+                )
+            bus_id = dev.get("bus")
+            bus = buses.get(bus_id) if bus_id else None
+            buses_known = "buses" not in _present(ctx, ()) or "buses" in raw
+            if bus_id and bus is None and buses_known:
+                ctx.add((*path, "bus"), _unknown("bus", bus_id, buses, "buses"))
+            transport = bus.get("type", "rtu") if bus else "rtu"
+            if unit == 0:
+                ctx.add(
+                    (*path, "unit"),
+                    "unit 0 is the broadcast address of a serial bus: no device answers it",
+                )
+            elif unit > 247:
+                ctx.add((*path, "unit"), f"must be between 1 and 247 on a serial bus, got {unit}")
+            key = ("bus", bus_id, unit)
+            where = f"on bus '{bus_id}'"
+        if profile is not None and transport not in profile.connection.transports:
+            ctx.add(
+                (*path, "host" if is_tcp else "bus"),
+                f"driver {profile.slug} does not support {transport} (it supports "
+                f"{', '.join(profile.connection.transports)})",
+            )
+        if key[1] is not None and "id" in dev:
+            other = addresses.setdefault(key, dev["id"])
+            if other != dev["id"]:
+                ctx.add((*path, "unit"), f"unit {unit} {where} is already used by device '{other}'")
+        if profile is not None and str(profile.kind) == "meter":
+            for key_name in ("meter", "tariff", "max_current_a"):
+                if key_name in present:
+                    ctx.add(
+                        (*path, key_name),
+                        f"only chargers take {key_name}; "
+                        f"'{dev.get('id')}' is a meter ({profile.slug})",
+                        key=True,
+                    )
+        if "tariff" in dev and tariffs_known and dev["tariff"] not in tariffs:
+            ctx.add(
+                (*path, "tariff"),
+                _unknown("tariff", dev["tariff"], tariffs, "tariffs"),
+            )
+    for i, dev in items:
+        if "meter" in dev:
+            _check_meter_ref(
+                ctx, ("devices", i, "meter"), dev["meter"], first, kinds, own=dev.get("id")
+            )
+    grid = raw.get("grid")
+    if isinstance(grid, dict) and "meter" in grid:
+        _check_meter_ref(ctx, ("grid", "meter"), grid["meter"], first, kinds, own=None)
+
+
+def _check_meter_ref(
+    ctx: _Ctx,
+    path: PathT,
+    meter: str,
+    devices: dict[str, int],
+    kinds: dict[str, str],
+    own: str | None,
+) -> None:
+    if meter == own:
+        ctx.add(path, "a charger cannot be its own meter")
+    elif meter not in devices:
+        ctx.add(
+            path,
+            _unknown(
+                "meter device", meter, [d for d in devices if kinds.get(d) != "charger"], "meters"
+            ),
+        )
+    elif kinds.get(meter) == "charger":
+        driver = _get(ctx, ("devices", devices[meter], "driver"))
+        ctx.add(path, f"'{meter}' is a charger ({driver}), not a meter")
+
+
+_TARIFF_PATH_RE = re.compile(r"\[([0-9]+)\]|\.?([^.\[\]]+)")
+
+
+def _tariff_path(text: str) -> PathT:
+    return tuple(int(idx) if idx else name for idx, name in _TARIFF_PATH_RE.findall(text))
+
+
+def _check_tariffs(ctx: _Ctx, raw: dict[str, Any]) -> None:
+    tariffs = raw.get("tariffs") or {}
+    try:
+        from gateway.billing.tariff import parse_tariff
+    except ImportError:  # pragma: no cover - only while the tariff parser is being written
+        return
+    for tid, data in tariffs.items():
+        try:
+            parse_tariff(data, "")
+        except TariffError as exc:
+            rel = _tariff_path(exc.path)
+            ctx.add(("tariffs", tid, *rel), exc.message, key=exc.message.startswith("unknown key"))
+    billing = raw.get("billing")
+    tariffs_known = "tariffs" not in _present(ctx, ()) or "tariffs" in raw
+    if isinstance(billing, dict) and tariffs_known:
+        tariff = billing.get("default_tariff")
+        if tariff is not None and tariff not in tariffs:
+            ctx.add(
+                ("billing", "default_tariff"),
+                _unknown("tariff", tariff, tariffs, "tariffs"),
+            )
+        for group, tariff in (billing.get("groups") or {}).items():
+            if tariff not in tariffs:
+                ctx.add(
+                    ("billing", "groups", group),
+                    _unknown("tariff", tariff, tariffs, "tariffs"),
+                )
+
+
+def _check_tokens(ctx: _Ctx, raw: dict[str, Any]) -> None:
+    auth = raw.get("auth")
+    if not isinstance(auth, dict):
+        return
+    items = [(i, t) for i, t in enumerate(auth.get("tokens") or []) if isinstance(t, dict)]
+    _ids(ctx, items, ("auth", "tokens"), "token", fold=True)
+    billing = raw.get("billing") if isinstance(raw.get("billing"), dict) else {}
+    if "billing" in _present(ctx, ()) and "billing" not in raw:
+        return
+    groups = (billing or {}).get("groups") or {}
+    for i, token in items:
+        group = token.get("group")
+        if group is not None and group not in groups:
+            ctx.add(
+                ("auth", "tokens", i, "group"),
+                f"group '{group}' has no tariff in billing.groups"
+                + _choices_hint(group, groups, "groups"),
+            )
+
+
+def _cross_check(ctx: _Ctx, raw: dict[str, Any]) -> None:
+    profiles = _load_profiles(ctx, raw)
+    _check_uplink(ctx, raw)
+    buses = _check_buses(ctx, raw)
+    _check_devices(ctx, raw, buses, profiles)
+    _check_tariffs(ctx, raw)
+    _check_tokens(ctx, raw)
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read, validate and resolve a site config. Raises ``ConfigError`` listing every problem
+    (``FILE:LINE:COL: key.path: message``), sorted by position."""
+    doc = load_yaml(path)
+    if doc.data is None and not doc.problems:
+        doc.problems.append(
+            ConfigProblem(
+                str(path),
+                1,
+                1,
+                "",
+                "the file is empty: expected a mapping with at least site and storage",
+            )
+        )
+    if doc.data is None:
+        raise ConfigError(doc.problems)
+    ctx = _Ctx(doc, Path(path).absolute().parent)
+    raw = CONFIG_SCHEMA.validate(ctx, (), doc.data)
+    if raw is not _INVALID:
+        _cross_check(ctx, raw)
+    if doc.problems:
+        raise ConfigError(doc.problems)
+    config: GatewayConfig = CONFIG_SCHEMA.build(raw)
+    return replace(config, source=str(path))
+
+
+def check_config(path: str | Path) -> tuple[int, str]:
+    """What ``evgw check-config`` prints: exit code 0 and a short summary of a valid file, or 2
+    and every problem on its own line."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return exc.exit_code, "\n".join(str(p) for p in exc.problems)
+    return 0, summarize(config)
+
+
+def summarize(config: GatewayConfig) -> str:
+    site = config.site
+    lines = [
+        f"{config.source}: OK",
+        f"site {site.id}"
+        + (f" ({site.name})" if site.name else "")
+        + f", timezone {site.timezone}",
+    ]
+    lines.append(f"storage {config.storage.path} (max {config.storage.max_size_mb} MB)")
+    if config.uplink is None:
+        lines.append("uplink: none (buffering only)")
+    else:
+        up = config.uplink
+        auth = f", user {up.username}" if up.username else ""
+        lines.append(f"uplink {up.url} as {up.client_id}, topic prefix {up.topic_prefix}{auth}")
+    lines.append(f"{len(config.devices)} device(s) on {len(config.buses)} bus(es):")
+    for dev in config.devices:
+        where = f"{dev.host}:{dev.port}" if dev.host else f"bus {dev.bus}"
+        extra = "".join(f" {k} {v}" for k, v in (("meter", dev.meter), ("tariff", dev.tariff)) if v)
+        lines.append(
+            f"  {dev.id}: {dev.driver} at {where} unit {dev.unit}, "
+            f"every {format_duration(dev.poll_interval_s)}{extra}"
+        )
+    lines.append(
+        f"{len(config.auth.tokens)} token(s), offline policy {config.auth.offline_policy}; "
+        f"tariffs: {', '.join(sorted(config.tariffs)) or 'none'}"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m gateway.config > config/schema.json
+    print(json.dumps(config_json_schema(), indent=2))
