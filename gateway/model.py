@@ -134,6 +134,8 @@ class Flag(StrEnum):
     START_LATCHED = "start_latched"  # the meter did not answer at start; start read later
     NOT_BILLABLE = "not_billable"  # plugged in, never charged
     NO_METER = "no_meter"  # no cumulative counter: energy could not be measured
+    UNIDENTIFIED = "unidentified"  # the charger delivered energy without anyone identified
+    UNPRICED = "unpriced"  # pricing failed: the record carries no cost
 
 
 @dataclass(frozen=True, slots=True)

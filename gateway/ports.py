@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.model import Token
+from gateway.model import MeterPoint, Token
 
 __all__ = [
     "AuthRequester",
@@ -70,6 +70,14 @@ class SessionStore(Protocol):
     async def add_readings(self, rows: Sequence[tuple[str, float, Mapping[str, Any]]]) -> None:
         """Buffer readings (device_id, ts, values) in one batch; dropped (and said so once) while
         the disk cap is reached."""
+        ...
+
+    async def add_session_point(self, session_id: str, point: MeterPoint) -> None:
+        """Append a point of an open session's energy curve (kept for pricing)."""
+        ...
+
+    async def session_points(self, session_id: str) -> list[MeterPoint]:
+        """The curve of an open session, oldest first (to continue it after a restart)."""
         ...
 
 

@@ -83,8 +83,8 @@ POINT_EVERY_S = 60.0
 GAP_POLLS = 3  # readings missing for more than this many poll intervals: comms_gap
 CHARGING_POWER_W = 100.0  # status-less chargers: this much power means charging
 
-UNIDENTIFIED = "unidentified"
-UNPRICED = "unpriced"
+UNIDENTIFIED = Flag.UNIDENTIFIED.value
+UNPRICED = Flag.UNPRICED.value
 
 
 # --------------------------------------------------------------------------- types
@@ -1225,7 +1225,7 @@ class SessionManager:
                 "schema": SESSION_STARTED_SCHEMA,
                 "session_id": session.session_id,
                 "charger_id": session.charger_id,
-                "user": dict(session.user),
+                "user": session.user.get("id"),
                 "started_at": rfc3339(session.started_at),
                 "meter_start_wh": None
                 if session.meter_start_wh is None
