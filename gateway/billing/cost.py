@@ -322,11 +322,11 @@ def _cost(tariff: Tariff, pieces: list[_Piece]) -> dict[str, Any]:
             Dimension.TIME: dur_ms if p.charging else 0,
             Dimension.PARKING_TIME: 0 if p.charging else dur_ms,
         }
-        for dim, qty in amounts.items():
+        for dim, amount in amounts.items():
             idx = p.elements.get(dim)
-            if idx is None or qty == 0:
+            if idx is None or amount == 0:
                 continue
-            raw[dim][idx] = raw[dim].get(idx, 0) + qty
+            raw[dim][idx] = raw[dim].get(idx, 0) + amount
             last[dim] = idx
 
     lines: list[dict[str, Any]] = []
@@ -348,8 +348,8 @@ def _cost(tariff: Tariff, pieces: list[_Piece]) -> dict[str, Any]:
         acc = 0
         done = 0
         scale = 1 if dim is Dimension.ENERGY else 1000
-        for idx, qty in per_el.items():
-            acc += qty
+        for idx, raw_qty in per_el.items():
+            acc += raw_qty
             whole = _half_up_int(acc / scale)
             units[idx] = whole - done
             done = whole
