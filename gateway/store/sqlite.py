@@ -266,6 +266,13 @@ class Store:
             await db.execute("PRAGMA synchronous=NORMAL")
             # A checkpoint leaves the WAL no larger than this instead of at its high-water mark.
             await db.execute(f"PRAGMA journal_size_limit={16 * _MB}")
+            if self._reserve_bytes > 0:
+                # Keep the WAL below half the reserve: on a full disk, releasing the reserve
+                # then always leaves room to checkpoint the WAL into the database file.
+                async with db.execute("PRAGMA page_size") as cur:
+                    row = await cur.fetchone()
+                pages = max(16, self._reserve_bytes // (int(row[0]) if row else 4096) // 2)
+                await db.execute(f"PRAGMA wal_autocheckpoint={pages}")
             await self._migrate()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: not a usable gateway buffer: {exc}") from exc
@@ -314,7 +321,8 @@ class Store:
                 return
             try:
                 with contextlib.suppress(sqlite3.Error):
-                    await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    async with db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                        await cur.fetchall()
             finally:
                 await db.close()
         if self._readings_blocked_at is not None:
@@ -566,7 +574,13 @@ class Store:
         if not rows:
             return
         blocked_at = self._readings_blocked_at
-        if blocked_at is not None and self._clock.monotonic() - blocked_at < _READINGS_RETRY_S:
+        if blocked_at is not None and (
+            self._clock.monotonic() - blocked_at < _READINGS_RETRY_S
+            # Space has come back only once the reserve can be allocated again.
+            or (self._reserve_bytes > 0 and not await asyncio.to_thread(self._ensure_reserve))
+        ):
+            if self._reserve_bytes > 0:
+                self._readings_blocked_at = max(blocked_at, self._clock.monotonic())
             self._count_dropped(len(rows))
             return
         params = [
@@ -604,8 +618,6 @@ class Store:
             )
             self._readings_blocked_at = None
             self._readings_dropped = 0
-            if self._reserve_bytes > 0:
-                await asyncio.to_thread(self._ensure_reserve)
         self._rows_since_cap_check += len(rows)
         if self._rows_since_cap_check >= _CAP_CHECK_ROWS:
             self._rows_since_cap_check = 0
@@ -873,25 +885,28 @@ class Store:
         return {"readings_by_age": aged, "messages_by_age": messages, "readings_by_size": capped}
 
     async def _enforce_cap(self) -> int:
-        """Delete readings, oldest synced first, until the file (+WAL) is under 90% of the cap."""
+        """Delete readings, oldest synced first, until the pages in use fit in 90% of the cap;
+        then give the freed pages back to the file system."""
         target = int(self.max_size_bytes * 0.9)
         deleted_total = 0
         for _ in range(50):
-            await self._shrink_files()
-            size = self.size_bytes()
-            if size <= target:
+            used = await self._used_bytes()
+            if used <= target:
                 break
             rows = await self._read("SELECT COUNT(*) FROM readings")
             count = int(rows[0][0]) if rows else 0
             if count == 0:
                 log.warning(
-                    "store_over_cap_without_readings", db_bytes=size, cap_bytes=self.max_size_bytes
+                    "store_over_cap_without_readings",
+                    used_bytes=used,
+                    cap_bytes=self.max_size_bytes,
                 )
                 break
-            # Readings are nearly all of the file when it is over the cap; deleting the excess
-            # share of rows (at least 1%) converges in a few rounds.
-            share = max((size - target) / size, 0.01)
+            # Over the cap, readings are nearly all of the file: deleting the excess share of
+            # rows (at least 1%) converges in a round or two.
+            share = max((used - target) / used, 0.01)
             deleted_total += await self._delete_oldest_readings(max(1, math.ceil(count * share)))
+        await self._shrink_files()
         if deleted_total:
             log.warning(
                 "store_pruned_by_size",
@@ -900,6 +915,18 @@ class Store:
                 cap_bytes=self.max_size_bytes,
             )
         return deleted_total
+
+    async def _used_bytes(self) -> int:
+        """Bytes of the database in pages holding data (free pages are reused before it grows)."""
+        async with self._lock:
+            db = self._conn()
+            values = []
+            for pragma in ("page_count", "freelist_count", "page_size"):
+                async with db.execute(f"PRAGMA {pragma}") as cur:
+                    row = await cur.fetchone()
+                values.append(int(row[0]) if row else 0)
+        pages, free, page_size = values
+        return (pages - free) * page_size
 
     async def _delete_oldest_readings(self, n: int) -> int:
         async def body(db: aiosqlite.Connection) -> int:
@@ -925,8 +952,11 @@ class Store:
         async with self._lock:
             db = self._conn()
             with contextlib.suppress(sqlite3.Error):
-                await db.execute("PRAGMA incremental_vacuum")
-                await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                # Through execute() incremental_vacuum frees a single page (the module steps the
+                # statement once); executescript steps it to the end.
+                await db.executescript("PRAGMA incremental_vacuum;")
+                async with db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                    await cur.fetchall()
 
     async def _make_room(self) -> bool:
         """The disk is full and a session must be written: give up the reserve file and the
@@ -937,6 +967,15 @@ class Store:
                 self._reserve_path.unlink()
                 freed = True
                 log.warning("store_reserve_released", path=str(self._reserve_path))
+        async with self._lock:
+            db = self._conn()
+            try:
+                # Move the WAL into the database (the released reserve makes room for that) and
+                # restart it, so the next writes reuse the WAL file instead of growing it.
+                async with db.execute("PRAGMA wal_checkpoint(RESTART)") as cur:
+                    await cur.fetchall()
+            except sqlite3.Error as exc:
+                log.error("store_checkpoint_failed", error=str(exc))
         try:
             rows = await self._read("SELECT COUNT(*) FROM readings")
             count = int(rows[0][0]) if rows else 0
@@ -949,14 +988,15 @@ class Store:
             log.error("store_make_room_failed", error=str(exc))
         return freed
 
-    def _ensure_reserve(self) -> None:
-        """Preallocate the reserve file (real blocks, not a sparse file)."""
+    def _ensure_reserve(self) -> bool:
+        """Preallocate the reserve file (real blocks, not a sparse file). False if the disk has
+        no room for it."""
         try:
             if (
                 self._reserve_path.exists()
                 and self._reserve_path.stat().st_size >= self._reserve_bytes
             ):
-                return
+                return True
             fd = os.open(self._reserve_path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 os.posix_fallocate(fd, 0, self._reserve_bytes)
@@ -965,4 +1005,9 @@ class Store:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 self._reserve_path.unlink()
-            log.warning("store_reserve_unavailable", path=str(self._reserve_path), error=str(exc))
+            if self._readings_blocked_at is None:  # while blocked this is expected: stay quiet
+                log.warning(
+                    "store_reserve_unavailable", path=str(self._reserve_path), error=str(exc)
+                )
+            return False
+        return True
