@@ -1354,13 +1354,14 @@ def _check_devices(
                         f"'{dev.get('id')}' is a meter ({profile.slug})",
                         key=True,
                     )
-        if "tariff" in dev and tariffs_known and dev["tariff"] not in tariffs:
+        is_meter = profile is not None and str(profile.kind) == "meter"
+        if "tariff" in dev and not is_meter and tariffs_known and dev["tariff"] not in tariffs:
             ctx.add(
                 (*path, "tariff"),
                 _unknown("tariff", dev["tariff"], tariffs, "tariffs"),
             )
     for i, dev in items:
-        if "meter" in dev:
+        if "meter" in dev and kinds.get(dev.get("id", "")) != "meter":
             _check_meter_ref(
                 ctx, ("devices", i, "meter"), dev["meter"], first, kinds, own=dev.get("id")
             )
@@ -1377,14 +1378,14 @@ def _check_meter_ref(
     kinds: dict[str, str],
     own: str | None,
 ) -> None:
+    # With profiles loaded only real meters are offered; without them every device id.
+    meters = [d for d in devices if kinds.get(d) == "meter"] if kinds else list(devices)
     if meter == own:
         ctx.add(path, "a charger cannot be its own meter")
     elif meter not in devices:
         ctx.add(
             path,
-            _unknown(
-                "meter device", meter, [d for d in devices if kinds.get(d) != "charger"], "meters"
-            ),
+            _unknown("meter device", meter, meters, "meters"),
         )
     elif kinds.get(meter) == "charger":
         driver = _get(ctx, ("devices", devices[meter], "driver"))
