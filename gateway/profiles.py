@@ -860,7 +860,15 @@ _CURRENT_UNIT_RAW_PER_A = {"A": 1.0, "0.1A": 10.0, "mA": 1000.0}
 
 
 def _bad(*values: Any) -> bool:
-    return any(v is _INVALID for v in values)
+    """Whether any value (or anything inside a list or mapping) failed its check."""
+    for v in values:
+        if v is _INVALID:
+            return True
+        if isinstance(v, list) and _bad(*v):
+            return True
+        if isinstance(v, dict) and _bad(*v.values()):
+            return True
+    return False
 
 
 def _type_range(t: DataType, count: int) -> tuple[int, int] | None:
@@ -1207,7 +1215,8 @@ class _Builder:
         return True
 
     def simulate(
-        self, kind: DeviceKind, state: StateSpec | None, identify: IdentifySpec | None
+        self, kind: DeviceKind, state: StateSpec | None, identify: IdentifySpec | None,
+        controls: list[ControlSpec],
     ) -> tuple[dict[ChargerStatus, dict[str, int | float | str]], dict[str, int | float | str]]:
         from gateway.modbus.codec import decode, encode
 
@@ -1228,6 +1237,11 @@ class _Builder:
                 for name, value in entry.items():
                     reg = self.ref((*path, name), name)
                     if reg is None or not self.sim_value((*path, name), reg, value):
+                        ok = False
+                    elif any(_overlaps(reg, c.register) for c in controls):
+                        # The simulator would overwrite what the gateway wrote.
+                        self.add((*path, name), f"register {name!r} is written by the gateway "
+                                 "(a control); a simulated state must not set it")
                         ok = False
                 missing = [n for n in read if n not in entry]
                 if missing:
@@ -1288,7 +1302,11 @@ class _Builder:
         identify = self.identify()
         if kind is DeviceKind.METER and not (self.regs.keys() & {"power_w", "energy_wh"}):
             self.add(("registers",), "a meter needs power_w or energy_wh")
-        sim_states, sim_identity = self.simulate(kind or DeviceKind.CHARGER, state, identify)
+        controls = [c for c in (enable, limit.control if limit else None,
+                                heartbeat.control if heartbeat else None, phases) if c]
+        sim_states, sim_identity = self.simulate(
+            kind or DeviceKind.CHARGER, state, identify, controls
+        )
         if self.doc.problems or kind is None:
             return None
         conn = data.get("connection", {})
@@ -1314,6 +1332,12 @@ class _Builder:
             simulate_states=sim_states, simulate_identity=sim_identity,
             path=self.doc.file,
         )
+
+
+def _overlaps(a: RegisterSpec, b: RegisterSpec) -> bool:
+    writable = {Table.HOLDING, Table.COIL}
+    same = a.table is b.table and a.table in writable
+    return same and a.address < b.end and b.address < a.end
 
 
 # Stands in for a register whose own definition had problems, so references to it do not pile
