@@ -629,6 +629,11 @@ class _Obj(_Node):
             if node is None:
                 ctx.add((*path, key), f"unknown key '{key}'{_suggest(key, self.fields)}", key=True)
                 continue
+            if item is None and _empty_ok(node):
+                # `devices:` with nothing under it (all entries commented out) means none
+                if not (isinstance(node, _Obj) and node.default is None):
+                    out[key] = [] if isinstance(node, _List) else {}
+                continue
             checked = node.validate(ctx, (*path, key), item)
             if checked is not _INVALID:
                 out[key] = checked
@@ -653,12 +658,24 @@ class _Obj(_Node):
 
     def schema(self) -> dict[str, Any]:
         out = super().schema()
-        out["properties"] = {key: node.schema() for key, node in self.fields.items()}
+        out["properties"] = {key: _nullable(node) for key, node in self.fields.items()}
         required = [key for key, node in self.fields.items() if node.required]
         if required:
             out["required"] = required
         out["additionalProperties"] = False
         return out
+
+
+def _empty_ok(node: _Node) -> bool:
+    """Optional sections may be left empty (YAML null): the same as leaving them out."""
+    return isinstance(node, _Obj | _List | _Map) and not node.required
+
+
+def _nullable(node: _Node) -> dict[str, Any]:
+    out = node.schema()
+    if _empty_ok(node):
+        out["type"] = [out["type"], "null"]
+    return out
 
 
 class _List(_Node):
@@ -1511,7 +1528,9 @@ def summarize(config: GatewayConfig) -> str:
     lines.append(f"{len(config.devices)} device(s) on {len(config.buses)} bus(es):")
     for dev in config.devices:
         where = f"{dev.host}:{dev.port}" if dev.host else f"bus {dev.bus}"
-        extra = "".join(f" {k} {v}" for k, v in (("meter", dev.meter), ("tariff", dev.tariff)) if v)
+        extra = "".join(
+            f", {k} {v}" for k, v in (("meter", dev.meter), ("tariff", dev.tariff)) if v
+        )
         lines.append(
             f"  {dev.id}: {dev.driver} at {where} unit {dev.unit}, "
             f"every {format_duration(dev.poll_interval_s)}{extra}"

@@ -593,3 +593,60 @@ def test_uplink_defaults_and_profile_defaults(tmp_path: Path) -> None:
     assert (config.uplink.keepalive_s, config.uplink.inflight_window) == (30.0, 50)
     dev = config.device("cp1")
     assert (dev.port, dev.unit, dev.poll_interval_s) == (502, 1, 1.0)
+
+
+def test_empty_optional_sections_mean_none(tmp_path: Path) -> None:
+    file = tmp_path / "site.yaml"
+    file.write_text(
+        "site: {id: s1}\nstorage: {path: b.db}\nuplink:\nbuses:\ndevices:\nauth:\ntariffs:\n"
+    )
+    config = load_config(file)
+    assert config.uplink is None
+    assert config.devices == () and config.buses == () and config.tariffs == {}
+    assert config.auth.tokens == ()
+    # ...but a required section cannot be empty
+    assert problems_of(tmp_path, "site:\nstorage: {path: b.db}\n") == [
+        "1:6: site: expected a mapping, got an empty value"
+    ]
+
+
+def test_profile_problems_are_reported_with_the_config_problems(tmp_path: Path) -> None:
+    drivers = tmp_path / "drivers"
+    drivers.mkdir()
+    broken = drivers / "my-meter.yaml"
+    broken.write_text("slug: my-meter\nkind: meterx\n")
+    file = tmp_path / "site.yaml"
+    file.write_text(
+        "site: {id: s1}\nstorage: {path: b.db}\ndrivers_path: drivers\nlog_level: loud\n"
+        "devices:\n  - {id: m1, driver: my-meter, bus: rs485-1}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(file)
+    in_profile = [p for p in info.value.problems if p.file == str(broken)]
+    assert any(p.line == 2 and p.path == "kind" for p in in_profile), in_profile
+    in_config = [
+        str(p).removeprefix(f"{file}:") for p in info.value.problems if p.file == str(file)
+    ]
+    assert in_config == [
+        "4:12: log_level: must be one of debug, info, warning, error; got 'loud'",
+        "6:37: devices[0].bus: unknown bus 'rs485-1' (no buses are defined)",
+    ]
+
+
+def test_site_profiles_from_drivers_path_are_known(tmp_path: Path) -> None:
+    """A site's own profile (here a copy of a shipped meter under a new slug) can be used."""
+    shipped = REPO / "drivers" / "eastron-sdm630.yaml"
+    drivers = tmp_path / "site-drivers"
+    drivers.mkdir()
+    text = shipped.read_text().replace("slug: eastron-sdm630", "slug: my-sdm630")
+    (drivers / "my-sdm630.yaml").write_text(text)
+    file = tmp_path / "site.yaml"
+    file.write_text(
+        "site: {id: s1}\nstorage: {path: b.db}\ndrivers_path: site-drivers\n"
+        "buses:\n  - {id: rs485-1, type: rtu, port: /dev/ttyUSB0}\n"
+        "devices:\n  - {id: m1, driver: my-sdm630, bus: rs485-1, unit: 7}\n"
+        "  - {id: cp1, driver: abb-terra-ac, host: 127.0.0.1, meter: m1}\n"
+    )
+    config = load_config(file)
+    assert config.drivers_path == str(drivers)
+    assert config.device("cp1").meter == "m1"
