@@ -9,7 +9,7 @@ import shutil
 import struct
 from pathlib import Path
 
-import jsonschema  # type: ignore[import-untyped]
+import jsonschema
 import pytest
 import yaml
 
