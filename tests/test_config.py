@@ -289,6 +289,18 @@ BROKEN: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        "tariff problems located at the value inside the tariff",
+        HEAD + "tariffs:\n  std:\n    currency: EUR\n    elements:\n"
+        '      - components: [{type: energy, price: "0.30"}]\n'
+        "      - components:\n          - {type: time, price: lots}\n"
+        "  vat:\n    {currency: EUR, vat_percent: 120, "
+        "elements: [{components: [{type: flat, price: 1}]}]}\n",
+        [
+            "9:33: tariffs.std.elements[1].components[0].price: not a decimal number: 'lots'",
+            "11:34: tariffs.vat.vat_percent: must be within 0..100, got 120",
+        ],
+    ),
+    (
         "tariff problems, billing and token references, token types",
         "site: {id: t1}\nstorage: {path: ./b.db}\ntariffs:\n  standard:\n    currency: EUR\n"
         "    elements:\n"
