@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError, ConfigProblem, TariffError
-from gateway.model import AuthStatus, Token, TokenType
+from gateway.model import AuthStatus, DeviceKind, Token, TokenType
+from gateway.profiles import Profile, load_profiles
 from gateway.yamlpos import PathT, YamlDoc, load_yaml
 
 __all__ = [
@@ -1177,15 +1178,11 @@ def _present(ctx: _Ctx, path: PathT) -> set[str]:
     return {k for k in node if isinstance(k, str)} if isinstance(node, dict) else set()
 
 
-def _load_profiles(ctx: _Ctx, raw: dict[str, Any]) -> dict[str, Any] | None:
+def _load_profiles(ctx: _Ctx, raw: dict[str, Any]) -> dict[str, Profile] | None:
     if "drivers_path" in _present(ctx, ()) and "drivers_path" not in raw:
         return None  # already reported; every driver would look unknown
     try:
-        from gateway.profiles import load_profiles  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:  # pragma: no cover - only while the profile loader is being written
-        return None
-    try:
-        profiles: dict[str, Any] = load_profiles(raw.get("drivers_path"))
+        profiles = load_profiles(raw.get("drivers_path"))
     except ConfigError as exc:
         ctx.doc.problems.extend(exc.problems)
         return None
@@ -1288,7 +1285,7 @@ def _check_devices(
     ctx: _Ctx,
     raw: dict[str, Any],
     buses: dict[str, dict[str, Any]],
-    profiles: dict[str, Any] | None,
+    profiles: dict[str, Profile] | None,
 ) -> None:
     items = _items(raw, "devices")
     first = _ids(ctx, items, ("devices",), "device")
@@ -1362,7 +1359,7 @@ def _check_devices(
             other = addresses.setdefault(key, dev["id"])
             if other != dev["id"]:
                 ctx.add((*path, "unit"), f"unit {unit} {where} is already used by device '{other}'")
-        if profile is not None and str(profile.kind) == "meter":
+        if profile is not None and profile.kind is DeviceKind.METER:
             for key_name in ("meter", "tariff", "max_current_a"):
                 if key_name in present:
                     ctx.add(
@@ -1371,7 +1368,7 @@ def _check_devices(
                         f"'{dev.get('id')}' is a meter ({profile.slug})",
                         key=True,
                     )
-        is_meter = profile is not None and str(profile.kind) == "meter"
+        is_meter = profile is not None and profile.kind is DeviceKind.METER
         if "tariff" in dev and not is_meter and tariffs_known and dev["tariff"] not in tariffs:
             ctx.add(
                 (*path, "tariff"),
@@ -1418,10 +1415,8 @@ def _tariff_path(text: str) -> PathT:
 
 def _check_tariffs(ctx: _Ctx, raw: dict[str, Any]) -> None:
     tariffs = raw.get("tariffs") or {}
-    try:
-        from gateway.billing.tariff import parse_tariff
-    except ImportError:  # pragma: no cover - only while the tariff parser is being written
-        return
+    from gateway.billing.tariff import parse_tariff  # here: the tariff module imports this one
+
     for tid, data in tariffs.items():
         try:
             parse_tariff(data, "")
