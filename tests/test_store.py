@@ -551,3 +551,34 @@ async def test_render_sessions_table_and_json(store: Store, clock: FakeClock) ->
     assert render_sessions([], "table").endswith("(no sessions)")
     bare = render_sessions(await store.finished_sessions(), "table").splitlines()
     assert bare[1].endswith("?")
+
+
+async def test_size_cap_is_enforced_while_adding_readings(tmp_path: Path, clock: FakeClock) -> None:
+    async with Store.open(
+        tmp_path / "b.db", site_id="x", max_size_mb=1, clock=clock, reserve_bytes=0
+    ) as s:
+        await s.finish_session(record("s1"))
+        await _fill(s, 10_000, T0, width=200)  # ~2.5 MB offered, no prune() call
+        assert s.size_bytes() <= 1024 * 1024 + 512 * 1024
+        left = await s.readings_fetch_unsynced(20_000)
+        assert 0 < len(left) < 10_000 and left[-1].ts == T0 + 9_999
+        assert len(await s.finished_sessions()) == 1
+
+
+async def test_run_sessions_prints_the_listing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.config import GatewayConfig, SiteConfig, StorageConfig
+    from gateway.store.cli import run_sessions
+
+    config = GatewayConfig(
+        site=SiteConfig(id="x"), storage=StorageConfig(path=str(tmp_path / "b.db"))
+    )
+    with pytest.raises(StoreError, match="no local buffer"):
+        await run_sessions(config, open_only=False, unsynced=False, as_json=False)
+    async with Store.open(tmp_path / "b.db", site_id="x", reserve_bytes=0) as s:
+        await s.finish_session(record("done-1"))
+    capsys.readouterr()  # structlog's default printer wrote the migration line to stdout
+    assert await run_sessions(config, open_only=False, unsynced=True, as_json=True) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["record"]["session_id"] for r in out] == ["done-1"]

@@ -62,7 +62,7 @@ _MB = 1024 * 1024
 _CHUNK = 500  # ids per IN (...) list: below SQLite's default variable limit everywhere
 _DEFAULT_RESERVE_BYTES = 4 * _MB
 _READINGS_RETRY_S = 30.0  # while the disk is full, try storing readings again this often
-_CAP_CHECK_ROWS = 20_000  # check the size cap after this many readings were added
+_CAP_CHECK_ROWS = 5_000  # check the size cap after this many readings were added
 _CLOUD_LIST_KEY = "auth.cloud_list"
 _SQLITE_FULL = 13
 _SQLITE_IOERR = 10
@@ -584,7 +584,7 @@ class Store:
             self._count_dropped(len(rows))
             return
         params = [
-            (dev, float(ts), json.dumps(dict(values), separators=(",", ":")))
+            (dev, float(ts), json.dumps(dict(values), separators=(",", ":"), default=str))
             for dev, ts, values in rows
         ]
 
