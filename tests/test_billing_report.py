@@ -265,3 +265,54 @@ def test_dst_local_times_and_period_edges() -> None:
 def test_bad_arguments(by: str, fmt: str) -> None:
     with pytest.raises(ValueError):
         build_report(SESSIONS, by, *MAY, TZ, fmt)
+
+
+async def test_run_report_reads_the_real_buffer(tmp_path: Any) -> None:
+    """Priced records go through the real SQLite store and come out in the report."""
+    from gateway.billing.cost import make_pricer
+    from gateway.billing.report import run_report
+    from gateway.config import DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
+    from gateway.model import MeterPoint, from_rfc3339
+    from gateway.records import seal
+    from gateway.store import Store
+
+    db = tmp_path / "buffer.db"
+    pricer = make_pricer(TZ)
+    tariff = {
+        "currency": "EUR",
+        "vat_percent": 19,
+        "elements": [{"components": [{"type": "energy", "price": "0.39"}]}],
+    }
+    async with Store.open(db, site_id="depot-7", sealer=seal) as store:
+        for rec in SESSIONS:
+            if rec["cost"] is None:
+                continue
+            started, ended = from_rfc3339(rec["started_at"]), from_rfc3339(rec["ended_at"])
+            points = [MeterPoint(ended, rec["energy_wh"], True)]
+            periods, cost = pricer(tariff, points, started, ended)
+            await store.finish_session(
+                {**rec, "site_id": "depot-7", "charging_periods": periods, "cost": cost}
+            )
+    config = GatewayConfig(
+        site=SiteConfig(id="depot-7", timezone=TZ),
+        storage=StorageConfig(path=str(db)),
+        devices=(
+            DeviceConfig(id="cp1", driver="no-such-driver", host="127.0.0.1", tariff="standard"),
+        ),
+    )
+    out = tmp_path / "report.json"
+    assert (
+        await run_report(config, by="user", start=MAY[0], end=MAY[1], fmt="json", output=out) == 0
+    )
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    # in May: s1 22 kWh x 0.39 = 8.58 (VAT 1.63), s2 5 kWh = 1.95 (VAT 0.3705 -> 0.37),
+    # s6 1 kWh = 0.39 (VAT 0.0741 -> 0.07). alice: 10.53 / 2.00 / 12.53; carol: 0.39 / 0.07 / 0.46
+    groups = {g["key"]: g for g in doc["groups"]}
+    assert groups["alice"]["cost"]["EUR"] == {
+        "excl_vat": "10.53",
+        "vat": "2.00",
+        "incl_vat": "12.53",
+    }
+    assert groups["carol"]["cost"]["EUR"] == {"excl_vat": "0.39", "vat": "0.07", "incl_vat": "0.46"}
+    assert doc["totals"]["sessions"] == 3
+    assert "cp1" in doc["usage"]["chargers"]  # listed from the config even without a profile

@@ -227,6 +227,8 @@ def _pieces(
         prev_e = e0
         for a, b in itertools.pairwise(bounds):
             e_b = e1 if b == t1 else _half_up_int(e0 + (e1 - e0) * (b - t0) / span)
+            if a == b and e_b == prev_e:
+                continue  # a repeated point: nothing to price, no period to open
             piece = _Piece(start_ms=a, end_ms=b, energy_wh=e_b - prev_e, charging=charging)
             prev_e = e_b
             if tariff is not None:
