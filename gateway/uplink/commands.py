@@ -195,7 +195,7 @@ class CommandHandler:
             return
         recent = list(self._applied.items())[-self._persist :]
         try:
-            await self._kv[1](_KV_KEY, json.dumps(recent, separators=(",", ":")))
+            await self._kv[1](_KV_KEY, [list(item) for item in recent])
         except Exception:
             log.exception("applied_requests_not_saved", request_id=request_id)
 

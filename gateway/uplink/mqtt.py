@@ -1,0 +1,556 @@
+"""Store-and-forward MQTT uplink (aiomqtt 2.5 over paho-mqtt 2.2).
+
+The SQLite outbox is the only source of truth. One connection at a time, each with a fresh
+``aiomqtt.Client``: paho keeps unacknowledged publishes in memory and resends its whole queue
+when the same client reconnects (paho #492), which would duplicate what we resend from the
+outbox anyway. So a dropped connection abandons its in-flight publishes; they stay unacked in
+the store and go out again, in order, on the next connection (at-least-once; consumers
+deduplicate finished sessions by ``session_id``).
+
+Draining: a bounded window of awaited QoS 1 publishes (aiomqtt returns after PUBACK); rows are
+acknowledged to the store in batches by a group-commit task, only after their PUBACK. Each round
+publishes changed charger statuses and the status/event/auth streams first, then a share of
+finished sessions (id order = seq order) and a batch of readings, so live status never waits
+behind a backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import math
+import random
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+import structlog
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway import __version__
+from gateway.config import UplinkConfig
+from gateway.errors import UplinkError
+from gateway.model import Clock, SystemClock, rfc3339
+from gateway.ports import CommandTarget, ReadingRow, UplinkStore
+from gateway.uplink.commands import CommandHandler
+from gateway.uplink.topics import Topics
+
+__all__ = ["PRIORITY_STREAMS", "MqttUplink", "UplinkStats"]
+
+log = structlog.get_logger(__name__)
+
+PRIORITY_STREAMS = ("status", "event", "auth")
+SESSION_STREAM = "session"
+_UNSUPPORTED_PROTOCOL = frozenset({1, 132})  # v3.1.1 CONNACK 1, MQTT 5 reason 0x84
+_MAX_INFLIGHT_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class UplinkStats:
+    """Counters since start (for tests, the live view and figures)."""
+
+    connects: int = 0
+    disconnects: int = 0
+    published: dict[str, int] = field(default_factory=dict)  # messages PUBACKed, per stream
+    acked_rows: int = 0  # outbox rows acknowledged to the store
+    synced_readings: int = 0
+    abandoned: int = 0  # publishes in flight when a connection dropped
+    commands: int = 0
+    protocol: str = "5"
+
+
+class _Window:
+    """At most ``limit`` publishes (and ``max_bytes`` of payload) awaiting PUBACK at once."""
+
+    __slots__ = ("_bytes", "_cond", "_count", "limit", "max_bytes")
+
+    def __init__(self, limit: int, max_bytes: int) -> None:
+        self.limit = max(1, limit)
+        self.max_bytes = max_bytes
+        self._count = 0
+        self._bytes = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, size: int) -> None:
+        async with self._cond:
+            await self._cond.wait_for(
+                lambda: (
+                    self._count < self.limit
+                    and (self._count == 0 or self._bytes + size <= self.max_bytes)
+                )
+            )
+            self._count += 1
+            self._bytes += size
+
+    async def release(self, size: int) -> None:
+        async with self._cond:
+            self._count -= 1
+            self._bytes -= size
+            self._cond.notify_all()
+
+    async def wait_empty(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._count == 0)
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+
+class MqttUplink:
+    """The gateway's MQTT client: reconnect loop, outbox drain, live statuses, commands.
+
+    ``run()`` runs until cancelled; on cancellation it publishes ``offline`` (retained) and
+    disconnects cleanly (the will covers every other way of going away).
+    """
+
+    def __init__(
+        self,
+        config: UplinkConfig,
+        site_id: str,
+        store: UplinkStore,
+        commands: CommandTarget,
+        clock: Clock | None = None,
+        version: str = __version__,
+        *,
+        backoff_min_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        safety_poll_s: float = 1.5,
+        publish_timeout_s: float | None = None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._clock = clock or SystemClock()
+        self._version = version
+        self.topics = Topics(config.topic_prefix, site_id)
+        self._handler = CommandHandler(self.topics, commands, store)
+        self._backoff = (backoff_min_s, backoff_max_s)
+        self._safety_poll_s = safety_poll_s
+        self._publish_timeout_s = publish_timeout_s or max(30.0, 4 * config.keepalive_s)
+        self._wake = asyncio.Event()
+        self._acked: list[int] = []
+        self._synced: list[int] = []
+        self._ack_ready = asyncio.Event()
+        self._statuses: dict[str, bytes] = {}
+        self._dirty: set[str] = set()
+        self._key_payload: bytes | None = None
+        self._client: aiomqtt.Client | None = None
+        self._online = False
+        self._protocol = aiomqtt.ProtocolVersion.V5
+        self._inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=1000)
+        self._window: _Window | None = None
+        self.stats = UplinkStats()
+
+    # -- what the rest of the gateway calls -------------------------------------------------
+
+    @property
+    def online(self) -> bool:
+        return self._online
+
+    def notify(self) -> None:
+        """New rows in the outbox or readings: wake the drain."""
+        self._wake.set()
+
+    def publish_status(self, device_id: str, payload: dict[str, Any]) -> None:
+        """Latest status of a charger, published retained now (if online) and again after each
+        reconnect. Kept in memory only: the next poll renews it after a restart."""
+        body = dict(payload)
+        body.setdefault("ts", rfc3339(self._clock.time()))
+        self.topics.charger_status(device_id)  # refuse a device id that is no topic level
+        self._statuses[device_id] = _encode(body)
+        self._dirty.add(device_id)
+        self._wake.set()
+
+    publish_status_now = publish_status
+
+    def set_public_key(self, payload: dict[str, Any]) -> None:
+        """The retained ``gateway/key`` message (published on every connect)."""
+        self._key_payload = _encode(payload)
+        self._wake.set()
+
+    async def send_auth_request(
+        self, request_id: str, token: str, token_type: str, charger_id: str
+    ) -> None:
+        """gateway.ports.AuthRequester: publish directly; raises UplinkError when offline."""
+        client = self._client
+        if client is None or not self._online:
+            raise UplinkError("uplink offline: auth request not sent")
+        payload = {
+            "request_id": request_id,
+            "token": token,
+            "token_type": token_type,
+            "charger_id": charger_id,
+        }
+        try:
+            await client.publish(
+                self.topics.auth_request, _encode(payload), qos=1, timeout=self._publish_timeout_s
+            )
+        except aiomqtt.MqttError as exc:
+            raise UplinkError(f"auth request not sent: {exc}") from exc
+
+    # -- the loops ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._command_worker(), name="uplink-commands")
+            tg.create_task(self._connection_loop(), name="uplink-connection")
+
+    async def _connection_loop(self) -> None:
+        failures = 0
+        last_error = ""
+        while True:
+            started = self._clock.monotonic()
+            try:
+                await self._connection()
+                error = "closed"
+            except MqttConnectError as exc:
+                error = f"connect refused: {exc}"
+                code = getattr(exc.rc, "value", exc.rc)
+                if code in _UNSUPPORTED_PROTOCOL and self._protocol is aiomqtt.ProtocolVersion.V5:
+                    log.warning("mqtt_v5_refused_falling_back_to_v311")
+                    self._protocol = aiomqtt.ProtocolVersion.V311
+                    self.stats.protocol = "3.1.1"
+                    continue
+            except aiomqtt.MqttError as exc:
+                error = str(exc) or type(exc).__name__
+            except (OSError, ValueError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # e.g. the store failed: keep the uplink alive, retry later
+                log.exception("uplink_connection_failed")
+                error = f"{type(exc).__name__}: {exc}"
+            if self._clock.monotonic() - started > 60:
+                failures = 0  # it was up for a while: start backing off from the bottom again
+            failures += 1
+            delay = _backoff_delay(failures, *self._backoff)
+            # first occurrence of an error at WARNING, repeats at DEBUG
+            level = log.debug if error == last_error else log.warning
+            level("mqtt_disconnected", error=error, retry_in_s=round(delay, 2), attempt=failures)
+            last_error = error
+            await asyncio.sleep(delay)
+
+    def _make_client(self, tls: ssl.SSLContext | None) -> aiomqtt.Client:
+        cfg = self._config
+        v5 = self._protocol is aiomqtt.ProtocolVersion.V5
+        properties: Properties | None = None
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = int(min(cfg.session_expiry_s, 0xFFFFFFFF))
+        offline = {"state": "offline", "version": self._version}
+        return aiomqtt.Client(
+            cfg.host,
+            cfg.port,
+            username=cfg.username,
+            password=cfg.password.reveal() if cfg.password is not None else None,
+            identifier=cfg.client_id,
+            protocol=self._protocol,
+            will=aiomqtt.Will(self.topics.gateway_status, _encode(offline), qos=1, retain=True),
+            clean_session=None if v5 else False,
+            clean_start=False if v5 else MQTT_CLEAN_START_FIRST_ONLY,
+            keepalive=max(1, int(cfg.keepalive_s)),
+            timeout=self._publish_timeout_s,
+            properties=properties,
+            tls_context=tls,
+            max_inflight_messages=max(1, cfg.inflight_window),
+            logger=_PAHO_LOGGER,
+        )
+
+    async def _tls_context(self) -> ssl.SSLContext | None:
+        if self._config.scheme != "mqtts":
+            return None
+        return await asyncio.to_thread(_build_tls_context, self._config)
+
+    async def _connection(self) -> None:
+        client = self._make_client(await self._tls_context())
+        # our window bounds pending publishes; aiomqtt would warn above 10
+        client.pending_calls_threshold = self._config.inflight_window + 16
+        window = _Window(self._config.inflight_window, _MAX_INFLIGHT_BYTES)
+        async with client:
+            self._client = client
+            self._window = window
+            self._online = True
+            self.stats.connects += 1
+            log.info(
+                "mqtt_connected",
+                host=self._config.host,
+                port=self._config.port,
+                protocol=self.stats.protocol,
+            )
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._receive(client), name="uplink-receive")
+                    tg.create_task(self._acker(), name="uplink-acker")
+                    tg.create_task(self._drain(client, window, tg), name="uplink-drain")
+            except BaseExceptionGroup as group:
+                self._online = False
+                self.stats.abandoned += window.count
+                self.stats.disconnects += 1
+                await self._flush_acks()
+                raise _first_mqtt_error(group) from None
+            except asyncio.CancelledError:
+                self._online = False
+                await self._flush_acks()
+                await self._say_goodbye(client)
+                raise
+            finally:
+                self._online = False
+                self._client = None
+                self._window = None
+
+    async def _say_goodbye(self, client: aiomqtt.Client) -> None:
+        offline = {"state": "offline", "version": self._version, "ts": rfc3339(self._clock.time())}
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            await client.publish(
+                self.topics.gateway_status, _encode(offline), qos=1, retain=True, timeout=2.0
+            )
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        await client.subscribe(self.topics.commands_filter, qos=1)
+        await client.subscribe(self.topics.auth_response, qos=1)
+        async for message in client.messages:  # raises MqttError when the connection drops
+            payload = message.payload
+            if isinstance(payload, str):
+                payload = payload.encode()
+            elif not isinstance(payload, bytes | bytearray):
+                payload = b"" if payload is None else str(payload).encode()
+            try:
+                self._inbox.put_nowait((message.topic.value, bytes(payload)))
+            except asyncio.QueueFull:
+                log.error("command_queue_full_dropped", topic=message.topic.value)
+
+    async def _command_worker(self) -> None:
+        """Commands run outside the connection's task group: a dropped link never cancels a
+        command half-way; its reply is sent if the uplink is back by then."""
+        while True:
+            topic, payload = await self._inbox.get()
+            reply = await self._handler.handle(topic, payload)
+            self.stats.commands += 1
+            if reply is None:
+                continue
+            client = self._client
+            if client is None or not self._online:
+                log.warning("command_reply_dropped_offline", topic=reply.topic)
+                continue
+            try:
+                await client.publish(reply.topic, reply.encode(), qos=1, timeout=10.0)
+            except aiomqtt.MqttError as exc:
+                log.warning("command_reply_failed", topic=reply.topic, error=str(exc))
+
+    # -- draining -------------------------------------------------------------------------------
+
+    async def _drain(self, client: aiomqtt.Client, window: _Window, tg: asyncio.TaskGroup) -> None:
+        cfg = self._config
+        online = {"state": "online", "version": self._version, "ts": rfc3339(self._clock.time())}
+        await client.publish(self.topics.gateway_status, _encode(online), qos=1, retain=True)
+        if self._key_payload is not None:
+            await client.publish(self.topics.gateway_key, self._key_payload, qos=1, retain=True)
+        self._dirty.update(self._statuses)
+        cursors = dict.fromkeys((*PRIORITY_STREAMS, SESSION_STREAM), 0)
+        readings_cursor = 0
+        share = max(1, window.limit // 2)
+
+        def submit(
+            stream: str,
+            topic: str,
+            payload: bytes,
+            qos: int,
+            retain: bool,
+            done: Callable[[], None] | None,
+        ) -> Any:
+            return self._submit(client, window, tg, stream, topic, payload, qos, retain, done)
+
+        while True:
+            self._wake.clear()
+            sent = 0
+            for device_id in list(self._dirty):
+                self._dirty.discard(device_id)
+                await submit(
+                    "charger_status",
+                    self.topics.charger_status(device_id),
+                    self._statuses[device_id],
+                    1,
+                    True,
+                    None,
+                )
+                sent += 1
+            for stream in PRIORITY_STREAMS:
+                sent += await self._drain_stream(submit, stream, cursors, window.limit)
+            sent += await self._drain_stream(submit, SESSION_STREAM, cursors, share)
+            rows = await self._store.readings_fetch_unsynced(cfg.readings_batch, readings_cursor)
+            if rows:
+                readings_cursor = rows[-1].id
+                for device_id, payload, ids in _reading_batches(rows):
+                    await submit(
+                        "readings",
+                        self.topics.readings(device_id),
+                        payload,
+                        cfg.readings_qos,
+                        False,
+                        functools.partial(self._on_delivered, self._synced_ids, ids),
+                    )
+                    sent += 1
+            if sent:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._safety_poll_s)
+
+    async def _drain_stream(
+        self, submit: Any, stream: str, cursors: dict[str, int], limit: int
+    ) -> int:
+        rows = await self._store.outbox_fetch(stream, limit, cursors[stream])
+        for row in rows:
+            cursors[stream] = row.id
+            await submit(
+                stream,
+                self.topics.full(row.topic),
+                row.payload,
+                row.qos,
+                row.retain,
+                functools.partial(self._on_delivered, self._acked_ids, (row.id,)),
+            )
+        return len(rows)
+
+    async def _submit(
+        self,
+        client: aiomqtt.Client,
+        window: _Window,
+        tg: asyncio.TaskGroup,
+        stream: str,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        done: Callable[[], None] | None,
+    ) -> None:
+        size = len(payload)
+        await window.acquire(size)
+        tg.create_task(self._publish(client, window, stream, topic, payload, qos, retain, done))
+
+    async def _publish(
+        self,
+        client: aiomqtt.Client,
+        window: _Window,
+        stream: str,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        done: Callable[[], None] | None,
+    ) -> None:
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain)
+        finally:
+            await window.release(len(payload))
+        self.stats.published[stream] = self.stats.published.get(stream, 0) + 1
+        if done is not None:
+            done()
+
+    def _acked_ids(self) -> list[int]:
+        return self._acked
+
+    def _synced_ids(self) -> list[int]:
+        return self._synced
+
+    def _on_delivered(self, pending: Callable[[], list[int]], ids: Sequence[int]) -> None:
+        # look the list up now: _flush_acks swaps in a fresh one for each write
+        pending().extend(ids)
+        self._ack_ready.set()
+
+    async def _acker(self) -> None:
+        """Group commit: whatever PUBACKs arrived while the previous write ran go in one write."""
+        while True:
+            await self._ack_ready.wait()
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        self._ack_ready.clear()
+        acked, self._acked = self._acked, []
+        synced, self._synced = self._synced, []
+        if acked or synced:
+            # shielded: a dropped connection cancels the acker, never a write half-way
+            await asyncio.shield(self._write_acks(acked, synced))
+
+    async def _write_acks(self, acked: list[int], synced: list[int]) -> None:
+        if acked:
+            await self._store.outbox_ack(acked)
+            self.stats.acked_rows += len(acked)
+        if synced:
+            await self._store.readings_mark_synced(synced)
+            self.stats.synced_readings += len(synced)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+_PAHO_LOGGER = logging.getLogger("gateway.uplink.paho")
+
+
+def _encode(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+def _reading_batches(rows: Sequence[ReadingRow]) -> list[tuple[str, bytes, list[int]]]:
+    """One ``evgw.readings/1`` message per device, readings in id order."""
+    grouped: dict[str, list[ReadingRow]] = {}
+    for row in rows:
+        grouped.setdefault(row.device_id, []).append(row)
+    out = []
+    for device_id, group in grouped.items():
+        readings = [
+            {**{k: _json_value(v) for k, v in r.values.items()}, "ts": rfc3339(r.ts)} for r in group
+        ]
+        body = {"schema": "evgw.readings/1", "device_id": device_id, "readings": readings}
+        out.append((device_id, _encode(body), [r.id for r in group]))
+    return out
+
+
+def _backoff_delay(attempt: int, low_s: float, high_s: float) -> float:
+    """Capped exponential backoff with full jitter over the upper half."""
+    ceiling = min(high_s, low_s * (2 ** min(attempt - 1, 30)))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _first_mqtt_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The reason a connection's task group ended: an MqttError if there is one."""
+    for exc in _leaves(group):
+        if isinstance(exc, aiomqtt.MqttError):
+            return exc
+    for exc in _leaves(group):
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return aiomqtt.MqttError("connection task group ended")
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out.extend(_leaves(exc))
+        else:
+            out.append(exc)
+    return out
+
+
+def _build_tls_context(cfg: UplinkConfig) -> ssl.SSLContext:
+    tls = cfg.tls
+    ctx = ssl.create_default_context(cafile=tls.ca_file if tls else None)
+    if tls is not None and tls.cert_file:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls is not None and tls.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
