@@ -404,7 +404,7 @@ def _line(
         "type": dim.value,
         "quantity": qty_text,
         "unit": _UNITS[dim],
-        "unit_price": str(price),
+        "unit_price": format(price, "f"),  # never exponent notation
         "amount": str(_money(qty * price, cur)),
         "tariff_element": idx,
     }
