@@ -186,15 +186,15 @@ class Store:
         readings_retention_days: float = 30,
         sealer: Sealer | None = None,
         clock: Clock | None = None,
-        reserve_bytes: int = _DEFAULT_RESERVE_BYTES,
+        reserve_bytes: int | None = None,
         create: bool = True,
     ) -> _Opening:
         """Open (creating and migrating as needed) the buffer at ``path``.
 
         ``reserve_bytes`` of disk are kept preallocated next to the database and given up when
-        the disk fills, so a session can still be finished (0 disables the reserve). With
-        ``create=False`` a missing file is a StoreError instead of a new buffer (for read-only
-        tools such as ``evgw sessions``).
+        the disk fills, so a session can still be finished (0 disables the reserve; the default
+        is 4 MiB, or none with ``create=False``). With ``create=False`` a missing file is a
+        StoreError instead of a new buffer (for read-only tools such as ``evgw sessions``).
         """
 
         async def factory() -> Store:
@@ -205,7 +205,11 @@ class Store:
                 readings_retention_days=readings_retention_days,
                 sealer=sealer or seal,
                 clock=clock or SystemClock(),
-                reserve_bytes=reserve_bytes,
+                reserve_bytes=(
+                    reserve_bytes
+                    if reserve_bytes is not None
+                    else (_DEFAULT_RESERVE_BYTES if create else 0)
+                ),
                 create=create,
             )
 
