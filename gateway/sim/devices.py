@@ -523,7 +523,7 @@ class SimMeter(_Device):
         self.energy_wh = (
             initial_energy_wh
             if initial_energy_wh is not None
-            else float(self._rng.randint(1_000_000, 50_000_000))
+            else float(self._rng.randint(100_000, 2_000_000))  # f32 kWh meters keep 0.1 Wh steps
         )
         self.energy_export_wh = 0.0
         self.power_w = 0.0

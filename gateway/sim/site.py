@@ -443,29 +443,47 @@ class SimSite:
         rng = random.Random(f"{self.seed}:{device_id}")
         await self.sleep(rng.uniform(1.0, tp.mean_idle_s / 2))
         while True:
-            energy_need = rng.uniform(*tp.energy_need_wh)
-            charger.plug_in(
-                power_w=rng.choice(tp.power_w),
-                energy_need_wh=energy_need,
-                phases=rng.choice((1, 3, 3, 3)),
-            )
-            await self.sleep(rng.uniform(*tp.tag_delay_s))
-            charger.present_tag(self._pick_tag(charger, rng))
-            await self.sleep(rng.uniform(1.0, 5.0))
-            charger.start_charging()
-            if rng.random() < tp.suspend_probability:
-                await self.sleep(rng.uniform(300.0, 1800.0))
-                charger.suspend()
-                await self.sleep(rng.uniform(*tp.suspend_s))
-                charger.resume()
-            # Leave when full (or after a long stay when the gateway kept it from charging).
-            stay_limit = self.sim_time_s + 4 * 3600.0
-            ev = charger.ev
-            while ev is not None and not ev.satisfied and self.sim_time_s < stay_limit:
+            while charger.ev is not None:  # someone else (a scenario, a test) has the connector
                 await self.sleep(60.0)
-            await self.sleep(rng.uniform(*tp.linger_s))
-            charger.unplug()
+            await self._one_visit(charger, rng)
             await self.sleep(rng.expovariate(1.0 / tp.mean_idle_s))
+
+    async def _one_visit(self, charger: SimCharger, rng: random.Random) -> None:
+        """One EV: arrive, identify, charge (maybe pause), leave. Gives up quietly if another
+        actor unplugs or replaces the EV meanwhile."""
+        tp = self.traffic_profile
+        charger.plug_in(
+            power_w=rng.choice(tp.power_w),
+            energy_need_wh=rng.uniform(*tp.energy_need_wh),
+            phases=rng.choice((1, 3, 3, 3)),
+        )
+        ev = charger.ev
+        await self.sleep(rng.uniform(*tp.tag_delay_s))
+        if charger.ev is not ev:
+            return
+        charger.present_tag(self._pick_tag(charger, rng))
+        await self.sleep(rng.uniform(1.0, 5.0))
+        if charger.ev is not ev:
+            return
+        charger.start_charging()
+        if rng.random() < tp.suspend_probability:
+            await self.sleep(rng.uniform(300.0, 1800.0))
+            if charger.ev is not ev:
+                return
+            charger.suspend()
+            await self.sleep(rng.uniform(*tp.suspend_s))
+            if charger.ev is not ev:
+                return
+            charger.resume()
+        # Leave when full (or after a long stay when the gateway kept it from charging).
+        stay_limit = self.sim_time_s + 4 * 3600.0
+        while charger.ev is ev and ev is not None and not ev.satisfied:
+            if self.sim_time_s >= stay_limit:
+                break
+            await self.sleep(60.0)
+        await self.sleep(rng.uniform(*tp.linger_s))
+        if charger.ev is ev:
+            charger.unplug()
 
 
 def _print_served(site: SimSite, out: TextIO) -> None:
