@@ -78,7 +78,9 @@ class Gateway:
         live: LiveState | None = None,
     ) -> None:
         self.config = config
-        self.profiles = dict(profiles) if profiles is not None else load_profiles(config.drivers_path)
+        self.profiles = (
+            dict(profiles) if profiles is not None else load_profiles(config.drivers_path)
+        )
         self.clock = clock or SystemClock()
         self.live = live or LiveState()
         self._stack = AsyncExitStack()
@@ -238,7 +240,9 @@ async def run_gateway(
     return 0
 
 
-def status_payload(status: str, online: bool, session_id: str | None, power_w: float | None, ts: float) -> dict[str, Any]:
+def status_payload(
+    status: str, online: bool, session_id: str | None, power_w: float | None, ts: float
+) -> dict[str, Any]:
     """CONTRACT ``chargers/{device}/status`` payload."""
     return {
         "status": status,

@@ -70,32 +70,50 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="evgw", description="Edge gateway for EV charging sites.")
     p.add_argument("--version", action="version", version=f"evgw {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    p.add_argument("--log-json", action="store_true", default=None, help="JSON logs even on a terminal")
+    p.add_argument(
+        "--log-json", action="store_true", default=None, help="JSON logs even on a terminal"
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def cfg(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("-c", "--config", required=True, type=Path, help="site configuration (YAML)")
+        sp.add_argument(
+            "-c", "--config", required=True, type=Path, help="site configuration (YAML)"
+        )
 
     sp = sub.add_parser("run", help="run the gateway until SIGINT/SIGTERM")
     cfg(sp)
 
     sp = sub.add_parser("check-config", help="validate a site configuration")
     cfg(sp)
-    sp.add_argument("--schema", action="store_true", help="print the configuration's JSON Schema instead")
+    sp.add_argument(
+        "--schema", action="store_true", help="print the configuration's JSON Schema instead"
+    )
 
-    sp = sub.add_parser("simulate", help="serve simulated devices for every device of a site config")
+    sp = sub.add_parser(
+        "simulate", help="serve simulated devices for every device of a site config"
+    )
     cfg(sp)
     sp.add_argument("--scenario", type=Path, help="scripted scenario (YAML)")
-    sp.add_argument("--speed", type=_positive_float, default=1.0, help="simulated seconds per second")
+    sp.add_argument(
+        "--speed", type=_positive_float, default=1.0, help="simulated seconds per second"
+    )
     sp.add_argument("--duration", type=_duration, help="stop after this long (e.g. 60s)")
     sp.add_argument("--seed", type=int, help="random seed for EV arrivals")
-    sp.add_argument("--truth", type=Path, help="write the sessions the simulator produced (JSON lines)")
+    sp.add_argument(
+        "--truth", type=Path, help="write the sessions the simulator produced (JSON lines)"
+    )
 
     sp = sub.add_parser("demo", help="embedded broker + simulated site + gateway + live view")
-    sp.add_argument("--broker", help="use this MQTT broker (mqtt://host:port) instead of the embedded one")
+    sp.add_argument(
+        "--broker", help="use this MQTT broker (mqtt://host:port) instead of the embedded one"
+    )
     sp.add_argument("--duration", type=_duration, help="stop after this long (e.g. 60s)")
-    sp.add_argument("--speed", type=_positive_float, default=30.0, help="simulated seconds per second")
-    sp.add_argument("--dir", type=Path, help="where to keep the demo's files (default: a new temp dir)")
+    sp.add_argument(
+        "--speed", type=_positive_float, default=30.0, help="simulated seconds per second"
+    )
+    sp.add_argument(
+        "--dir", type=Path, help="where to keep the demo's files (default: a new temp dir)"
+    )
     sp.add_argument("--no-view", action="store_true", help="log instead of drawing the live view")
 
     sp = sub.add_parser("drivers", help="list device profiles, or show one")
@@ -120,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     cfg(sp)
     g = sp.add_mutually_exclusive_group()
     g.add_argument("--open", action="store_true", help="only open sessions")
-    g.add_argument("--unsynced", action="store_true", help="only finished sessions not yet delivered")
+    g.add_argument(
+        "--unsynced", action="store_true", help="only finished sessions not yet delivered"
+    )
     sp.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("report", help="billing report from the local buffer")
@@ -131,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["csv", "json", "html"], default="csv")
     sp.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
 
-    sp = sub.add_parser("consume", help="reference cloud consumer: store finished sessions idempotently")
+    sp = sub.add_parser(
+        "consume", help="reference cloud consumer: store finished sessions idempotently"
+    )
     sp.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
     sp.add_argument("--db", required=True, help="sqlite:///path.db or postgresql://...")
     sp.add_argument("--topic-prefix", default="evgw")
@@ -268,7 +290,11 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
     return _run_async(
         lambda: run_scan(
-            tcp=args.tcp, serial=args.serial, bauds=args.baud, units=args.units, timeout_s=args.timeout
+            tcp=args.tcp,
+            serial=args.serial,
+            bauds=args.baud,
+            units=args.units,
+            timeout_s=args.timeout,
         )
     )
 
@@ -284,7 +310,9 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     from gateway.store.cli import run_sessions
 
     config = _load(args)
-    return _run_async(lambda: run_sessions(config, open_only=args.open, unsynced=args.unsynced, as_json=args.json))
+    return _run_async(
+        lambda: run_sessions(config, open_only=args.open, unsynced=args.unsynced, as_json=args.json)
+    )
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -294,7 +322,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.end < args.start:
         raise UsageError("--to is before --from")
     return _run_async(
-        lambda: run_report(config, by=args.by, start=args.start, end=args.end, fmt=args.format, output=args.output)
+        lambda: run_report(
+            config, by=args.by, start=args.start, end=args.end, fmt=args.format, output=args.output
+        )
     )
 
 
@@ -320,7 +350,12 @@ def _cmd_statement(args: argparse.Namespace) -> int:
 
     return _run_async(
         lambda: run_statement(
-            db_url=args.db, user=args.user, month=args.month, fmt=args.format, tz=args.timezone, output=args.output
+            db_url=args.db,
+            user=args.user,
+            month=args.month,
+            fmt=args.format,
+            tz=args.timezone,
+            output=args.output,
         )
     )
 
@@ -330,7 +365,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     config = _load(args) if args.config else None
     return _run_async(
-        lambda: run_verify(file=args.file, db_url=args.db, config=config, key=args.key, site=args.site)
+        lambda: run_verify(
+            file=args.file, db_url=args.db, config=config, key=args.key, site=args.site
+        )
     )
 
 

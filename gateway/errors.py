@@ -56,7 +56,7 @@ class ProfileError(ConfigError):
 
 
 class DeviceError(GatewayError):
-    """A device did not answer as it should: timeout, exception response, bad frame, dropped link."""
+    """A device did not answer as it should: timeout, exception response, bad frame, lost link."""
 
     def __init__(
         self, device_id: str, reason: str, detail: str = "", *, exception_code: int | None = None

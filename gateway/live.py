@@ -90,13 +90,19 @@ def render_view(state: LiveState, *, title: str = "evgw demo", width: int = 100)
         note = dev.error or ""
         if dev.session_id and dev.session_id in state.open_sessions:
             s = state.open_sessions[dev.session_id]
-            note = f"session {dev.session_id[:8]} user={_user(s)} {s.get('energy_wh', 0) / 1000:.3f} kWh"
+            kwh = s.get("energy_wh", 0) / 1000
+            note = f"session {dev.session_id[:8]} user={_user(s)} {kwh:.3f} kWh"
         status = dev.status or ("online" if dev.online else "offline")
-        lines.append(f"{dev.device_id:<10} {dev.kind:<8} {status:<15} {_kw(dev.power_w):>10}  {counter:>12}  {note}")
+        power = _kw(dev.power_w)
+        lines.append(
+            f"{dev.device_id:<10} {dev.kind:<8} {status:<15} {power:>10}  {counter:>12}  {note}"
+        )
     backlog = ", ".join(f"{k}={v}" for k, v in sorted(state.backlog.items())) or "empty"
     link = {None: "no uplink", True: "online", False: "OFFLINE"}[state.uplink_online]
     lines.append("")
-    lines.append(f"uplink: {link}   outbox backlog: {backlog}   finished sessions: {state.finished_count}")
+    lines.append(
+        f"uplink: {link}   outbox backlog: {backlog}   finished sessions: {state.finished_count}"
+    )
     if state.finished:
         lines.append("")
         lines.append("last finished sessions:")

@@ -59,7 +59,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None, stream: 
             foreign_pre_chain=shared,
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info if json else _identity,
+                *([structlog.processors.format_exc_info] if json else []),
                 renderer,
             ],
         )
@@ -71,7 +71,3 @@ def configure_logging(level: str = "info", *, json: bool | None = None, stream: 
     logging.getLogger("pymodbus").setLevel(max(numeric, logging.CRITICAL))
     logging.getLogger("amqtt").setLevel(max(numeric, logging.WARNING))
     logging.getLogger("transitions").setLevel(max(numeric, logging.WARNING))
-
-
-def _identity(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
-    return event

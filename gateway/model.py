@@ -148,7 +148,11 @@ class Token:
     group: str | None = None  # tariff group (e.g. "staff")
 
     def status_at(self, now: float) -> AuthStatus:
-        if self.status is AuthStatus.ACCEPTED and self.expires_at is not None and now >= self.expires_at:
+        if (
+            self.status is AuthStatus.ACCEPTED
+            and self.expires_at is not None
+            and now >= self.expires_at
+        ):
             return AuthStatus.EXPIRED
         return self.status
 

@@ -19,7 +19,9 @@ UNHASHED_FIELDS = frozenset({"hash", "signature"})
 
 def canonical_json(obj: Any) -> bytes:
     """Sorted keys, no insignificant white space, UTF-8: the same bytes on every machine."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
 
 
 def record_hash(record: dict[str, Any]) -> str:

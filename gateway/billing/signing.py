@@ -60,14 +60,14 @@ class Signer:
         except OSError as exc:
             raise GatewayError(f"cannot read signing key {path}: {exc.strerror}") from None
         try:
-            private = serialization.load_pem_private_key(data, password=None)
+            loaded = serialization.load_pem_private_key(data, password=None)
         except ValueError:
             raise GatewayError(f"signing key {path} is not a PEM private key") from None
-        if not isinstance(private, Ed25519PrivateKey):
+        if not isinstance(loaded, Ed25519PrivateKey):
             raise GatewayError(f"signing key {path} is not an Ed25519 key")
         if path.stat().st_mode & 0o077:
             os.chmod(path, 0o600)
-        return cls(private, path)
+        return cls(loaded, path)
 
     def sign(self, message: bytes) -> dict[str, str]:
         return {
@@ -79,7 +79,9 @@ class Signer:
     def public_pem(self) -> str:
         return (
             self._private.public_key()
-            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
             .decode("ascii")
         )
 
@@ -106,7 +108,9 @@ def verify_signature(public: Ed25519PublicKey, record_hash: str, signature: dict
     if not isinstance(signature, dict) or signature.get("alg") != "ed25519":
         return False
     try:
-        public.verify(base64.b64decode(signature.get("value", ""), validate=True), record_hash.encode("ascii"))
+        public.verify(
+            base64.b64decode(signature.get("value", ""), validate=True), record_hash.encode("ascii")
+        )
     except (InvalidSignature, ValueError):
         return False
     return True

@@ -97,7 +97,7 @@ def encode_raw(spec: RegisterSpec, raw: int | float) -> list[int]:
         data = struct.pack(fmt, float(raw))
     else:
         try:
-            data = struct.pack(fmt, int(round(raw)))
+            data = struct.pack(fmt, round(raw))
         except struct.error as exc:
             raise CodecError(f"{spec.name}: {raw} does not fit {t}") from exc
     return _bytes_to_words(data, spec.word_order)
