@@ -1,0 +1,278 @@
+"""Uplink pieces without a broker: topics, payload schemas, the command handler."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import pytest
+from test_uplink_support import PREFIX, ROOT, SITE, Target, session_record
+
+from gateway.records import GENESIS, seal
+from gateway.uplink.commands import MAX_COMMAND_BYTES, CommandHandler
+from gateway.uplink.schemas import SCHEMA_NAMES, load_schema, validate
+from gateway.uplink.topics import Topics
+
+TOPICS = Topics(PREFIX, SITE)
+
+
+def test_topics() -> None:
+    assert TOPICS.gateway_status == f"{ROOT}/gateway/status"
+    assert TOPICS.gateway_key == f"{ROOT}/gateway/key"
+    assert TOPICS.charger_status("cp1") == f"{ROOT}/chargers/cp1/status"
+    assert TOPICS.readings("m1") == f"{ROOT}/readings/m1"
+    assert TOPICS.sessions_finished == f"{ROOT}/sessions/finished"
+    assert TOPICS.commands_filter == f"{ROOT}/commands/+"
+    assert TOPICS.command_reply("start") == f"{ROOT}/commands/start/reply"
+    assert TOPICS.command_name(f"{ROOT}/commands/start") == "start"
+    assert TOPICS.command_name(f"{ROOT}/commands/start/reply") is None
+    assert TOPICS.command_name("evgw/other-site/commands/start") is None
+    for bad in ("a/b", "+", "#", ""):
+        with pytest.raises(ValueError):
+            TOPICS.charger_status(bad)
+    with pytest.raises(ValueError):
+        Topics("evgw", "site/x")
+
+
+@pytest.mark.parametrize("name", SCHEMA_NAMES)
+def test_schemas_are_valid_draft_2020_12(name: str) -> None:
+    schema = load_schema(name)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def _sealed(i: int) -> dict:
+    rec = session_record(i)
+    rec.update(seq=i + 1, site_id=SITE, prev_hash=GENESIS)
+    return seal(rec)
+
+
+GOOD = {
+    "session": _sealed(0),
+    "gateway-status": {"state": "online", "version": "0.1.0", "ts": "2026-11-26T08:13:20.123Z"},
+    "charger-status": {
+        "status": "charging",
+        "online": True,
+        "session_id": "x",
+        "power_w": 11000.0,
+        "ts": "2026-11-26T08:13:20.123Z",
+    },
+    "readings": {
+        "schema": "evgw.readings/1",
+        "device_id": "m1",
+        "readings": [{"ts": "2026-11-26T08:13:20.123Z", "power_w": 1.5, "energy_wh": 3}],
+    },
+    "command-start": {"request_id": "r1", "charger_id": "cp1", "user": "alice"},
+    "command-stop": {"request_id": "r1", "session_id": "s"},
+    "command-reply": {
+        "request_id": None,
+        "ok": False,
+        "error": {"code": "bad_json", "message": "x"},
+    },
+    "auth-response": {"request_id": "r", "status": "accepted", "user": "u", "expires_at": None},
+}
+
+
+def _mutations(value: object, rng: random.Random) -> object:
+    """Random breakage of a valid payload: wrong types, removed keys, extra keys."""
+    if isinstance(value, dict) and value:
+        out = dict(value)
+        key = rng.choice(sorted(out))
+        action = rng.randrange(4)
+        if action == 0:
+            del out[key]
+        elif action == 1:
+            out[key] = rng.choice([None, 1, "x", 1.5, True, [], {}])
+        elif action == 2:
+            out["unexpected_" + key] = 1
+        else:
+            out[key] = _mutations(out[key], rng)
+        return out
+    if isinstance(value, list) and value:
+        return [_mutations(value[0], rng), *value[1:]]
+    return rng.choice([None, -1, "", "x", 2.5, False, [], {}])
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_validator_agrees_with_jsonschema(name: str) -> None:
+    assert validate(name, GOOD[name]) == []
+    reference = jsonschema.Draft202012Validator(load_schema(name))
+    rng = random.Random(name)
+    disagreements = []
+    for _ in range(400):
+        candidate = _mutations(GOOD[name], rng)
+        ours = not validate(name, candidate)
+        theirs = reference.is_valid(candidate)
+        if ours != theirs:
+            disagreements.append(candidate)
+    assert disagreements == []
+
+
+def test_validator_messages_name_the_path() -> None:
+    bad = dict(GOOD["session"], seq="42", cost={"currency": "EUR"})
+    problems = validate("session", bad)
+    assert any(p.startswith("$.seq: expected integer") for p in problems)
+    assert any("$.cost" in p for p in problems)
+    assert validate(
+        "command-start", {"request_id": "r", "charger_id": "cp1", "user": "u", "x": 1}
+    ) == ["$: unexpected key 'x'"]
+
+
+# -- command handler ------------------------------------------------------------------------
+
+
+async def _handle(handler: CommandHandler, name: str, payload: object) -> dict:
+    raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    reply = await handler.handle(TOPICS.command(name), raw)
+    assert reply is not None
+    assert reply.topic == TOPICS.command_reply(name)
+    assert validate("command-reply", reply.payload) == []
+    return reply.payload
+
+
+MALFORMED = [
+    ("start", b"{not json", "bad_json", None),
+    ("start", b"\xff\xfe", "bad_json", None),
+    ("start", b"[1, 2]", "invalid", None),
+    ("start", b'"text"', "invalid", None),
+    (
+        "start",
+        b'{"request_id": "r1", "charger_id": "cp1", "user": "u", "x": NaN}',
+        "bad_json",
+        None,
+    ),
+    ("start", {"request_id": "r1", "charger_id": 7, "user": "u"}, "invalid", "r1"),
+    ("start", {"request_id": "r1", "user": "u"}, "invalid", "r1"),
+    ("start", {"charger_id": "cp1", "user": "u"}, "invalid", None),
+    ("start", {"request_id": 5, "charger_id": "cp1", "user": "u"}, "invalid", None),
+    ("start", {"request_id": "r1", "charger_id": "cp9", "user": "u"}, "unknown_charger", "r1"),
+    ("stop", {"request_id": "r2"}, "invalid", "r2"),
+    (
+        "tokens",
+        {"request_id": "r3", "version": "2", "mode": "replace", "tokens": []},
+        "invalid",
+        "r3",
+    ),
+    ("tokens", {"request_id": "r3", "version": 2, "mode": "merge", "tokens": []}, "invalid", "r3"),
+    (
+        "tokens",
+        {
+            "request_id": "r3",
+            "version": 2,
+            "mode": "replace",
+            "tokens": [{"id": "A", "type": "rfid"}],
+        },
+        "invalid",
+        "r3",
+    ),
+    (
+        "tokens",
+        {"request_id": "r3", "version": 2, "mode": "replace", "tokens": [], "remove": ["A"]},
+        "invalid",
+        "r3",
+    ),
+    ("tokens", {"request_id": "r3", "version": True, "mode": "patch"}, "invalid", "r3"),
+    ("tariffs", {"request_id": "r4", "version": 1, "tariffs": []}, "invalid", "r4"),
+    ("tariffs", {"request_id": "r4", "version": 1, "tariffs": {"x": 1}}, "invalid", "r4"),
+    ("reboot", {"request_id": "r5"}, "unknown_command", "r5"),
+    ("start", b"[" * 100_000 + b"]" * 100_000, "too_large", None),
+    (
+        "start",
+        json.dumps(
+            {"request_id": "r6", "charger_id": "cp1", "user": "u" * MAX_COMMAND_BYTES}
+        ).encode(),
+        "too_large",
+        None,
+    ),
+    ("start", b"[" * 30_000 + b"]" * 30_000, "bad_json", None),
+]
+
+
+@pytest.mark.parametrize(("name", "payload", "code", "request_id"), MALFORMED)
+async def test_malformed_commands_get_error_replies_and_change_nothing(
+    name: str, payload: object, code: str, request_id: str | None
+) -> None:
+    target = Target()
+    handler = CommandHandler(TOPICS, target)
+    before = target.snapshot()
+    reply = await _handle(handler, name, payload)
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == code
+    assert reply["request_id"] == request_id
+    assert target.snapshot() == before
+
+
+async def test_random_json_never_reaches_the_target() -> None:
+    target = Target()
+    handler = CommandHandler(TOPICS, target)
+    rng = random.Random(7)
+    base = {
+        "request_id": "r",
+        "version": 3,
+        "mode": "patch",
+        "tokens": [{"id": "A", "type": "rfid", "user": "u"}],
+    }
+    applied = 0
+    for i in range(300):
+        candidate = _mutations(base, rng)
+        if isinstance(candidate, dict):
+            candidate["request_id"] = f"r{i}"  # each one new: dedupe must not hide a refusal
+        before = target.snapshot()
+        reply = await _handle(handler, "tokens", candidate)
+        if reply["ok"]:
+            assert validate("command-tokens", candidate) == []
+            applied += 1
+        else:
+            assert target.snapshot() == before
+    assert 0 < applied < 300
+
+
+async def test_commands_apply_once_per_request_id() -> None:
+    target = Target()
+    handler = CommandHandler(TOPICS, target)
+    cmd = {
+        "request_id": "t-1",
+        "version": 1,
+        "mode": "replace",
+        "tokens": [
+            {"id": "A", "type": "rfid", "user": "alice", "expires_at": "2030-01-01T00:00:00Z"}
+        ],
+    }
+    first = await _handle(handler, "tokens", cmd)
+    again = await _handle(handler, "tokens", cmd)
+    assert first == again == {"request_id": "t-1", "ok": True, "result": {"version": 1, "count": 1}}
+    assert target.calls == [("tokens", (1, "replace"))]
+    assert target.tokens["A"].expires_at == 1893456000.0
+    # a refused command is not remembered: fixing the cause and retrying works
+    start = {"request_id": "s-1", "charger_id": "cp9", "user": "bob"}
+    assert (await _handle(handler, "start", start))["ok"] is False
+    assert (await _handle(handler, "start", dict(start, charger_id="cp1")))["ok"] is True
+
+
+async def test_applied_request_ids_survive_a_restart(tmp_path) -> None:
+    from gateway.store import Store
+
+    async with Store.open(tmp_path / "b.db", site_id=SITE, reserve_bytes=0) as store:
+        target = Target()
+        cmd = {"request_id": "p-1", "charger_id": "cp1", "user": "alice"}
+        assert (await _handle(CommandHandler(TOPICS, target, store), "start", cmd))["ok"]
+        again = await _handle(CommandHandler(TOPICS, target, store), "start", cmd)
+        assert again["ok"] is True
+        assert len(target.calls) == 1
+
+
+async def test_auth_response_reaches_the_target_only_when_valid() -> None:
+    target = Target()
+    handler = CommandHandler(TOPICS, target)
+    for bad in (b"nope", b"{}", json.dumps({"request_id": "a", "status": "maybe"}).encode()):
+        assert await handler.handle(TOPICS.auth_response, bad) is None
+    assert target.auth == []
+    ok = {
+        "request_id": "a",
+        "status": "accepted",
+        "user": "u",
+        "expires_at": "2030-01-01T00:00:00Z",
+    }
+    assert await handler.handle(TOPICS.auth_response, json.dumps(ok).encode()) is None
+    assert target.auth == [("a", "accepted", "u", 1893456000.0)]
