@@ -471,14 +471,7 @@ class SessionTracker:
             return effects
         session = conn.session
         if session is not None:
-            if session.user.get("id") is None and UNIDENTIFIED in session.flags:
-                session.user = _user_of(grant)
-                session.group = grant.group
-                session.flags.remove(UNIDENTIFIED)
-                for f in grant.flags:
-                    session.flag(f)
-                log.info("session_identified", session_id=session.session_id, user=grant.user)
-                effects.append(SaveSession(session))
+            self._identify(session, grant, effects)
             effects.append(SetEnabled(charger_id, True))
             return effects
         conn.grant = grant
@@ -499,11 +492,14 @@ class SessionTracker:
             raise CommandError("unknown_charger", f"no charger {charger_id!r}")
         if conn.online is False:
             raise CommandError("charger_offline", f"charger {charger_id} is offline")
+        effects: list[Effect] = []
         if conn.session is not None:
+            if self._identify(conn.session, grant, effects):  # the app names the anonymous one
+                effects.append(SetEnabled(charger_id, True))
+                return effects, conn.session.session_id
             raise CommandError(
                 "busy", f"charger {charger_id} has session {conn.session.session_id}"
             )
-        effects: list[Effect] = []
         conn.grant = grant
         conn.pending_token = None
         conn.attempt += 1
@@ -530,6 +526,19 @@ class SessionTracker:
         effects.append(SetEnabled(charger_id, False))
         self._status(conn, now, effects)
         return effects
+
+    def _identify(self, session: OpenSession, grant: Grant, effects: list[Effect]) -> bool:
+        """Name the user of an unidentified session (tag accepted late, app start)."""
+        if session.user.get("id") is not None or UNIDENTIFIED not in session.flags:
+            return False
+        session.user = _user_of(grant)
+        session.group = grant.group
+        session.flags.remove(UNIDENTIFIED)
+        for f in grant.flags:
+            session.flag(f)
+        log.info("session_identified", session_id=session.session_id, user=grant.user)
+        effects.append(SaveSession(session))
+        return True
 
     def find_session(self, session_id: str) -> str | None:
         for charger_id, conn in self._conns.items():
@@ -628,11 +637,12 @@ class SessionTracker:
             if not swapped:
                 self._feed_charger_counter(conn, session, now)
             estimated = resumed or offline_s > self.grace_s
+            # An estimated end is the last time the session was seen alive.
+            end_at = session.last_activity_ts if estimated else now
             token = session.user.get("token")
             if not plugged:
-                ended_at = session.last_activity_ts if estimated else now
                 self._account(conn, session, now, charging=False, plugged=False)
-                self._end(conn, StopReason.EV_DISCONNECTED, ended_at, effects, estimated=estimated)
+                self._end(conn, StopReason.EV_DISCONNECTED, end_at, effects, estimated=estimated)
             elif swapped:
                 # The EV was unplugged and another plugged in between two polls: the charger's
                 # session counter restarted. Split the lifetime counter with it where possible.
@@ -648,7 +658,7 @@ class SessionTracker:
                 self._end(
                     conn,
                     stop,
-                    session.last_activity_ts if estimated else now,
+                    end_at,
                     effects,
                     estimated=estimated,
                 )
@@ -660,7 +670,7 @@ class SessionTracker:
                 self._end(
                     conn,
                     StopReason.LOCAL,
-                    session.last_activity_ts if estimated else now,
+                    end_at,
                     effects,
                     estimated=estimated,
                 )
@@ -818,7 +828,9 @@ class SessionTracker:
         conn.pending_token = tag
         if conn.session is None:
             conn.grant = None
-            if conn.plugged:  # the start reading is taken when the authorization begins
+            # The start reading is taken when the authorization begins, unless the EV was
+            # plugged in at this very sample (a swap keeps its split reading).
+            if conn.plugged and (conn.anchor_ts is None or conn.anchor_ts < now):
                 conn.anchor_ts, conn.anchor_wh = now, self._reading(conn, now)
                 conn.anchor_latched = False
         effects.append(RequestAuth(conn.spec.charger_id, tag, "rfid", conn.attempt))
