@@ -97,6 +97,9 @@ class ChargerSpec:
     meter_poll_interval_s: float = 1.0
     max_power_w: float = DEFAULT_MAX_POWER_W
     controllable: bool = False
+    # False when the device was only guessed to be a charger (not a configured meter): it is
+    # treated as one once a sample shows a charger status, IEC state or tag.
+    confirmed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +337,7 @@ Effect = (
 @dataclass(slots=True)
 class _Connector:
     spec: ChargerSpec
+    confirmed: bool = True
     online: bool | None = None
     offline_since: float | None = None
     last_online_ts: float | None = None
@@ -408,7 +412,7 @@ class SessionTracker:
 
     # ---------------------------------------------------------------- setup
     def add_charger(self, spec: ChargerSpec) -> None:
-        self._conns[spec.charger_id] = _Connector(spec)
+        self._conns[spec.charger_id] = _Connector(spec, confirmed=spec.confirmed)
         if spec.meter_id is not None:
             self._meter_of.setdefault(spec.meter_id, []).append(spec.charger_id)
 
@@ -432,6 +436,7 @@ class SessionTracker:
             conn = _Connector(ChargerSpec(session.charger_id, session.connector))
             self._conns[session.charger_id] = conn
         conn.session = session
+        conn.confirmed = True
         conn.resumed = True
         conn.plugged = True
         conn.seen_tag = session.user.get("token")
@@ -600,6 +605,10 @@ class SessionTracker:
     def _on_charger(self, conn: _Connector, s: DeviceSample, effects: list[Effect]) -> None:
         now = s.ts
         cid = conn.spec.charger_id
+        if not conn.confirmed:
+            if s.status is None and s.iec is None and not s.tag:
+                return  # a meter nobody named as a charger's meter: not ours
+            conn.confirmed = True
         if not s.online:
             if conn.online is not False:
                 conn.offline_since = conn.last_online_ts if conn.last_online_ts is not None else now
@@ -778,7 +787,7 @@ class SessionTracker:
             session.last_sample_ts = now
         if plugged:
             session.last_activity_ts = now
-        if conn.power_w is not None and not (session.source or "").startswith("meter:"):
+        if conn.power_w is not None:
             session.max_power_w = max(session.max_power_w, conn.power_w)
         if conn.session_wh is not None and conn.session_wh[0] == now:
             sc = conn.session_wh[1]
@@ -1020,6 +1029,7 @@ class SessionManager:
         meters = {d.meter for d in config.devices if d.meter}
         if config.grid is not None and config.grid.meter:
             meters.add(config.grid.meter)
+        guessed = charger_ids is None
         ids = (
             list(charger_ids)
             if charger_ids is not None
@@ -1038,6 +1048,7 @@ class SessionManager:
                     meter_poll_interval_s=meter.poll_interval_s if meter else dev.poll_interval_s,
                     max_power_w=_max_power_w(dev.max_current_a),
                     controllable=chargers is not None and chargers.can_control(cid),
+                    confirmed=not guessed,
                 )
             )
         self.tracker = SessionTracker(

@@ -1085,3 +1085,25 @@ async def test_real_store_cycle_and_crash_mid_session(tmp_path: Path) -> None:
         assert "end_estimated" not in second["flags"]
         assert await store.load_open_sessions() == []
         assert h2.kinds() == ["session_finished"]
+
+
+async def test_guessed_chargers_ignore_plain_meters() -> None:
+    """Without ``charger_ids`` every device that is nobody's meter might be a charger; a device
+    whose samples never show a charger status stays silent (no status payloads)."""
+    base = site()
+    config = GatewayConfig(
+        site=base.site,
+        storage=base.storage,
+        devices=(*base.devices, DeviceConfig("grid", "eastron-sdm630", host="127.0.0.1")),
+        auth=base.auth,
+    )
+    store = MemorySessionStore()
+    h = Harness(store, config=config)
+    manager = await h.build()
+    await manager.on_sample(DeviceSample("grid", T0, True, {"energy_wh": 9e6, "power_w": 30_000.0}))
+    await manager.on_sample(DeviceSample("grid", T0 + 1, False, error="timeout"))
+    assert h.events == []
+    await h.cp("cp2", AVAILABLE)
+    assert [p["device_id"] for k, p in h.events if k == "status"] == ["cp2"]
+    explicit = SessionManager(config, store, h.authorizer, None, charger_ids=["cp1", "cp2"])
+    assert explicit.tracker.is_charger("cp2") and not explicit.tracker.is_charger("grid")
