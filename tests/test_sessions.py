@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.auth import Authorizer
 from gateway.config import AuthConfig, DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
@@ -29,11 +31,13 @@ from gateway.model import (
     from_rfc3339,
 )
 from gateway.sessions import (
+    SLACK_WH,
     AddPoint,
     ChargerSpec,
     Effect,
     FinishSession,
     Grant,
+    OpenSession,
     RequestAuth,
     SessionManager,
     SessionTracker,
@@ -1107,3 +1111,48 @@ async def test_guessed_chargers_ignore_plain_meters() -> None:
     assert [p["device_id"] for k, p in h.events if k == "status"] == ["cp2"]
     explicit = SessionManager(config, store, h.authorizer, None, charger_ids=["cp1", "cp2"])
     assert explicit.tracker.is_charger("cp2") and not explicit.tracker.is_charger("grid")
+
+
+# ----------------------------------------------------------------------------- properties
+def _session() -> OpenSession:
+    return OpenSession("s", "cp1", 1, T0, {"id": "a", "auth": "local"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0.5, 30.0), st.integers(-5_000_000, 5_000_000) | st.integers(0, 60)),
+        min_size=1,
+        max_size=40,
+    ),
+    st.integers(0, 2**32 - 1),
+)
+def test_energy_is_never_negative_nor_above_what_the_charger_could_deliver(
+    steps: list[tuple[float, int]], first: int
+) -> None:
+    """Whatever a counter does (jumps, drops, glitches), session energy stays within
+    [0, max power x elapsed time + slack per reading]."""
+    session, max_power_w = _session(), 22_000.0
+    t, value = T0, float(first)
+    session.feed(value, t, 1.0, max_power_w)
+    for dt, delta in steps:
+        t += dt
+        value = max(0.0, value + delta)
+        session.feed(value, t, 1.0, max_power_w)
+        energy = session.energy()
+        assert energy >= 0
+        assert energy <= max_power_w * (t - T0) / 3600 + SLACK_WH * len(steps)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.5, 2.0), st.integers(0, 6)), min_size=1, max_size=60))
+def test_plausible_monotonic_counter_gives_exact_difference(steps: list[tuple[float, int]]) -> None:
+    session = _session()
+    t, value = T0, 1_000_000.0
+    session.feed(value, t, 1.0, 22_000.0)
+    for dt, delta in steps:
+        t += dt
+        value += delta
+        session.feed(value, t, 1.0, 22_000.0)
+    assert session.energy() == value - 1_000_000.0
+    assert session.flags == []
