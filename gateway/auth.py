@@ -37,6 +37,7 @@ __all__ = ["OFFLINE_POLICIES", "AuthDecision", "Authorizer"]
 log = structlog.get_logger(__name__)
 
 OFFLINE_POLICIES = ("allow_known", "allow_all", "deny")
+MIN_PREFIX = 8  # hex characters: 4 bytes of a UID
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +129,27 @@ class Authorizer:
     # ----------------------------------------------------------- decisions
     def known(self, token_id: str) -> tuple[Token, AuthSource, bool] | None:
         """The entry that answers for ``token_id`` without asking anyone:
-        (token, source, fresh) where ``fresh`` is False for a cache entry past its TTL."""
+        (token, source, fresh) where ``fresh`` is False for a cache entry past its TTL.
+
+        Some chargers show only the first bytes of a card UID (KEBA: 4 bytes): a presented id of
+        at least ``MIN_PREFIX`` characters that is the prefix of exactly one known token id
+        matches that token; two or more candidates are ambiguous and match nothing."""
         key = _key(token_id)
+        found = self._exact(key)
+        if found is None and len(key) >= MIN_PREFIX:
+            ids = {
+                k
+                for table in (self._local, self._cloud, self._cache)
+                for k in table
+                if k.startswith(key)
+            }
+            if len(ids) == 1:
+                found = self._exact(ids.pop())
+                if found is not None:
+                    log.info("auth_prefix_match", presented=token_id, token=found[0].id)
+        return found
+
+    def _exact(self, key: str) -> tuple[Token, AuthSource, bool] | None:
         if key in self._local:
             return self._local[key], AuthSource.LOCAL, True
         if key in self._cloud:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -113,6 +113,7 @@ class Grant:
     at: float
     group: str | None = None
     flags: tuple[str, ...] = ()
+    tag: str | None = None  # the tag as the charger shows it (may be a truncated UID)
 
 
 @dataclass(slots=True)
@@ -126,6 +127,7 @@ class OpenSession:
     user: dict[str, Any]
     group: str | None = None
     flags: list[str] = field(default_factory=list)
+    tag: str | None = None  # as shown by the charger: a different one ends the session
     source: str | None = None  # "meter:<id>" | "energy_wh" | "session_energy_wh"
     meter_start_wh: float | None = None
     seg_start_wh: float | None = None
@@ -439,7 +441,7 @@ class SessionTracker:
         conn.confirmed = True
         conn.resumed = True
         conn.plugged = True
-        conn.seen_tag = session.user.get("token")
+        conn.seen_tag = session.tag
         conn.offline_since = session.last_activity_ts
         return session
 
@@ -470,6 +472,8 @@ class SessionTracker:
             return effects
         token = conn.pending_token
         conn.pending_token = None
+        if grant is not None:
+            grant = replace(grant, tag=token)
         if grant is None or status is not AuthStatus.ACCEPTED:
             log.info("charging_refused", charger_id=charger_id, token=token, status=status.value)
             effects.append(SetEnabled(charger_id, False))
@@ -538,6 +542,7 @@ class SessionTracker:
             return False
         session.user = _user_of(grant)
         session.group = grant.group
+        session.tag = grant.tag or session.tag
         session.flags.remove(UNIDENTIFIED)
         for f in grant.flags:
             session.flag(f)
@@ -648,7 +653,7 @@ class SessionTracker:
             estimated = resumed or offline_s > self.grace_s
             # An estimated end is the last time the session was seen alive.
             end_at = session.last_activity_ts if estimated else now
-            token = session.user.get("token")
+            token = session.tag
             if not plugged:
                 self._account(conn, session, now, charging=False, plugged=False)
                 self._end(conn, StopReason.EV_DISCONNECTED, end_at, effects, estimated=estimated)
@@ -725,6 +730,7 @@ class SessionTracker:
                     auth=AuthSource.LOCAL,
                     at=now,
                     flags=(UNIDENTIFIED,),
+                    tag=tag,
                 )
                 log.warning("unidentified_charging", charger_id=cid, tag=tag)
                 self._start(conn, unidentified, now, effects)
@@ -858,6 +864,7 @@ class SessionTracker:
             user=_user_of(grant),
             group=grant.group,
             flags=list(grant.flags),
+            tag=grant.tag,
             source=source,
             last_activity_ts=now,
             last_sample_ts=started_at,
@@ -1295,7 +1302,7 @@ class SessionManager:
                 token = decision.token
                 grant = Grant(
                     user=decision.user,
-                    token=req.token_id,
+                    token=token.id if token is not None else req.token_id,
                     token_type=token.type.value if token is not None else req.token_type,
                     auth=decision.source,
                     at=self._clock.time(),

@@ -371,3 +371,18 @@ async def test_cloud_list_and_cache_survive_a_restart_on_the_real_store(tmp_path
         assert (d.user, d.source) == ("pia", AuthSource.CLOUD)
         assert (await auth.authorize("NEW-9", "rfid", "cp1")).user == "nina"
         assert offline.sent == []
+
+
+async def test_truncated_uid_matches_one_known_token_only() -> None:
+    """KEBA shows 4 bytes of a UID: a unique prefix of >= 8 characters names the token."""
+    twins = (
+        ALICE,
+        Token("99887766AA", TokenType.RFID, "x"),
+        Token("99887766BB", TokenType.RFID, "y"),
+    )
+    auth, _, cloud, _ = await make(tokens=twins)
+    cloud.online = False
+    d = await auth.authorize("04a2b3c4", "rfid", "cp1")
+    assert d.accepted and d.user == "alice" and d.token == ALICE
+    assert not (await auth.authorize("99887766", "rfid", "cp1")).accepted  # ambiguous
+    assert not (await auth.authorize("04A2B3", "rfid", "cp1")).accepted  # too short

@@ -785,6 +785,7 @@ def site(path: str = ":memory:") -> GatewayConfig:
         auth=AuthConfig(
             tokens=(
                 Token("AAA", TokenType.RFID, "alice", group="staff"),
+                Token("04A2B3C4D5E6F7", TokenType.RFID, "alice", group="staff"),
                 Token("BLK", TokenType.RFID, "mallory", status=AuthStatus.BLOCKED),
             ),
             request_timeout_s=2.0,
@@ -1156,3 +1157,17 @@ def test_plausible_monotonic_counter_gives_exact_difference(steps: list[tuple[fl
         session.feed(value, t, 1.0, 22_000.0)
     assert session.energy() == value - 1_000_000.0
     assert session.flags == []
+
+
+async def test_truncated_tag_session_records_the_full_token() -> None:
+    store = MemorySessionStore()
+    h = Harness(store)
+    manager = await h.build()
+    await h.cp("cp2", PREPARING)
+    await h.cp("cp2", PREPARING, tag="04a2b3c4")
+    await manager.wait_idle()
+    for _ in range(3):
+        await h.cp("cp2", CHARGING, tag="04A2B3C4", add_wh=3)
+    await h.cp("cp2", AVAILABLE)
+    (rec,) = store.finished
+    assert rec["user"]["id"] == "alice" and rec["energy_wh"] == 9
