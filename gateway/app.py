@@ -19,9 +19,8 @@ import structlog
 
 from gateway import __version__
 from gateway.config import GatewayConfig
-from gateway.errors import CommandError
 from gateway.live import LiveState
-from gateway.model import Clock, DeviceKind, DeviceSample, SystemClock, Token, rfc3339
+from gateway.model import Clock, DeviceKind, DeviceSample, SystemClock, Token
 from gateway.profiles import Profile, load_profiles
 
 __all__ = ["Gateway", "SiteCommands", "run_gateway"]
@@ -145,6 +144,7 @@ class Gateway:
             self._resolve_tariff,
             self.clock,
             self._on_session_event,
+            charger_ids=[d for d, kind in self._kinds.items() if kind is DeviceKind.CHARGER],
         )
         self.poller = DevicePoller(list(self.drivers.values()), self._on_sample)
         return self
@@ -185,6 +185,7 @@ class Gateway:
             buffer=self.config.storage.path,
         )
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.sessions.run(), name="sessions")
             tg.create_task(self.poller.run(), name="poller")
             tg.create_task(self._consume_samples(), name="samples")
             tg.create_task(self._readings_writer(), name="readings-writer")
@@ -238,19 +239,3 @@ async def run_gateway(
                 await res
         await gw.run()
     return 0
-
-
-def status_payload(
-    status: str, online: bool, session_id: str | None, power_w: float | None, ts: float
-) -> dict[str, Any]:
-    """CONTRACT ``chargers/{device}/status`` payload."""
-    return {
-        "status": status,
-        "online": online,
-        "session_id": session_id,
-        "power_w": None if power_w is None else round(power_w),
-        "ts": rfc3339(ts),
-    }
-
-
-_ = CommandError  # re-exported for SiteCommands callers' except clauses

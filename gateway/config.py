@@ -652,7 +652,10 @@ class _Obj(_Node):
             if key in value:
                 kwargs[attr] = node.build(value[key])
             elif node.default is not _MISSING:
-                kwargs[attr] = copy.copy(node.default)
+                default = copy.copy(node.default)
+                if isinstance(node, _Enum) and default is not None:
+                    default = node.build(default)  # enum defaults get the same type as values
+                kwargs[attr] = default
             elif isinstance(node, _Obj) and node.build_when_absent:
                 kwargs[attr] = node.build({})
         return self.target(**kwargs) if self.target else kwargs

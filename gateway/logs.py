@@ -70,4 +70,5 @@ def configure_logging(level: str = "info", *, json: bool | None = None, stream: 
     # pymodbus logs every failed transaction at ERROR; our bus layer reports state changes itself.
     logging.getLogger("pymodbus").setLevel(max(numeric, logging.CRITICAL))
     logging.getLogger("amqtt").setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("aiosqlite").setLevel(max(numeric, logging.INFO))
     logging.getLogger("transitions").setLevel(max(numeric, logging.WARNING))

@@ -662,3 +662,17 @@ def test_site_profiles_from_drivers_path_are_known(tmp_path: Path) -> None:
     config = load_config(file)
     assert config.drivers_path == str(drivers)
     assert config.device("cp1").meter == "m1"
+
+
+def test_defaulted_enums_have_the_enum_type(tmp_path: Path) -> None:
+    # A token without `status:` must carry AuthStatus.ACCEPTED, not the bare string: the
+    # authorizer calls `.value` on it (found by the demo: every authorization failed).
+    path = tmp_path / "site.yaml"
+    path.write_text(
+        "site: {id: s1}\nstorage: {path: ./b.db}\n"
+        "auth: {tokens: [{id: 'AA11', type: rfid, user: u1}]}\n",
+        encoding="utf-8",
+    )
+    token = load_config(path).auth.tokens[0]
+    assert token.status is AuthStatus.ACCEPTED
+    assert token.type is TokenType.RFID
