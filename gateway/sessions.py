@@ -1023,7 +1023,11 @@ class SessionManager:
         charger_ids: Iterable[str] | None = None,
         grace_s: float = 120.0,
         plug_timeout_s: float = 120.0,
+        time_scale: float = 1.0,
     ) -> None:
+        """``time_scale``: simulated seconds per wall second when the devices are simulated
+        faster than real time (``evgw demo``); it widens the plausibility bound on counter
+        steps, which is measured against the gateway's wall clock."""
         self._config = config
         self._store = store
         self._authorizer = authorizer
@@ -1053,7 +1057,7 @@ class SessionManager:
                     meter_id=dev.meter,
                     poll_interval_s=dev.poll_interval_s,
                     meter_poll_interval_s=meter.poll_interval_s if meter else dev.poll_interval_s,
-                    max_power_w=_max_power_w(dev.max_current_a),
+                    max_power_w=_max_power_w(dev.max_current_a) * max(1.0, time_scale),
                     controllable=chargers is not None and chargers.can_control(cid),
                     confirmed=not guessed,
                 )
