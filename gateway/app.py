@@ -75,6 +75,7 @@ class Gateway:
         *,
         clock: Clock | None = None,
         live: LiveState | None = None,
+        time_scale: float = 1.0,
     ) -> None:
         self.config = config
         self.profiles = (
@@ -87,6 +88,8 @@ class Gateway:
         self._readings: list[tuple[str, float, Mapping[str, Any]]] = []
         self._kinds = {d.id: self.profiles[d.driver].kind for d in config.devices}
         self.uplink: Any = None
+        # >1 only under a sped-up simulator: counters then rise faster than real time allows.
+        self.time_scale = time_scale
 
     async def __aenter__(self) -> Gateway:
         from gateway.auth import Authorizer
@@ -145,11 +148,14 @@ class Gateway:
             self.clock,
             self._on_session_event,
             charger_ids=[d for d, kind in self._kinds.items() if kind is DeviceKind.CHARGER],
+            time_scale=self.time_scale,
         )
         self.poller = DevicePoller(list(self.drivers.values()), self._on_sample)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if hasattr(self, "sessions"):
+            await self.sessions.aclose()
         await self._flush_readings()
         await self._stack.aclose()
 
@@ -217,6 +223,11 @@ class Gateway:
             await asyncio.sleep(READINGS_FLUSH_S)
             await self._flush_readings()
             self.live.backlog = await self.store.outbox_backlog()
+            for session in self.sessions.tracker.sessions():
+                self.live.on_session_event(
+                    "session_updated",
+                    {"session_id": session.session_id, "energy_wh": round(session.energy())},
+                )
             if self.uplink is not None:
                 self.live.uplink_online = bool(self.uplink.online)
 
@@ -231,8 +242,9 @@ async def run_gateway(
     *,
     live: LiveState | None = None,
     ready: Callable[[Gateway], Awaitable[None] | None] | None = None,
+    time_scale: float = 1.0,
 ) -> int:
-    async with Gateway(config, live=live) as gw:
+    async with Gateway(config, live=live, time_scale=time_scale) as gw:
         if ready is not None:
             res = ready(gw)
             if asyncio.iscoroutine(res):

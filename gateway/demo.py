@@ -33,15 +33,19 @@ traffic: true
 steps:
   - {at: 2s, device: cp1, action: plug_in, power_w: 11000}
   - {at: 6s, device: cp1, action: tag, tag: "04A2B3C4"}
+  - {at: 8s, device: cp1, action: start}
   - {at: 20s, device: cp2, action: plug_in, tag: "FOB-0042", power_w: 7400}
+  - {at: 24s, device: cp2, action: start}
   - {at: 40s, device: cp3, action: plug_in, power_w: 22000}
+  - {at: 100s, device: cp3, action: start}
   - {at: 8m, device: cp2, action: suspend}
   - {at: 10m, device: cp2, action: resume}
   - {at: 12m, device: cp1, action: unplug}
-  - {at: 14m, device: cp1, action: plug_in, tag: "04DEAD01", power_w: 11000}
+  - {at: 13m, device: cp1, action: plug_in, tag: "04DEAD01", power_w: 11000}
+  - {at: 13m10s, device: cp1, action: start}
   - {at: 16m, device: cp2, action: unplug}
-  - {at: 19m, device: cp1, action: unplug}
-  - {at: 22m, device: cp3, action: unplug}
+  - {at: 17m, device: cp1, action: unplug}
+  - {at: 20m, device: cp3, action: unplug}
 """
 APP_START_AT_S = 90.0  # simulated seconds: carol starts cp3 from the app
 
@@ -194,7 +198,9 @@ async def run_demo(
             print(f"buffer database:   {config.storage.path}", file=out)
             out.flush()
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(run_gateway(config, live=live), name="demo_gateway")
+                tg.create_task(
+                    run_gateway(config, live=live, time_scale=speed), name="demo_gateway"
+                )
                 tg.create_task(_app_start(site, host, port, prefix, site_id), name="demo_app_start")
                 if view:
                     redraw = out.isatty()

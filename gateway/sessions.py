@@ -1284,6 +1284,11 @@ class SessionManager:
             except Exception as exc:  # pricing must never lose a session
                 log.error("session_pricing_failed", session_id=session.session_id, error=str(exc))
                 record["flags"] = [*record["flags"], UNPRICED]
+        if cost is not None and Flag.NOT_BILLABLE.value in record["flags"]:
+            # Plugged in but never charged: on record, priced at nothing.
+            places = len(str(cost["excl_vat"]).partition(".")[2])  # the currency's minor unit
+            zero = f"{0:.{places}f}"
+            cost = {**cost, "excl_vat": zero, "vat": zero, "incl_vat": zero, "lines": []}
         if periods is None:
             periods = default_periods(points, session.started_at, session.ended_at)
         record["charging_periods"] = periods

@@ -1171,3 +1171,33 @@ async def test_truncated_tag_session_records_the_full_token() -> None:
     await h.cp("cp2", AVAILABLE)
     (rec,) = store.finished
     assert rec["user"]["id"] == "alice" and rec["energy_wh"] == 9
+
+
+async def test_not_billable_session_is_priced_at_zero_with_the_real_pricer() -> None:
+    # A plug-in that never charged is on record but costs nothing, even under a tariff with a
+    # flat fee (the demo showed such sessions billed 1.24 EUR).
+    from gateway.billing.cost import make_pricer
+
+    store = MemorySessionStore()
+    h = Harness(store, pricer=make_pricer("Europe/Berlin"))
+    h.tariff = {
+        "currency": "EUR",
+        "vat_percent": 19,
+        "elements": [{"components": [{"type": "flat", "price": "1.00"}]}],
+    }
+    manager = await h.build()
+    await h.cp("cp2", PREPARING)
+    await h.cp("cp2", PREPARING, tag="AAA")
+    await manager.wait_idle()
+    for _ in range(3):
+        await h.cp("cp2", PREPARING)
+    await h.cp("cp2", AVAILABLE)
+    (rec,) = store.finished
+    assert "not_billable" in rec["flags"]
+    assert rec["cost"]["currency"] == "EUR"
+    assert (rec["cost"]["excl_vat"], rec["cost"]["vat"], rec["cost"]["incl_vat"]) == (
+        "0.00",
+        "0.00",
+        "0.00",
+    )
+    assert rec["cost"]["lines"] == []
