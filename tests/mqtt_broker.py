@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import getpass
 import ipaddress
 import os
 import signal
@@ -224,6 +225,9 @@ class MosquittoBroker:
 
     def _write_config(self) -> None:
         lines = [
+            # started as root, mosquitto would switch to user "mosquitto", which can read neither
+            # the temp key files nor write the persistence directory
+            f"user {getpass.getuser()}",
             "per_listener_settings false",
             "allow_anonymous true",
             "persistence true",

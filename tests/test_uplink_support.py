@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,11 @@ def schema_for(topic: str) -> str | None:
     return None
 
 
+@functools.cache
+def _reference(name: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(load_schema(name))
+
+
 def check_payload(topic: str, payload: bytes) -> list[str]:
     """Validate with our validator AND with jsonschema; both must agree it is valid."""
     name = schema_for(topic)
@@ -53,9 +59,7 @@ def check_payload(topic: str, payload: bytes) -> list[str]:
         return []
     data = json.loads(payload)
     ours = validate(name, data)
-    theirs = [
-        e.message for e in jsonschema.Draft202012Validator(load_schema(name)).iter_errors(data)
-    ]
+    theirs = [e.message for e in _reference(name).iter_errors(data)]
     return [f"{topic}: {p}" for p in ours + theirs]
 
 

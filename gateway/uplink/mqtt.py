@@ -290,7 +290,6 @@ class MqttUplink:
                     tg.create_task(self._drain(client, window, tg), name="uplink-drain")
             except BaseExceptionGroup as group:
                 self._online = False
-                self.stats.abandoned += window.count
                 self.stats.disconnects += 1
                 await self._flush_acks()
                 raise _first_mqtt_error(group) from None
@@ -446,6 +445,9 @@ class MqttUplink:
     ) -> None:
         try:
             await client.publish(topic, payload, qos=qos, retain=retain)
+        except asyncio.CancelledError:
+            self.stats.abandoned += 1  # the connection dropped: the row stays unacked
+            raise
         finally:
             await window.release(len(payload))
         self.stats.published[stream] = self.stats.published.get(stream, 0) + 1
