@@ -149,6 +149,12 @@ class Gateway:
             self._on_session_event,
             charger_ids=[d for d, kind in self._kinds.items() if kind is DeviceKind.CHARGER],
             time_scale=self.time_scale,
+            plug_reset_counters=[
+                d.id
+                for d in cfg.devices
+                if self.profiles[d.driver].has("session_energy_wh")
+                and self.profiles[d.driver].session_energy_resets == "plug"
+            ],
         )
         self.poller = DevicePoller(list(self.drivers.values()), self._on_sample)
         return self

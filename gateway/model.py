@@ -132,6 +132,8 @@ class Flag(StrEnum):
     COMMS_GAP = "comms_gap"
     OFFLINE_AUTHORIZED = "offline_authorized"
     START_LATCHED = "start_latched"  # the meter did not answer at start; start read later
+    # plug-in happened while the gateway was not looking; start = counter - session counter
+    START_RECONSTRUCTED = "start_reconstructed"
     NOT_BILLABLE = "not_billable"  # plugged in, never charged
     NO_METER = "no_meter"  # no cumulative counter: energy could not be measured
     UNIDENTIFIED = "unidentified"  # the charger delivered energy without anyone identified

@@ -100,6 +100,9 @@ class ChargerSpec:
     # False when the device was only guessed to be a charger (not a configured meter): it is
     # treated as one once a sample shows a charger status, IEC state or tag.
     confirmed: bool = True
+    # The charger's session counter restarts at every plug-in (profile ``session_energy_resets:
+    # plug``): a plug-in the gateway did not witness can be dated back by it.
+    session_counter_resets_on_plug: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +356,8 @@ class _Connector:
     anchor_ts: float | None = None
     anchor_wh: float | None = None
     anchor_latched: bool = False
+    anchor_reconstructed: bool = False
+    anchor_seen_wh: float | None = None  # the counter when a reconstructed anchor was made
     grant: Grant | None = None
     attempt: int = 0
     pending_token: str | None = None
@@ -624,6 +629,8 @@ class SessionTracker:
             self._status(conn, now, effects)
             return
         returning = conn.online is False or conn.resumed
+        # A plug-in seen on the first sample after a start or an outage was not witnessed.
+        unwitnessed = conn.online is not True or conn.resumed
         offline_s = (
             now - conn.offline_since if (returning and conn.offline_since is not None) else 0.0
         )
@@ -697,7 +704,10 @@ class SessionTracker:
                     new_tag = False
         if conn.session is None:
             if plugged and not conn.plugged:
-                self._new_plug(conn, now, self._reading(conn, now))
+                if unwitnessed:
+                    self._unwitnessed_plug(conn, now)
+                else:
+                    self._new_plug(conn, now, self._reading(conn, now))
             elif not plugged and conn.plugged:
                 conn.plugged = False
                 conn.anchor_ts = conn.anchor_wh = None
@@ -836,7 +846,34 @@ class SessionTracker:
         conn.anchor_ts = now
         conn.anchor_wh = reading
         conn.anchor_latched = False
+        conn.anchor_reconstructed = False
         conn.stopped_while_plugged = False
+
+    def _unwitnessed_plug(self, conn: _Connector, now: float) -> None:
+        """An EV found plugged in (first sample after a gateway start or a charger outage).
+
+        Energy may already have flowed. Where the charger's session counter restarts at every
+        plug-in, the start reading is dated back to the plug-in (counter minus session counter,
+        flag ``start_reconstructed``); otherwise the start is read now, flagged
+        ``start_latched`` unless the charger shows it has not charged yet (preparing).
+        """
+        reading = self._reading(conn, now)
+        self._new_plug(conn, now, reading)
+        if reading is None:
+            return
+        sc = self._reading(conn, now, "session_energy_wh") if conn.session_wh else None
+        source = self._source(conn)
+        if conn.spec.session_counter_resets_on_plug and sc is not None and sc >= 0:
+            start = 0.0 if source == "session_energy_wh" else reading - sc
+            if 0 <= start <= reading:
+                conn.anchor_wh = start
+                conn.anchor_reconstructed = True
+                conn.anchor_seen_wh = reading
+                return
+        # Found still waiting to charge (preparing): nothing can have flowed before.
+        conn.anchor_latched = (
+            source != "session_energy_wh" and conn.status is not ChargerStatus.PREPARING
+        )
 
     def _request(self, conn: _Connector, tag: str, now: float, effects: list[Effect]) -> None:
         conn.attempt += 1
@@ -875,6 +912,11 @@ class SessionTracker:
             session.last_counter_ts = now
             if conn.anchor_latched:
                 session.flag(Flag.START_LATCHED)
+            if conn.anchor_reconstructed and conn.anchor_seen_wh is not None:
+                session.flag(Flag.START_RECONSTRUCTED)
+                # Plausibility checks continue from the reading that was seen, not from the
+                # dated-back start (whose time is unknown).
+                session.last_wh = conn.anchor_seen_wh
         if conn.session_wh is not None:
             session.sc_base_wh = session.sc_last_wh = conn.session_wh[1]
         conn.session = session
@@ -1024,6 +1066,7 @@ class SessionManager:
         grace_s: float = 120.0,
         plug_timeout_s: float = 120.0,
         time_scale: float = 1.0,
+        plug_reset_counters: Iterable[str] = (),
     ) -> None:
         """``time_scale``: simulated seconds per wall second when the devices are simulated
         faster than real time (``evgw demo``); it widens the plausibility bound on counter
@@ -1046,6 +1089,7 @@ class SessionManager:
             if charger_ids is not None
             else [d for d in devices if d not in meters]
         )
+        resets = set(plug_reset_counters)  # chargers whose session counter restarts at plug-in
         specs = []
         for cid in ids:
             dev = devices[cid]
@@ -1059,6 +1103,7 @@ class SessionManager:
                     meter_poll_interval_s=meter.poll_interval_s if meter else dev.poll_interval_s,
                     max_power_w=_max_power_w(dev.max_current_a) * max(1.0, time_scale),
                     controllable=chargers is not None and chargers.can_control(cid),
+                    session_counter_resets_on_plug=cid in resets,
                     confirmed=not guessed,
                 )
             )

@@ -1201,3 +1201,40 @@ async def test_not_billable_session_is_priced_at_zero_with_the_real_pricer() -> 
         "0.00",
     )
     assert rec["cost"]["lines"] == []
+
+
+def test_plug_in_while_the_gateway_was_down_is_dated_back_by_the_session_counter() -> None:
+    # The gateway starts and finds an EV that has been charging for a while (its session
+    # counter already shows 1500 Wh): the energy since plug-in is billed, not just what
+    # follows the first sample.
+    rig = Rig(session_counter_resets_on_plug=True)
+    rig.cp(CHARGING, tag="AAA", session_wh=1500.0)
+    rig.answer()
+    for i in range(1, 6):
+        rig.cp(CHARGING, add_wh=10, session_wh=1500.0 + 10 * i)
+    rig.cp(AVAILABLE, session_wh=1550.0)
+    (rec,) = rig.records()
+    assert rec["energy_wh"] == 1550
+    assert rec["meter_start_wh"] == 1_203_345 - 1500
+    assert "start_reconstructed" in rec["flags"]
+
+
+def test_plug_in_while_the_gateway_was_down_without_a_session_counter_is_flagged() -> None:
+    rig = Rig()  # the charger's session counter cannot date the plug-in back
+    rig.cp(CHARGING, tag="AAA")
+    rig.answer()
+    rig.charge(5, wh_per_s=10)
+    rig.cp(AVAILABLE)
+    (rec,) = rig.records()
+    assert rec["energy_wh"] == 50  # what the gateway saw; earlier energy is unknown
+    assert "start_latched" in rec["flags"]
+
+
+def test_plug_in_found_still_preparing_is_not_flagged() -> None:
+    rig = Rig()
+    rig.cp(PREPARING, tag="AAA")
+    rig.answer()
+    rig.charge(3, wh_per_s=10)
+    rig.cp(AVAILABLE)
+    (rec,) = rig.records()
+    assert rec["energy_wh"] == 30 and rec["flags"] == []
