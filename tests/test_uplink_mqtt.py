@@ -9,7 +9,6 @@ import json
 import time
 from pathlib import Path
 
-import mqtt_broker
 import pytest
 from mqtt_broker import FaultProxy, MosquittoBroker, Pki
 from structlog.testing import capture_logs
@@ -27,9 +26,6 @@ from test_uplink_support import (
 from gateway.config import TlsConfig, UplinkConfig
 from gateway.store import Store
 from gateway.uplink.mqtt import MqttUplink
-
-# the broker fixtures (until tests/conftest.py imports them for every test file)
-globals().update({n: getattr(mqtt_broker, n) for n in ("mosquitto", "fault_proxy", "test_pki")})
 
 
 def uplink_config(url: str, **kw: object) -> UplinkConfig:

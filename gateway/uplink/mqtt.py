@@ -125,6 +125,7 @@ class MqttUplink:
         backoff_max_s: float = 30.0,
         safety_poll_s: float = 1.5,
         publish_timeout_s: float | None = None,
+        connect_timeout_s: float = 10.0,
     ) -> None:
         self._config = config
         self._store = store
@@ -135,6 +136,8 @@ class MqttUplink:
         self._backoff = (backoff_min_s, backoff_max_s)
         self._safety_poll_s = safety_poll_s
         self._publish_timeout_s = publish_timeout_s or max(30.0, 4 * config.keepalive_s)
+        self._connect_timeout_s = connect_timeout_s
+        self._connect_phase = False  # True until the broker's CONNACK arrives
         self._wake = asyncio.Event()
         self._acked: list[int] = []
         self._synced: list[int] = []
@@ -221,6 +224,18 @@ class MqttUplink:
                     continue
             except aiomqtt.MqttError as exc:
                 error = str(exc) or type(exc).__name__
+                if self._connect_phase and "timed out" in error.lower():
+                    # Some 3.1.1-only brokers (amqtt) neither answer nor close an MQTT 5
+                    # CONNECT they cannot parse: after a silent connect, try the other version.
+                    self._protocol = (
+                        aiomqtt.ProtocolVersion.V311
+                        if self._protocol is aiomqtt.ProtocolVersion.V5
+                        else aiomqtt.ProtocolVersion.V5
+                    )
+                    self.stats.protocol = (
+                        "5" if self._protocol is aiomqtt.ProtocolVersion.V5 else "3.1.1"
+                    )
+                    log.info("mqtt_connect_silent_switching_protocol", protocol=self.stats.protocol)
             except (OSError, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
             except Exception as exc:  # e.g. the store failed: keep the uplink alive, retry later
@@ -255,7 +270,7 @@ class MqttUplink:
             clean_session=None if v5 else False,
             clean_start=False if v5 else MQTT_CLEAN_START_FIRST_ONLY,
             keepalive=max(1, int(cfg.keepalive_s)),
-            timeout=self._publish_timeout_s,
+            timeout=self._connect_timeout_s,
             properties=properties,
             tls_context=tls,
             max_inflight_messages=max(1, cfg.inflight_window),
@@ -272,7 +287,9 @@ class MqttUplink:
         # our window bounds pending publishes; aiomqtt would warn above 10
         client.pending_calls_threshold = self._config.inflight_window + 16
         window = _Window(self._config.inflight_window, _MAX_INFLIGHT_BYTES)
+        self._connect_phase = True
         async with client:
+            self._connect_phase = False
             self._client = client
             self._window = window
             self._online = True
@@ -444,7 +461,9 @@ class MqttUplink:
         done: Callable[[], None] | None,
     ) -> None:
         try:
-            await client.publish(topic, payload, qos=qos, retain=retain)
+            await client.publish(
+                topic, payload, qos=qos, retain=retain, timeout=self._publish_timeout_s
+            )
         except asyncio.CancelledError:
             self.stats.abandoned += 1  # the connection dropped: the row stays unacked
             raise
