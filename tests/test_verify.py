@@ -123,7 +123,9 @@ def test_two_sites_are_separate_chains(signer: Signer) -> None:
     b = make_chain(2, signer, site="b")
     assert verify_records([*a, *b]).ok
     del a[1]
-    assert verify_records([*a, *b]).problems == ["site a: missing record(s) between seq 1 and seq 3"]
+    assert verify_records([*a, *b]).problems == [
+        "site a: missing record(s) between seq 1 and seq 3"
+    ]
 
 
 def test_read_records_accepts_lines_and_arrays(signer: Signer) -> None:

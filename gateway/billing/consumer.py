@@ -28,6 +28,7 @@ import aiomqtt
 import structlog
 from aiomqtt.exceptions import MqttConnectError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -359,7 +360,8 @@ async def _connection(
         identifier=client_id,
         protocol=protocol,
         clean_session=None if v5 else False,
-        clean_start=False,  # resume the broker's queue for us, also after a restart of ours
+        # resume the broker's queue for us, also after a restart of ours (3.1.1: clean_session)
+        clean_start=False if v5 else MQTT_CLEAN_START_FIRST_ONLY,
         properties=properties,
         keepalive=30,
         tls_context=tls,
