@@ -179,3 +179,47 @@ def test_cli_verify_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert "bad.jsonl:2: not JSON" in err
     assert "Traceback" not in err
+
+
+async def test_verify_gateway_buffer_with_its_own_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-c CONFIG: the records sealed by the real Store, and the key file next to the buffer."""
+    import sqlite3
+
+    from test_consumer_support import record_body
+
+    from gateway.billing.verify import run_verify
+    from gateway.config import load_config
+    from gateway.store import Store
+
+    cfg_path = tmp_path / "site.yaml"
+    buffer = tmp_path / "buffer.db"
+    cfg_path.write_text(
+        f"site: {{id: depot-7, timezone: Europe/Berlin}}\nstorage: {{path: {buffer}}}\n"
+    )
+    config = load_config(cfg_path)
+    signer = Signer.load_or_create(buffer.with_name("evgw-signing.key"))
+    async with Store.open(
+        buffer, site_id="depot-7", reserve_bytes=0, sealer=lambda r: seal(r, signer.sign)
+    ) as store:
+        for i in range(1, 5):
+            body = record_body(i)
+            for key in ("seq", "prev_hash"):
+                body.pop(key, None)
+            await store.finish_session(body)
+    assert await run_verify(config=config) == 0
+    assert capsys.readouterr().out == "4 records OK, chain intact, signatures valid\n"
+
+    # someone edits the buffer behind the gateway's back
+    with sqlite3.connect(buffer) as db:
+        (text,) = db.execute("SELECT record FROM finished_sessions WHERE seq = 2").fetchone()
+        rec = json.loads(text)
+        rec["cost"]["incl_vat"] = "0.01"
+        db.execute("UPDATE finished_sessions SET record = ? WHERE seq = 2", (json.dumps(rec),))
+    assert await run_verify(config=load_config(cfg_path)) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        f"seq 2 (session {rec['session_id']}): hash does not match its content",
+        "1 problem(s) in 4 records",
+    ]
