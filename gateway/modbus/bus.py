@@ -68,6 +68,19 @@ def rtu_frame_gap_s(baudrate: int) -> float:
     return 3.5 * 11.0 / baudrate
 
 
+def _raise_swallowed_cancel() -> None:
+    """Re-raise a cancellation that pymodbus lost.
+
+    pymodbus awaits its response with ``asyncio.wait_for``, which on Python 3.11 returns the
+    result and drops a cancellation that arrives in the same loop iteration as the answer. The
+    task then stays "cancelling" without ever seeing CancelledError and a TaskGroup waits for
+    it forever. Our own ``asyncio.timeout`` has uncancelled its part by the time we get here.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Backoff:
     """Capped exponential backoff with +-``jitter`` relative spread."""
 
@@ -220,6 +233,7 @@ class ModbusBus(ABC):
 
     # -- internals ------------------------------------------------------------------------
     def _fail(self, unit: int, reason: str, detail: str, code: int | None = None) -> DeviceError:
+        _raise_swallowed_cancel()
         self.stats.errors += 1
         return DeviceError(f"{self.endpoint}#{unit}", reason, detail, exception_code=code)
 
@@ -270,6 +284,7 @@ class ModbusBus(ABC):
             detail = "connect timed out"
         except (OSError, ModbusException) as exc:
             detail = str(exc) or type(exc).__name__
+        _raise_swallowed_cancel()
         if ok and client.connected:
             self._backoff.reset()
             self._silent = 0
@@ -341,6 +356,7 @@ class ModbusBus(ABC):
             raise self._fail(unit, "connection_lost", f"{what}: {exc}") from None
         finally:
             self._last_io_end = loop.time()
+        _raise_swallowed_cancel()
         self._silent = 0
         if isinstance(rr, ExceptionResponse) or (rr is not None and rr.isError()):
             code = int(getattr(rr, "exception_code", 0) or 0)
@@ -463,6 +479,8 @@ class BusPool:
         bus = self._bus_for_device(device)
         self._by_device[device.id] = bus
         return bus
+
+    for_device = bus_for
 
     @property
     def buses(self) -> list[ModbusBus]:
