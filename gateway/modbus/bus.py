@@ -282,8 +282,10 @@ class ModbusBus(ABC):
                 ok = bool(await client.connect())
         except TimeoutError:
             detail = "connect timed out"
-        except (OSError, ModbusException) as exc:
-            detail = str(exc) or type(exc).__name__
+        except (
+            Exception
+        ) as exc:  # OSError, SerialException, termios.error (bad settings): all mean "cannot open"
+            detail = f"{type(exc).__name__}: {exc}"
         _raise_swallowed_cancel()
         if ok and client.connected:
             self._backoff.reset()
@@ -354,6 +356,9 @@ class ModbusBus(ABC):
         except OSError as exc:
             self._drop_client()
             raise self._fail(unit, "connection_lost", f"{what}: {exc}") from None
+        except Exception as exc:  # anything else the client trips over is a frame it cannot use
+            self._after_bad_frame()
+            raise self._fail(unit, "bad_frame", f"{what}: {type(exc).__name__}: {exc}") from None
         finally:
             self._last_io_end = loop.time()
         _raise_swallowed_cancel()

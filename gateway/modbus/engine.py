@@ -638,7 +638,7 @@ async def scan(
             list(units) if units else sorted({1} | {p.connection.default_unit for p in candidates})
         )
         result = ScanResult(f"tcp://{host}:{port}", tcp=(host, port))
-        bus = TcpBus(host, port, connect_timeout_s=max(timeout_s, 1.0))
+        bus: ModbusBus = TcpBus(host, port, connect_timeout_s=max(timeout_s, 1.0))
         try:
             for unit, profile, value in await _probe(bus, candidates, unit_list, timeout_s, result):
                 result.matches.append(ScanMatch(unit, profile.slug, value))

@@ -1,0 +1,186 @@
+"""RTU end to end: the engine on one end of a socat pty pair, the simulator on the other; and RTU
+frames through a TCP serial server."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from gateway.config import DeviceConfig
+from gateway.errors import DeviceError
+from gateway.modbus.bus import ModbusBus, RtuOverTcpBus, SerialBus
+from gateway.modbus.codec import encode
+from gateway.modbus.engine import DeviceDriver
+from gateway.model import DeviceKind
+from gateway.profiles import (
+    ConnectionSpec,
+    ControlSpec,
+    CurrentLimitSpec,
+    DataType,
+    Profile,
+    RegisterSpec,
+    Table,
+    WordOrder,
+)
+from gateway.sim.server import FaultKind, RegisterImage, SimServer, pty_pair
+
+pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed")
+
+BAUD = 19200
+# The pty pair refuses parity and character-size changes (tcsetattr EINVAL) here, and a pty
+# has no real line settings anyway: the tests run 8N1.
+PARITY = "N"
+
+
+def heidelberg_like(delay_s: float = 0.0) -> Profile:
+    """The shape of Heidelberg Energy Control: input registers, 0.1 A setpoint, RTU 8E1."""
+    regs = (
+        RegisterSpec("state", Table.INPUT, 5, DataType.U16, 1),
+        RegisterSpec("current_l1_a", Table.INPUT, 6, DataType.U16, 1, scale=0.1),
+        RegisterSpec("temperature_c", Table.INPUT, 9, DataType.I16, 1, scale=0.1),
+        RegisterSpec("power_w", Table.INPUT, 14, DataType.U16, 1),
+        RegisterSpec("energy_wh", Table.INPUT, 17, DataType.U32, 2),
+        RegisterSpec("energy_export_wh", Table.INPUT, 30, DataType.U32, 2, WordOrder.CDAB),
+    )
+    limit = ControlSpec(RegisterSpec("max_current", Table.HOLDING, 261, DataType.U16, 1), 6)
+    return Profile(
+        slug="rtu-charger",
+        kind=DeviceKind.CHARGER,
+        manufacturer="Test",
+        model="RTU",
+        connection=ConnectionSpec(
+            transports=("rtu",), baudrate=BAUD, parity=PARITY, inter_request_delay_s=delay_s
+        ),
+        registers=regs,
+        current_limit=CurrentLimitSpec(limit, "0.1A", 6.0, 16.0, 0),
+    )
+
+
+VALUES = {
+    "state": 7,
+    "current_l1_a": 15.9,
+    "temperature_c": -3.5,
+    "power_w": 3650,
+    "energy_wh": 98765,
+    "energy_export_wh": 70000,
+}
+
+
+def image(profile: Profile, power_w: int) -> RegisterImage:
+    img = RegisterImage()
+    for name, value in {**VALUES, "power_w": power_w}.items():
+        spec = profile.register(name)
+        img.set(spec.table, spec.address, encode(spec, value))
+    return img
+
+
+def dev(dev_id: str, unit: int, timeout_s: float = 0.15) -> DeviceConfig:
+    return DeviceConfig(dev_id, "rtu-charger", bus="line", unit=unit, timeout_s=timeout_s)
+
+
+@asynccontextmanager
+async def rtu_line(units: dict[int, RegisterImage]) -> AsyncIterator[tuple[SimServer, SerialBus]]:
+    async with (
+        pty_pair() as (gateway_end, sim_end),
+        SimServer.rtu(sim_end, units, baudrate=BAUD, parity=PARITY) as srv,
+    ):
+        bus = SerialBus(gateway_end, BAUD, PARITY, 1, 8)
+        try:
+            yield srv, bus
+        finally:
+            await bus.close()
+
+
+async def test_rtu_line_decodes_two_units() -> None:
+    prof = heidelberg_like()
+    units = {1: image(prof, 1000), 2: image(prof, 2000)}
+    async with rtu_line(units) as (_, bus):
+        a = await DeviceDriver(dev("a", 1), prof, bus).poll()
+        b = await DeviceDriver(dev("b", 2), prof, bus).poll()
+    assert a.online and b.online, (a.error, b.error)
+    assert a.values == {**VALUES, "power_w": 1000, "current_l1_a": pytest.approx(15.9)}
+    assert b.values["power_w"] == 2000
+    assert b.values["temperature_c"] == pytest.approx(-3.5)
+    # 5..17+2 in one read (holes <= 8), 30..31 in another
+    assert units[1].reads == 2 and units[2].reads == 2
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        (FaultKind.NO_ANSWER, "timeout"),
+        (FaultKind.GARBAGE, "bad_frame"),
+        (FaultKind.EXCEPTION, "exception_response"),
+        (FaultKind.DROP, "timeout"),  # nothing to hang up on a serial line: silence
+    ],
+)
+async def test_fault_on_one_unit_does_not_disturb_the_others(kind: FaultKind, reason: str) -> None:
+    prof = heidelberg_like()
+    units = {1: image(prof, 1000), 2: image(prof, 2000), 3: image(prof, 3000)}
+    async with rtu_line(units) as (srv, bus):
+        drivers = [DeviceDriver(dev(f"d{u}", u), prof, bus) for u in (1, 2, 3)]
+        srv.set_fault(2, kind)
+        for _ in range(3):
+            samples = [await d.poll() for d in drivers]
+            assert [s.online for s in samples] == [True, False, True]
+            assert samples[1].error == reason
+            assert samples[0].values["power_w"] == 1000 and samples[2].values["power_w"] == 3000
+        srv.clear_fault(2)
+        recovered = await drivers[1].poll()
+        assert recovered.online and recovered.values["power_w"] == 2000
+
+
+async def test_current_limit_write_over_rtu_reaches_only_its_unit() -> None:
+    prof = heidelberg_like()
+    units = {1: image(prof, 1000), 2: image(prof, 2000)}
+    async with rtu_line(units) as (_, bus):
+        await DeviceDriver(dev("b", 2), prof, bus).set_current_limit(13.2)
+    assert units[2].get(Table.HOLDING, 261) == [132]  # 0.1 A steps
+    assert units[1].writes == 0
+
+
+async def test_inter_request_delay_and_frame_gap_are_kept() -> None:
+    prof = heidelberg_like(delay_s=0.05)
+    units = {1: image(prof, 1000)}
+    async with rtu_line(units) as (_, bus):
+        driver = DeviceDriver(dev("a", 1), prof, bus)
+        await driver.poll()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for _ in range(3):
+            assert (await driver.poll()).online
+        elapsed = loop.time() - t0
+    # 3 polls x 2 requests, each after >= 50 ms of bus silence
+    assert elapsed >= 6 * 0.05
+    assert bus.frame_gap_s == pytest.approx(3.5 * 11 / BAUD)
+
+
+async def test_a_unit_nobody_has_times_out_and_the_line_still_works() -> None:
+    prof = heidelberg_like()
+    units = {1: image(prof, 1000)}
+    async with rtu_line(units) as (_, bus):
+        with pytest.raises(DeviceError) as info:
+            await bus.read(9, Table.INPUT, 5, 1, 0.1)
+        assert info.value.reason == "timeout"
+        assert await bus.read(1, Table.INPUT, 5, 1, 0.5) == [7]
+
+
+async def test_rtu_over_tcp_serial_server() -> None:
+    prof = heidelberg_like()
+    units = {1: image(prof, 1000), 2: image(prof, 2000)}
+    async with SimServer.rtu_over_tcp("127.0.0.1", 0, units) as srv:
+        bus: ModbusBus = RtuOverTcpBus("127.0.0.1", srv.port)
+        try:
+            a = await DeviceDriver(dev("a", 1), prof, bus).poll()
+            srv.set_fault(2, FaultKind.GARBAGE)
+            b = await DeviceDriver(dev("b", 2), prof, bus).poll()
+            a2 = await DeviceDriver(dev("a", 1), prof, bus).poll()
+        finally:
+            await bus.close()
+    assert a.online and a.values["energy_wh"] == 98765
+    assert (b.online, b.error) == (False, "bad_frame")
+    assert a2.online and a2.values["power_w"] == 1000
