@@ -150,10 +150,14 @@ class Gateway:
             charger_ids=[d for d, kind in self._kinds.items() if kind is DeviceKind.CHARGER],
             time_scale=self.time_scale,
             plug_reset_counters=[
+                d.id for d in cfg.devices if _plug_reset_counter(self.profiles[d.driver])
+            ],
+            prefer_session_counters=[
                 d.id
                 for d in cfg.devices
-                if self.profiles[d.driver].has("session_energy_wh")
-                and self.profiles[d.driver].session_energy_resets == "plug"
+                if _plug_reset_counter(self.profiles[d.driver])
+                and self.profiles[d.driver].has("energy_wh")
+                and self.profiles[d.driver].register("energy_wh").scale > 1.0
             ],
         )
         self.poller = DevicePoller(list(self.drivers.values()), self._on_sample)
@@ -241,6 +245,11 @@ class Gateway:
         while True:
             await asyncio.sleep(PRUNE_EVERY_S)
             await self.store.prune()
+
+
+def _plug_reset_counter(profile: Profile) -> bool:
+    """The profile has a session energy counter that restarts at every plug-in."""
+    return profile.has("session_energy_wh") and profile.session_energy_resets == "plug"
 
 
 async def run_gateway(

@@ -387,10 +387,17 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from gateway.logs import configure_logging
 
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "simulate", "demo", "consume"):
+        # Until the event loop installs its own handler, SIGTERM means "stop now, cleanly".
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     quiet_default = "warning" if args.command not in ("run", "simulate", "consume") else "info"
     configure_logging("debug" if args.debug else quiet_default, json=args.log_json)
     try:

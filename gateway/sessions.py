@@ -103,6 +103,9 @@ class ChargerSpec:
     # The charger's session counter restarts at every plug-in (profile ``session_energy_resets:
     # plug``): a plug-in the gateway did not witness can be dated back by it.
     session_counter_resets_on_plug: bool = False
+    # Bill from that session counter rather than a coarse lifetime counter (Vestel counts its
+    # lifetime energy in 0.1 kWh steps but the session in Wh).
+    prefer_session_counter: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -588,6 +591,8 @@ class SessionTracker:
     def _source(self, conn: _Connector) -> str | None:
         if conn.spec.meter_id is not None:
             return f"meter:{conn.spec.meter_id}"
+        if conn.spec.prefer_session_counter and conn.session_wh is not None:
+            return "session_energy_wh"
         if conn.energy_wh is not None:
             return "energy_wh"
         if conn.session_wh is not None:
@@ -1067,6 +1072,7 @@ class SessionManager:
         plug_timeout_s: float = 120.0,
         time_scale: float = 1.0,
         plug_reset_counters: Iterable[str] = (),
+        prefer_session_counters: Iterable[str] = (),
     ) -> None:
         """``time_scale``: simulated seconds per wall second when the devices are simulated
         faster than real time (``evgw demo``); it widens the plausibility bound on counter
@@ -1090,6 +1096,7 @@ class SessionManager:
             else [d for d in devices if d not in meters]
         )
         resets = set(plug_reset_counters)  # chargers whose session counter restarts at plug-in
+        prefer = set(prefer_session_counters) & resets
         specs = []
         for cid in ids:
             dev = devices[cid]
@@ -1104,6 +1111,7 @@ class SessionManager:
                     max_power_w=_max_power_w(dev.max_current_a) * max(1.0, time_scale),
                     controllable=chargers is not None and chargers.can_control(cid),
                     session_counter_resets_on_plug=cid in resets,
+                    prefer_session_counter=cid in prefer,
                     confirmed=not guessed,
                 )
             )
