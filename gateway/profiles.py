@@ -1467,8 +1467,12 @@ def describe_profile(p: Profile) -> str:
     if p.description:
         lines.append(f"  {p.description}")
     lines.append(f"transports: {', '.join(c.transports)}")
-    lines.append(f"defaults: unit {c.default_unit}, port {c.default_port}, serial "
-                 f"{c.baudrate} {8}{c.parity}{c.stopbits}")
+    defaults = f"defaults: unit {c.default_unit}"
+    if any(t != "rtu" for t in c.transports):
+        defaults += f", port {c.default_port}"
+    if any(t.startswith("rtu") for t in c.transports):
+        defaults += f", serial {c.baudrate} 8{c.parity}{c.stopbits}"
+    lines.append(defaults)
     reads = f"reads: up to {c.max_registers_per_read} registers, gap {c.max_gap}"
     if c.single_value_reads:
         reads += ", one value per request"
