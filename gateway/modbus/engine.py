@@ -78,6 +78,7 @@ class DeviceDriver:
         self._last_error: str | None = None
         self._limit_a: float | None = None  # last current limit asked for (restored on enable)
         self._hb_ok: bool | None = None
+        self._limit_raw: int | float | None = None  # last raw value written to the limit
         self._log = log.bind(device=config.id, driver=profile.slug)
 
     def __repr__(self) -> str:
@@ -182,6 +183,8 @@ class DeviceDriver:
 
     # -- control ----------------------------------------------------------------------------
     async def _write(self, control: ControlSpec, raw: int | float) -> None:
+        if self.profile.current_limit is not None and control is self.profile.current_limit.control:
+            self._limit_raw = raw  # what a heartbeat that rewrites the limit writes again
         spec = control.register
         words = encode_raw(spec, raw)
         function = control.function
@@ -278,8 +281,19 @@ class DeviceDriver:
         hb = self.profile.heartbeat
         if hb is None:
             return
+        control, value = hb.control, hb.value
+        cl = self.profile.current_limit
+        if hb.rewrites_current_limit and cl is not None:
+            # Alfen: the limit itself times out; write the last one again (the maximum if the
+            # gateway never set one: what the charger would allow without the gateway).
+            control = cl.control
+            value = (
+                self._limit_raw
+                if self._limit_raw is not None
+                else self.amps_to_raw(self.max_current_a)
+            )
         try:
-            await self._write(hb.control, hb.value)
+            await self._write(control, value)
         except DeviceError as err:
             if self._hb_ok is not False:
                 self._log.warning("heartbeat_failed", reason=err.reason, detail=err.detail)
@@ -633,7 +647,7 @@ async def scan(
     if tcp is not None:
         host, _, port_text = tcp.rpartition(":") if ":" in tcp else (tcp, "", "")
         port = int(port_text) if port_text else 502
-        candidates = [p for p in candidates if "tcp" in p.connection.transports]
+        # Every profile: RTU-only devices often sit behind a Modbus TCP gateway.
         unit_list = (
             list(units) if units else sorted({1} | {p.connection.default_unit for p in candidates})
         )
