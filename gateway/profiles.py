@@ -165,7 +165,12 @@ class Condition:
             return False
         if self.equals is not None and value not in self.equals:
             return False
-        if self.min is not None or self.max is not None or self.bits_all is not None or self.bits_any is not None:
+        if (
+            self.min is not None
+            or self.max is not None
+            or self.bits_all is not None
+            or self.bits_any is not None
+        ):
             if not isinstance(value, int | float) or isinstance(value, bool):
                 return False
             if self.min is not None and value < self.min:
