@@ -14,7 +14,7 @@ from gateway.config import DeviceConfig
 from gateway.errors import DeviceError
 from gateway.modbus.bus import ModbusBus, RtuOverTcpBus, SerialBus
 from gateway.modbus.codec import encode
-from gateway.modbus.engine import DeviceDriver
+from gateway.modbus.engine import DeviceDriver, scan
 from gateway.model import DeviceKind
 from gateway.profiles import (
     ConnectionSpec,
@@ -184,3 +184,31 @@ async def test_rtu_over_tcp_serial_server() -> None:
     assert a.online and a.values["energy_wh"] == 98765
     assert (b.online, b.error) == (False, "bad_frame")
     assert a2.online and a2.values["power_w"] == 1000
+
+
+async def test_scan_a_serial_line_skips_silent_units_after_one_probe() -> None:
+    from gateway.profiles import load_profiles
+    from gateway.sim.devices import SimMeter
+
+    profiles = load_profiles()
+    sdm, em24 = RegisterImage(), RegisterImage()
+    SimMeter(profiles["eastron-sdm630"], sdm, seed=1)
+    SimMeter(profiles["carlo-gavazzi-em24"], em24, seed=1)
+    async with (
+        pty_pair() as (gateway_end, sim_end),
+        SimServer.rtu(sim_end, {2: sdm, 7: em24}, baudrate=9600) as _,
+    ):
+        result = await scan(
+            profiles, serial=gateway_end, bauds=[9600], units=range(1, 9), timeout_s=0.1
+        )
+    found = {(m.unit, m.slug) for m in result.matches}
+    assert (2, "eastron-sdm630") in found and (7, "carlo-gavazzi-em24") in found
+    assert {u for u, _ in found} == {2, 7}
+    rtu_with_identify = [
+        p for p in profiles.values() if p.identify and "rtu" in p.connection.transports
+    ]
+    # each of the six silent units costs one probe, not one per profile
+    assert result.probed <= 6 + 2 * len(rtu_with_identify)
+    snippet = result.config_snippet()
+    assert f"type: rtu, port: {gateway_end}, baudrate: 9600, parity: N, stopbits: 1" in snippet
+    assert "driver: carlo-gavazzi-em24, bus: rs485-1, unit: 7" in snippet

@@ -505,6 +505,7 @@ class ScanResult:
     serial: str | None = None
     matches: list[ScanMatch] = field(default_factory=list)
     probed: int = 0  # requests sent
+    errors: list[str] = field(default_factory=list)  # line settings that could not be opened
 
     def config_snippet(self) -> str:
         """YAML to paste into a site config (CONTRACT section 3 keys)."""
@@ -673,8 +674,13 @@ async def scan(
         try:
             for unit, profile, value in await _probe(bus, group, unit_list, timeout_s, result):
                 result.matches.append(ScanMatch(unit, profile.slug, value, baud, parity, stopbits))
+        except DeviceError as err:
+            # One setting the port refuses must not end the scan of the others.
+            result.errors.append(f"{baud} {parity}{stopbits}: {err.reason} ({err.detail})")
         finally:
             await bus.close()
+    if not result.matches and result.errors and len(result.errors) == len(settings):
+        raise DeviceError(result.endpoint, "connect_failed", "; ".join(result.errors))
     return result
 
 
@@ -702,6 +708,8 @@ async def run_scan(
     except DeviceError as err:
         print(f"scan: cannot reach {err.device_id}: {err.reason} ({err.detail})")
         return 1
+    for error in result.errors:
+        print(f"scan {result.endpoint}: skipped {error}")
     if not result.matches:
         print(f"scan {result.endpoint}: no known device found ({result.probed} probes)")
         return 1
