@@ -420,6 +420,7 @@ async def test_heartbeats_arrive_on_schedule_at_the_right_unit() -> None:
     gaps = [b - a for a, b in itertools.pairwise(writes)]
     assert all(0.07 < g < 0.13 for g in gaps), gaps
     assert poller.stats["cp2"].heartbeats == len(writes)
+    assert poller.stats["cp2"].heartbeat_missed_slots == 0
 
 
 # -- control writes ----------------------------------------------------------------------------

@@ -321,6 +321,7 @@ class PollStats:
     missed_slots: int = 0  # schedule slots skipped because a poll overran
     heartbeats: int = 0
     heartbeat_failures: int = 0
+    heartbeat_missed_slots: int = 0
     last_duration_s: float = 0.0
 
 
@@ -393,7 +394,9 @@ class DevicePoller:
                 stats.heartbeats += 1
             except DeviceError:
                 stats.heartbeat_failures += 1  # logged by the driver, once per change
-            deadline = self._next_deadline(deadline, hb.period_s, loop.time(), PollStats(), driver)
+            missed = PollStats()
+            deadline = self._next_deadline(deadline, hb.period_s, loop.time(), missed, driver)
+            stats.heartbeat_missed_slots += missed.missed_slots
             await asyncio.sleep(deadline - loop.time())
 
 
