@@ -17,7 +17,8 @@
 # mounts the extracted /opt over /opt and runs /usr/bin/evgw through its real shebang and
 # symlink, then `evgw run` on the shipped configuration under MemoryDenyWriteExecute (the
 # kernel's PR_SET_MDWE, which is what the unit's MemoryDenyWriteExecute= enforces), stopped
-# with SIGTERM, expecting exit status 0. Finally `systemd-analyze verify` checks the unit
+# with SIGTERM, expecting exit status 0, and a short `evgw demo` under the same restriction
+# (Modbus, MQTT broker and client, SQLite). Finally `systemd-analyze verify` checks the unit
 # against the extracted root where systemd-analyze exists. Every step that cannot run says so.
 set -euo pipefail
 umask 022
@@ -72,7 +73,21 @@ os.execve(sys.argv[1], sys.argv[1:], {"PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED
     fi
     [ -s /var/lib/evgw/buffer.db ] || { cat "$log" >&2; die "evgw run did not create /var/lib/evgw/buffer.db"; }
     step "  evgw run on the shipped site.yaml under MDWE: buffer created, SIGTERM -> exit 0"
-    rm -f "$log"
+    # The shipped config polls nothing; the demo exercises what a real site does (Modbus
+    # clients against simulated devices, an MQTT broker and client, SQLite), under MDWE.
+    demo_dir=$(mktemp -d)
+    if ! /opt/evgw/venv/bin/python -I -c '
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(65, 1, 0, 0, 0)
+os.execve(sys.argv[1], sys.argv[1:], {"PATH": "/usr/bin:/bin"})
+' /opt/evgw/venv/bin/evgw demo --duration 6s --no-view --dir "$demo_dir" >"$log" 2>&1; then
+        cat "$log" >&2
+        die "evgw demo failed under MDWE"
+    fi
+    grep -q "charging" "$log" || { cat "$log" >&2; die "evgw demo under MDWE showed no charging"; }
+    step "  evgw demo (simulated site, MQTT, SQLite) under MDWE: exit 0"
+    rm -rf "$log" "$demo_dir"
     if command -v systemd-analyze >/dev/null 2>&1; then
         # Here ExecStart exists at its real path, so verify has nothing to excuse. It checks
         # the unit's syntax, every directive name and value, and that ExecStart is executable;

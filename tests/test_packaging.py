@@ -133,6 +133,12 @@ def test_maintainer_scripts_are_executable_posix_shell() -> None:
     assert os.access(BUILD, os.X_OK)
 
 
+def test_build_script_refuses_unknown_arguments() -> None:
+    proc = _run(["bash", str(BUILD), "--frobnicate"])
+    assert proc.returncode != 0
+    assert "unknown argument '--frobnicate'" in proc.stderr
+
+
 def test_shipped_config_is_valid_and_buffers_in_var_lib() -> None:
     config = load_config(PACKAGING / "site.yaml")
     assert str(config.storage.path) == "/var/lib/evgw/buffer.db"
