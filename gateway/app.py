@@ -30,6 +30,11 @@ log = structlog.get_logger(__name__)
 READINGS_FLUSH_S = 1.0
 READINGS_BATCH = 500
 PRUNE_EVERY_S = 300.0
+SNAPSHOT_EVERY_S = 30.0
+
+
+def _short(value: Any) -> Any:
+    return round(value, 3) if isinstance(value, float) else value
 
 
 def _json(payload: Mapping[str, Any]) -> bytes:
@@ -86,6 +91,7 @@ class Gateway:
         self._stack = AsyncExitStack()
         self._samples: asyncio.Queue[DeviceSample] = asyncio.Queue(maxsize=10_000)
         self._readings: list[tuple[str, float, Mapping[str, Any]]] = []
+        self._last_values: dict[str, Mapping[str, Any]] = {}
         self._kinds = {d.id: self.profiles[d.driver].kind for d in config.devices}
         self.uplink: Any = None
         # >1 only under a sped-up simulator: counters then rise faster than real time allows.
@@ -214,6 +220,8 @@ class Gateway:
             sample = await self._samples.get()
             kind = self._kinds.get(sample.device_id, DeviceKind.METER)
             self.live.on_sample(sample, kind.value)
+            if sample.online:
+                self._last_values[sample.device_id] = sample.values
             if sample.online and sample.values:
                 self._readings.append((sample.device_id, sample.ts, dict(sample.values)))
             await self.sessions.on_sample(sample)
@@ -229,8 +237,13 @@ class Gateway:
             self.uplink.notify()
 
     async def _readings_writer(self) -> None:
+        next_snapshot = 0.0
         while True:
             await asyncio.sleep(READINGS_FLUSH_S)
+            now = self.clock.monotonic()
+            if now >= next_snapshot:
+                next_snapshot = now + SNAPSHOT_EVERY_S
+                self._log_snapshot()
             await self._flush_readings()
             self.live.backlog = await self.store.outbox_backlog()
             for session in self.sessions.tracker.sessions():
@@ -240,6 +253,19 @@ class Gateway:
                 )
             if self.uplink is not None:
                 self.live.uplink_online = bool(self.uplink.online)
+
+    def _log_snapshot(self) -> None:
+        """One line per device with its decoded values: what an installer watches."""
+        for dev in sorted(self.live.devices.values(), key=lambda d: d.device_id):
+            values = self._last_values.get(dev.device_id, {})
+            log.info(
+                "device_values",
+                device_id=dev.device_id,
+                online=dev.online,
+                status=dev.status,
+                error=dev.error,
+                **{k: _short(v) for k, v in values.items()},
+            )
 
     async def _housekeeping(self) -> None:
         while True:

@@ -212,3 +212,23 @@ async def test_scan_a_serial_line_skips_silent_units_after_one_probe() -> None:
     snippet = result.config_snippet()
     assert f"type: rtu, port: {gateway_end}, baudrate: 9600, parity: N, stopbits: 1" in snippet
     assert "driver: carlo-gavazzi-em24, bus: rs485-1, unit: 7" in snippet
+
+
+async def test_even_parity_line_settings_on_a_pty_are_ignored_not_fatal() -> None:
+    # `evgw simulate` stands in for RS-485 with a pty; a site config for an 8E1 device
+    # (Heidelberg) must still poll it. Linux refuses parity on a pty (EINVAL).
+    from gateway.modbus.bus import is_pseudo_terminal
+
+    profile = heidelberg_like()
+    async with (
+        pty_pair() as (gateway_end, sim_end),
+        SimServer.rtu(sim_end, {1: image(profile, 3650)}, baudrate=BAUD),
+    ):
+        assert is_pseudo_terminal(gateway_end)
+        bus = SerialBus(gateway_end, BAUD, "E", 1, 8)
+        try:
+            words = await bus.read(1, Table.INPUT, 14, 1, timeout_s=1.0)
+        finally:
+            await bus.close()
+    assert words == [3650]
+    assert not is_pseudo_terminal("/dev/ttyUSB0")

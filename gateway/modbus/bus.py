@@ -17,6 +17,7 @@ link dropped during the request), ``connect_failed`` (cannot open the link, or b
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -420,15 +421,26 @@ class SerialBus(ModbusBus):
         self.frame_gap_s = rtu_frame_gap_s(baudrate)
 
     def _make_client(self) -> Any:
+        parity, bytesize = self.parity, self.bytesize
+        if is_pseudo_terminal(self.port) and (parity != "N" or bytesize != 8):
+            # A pty (the simulator's RS-485 stand-in) carries bytes, not characters: it has no
+            # parity, and Linux refuses to set one on it (EINVAL). Real lines keep theirs.
+            log.info("serial_pty_line_settings_ignored", port=self.port, parity=parity)
+            parity, bytesize = "N", 8
         return AsyncModbusSerialClient(
             self.port,
             framer=FramerType.RTU,
             baudrate=self.baudrate,
-            parity=self.parity,
+            parity=parity,
             stopbits=self.stopbits,
-            bytesize=self.bytesize,
+            bytesize=bytesize,
             **self._client_kwargs(),
         )
+
+
+def is_pseudo_terminal(port: str) -> bool:
+    """The serial port is (a link to) a pseudo-terminal slave such as socat creates."""
+    return os.path.realpath(port).startswith("/dev/pts/")
 
 
 def bus_from_config(cfg: BusConfig) -> ModbusBus:
