@@ -92,6 +92,7 @@ class UplinkConfig:
     inflight_window: int = 50
     readings_qos: int = 0
     readings_batch: int = 500
+    protocol: str = "auto"  # auto | 5 | 3.1.1
 
     @property
     def scheme(self) -> str:
@@ -862,6 +863,11 @@ _UPLINK = _Obj(
             min=1,
             max=1000,
             description="QoS 1 messages awaiting PUBACK at once (20-100 is fastest)",
+        ),
+        "protocol": _Enum(
+            ("auto", "5", "3.1.1"),
+            default="auto",
+            description="MQTT version: auto tries 5 and falls back to 3.1.1",
         ),
         "readings_qos": _Enum((0, 1), default=0, description="QoS of readings batches"),
         "readings_batch": _Int(

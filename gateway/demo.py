@@ -72,10 +72,11 @@ def _template() -> str:
     )
 
 
-def write_demo_config(workdir: Path, broker_url: str) -> Path:
+def write_demo_config(workdir: Path, broker_url: str, protocol: str = "auto") -> Path:
     """Write the demo's site config with free ports filled in; returns its path."""
     ports = _free_ports(4)
     text = _template().replace("mqtt://127.0.0.1:@BROKER_PORT@", broker_url)
+    text = text.replace("@MQTT_PROTOCOL@", protocol)
     for name, port in zip(("CP1", "CP2", "CP3", "RS485"), ports, strict=True):
         text = text.replace(f"@PORT_{name}@", str(port))
     path = workdir / "demo-site.yaml"
@@ -166,7 +167,9 @@ async def run_demo(
                 broker_url = f"mqtt://127.0.0.1:{broker_port}"
             else:
                 broker_url = broker
-            config_path = write_demo_config(workdir, broker_url)
+            config_path = write_demo_config(
+                workdir, broker_url, "3.1.1" if broker is None else "auto"
+            )
             config = load_config(config_path)
             assert config.uplink is not None
             profiles = load_profiles(config.drivers_path)

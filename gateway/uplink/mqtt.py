@@ -147,10 +147,14 @@ class MqttUplink:
         self._key_payload: bytes | None = None
         self._client: aiomqtt.Client | None = None
         self._online = False
-        self._protocol = aiomqtt.ProtocolVersion.V5
+        self._protocol = (
+            aiomqtt.ProtocolVersion.V311
+            if config.protocol == "3.1.1"
+            else aiomqtt.ProtocolVersion.V5
+        )
         self._inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=1000)
         self._window: _Window | None = None
-        self.stats = UplinkStats()
+        self.stats = UplinkStats(protocol="3.1.1" if config.protocol == "3.1.1" else "5")
 
     # -- what the rest of the gateway calls -------------------------------------------------
 
@@ -217,14 +221,22 @@ class MqttUplink:
             except MqttConnectError as exc:
                 error = f"connect refused: {exc}"
                 code = getattr(exc.rc, "value", exc.rc)
-                if code in _UNSUPPORTED_PROTOCOL and self._protocol is aiomqtt.ProtocolVersion.V5:
+                if (
+                    code in _UNSUPPORTED_PROTOCOL
+                    and self._protocol is aiomqtt.ProtocolVersion.V5
+                    and self._config.protocol == "auto"
+                ):
                     log.warning("mqtt_v5_refused_falling_back_to_v311")
                     self._protocol = aiomqtt.ProtocolVersion.V311
                     self.stats.protocol = "3.1.1"
                     continue
             except aiomqtt.MqttError as exc:
                 error = str(exc) or type(exc).__name__
-                if self._connect_phase and "timed out" in error.lower():
+                if (
+                    self._connect_phase
+                    and "timed out" in error.lower()
+                    and self._config.protocol == "auto"
+                ):
                     # Some 3.1.1-only brokers (amqtt) neither answer nor close an MQTT 5
                     # CONNECT they cannot parse: after a silent connect, try the other version.
                     self._protocol = (
