@@ -8,6 +8,7 @@ import struct
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -584,6 +585,28 @@ async def test_scan_tcp_names_the_profiles_and_writes_a_snippet() -> None:
     snippet = result.config_snippet()
     assert f"driver: test-charger, host: 127.0.0.1, port: {srv.port}, unit: 255" in snippet
     assert snippet.startswith("devices:\n")
+
+
+def test_scan_snippet_has_one_device_per_unit_and_passes_check_config(tmp_path: Path) -> None:
+    # SDM120 and SDM630 answer the same identification register: one device, one alternative.
+    from gateway.config import load_config
+    from gateway.modbus.engine import ScanMatch, ScanResult
+
+    result = ScanResult(
+        "serial:///dev/ttyUSB0",
+        serial="/dev/ttyUSB0",
+        matches=[
+            ScanMatch(2, "eastron-sdm120", 50.0, 9600, "N", 1),
+            ScanMatch(2, "eastron-sdm630", 50.0, 9600, "N", 1),
+            ScanMatch(3, "eastron-sdm630", 50.0, 9600, "N", 1),
+        ],
+    )
+    snippet = result.config_snippet()
+    assert snippet.count("unit: 2}") == 1 and "# or: eastron-sdm630" in snippet
+    site = tmp_path / "site.yaml"
+    site.write_text("site: {id: s1}\nstorage: {path: ./b.db}\n" + snippet)
+    config = load_config(site)
+    assert [d.unit for d in config.devices] == [2, 3]
 
 
 def test_parse_units() -> None:

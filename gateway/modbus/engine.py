@@ -527,21 +527,34 @@ class ScanResult:
                 )
             if self.matches:
                 lines.append("devices:")
-            for m in self.matches:
+            for m, others in self._one_per_unit():
                 bus_id = bus_ids[(m.baudrate, m.parity, m.stopbits)]
                 lines.append(
                     f"  - {{id: {m.slug}-{m.unit}, driver: {m.slug}, bus: {bus_id}, "
-                    f"unit: {m.unit}}}"
+                    f"unit: {m.unit}}}" + _alternatives(others)
                 )
         elif self.tcp is not None and self.matches:
             host, port = self.tcp
             lines.append("devices:")
-            for m in self.matches:
+            for m, others in self._one_per_unit():
                 lines.append(
                     f"  - {{id: {m.slug}-{m.unit}, driver: {m.slug}, host: {host}, "
-                    f"port: {port}, unit: {m.unit}}}"
+                    f"port: {port}, unit: {m.unit}}}" + _alternatives(others)
                 )
         return "\n".join(lines) + ("\n" if lines else "")
+
+    def _one_per_unit(self) -> list[tuple[ScanMatch, list[str]]]:
+        """One device per unit id: a unit that several profiles recognise (SDM120 and SDM630
+        share their identification register) is one device; the others are named as
+        alternatives, since two devices on one unit would not pass check-config."""
+        groups: dict[tuple[int, Any, Any, Any], list[ScanMatch]] = {}
+        for m in self.matches:
+            groups.setdefault((m.unit, m.baudrate, m.parity, m.stopbits), []).append(m)
+        return [(ms[0], [m.slug for m in ms[1:]]) for ms in groups.values()]
+
+
+def _alternatives(slugs: list[str]) -> str:
+    return f"  # or: {', '.join(slugs)} (same identification)" if slugs else""
 
 
 def parse_units(text: str | None) -> list[int] | None:
