@@ -26,7 +26,8 @@ SPEED = 60.0  # simulated seconds per second
 SITE_YAML = """
 site: {{id: {site}, timezone: Europe/Berlin}}
 storage: {{path: ./buffer.db}}
-uplink: {{url: "mqtt://127.0.0.1:{broker}", client_id: evgw-e2e, topic_prefix: {prefix}, keepalive: 5s}}
+uplink:
+  {{url: "mqtt://127.0.0.1:{broker}", client_id: evgw-e2e, topic_prefix: {prefix}, keepalive: 5s}}
 buses:
   - {{id: gw, type: rtu-over-tcp, host: 127.0.0.1, tcp_port: {p_bus}}}
 devices:
@@ -168,3 +169,71 @@ async def test_site_lifecycle_end_to_end(
 
 async def _count(coro: Any, n: int) -> bool:
     return len(await coro) >= n
+
+
+async def test_tariffs_command_reprices_only_new_sessions_and_survives_a_restart(
+    tmp_path: Path, mosquitto: MosquittoBroker, shipped_profiles: dict[str, Profile]
+) -> None:
+    import json
+
+    config = load_config(write_site(tmp_path, mosquitto.port))
+    new_tariffs = {
+        "standard": {
+            "currency": "EUR",
+            "vat_percent": 19,
+            "elements": [{"components": [{"type": "energy", "price": "0.50"}]}],
+        }
+    }
+    recorder = Recorder(mosquitto.port)
+    async with (
+        running(recorder.run(), "recorder"),
+        SimSite.from_config(config, shipped_profiles, speed=SPEED, traffic=False) as site,
+    ):
+        await wait_until(recorder.connected.is_set, 5, "cloud subscriber")
+        cp1, cp2 = site.charger("cp1"), site.charger("cp2")
+        async with (
+            Gateway(config, shipped_profiles, time_scale=SPEED) as gw,
+            running(gw.run(), "gateway"),
+        ):
+            await wait_until(lambda: gw.uplink.online, 10, "gateway uplink")
+            await asyncio.sleep(1.0)
+            cp1.plug_in(tag="04A2B3C4D5E6F7", power_w=11_000, energy_need_wh=1_000)
+            await site.sleep(5)
+            cp1.start_charging()
+            await site.sleep(30)  # cp1's session runs under the old tariff
+            for request_id, body in (
+                ("t-1", {"version": 2, "tariffs": new_tariffs}),
+                ("t-bad", {"version": 3, "tariffs": {"standard": {"currency": "EURO"}}}),
+                ("t-old", {"version": 1, "tariffs": new_tariffs}),
+            ):
+                await recorder.publish(
+                    "commands/tariffs", json.dumps({"request_id": request_id, **body})
+                )
+            await wait_until(
+                lambda: len(recorder.on("commands/tariffs/reply")) >= 3, 10, "three replies"
+            )
+            replies = {
+                m.json()["request_id"]: m.json() for m in recorder.on("commands/tariffs/reply")
+            }
+            assert replies["t-1"]["ok"] is True
+            assert replies["t-bad"]["ok"] is False  # invalid: nothing changes
+            assert replies["t-old"]["ok"] is False
+            assert replies["t-old"]["error"]["code"] == "stale_version"
+        # the gateway restarts: the pushed tariffs are still in force
+        async with (
+            Gateway(config, shipped_profiles, time_scale=SPEED) as gw,
+            running(gw.run(), "gateway"),
+        ):
+            await asyncio.sleep(1.0)
+            cp2.plug_in(tag="FOB-0042", power_w=11_000, energy_need_wh=1_000)
+            await site.sleep(5)
+            cp2.start_charging()
+            await site.sleep(600)
+            cp1.unplug()
+            cp2.unplug()
+            await wait_until(lambda: _count(gw.store.finished_sessions(), 2), 15, "sessions")
+            records = {r["charger_id"]: r for r in await gw.store.finished_sessions()}
+    old, new = records["cp1"], records["cp2"]
+    assert old["cost"]["lines"][0]["unit_price"] == "0.30"  # frozen at its start
+    assert new["cost"]["lines"][0]["unit_price"] == "0.50"
+    assert old["tariff_version"] != new["tariff_version"]
