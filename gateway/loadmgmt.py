@@ -150,6 +150,7 @@ class _ChargerState:
     authorized: bool = True  # the session manager has not disabled it
     cap_a: float | None = None  # a limit asked for by someone else (set_current_limit)
     applied_a: float | None = None  # last limit written successfully; None: unknown
+    held_a: float | None = None  # last limit written, kept while the charger is silent
     applied_at: float = -math.inf  # when it was written
     changed_at: float = -math.inf  # when the value last changed
     running: bool = False  # its last target was > 0
@@ -234,6 +235,7 @@ class LoadBalancer:
         if st.applied_a is None or abs(st.applied_a - limit_a) > _EPS:
             st.changed_at = now
         st.applied_a = limit_a
+        st.held_a = limit_a
         st.applied_at = now
 
     def forget(self, device_id: str) -> None:
@@ -288,12 +290,13 @@ class LoadBalancer:
             for d, spec in self.specs.items():
                 if spec.controllable and d in online:
                     continue
-                # Chargers we do not steer are fixed loads: their measured draw, or for a
-                # managed charger that went silent, the limit it was last given.
+                # Chargers we do not steer are fixed loads: their measured draw. A managed
+                # charger that is silent may draw what it was last given (its maximum if it
+                # never got a limit from us).
                 st = self._state[d]
                 for p, amps in enumerate(self._charger_currents(d)):
-                    if spec.controllable and st.applied_a is not None and p in self._phases(d):
-                        amps = max(amps, st.applied_a)
+                    if spec.controllable and p in self._phases(d):
+                        amps = max(amps, spec.max_a if st.held_a is None else st.held_a)
                     avail[p] -= amps
 
         wanting: dict[str, float] = {}  # charger -> its own ceiling

@@ -342,9 +342,16 @@ def test_static_mode_reserves_the_last_limit_of_a_silent_charger() -> None:
     feed(b, charger("cp1", C), charger("cp2", C))
     assert settle(b, 0.0) == {"cp1": 16.0, "cp2": 16.0}
     feed(b, charger("cp2", online=False))
-    b.update(charger("cp2", online=False))
     d = b.decide(20.0)
-    assert d.targets == {"cp1": 32.0}  # cp2's limit is unknown after going offline: not held
+    assert d.targets == {"cp1": 16.0}  # cp2 may still draw the 16 A it was given
+    assert d.writes == {}
+
+
+def test_static_mode_reserves_the_maximum_of_a_charger_never_seen() -> None:
+    specs = [ChargerSpec("cp1", step_a=1), ChargerSpec("cp2", max_a=20, step_a=1)]
+    b = balancer(32, specs=specs)
+    feed(b, charger("cp1", C))
+    assert b.decide(0.0).targets == {"cp1": 12.0}
 
 
 def test_unauthorized_charger_is_left_alone_and_its_share_goes_to_others() -> None:
