@@ -288,3 +288,14 @@ async def test_duration_stops_cleanly_and_bad_urls(tmp_path: Path) -> None:
         await run_consumer("mqtt://127.0.0.1:9", "mysql://x/y", duration_s=0.1)
     assert parse_broker_url("mqtts://u:p%40ss@h").port == 8883
     assert parse_broker_url("mqtts://u:p%40ss@h").password == "p@ss"
+
+
+async def test_stores_open_concurrently(db_url: str) -> None:
+    """Consumers starting together (a shared-subscription group) set up the tables once;
+    PostgreSQL's CREATE TABLE IF NOT EXISTS alone races (unique violation in pg_type)."""
+
+    async def open_one() -> list[str]:
+        async with open_cloud_store(db_url) as store:
+            return await store.site_ids()
+
+    assert await asyncio.gather(*(open_one() for _ in range(4))) == [[]] * 4

@@ -121,6 +121,7 @@ _SCHEMA = (
     )""",
 )
 
+_MIGRATION_LOCK = 0x65766777  # "evgw": pg_advisory_xact_lock key of the table set-up
 _SESSION_COLUMNS = "session_id, site_id, seq, hash, prev_hash, record, signature_ok"
 
 
@@ -378,6 +379,14 @@ class _PostgresCloudStore(CloudStore):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CloudStoreError(f"cannot connect to {_redact(url)}: {first}") from None
         return cls(url, conn)
+
+    async def migrate(self) -> None:
+        # concurrent CREATE TABLE IF NOT EXISTS race in PostgreSQL (a unique violation in
+        # pg_type): consumers starting together take turns under an advisory lock
+        async with self._lock, self._conn.transaction():
+            await self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            for statement in _SCHEMA:
+                await self._conn.execute(statement)
 
     async def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         async with self._lock:
