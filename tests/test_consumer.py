@@ -284,8 +284,9 @@ async def test_duration_stops_cleanly_and_bad_urls(tmp_path: Path) -> None:
         run_consumer("mqtt://127.0.0.1:9", f"sqlite:///{tmp_path}/c.db", duration_s=0.3), 5
     )
     assert rc == 0
-    with pytest.raises(CloudStoreError, match="unsupported store URL"):
+    with pytest.raises(CloudStoreError, match="unsupported store URL") as bad:
         await run_consumer("mqtt://127.0.0.1:9", "mysql://x/y", duration_s=0.1)
+    assert bad.value.exit_code == 2  # a usage error
     assert parse_broker_url("mqtts://u:p%40ss@h").port == 8883
     assert parse_broker_url("mqtts://u:p%40ss@h").password == "p@ss"
 

@@ -33,6 +33,7 @@ __all__ = [
     "CloudStoreError",
     "Problem",
     "Reject",
+    "StoreUrlError",
     "StoredSession",
     "open_cloud_store",
 ]
@@ -40,6 +41,12 @@ __all__ = [
 
 class CloudStoreError(GatewayError):
     """The consumer's store cannot be opened or used (bad URL, missing driver, server down)."""
+
+
+class StoreUrlError(CloudStoreError):
+    """A store URL that names no supported store: a usage error."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +423,7 @@ def sqlite_path(url: str) -> Path:
     """``sqlite:///rel.db`` -> rel.db, ``sqlite:////abs/x.db`` -> /abs/x.db."""
     rest = url[len("sqlite://") :]
     if not rest.startswith("/") or len(rest) < 2:
-        raise CloudStoreError(f"{url}: expected sqlite:///path.db")
+        raise StoreUrlError(f"{url}: expected sqlite:///path.db")
     return Path(unquote(rest[1:]))
 
 
@@ -430,7 +437,7 @@ async def open_cloud_store(url: str) -> AsyncIterator[CloudStore]:
     elif scheme in ("postgresql", "postgres"):
         store = await _PostgresCloudStore.open(url)
     else:
-        raise CloudStoreError(
+        raise StoreUrlError(
             f"{url!r}: unsupported store URL (use sqlite:///path.db or postgresql://...)"
         )
     try:

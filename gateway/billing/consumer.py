@@ -38,7 +38,14 @@ from gateway.errors import GatewayError
 from gateway.records import GENESIS, canonical_json, record_hash
 from gateway.uplink.schemas import validate
 
-__all__ = ["BrokerAddress", "ConsumerStats", "SessionConsumer", "parse_broker_url", "run_consumer"]
+__all__ = [
+    "BrokerAddress",
+    "BrokerUrlError",
+    "ConsumerStats",
+    "SessionConsumer",
+    "parse_broker_url",
+    "run_consumer",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -295,6 +302,10 @@ def _span(first: int, last: int) -> str:
 # ---------------------------------------------------------------------------------- MQTT
 
 
+class BrokerUrlError(GatewayError):
+    exit_code = 2  # a usage error
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerAddress:
     host: str
@@ -308,11 +319,11 @@ def parse_broker_url(url: str) -> BrokerAddress:
     """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...`` (ports 1883 / 8883)."""
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise GatewayError(f"{url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
+        raise BrokerUrlError(f"{url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
     try:
         port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
     except ValueError:
-        raise GatewayError(f"{url!r}: bad port") from None
+        raise BrokerUrlError(f"{url!r}: bad port") from None
     return BrokerAddress(
         host=parts.hostname,
         port=port,
