@@ -51,7 +51,9 @@ def configure_logging(level: str = "info", *, json: bool | None = None, stream: 
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        cache_logger_on_first_use=True,
+        # Not cached: module-level loggers must follow a later reconfiguration (tests capture
+        # logs after a CLI run configured them); the cost is a dict lookup per log call.
+        cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(out)
     handler.setFormatter(

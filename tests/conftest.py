@@ -6,7 +6,11 @@ the profiles are the shipped ones, loaded once.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
 import pytest
+import structlog
 from mqtt_broker import fault_proxy, mosquitto, test_pki
 
 from gateway.profiles import Profile, load_profiles
@@ -17,3 +21,13 @@ __all__ = ["fault_proxy", "mosquitto", "shipped_profiles", "test_pki"]
 @pytest.fixture(scope="session")
 def shipped_profiles() -> dict[str, Profile]:
     return load_profiles()
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """A test that runs the CLI configures logging for the process (to its captured stderr);
+    the next test starts again from structlog's defaults."""
+    handlers = list(logging.getLogger().handlers)
+    yield
+    structlog.reset_defaults()
+    logging.getLogger().handlers[:] = handlers
