@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import structlog
@@ -55,6 +55,7 @@ PHASES = (0, 1, 2)
 ALL_PHASES = frozenset(PHASES)
 VOLTAGE_V = 230.0
 _EPS = 1e-6
+_RECENT = 4  # charger samples kept to match the grid meter's sample time
 
 # Statuses whose EV wants current now (or as soon as it gets some).
 _DEMANDING = frozenset(
@@ -91,6 +92,7 @@ class LoadSettings:
     rotate_s: float | None = None  # paused and running chargers swap after this long; None: never
     refresh_s: float | None = 60.0  # rewrite unchanged limits this often (a charger may reboot)
     phase_threshold_a: float = 1.0  # a phase drawing less than this is not used by the charger
+    settle_s: float = 1.0  # no raise while a charger's draw changed this recently (meters lag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,11 +143,13 @@ class Decision:
     base_a: tuple[float, float, float] | None = None  # grid minus the managed chargers' draw
     over_limit: bool = False  # the grid meter shows a phase above max_current_a
     paused: tuple[str, ...] = ()  # chargers that want current but got none
+    settling: bool = False  # a draw just changed: the meter may not show it yet, no raises
 
 
 @dataclass(slots=True)
 class _ChargerState:
     sample: DeviceSample | None = None
+    recent: list[DeviceSample] = field(default_factory=list)  # last online samples, oldest first
     phases: frozenset[int] | None = None  # phases seen drawing during this plug-in
     authorized: bool = True  # the session manager has not disabled it
     cap_a: float | None = None  # a limit asked for by someone else (set_current_limit)
@@ -154,6 +158,7 @@ class _ChargerState:
     applied_at: float = -math.inf  # when it was written
     changed_at: float = -math.inf  # when the value last changed
     running: bool = False  # its last target was > 0
+    wanted: bool = False  # it had a share (car wanting current) in the last decision
     since: float = 0.0  # when ``running`` last flipped
 
 
@@ -203,6 +208,8 @@ class LoadBalancer:
         if st is None:
             return
         st.sample = sample
+        if sample.online:
+            st.recent = [*st.recent[-(_RECENT - 1) :], sample]
         if not sample.online:
             # It may reboot with its own default limit: write ours again once it answers.
             st.applied_a = None
@@ -272,13 +279,16 @@ class LoadBalancer:
             mode = Mode.METERED if grid is not None else Mode.FAILSAFE
 
         base: tuple[float, float, float] | None = None
+        settling = False
         if mode == Mode.METERED:
             assert grid is not None
             drawn = [0.0, 0.0, 0.0]
+            assert sample is not None
+            settling = any(self._draw_changed(d, sample.ts) for d in online)
             for d in online:
-                for p, amps in enumerate(self._charger_currents(d)):
+                for p, amps in enumerate(self._charger_currents(d, at=sample.ts)):
                     drawn[p] += amps
-            # Clamped at 0: charger and meter samples are not taken at the same instant.
+            # Clamped at 0: charger and meter samples are still not taken at the same instant.
             base = (
                 max(0.0, grid[0] - drawn[0]),
                 max(0.0, grid[1] - drawn[1]),
@@ -318,6 +328,12 @@ class LoadBalancer:
             else:
                 idle.append(d)
 
+        for d, st in self._state.items():
+            wants = d in wanting
+            if wants and not st.wanted:
+                # A car arrived: its parked limit was no load decision, nothing to calm down.
+                st.changed_at = -math.inf
+            st.wanted = wants
         targets, paused = self._share(wanting, standby, avail, now)
         for d in idle:
             # Parked at its minimum: a car plugged in next starts small until the next decision.
@@ -328,7 +344,7 @@ class LoadBalancer:
             if running != st.running:
                 st.running, st.since = running, now
 
-        writes = self._hysteresis(targets, avail, now)
+        writes = self._hysteresis(targets, avail, now, allow_raise=not settling)
         changed = {d: a for d, a in writes.items() if not _same(self._state[d].applied_a, a)}
         over = grid is not None and max(grid) > s.max_current_a + _EPS
         return Decision(
@@ -341,6 +357,7 @@ class LoadBalancer:
             base_a=base,
             over_limit=over,
             paused=tuple(sorted(paused)),
+            settling=settling,
         )
 
     def _share(
@@ -383,7 +400,7 @@ class LoadBalancer:
         return (0 if standby else 1, rank, -held if st.running else held, device_id)
 
     def _hysteresis(
-        self, targets: dict[str, float], avail: list[float], now: float
+        self, targets: dict[str, float], avail: list[float], now: float, *, allow_raise: bool
     ) -> dict[str, float]:
         s = self.settings
         out: dict[str, float] = {}
@@ -397,7 +414,7 @@ class LoadBalancer:
                 out[d] = prev if small else target
             elif target > prev + _EPS:
                 worth = prev <= 0 or target - prev >= s.min_change_a
-                due = now - st.changed_at >= s.raise_every_s
+                due = allow_raise and now - st.changed_at >= s.raise_every_s
                 out[d] = target if worth and due else prev
             else:
                 out[d] = prev
@@ -443,13 +460,33 @@ class LoadBalancer:
         floor = max(self.settings.phase_threshold_a, 0.2 * top)
         return frozenset(p for p, c in enumerate(currents) if (c or 0.0) >= floor)
 
-    def _charger_currents(self, device_id: str) -> tuple[float, float, float]:
-        """Measured per-phase draw; from power alone it is spread over three phases (the
+    def _charger_currents(
+        self, device_id: str, at: float | None = None
+    ) -> tuple[float, float, float]:
+        """Measured per-phase draw; with ``at``, from the last sample taken no later than ``at``
+        (the grid meter's sample time: a car that just started is not subtracted from a grid
+        reading taken before it did). From power alone the draw is spread over three phases (the
         smallest per-phase figure: the base load is then over-, never under-estimated)."""
         st = self._state[device_id]
         sample = st.sample
         if sample is None or not sample.online:
             return (0.0, 0.0, 0.0)
+        if at is not None and st.recent:
+            older = [r for r in st.recent if r.ts <= at] or st.recent[:1]
+            sample = older[-1]
+        return self._sample_currents(sample)
+
+    def _draw_changed(self, device_id: str, at: float) -> bool:
+        """The charger's draw moved by ``min_change_a`` or more between its last two polls
+        before ``at``, less than ``settle_s`` before it: the meter may not show it yet."""
+        older = [r for r in self._state[device_id].recent if r.ts <= at]
+        if len(older) < 2 or older[-1].ts < at - self.settings.settle_s:
+            return False
+        a, b = self._sample_currents(older[-2]), self._sample_currents(older[-1])
+        return any(abs(a[p] - b[p]) >= self.settings.min_change_a for p in PHASES)
+
+    @staticmethod
+    def _sample_currents(sample: DeviceSample) -> tuple[float, float, float]:
         currents = [sample.number(f"current_l{p + 1}_a") for p in PHASES]
         if all(c is not None for c in currents):
             return (
@@ -588,7 +625,8 @@ class LoadManager:
             log.info(
                 "load_charger_enabled",
                 device_id=device_id,
-                limit_a=decision.targets.get(device_id),
+                target_a=decision.targets.get(device_id),
+                limit_a=self.balancer.applied(device_id),
             )
 
     async def set_current_limit(self, device_id: str, current_a: float) -> None:

@@ -309,7 +309,8 @@ def test_hysteresis_small_changes_and_slow_raises() -> None:
 def test_small_decreases_kept_while_they_fit() -> None:
     b = balancer(32, specs=[ChargerSpec(d, step_a=0.1) for d in ("cp1", "cp2")])
     feed(b, charger("cp1", C), charger("cp2", C))
-    b.confirm("cp1", 15.0, 0.0)
+    assert settle(b, 0.0) == {"cp1": 16.0, "cp2": 16.0}
+    b.confirm("cp1", 15.0, 0.0)  # as if 15 A had been written last
     b.confirm("cp2", 15.0, 0.0)
     # cp1 now capped at 14.5: it may keep 15 (15 + 15 <= 32), cp2 rises to 17.5 only after 10 s.
     b.set_cap("cp1", 14.5)
@@ -453,17 +454,29 @@ async def test_limits_logged_only_on_change_and_lowered_first() -> None:
         await load.evaluate()
         await load.evaluate()
         clock.now += 1
-        load.on_sample(charger("cp2", C, ts=clock.now))
+        load.on_sample(charger("cp2", C, ts=clock.now))  # a car arrives at cp2
         rec.calls.clear()
         await load.evaluate()
-    changes = [e for e in logs if e["event"] == "load_limits_changed"]
-    assert [c["limits"] for c in changes] == [{"cp1": 31.0, "cp2": 6.0}, {"cp1": 15.0}]
-    # cp2 may rise to 15 only 10 s after its last change; cp1 drops at once.
-    assert rec.calls == [("limit", "cp1", 15.0)]
-    clock.now += 10
-    rec.calls.clear()
-    await load.evaluate()
-    assert rec.calls == [("limit", "cp2", 15.0)]
+        # cp1 drops at once, then cp2 gets its share (a new car is not held back).
+        assert rec.calls == [("limit", "cp1", 15.0), ("limit", "cp2", 15.0)]
+        clock.now += 1
+        load.on_sample(charger("cp2", AVAILABLE, ts=clock.now))  # and leaves again
+        load.on_sample(grid(0, 0, 0, ts=clock.now))
+        rec.calls.clear()
+        await load.evaluate()
+        assert rec.calls == [("limit", "cp2", 6.0)]  # parked; cp1 may rise only 10 s later
+        clock.now += 9
+        load.on_sample(grid(0, 0, 0, ts=clock.now))
+        rec.calls.clear()
+        await load.evaluate()
+        assert rec.calls == [("limit", "cp1", 31.0)]
+    changes = [e["limits"] for e in logs if e["event"] == "load_limits_changed"]
+    assert changes == [
+        {"cp1": 31.0, "cp2": 6.0},
+        {"cp1": 15.0, "cp2": 15.0},
+        {"cp2": 6.0},
+        {"cp1": 31.0},
+    ]
 
 
 async def test_over_limit_wakes_the_loop_at_once() -> None:
@@ -568,3 +581,21 @@ grid: {max_current_a: 40, meter: grid}
     assert b.specs["cp2"] == ChargerSpec("cp2", 6, 16, 0.001, True, True, True)
     assert b.specs["cp3"].controllable is False and b.specs["cp3"].step_a == 0.1
     assert set(b.specs) == {"cp1", "cp2", "cp3"}
+
+
+def test_no_raise_while_a_draw_change_may_not_be_in_the_meter_yet() -> None:
+    b = balancer(32, "grid", specs=[ChargerSpec("cp1", step_a=1)], margin_a=0.0)
+    feed(b, charger("cp1", C, (0, 0, 0), ts=0.0), grid(4, 4, 4, ts=0.1))
+    assert settle(b, 0.1) == {"cp1": 28.0}
+    b.confirm("cp1", 6.0, 0.1)  # as if it had been parked at 6 A
+    # cp1's car starts (6 A) at the next poll; the meter still shows the old figure.
+    feed(b, charger("cp1", C, (6, 6, 6), ts=20.0), grid(4, 4, 4, ts=20.1))
+    d = b.decide(20.1)
+    assert d.settling and d.writes == {}  # base looks like 0: no raise on that
+    feed(b, charger("cp1", C, (6, 6, 6), ts=20.2), grid(10, 10, 10, ts=20.3))
+    d = b.decide(20.3)
+    assert not d.settling and d.base_a == pytest.approx((4, 4, 4))
+    assert d.writes == {"cp1": 28.0}
+    # A charger sample newer than the meter's is not matched with it.
+    feed(b, charger("cp1", C, (20, 20, 20), ts=21.0))
+    assert b.decide(20.5).base_a == pytest.approx((4, 4, 4))
