@@ -1,0 +1,193 @@
+"""The measured side of the scale and memory scenarios, in its own process so that its CPU time
+and RSS are its own (the simulators run in bench.serve, the runner elsewhere).
+
+``python -m bench.gwchild --mode gateway|raw --ports 1,2,3 --interval-s 1 --duration-s 60
+[--db PATH --prefill N]`` prints one JSON line of figures.
+
+gateway: ``DeviceDriver`` x N under the real ``DevicePoller`` (fixed schedule, missed slots
+counted), samples batched into ``Store.add_readings`` once a second as the app does.
+raw: one bare pymodbus client per device reading the same blocks on the same fixed schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import structlog
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.exceptions import ModbusException
+
+from bench.common import HOST, cpu_seconds, percentile, raise_fd_limit, rss_mb
+from bench.poll import make_drivers, raw_blocks
+from gateway.modbus.engine import DevicePoller
+from gateway.model import DeviceSample
+from gateway.profiles import Table
+from gateway.store import Store
+
+WARMUP_S = 2.0
+
+
+class Probe:
+    """Poll start times against the fixed schedule, and RSS over time."""
+
+    def __init__(self) -> None:
+        self.jitter_s: list[float] = []
+        self.rss: list[tuple[float, float]] = []
+        self.measuring = False
+
+    def started(self, first: float, k: int, interval_s: float, now: float) -> None:
+        if self.measuring:
+            self.jitter_s.append(now - (first + k * interval_s))
+
+    async def sample_rss(self, every_s: float = 0.5) -> None:
+        t0 = time.monotonic()
+        while True:
+            self.rss.append((time.monotonic() - t0, rss_mb()[0]))
+            await asyncio.sleep(every_s)
+
+
+async def gateway_mode(args: argparse.Namespace, probe: Probe) -> dict[str, Any]:
+    drivers = make_drivers(args.ports, interval_s=args.interval_s)
+    loop = asyncio.get_running_loop()
+    pending: list[tuple[str, float, dict[str, Any]]] = []
+    async with Store.open(args.db, site_id="bench", reserve_bytes=0, max_size_mb=8192) as store:
+        for i in range(0, args.prefill, 5000):
+            n = min(5000, args.prefill - i)
+            await store.add_readings([(f"cp{j % 50}", 1.79e9 + i + j, _VALUES) for j in range(n)])
+        for d in drivers:
+            original = d.poll
+            state = {"first": None, "k": 0}
+
+            async def timed(original: Any = original, state: dict[str, Any] = state) -> Any:
+                now = loop.time()
+                if state["first"] is None:
+                    state["first"] = now
+                probe.started(state["first"], state["k"], args.interval_s, now)
+                state["k"] += 1
+                return await original()
+
+            d.poll = timed  # type: ignore[method-assign]
+
+        def sink(sample: DeviceSample) -> None:
+            if sample.online:
+                pending.append((sample.device_id, sample.ts, dict(sample.values)))
+
+        async def writer() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                batch = pending[:]
+                del pending[:]
+                await store.add_readings(batch)
+
+        poller = DevicePoller(drivers, sink)
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(poller.run()), tg.create_task(writer())]
+            tasks.append(tg.create_task(probe.sample_rss()))
+            figures = await measured(args, probe)
+            for task in tasks:
+                task.cancel()
+        for d in drivers:
+            await d.bus.close()
+    stats = poller.stats.values()
+    figures["missed"] = sum(s.missed_slots for s in stats)
+    figures["offline"] = sum(s.offline for s in stats)
+    figures["polls"] = sum(s.polls for s in stats)
+    return figures
+
+
+async def raw_mode(args: argparse.Namespace, probe: Probe) -> dict[str, Any]:
+    blocks = raw_blocks()
+    loop = asyncio.get_running_loop()
+    clients = [AsyncModbusTcpClient(HOST, port=p, timeout=5, retries=0) for p in args.ports]
+    missed = [0]
+    errors = [0]
+
+    async def poll_loop(client: AsyncModbusTcpClient) -> None:
+        methods = {
+            Table.HOLDING: client.read_holding_registers,
+            Table.INPUT: client.read_input_registers,
+        }
+        first = loop.time()
+        k = 0
+        while True:
+            probe.started(first, k, args.interval_s, loop.time())
+            try:
+                for table, address, count in blocks:
+                    await methods[table](address, count=count, device_id=1)
+            except ModbusException:
+                errors[0] += 1
+            k += 1
+            now = loop.time()
+            while first + k * args.interval_s < now:
+                k += 1
+                missed[0] += 1
+            await asyncio.sleep(first + k * args.interval_s - now)
+
+    for c in clients:
+        await c.connect()
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(poll_loop(c)) for c in clients]
+        tasks.append(tg.create_task(probe.sample_rss()))
+        figures = await measured(args, probe)
+        for task in tasks:
+            task.cancel()
+    for c in clients:
+        c.close()
+    figures["missed"] = missed[0]
+    figures["offline"] = errors[0]
+    return figures
+
+
+async def measured(args: argparse.Namespace, probe: Probe) -> dict[str, Any]:
+    await asyncio.sleep(WARMUP_S)
+    probe.measuring = True
+    cpu0, t0 = cpu_seconds(), time.monotonic()
+    await asyncio.sleep(args.duration_s)
+    cpu, wall = cpu_seconds() - cpu0, time.monotonic() - t0
+    probe.measuring = False
+    jitter = [abs(j) for j in probe.jitter_s]
+    return {
+        "cpu_share": cpu / wall,
+        "wall_s": wall,
+        "jitter_p50_ms": percentile(jitter, 0.5) * 1000,
+        "jitter_p99_ms": percentile(jitter, 0.99) * 1000,
+        "jitter_max_ms": max(jitter, default=float("nan")) * 1000,
+    }
+
+
+_VALUES: dict[str, Any] = {}
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    from bench.ingest import sample_values
+
+    _VALUES.update(sample_values())
+    probe = Probe()
+    figures = await (gateway_mode(args, probe) if args.mode == "gateway" else raw_mode(args, probe))
+    figures["rss_samples"] = probe.rss
+    figures["rss_peak_mb"] = rss_mb()[1]
+    print(json.dumps(figures), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.gwchild")
+    parser.add_argument("--mode", choices=("gateway", "raw"), required=True)
+    parser.add_argument("--ports", type=lambda s: [int(p) for p in s.split(",")], required=True)
+    parser.add_argument("--interval-s", type=float, default=1.0)
+    parser.add_argument("--duration-s", type=float, default=5.0)
+    parser.add_argument("--db", default="")
+    parser.add_argument("--prefill", type=int, default=0)
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    raise_fd_limit()
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()

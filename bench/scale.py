@@ -1,0 +1,69 @@
+"""Scenario 2, scale: many chargers answering after 10 ms, each polled once a second (3 register
+blocks), the gateway in its own process (bench.gwchild) so its CPU share is its own; the
+simulators run in bench.serve. Baseline: bare pymodbus clients on the same schedule."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+from bench.common import REPO, Result, SimProcess, Size, child_env, tempdir
+
+DELAY_S = 0.010
+
+
+async def child(mode: str, ports: list[int], duration_s: float, **kw: Any) -> dict[str, Any]:
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.gwchild",
+        "--mode",
+        mode,
+        "--ports",
+        ",".join(map(str, ports)),
+        "--duration-s",
+        str(duration_s),
+    ]
+    for key, value in kw.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, env=child_env(), cwd=str(REPO)
+    )
+    try:
+        async with asyncio.timeout(duration_s + 600):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.gwchild --mode {mode} exited {proc.returncode}")
+    figures: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return figures
+
+
+async def run(size: Size) -> Result:
+    devices = size.pick(50, 300)
+    duration_s = size.pick(5.0, 60.0)
+    result = Result(
+        "scale",
+        f"2. Scale ({devices} devices, {DELAY_S * 1000:.0f} ms response, 3 blocks/s each, "
+        f"{duration_s:.0f} s)",
+    )
+    with tempdir() as tmp:
+        async with SimProcess(devices, delay_s=DELAY_S) as sim:
+            raw = await child("raw", sim.ports, duration_s)
+            gw = await child("gateway", sim.ports, duration_s, db=tmp / "scale.db")
+            sim.check_alive()
+    result.add("gateway CPU share of one core", gw["cpu_share"] * 100, "%", at_most=25)
+    result.add("raw pymodbus CPU share", raw["cpu_share"] * 100, "%")
+    result.add("CPU ratio gateway/raw", gw["cpu_share"] / max(raw["cpu_share"], 1e-9), "")
+    result.add("gateway jitter p50", gw["jitter_p50_ms"], "ms")
+    result.add("gateway jitter p99", gw["jitter_p99_ms"], "ms", at_most=50)
+    result.add("raw jitter p99", raw["jitter_p99_ms"], "ms")
+    result.add("gateway missed polls", gw["missed"], "", at_most=0)
+    result.add("gateway offline polls", gw["offline"], "", at_most=0)
+    result.add("raw missed polls", raw["missed"], "")
+    return result
