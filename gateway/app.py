@@ -134,6 +134,16 @@ class Gateway:
             for dev in cfg.devices
         }
         self.chargers = Chargers(self.drivers)
+        # Load management stands between the session manager and the chargers: a charger the
+        # session manager stopped never gets a limit > 0 (which would restart most chargers).
+        self.load: Any = None
+        control: Any = self.chargers
+        if cfg.grid is not None and cfg.grid.max_current_a is not None:
+            from gateway.loadmgmt import LoadBalancer, LoadManager
+
+            balancer = LoadBalancer.from_config(cfg, self.profiles, self.chargers.can_control)
+            self.load = LoadManager(cfg, balancer, self.chargers, self.clock)
+            control = self.load
         self.commands = SiteCommands(self)
         if cfg.uplink is not None:
             from gateway.uplink.mqtt import MqttUplink
@@ -148,7 +158,7 @@ class Gateway:
             cfg,
             self.store,
             self.authorizer,
-            self.chargers,
+            control,
             make_pricer(cfg.site.timezone),
             self._resolve_tariff,
             self.clock,
@@ -209,6 +219,8 @@ class Gateway:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.sessions.run(), name="sessions")
             tg.create_task(self.poller.run(), name="poller")
+            if self.load is not None:
+                tg.create_task(self.load.run(), name="load")
             tg.create_task(self._consume_samples(), name="samples")
             tg.create_task(self._readings_writer(), name="readings-writer")
             tg.create_task(self._housekeeping(), name="housekeeping")
@@ -224,6 +236,8 @@ class Gateway:
                 self._last_values[sample.device_id] = sample.values
             if sample.online and sample.values:
                 self._readings.append((sample.device_id, sample.ts, dict(sample.values)))
+            if self.load is not None:
+                self.load.on_sample(sample)
             await self.sessions.on_sample(sample)
             if len(self._readings) >= READINGS_BATCH:
                 await self._flush_readings()
