@@ -27,7 +27,7 @@ from bench.common import Result, Size, machine, median_result, versions
 SCENARIOS: dict[str, tuple[int, int]] = {
     "poll": (1, 3),
     "scale": (1, 1),
-    "ingest": (3, 3),
+    "ingest": (1, 3),
     "drain": (1, 3),
     "memory": (1, 1),
     "restart": (1, 3),

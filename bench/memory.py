@@ -27,7 +27,7 @@ def growth_mb_per_min(samples: list[list[float]]) -> float:
 async def run(size: Size) -> Result:
     devices = size.pick(50, 300)
     rows = size.pick(20_000, 1_000_000)
-    duration_s = size.pick(10.0, 180.0)
+    duration_s = size.pick(6.0, 180.0)
     result = Result(
         "memory",
         f"5. Memory ({devices} devices, {rows:,} buffered readings, {duration_s:.0f} s run)",
@@ -35,7 +35,7 @@ async def run(size: Size) -> Result:
     with tempdir() as tmp:
         async with SimProcess(devices, delay_s=DELAY_S) as sim:
             gw = await child("gateway", sim.ports, duration_s, db=tmp / "memory.db", prefill=rows)
-            raw = await child("raw", sim.ports, min(duration_s, 10.0))
+            raw = await child("raw", sim.ports, min(duration_s, 3.0))
             sim.check_alive()
     samples = gw["rss_samples"]
     steady = statistics.median(r for _, r in samples[len(samples) // 2 :])

@@ -46,7 +46,7 @@ async def child(mode: str, ports: list[int], duration_s: float, **kw: Any) -> di
 
 async def run(size: Size) -> Result:
     devices = size.pick(50, 300)
-    duration_s = size.pick(5.0, 60.0)
+    duration_s = size.pick(4.0, 60.0)
     result = Result(
         "scale",
         f"2. Scale ({devices} devices, {DELAY_S * 1000:.0f} ms response, 3 blocks/s each, "
