@@ -28,9 +28,9 @@ SCENARIOS: dict[str, tuple[int, int]] = {
     "poll": (1, 3),
     "scale": (1, 1),
     "ingest": (1, 3),
-    "drain": (1, 3),
+    "drain": (1, 1),
     "memory": (1, 1),
-    "restart": (1, 3),
+    "restart": (1, 1),
     "rtu": (1, 1),
 }
 HERE = Path(__file__).resolve().parent

@@ -12,7 +12,7 @@ from typing import Any
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from bench.common import HOST, PROFILE, Result, SimProcess, Size, tempdir
+from bench.common import HOST, PROFILE, Result, SimProcess, Size, cpu_seconds, tempdir
 from gateway.config import DeviceConfig
 from gateway.modbus.bus import TcpBus
 from gateway.modbus.engine import DeviceDriver
@@ -80,15 +80,21 @@ async def gateway_polls(ports: list[int], duration_s: float, db_path: Any) -> di
             w = tg.create_task(writer())
             tasks = [tg.create_task(loop(d)) for d in drivers]
             await asyncio.sleep(0.3)  # warm-up
-            start_n, start_t = counts[0], time.perf_counter()
+            start_n, start_t, start_cpu = counts[0], time.perf_counter(), cpu_seconds()
             await asyncio.sleep(duration_s)
             n, t = counts[0] - start_n, time.perf_counter() - start_t
+            cpu = cpu_seconds() - start_cpu
             stop.append(True)
             await asyncio.gather(*tasks)
             w.cancel()
         for d in drivers:
             await d.bus.close()
-    return {"polls_per_s": n / t, "offline": offline[0], "stored": stored[0]}
+    return {
+        "polls_per_s": n / t,
+        "offline": offline[0],
+        "stored": stored[0],
+        "cpu_us_per_poll": cpu / max(n, 1) * 1e6,
+    }
 
 
 def raw_blocks() -> list[tuple[Table, int, int]]:
@@ -129,15 +135,16 @@ async def raw_polls(ports: list[int], duration_s: float) -> dict[str, float]:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(loop(c)) for c in clients]
             await asyncio.sleep(0.3)
-            start_n, start_t = counts[0], time.perf_counter()
+            start_n, start_t, start_cpu = counts[0], time.perf_counter(), cpu_seconds()
             await asyncio.sleep(duration_s)
             n, t = counts[0] - start_n, time.perf_counter() - start_t
+            cpu = cpu_seconds() - start_cpu
             stop.append(True)
             del tasks
     finally:
         for c in clients:
             c.close()
-    return {"polls_per_s": n / t, "errors": errors[0]}
+    return {"polls_per_s": n / t, "errors": errors[0], "cpu_us_per_poll": cpu / max(n, 1) * 1e6}
 
 
 async def run(size: Size) -> Result:
@@ -156,6 +163,9 @@ async def run(size: Size) -> Result:
     result.add(
         "ratio gateway/raw", gw["polls_per_s"] / raw["polls_per_s"], "", at_least=TARGET_RATIO
     )
+    result.add("gateway CPU per poll", gw["cpu_us_per_poll"], "us")
+    result.add("raw CPU per poll", raw["cpu_us_per_poll"], "us")
+    result.add("CPU ratio gateway/raw", gw["cpu_us_per_poll"] / raw["cpu_us_per_poll"], "")
     result.add("offline polls (gateway)", gw["offline"], "", at_most=0)
     result.add("failed polls (raw)", raw["errors"], "")
     result.notes.append(
