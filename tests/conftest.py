@@ -13,6 +13,7 @@ import pytest
 import structlog
 from mqtt_broker import fault_proxy, mosquitto, test_pki
 
+from gateway.logs import configure_logging
 from gateway.profiles import Profile, load_profiles
 
 __all__ = ["fault_proxy", "mosquitto", "shipped_profiles", "test_pki"]
@@ -24,10 +25,12 @@ def shipped_profiles() -> dict[str, Profile]:
 
 
 @pytest.fixture(autouse=True)
-def _reset_logging() -> Iterator[None]:
-    """A test that runs the CLI configures logging for the process (to its captured stderr);
-    the next test starts again from structlog's defaults."""
+def _fresh_logging() -> Iterator[None]:
+    """Every test logs through the gateway's own pipeline to its own captured stderr (never to
+    stdout, which CLI tests read), and a test that runs the CLI cannot leave its configuration
+    to the next one."""
     handlers = list(logging.getLogger().handlers)
+    configure_logging("info", json=False)
     yield
     structlog.reset_defaults()
     logging.getLogger().handlers[:] = handlers
