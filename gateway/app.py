@@ -112,13 +112,7 @@ class Gateway:
         Path(cfg.storage.path).parent.mkdir(parents=True, exist_ok=True)
         self.signer = Signer.load_or_create(Path(cfg.storage.path).with_name("evgw-signing.key"))
         self.store = await self._stack.enter_async_context(
-            Store.open(
-                cfg.storage.path,
-                site_id=cfg.site.id,
-                max_size_mb=cfg.storage.max_size_mb,
-                readings_retention_days=cfg.storage.readings_retention_days,
-                sealer=lambda record: seal(record, self.signer.sign),
-            )
+            Store.for_site(cfg, sealer=lambda record: seal(record, self.signer.sign))
         )
         self.tariffs = TariffBook(cfg.tariffs, cfg.billing)
         pushed = await self.store.kv_get("tariffs")

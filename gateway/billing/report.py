@@ -435,13 +435,7 @@ async def run_report(
 
     zone = ZoneInfo(config.site.timezone)
     lo, hi = _period(start, end, zone)
-    async with Store.open(
-        config.storage.path,
-        site_id=config.site.id,
-        max_size_mb=config.storage.max_size_mb,
-        readings_retention_days=config.storage.readings_retention_days,
-        create=False,
-    ) as store:
+    async with Store.for_site(config, create=False) as store:
         sessions = await store.finished_sessions(since=lo, until=hi)
     chargers = _charger_ids(config)
     text = build_report(sessions, by, start, end, config.site.timezone, fmt, chargers=chargers)

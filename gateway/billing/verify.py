@@ -252,13 +252,7 @@ async def _records_from_buffer(
 ) -> tuple[list[dict[str, Any]], Ed25519PublicKey | None]:
     from gateway.store import Store
 
-    async with Store.open(
-        config.storage.path,
-        site_id=config.site.id,
-        max_size_mb=config.storage.max_size_mb,
-        readings_retention_days=config.storage.readings_retention_days,
-        create=False,
-    ) as store:
+    async with Store.for_site(config, create=False) as store:
         records = await store.finished_sessions()
     if site is not None:
         records = [r for r in records if r.get("site_id") == site]

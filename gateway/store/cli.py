@@ -114,14 +114,7 @@ async def run_sessions(
     config: GatewayConfig, *, open_only: bool, unsynced: bool, as_json: bool
 ) -> int:
     """``evgw sessions``: prints the listing; a missing buffer is a StoreError (one clear line)."""
-    async with Store.open(
-        config.storage.path,
-        site_id=config.site.id,
-        max_size_mb=config.storage.max_size_mb,
-        readings_retention_days=config.storage.readings_retention_days,
-        reserve_bytes=0,
-        create=False,
-    ) as store:
+    async with Store.for_site(config, reserve_bytes=0, create=False) as store:
         rows = await load_session_rows(store, open_only=open_only, unsynced=unsynced)
     print(render_sessions(rows, "json" if as_json else "table"))
     return 0

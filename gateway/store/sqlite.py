@@ -29,7 +29,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
 import structlog
@@ -47,6 +47,9 @@ from gateway.model import (
 from gateway.ports import OutboxRow, ReadingRow, Sealer
 from gateway.records import GENESIS, canonical_json, seal
 from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
 
 __all__ = ["SESSION_STREAM", "SESSION_TOPIC", "Store"]
 
@@ -175,6 +178,18 @@ class Store:
         self._rows_since_cap_check = 0
 
     # ------------------------------------------------------------------ opening and closing
+
+    @classmethod
+    def for_site(cls, config: GatewayConfig, **kwargs: Any) -> _Opening:
+        """The buffer a site config names, with its size and retention settings; read-only
+        tools pass ``create=False``."""
+        return cls.open(
+            config.storage.path,
+            site_id=config.site.id,
+            max_size_mb=config.storage.max_size_mb,
+            readings_retention_days=config.storage.readings_retention_days,
+            **kwargs,
+        )
 
     @classmethod
     def open(
