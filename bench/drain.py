@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -17,7 +18,8 @@ import paho.mqtt.client as paho
 from bench.common import HOST, Result, Size, mosquitto, percentile, tempdir
 from bench.ingest import sample_values
 from gateway.config import UplinkConfig
-from gateway.model import new_session_id, rfc3339
+from gateway.errors import CommandError
+from gateway.model import Token, new_session_id, rfc3339
 from gateway.store import Store
 from gateway.uplink.mqtt import MqttUplink, _reading_batches
 from gateway.uplink.topics import Topics
@@ -31,10 +33,26 @@ TARGET_RATIO = 0.7
 
 
 class _NoCommands:
-    async def remote_start(self, *a: Any) -> dict[str, Any]:
-        raise NotImplementedError
+    """No commands arrive in this benchmark; each refuses if one did."""
 
-    remote_stop = update_tokens = update_tariffs = auth_response = remote_start
+    async def remote_start(self, charger_id: str, user: str, token: str | None) -> dict[str, Any]:
+        raise CommandError("unsupported", "benchmark")
+
+    async def remote_stop(self, charger_id: str | None, session_id: str | None) -> dict[str, Any]:
+        raise CommandError("unsupported", "benchmark")
+
+    async def update_tokens(
+        self, version: int, mode: str, tokens: Sequence[Token], remove: Sequence[str]
+    ) -> dict[str, Any]:
+        raise CommandError("unsupported", "benchmark")
+
+    async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]:
+        raise CommandError("unsupported", "benchmark")
+
+    async def auth_response(
+        self, request_id: str, status: str, user: str | None, expires_at: float | None
+    ) -> None:
+        return None
 
 
 def session(i: int) -> dict[str, Any]:

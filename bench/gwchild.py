@@ -84,16 +84,28 @@ async def gateway_mode(args: argparse.Namespace, probe: Probe) -> dict[str, Any]
                 del pending[:]
                 await store.add_readings(batch)
 
-        poller = DevicePoller(drivers, sink)
+        # --stagger K: K pollers started K-th of an interval apart, spreading the devices'
+        # phases (DevicePoller itself starts every device at the same instant).
+        groups = max(1, args.stagger)
+        pollers = [DevicePoller(drivers[g::groups], sink) for g in range(groups)]
+
+        async def start(poller: DevicePoller, delay_s: float) -> None:
+            await asyncio.sleep(delay_s)
+            await poller.run()
+
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(poller.run()), tg.create_task(writer())]
+            tasks = [
+                tg.create_task(start(p, g * args.interval_s / groups))
+                for g, p in enumerate(pollers)
+            ]
+            tasks.append(tg.create_task(writer()))
             tasks.append(tg.create_task(probe.sample_rss()))
             figures = await measured(args, probe)
             for task in tasks:
                 task.cancel()
         for d in drivers:
             await d.bus.close()
-    stats = poller.stats.values()
+    stats = [s for p in pollers for s in p.stats.values()]
     figures["missed"] = sum(s.missed_slots for s in stats)
     figures["offline"] = sum(s.offline for s in stats)
     figures["polls"] = sum(s.polls for s in stats)
@@ -182,6 +194,7 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--db", default="")
     parser.add_argument("--prefill", type=int, default=0)
+    parser.add_argument("--stagger", type=int, default=1)
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
