@@ -128,10 +128,10 @@ async def _app_start(
             await asyncio.sleep(min(0.5 * (attempt + 1), 3.0))
 
 
-async def _view(live: LiveState, out: TextIO, redraw: bool, every_s: float) -> None:
+async def _view(live: LiveState, out: TextIO, redraw: bool, every_s: float, watch: str) -> None:
     while True:
         await asyncio.sleep(every_s)
-        screen = render_view(live, title="evgw demo  (Ctrl-C stops)")
+        screen = render_view(live, title=f"evgw demo  (Ctrl-C stops)   watch: {watch}")
         if redraw:
             out.write("\x1b[H\x1b[2J" + screen + "\n")
         else:
@@ -195,9 +195,8 @@ async def run_demo(
             prefix, site_id = config.uplink.topic_prefix, config.site.id
             host, port = config.uplink.host, config.uplink.port
             print(f"evgw demo: site '{site_id}' simulated at {speed:g}x in {workdir}", file=out)
-            print(
-                f"watch the topics:  mosquitto_sub -h {host} -p {port} -t '{prefix}/#' -v", file=out
-            )
+            watch = f"mosquitto_sub -h {host} -p {port} -t '{prefix}/#' -v"
+            print(f"watch the topics:  {watch}", file=out)
             print(f"buffer database:   {config.storage.path}", file=out)
             out.flush()
             async with asyncio.TaskGroup() as tg:
@@ -208,7 +207,7 @@ async def run_demo(
                 if view:
                     redraw = out.isatty()
                     tg.create_task(
-                        _view(live, out, redraw, 1.0 if redraw else 5.0), name="demo_view"
+                        _view(live, out, redraw, 1.0 if redraw else 5.0, watch), name="demo_view"
                     )
                 if duration_s is not None:
                     await asyncio.sleep(duration_s)
