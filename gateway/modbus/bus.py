@@ -1,8 +1,9 @@
 """Modbus buses: one object per physical serial line or TCP endpoint.
 
 A bus owns one pymodbus async client and a lock: pymodbus keeps one transaction in flight per
-client anyway, and on RS-485 only one frame may be on the wire. The bus applies its own timeouts
-(``asyncio.timeout``; the client's retries are off and its own timeout is far away), keeps the
+client anyway, and on RS-485 only one frame may be on the wire. The bus applies its own timeout,
+one timer per request that fails the client's response future (the client's retries are off and
+its own response timer is switched off, so there is never a second one), keeps the
 RTU inter-frame gap plus the gap a device asks for, reconnects after errors with capped,
 jittered exponential backoff (requests fail fast with ``connect_failed`` meanwhile, so a dead
 endpoint never holds up another bus), and turns every failure into
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.exceptions import ConnectionException, ModbusException
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ExceptionResponse
 
@@ -56,6 +57,8 @@ REASONS = frozenset(
 )
 
 # The client's own timeout must never fire before ours: ours is per request, its is per client.
+# Connects run under our own ``asyncio.timeout``; once the client exists its response wait is
+# switched off altogether (see ``_one_timer``).
 _CLIENT_TIMEOUT_S = 3600.0
 # After this many timeouts in a row with no answer from any unit, a TCP link is presumed
 # half-open and reopened (a single silent unit behind a gateway does not reset the link).
@@ -72,14 +75,43 @@ def rtu_frame_gap_s(baudrate: int) -> float:
 def _raise_swallowed_cancel() -> None:
     """Re-raise a cancellation that pymodbus lost.
 
-    pymodbus awaits its response with ``asyncio.wait_for``, which on Python 3.11 returns the
-    result and drops a cancellation that arrives in the same loop iteration as the answer. The
-    task then stays "cancelling" without ever seeing CancelledError and a TaskGroup waits for
-    it forever. Our own ``asyncio.timeout`` has uncancelled its part by the time we get here.
+    pymodbus awaits its response (and its connect) with ``asyncio.wait_for``, which on Python
+    3.11 returns the result and drops a cancellation that arrives in the same loop iteration as
+    the answer. The task then stays "cancelling" without ever seeing CancelledError and a
+    TaskGroup waits for it forever. With the client's timeout switched off ``wait_for`` is a
+    plain ``await``, but this check stays as the guard should a pymodbus version wrap it again.
+    Our own ``asyncio.timeout`` (connects) has uncancelled its part by the time we get here.
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+class _Expired(Exception):
+    """Our request timer fired: set on the client's response future (not a TimeoutError, which
+    pymodbus would catch and count towards closing the link on its own)."""
+
+
+def _one_timer(client: Any) -> Any:
+    """Switch off the client's own response timer: ``wait_for(fut, None)`` is a plain await.
+
+    Our per-request timer (``ModbusBus._expire``) fails the response future instead, so each
+    request arms exactly one timer. A client without the attribute keeps its (far) timeout.
+    """
+    params = getattr(getattr(client, "ctx", None), "comm_params", None)
+    if params is not None and hasattr(params, "timeout_connect"):
+        params.timeout_connect = None
+    return client
+
+
+# Read method of the pymodbus client for each table.
+_READERS = {
+    Table.HOLDING: "read_holding_registers",
+    Table.INPUT: "read_input_registers",
+    Table.COIL: "read_coils",
+    Table.DISCRETE: "read_discrete_inputs",
+}
+_WRITERS = {5: "write_coil", 6: "write_register", 15: "write_coils", 16: "write_registers"}
 
 
 class Backoff:
@@ -172,28 +204,22 @@ class ModbusBus(ABC):
         """
         async with self._lock:
             client = await self._ready(timeout_s, gap_s)
-            method = {
-                Table.HOLDING: client.read_holding_registers,
-                Table.INPUT: client.read_input_registers,
-                Table.COIL: client.read_coils,
-                Table.DISCRETE: client.read_discrete_inputs,
-            }[table]
-
-            def call() -> Any:
-                return method(address, count=count, device_id=unit)
-
-            rr = await self._transact(call, unit, f"{table.value}:{address}+{count}", timeout_s)
+            rr = await self._transact(
+                getattr(client, _READERS[table]), address, count, True, unit, timeout_s, table
+            )
             if table.is_bits:
-                bits = list(getattr(rr, "bits", []) or [])
+                bits = getattr(rr, "bits", None) or []
                 if len(bits) < count:
                     self._after_bad_frame()
                     raise self._fail(unit, "bad_frame", f"{len(bits)} bits for {count}")
                 return [1 if b else 0 for b in bits[:count]]
-            regs = list(getattr(rr, "registers", []) or [])
-            if len(regs) != count:
+            regs = getattr(rr, "registers", None)
+            if regs is None or len(regs) != count:
                 self._after_bad_frame()
-                raise self._fail(unit, "bad_frame", f"{len(regs)} registers for {count}")
-            return regs
+                n = 0 if regs is None else len(regs)
+                raise self._fail(unit, "bad_frame", f"{n} registers for {count}")
+            # pymodbus builds a fresh list per response: hand it over without a copy.
+            return regs if type(regs) is list else list(regs)
 
     async def write(
         self,
@@ -211,20 +237,25 @@ class ModbusBus(ABC):
             raise ValueError(f"function {function} cannot write {table.value}")
         if function in (5, 6) and len(values) != 1:
             raise ValueError(f"function {function} writes exactly one value, got {len(values)}")
+        if function == 5:
+            arg: Any = bool(values[0])
+        elif function == 6:
+            arg = int(values[0])
+        elif function == 15:
+            arg = [bool(v) for v in values]
+        else:
+            arg = [int(v) for v in values]
         async with self._lock:
             client = await self._ready(timeout_s, gap_s)
-
-            def call() -> Any:
-                if function == 5:
-                    return client.write_coil(address, bool(values[0]), device_id=unit)
-                if function == 6:
-                    return client.write_register(address, int(values[0]), device_id=unit)
-                if function == 15:
-                    return client.write_coils(address, [bool(v) for v in values], device_id=unit)
-                return client.write_registers(address, [int(v) for v in values], device_id=unit)
-
             await self._transact(
-                call, unit, f"write fc{function} {table.value}:{address}", timeout_s
+                getattr(client, _WRITERS[function]),
+                address,
+                arg,
+                False,
+                unit,
+                timeout_s,
+                table,
+                function,
             )
 
     async def close(self) -> None:
@@ -323,16 +354,36 @@ class ModbusBus(ABC):
             if callable(flush):
                 flush()
 
+    def _expire(self) -> None:
+        """The request timer: fail the pending response (the await returns at once)."""
+        fut = getattr(getattr(self._client, "ctx", None), "response_future", None)
+        if fut is not None and not fut.done():
+            fut.set_exception(_Expired())
+
     async def _transact(
-        self, call: Callable[[], Any], unit: int, what: str, timeout_s: float
+        self,
+        method: Callable[..., Any],
+        address: int,
+        arg: Any,
+        is_read: bool,
+        unit: int,
+        timeout_s: float,
+        table: Table,
+        function: int = 0,
     ) -> Any:
+        """One request: ``method(address, count=arg)`` for reads, ``method(address, arg)`` for
+        writes. Failures become DeviceError; the request description is only built for them."""
         self._rx_seen = False
         self.stats.requests += 1
         loop = asyncio.get_running_loop()
+        timer = loop.call_later(timeout_s, self._expire)
         try:
-            async with asyncio.timeout(timeout_s):
-                rr = await call()
-        except TimeoutError:
+            if is_read:
+                rr = await method(address, count=arg, device_id=unit)
+            else:
+                rr = await method(address, arg, device_id=unit)
+        except _Expired:
+            what = _what(table, address, arg, function)
             if self._rx_seen:
                 # Bytes came, but no valid frame for this request: garbage or a CRC error.
                 self._after_bad_frame()
@@ -347,27 +398,40 @@ class ModbusBus(ABC):
             raise self._fail(unit, "timeout", f"{what}: no answer in {timeout_s:g}s") from None
         except ConnectionException as exc:
             self._drop_client()
-            raise self._fail(unit, "connection_lost", f"{what}: {exc}") from None
-        except ModbusIOException as exc:
+            raise self._fail(
+                unit, "connection_lost", f"{_what(table, address, arg, function)}: {exc}"
+            ) from None
+        except ModbusException as exc:  # ModbusIOException included
             self._after_bad_frame()
-            raise self._fail(unit, "bad_frame", f"{what}: {exc}") from None
-        except ModbusException as exc:
-            self._after_bad_frame()
-            raise self._fail(unit, "bad_frame", f"{what}: {exc}") from None
+            raise self._fail(
+                unit, "bad_frame", f"{_what(table, address, arg, function)}: {exc}"
+            ) from None
         except OSError as exc:
             self._drop_client()
-            raise self._fail(unit, "connection_lost", f"{what}: {exc}") from None
+            raise self._fail(
+                unit, "connection_lost", f"{_what(table, address, arg, function)}: {exc}"
+            ) from None
         except Exception as exc:  # anything else the client trips over is a frame it cannot use
             self._after_bad_frame()
+            what = _what(table, address, arg, function)
             raise self._fail(unit, "bad_frame", f"{what}: {type(exc).__name__}: {exc}") from None
         finally:
+            timer.cancel()
             self._last_io_end = loop.time()
         _raise_swallowed_cancel()
         self._silent = 0
-        if isinstance(rr, ExceptionResponse) or (rr is not None and rr.isError()):
+        if rr is not None and (isinstance(rr, ExceptionResponse) or rr.isError()):
             code = int(getattr(rr, "exception_code", 0) or 0)
+            what = _what(table, address, arg, function)
             raise self._fail(unit, "exception_response", f"{what}: exception code {code}", code)
         return rr
+
+
+def _what(table: Table, address: int, arg: Any, function: int) -> str:
+    """The request, for error details."""
+    if function:
+        return f"write fc{function} {table.value}:{address}"
+    return f"{table.value}:{address}+{arg}"
 
 
 class TcpBus(ModbusBus):
@@ -379,7 +443,7 @@ class TcpBus(ModbusBus):
         self.port = port
 
     def _make_client(self) -> Any:
-        return AsyncModbusTcpClient(self.host, port=self.port, **self._client_kwargs())
+        return _one_timer(AsyncModbusTcpClient(self.host, port=self.port, **self._client_kwargs()))
 
 
 class RtuOverTcpBus(ModbusBus):
@@ -393,8 +457,10 @@ class RtuOverTcpBus(ModbusBus):
         self.frame_gap_s = frame_gap_s
 
     def _make_client(self) -> Any:
-        return AsyncModbusTcpClient(
-            self.host, port=self.port, framer=FramerType.RTU, **self._client_kwargs()
+        return _one_timer(
+            AsyncModbusTcpClient(
+                self.host, port=self.port, framer=FramerType.RTU, **self._client_kwargs()
+            )
         )
 
 
@@ -427,14 +493,16 @@ class SerialBus(ModbusBus):
             # parity, and Linux refuses to set one on it (EINVAL). Real lines keep theirs.
             log.info("serial_pty_line_settings_ignored", port=self.port, parity=parity)
             parity, bytesize = "N", 8
-        return AsyncModbusSerialClient(
-            self.port,
-            framer=FramerType.RTU,
-            baudrate=self.baudrate,
-            parity=parity,
-            stopbits=self.stopbits,
-            bytesize=bytesize,
-            **self._client_kwargs(),
+        return _one_timer(
+            AsyncModbusSerialClient(
+                self.port,
+                framer=FramerType.RTU,
+                baudrate=self.baudrate,
+                parity=parity,
+                stopbits=self.stopbits,
+                bytesize=bytesize,
+                **self._client_kwargs(),
+            )
         )
 
 
