@@ -25,7 +25,7 @@ import structlog
 from gateway.errors import DeviceError, GatewayError
 from gateway.modbus.bus import BusPool, ModbusBus, SerialBus, TcpBus
 from gateway.modbus.codec import CodecError, decode, encode_raw
-from gateway.modbus.plan import ReadBlock, plan_reads
+from gateway.modbus.plan import BlockDecoder, ReadBlock, plan_reads
 from gateway.model import DeviceSample, SystemClock, Value
 from gateway.profiles import ControlSpec, DataType, Profile
 
@@ -72,6 +72,7 @@ class DeviceDriver:
         self.blocks: list[ReadBlock] = plan_reads(
             profile.registers, conn.max_registers_per_read, conn.max_gap, conn.single_value_reads
         )
+        self._decoders = [BlockDecoder(b) for b in self.blocks]
         self._slow_due: dict[int, float] = {}  # block index -> monotonic time it is due again
         self._cache: dict[str, Value] = {}  # last values of slow blocks
         self._online: bool | None = None
@@ -128,12 +129,9 @@ class DeviceDriver:
                 self.config.timeout_s,
                 gap_s=self.gap_s,
             )
-            for spec, part in block.split(words):
-                try:
-                    fresh[spec.name] = decode(spec, part)
-                except CodecError as exc:  # a profile bug; the rest of the values still count
-                    self._log.warning("register_decode_failed", register=spec.name, error=str(exc))
-                    fresh[spec.name] = None
+            # A register that fails is None (a profile bug); the rest of the values still count.
+            for spec, exc in self._decoders[index].decode_into(words, fresh):
+                self._log.warning("register_decode_failed", register=spec.name, error=str(exc))
             if block.every_s is not None:
                 self._slow_due[index] = now + block.every_s
                 for spec in block.registers:
@@ -329,6 +327,8 @@ class DevicePoller:
     """Polls each driver at its ``poll_interval_s`` on a fixed schedule and hands every sample
     to ``sink`` (a plain function or a coroutine function).
 
+    Devices start spread over their interval (device ``i`` of ``n`` first polls ``i / n`` of an
+    interval after the start, in the order given), so a large site does not wake all at once.
     The schedule does not drift: the next deadline is the previous one plus the interval; when
     a poll overruns, the missed slots are skipped and counted, not caught up. Heartbeats run in
     their own task per device so a slow poll never delays them. A sink that raises stops the
@@ -341,9 +341,10 @@ class DevicePoller:
         self.stats: dict[str, PollStats] = {d.device_id: PollStats() for d in self.drivers}
 
     async def run(self) -> None:
+        n = len(self.drivers)
         async with asyncio.TaskGroup() as tg:
-            for driver in self.drivers:
-                tg.create_task(self._poll_loop(driver), name=f"poll:{driver.device_id}")
+            for index, driver in enumerate(self.drivers):
+                tg.create_task(self._poll_loop(driver, index / n), name=f"poll:{driver.device_id}")
                 if driver.profile.heartbeat is not None:
                     tg.create_task(
                         self._heartbeat_loop(driver), name=f"heartbeat:{driver.device_id}"
@@ -354,11 +355,15 @@ class DevicePoller:
         if inspect.isawaitable(result):
             await result
 
-    async def _poll_loop(self, driver: DeviceDriver) -> None:
+    async def _poll_loop(self, driver: DeviceDriver, phase: float = 0.0) -> None:
+        """``phase`` (0 <= phase < 1) places the first poll that far into the first interval:
+        devices spread over their interval instead of all waking in the same millisecond."""
         loop = asyncio.get_running_loop()
         stats = self.stats[driver.device_id]
         interval = max(driver.config.poll_interval_s, 0.001)
-        deadline = loop.time()
+        deadline = loop.time() + phase * interval
+        if phase > 0.0:
+            await asyncio.sleep(deadline - loop.time())
         while True:
             started = loop.time()
             sample = await driver.poll()
@@ -554,7 +559,7 @@ class ScanResult:
 
 
 def _alternatives(slugs: list[str]) -> str:
-    return f"  # or: {', '.join(slugs)} (same identification)" if slugs else""
+    return f"  # or: {', '.join(slugs)} (same identification)" if slugs else ""
 
 
 def parse_units(text: str | None) -> list[int] | None:

@@ -10,12 +10,23 @@ boundaries (``single_value_reads``) get one request per value. Registers polled 
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from gateway.profiles import RegisterSpec, Table
+from gateway.modbus.codec import CodecError, decode
+from gateway.model import Value
+from gateway.profiles import DataType, RegisterSpec, Table, WordOrder
 
-__all__ = ["MAX_BITS_PER_READ", "MAX_REGISTERS_PER_READ", "ReadBlock", "plan_reads"]
+__all__ = [
+    "MAX_BITS_PER_READ",
+    "MAX_REGISTERS_PER_READ",
+    "BlockDecoder",
+    "ReadBlock",
+    "plan_reads",
+]
 
 MAX_REGISTERS_PER_READ = 125  # FC03/FC04 limit of the Modbus spec
 MAX_BITS_PER_READ = 2000  # FC01/FC02 limit
@@ -123,3 +134,155 @@ def _merged(
     if members:
         out.append(ReadBlock(table, start, end - start, tuple(members), every_s))
     return out
+
+
+# -- block decoding ---------------------------------------------------------------------------
+# Same formats as gateway.modbus.codec (typed and, for the sentinel check, unsigned).
+_TYPED = {
+    DataType.U16: ">H",
+    DataType.I16: ">h",
+    DataType.U32: ">I",
+    DataType.I32: ">i",
+    DataType.U64: ">Q",
+    DataType.I64: ">q",
+    DataType.F32: ">f",
+    DataType.F64: ">d",
+}
+_UNSIGNED = {1: ">H", 2: ">I", 4: ">Q"}
+_FLOATS = (DataType.F32, DataType.F64)
+_NO_ERRORS: tuple[tuple[RegisterSpec, CodecError], ...] = ()
+
+
+class BlockDecoder:
+    """Decodes every register of one ``ReadBlock`` from the block's words in one go.
+
+    The words become bytes once (``struct.pack(">nH")``); each numeric register is then one
+    ``unpack_from`` at an offset worked out here, followed by the steps of
+    ``gateway.modbus.codec.decode`` in the same order (sentinels on the unsigned raw bytes,
+    NaN/inf, byte, mask, scale and offset), so values are identical to ``decode`` of the
+    register's own words. Word order CDAB reverses the register's words before unpacking. Text,
+    bools and bit tables go through ``decode`` itself.
+    """
+
+    __slots__ = ("_count", "_fast", "_pack", "_slow", "block")
+
+    def __init__(self, block: ReadBlock) -> None:
+        self.block = block
+        self._count = block.count
+        self._pack = struct.Struct(f">{block.count}H").pack
+        # (name, unpack_from, byte offset, float?, sentinel unpack_from, sentinels, byte,
+        #  mask, scale, offset, plain int?, CDAB words or 0)
+        self._fast: list[tuple[Any, ...]] = []
+        self._slow: list[tuple[RegisterSpec, int]] = []  # (spec, word index)
+        for spec in block.registers:
+            start = spec.address - block.address
+            if start < 0 or spec.end > block.end:
+                raise ValueError(
+                    f"{spec.name} is not inside block {block.table}:{block.address}+{block.count}"
+                )
+            fmt = _TYPED.get(spec.type)
+            if block.table.is_bits or fmt is None or spec.count != spec.type.fixed_count:
+                self._slow.append((spec, start))
+                continue
+            sentinel = struct.Struct(_UNSIGNED[spec.count]).unpack_from if spec.sentinels else None
+            cdab = spec.count if spec.word_order is WordOrder.CDAB and spec.count > 1 else 0
+            self._fast.append(
+                (
+                    spec.name,
+                    struct.Struct(fmt).unpack_from,
+                    0 if cdab else start * 2,
+                    spec.type in _FLOATS,
+                    sentinel,
+                    spec.sentinels,
+                    spec.byte,
+                    spec.mask,
+                    spec.scale,
+                    spec.offset,
+                    spec.byte is None
+                    and spec.mask is None
+                    and spec.scale == 1.0
+                    and spec.offset == 0.0,
+                    cdab,
+                    start,
+                )
+            )
+
+    def decode_into(
+        self, words: Sequence[int], out: dict[str, Value]
+    ) -> Sequence[tuple[RegisterSpec, CodecError]]:
+        """Put each register's value into ``out``; returns the registers that failed (a value
+        out of 0..65535 or a profile bug), whose value is None."""
+        if len(words) < self._count:
+            raise ValueError(
+                f"block {self.block.table}:{self.block.address} needs {self._count} words, "
+                f"got {len(words)}"
+            )
+        if self._fast:
+            try:
+                data = (
+                    self._pack(*words[: self._count])
+                    if len(words) != self._count
+                    else (self._pack(*words))
+                )
+            except struct.error:
+                return self._all_slow(words, out)
+            for (
+                name,
+                unpack_from,
+                at,
+                is_float,
+                sentinel,
+                sentinels,
+                byte,
+                mask,
+                scale,
+                offset,
+                plain,
+                cdab,
+                start,
+            ) in self._fast:
+                buf = data
+                if cdab:
+                    buf = self._swapped(words, start, cdab)
+                if sentinel is not None and sentinel(buf, at)[0] in sentinels:
+                    out[name] = None
+                    continue
+                (raw,) = unpack_from(buf, at)
+                if plain and not is_float:
+                    out[name] = raw
+                    continue
+                if is_float:
+                    out[name] = raw * scale + offset if math.isfinite(raw) else None
+                    continue
+                if byte == "high":
+                    raw = (raw >> 8) & 0xFF
+                elif byte == "low":
+                    raw &= 0xFF
+                if mask is not None:
+                    raw &= mask
+                out[name] = int(raw) if scale == 1.0 and offset == 0.0 else raw * scale + offset
+        errors: list[tuple[RegisterSpec, CodecError]] | None = None
+        for spec, start in self._slow:
+            try:
+                out[spec.name] = decode(spec, words[start : start + spec.count])
+            except CodecError as exc:
+                out[spec.name] = None
+                if errors is None:
+                    errors = []
+                errors.append((spec, exc))
+        return errors or _NO_ERRORS
+
+    def _swapped(self, words: Sequence[int], start: int, n: int) -> bytes:
+        return struct.pack(f">{n}H", *reversed(words[start : start + n]))
+
+    def _all_slow(
+        self, words: Sequence[int], out: dict[str, Value]
+    ) -> list[tuple[RegisterSpec, CodecError]]:
+        errors: list[tuple[RegisterSpec, CodecError]] = []
+        for spec, part in self.block.split(words):
+            try:
+                out[spec.name] = decode(spec, part)
+            except CodecError as exc:
+                out[spec.name] = None
+                errors.append((spec, exc))
+        return errors
