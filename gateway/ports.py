@@ -48,6 +48,9 @@ class ReadingRow:
     device_id: str
     ts: float
     values: Mapping[str, Any]
+    wire: bytes | None = None
+    """The reading as one JSON object of an ``evgw.readings/1`` batch (``gateway.wire``), when
+    the store has it: the uplink splices it as is."""
 
 
 class SessionStore(Protocol):

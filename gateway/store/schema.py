@@ -84,7 +84,15 @@ _V1 = (
     )""",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+_V2 = (
+    # Readings in their wire form (gateway/wire.py), encoded once when buffered and spliced into
+    # batches by the uplink. ``data`` stays for rows written before; new rows leave it empty.
+    "ALTER TABLE readings ADD COLUMN wire BLOB",
+    # Retention deletes by id range (ids follow time), so the time index only cost inserts.
+    "DROP INDEX readings_by_ts",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 """MIGRATIONS[i] holds the statements that bring the schema to version i + 1."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -47,6 +47,7 @@ from gateway.model import (
 from gateway.ports import OutboxRow, ReadingRow, Sealer
 from gateway.records import GENESIS, canonical_json, seal
 from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
+from gateway.wire import WireValues, encode_reading
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -602,14 +603,12 @@ class Store:
                 self._readings_blocked_at = max(blocked_at, self._clock.monotonic())
             self._count_dropped(len(rows))
             return
-        params = [
-            (dev, float(ts), json.dumps(dict(values), separators=(",", ":"), default=str))
-            for dev, ts, values in rows
-        ]
+        # Encoded once, in the form the uplink sends (gateway/wire.py).
+        params = [(dev, float(ts), encode_reading(ts, values)) for dev, ts, values in rows]
 
         async def body(db: aiosqlite.Connection) -> None:
             await db.executemany(
-                "INSERT INTO readings (device_id, ts, data) VALUES (?, ?, ?)", params
+                "INSERT INTO readings (device_id, ts, data, wire) VALUES (?, ?, '', ?)", params
             )
 
         try:
@@ -694,13 +693,18 @@ class Store:
 
     async def readings_fetch_unsynced(self, limit: int, after_id: int = 0) -> list[ReadingRow]:
         rows = await self._read(
-            "SELECT id, device_id, ts, data FROM readings WHERE synced = 0 AND id > ? ORDER BY id "
-            "LIMIT ?",
+            "SELECT id, device_id, ts, data, wire FROM readings WHERE synced = 0 AND id > ? "
+            "ORDER BY id LIMIT ?",
             (int(after_id), int(limit)),
         )
-        return [
-            ReadingRow(id=i, device_id=d, ts=ts, values=json.loads(data)) for i, d, ts, data in rows
-        ]
+        out = []
+        for i, d, ts, data, wire in rows:
+            if wire is None:  # written before schema version 2: encode it now
+                values = json.loads(data)
+                out.append(ReadingRow(i, d, ts, values, encode_reading(ts, values)))
+            else:
+                out.append(ReadingRow(i, d, ts, WireValues(wire), wire))
+        return out
 
     async def readings_mark_synced(self, ids: Sequence[int]) -> None:
         if not ids:
@@ -883,10 +887,25 @@ class Store:
         """Delete readings (and non-session messages, seen request ids) older than the retention;
         then, while the buffer is above its size cap, the oldest synced readings, then the oldest
         unsynced ones. Finished sessions and their outbox rows are never touched. Returns counts."""
-        cutoff = self._clock.time() - self.readings_retention_s
+        now = self._clock.time()
+        cutoff = now - self.readings_retention_s
 
         async def by_age(db: aiosqlite.Connection) -> tuple[int, int]:
-            cur = await db.execute("DELETE FROM readings WHERE ts < ?", (cutoff,))
+            # Ids follow time and readings have no time index (it cost every insert): walk from
+            # the oldest id to the first recent reading and delete the old ones before it. A
+            # reading stamped in the future (a clock set wrong, then fixed) does not hold this
+            # up; old readings after a recent one (the clock stepped back) wait for a later prune.
+            async with db.execute(
+                "SELECT id FROM readings WHERE ts >= ? AND ts <= ? ORDER BY id LIMIT 1",
+                (cutoff, now + _DAY_S),
+            ) as cur:
+                first_recent = await cur.fetchone()
+            if first_recent is None:
+                cur = await db.execute("DELETE FROM readings WHERE ts < ?", (cutoff,))
+            else:
+                cur = await db.execute(
+                    "DELETE FROM readings WHERE id < ? AND ts < ?", (first_recent[0], cutoff)
+                )
             readings = cur.rowcount
             cur = await db.execute(
                 "DELETE FROM outbox WHERE stream != ? AND created_ts < ?", (SESSION_STREAM, cutoff)

@@ -21,7 +21,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import random
 import ssl
 from collections.abc import Callable, Sequence
@@ -42,6 +41,7 @@ from gateway.model import Clock, SystemClock, rfc3339
 from gateway.ports import CommandTarget, ReadingRow, UplinkStore
 from gateway.uplink.commands import CommandHandler
 from gateway.uplink.topics import Topics
+from gateway.wire import encode_reading, readings_batch
 
 __all__ = ["PRIORITY_STREAMS", "MqttUplink", "UplinkStats"]
 
@@ -528,27 +528,20 @@ def _encode(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-def _json_value(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)
-
-
 def _reading_batches(rows: Sequence[ReadingRow]) -> list[tuple[str, bytes, list[int]]]:
-    """One ``evgw.readings/1`` message per device, readings in id order."""
-    grouped: dict[str, list[ReadingRow]] = {}
+    """One ``evgw.readings/1`` message per device, readings in id order: the stored wire texts
+    spliced together (a store without them gets its readings encoded here)."""
+    wires: dict[str, list[bytes]] = {}
+    ids: dict[str, list[int]] = {}
     for row in rows:
-        grouped.setdefault(row.device_id, []).append(row)
-    out = []
-    for device_id, group in grouped.items():
-        readings = [
-            {**{k: _json_value(v) for k, v in r.values.items()}, "ts": rfc3339(r.ts)} for r in group
-        ]
-        body = {"schema": "evgw.readings/1", "device_id": device_id, "readings": readings}
-        out.append((device_id, _encode(body), [r.id for r in group]))
-    return out
+        wire = row.wire if row.wire is not None else encode_reading(row.ts, row.values)
+        if (group := wires.get(row.device_id)) is None:
+            wires[row.device_id] = [wire]
+            ids[row.device_id] = [row.id]
+        else:
+            group.append(wire)
+            ids[row.device_id].append(row.id)
+    return [(dev, readings_batch(dev, group), ids[dev]) for dev, group in wires.items()]
 
 
 def _backoff_delay(attempt: int, low_s: float, high_s: float) -> float:
