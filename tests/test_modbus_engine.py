@@ -399,6 +399,30 @@ async def test_fixed_schedule_skips_and_counts_missed_slots() -> None:
     assert all(abs(s - round(s)) < 0.3 for s in slots)
 
 
+async def test_devices_start_spread_over_their_interval_and_keep_their_phase() -> None:
+    prof = replace(charger_profile(), heartbeat=None)
+    async with charger_server([1, 2, 3, 4]) as (srv, _):
+        bus = TcpBus("127.0.0.1", srv.port)
+        drivers = [
+            DeviceDriver(device(f"cp{u}", u, srv.port, poll_interval_s=0.2), prof, bus)
+            for u in (1, 2, 3, 4)
+        ]
+        rec = Recorder()
+        poller = DevicePoller(drivers, rec)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await run_for(poller, 0.95)
+        await bus.close()
+    for i, dev in enumerate(("cp1", "cp2", "cp3", "cp4")):
+        times = [t - start for t, _ in rec.samples[dev]]
+        # device i of 4 first polls i/4 of an interval in, then stays on its own grid
+        assert times[0] == pytest.approx(i * 0.05, abs=0.03), (dev, times)
+        slots = [(t - i * 0.05) / 0.2 for t in times]
+        assert all(abs(s - round(s)) < 0.15 for s in slots), (dev, slots)
+        assert [round(s) for s in slots] == list(range(len(slots))), (dev, slots)
+        assert poller.stats[dev].missed_slots == 0
+
+
 async def test_heartbeats_arrive_on_schedule_at_the_right_unit() -> None:
     prof = charger_profile()  # heartbeat: HR 6000 := 1 every 0.1 s
     async with charger_server([1, 2]) as (srv, images):
