@@ -1,0 +1,161 @@
+"""Readings stored in their wire form (gateway/wire.py): the encoder, the schema upgrade from
+version 1 (rows holding only ``data``) and retention by id range."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_uplink_support import ROOT, check_payload
+
+from gateway.model import rfc3339
+from gateway.store import Store
+from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
+from gateway.uplink.mqtt import _reading_batches
+from gateway.wire import encode_reading, readings_batch, wire_ts
+
+T0 = 1_790_000_000.0  # 2026-09-21
+TOPIC = ROOT + "/readings/{}"
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return 1000.0
+
+
+class Odd:
+    def __str__(self) -> str:
+        return "odd!"
+
+
+ENCODER_TABLE: list[tuple[dict[Any, Any], str]] = [
+    ({}, ""),
+    ({"power_w": 1.5, "energy_wh": 3}, ',"power_w":1.5,"energy_wh":3'),
+    ({"b": True, "n": None, "s": "x"}, ',"b":true,"n":null,"s":"x"'),
+    (
+        {"nan": float("nan"), "inf": float("inf"), "ninf": -1e400},
+        ',"nan":null,"inf":null,"ninf":null',
+    ),
+    ({"ünï": "çødé ✓", "q": 'a"b\\c\n'}, ',"ünï":"çødé ✓","q":"a\\"b\\\\c\\n"'),
+    ({"ts": 5, "p": 1}, ',"p":1'),  # the reading's own time wins
+    ({"list": [1, 2]}, ',"list":"[1, 2]"'),
+    ({"dict": {"a": 1}}, ',"dict":"{\'a\': 1}"'),
+    ({"obj": Odd()}, ',"obj":"odd!"'),
+    ({"dec": decimal.Decimal("1.25")}, ',"dec":"1.25"'),
+    ({"d": datetime.date(2026, 1, 2)}, ',"d":"2026-01-02"'),
+    ({3: 1, "z": 2}, ',"3":1,"z":2'),
+    ({("a", 1): 1}, ",\"('a', 1)\":1"),  # a key JSON cannot hold becomes its text
+    ({"big": 2**70, "neg": -0.0}, f',"big":{2**70},"neg":-0.0'),
+]
+
+
+@pytest.mark.parametrize(("values", "tail"), ENCODER_TABLE)
+def test_encoder_table(values: dict[Any, Any], tail: str) -> None:
+    wire = encode_reading(T0 + 0.25, values)
+    assert wire == ('{"ts":"2026-09-21T14:13:20.250Z"' + tail + "}").encode()
+    decoded = json.loads(wire)  # valid JSON, key order kept
+    assert next(iter(decoded)) == "ts"
+    body = readings_batch("cp-ü", [wire, wire])
+    assert check_payload(TOPIC.format("cp-ü"), body) == []
+
+
+def test_encoder_numpy_like_float_subclass() -> None:
+    class F(float):
+        pass
+
+    assert json.loads(encode_reading(T0, {"a": F("nan"), "b": F(2.5)})) == {
+        "ts": rfc3339(T0),
+        "a": None,
+        "b": 2.5,
+    }
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [0.0, 1.5, T0, T0 + 0.0005, T0 + 0.0015, T0 + 0.9999996, T0 - 0.0004, 1234567890.9995, -1.25],
+)
+def test_wire_ts_matches_rfc3339(ts: float) -> None:
+    assert wire_ts(ts) == f'{{"ts":"{rfc3339(ts)}"'
+
+
+def _make_v1_buffer(path: Path, rows: list[tuple[str, float, dict[str, Any]]]) -> None:
+    """A buffer as the gateway wrote it at schema version 1 (readings only in ``data``)."""
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(
+        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_ts REAL NOT NULL)"
+    )
+    for statement in MIGRATIONS[0]:
+        db.execute(statement)
+    db.execute("INSERT INTO schema_version VALUES (1, ?)", (T0,))
+    db.executemany(
+        "INSERT INTO readings (device_id, ts, data) VALUES (?, ?, ?)",
+        [(d, ts, json.dumps(v, separators=(",", ":"), default=str)) for d, ts, v in rows],
+    )
+    db.commit()
+    db.close()
+
+
+async def test_version_1_rows_still_drain(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = [("m1", T0 + i, {"power_w": i * 1.5, "energy_wh": i, "label": "é"}) for i in range(5)] + [
+        ("m2", T0 + 9, {"ts": "stale", "x": None})
+    ]
+    _make_v1_buffer(path, old)
+    async with Store.open(path, site_id="site-1", reserve_bytes=0, clock=Clock()) as s:
+        await s.add_readings([("m1", T0 + 10, {"power_w": float("nan"), "energy_wh": 10})])
+        rows = await s.readings_fetch_unsynced(100)
+        assert len(rows) == 7 and all(r.wire is not None for r in rows)
+        assert rows[0].values == {"power_w": 0.0, "energy_wh": 0, "label": "é"}
+        assert rows[-1].values == {"power_w": None, "energy_wh": 10}  # decoded on demand
+        batches = _reading_batches(rows)
+        assert [(dev, ids) for dev, _, ids in batches] == [
+            ("m1", [rows[i].id for i in (0, 1, 2, 3, 4, 6)]),
+            ("m2", [rows[5].id]),
+        ]
+        for dev, body, _ in batches:
+            assert check_payload(TOPIC.format(dev), body) == []
+        m1 = json.loads(batches[0][1])["readings"]
+        assert m1[1] == {"ts": rfc3339(T0 + 1), "power_w": 1.5, "energy_wh": 1, "label": "é"}
+        assert m1[-1] == {"ts": rfc3339(T0 + 10), "power_w": None, "energy_wh": 10}
+        assert json.loads(batches[1][1])["readings"] == [{"ts": rfc3339(T0 + 9), "x": None}]
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("SELECT MAX(version) FROM schema_version").fetchone() == (SCHEMA_VERSION,)
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert "readings_by_ts" not in indexes and "readings_unsynced" in indexes
+    finally:
+        db.close()
+
+
+async def test_prune_by_age_walks_ids_and_skips_future_stamps(tmp_path: Path) -> None:
+    day = 86_400.0
+    clock = Clock(T0)
+    async with Store.open(
+        tmp_path / "b.db", site_id="x", reserve_bytes=0, readings_retention_days=30, clock=clock
+    ) as s:
+        await s.add_readings([("m1", T0 - 40 * day + i, {"p": i}) for i in range(50)])
+        await s.add_readings([("m1", T0 + 400 * day, {"p": "future"})])  # a clock set wrong
+        await s.add_readings([("m1", T0 - 35 * day + i, {"p": i}) for i in range(50)])
+        await s.add_readings([("m1", T0 - 1 * day + i, {"p": i}) for i in range(10)])
+        await s.add_readings([("m1", T0 - 50 * day, {"p": "stepped back"})])
+        counts = await s.prune()
+        assert counts["readings_by_age"] == 100
+        left = [r.values["p"] for r in await s.readings_fetch_unsynced(1000)]
+        # the old reading after a recent one waits for a later prune
+        assert left == ["future", *range(10), "stepped back"]
+        clock.now += 30 * day  # now the 10 recent ones are past the retention too
+        counts = await s.prune()
+        assert counts["readings_by_age"] == 11
+        assert [r.values["p"] for r in await s.readings_fetch_unsynced(1000)] == ["future"]
