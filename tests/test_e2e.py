@@ -88,22 +88,22 @@ async def test_site_lifecycle_end_to_end(
         cp1, cp2, cp3 = site.charger("cp1"), site.charger("cp2"), site.charger("cp3")
         await asyncio.sleep(1.0)  # every device polled once: the gateway sees them idle
 
+        # Cars start drawing a few polls after their card was shown: at 60x a simulated
+        # minute is one real second, five polls of 200 ms. (A car that draws before the
+        # gateway has seen its card loses at most one poll's energy to the start reading.)
         # cp1: card first seen after plug-in; the car stops by itself when full.
         cp1.plug_in(power_w=11_000, energy_need_wh=2_000)
         await site.sleep(20)
         cp1.present_tag("04A2B3C4D5E6F7")  # KEBA shows only the first 4 UID bytes
-        await site.sleep(5)
-        cp1.start_charging()
         # cp2: key fob at plug-in, pauses and resumes (one session), then the EV pauses again.
         cp2.plug_in(tag="FOB-0042", power_w=7_400)
-        await site.sleep(5)
-        cp2.start_charging()
         # cp3: billed from its external meter m3.
         cp3.plug_in(power_w=22_000, energy_need_wh=3_000)
         await site.sleep(5)
         cp3.present_tag("CAROL-0001")
-        await site.sleep(5)
-        cp3.start_charging()
+        await site.sleep(60)
+        for charger in (cp1, cp2, cp3):
+            charger.start_charging()
         await site.sleep(300)
         cp2.suspend()
         await site.sleep(120)
