@@ -408,7 +408,8 @@ async def test_devices_start_spread_over_their_interval_and_keep_their_phase() -
             for u in (1, 2, 3, 4)
         ]
         rec = Recorder()
-        poller = DevicePoller(drivers, rec)
+        # 4 devices x 0.05 s: the window is the whole 0.2 s interval
+        poller = DevicePoller(drivers, rec, spread_per_device_s=0.05)
         loop = asyncio.get_running_loop()
         start = loop.time()
         await run_for(poller, 0.95)

@@ -327,16 +327,22 @@ class DevicePoller:
     """Polls each driver at its ``poll_interval_s`` on a fixed schedule and hands every sample
     to ``sink`` (a plain function or a coroutine function).
 
-    Devices start spread over their interval (device ``i`` of ``n`` first polls ``i / n`` of an
-    interval after the start, in the order given), so a large site does not wake all at once.
+    Devices start spread out so a large site does not wake all in the same millisecond: device
+    ``i`` of ``n`` (in the order given) first polls ``i / n`` of a window after the start, and
+    keeps that phase. The window is ``spread_per_device_s`` per device, at most the device's
+    interval: just enough to take turns for the CPU, while devices whose samples are combined
+    (a grid meter and the chargers behind it) are still read close together.
     The schedule does not drift: the next deadline is the previous one plus the interval; when
     a poll overruns, the missed slots are skipped and counted, not caught up. Heartbeats run in
     their own task per device so a slow poll never delays them. A sink that raises stops the
     poller (it is a bug in the caller, not a device fault).
     """
 
-    def __init__(self, drivers: Iterable[DeviceDriver], sink: Sink) -> None:
+    def __init__(
+        self, drivers: Iterable[DeviceDriver], sink: Sink, *, spread_per_device_s: float = 0.002
+    ) -> None:
         self.drivers = list(drivers)
+        self.spread_per_device_s = spread_per_device_s
         self.sink = sink
         self.stats: dict[str, PollStats] = {d.device_id: PollStats() for d in self.drivers}
 
@@ -356,12 +362,11 @@ class DevicePoller:
             await result
 
     async def _poll_loop(self, driver: DeviceDriver, phase: float = 0.0) -> None:
-        """``phase`` (0 <= phase < 1) places the first poll that far into the first interval:
-        devices spread over their interval instead of all waking in the same millisecond."""
+        """``phase`` (0 <= phase < 1) places the first poll that far into the spread window."""
         loop = asyncio.get_running_loop()
         stats = self.stats[driver.device_id]
         interval = max(driver.config.poll_interval_s, 0.001)
-        deadline = loop.time() + phase * interval
+        deadline = loop.time() + phase * min(interval, len(self.drivers) * self.spread_per_device_s)
         if phase > 0.0:
             await asyncio.sleep(deadline - loop.time())
         while True:
