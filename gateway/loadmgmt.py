@@ -259,6 +259,11 @@ class LoadBalancer:
         st = self._state.get(device_id)
         return None if st is None or st.sample is None else st.sample.status
 
+    @property
+    def grid_sample(self) -> DeviceSample | None:
+        """The latest sample of the grid meter (None until it was first polled)."""
+        return self._grid
+
     def over_limit(self) -> bool:
         """The latest grid sample shows a phase above ``max_current_a``."""
         grid = self._grid_currents(self._grid)
@@ -593,7 +598,7 @@ class LoadManager:
         before = self.balancer.status(sample.device_id)
         self.balancer.update(sample)
         if sample.device_id == self.balancer.settings.grid_meter:
-            if self.balancer.over_limit():
+            if self.balancer.over_limit() or self._mode is None:
                 self._wake.set()
         elif spec is not None and sample.status != before:
             self._wake.set()
@@ -642,9 +647,26 @@ class LoadManager:
     # -- the loop ----------------------------------------------------------------------------
     async def run(self) -> None:
         """Run until cancelled."""
+        await self._await_first_meter_sample()
         while True:
             async with self._lock:
                 await self._evaluate()
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(self.interval_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _await_first_meter_sample(self) -> None:
+        """At start-up the grid meter has simply not been polled yet: judging the site before
+        its first sample would put every charger in failsafe (and pause some) for nothing.
+        Wait for it, but no longer than the meter's stale limit."""
+        settings = self.balancer.settings
+        if settings.grid_meter is None:
+            return
+        deadline = self.clock.monotonic() + settings.meter_stale_s
+        while self.balancer.grid_sample is None and self.clock.monotonic() < deadline:
             self._wake.clear()
             try:
                 async with asyncio.timeout(self.interval_s):
