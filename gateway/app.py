@@ -61,7 +61,7 @@ class SiteCommands:
     async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]:
         book = self._gw.tariffs
         book.replace(version, dict(tariffs))
-        await self._gw.store.kv_put("tariffs", json.dumps({"version": version, "tariffs": tariffs}))
+        await self._gw.store.kv_put("tariffs", {"version": version, "tariffs": dict(tariffs)})
         return {"version": version, "tariffs": sorted(tariffs)}
 
     async def auth_response(
@@ -115,9 +115,8 @@ class Gateway:
             Store.for_site(cfg, sealer=lambda record: seal(record, self.signer.sign))
         )
         self.tariffs = TariffBook(cfg.tariffs, cfg.billing)
-        pushed = await self.store.kv_get("tariffs")
-        if pushed:
-            saved = json.loads(pushed)
+        saved = await self.store.kv_get("tariffs")  # the last `tariffs` command, if any
+        if saved:
             try:
                 self.tariffs.replace(saved["version"], saved["tariffs"])
             except Exception as exc:  # a stored push that no longer validates is not fatal

@@ -866,7 +866,7 @@ class SessionTracker:
         self._new_plug(conn, now, reading)
         if reading is None:
             return
-        sc = self._reading(conn, now, "session_energy_wh") if conn.session_wh else None
+        sc = self._reading(conn, now, "session_energy_wh")
         source = self._source(conn)
         if conn.spec.session_counter_resets_on_plug and sc is not None and sc >= 0:
             start = 0.0 if source == "session_energy_wh" else reading - sc
