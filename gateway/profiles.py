@@ -121,6 +121,9 @@ class WordOrder(StrEnum):
     CDAB = "CDAB"  # low word first
 
 
+KNOWN_FROM = ("hardware", "code", "document")
+
+
 @dataclass(frozen=True, slots=True)
 class RegisterSpec:
     """Where a value lives and how its raw words become a value in the named unit.
@@ -143,6 +146,10 @@ class RegisterSpec:
     sentinels: frozenset[int] = frozenset()
     every_s: float | None = None  # poll less often than the device interval
     note: str = ""
+    # Provenance: where this fact was found (document, driver file, issue) and how it is known:
+    # "hardware" (checked on a real device), "code" (public driver code), "document" (vendor doc).
+    source: str = ""
+    known: str = ""
 
     @property
     def end(self) -> int:
@@ -670,6 +677,11 @@ _REGISTER_FIELDS: dict[str, _Field] = {
     "word_order": _Field(
         _Str(choices=tuple(w.value for w in WordOrder)), doc="ABCD high word first (default)"
     ),
+    "source": _Field(_Str(nonempty=True), doc="where this was found: document, driver file, issue"),
+    "known": _Field(
+        _Str(choices=KNOWN_FROM),
+        doc="hardware (seen on a device) | code (public driver) | document (vendor)",
+    ),
 }
 
 _CONTROL_FIELDS: dict[str, _Field] = {
@@ -677,6 +689,8 @@ _CONTROL_FIELDS: dict[str, _Field] = {
     "address": _ADDRESS,
     "type": _Field(_Str(choices=_NUMERIC_TYPES), True, "value type on the wire"),
     "word_order": _REGISTER_FIELDS["word_order"],
+    "source": _REGISTER_FIELDS["source"],
+    "known": _REGISTER_FIELDS["known"],
     "function": _Field(
         _Int(), doc="write function: 5 or 15 (coil), 6 or 16 (holding); default by size"
     ),
@@ -935,6 +949,7 @@ class _Builder:
         return RegisterSpec(
             name=name, table=table, address=address, type=t, count=count,
             word_order=WordOrder(d.get("word_order", "ABCD")),
+            source=d.get("source", ""), known=d.get("known", ""),
         )
 
     def register(self, path: PathT, d: dict[str, Any]) -> RegisterSpec | None:
@@ -978,7 +993,7 @@ class _Builder:
             scale=float(d.get("scale", 1.0)), offset=float(d.get("offset", 0.0)),
             unit=d.get("unit", CANONICAL_QUANTITIES.get(name, "")),
             sentinels=frozenset(d.get("sentinels", ())), every_s=d.get("every"),
-            note=d.get("note", ""),
+            note=d.get("note", ""), source=base.source, known=base.known,
         )
 
     def registers(self) -> tuple[RegisterSpec, ...]:
