@@ -1648,6 +1648,13 @@ def summarize(config: GatewayConfig) -> str:
             f"  {dev.id}: {dev.driver} at {where} unit {dev.unit}, "
             f"every {format_duration(dev.poll_interval_s)}{extra}"
         )
+    if config.web is not None:
+        access = (
+            f"basic auth, users in {config.web.users_file}"
+            if config.web.users_file
+            else "no login: localhost only"
+        )
+        lines.append(f"web: status page, API and /metrics on {config.web.listen} ({access})")
     lines.append(
         f"{len(config.auth.tokens)} token(s), offline policy {config.auth.offline_policy}; "
         f"tariffs: {', '.join(sorted(config.tariffs)) or 'none'}"

@@ -106,7 +106,9 @@ def test_add_user_creates_private_file_and_replaces_passwords(tmp_path: Path) ->
     users = tmp_path / "users"
     assert add_user(users, "alice", "first") is True
     assert users.stat().st_mode & 0o777 == 0o600
+    users.chmod(0o640)  # an installer let the service's group read it
     assert add_user(users, "bob", "other") is True
+    assert users.stat().st_mode & 0o777 == 0o640
     assert add_user(users, "alice", "second") is False
     table = load_users(users)
     assert sorted(table) == ["alice", "bob"]

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,5 +164,11 @@ def add_user(path: str | Path, name: str, password: str) -> bool:
         out.write("\n".join(lines) + "\n")
         out.flush()
         os.fsync(out.fileno())
+        if file.exists():
+            # Keep the mode and group an installer gave the file (e.g. 640 root:evgw).
+            st = file.stat()
+            os.fchmod(out.fileno(), stat.S_IMODE(st.st_mode))
+            with contextlib.suppress(PermissionError):
+                os.fchown(out.fileno(), st.st_uid, st.st_gid)
     os.replace(tmp, file)
     return new
