@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema
 import pytest
 from mqtt_broker import MosquittoBroker
 from prometheus_client.parser import text_string_to_metric_families
 from test_uplink_support import wait_until
-from test_web_support import basic, get_json, start_charging, validate, web_site
+from test_web_support import basic, get_json, openapi, start_charging, validate, web_site
 
 from gateway.profiles import Profile
 from gateway.web.users import add_user
@@ -243,3 +244,18 @@ async def test_page_and_assets_are_served_from_the_package(
                 assert "https://" not in await resp.text()
         async with http.get(ws.url + "static/../server.py") as resp:
             assert resp.status == 404
+
+
+def test_openapi_file_schemas_are_valid_json_schema() -> None:
+    spec = openapi()
+    assert spec["openapi"] == "3.1.0"
+    for schema in spec["components"]["schemas"].values():
+        jsonschema.Draft202012Validator.check_schema(schema)
+    # every path the server routes is documented
+    assert set(spec["paths"]) == {
+        "/api/status",
+        "/api/sessions",
+        "/api/events",
+        "/metrics",
+        "/api/openapi.json",
+    }

@@ -8,7 +8,6 @@ const STATUS_WORDS = {
   finishing: "finishing", reserved: "reserved", unavailable: "unavailable",
   faulted: "faulted", unknown: "unknown",
 };
-let lastDoc = null;
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -140,7 +139,6 @@ function renderSite(site) {
 }
 
 function render(doc) {
-  lastDoc = doc;
   renderSite(doc.site);
   const box = document.getElementById("chargers");
   box.replaceChildren(...doc.chargers.map(chargerCard));
