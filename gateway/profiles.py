@@ -17,6 +17,7 @@ from typing import Any
 
 from gateway.errors import ConfigProblem, ProfileError
 from gateway.model import ChargerStatus, DeviceKind, IecState
+from gateway.tags import normalise_tag
 from gateway.yamlpos import YamlDoc, load_yaml
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "DataType",
     "HeartbeatSpec",
     "IdentifySpec",
+    "OnConnectWrite",
     "Profile",
     "RegisterSpec",
     "StateRule",
@@ -221,8 +223,11 @@ class TagSpec:
     """Where the charger shows the identification tag (RFID UID / OCPP idTag) of the session."""
 
     register: str  # name of a text register in ``registers``
-    empty: frozenset[str] = frozenset({""})  # values that mean "no tag"
+    empty: frozenset[str] = frozenset({""})  # values (normal form) that mean "no tag"
     upper: bool = True  # normalise to upper case (UIDs are compared case-insensitively)
+    # Values (normal form) the charger shows that are not a card: a free-charging mode's
+    # placeholder (Vestel VESTELFREEMODE). Such a session is unidentified, never a user.
+    not_a_user: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +268,17 @@ class HeartbeatSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class OnConnectWrite:
+    """A value the engine writes after every (re)connect of the device, before it polls:
+    settings the device forgets on a power cut or that keep it answering (Heidelberg HR 258 = 4
+    disables standby, in which the box stops answering)."""
+
+    control: ControlSpec
+    value: int | float
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class IdentifySpec:
     """What ``evgw scan`` reads to recognise the model; ``pattern`` is a regex that the decoded
     value (as text) must match, ``min``/``max`` a range for numbers."""
@@ -286,6 +302,13 @@ class ConnectionSpec:
     single_value_reads: bool = False  # KEBA: never read across value boundaries
     inter_request_delay_s: float = 0.0  # Heidelberg: evcc waits 100 ms between requests
     max_gap: int = 8  # registers of unused space worth reading to save a request
+    # The device answers exception 2 to a read that spans an address it does not define
+    # (Vestel, Webasto NEXT): reads never cover unused registers (max_gap is forced to 0).
+    rejects_gaps: bool = False
+
+    @property
+    def effective_max_gap(self) -> int:
+        return 0 if self.rejects_gaps else self.max_gap
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +329,10 @@ class Profile:
     heartbeat: HeartbeatSpec | None = None
     phases: ControlSpec | None = None
     identify: IdentifySpec | None = None
+    # How the gateway pauses charging: "enable" (the enable register or coil) or
+    # "current_limit" (write the limit's ``disable`` value); None: it cannot pause.
+    pause: str | None = None
+    on_connect: tuple[OnConnectWrite, ...] = ()
     # Session energy counter semantics: "plug" resets on plug-in, "never" is not to be trusted.
     session_energy_resets: str = "plug"
     # Raw register values the simulator writes to show each status (see docs/profiles.md).
@@ -759,6 +786,10 @@ _PROFILE = _Obj(
                     "single_value_reads": _Field(_Bool()),
                     "inter_request_delay": _Field(_Duration(positive=False)),
                     "max_gap": _Field(_Int(0, 125)),
+                    "rejects_gaps": _Field(
+                        _Bool(), doc="the device answers exception 2 to reads over unused "
+                        "registers: never read across them (max_gap 0)",
+                    ),
                 }
             )
         ),
@@ -794,6 +825,10 @@ _PROFILE = _Obj(
                     "register": _Field(_Str(pattern=_NAME_RE), True, "a text register"),
                     "empty": _Field(_List(_Str()), doc="values meaning no tag"),
                     "upper": _Field(_Bool()),
+                    "not_a_user": _Field(
+                        _List(_Str(nonempty=True)),
+                        doc="values the charger shows that are no card (free-mode placeholders)",
+                    ),
                 }
             )
         ),
@@ -856,6 +891,24 @@ _PROFILE = _Obj(
                     "unit": _Field(_Int(0, 255), doc="unit id to probe instead of the device's"),
                 }
             )
+        ),
+        "pause": _Field(
+            _Str(choices=("enable", "current_limit")),
+            doc="how charging is paused: the enable control, or the current limit's disable "
+            "value; default: enable when there is one",
+        ),
+        "on_connect": _Field(
+            _List(
+                _Obj(
+                    {
+                        **_CONTROL_FIELDS,
+                        "value": _Field(_Num(), True, "raw value written"),
+                        "note": _Field(_Str()),
+                    }
+                ),
+                min_items=1,
+            ),
+            doc="writes the engine makes after every (re)connect of the device, before polling",
         ),
         "session_energy_resets": _Field(_Str(choices=("plug", "never"))),
         "simulate": _Field(
@@ -1101,15 +1154,18 @@ class _Builder:
             return None
         return TagSpec(
             register=spec.name,
-            empty=frozenset({"", *d.get("empty", ())}),
+            empty=frozenset({"", *(normalise_tag(e) or "" for e in d.get("empty", ()))}),
             upper=d.get("upper", True),
+            not_a_user=frozenset(
+                t for t in (normalise_tag(e) for e in d.get("not_a_user", ())) if t
+            ),
         )
 
     def control(
-        self, key: str, d: dict[str, Any], *, on: Any = None, off: Any = None
+        self, key: str | PathT, d: dict[str, Any], *, on: Any = None, off: Any = None
     ) -> ControlSpec | None:
-        path: PathT = (key,)
-        spec = self.where_spec(path, d, key)
+        path: PathT = (key,) if isinstance(key, str) else key
+        spec = self.where_spec(path, d, key if isinstance(key, str) else str(key[0]))
         if spec is None or d.get("function") is _INVALID:
             return None
         if spec.table is Table.COIL:
@@ -1199,6 +1255,48 @@ class _Builder:
         if d is None or d is _INVALID or _bad(*d.values()):
             return None
         return self.control("phases", d, on=d["three_phase"], off=d["one_phase"])
+
+    def pause(
+        self, enable: ControlSpec | None, limit: CurrentLimitSpec | None
+    ) -> str | None:
+        d = self.data.get("pause")
+        if d is _INVALID:
+            return None
+        if d is None:
+            if enable is not None:
+                return "enable"
+            if limit is not None and limit.disable is not None:
+                return "current_limit"
+            return None
+        if d == "enable" and enable is None and "enable" not in self.data:
+            self.add(("pause",), "pause: enable needs an enable section")
+        if d == "current_limit" and "current_limit" not in self.data:
+            self.add(("pause",), "pause: current_limit needs a current_limit section")
+        elif d == "current_limit" and limit is not None and limit.disable is None:
+            self.add(("pause",), "pause: current_limit needs current_limit.disable")
+        return str(d)
+
+    def on_connect(self) -> tuple[OnConnectWrite, ...]:
+        items = self.data.get("on_connect")
+        if items is None or items is _INVALID:
+            return ()
+        out: list[OnConnectWrite] = []
+        for i, d in enumerate(items):
+            if d is _INVALID or _bad(*d.values()):
+                continue
+            control = self.control(("on_connect", i), d)
+            if control is None:
+                continue
+            rng = _type_range(control.register.type, control.register.count)
+            value = d["value"]
+            if rng is not None and not (
+                float(value).is_integer() and rng[0] <= value <= rng[1]
+            ):
+                self.add(("on_connect", i, "value"),
+                         f"{value!r} does not fit {control.register.type}")
+                continue
+            out.append(OnConnectWrite(control=control, value=value, note=d.get("note", "")))
+        return tuple(out)
 
     def identify(self) -> IdentifySpec | None:
         d = self.data.get("identify")
@@ -1320,10 +1418,13 @@ class _Builder:
         heartbeat = self.heartbeat(limit)
         phases = self.phases()
         identify = self.identify()
+        pause = self.pause(enable, limit)
+        on_connect = self.on_connect()
         if kind is DeviceKind.METER and not (self.regs.keys() & {"power_w", "energy_wh"}):
             self.add(("registers",), "a meter needs power_w or energy_wh")
         controls = [c for c in (enable, limit.control if limit else None,
                                 heartbeat.control if heartbeat else None, phases) if c]
+        controls += [w.control for w in on_connect]
         sim_states, sim_identity = self.simulate(
             kind or DeviceKind.CHARGER, state, identify, controls
         )
@@ -1345,9 +1446,11 @@ class _Builder:
                 single_value_reads=conn.get("single_value_reads", False),
                 inter_request_delay_s=conn.get("inter_request_delay", 0.0),
                 max_gap=conn.get("max_gap", 8),
+                rejects_gaps=conn.get("rejects_gaps", False),
             ),
             registers=registers, state=state, tag=tag, enable=enable, current_limit=limit,
-            heartbeat=heartbeat, phases=phases, identify=identify,
+            heartbeat=heartbeat, phases=phases, identify=identify, pause=pause,
+            on_connect=on_connect,
             session_energy_resets=data.get("session_energy_resets", "plug"),
             simulate_states=sim_states, simulate_identity=sim_identity,
             path=self.doc.file,
