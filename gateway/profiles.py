@@ -353,6 +353,18 @@ class Profile:
     def has_lifetime_energy(self) -> bool:
         return self.has("energy_wh")
 
+    @property
+    def pause_method(self) -> str | None:
+        """``pause`` as written, else the enable control when there is one, else the current
+        limit's disable value; None when the device cannot be paused."""
+        if self.pause is not None:
+            return self.pause
+        if self.enable is not None:
+            return "enable"
+        if self.current_limit is not None and self.current_limit.disable is not None:
+            return "current_limit"
+        return None
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading and validation.
@@ -1577,10 +1589,16 @@ def _fmt_register(spec: RegisterSpec) -> str:
     return "  ".join([*parts, " ".join(extra)]).rstrip()
 
 
+def _fmt_provenance(r: RegisterSpec) -> str:
+    known = r.known or "unknown"
+    flag = "" if r.known == "hardware" else " [unverified]"
+    return f"{known}{flag}: {r.source or 'no source given'}"
+
+
 def _fmt_control(c: ControlSpec) -> str:
     r = c.register
     text = f"{r.table} {r.address} ({r.address:#06x}) {r.type}, function {c.function}"
-    return text + (f", {r.word_order}" if r.count > 1 else "")
+    return text + (f", {r.word_order}" if r.count > 1 else "") + f" [{_fmt_provenance(r)}]"
 
 
 def describe_profile(p: Profile) -> str:
@@ -1602,11 +1620,14 @@ def describe_profile(p: Profile) -> str:
     if c.inter_request_delay_s:
         reads += f", {_fmt_num(c.inter_request_delay_s * 1000)} ms between requests"
     lines.append(reads)
-    lines.append("registers:")
+    if c.rejects_gaps:
+        lines.append("  the device rejects reads over unused registers: no gaps are read")
+    lines.append("registers (provenance under each; [unverified] = never checked on hardware):")
     width = max((len(r.name) for r in p.registers), default=4)
     for r in p.registers:
         unit = f" {r.unit}" if r.unit else ""
         lines.append(f"  {r.name:<{width}}  {_fmt_register(r)}{'  ->' + unit if unit else ''}")
+        lines.append(f"  {'':<{width}}    {_fmt_provenance(r)}")
     if p.kind is DeviceKind.CHARGER:
         lines.append("capabilities:")
         if p.state is not None:
@@ -1620,6 +1641,9 @@ def describe_profile(p: Profile) -> str:
             empty = ", ".join(repr(e) for e in sorted(p.tag.empty))
             lines.append(f"  tag: {tag_reg.name} at {tag_reg.table} {tag_reg.address}, "
                          f"{tag_reg.count} registers, {enc} (empty: {empty})")
+            if p.tag.not_a_user:
+                lines.append("  tag values that are no user: "
+                             + ", ".join(sorted(p.tag.not_a_user)))
         else:
             lines.append("  tag: none (no identification over Modbus)")
         if p.enable is not None:
@@ -1627,6 +1651,14 @@ def describe_profile(p: Profile) -> str:
         else:
             lines.append("  enable: none (current limit 0 pauses)" if p.current_limit else
                          "  enable: none")
+        pause = p.pause_method
+        lines.append("  pause: " + {
+            "enable": "enable (the enable control; never a current below the minimum)",
+            "current_limit": "current_limit (write the limit's disable value)",
+        }.get(pause or "", "none (cannot be paused)") + ("" if p.pause else " [default]"))
+        for w in p.on_connect:
+            lines.append(f"  on connect: write {w.value} to {_fmt_control(w.control)}"
+                         + (f" ({w.note})" if w.note else ""))
         if p.current_limit is not None:
             cl = p.current_limit
             lines.append(f"  current limit: {_fmt_control(cl.control)}, unit {cl.unit}, "
@@ -1654,6 +1686,7 @@ def describe_profile(p: Profile) -> str:
             f"in {i.min if i.min is not None else '-inf'}..{i.max if i.max is not None else 'inf'}")
         unit = f" on unit {i.unit}" if i.unit is not None else ""
         lines.append(f"identify: {_fmt_register(i.register)}{unit}, {test}")
+        lines.append(f"  {_fmt_provenance(i.register)}")
     if p.sources:
         lines.append("sources:")
         lines.extend(f"  - {s}" for s in p.sources)

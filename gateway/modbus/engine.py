@@ -236,7 +236,7 @@ class DeviceDriver:
 
     @property
     def pauses_by_enable(self) -> bool:
-        return self.profile.pause == "enable" and self.profile.enable is not None
+        return self.profile.pause_method == "enable" and self.profile.enable is not None
 
     async def set_enabled(self, enabled: bool) -> None:
         """Allow or stop charging by the profile's pause method: the enable register or coil,
@@ -248,7 +248,7 @@ class DeviceDriver:
             # Resuming while load management holds it at 0 would charge at a stale limit.
             await self._write_enable(enabled and not self._limit_paused)
             self._disabled = not enabled
-        elif prof.current_limit is not None and prof.pause == "current_limit":
+        elif prof.current_limit is not None and prof.pause_method == "current_limit":
             cl = prof.current_limit
             if enabled:
                 await self._write_limit(
