@@ -127,7 +127,7 @@ def test_charx_status_word_with_a_low_byte_classifies_by_the_letter() -> None:
 
 
 def test_controls_and_pause_methods() -> None:
-    pause = {s: PROFILES[s].pause_method for s in ORIGINAL_14 + ("keba-p40",)
+    pause = {s: PROFILES[s].pause_method for s in (*ORIGINAL_14, "keba-p40")
              if PROFILES[s].state is not None}
     assert pause == {
         "abb-terra-ac": "current_limit", "alfen-eve": "current_limit",
