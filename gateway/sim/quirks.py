@@ -46,11 +46,19 @@ _WEBASTO_NEXT_GAPS = (
     | _span(1610, 1619)
 )
 
+# Between the input registers OpenEMS WebastoImpl (Webasto Unite = Vestel EVC04) reads.
+_VESTEL_GAPS = frozenset(
+    {1003, 1005, 1009, 1011, 1013, 1015, 1017, 1019, 1022, 1023, 1026, 1027, 1030, 1031,
+     1034, 1035, 1506, 1507, 1510, 1511}
+)
+
 QUIRKS: dict[str, Quirks] = {
     "vestel-evc04": Quirks(
-        undefined={Table.INPUT: frozenset({1009, 1011, 1013, 1015, 1017, 1019})},
+        undefined={Table.INPUT: _VESTEL_GAPS},
         source="evcc charger/vestel.go: currents 1008/1010/1012 and voltages 1014/1016/1018 are "
-        "'non-continuous uint16 registers' read one by one",
+        "'non-continuous uint16 registers' read one by one; OpenEMS webasto.unite WebastoImpl: "
+        "'does not support reading Multiple Registers in one task with gaps' (its task list "
+        "gives the defined addresses)",
     ),
     "webasto-next": Quirks(
         undefined={Table.HOLDING: _WEBASTO_NEXT_GAPS},
