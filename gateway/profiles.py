@@ -1275,11 +1275,7 @@ class _Builder:
         if d is _INVALID:
             return None
         if d is None:
-            if enable is not None:
-                return "enable"
-            if limit is not None and limit.disable is not None:
-                return "current_limit"
-            return None
+            return None  # Profile.pause_method derives it
         if d == "enable" and enable is None and "enable" not in self.data:
             self.add(("pause",), "pause: enable needs an enable section")
         if d == "current_limit" and "current_limit" not in self.data:
