@@ -228,6 +228,9 @@ class TagSpec:
     # Values (normal form) the charger shows that are not a card: a free-charging mode's
     # placeholder (Vestel VESTELFREEMODE). Such a session is unidentified, never a user.
     not_a_user: frozenset[str] = frozenset()
+    # The charger shows a hex UID least significant byte first: reverse its bytes so the card
+    # reads as on every other charger. No shipped profile is known to need it.
+    reverse_bytes: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -841,6 +844,10 @@ _PROFILE = _Obj(
                         _List(_Str(nonempty=True)),
                         doc="values the charger shows that are no card (free-mode placeholders)",
                     ),
+                    "byte_order": _Field(
+                        _Str(choices=("as_shown", "reversed")),
+                        doc="reversed: the charger shows a hex UID least significant byte first",
+                    ),
                 }
             )
         ),
@@ -1171,6 +1178,7 @@ class _Builder:
             not_a_user=frozenset(
                 t for t in (normalise_tag(e) for e in d.get("not_a_user", ())) if t
             ),
+            reverse_bytes=d.get("byte_order", "as_shown") == "reversed",
         )
 
     def control(

@@ -12,8 +12,9 @@ cloud token lists are typed by people, with the same variety. Both sides go thro
 3. a hex UID written as byte pairs with one separator (``:``, ``-`` or space) loses the
    separators; a ``0x`` prefix before hex digits is dropped.
 
-Byte order is not changed: no shipped profile is known to show a UID least significant byte
-first. Truncated UIDs (KEBA shows 4 bytes) stay truncated; the authoriser matches them as a
+Byte order is changed only where a profile says the charger shows a hex UID least significant
+byte first (``tag.byte_order: reversed``, :func:`reverse_hex_bytes`); no shipped profile is known
+to. Truncated UIDs (KEBA shows 4 bytes) stay truncated; the authoriser matches them as a
 unique prefix of a known token.
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["normalise_tag"]
+__all__ = ["normalise_tag", "reverse_hex_bytes"]
 
 _STRIP = "\x00 \t\r\n"
 _HEX_PAIRS = re.compile(r"^[0-9A-F]{2}(?:([:\- ])[0-9A-F]{2})(?:\1[0-9A-F]{2})*$")
@@ -41,3 +42,13 @@ def normalise_tag(raw: str | None) -> str | None:
     elif m := _HEX_PREFIXED.match(text):
         text = m.group(1)
     return text or None
+
+
+_HEX = re.compile(r"^(?:[0-9A-F]{2})+$")
+
+
+def reverse_hex_bytes(tag: str | None) -> str | None:
+    """A normalised hex UID with its bytes in reverse order; other text unchanged."""
+    if tag is None or not _HEX.match(tag):
+        return tag
+    return "".join(reversed([tag[i : i + 2] for i in range(0, len(tag), 2)]))

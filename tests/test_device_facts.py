@@ -448,3 +448,14 @@ async def test_the_same_card_on_every_tag_reading_charger_is_the_same_user() -> 
     assert seen == dict.fromkeys(TAG_PROFILES, "alice")
     assert {"bender-cc613", "keba-p30", "phoenix-charx", "phoenix-ev-eth", "vestel-evc04",
             "webasto-next"} <= set(seen)
+
+
+async def test_a_profile_can_declare_a_uid_shown_least_significant_byte_first() -> None:
+    profile = PROFILES["bender-cc613"]
+    assert profile.tag is not None and not profile.tag.reverse_bytes
+    reversed_tag = dataclasses.replace(profile.tag, reverse_bytes=True)
+    image = RegisterImage()
+    sim = SimCharger(profile, image, seed=1, enforce_heartbeat=False)
+    sim.plug_in(tag="F7E6D5C4B3A204")  # the card 04A2B3C4D5E6F7, LSB first
+    async with served(profile, image, driver_profile=old(profile, tag=reversed_tag)) as driver:
+        assert (await driver.poll()).tag == "04A2B3C4D5E6F7"

@@ -28,7 +28,7 @@ from gateway.modbus.codec import CodecError, decode, encode_raw
 from gateway.modbus.plan import BlockDecoder, ReadBlock, plan_reads
 from gateway.model import DeviceSample, SystemClock, Value
 from gateway.profiles import ControlSpec, DataType, Profile
-from gateway.tags import normalise_tag
+from gateway.tags import normalise_tag, reverse_hex_bytes
 
 if TYPE_CHECKING:
     from gateway.config import DeviceConfig, GatewayConfig
@@ -184,6 +184,8 @@ class DeviceDriver:
         text = normalise_tag(str(raw))
         if text is None or text in spec.empty:
             return None
+        if spec.reverse_bytes:
+            text = reverse_hex_bytes(text)
         if text in spec.not_a_user:
             self._log.debug("tag_not_a_user", tag=text)
             return None
