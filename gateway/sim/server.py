@@ -1,5 +1,5 @@
-"""Simulated Modbus servers: register images served over TCP, RTU (serial / pty) and RTU-over-TCP,
-with per-unit fault injection.
+"""Simulated Modbus servers: register images served over TCP, RTU (serial / pty), RTU-over-TCP and
+through a simulated Modbus TCP gateway (protocol converter), with per-unit fault injection.
 
 Why our own framing and not pymodbus' server: pymodbus 3.16 deprecates its datastore API
 (``ModbusDeviceContext`` & co., gone in 4.0) and marks the replacement (``SimData``) experimental.
@@ -13,11 +13,20 @@ Unknown unit ids: on RTU (and RTU-over-TCP) the line stays silent, as a real RS-
 nobody has that address; on Modbus TCP the server answers exception 0x0B "gateway target device
 failed to respond", as TCP<->RTU gateways do. Unit 0 on RTU is a broadcast: writes go to every
 unit and nobody answers.
+
+A simulated Modbus TCP gateway (``SimServer.tcp_gateway``) takes MBAP requests from any number
+of TCP clients and forwards each as an RTU frame onto one simulated serial line, one at a time
+(a converter has one line): the request and the answer take their time on the wire at the line's
+baud rate, the device its turnaround; a device that stays silent (or garbles its answer) costs
+the converter's response timeout and comes back as exception 0x0B, as Moxa MGate and similar
+converters answer. Every forwarded request is logged (``transactions``) so tests can prove that
+a client never had two requests pending and kept its pauses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import random
@@ -38,6 +47,7 @@ from gateway.profiles import Table
 __all__ = [
     "Fault",
     "FaultKind",
+    "LineTransaction",
     "RegisterImage",
     "SimServer",
     "SimWriteRejected",
@@ -248,6 +258,22 @@ def _rtu_request_length(buf: bytes | bytearray) -> int | None:
     return 0
 
 
+def serial_char_bits(parity: str = "N", stopbits: int = 1, bytesize: int = 8) -> int:
+    """Bits on the wire per character: start, data, parity (if any), stop."""
+    return 1 + bytesize + (0 if parity.upper() == "N" else 1) + stopbits
+
+
+@dataclass(frozen=True, slots=True)
+class LineTransaction:
+    """One request forwarded by a simulated Modbus TCP gateway, in loop time (seconds)."""
+
+    unit: int
+    received_s: float  # the MBAP request arrived
+    line_start_s: float  # the converter put it on the serial line
+    answered_s: float  # the answer (or the 0x0B timeout exception) was sent back
+    pending: int  # MBAP requests waiting at the converter when this one arrived (itself included)
+
+
 # ---------------------------------------------------------------------------------------------
 # The server
 
@@ -274,8 +300,10 @@ class SimServer:
         stopbits: int = 1,
         bytesize: int = 8,
         seed: int | None = None,
+        turnaround_s: float = 0.005,
+        response_timeout_s: float = 0.5,
     ) -> None:
-        if transport not in ("tcp", "rtu", "rtu-over-tcp"):
+        if transport not in ("tcp", "rtu", "rtu-over-tcp", "tcp-gateway"):
             raise ValueError(f"unknown transport {transport!r}")
         self.transport = transport
         self.units: dict[int, RegisterImage] = dict(units)
@@ -295,6 +323,13 @@ class SimServer:
         self._rtu_resync: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.requests = 0  # frames received (all units), for tests and stats
+        # Modbus TCP gateway: the serial line behind it.
+        self.turnaround_s = turnaround_s  # a device's answer starts this long after the request
+        self.response_timeout_s = response_timeout_s  # the converter gives up on a silent unit
+        self._line = asyncio.Lock()
+        self._pending = 0
+        self.max_pending = 0  # most MBAP requests ever waiting at once
+        self.transactions: collections.deque[LineTransaction] = collections.deque(maxlen=10_000)
 
     # constructors -----------------------------------------------------------------------------
     @classmethod
@@ -308,6 +343,34 @@ class SimServer:
         cls, host: str, port: int, units: Mapping[int, RegisterImage], *, seed: int | None = None
     ) -> SimServer:
         return cls("rtu-over-tcp", units, host=host, port=port, seed=seed)
+
+    @classmethod
+    def tcp_gateway(
+        cls,
+        host: str,
+        port: int,
+        units: Mapping[int, RegisterImage],
+        *,
+        baudrate: int = 9600,
+        parity: str = "N",
+        stopbits: int = 1,
+        turnaround_s: float = 0.005,
+        response_timeout_s: float = 0.5,
+        seed: int | None = None,
+    ) -> SimServer:
+        """A Modbus TCP gateway (MBAP in, RTU out) with ``units`` on its serial line."""
+        return cls(
+            "tcp-gateway",
+            units,
+            host=host,
+            port=port,
+            baudrate=baudrate,
+            parity=parity,
+            stopbits=stopbits,
+            turnaround_s=turnaround_s,
+            response_timeout_s=response_timeout_s,
+            seed=seed,
+        )
 
     @classmethod
     def rtu(
@@ -359,7 +422,8 @@ class SimServer:
         if self.transport == "rtu":
             self._open_serial()
         else:
-            handler = self._serve_tcp if self.transport == "tcp" else self._serve_rtu_stream
+            stream = self.transport == "rtu-over-tcp"
+            handler = self._serve_rtu_stream if stream else self._serve_tcp
             self._server = await asyncio.start_server(handler, self.host, self.port)
             self.port = self._server.sockets[0].getsockname()[1]
         log.info("sim_server_started", endpoint=self.endpoint, units=sorted(self.units))
@@ -420,7 +484,10 @@ class SimServer:
                 if length < 2 or length > 254:
                     break  # not Modbus: hang up like real devices do
                 pdu = await reader.readexactly(length - 1)
-                reply, data, delay_s = self._answer(unit, pdu, tcp=True)
+                if self.transport == "tcp-gateway":
+                    reply, data, delay_s = await self._through_line(unit, pdu)
+                else:
+                    reply, data, delay_s = self._answer(unit, pdu, tcp=True)
                 if delay_s:
                     await asyncio.sleep(delay_s)
                 if reply is _Reply.DROP:
@@ -439,6 +506,51 @@ class SimServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    # Modbus TCP gateway: one serial line behind -----------------------------------------------
+    def wire_s(self, nbytes: int) -> float:
+        """Time ``nbytes`` take on the serial line at its baud rate."""
+        return nbytes * serial_char_bits(self.parity, self.stopbits, self.bytesize) / self.baudrate
+
+    async def _through_line(self, unit: int, pdu: bytes) -> tuple[_Reply, bytes, float]:
+        """Forward one MBAP request onto the serial line and wait for its answer; requests from
+        every connection queue here, as they do in a converter with one line."""
+        loop = asyncio.get_running_loop()
+        received = loop.time()
+        self._pending += 1
+        pending = self._pending
+        self.max_pending = max(self.max_pending, pending)
+        try:
+            async with self._line:
+                start = loop.time()
+                request = _rtu_frame(unit, pdu)
+                timed_out = (_exception(pdu[0] if pdu else 0, _EXC_GATEWAY_TARGET), 0.0)
+                # t3.5 of silence, then the request's characters
+                await asyncio.sleep(self.wire_s(len(request)) + self.wire_s(1) * 3.5)
+                replies = self._rtu_frames(bytearray(request))
+                result: tuple[_Reply, bytes, float]
+                if unit == 0:
+                    result = (_Reply.SILENT, b"", 0.0)  # broadcast: applied, never answered
+                elif not replies or replies[0][1] in (_Reply.GARBAGE, _Reply.DROP):
+                    # Silence, or an answer that fails its CRC: the converter waits it out.
+                    await asyncio.sleep(self.response_timeout_s)
+                    result = (_Reply.SEND, *timed_out)
+                else:
+                    _, _, data, delay_s = replies[0]
+                    answer = _rtu_frame(unit, data)
+                    late_s = self.turnaround_s + delay_s
+                    if late_s > self.response_timeout_s:
+                        await asyncio.sleep(self.response_timeout_s)
+                        result = (_Reply.SEND, *timed_out)
+                    else:
+                        await asyncio.sleep(late_s + self.wire_s(len(answer)))
+                        result = (_Reply.SEND, answer[1:-2], 0.0)
+                self.transactions.append(
+                    LineTransaction(unit, received, start, loop.time(), pending)
+                )
+                return result
+        finally:
+            self._pending -= 1
 
     # RTU framing over a stream (RTU-over-TCP) -------------------------------------------------
     async def _serve_rtu_stream(
