@@ -302,6 +302,7 @@ class SimServer:
         seed: int | None = None,
         turnaround_s: float = 0.005,
         response_timeout_s: float = 0.5,
+        line_peer: str | None = None,
     ) -> None:
         if transport not in ("tcp", "rtu", "rtu-over-tcp", "tcp-gateway"):
             raise ValueError(f"unknown transport {transport!r}")
@@ -319,6 +320,11 @@ class SimServer:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._fd: int | None = None
+        # RTU on a pty: the gateway's end of the pair, to read the line speed it set (a pty
+        # carries bytes at any speed; a real line garbles them when the speeds differ).
+        self.line_peer = line_peer
+        self._peer_fd: int | None = None
+        self.wrong_speed_frames = 0  # requests ignored because the client's baud rate differs
         self._rtu_buf = bytearray()
         self._rtu_resync: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -383,7 +389,10 @@ class SimServer:
         bytesize: int = 8,
         *,
         seed: int | None = None,
+        line_peer: str | None = None,
     ) -> SimServer:
+        """RTU on the serial device ``path``. With ``line_peer`` (the client's end of a pty pair)
+        the units answer only while the client's line speed equals ``baudrate``, as on a wire."""
         return cls(
             "rtu",
             units,
@@ -393,6 +402,7 @@ class SimServer:
             stopbits=stopbits,
             bytesize=bytesize,
             seed=seed,
+            line_peer=line_peer,
         )
 
     # faults -----------------------------------------------------------------------------------
@@ -433,6 +443,9 @@ class SimServer:
         await self.close()
 
     async def close(self) -> None:
+        if self._peer_fd is not None:
+            os.close(self._peer_fd)
+            self._peer_fd = None
         if self._fd is not None:
             loop = asyncio.get_running_loop()
             loop.remove_reader(self._fd)
@@ -639,7 +652,18 @@ class SimServer:
             os.close(fd)
             raise
         self._fd = fd
+        if self.line_peer is not None:
+            # Held open for the server's life: closing a pty slave's last descriptor hangs up
+            # the pair. Its termios are the tty's, shared with the client's descriptor.
+            self._peer_fd = os.open(self.line_peer, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         asyncio.get_running_loop().add_reader(fd, self._on_serial_readable)
+
+    def _client_speed_matches(self) -> bool:
+        if self._peer_fd is None:
+            return True
+        want = getattr(termios, f"B{self.baudrate}", None)
+        attrs = termios.tcgetattr(self._peer_fd)
+        return want is None or attrs[5] == want  # ospeed: what the client sends at
 
     def _on_serial_readable(self) -> None:
         if self._fd is None:
@@ -653,6 +677,10 @@ class SimServer:
                 return
             raise
         if not chunk:
+            return
+        if not self._client_speed_matches():
+            self.wrong_speed_frames += 1
+            self._rtu_buf.clear()  # characters at another baud rate: noise, never a frame
             return
         self._rtu_buf += chunk
         # A partial frame followed by silence is noise: forget it (the t3.5 rule, loosely).
