@@ -25,6 +25,7 @@ from gateway.sim.site import SimSite
 from gateway.store import Store
 
 SPEED = 60.0
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "example-gateway-site.yaml"
 
 SITE = """\
 site: {{id: converter-site}}
@@ -249,3 +250,22 @@ async def test_scan_through_a_converter_names_its_serial_units_and_the_snippet_c
     site.write_text("site: {id: s1}\nstorage: {path: ./b.db}\n" + snippet)
     code, text = check_config(site)
     assert code == 0, text
+
+
+async def test_the_example_site_is_served_behind_a_simulated_converter(
+    shipped_profiles: dict[str, Profile],
+) -> None:
+    """``evgw simulate -c config/example-gateway-site.yaml`` serves the converter; ``evgw read``
+    reaches both serial devices through it."""
+    from gateway.modbus.engine import read_device_once
+
+    config = load_config(EXAMPLE)
+    async with SimSite.from_config(config, shipped_profiles, traffic=False, seed=1) as site:
+        endpoints = {s.device_id: s.endpoint for s in site.served}
+        assert endpoints["cp1"] == endpoints["m1"] == "tcp-gateway://127.0.0.1:15030"
+        assert endpoints["cp2"] == "tcp://127.0.0.1:15031"
+        assert site.server("m1").baudrate == 19200  # the endpoint's line, not a profile's
+        for device_id in ("cp1", "m1"):
+            sample = await read_device_once(config, device_id, shipped_profiles)
+            assert sample.online, (device_id, sample.error)
+        assert sample.values["energy_wh"] == pytest.approx(site.meter("m1").energy_wh, abs=1)

@@ -2,7 +2,7 @@
 EV traffic (random and seeded, or scripted by a scenario).
 
 - Modbus TCP devices are served on their ``host:port``; devices sharing one ``host:port`` are
-  units of one server. Where a serial (RTU-only) profile sits at a ``host:port``, that address is
+  units of one server. Where only serial (RTU) profiles sit at a ``host:port``, that address is
   a simulated Modbus TCP gateway: requests go one at a time over a simulated serial line at the
   ``endpoints:`` baud rate (else the first serial profile's), with its wire time and delays.
   Only loopback hosts are served (a non-loopback device is reported and skipped: the simulator
@@ -265,7 +265,9 @@ class SimSite:
                 for p in (self._profile(d) for d in devs)
                 if "tcp" not in p.connection.transports
             ]
-            if serial:
+            # A converter fronts serial devices only; an address that mixes in a Modbus TCP
+            # device is served as plain Modbus TCP (a simulator convenience, no real wiring).
+            if serial and len(serial) == len(devs):
                 endpoint = self.config.endpoint(host, port)
                 line = serial[0].connection
                 server = await stack.enter_async_context(
