@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -150,6 +151,10 @@ _EXC_ILLEGAL_VALUE = 3
 _EXC_GATEWAY_TARGET = 0x0B
 
 _READ_TABLES = {1: Table.COIL, 2: Table.DISCRETE, 3: Table.HOLDING, 4: Table.INPUT}
+
+
+class _ServerClosing(Exception):
+    """The server is closing: a connection handler ends instead of waiting out a delay."""
 
 
 class _Reply(StrEnum):
@@ -328,6 +333,10 @@ class SimServer:
         self._rtu_buf = bytearray()
         self._rtu_resync: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Connection handlers end by themselves when the server closes (Python 3.11 logs a
+        # spurious error for a handler task that is cancelled instead).
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._closing = asyncio.Event()
         self.requests = 0  # frames received (all units), for tests and stats
         # Modbus TCP gateway: the serial line behind it.
         self.turnaround_s = turnaround_s  # a device's answer starts this long after the request
@@ -443,6 +452,7 @@ class SimServer:
         await self.close()
 
     async def close(self) -> None:
+        self._closing.set()
         if self._peer_fd is not None:
             os.close(self._peer_fd)
             self._peer_fd = None
@@ -462,6 +472,8 @@ class SimServer:
             self._server.close()
             for writer in list(self._writers):
                 writer.close()
+            if self._handlers:
+                await asyncio.wait(set(self._handlers), timeout=1.0)
             await self._server.wait_closed()
             self._server = None
         log.info("sim_server_stopped", endpoint=self.endpoint)
@@ -488,8 +500,20 @@ class SimServer:
         return _Reply.SEND, handle_pdu(image, pdu), fault.delay_s
 
     # Modbus TCP -------------------------------------------------------------------------------
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``; raise ``_ServerClosing`` at once when the server closes."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._closing.wait()
+        except TimeoutError:
+            return
+        raise _ServerClosing
+
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
         try:
             while True:
                 header = await reader.readexactly(7)
@@ -502,7 +526,7 @@ class SimServer:
                 else:
                     reply, data, delay_s = self._answer(unit, pdu, tcp=True)
                 if delay_s:
-                    await asyncio.sleep(delay_s)
+                    await self._pause(delay_s)
                 if reply is _Reply.DROP:
                     break
                 if reply is _Reply.SILENT:
@@ -512,9 +536,11 @@ class SimServer:
                 else:
                     writer.write(struct.pack(">HHHB", tid, pid, len(data) + 1, unit) + data)
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, _ServerClosing):
             pass
         finally:
+            if handler is not None:
+                self._handlers.discard(handler)
             self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(ConnectionError):
@@ -539,24 +565,24 @@ class SimServer:
                 request = _rtu_frame(unit, pdu)
                 timed_out = (_exception(pdu[0] if pdu else 0, _EXC_GATEWAY_TARGET), 0.0)
                 # t3.5 of silence, then the request's characters
-                await asyncio.sleep(self.wire_s(len(request)) + self.wire_s(1) * 3.5)
+                await self._pause(self.wire_s(len(request)) + self.wire_s(1) * 3.5)
                 replies = self._rtu_frames(bytearray(request))
                 result: tuple[_Reply, bytes, float]
                 if unit == 0:
                     result = (_Reply.SILENT, b"", 0.0)  # broadcast: applied, never answered
                 elif not replies or replies[0][1] in (_Reply.GARBAGE, _Reply.DROP):
                     # Silence, or an answer that fails its CRC: the converter waits it out.
-                    await asyncio.sleep(self.response_timeout_s)
+                    await self._pause(self.response_timeout_s)
                     result = (_Reply.SEND, *timed_out)
                 else:
                     _, _, data, delay_s = replies[0]
                     answer = _rtu_frame(unit, data)
                     late_s = self.turnaround_s + delay_s
                     if late_s > self.response_timeout_s:
-                        await asyncio.sleep(self.response_timeout_s)
+                        await self._pause(self.response_timeout_s)
                         result = (_Reply.SEND, *timed_out)
                     else:
-                        await asyncio.sleep(late_s + self.wire_s(len(answer)))
+                        await self._pause(late_s + self.wire_s(len(answer)))
                         result = (_Reply.SEND, answer[1:-2], 0.0)
                 self.transactions.append(
                     LineTransaction(unit, received, start, loop.time(), pending)
