@@ -14,13 +14,14 @@ from mqtt_broker import free_port
 
 from gateway.auth import Authorizer
 from gateway.config import check_config, load_config
+from gateway.errors import DeviceError
 from gateway.modbus.bus import BusPool, TcpBus
 from gateway.modbus.engine import Chargers, DeviceDriver, DevicePoller
 from gateway.model import SystemClock
 from gateway.profiles import Profile, Table
 from gateway.sessions import SessionManager
 from gateway.sim.devices import SimMeter
-from gateway.sim.server import LineTransaction, RegisterImage, SimServer
+from gateway.sim.server import FaultKind, LineTransaction, RegisterImage, SimServer
 from gateway.sim.site import SimSite
 from gateway.store import Store
 
@@ -201,23 +202,29 @@ async def test_shared_endpoint_serialises_requests_and_keeps_the_delays(
 async def test_a_silent_unit_behind_the_converter_costs_its_timeout_not_the_others(
     shipped_profiles: dict[str, Profile],
 ) -> None:
+    """A unit that does not answer on the serial line (absent, or its answer garbled) comes back
+    from the converter as exception 0x0B after the converter's own timeout; the link stays."""
     sdm = shipped_profiles["eastron-sdm630"]
-    units = {2: _meter_unit(sdm, 2)}
+    units = {2: _meter_unit(sdm, 2), 3: _meter_unit(sdm, 3)}
     async with SimServer.tcp_gateway(
         "127.0.0.1", 0, units, baudrate=9600, response_timeout_s=0.2
     ) as converter:
+        converter.set_fault(3, FaultKind.GARBAGE)
         bus = TcpBus("127.0.0.1", converter.port)
         try:
             loop = asyncio.get_running_loop()
-            t0 = loop.time()
-            with pytest.raises(Exception) as info:
-                await bus.read(5, Table.INPUT, 0, 2, 1.0)
-            took_s = loop.time() - t0
-            assert getattr(info.value, "reason", None) == "exception_response"
-            assert getattr(info.value, "exception_code", None) == 0x0B
-            assert 0.2 <= took_s < 1.0
+            for unit in (5, 3):
+                t0 = loop.time()
+                with pytest.raises(DeviceError) as info:
+                    await bus.read(unit, Table.INPUT, 0, 2, 1.0)
+                took_s = loop.time() - t0
+                assert (info.value.reason, info.value.exception_code) == (
+                    "exception_response",
+                    0x0B,
+                ), unit
+                assert 0.2 <= took_s < 1.0, unit
             assert len(await bus.read(2, Table.INPUT, 0, 2, 1.0)) == 2
-            assert bus.stats.connects == 1  # the converter's exception keeps the link
+            assert bus.stats.connects == 1  # the converter's exceptions keep the link
         finally:
             await bus.close()
 
