@@ -312,6 +312,9 @@ class ConnectionSpec:
     @property
     def effective_max_gap(self) -> int:
         return 0 if self.rejects_gaps else self.max_gap
+    # Other serial settings (baud rate, parity, stop bits) the model is said to leave the factory
+    # with, where sources disagree: `evgw scan` tries them when the defaults find nothing.
+    serial_alternatives: tuple[tuple[int, str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -804,6 +807,20 @@ _PROFILE = _Obj(
                     "rejects_gaps": _Field(
                         _Bool(), doc="the device answers exception 2 to reads over unused "
                         "registers: never read across them (max_gap 0)",
+                    ),
+                    "serial_alternatives": _Field(
+                        _List(
+                            _Obj(
+                                {
+                                    "baudrate": _Field(_Int(300, 1_000_000)),
+                                    "parity": _Field(_Str(choices=("N", "E", "O"))),
+                                    "stopbits": _Field(_Int(1, 2)),
+                                }
+                            )
+                        ),
+                        doc="other factory serial settings reported for this model (each key "
+                        "defaults to the profile's); evgw scan tries them when the defaults "
+                        "find nothing",
                     ),
                 }
             )
@@ -1463,6 +1480,7 @@ class _Builder:
                 inter_request_delay_s=conn.get("inter_request_delay", 0.0),
                 max_gap=conn.get("max_gap", 8),
                 rejects_gaps=conn.get("rejects_gaps", False),
+                serial_alternatives=_serial_alternatives(conn),
             ),
             registers=registers, state=state, tag=tag, enable=enable, current_limit=limit,
             heartbeat=heartbeat, phases=phases, identify=identify, pause=pause,
@@ -1471,6 +1489,20 @@ class _Builder:
             simulate_states=sim_states, simulate_identity=sim_identity,
             path=self.doc.file,
         )
+
+
+def _serial_alternatives(conn: dict[str, Any]) -> tuple[tuple[int, str, int], ...]:
+    base = (conn.get("baudrate", 9600), conn.get("parity", "N"), conn.get("stopbits", 1))
+    out: list[tuple[int, str, int]] = []
+    for alt in conn.get("serial_alternatives", ()):
+        if not isinstance(alt, dict):
+            continue
+        setting = (
+            alt.get("baudrate", base[0]), alt.get("parity", base[1]), alt.get("stopbits", base[2])
+        )
+        if setting != base and setting not in out:
+            out.append(setting)
+    return tuple(out)
 
 
 def _overlaps(a: RegisterSpec, b: RegisterSpec) -> bool:
@@ -1617,6 +1649,8 @@ def describe_profile(p: Profile) -> str:
         defaults += f", port {c.default_port}"
     if any(t.startswith("rtu") for t in c.transports):
         defaults += f", serial {c.baudrate} 8{c.parity}{c.stopbits}"
+        for baud, parity, stopbits in c.serial_alternatives:
+            defaults += f" (or {baud} 8{parity}{stopbits})"
     lines.append(defaults)
     reads = f"reads: up to {c.max_registers_per_read} registers, gap {c.max_gap}"
     if c.single_value_reads:
