@@ -31,7 +31,7 @@ from gateway.profiles import (
     load_profiles,
 )
 from gateway.sim.devices import SimCharger, SimMeter
-from gateway.sim.server import RegisterImage, SimServer
+from gateway.sim.server import RegisterImage, SimServer, SimWriteRejected
 from gateway.tags import normalise_tag
 from tests.test_auth import FakeClock, MemoryAuthStore
 
@@ -459,3 +459,19 @@ async def test_a_profile_can_declare_a_uid_shown_least_significant_byte_first() 
     sim.plug_in(tag="F7E6D5C4B3A204")  # the card 04A2B3C4D5E6F7, LSB first
     async with served(profile, image, driver_profile=old(profile, tag=reversed_tag)) as driver:
         assert (await driver.poll()).tag == "04A2B3C4D5E6F7"
+
+
+async def test_an_on_connect_write_the_device_refuses_does_not_take_it_offline() -> None:
+    profile = PROFILES["heidelberg-ec"]
+    image = RegisterImage()
+    SimCharger(profile, image, seed=1, enforce_heartbeat=False)
+
+    def refuse(table: Table, address: int, words: list[int]) -> None:
+        raise SimWriteRejected(2)
+
+    image.on_write = refuse
+    async with served(profile, image) as driver:
+        sample = await driver.poll()
+        assert sample.online and sample.status is ChargerStatus.AVAILABLE
+        assert image.get(Table.HOLDING, 258) == [0]
+        assert (await driver.poll()).online

@@ -140,8 +140,17 @@ class DeviceDriver:
             # Open the link first so the connect counter below is the one these writes used.
             connects = -1
         for w in writes:
-            await self._write(w.control, w.value)
-            self._log.info("on_connect_write", address=w.control.register.address, value=w.value)
+            address = w.control.register.address
+            try:
+                await self._write(w.control, w.value)
+            except DeviceError as err:
+                if err.reason != "exception_response":
+                    raise  # not reachable: the poll is offline and this is tried again
+                # It answered but refused (a firmware without the register): poll it anyway.
+                self._log.warning("on_connect_write_refused", address=address, value=w.value,
+                                  detail=err.detail)
+                continue
+            self._log.info("on_connect_write", address=address, value=w.value)
         self._connects_done = self.bus.stats.connects if connects == -1 else connects
 
     async def _read_values(self) -> dict[str, Value]:
