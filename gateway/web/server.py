@@ -274,7 +274,11 @@ class WebServer:
         await self._hub.close()  # ends every event stream
 
     def _on_change(self, kind: str, payload: Any) -> None:
-        self.metrics.on_session_event(kind, payload)
+        # Called inside the gateway's sample and session paths: it must never raise there.
+        try:
+            self.metrics.on_session_event(kind, payload)
+        except Exception as exc:
+            log.error("web_metrics_event_failed", kind=kind, error=str(exc))
         self._dirty.set()
 
     async def run(self) -> None:
