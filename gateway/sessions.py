@@ -82,6 +82,9 @@ SLACK_WH = 100.0  # counter resolution / timing slack in the plausibility bound
 SWAP_MIN_WH = 50.0  # session counter must have risen this much before a drop means "new car"
 POINT_EVERY_S = 60.0
 GAP_POLLS = 3  # readings missing for more than this many poll intervals: comms_gap
+# A reading dated this much before the previous one is no late sample (the poll queue never holds
+# one that long): the wall clock was set back (an NTP step after a boot without a real-time clock).
+CLOCK_STEP_BACK_S = 10.0
 CHARGING_POWER_W = 100.0  # status-less chargers: this much power means charging
 
 UNIDENTIFIED = Flag.UNIDENTIFIED.value
@@ -191,7 +194,9 @@ class OpenSession:
         Guards:
         * no start reading yet (meter silent at start): the first reading becomes the start
           (flag ``start_latched``); a lifetime counter is never taken as session energy;
-        * a reading older than the previous one is ignored (late sample);
+        * a reading older than the previous one is ignored (late sample), unless it is older by
+          more than ``CLOCK_STEP_BACK_S``: then the wall clock was set back, and the counter,
+          cumulative whatever the clock says, is taken as one poll interval after the previous;
         * a gap of more than ``GAP_POLLS`` poll intervals between readings: flag ``comms_gap``
           (energy stays exact: it is the counter difference);
         * a drop (reset, rollover, replaced meter) or a rise above ``max_power_w`` x elapsed
@@ -214,10 +219,15 @@ class OpenSession:
                     "session_start_latched", session_id=self.session_id, meter_wh=reading_wh
                 )
             return True
-        if ts < self.last_counter_ts:
-            return False
-        changed = False
         gap_s = ts - self.last_counter_ts
+        if gap_s < 0:
+            if -gap_s <= max(CLOCK_STEP_BACK_S, 2 * interval_s):
+                return False
+            log.warning(
+                "wall_clock_stepped_back", session_id=self.session_id, by_s=round(-gap_s, 1)
+            )
+            gap_s = interval_s
+        changed = False
         if gap_s > GAP_POLLS * interval_s:
             changed |= self.flag(Flag.COMMS_GAP)
         limit_wh = max_power_w * max(gap_s, interval_s) / 3600.0 + SLACK_WH
@@ -802,7 +812,11 @@ class SessionTracker:
                 session.charging_s += dt
             else:
                 session.idle_s += dt
-        if session.last_sample_ts is None or now > session.last_sample_ts:
+        if (
+            session.last_sample_ts is None
+            or now > session.last_sample_ts
+            or now < session.last_sample_ts - CLOCK_STEP_BACK_S  # the wall clock was set back
+        ):
             session.last_sample_ts = now
         if plugged:
             session.last_activity_ts = now
