@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--faults",
         default="all",
-        help="comma-separated fault kinds, or all (" + ", ".join(matrix.FAULTS) + ")",
+        help="comma-separated fault kinds, each optionally with its own cycle count (kill:1000),"
+        " or all (" + ", ".join(matrix.FAULTS) + ")",
     )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--speed", type=float, default=20.0, help="simulated time per real second")
@@ -34,12 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, help="keep the run's files here (default: a temp dir)")
     p.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = p.parse_args(argv)
-    names = list(matrix.FAULTS) if args.faults == "all" else args.faults.split(",")
-    unknown = [n for n in names if n not in matrix.FAULTS]
-    if unknown:
-        p.error(f"unknown fault {', '.join(unknown)} (expected {', '.join(matrix.FAULTS)})")
     if args.cycles < 1:
         p.error("--cycles must be at least 1")
+    cycles: dict[str, int] = {}
+    for item in list(matrix.FAULTS) if args.faults == "all" else args.faults.split(","):
+        name, _, count = item.strip().partition(":")
+        if name not in matrix.FAULTS:
+            p.error(f"unknown fault {name!r} (expected {', '.join(matrix.FAULTS)})")
+        if count and (not count.isdigit() or int(count) < 1):
+            p.error(f"{item}: the cycle count must be a whole number >= 1")
+        cycles[name] = int(count) if count else args.cycles
+    names = list(cycles)
     skipped = []
     if "clock-jump" in names and not matrix.faketime_available():
         skipped.append("clock-jump (libfaketime is not installed)")
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(
         matrix.run_matrix(
             names,
-            args.cycles,
+            cycles,
             seed=args.seed,
             workdir=args.workdir,
             speed=args.speed,

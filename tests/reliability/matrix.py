@@ -714,7 +714,7 @@ def faketime_available() -> bool:
 
 async def run_matrix(
     faults: list[str],
-    cycles: int,
+    cycles: int | dict[str, int],
     *,
     seed: int = 1,
     workdir: Path | None = None,
@@ -749,7 +749,8 @@ async def run_matrix(
                     await _soak(site, faults, rng, soak_s, phases, log)
                 else:
                     for name in faults:
-                        await _phase(site, name, cycles, rng, phases, log)
+                        n = cycles if isinstance(cycles, int) else cycles.get(name, 1)
+                        await _phase(site, name, n, rng, phases, log)
                 site.phase = "end"
                 await site.drain_traffic(600)
                 if not await site.settle(180):
@@ -789,6 +790,11 @@ async def _phase(
         await asyncio.sleep(rng.uniform(0.2, 2.0))
         await inject(site, rng)
         p.cycles += 1
+        if p.cycles % 50 == 0:
+            log(
+                f"{name}: {p.cycles}/{cycles} cycles, {len(site.truths)} sessions, "
+                f"{len(site.crashes)} crashes, {time.monotonic() - t0:.0f} s"
+            )
     if name == "clock-jump" and site.faketime:
         site.faketime = False
         await _restart_after(site, signal.SIGTERM, rng)
