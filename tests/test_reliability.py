@@ -24,7 +24,7 @@ async def test_fault_matrix_loses_nothing(tmp_path: Path) -> None:
     if not matrix.can_mount_tmpfs():
         skipped.append("disk-full")
     faults = [f for f in faults if f not in skipped]
-    result = await matrix.run_matrix(faults, 1, seed=13, workdir=tmp_path / "run")
+    result = await matrix.run_matrix(faults, 1, seed=13, workdir=tmp_path / "run", quick=True)
     print(result.table())
     if skipped:
         print(f"skipped (needs root / libfaketime): {', '.join(skipped)}")

@@ -83,6 +83,7 @@ class Recorder:
     problems: list[str] = field(default_factory=list)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     client: aiomqtt.Client | None = None
+    topic: str = f"{ROOT}/#"
 
     async def run(self) -> None:
         props = Properties(PacketTypes.CONNECT)
@@ -98,7 +99,7 @@ class Recorder:
                     properties=props,
                     timeout=5,
                 ) as client:
-                    await client.subscribe(f"{ROOT}/#", qos=1)
+                    await client.subscribe(self.topic, qos=1)
                     self.client = client
                     self.connected.set()
                     async for m in client.messages:

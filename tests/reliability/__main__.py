@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import time
 from pathlib import Path
@@ -32,13 +33,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed", type=float, default=20.0, help="simulated time per real second")
     p.add_argument("--soak", type=_seconds, default=0.0, help="random faults for this long")
     p.add_argument("--devices", type=int, default=0, help="soak: simulated chargers")
+    p.add_argument(
+        "--stop-after",
+        type=_seconds,
+        help="start no further fault cycle after this long (the table shows what ran)",
+    )
     p.add_argument("--workdir", type=Path, help="keep the run's files here (default: a temp dir)")
     p.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = p.parse_args(argv)
     if args.cycles < 1:
         p.error("--cycles must be at least 1")
     cycles: dict[str, int] = {}
-    for item in list(matrix.FAULTS) if args.faults == "all" else args.faults.split(","):
+    if args.faults != "all":
+        chosen = args.faults.split(",")
+    elif args.soak:
+        chosen = [f for f in matrix.FAULTS if f not in matrix.RESTARTING]
+    else:
+        chosen = list(matrix.FAULTS)
+    for item in chosen:
         name, _, count = item.strip().partition(":")
         if name not in matrix.FAULTS:
             p.error(f"unknown fault {name!r} (expected {', '.join(matrix.FAULTS)})")
@@ -59,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.logs import configure_logging
 
     configure_logging("warning", json=False)
+    # the cloud subscriber's client reports every broker kill the runner itself caused
+    logging.getLogger("mqtt").setLevel(logging.CRITICAL)
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
     result = asyncio.run(
@@ -70,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             speed=args.speed,
             soak_s=args.soak,
             soak_devices=args.devices,
+            stop_after_s=args.stop_after,
             log=log,
         )
     )
