@@ -706,6 +706,30 @@ class Store:
                 out.append(ReadingRow(i, d, ts, WireValues(wire), wire))
         return out
 
+    async def readings_page(
+        self,
+        since: float,
+        until: float,
+        after_id: int = 0,
+        limit: int = 5_000,
+        devices: Sequence[str] | None = None,
+    ) -> list[tuple[int, str, float, Mapping[str, Any]]]:
+        """Readings taken in ``since <= ts < until``, in id order (which follows time), one page
+        after ``after_id``: ``(id, device_id, ts, values)``. Page on with the last id."""
+        sql = (
+            "SELECT id, device_id, ts, data, wire FROM readings "
+            "WHERE id > ? AND ts >= ? AND ts < ?"
+        )
+        params: list[Any] = [int(after_id), float(since), float(until)]
+        if devices is not None:
+            sql += f" AND device_id IN ({','.join('?' * len(devices))})"
+            params.extend(devices)
+        rows = await self._read(sql + " ORDER BY id LIMIT ?", [*params, int(limit)])
+        return [
+            (i, d, ts, json.loads(data) if wire is None else WireValues(wire))
+            for i, d, ts, data, wire in rows
+        ]
+
     async def readings_mark_synced(self, ids: Sequence[int]) -> None:
         if not ids:
             return
