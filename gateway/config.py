@@ -180,6 +180,9 @@ class GridConfig:
 
     max_current_a: float | None = None
     meter: str | None = None  # site meter measuring the whole connection
+    # Lower limits the grid can set (gateway/gridlimit.py): validated mappings.
+    schedule: tuple[dict[str, Any], ...] = ()
+    signal: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1106,6 +1109,58 @@ _BILLING = _Obj(
     build_when_absent=True,
 )
 
+_HHMM_RE = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]|24:00"
+_LIMIT_FIELDS: dict[str, _Node] = {
+    "max_current_a": _Num(min=0.0, max=10000.0, description="per phase (A); or max_power_w"),
+    "max_power_w": _Num(
+        min=0.0, max=10_000_000.0, description="whole site (W), as current at 230 V on 3 phases"
+    ),
+    "reason": _Str(max_len=200, description="logged and published with the limit"),
+}
+_GRID_SCHEDULE_RULE = _Obj(
+    {
+        "days": _List(
+            _Enum(("mon", "tue", "wed", "thu", "fri", "sat", "sun")),
+            description="weekdays the rule starts on (default: every day)",
+        ),
+        "start": _Str(
+            required=True, pattern=_HHMM_RE, hint="HH:MM (local time)", description="HH:MM"
+        ),
+        "end": _Str(
+            required=True,
+            pattern=_HHMM_RE,
+            hint="HH:MM (local time)",
+            description="HH:MM; at or before start: runs past midnight",
+        ),
+        **_LIMIT_FIELDS,
+    },
+)
+_GRID_SIGNAL = _Obj(
+    {
+        "host": _Str(check=_check_host, description="Modbus TCP address of the I/O module"),
+        "port": _Int(default=502, min=1, max=65535),
+        "bus": _Str(pattern=_ID_RE, hint=_ID_HINT, description="or the RS-485 bus it is on"),
+        "unit": _Int(default=1, min=0, max=255, description="Modbus unit id of the I/O module"),
+        "table": _Enum(
+            ("discrete", "coil", "input", "holding"),
+            default="discrete",
+            description="where the relay's input is: discrete input (FC02), coil (FC01), "
+            "input register (FC04) or holding register (FC03)",
+        ),
+        "address": _Int(required=True, min=0, max=65535, description="0-based address"),
+        "active": _Int(default=1, min=0, max=65535, description="the value that means: reduce now"),
+        "poll_interval": _Duration(default=2.0, min=0.1, max=600.0),
+        "timeout": _Duration(default=1.0, min=0.01, max=60.0),
+        "when_offline": _Enum(
+            ("limit", "ignore"),
+            default="limit",
+            description="the module does not answer: apply the reduced limit, or ignore it",
+        ),
+        **_LIMIT_FIELDS,
+    },
+    default=None,
+)
+
 _GRID = _Obj(
     {
         "max_current_a": _Num(min=6.0, max=10000.0, description="site connection limit per phase"),
@@ -1114,6 +1169,12 @@ _GRID = _Obj(
             hint=_ID_HINT,
             description="id of the meter measuring the whole connection",
         ),
+        "schedule": _List(
+            _GRID_SCHEDULE_RULE,
+            default=(),
+            description="lower site limits by weekday and time of day (site time zone)",
+        ),
+        "signal": _GRID_SIGNAL,
     },
     target=GridConfig,
     default=None,
@@ -1246,8 +1307,10 @@ def _ids(
             first = (*section, seen[key], "id")
             note = ""
             if fold and _get(ctx, first) != ident:
-                note = ("; token ids are compared in one normal form (case, hex separators, "
-                        "NUL and spaces ignored)")
+                note = (
+                    "; token ids are compared in one normal form (case, hex separators, "
+                    "NUL and spaces ignored)"
+                )
             ctx.add(
                 (*section, i, "id"),
                 f"duplicate {kind} id '{ident}' "
@@ -1569,6 +1632,27 @@ def _check_devices(
         _check_meter_ref(ctx, ("grid", "meter"), grid["meter"], first, kinds, own=None)
 
 
+def _check_grid_limits(ctx: _Ctx, grid: dict[str, Any], buses: dict[str, dict[str, Any]]) -> None:
+    """Limits the grid can set lower the connection's: without one they have nothing to lower."""
+    present = _present(ctx, ("grid",))
+    for key in ("schedule", "signal"):
+        if key in present and grid.get(key) and "max_current_a" not in present:
+            ctx.add(("grid", key), "needs grid.max_current_a (the limit it lowers)")
+    limited: list[tuple[PathT, Any]] = [
+        (("grid", "schedule", i), rule) for i, rule in enumerate(grid.get("schedule") or [])
+    ]
+    signal = grid.get("signal")
+    if isinstance(signal, dict):
+        limited.append((("grid", "signal"), signal))
+        if ("host" in signal) == ("bus" in signal):
+            ctx.add(("grid", "signal"), "needs host (Modbus TCP) or bus (RS-485), not both")
+        elif "bus" in signal and signal["bus"] not in buses:
+            ctx.add(("grid", "signal", "bus"), _unknown("bus", signal["bus"], buses, "buses"))
+    for path, item in limited:
+        if isinstance(item, dict) and ("max_current_a" in item) == ("max_power_w" in item):
+            ctx.add(path, "needs max_current_a or max_power_w (one of them)")
+
+
 def _check_meter_ref(
     ctx: _Ctx,
     path: PathT,
@@ -1650,6 +1734,8 @@ def _cross_check(ctx: _Ctx, raw: dict[str, Any]) -> None:
     _check_uplink(ctx, raw)
     buses = _check_buses(ctx, raw)
     _check_devices(ctx, raw, buses, profiles)
+    if isinstance(raw.get("grid"), dict):
+        _check_grid_limits(ctx, raw["grid"], buses)
     _check_tariffs(ctx, raw)
     _check_tokens(ctx, raw)
 

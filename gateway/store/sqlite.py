@@ -717,8 +717,7 @@ class Store:
         """Readings taken in ``since <= ts < until``, in id order (which follows time), one page
         after ``after_id``: ``(id, device_id, ts, values)``. Page on with the last id."""
         sql = (
-            "SELECT id, device_id, ts, data, wire FROM readings "
-            "WHERE id > ? AND ts >= ? AND ts < ?"
+            "SELECT id, device_id, ts, data, wire FROM readings WHERE id > ? AND ts >= ? AND ts < ?"
         )
         params: list[Any] = [int(after_id), float(since), float(until)]
         if devices is not None:
