@@ -191,6 +191,7 @@ class Gateway:
                 cfg.uplink, cfg.site.id, self.store, self.commands, self.clock, version=__version__
             )
             self.uplink.set_public_key(self.signer.public_key_payload())
+        self.homeassistant, self.ha_link = self._homeassistant_parts()
         self.authorizer = Authorizer(cfg.auth, self.store, self.uplink, self.clock)
         await self.authorizer.load()
         self.sessions = SessionManager(
@@ -229,6 +230,53 @@ class Gateway:
         self.grid_limit = effective.payload(self.clock.time())
         if self.uplink is not None:
             self.uplink.publish_retained(self.uplink.topics.grid_limit, self.grid_limit)
+        if self.ha_link is not None and self.ha_link is not self.uplink:
+            self.ha_link.publish_retained(f"{self._root}/grid/limit", self.grid_limit)
+
+    @property
+    def _root(self) -> str:
+        from gateway.uplink.topics import Topics
+
+        prefix = self.config.uplink.topic_prefix if self.config.uplink else "evgw"
+        return Topics(prefix, self.config.site.id).root
+
+    def _homeassistant_parts(self) -> tuple[Any, Any]:
+        """Home Assistant discovery and the link it is published on (None, None when off)."""
+        cfg = self.config
+        ha_cfg = cfg.homeassistant
+        if not ha_cfg.enabled:
+            return None, None
+        from gateway.homeassistant import ChargerInfo, HomeAssistant
+
+        chargers = [
+            ChargerInfo(d.id, self.profiles[d.driver].manufacturer, self.profiles[d.driver].model)
+            for d in cfg.devices
+            if self._kinds[d.id] is DeviceKind.CHARGER
+        ]
+        ha = HomeAssistant(
+            cfg.site.id,
+            self._root,
+            chargers,
+            prefix=ha_cfg.prefix,
+            version=__version__,
+            interval_s=ha_cfg.interval_s,
+            grid_limit=self.load is not None,
+        )
+        if ha_cfg.broker == "cloud":
+            link: Any = self.uplink
+        else:
+            from gateway.uplink.halink import LocalRetainedLink
+
+            link = LocalRetainedLink(ha_cfg, cfg.site.id, self._root, self.clock)
+        for topic, payload in ha.discovery():
+            link.publish_retained(topic, payload)
+        return ha, link
+
+    async def _homeassistant_states(self) -> None:
+        while True:
+            for topic, payload in self.homeassistant.changes(self.live, self.clock.time()):
+                self.ha_link.publish_retained(topic, payload)
+            await asyncio.sleep(1.0)
 
     def _signal_poller(self) -> Any:
         """The poller of the grid operator's relay, if the site has one."""
@@ -285,6 +333,10 @@ class Gateway:
             tg.create_task(self.poller.run(), name="poller")
             if self.load is not None:
                 tg.create_task(self.load.run(), name="load")
+            if self.homeassistant is not None:
+                tg.create_task(self._homeassistant_states(), name="homeassistant")
+                if self.ha_link is not self.uplink:
+                    tg.create_task(self.ha_link.run(), name="homeassistant-link")
             signal = self._signal_poller()
             if signal is not None:
                 tg.create_task(signal.run(), name="grid-signal")

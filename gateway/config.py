@@ -186,6 +186,30 @@ class GridConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HomeAssistantConfig:
+    """Home Assistant MQTT discovery (gateway/homeassistant.py); off unless enabled."""
+
+    enabled: bool = False
+    prefix: str = "homeassistant"  # Home Assistant's discovery prefix
+    broker: str = "cloud"  # cloud: the uplink's broker; local: the broker at url
+    url: str | None = None
+    client_id: str | None = None
+    username: str | None = None
+    password: Secret | None = None
+    interval_s: float = 5.0  # a charger's state is sent at most this often (status at once)
+
+    @property
+    def host(self) -> str:
+        rest = (self.url or "").split("://", 1)[-1].rstrip("/")
+        return rest.rsplit(":", 1)[0] if ":" in rest else rest
+
+    @property
+    def port(self) -> int:
+        rest = (self.url or "").split("://", 1)[-1].rstrip("/")
+        return int(rest.rsplit(":", 1)[1]) if ":" in rest else 1883
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     site: SiteConfig
     storage: StorageConfig
@@ -197,6 +221,7 @@ class GatewayConfig:
     tariffs: dict[str, dict[str, Any]] = field(default_factory=dict)  # validated raw tariff data
     billing: BillingConfig = field(default_factory=BillingConfig)
     grid: GridConfig | None = None
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     drivers_path: str | None = None
     log_level: str = "info"
     source: str = ""  # file the config was loaded from
@@ -1180,6 +1205,46 @@ _GRID = _Obj(
     default=None,
 )
 
+_HOMEASSISTANT = _Obj(
+    {
+        "enabled": _Bool(default=False, description="publish Home Assistant MQTT discovery"),
+        "prefix": _Str(
+            default="homeassistant",
+            check=_check_topic_prefix,
+            description="Home Assistant's discovery prefix",
+        ),
+        "broker": _Enum(
+            ("cloud", "local"),
+            default="cloud",
+            description="cloud: the uplink's broker; local: a broker on the site LAN (url)",
+        ),
+        "url": _Str(check=_check_url, description="broker: local: mqtt://host[:port]"),
+        "client_id": _Str(
+            max_len=128,
+            pattern=r"[^\s]+",
+            hint="without spaces",
+            description="default: evgw-ha-<site>",
+        ),
+        "username": _Str(description="MQTT user name on the local broker"),
+        "password_file": _Path(attr="", description="file holding that password (one line)"),
+        "password": _Str(
+            pattern=_ENV_REF,
+            hint='an environment variable reference like "${HA_MQTT_PASSWORD}"',
+            secret=True,
+            description='"${ENV_VAR}": the local broker password from the environment',
+        ),
+        "interval": _Duration(
+            attr="interval_s",
+            default=5.0,
+            min=1.0,
+            max=3600.0,
+            description="send a charger's power and energy at most this often",
+        ),
+    },
+    target=HomeAssistantConfig,
+    build_when_absent=True,
+)
+
 CONFIG_SCHEMA = _Obj(
     {
         "site": _Obj(
@@ -1236,6 +1301,7 @@ CONFIG_SCHEMA = _Obj(
         ),
         "billing": _BILLING,
         "grid": _GRID,
+        "homeassistant": _HOMEASSISTANT,
         "drivers_path": _Path(
             must_be="dir",
             default=None,
@@ -1347,8 +1413,7 @@ def _load_profiles(ctx: _Ctx, raw: dict[str, Any]) -> dict[str, Profile] | None:
     return profiles
 
 
-def _resolve_secret(ctx: _Ctx, uplink: dict[str, Any]) -> None:
-    path: PathT = ("uplink",)
+def _resolve_secret(ctx: _Ctx, uplink: dict[str, Any], path: PathT = ("uplink",)) -> None:
     if "password_file" in uplink and "password" in uplink:
         ctx.add((*path, "password"), "set either password_file or password, not both", key=True)
         return
@@ -1632,6 +1697,25 @@ def _check_devices(
         _check_meter_ref(ctx, ("grid", "meter"), grid["meter"], first, kinds, own=None)
 
 
+def _check_homeassistant(ctx: _Ctx, raw: dict[str, Any]) -> None:
+    ha = raw["homeassistant"]
+    path: PathT = ("homeassistant",)
+    local = ha.get("broker") == "local"
+    for key in ("url", "client_id", "username", "password", "password_file"):
+        if key in ha and not local:
+            ctx.add((*path, key), f"{key} is for broker: local (cloud uses the uplink's)", key=True)
+    if not ha.get("enabled"):
+        return
+    if local:
+        if "url" not in ha and "url" not in _present(ctx, path):
+            ctx.add(path, "broker: local needs url (mqtt://host[:port] of the site's broker)")
+        elif str(ha.get("url", "")).startswith("mqtts://"):
+            ctx.add((*path, "url"), "the local broker is reached with mqtt:// on the site LAN")
+        _resolve_secret(ctx, ha, path)
+    elif "uplink" not in raw and "uplink" not in _present(ctx, ()):
+        ctx.add((*path, "broker"), "broker: cloud needs an uplink (or use broker: local)")
+
+
 def _check_grid_limits(ctx: _Ctx, grid: dict[str, Any], buses: dict[str, dict[str, Any]]) -> None:
     """Limits the grid can set lower the connection's: without one they have nothing to lower."""
     present = _present(ctx, ("grid",))
@@ -1736,6 +1820,8 @@ def _cross_check(ctx: _Ctx, raw: dict[str, Any]) -> None:
     _check_devices(ctx, raw, buses, profiles)
     if isinstance(raw.get("grid"), dict):
         _check_grid_limits(ctx, raw["grid"], buses)
+    if isinstance(raw.get("homeassistant"), dict):
+        _check_homeassistant(ctx, raw)
     _check_tariffs(ctx, raw)
     _check_tokens(ctx, raw)
 
