@@ -45,7 +45,15 @@ from gateway.model import from_rfc3339
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
 
-__all__ = ["FORMATS", "STATS_SCHEMA", "SitePower", "compute_stats", "render_stats", "run_stats"]
+__all__ = [
+    "FORMATS",
+    "STATS_SCHEMA",
+    "SitePower",
+    "collect_stats",
+    "compute_stats",
+    "render_stats",
+    "run_stats",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -424,35 +432,46 @@ def _html(doc: Mapping[str, Any]) -> str:
 # -- the command -------------------------------------------------------------------------------
 
 
-async def run_stats(
-    config: GatewayConfig, *, start: date, end: date, fmt: str, output: Path | None = None
-) -> int:
-    """``evgw stats``: read sessions and readings from the local buffer and print the stats."""
+async def collect_stats(
+    store: Any, config: GatewayConfig, start: date, end: date
+) -> dict[str, Any]:
+    """The statistics document of ``start``..``end`` from an open store (the command's own, or
+    the running gateway's for its status page)."""
     from gateway.billing.report import _charger_ids
-    from gateway.store import Store
 
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}")
+    if end < start:
+        raise ValueError("the period ends before it starts")
     zone = ZoneInfo(config.site.timezone)
     lo, hi = period_bounds(start, end, zone)
     chargers = _charger_ids(config)
     grid_meter = config.grid.meter if config.grid is not None else None
     power = SitePower(chargers, grid_meter)
     wanted: Sequence[str] = [*chargers, *([grid_meter] if grid_meter else [])]
-    async with Store.for_site(config, create=False) as store:
-        sessions = await store.finished_sessions(since=lo - LOOKBACK_S, until=hi)
-        after = 0
-        while True:
-            page = await store.readings_page(lo, hi, after, READINGS_PAGE, wanted)
-            for _, device_id, ts, values in page:
-                power.add(device_id, ts, values)
-            if len(page) < READINGS_PAGE:
-                break
-            after = page[-1][0]
-    doc = compute_stats(
+    sessions = await store.finished_sessions(since=lo - LOOKBACK_S, until=hi)
+    after = 0
+    while True:
+        page = await store.readings_page(lo, hi, after, READINGS_PAGE, wanted)
+        for _, device_id, ts, values in page:
+            power.add(device_id, ts, values)
+        if len(page) < READINGS_PAGE:
+            break
+        after = page[-1][0]
+    return compute_stats(
         sessions, chargers, start, end, config.site.timezone, power=power, site_id=config.site.id
     )
-    text = render_stats(doc, fmt)
+
+
+async def run_stats(
+    config: GatewayConfig, *, start: date, end: date, fmt: str, output: Path | None = None
+) -> int:
+    """``evgw stats``: read sessions and readings from the local buffer and print the stats."""
+    from gateway.store import Store
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}")
+    async with Store.for_site(config, create=False) as store:
+        doc = await collect_stats(store, config, start, end)
+    text = await asyncio.to_thread(render_stats, doc, fmt)
     if output is None:
         sys.stdout.write(text)
     else:
