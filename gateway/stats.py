@@ -64,7 +64,7 @@ SLICE_S = 900  # quarter hours in UTC line up with local hours in every real tim
 MINUTE_S = 60
 HOLD_S = 300  # a device not read in a minute keeps its last mean this long
 LOOKBACK_S = 31 * 86400  # sessions started this long before the period may still reach into it
-READINGS_PAGE = 5_000
+READINGS_PAGE = 20_000
 
 
 def period_bounds(start: date, end: date, zone: ZoneInfo) -> tuple[float, float]:
@@ -100,10 +100,10 @@ class SitePower:
         self._series: dict[str, _Series] = {}
         self.readings = 0
 
-    def add(self, device_id: str, ts: float, values: Mapping[str, Any]) -> None:
+    def add(self, device_id: str, ts: float, power: Any) -> None:
+        """One ``power_w`` reading (anything but a finite number is ignored)."""
         if device_id not in self.chargers and device_id != self.grid_meter:
             return
-        power = values.get("power_w")
         if (
             isinstance(power, bool)
             or not isinstance(power, int | float)
@@ -450,9 +450,9 @@ async def collect_stats(
     sessions = await store.finished_sessions(since=lo - LOOKBACK_S, until=hi)
     after = 0
     while True:
-        page = await store.readings_page(lo, hi, after, READINGS_PAGE, wanted)
-        for _, device_id, ts, values in page:
-            power.add(device_id, ts, values)
+        page = await store.reading_values("power_w", lo, hi, after, READINGS_PAGE, wanted)
+        for _, device_id, ts, power_w in page:
+            power.add(device_id, ts, power_w)
         if len(page) < READINGS_PAGE:
             break
         after = page[-1][0]

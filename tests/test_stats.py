@@ -332,3 +332,30 @@ async def test_command_line(buffer: GatewayConfig, tmp_path: Path) -> None:
     assert root.tag == "{http://www.w3.org/2000/svg}svg" and len(root.findall("{*}svg")) == 5
     bad = ["stats", "-c", str(config), "--from", "2026-06-07", "--to", "2026-06-01"]
     assert await asyncio.to_thread(main, bad) == 2
+
+
+async def test_reading_values_of_new_and_old_rows(tmp_path: Path) -> None:
+    """SQLite picks the value out of both stored forms: the wire text, and the JSON ``data`` of
+    rows written before schema version 2; a reading without it gives None."""
+    import sqlite3
+
+    path = tmp_path / "buffer.db"
+    async with Store.open(path, site_id="depot-7", sealer=seal) as store:
+        await store.add_readings([("cp1", 100.0, {"power_w": 7.5}), ("cp1", 101.0, {"x": 1})])
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO readings (device_id, ts, data, wire) VALUES ('cp2', 102.0, ?, NULL)",
+            ('{"power_w": 3}',),
+        )
+    async with Store.open(path, site_id="depot-7", sealer=seal) as store:
+        rows = await store.reading_values("power_w", 0.0, 200.0)
+        assert [(d, ts, v) for _, d, ts, v in rows] == [
+            ("cp1", 100.0, 7.5),
+            ("cp1", 101.0, None),
+            ("cp2", 102.0, 3),
+        ]
+        assert await store.reading_values("power_w", 0.0, 200.0, devices=["cp2"], limit=1) == [
+            (rows[2][0], "cp2", 102.0, 3)
+        ]
+        with pytest.raises(ValueError):
+            await store.reading_values("x'); DROP TABLE readings; --", 0.0, 1.0)
