@@ -266,7 +266,9 @@ async def test_auth_response_reaches_the_target_only_when_valid() -> None:
     target = Target()
     handler = CommandHandler(TOPICS, target)
     for bad in (b"nope", b"{}", json.dumps({"request_id": "a", "status": "maybe"}).encode()):
-        assert await handler.handle(TOPICS.auth_response, bad) is None
+        reply = await handler.handle(TOPICS.auth_response, bad)
+        assert reply is not None and reply.topic == TOPICS.auth_response_reply
+        assert reply.payload["ok"] is False and validate("command-reply", reply.payload) == []
     assert target.auth == []
     ok = {
         "request_id": "a",
@@ -274,5 +276,7 @@ async def test_auth_response_reaches_the_target_only_when_valid() -> None:
         "user": "u",
         "expires_at": "2030-01-01T00:00:00Z",
     }
-    assert await handler.handle(TOPICS.auth_response, json.dumps(ok).encode()) is None
+    reply = await handler.handle(TOPICS.auth_response, json.dumps(ok).encode())
+    assert reply is not None
+    assert reply.payload == {"request_id": "a", "ok": True, "result": {"status": "accepted"}}
     assert target.auth == [("a", "accepted", "u", 1893456000.0)]
