@@ -262,6 +262,39 @@ async def test_applied_request_ids_survive_a_restart(tmp_path) -> None:
         assert len(target.calls) == 1
 
 
+async def test_request_ids_of_older_buffers_move_into_the_table(tmp_path) -> None:
+    """Before schema v3 the last 256 applied request ids lived in kv; the upgrade keeps them."""
+    import sqlite3
+
+    from gateway.store import Store
+    from gateway.store.schema import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_ts REAL)")
+    for version in (1, 2):
+        for statement in MIGRATIONS[version - 1]:
+            db.execute(statement)
+        db.execute("INSERT INTO schema_version VALUES (?, 0)", (version,))
+    old_reply = {"request_id": "old-1", "ok": True, "result": {"charger_id": "cp1"}}
+    entries = [["old-1", old_reply], ["bad", "not a reply"], [7, {}]]
+    db.execute(
+        "INSERT INTO kv VALUES ('uplink.applied_requests', ?, 1000.0)", (json.dumps(entries),)
+    )
+    db.commit()
+    db.close()
+    async with Store.open(path, site_id=SITE, reserve_bytes=0) as store:
+        assert await store.kv_get("uplink.applied_requests") is None
+        assert await store.request_reply("old-1") == (True, old_reply)
+        assert await store.request_reply("bad") == (False, None)
+        target = Target()
+        handler = CommandHandler(TOPICS, target, store)
+        cmd = {"request_id": "old-1", "charger_id": "cp1", "user": "alice"}
+        assert await _handle(handler, "start", cmd) == old_reply  # not applied again
+        assert target.calls == []
+
+
 async def test_auth_response_reaches_the_target_only_when_valid() -> None:
     target = Target()
     handler = CommandHandler(TOPICS, target)
