@@ -262,14 +262,11 @@ async def test_applied_request_ids_survive_a_restart(tmp_path) -> None:
         assert len(target.calls) == 1
 
 
-async def test_request_ids_of_older_buffers_move_into_the_table(tmp_path) -> None:
-    """Before schema v3 the last 256 applied request ids lived in kv; the upgrade keeps them."""
+def _v2_buffer_with_kv(path: object, value: str) -> None:
     import sqlite3
 
-    from gateway.store import Store
     from gateway.store.schema import MIGRATIONS
 
-    path = tmp_path / "old.db"
     db = sqlite3.connect(path)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_ts REAL)")
@@ -277,13 +274,29 @@ async def test_request_ids_of_older_buffers_move_into_the_table(tmp_path) -> Non
         for statement in MIGRATIONS[version - 1]:
             db.execute(statement)
         db.execute("INSERT INTO schema_version VALUES (?, 0)", (version,))
-    old_reply = {"request_id": "old-1", "ok": True, "result": {"charger_id": "cp1"}}
-    entries = [["old-1", old_reply], ["bad", "not a reply"], [7, {}]]
-    db.execute(
-        "INSERT INTO kv VALUES ('uplink.applied_requests', ?, 1000.0)", (json.dumps(entries),)
-    )
+    db.execute("INSERT INTO kv VALUES ('uplink.applied_requests', ?, 1000.0)", (value,))
     db.commit()
     db.close()
+
+
+@pytest.mark.parametrize("value", ["not json", '"[[1]]"', "{}", '[1, "x", [null, {}]]', "[]"])
+async def test_odd_old_request_lists_do_not_stop_the_upgrade(tmp_path, value: str) -> None:
+    from gateway.store import Store
+
+    _v2_buffer_with_kv(tmp_path / "old.db", value)
+    async with Store.open(tmp_path / "old.db", site_id=SITE, reserve_bytes=0) as store:
+        assert await store.kv_get("uplink.applied_requests") is None
+        assert await store.request_reply("1") == (False, None)
+
+
+async def test_request_ids_of_older_buffers_move_into_the_table(tmp_path) -> None:
+    """Before schema v3 the last 256 applied request ids lived in kv; the upgrade keeps them."""
+    from gateway.store import Store
+
+    path = tmp_path / "old.db"
+    old_reply = {"request_id": "old-1", "ok": True, "result": {"charger_id": "cp1"}}
+    entries = [["old-1", old_reply], ["bad", "not a reply"], [7, {}], "x"]
+    _v2_buffer_with_kv(path, json.dumps(entries))
     async with Store.open(path, site_id=SITE, reserve_bytes=0) as store:
         assert await store.kv_get("uplink.applied_requests") is None
         assert await store.request_reply("old-1") == (True, old_reply)

@@ -97,11 +97,18 @@ _V3 = (
     # command's id is spent before it runs), so a repeated id gets the first answer even after a
     # restart. The replies older versions kept in kv (the last 256) move here.
     "ALTER TABLE request_ids ADD COLUMN reply TEXT",
+    # Anything else under that key (not a list of [id, reply] pairs) is dropped: CASE keeps
+    # json_type() away from text that is no JSON.
     """INSERT OR IGNORE INTO request_ids (request_id, seen_ts, reply)
-        SELECT json_extract(e.value, '$[0]'), kv.updated_ts, json(json_extract(e.value, '$[1]'))
-        FROM kv, json_each(kv.value) AS e
-        WHERE kv.key = 'uplink.applied_requests' AND json_valid(kv.value)
-          AND json_type(e.value, '$[0]') = 'text' AND json_type(e.value, '$[1]') = 'object'""",
+        SELECT json_extract(e.value, '$[0]'), kv.updated_ts, json_extract(e.value, '$[1]')
+        FROM kv, json_each(
+            CASE WHEN json_valid(kv.value) AND json_type(kv.value) = 'array'
+                 THEN kv.value ELSE '[]' END) AS e
+        WHERE kv.key = 'uplink.applied_requests'
+          AND CASE WHEN e.type = 'array'
+                   THEN json_type(e.value, '$[0]') = 'text'
+                        AND json_type(e.value, '$[1]') = 'object'
+                   ELSE 0 END""",
     "DELETE FROM kv WHERE key = 'uplink.applied_requests'",
 )
 
