@@ -326,3 +326,39 @@ async def test_auth_response_reaches_the_target_only_when_valid() -> None:
     assert reply is not None
     assert reply.payload == {"request_id": "a", "ok": True, "result": {"status": "accepted"}}
     assert target.auth == [("a", "accepted", "u", 1893456000.0)]
+
+
+async def test_prune_keeps_request_ids_longer_than_the_largest_command_age(tmp_path) -> None:
+    """uplink.command_max_age is at most 1 h; the shortest retention (1 day) keeps ids longer."""
+    from gateway.config import CONFIG_SCHEMA
+    from gateway.store import Store
+
+    uplink = CONFIG_SCHEMA.fields["uplink"].fields  # type: ignore[attr-defined]
+    storage = CONFIG_SCHEMA.fields["storage"].fields  # type: ignore[attr-defined]
+    max_age_s = uplink["command_max_age"].max
+    shortest_retention_s = storage["readings_retention_days"].min * 86400
+
+    class Clock:
+        t = 1_796_000_000.0
+
+        def time(self) -> float:
+            return self.t
+
+        def monotonic(self) -> float:
+            return self.t
+
+    clock = Clock()
+    async with Store.open(
+        tmp_path / "b.db",
+        site_id=SITE,
+        reserve_bytes=0,
+        readings_retention_days=storage["readings_retention_days"].min,
+        clock=clock,
+    ) as store:
+        await store.save_request_reply("r1", {"request_id": "r1", "ok": True, "result": {}})
+        clock.t += max_age_s + 60
+        await store.prune()
+        assert (await store.request_reply("r1"))[0] is True
+        clock.t += shortest_retention_s
+        await store.prune()
+        assert (await store.request_reply("r1"))[0] is False
