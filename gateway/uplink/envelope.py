@@ -63,8 +63,9 @@ def sign_message(
     issued_at: float | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
-    """``payload`` with ``issued_at`` (kept if present, else ``issued_at`` or ``now``) and a
-    ``signature`` for ``topic``. Raises ValueError when the payload cannot be signed (NaN)."""
+    """``payload`` with ``issued_at`` (the argument if given, else the payload's own, else
+    ``now`` or the current time) and a ``signature`` for ``topic``. Raises ValueError when the
+    payload cannot be signed (NaN)."""
     out = {k: v for k, v in payload.items() if k != "signature"}
     if issued_at is not None:
         out["issued_at"] = rfc3339(issued_at)
