@@ -340,3 +340,67 @@ async def test_auth_response_only_for_an_issued_request_and_only_once(
     assert authorizer.known("never-issued") is None
     assert [a[0] for a in target.auth] == [rid]
     assert rec.problems == []
+
+
+async def test_replay_refused_after_the_gateway_process_is_killed_and_restarted(
+    mosquitto: MosquittoBroker, tmp_path: Path, cloud_key: Ed25519PrivateKey
+) -> None:
+    """`evgw run` as a process with uplink.command_key; SIGKILL, start again, replay."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mqtt_broker import free_port
+
+    write_public(cloud_key, tmp_path / "cloud.pub.pem")
+    (tmp_path / "site.yaml").write_text(
+        f"site: {{id: {SITE}, timezone: UTC}}\n"
+        "storage: {path: ./buffer.db}\n"
+        f'uplink: {{url: "mqtt://127.0.0.1:{mosquitto.port}", client_id: evgw-replay, '
+        "keepalive: 5s, command_key: cloud.pub.pem, command_max_age: 2m}\n"
+        "devices:\n"
+        f"  - {{id: cp1, driver: keba-p30, host: 127.0.0.1, port: {free_port()}, unit: 255}}\n"
+    )
+    log = tmp_path / "gateway.log"
+
+    def spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--log-json", "run", "-c", "site.yaml"],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdin=subprocess.DEVNULL,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def onlines() -> int:
+        return sum(1 for m in rec.on("gateway/status") if m.json()["state"] == "online")
+
+    rec = Recorder(mosquitto.port)
+    start = signed(cloud_key, "commands/start", {"request_id": "p1", **START})
+    gateway = spawn()
+    try:
+        async with running(rec.run()):
+            await rec.connected.wait()
+            await wait_until(lambda: onlines() >= 1, 30, "gateway online")
+            await asyncio.sleep(0.5)
+            first = await answer(rec, "commands/start", start, "p1")
+            gateway.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(gateway.wait, 10)
+            gateway = spawn()
+            await wait_until(lambda: onlines() >= 2, 30, "gateway online again")
+            await asyncio.sleep(0.5)
+            again = await answer(rec, "commands/start", start, "p1")
+            fresh = signed(cloud_key, "commands/start", {"request_id": "p2", **START})
+            other = await answer(rec, "commands/start", fresh, "p2")
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(gateway.wait, 10)
+    outcome = "applied" if first["ok"] else f"refused ({first['error']['code']})"
+    assert again["ok"] is False and again["error"]["code"] == "replayed", again
+    assert f"the first one was {outcome}" in again["error"]["message"]
+    assert other.get("error", {}).get("code") != "replayed"
+    lines = log.read_text().splitlines()
+    events = [json.loads(line).get("event") for line in lines if line.startswith("{")]
+    assert events.count("commands_authenticated") == 2
