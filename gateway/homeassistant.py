@@ -4,7 +4,7 @@ Pure logic: what to publish, built from the site config and the live view (gatew
 the app hands the messages to a publisher (the uplink, or gateway/uplink/halink.py for a broker
 on the site LAN). All messages are retained.
 
-- ``{prefix}/sensor/evgw_{site}/{charger}_{key}/config``: discovery, one per sensor (status,
+- ``{prefix}/sensor/{site}/{charger}_{key}/config``: discovery, one per sensor (status,
   power, session energy, user) and, with load management, the site's grid limit;
 - ``P/S/ha/{charger}/state``: one JSON state per charger that the sensors' templates read:
   ``{"status", "online", "power_w", "session_energy_kwh", "user"}``, sent when the status, the
@@ -61,14 +61,17 @@ class HomeAssistant:
         self.version = version
         self.interval_s = interval_s
         self.grid_limit = grid_limit
-        self.node = f"evgw_{site_id}"
+        self.node = f"evgw_{site_id}"  # unique ids and device identifiers
+        # The topic's node level is the bare site id: a broker ACL can then allow a site's
+        # gateway exactly its own discovery topics (mosquitto: homeassistant/sensor/%u/+/config).
+        self.topic_node = site_id
         self._sent: dict[str, tuple[dict[str, Any], float]] = {}
 
     def state_topic(self, device_id: str) -> str:
         return f"{self.root}/ha/{device_id}/state"
 
     def config_topic(self, object_id: str) -> str:
-        return f"{self.prefix}/sensor/{self.node}/{object_id}/config"
+        return f"{self.prefix}/sensor/{self.topic_node}/{object_id}/config"
 
     def _availability(self, state_topic: str | None) -> dict[str, Any]:
         topics: list[dict[str, Any]] = [

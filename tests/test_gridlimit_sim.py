@@ -238,3 +238,58 @@ async def test_a_relay_on_a_modbus_io_module_and_a_schedule(
             assert gw.grid_limit is not None and gw.grid_limit["signal"] is None
             assert "unreadable" in str(gw.grid_limit["reason"])
             await wait_until(lambda: max(grid_phase_a(site)) <= 12.0, 5, "12 A while unknown")
+
+
+@pytest.mark.slow
+async def test_a_limit_command_must_be_signed_where_the_site_requires_it(
+    tmp_path: Path, mosquitto: MosquittoBroker, shipped_profiles: dict[str, Profile]
+) -> None:
+    """With uplink.command_key (issue 11) a limit command is one like the others: signed, fresh
+    and once, or refused with nothing changed."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from gateway.uplink.envelope import sign_message
+
+    key = Ed25519PrivateKey.generate()
+    key_file = tmp_path / "cloud.pub.pem"
+    key_file.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    uplink = (
+        f'uplink: {{url: "mqtt://127.0.0.1:{mosquitto.port}", client_id: evgw-grid, '
+        f"topic_prefix: {PREFIX}, keepalive: 5s, command_key: {key_file}}}"
+    )
+    config = load_config(write_site(tmp_path, uplink=uplink))
+    recorder = Recorder(mosquitto.port)
+    topic = f"{PREFIX}/{SITE}/commands/limit"
+
+    def reply(request_id: str) -> dict[str, Any] | None:
+        for m in recorder.on("commands/limit/reply"):
+            data: dict[str, Any] = m.json()
+            if data["request_id"] == request_id:
+                return data
+        return None
+
+    async with (
+        running(recorder.run(), "recorder"),
+        SimSite.from_config(config, shipped_profiles, speed=1.0, traffic=False),
+        Gateway(config, shipped_profiles) as gw,
+        running(gw.run(), "gateway"),
+    ):
+        await wait_until(recorder.connected.is_set, 5, "cloud subscriber")
+        await wait_until(lambda: gw.uplink.online, 10, "gateway uplink")
+        await wait_until(lambda: gw.load.grid_limit is not None, 10, "first decision")
+        await asyncio.sleep(0.3)  # the gateway's subscriptions are in place
+        unsigned = {"request_id": "u-1", "scope": "site", "max_current_a": 10}
+        await recorder.publish("commands/limit", json.dumps(unsigned))
+        await wait_until(lambda: reply("u-1") is not None, 10, "refusal")
+        assert reply("u-1")["error"]["code"] == "unsigned"  # type: ignore[index]
+        assert gw.load.grid_limit.site_a == CONNECTION_A
+        good = sign_message(topic, {"request_id": "s-1", "scope": "site", "max_current_a": 10}, key)
+        await recorder.publish("commands/limit", json.dumps(good))
+        await wait_until(lambda: reply("s-1") is not None, 10, "answer")
+        assert reply("s-1")["ok"] is True  # type: ignore[index]
+        assert gw.load.grid_limit.site_a == 10 and gw.load.grid_limit.source == "cloud"

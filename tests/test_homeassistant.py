@@ -75,13 +75,13 @@ class Retained:
 def check_discovery(configs: dict[str, dict[str, Any]]) -> None:
     node = f"evgw_{SITE}"
     expected = {
-        f"homeassistant/sensor/{node}/{c}_{k}/config"
+        f"homeassistant/sensor/{SITE}/{c}_{k}/config"
         for c in ("cp1", "cp2")
         for k in ("status", "power", "session_energy", "user")
     }
     assert expected <= set(configs), sorted(configs)
     assert len({p["unique_id"] for p in configs.values()}) == len(configs)
-    status = configs[f"homeassistant/sensor/{node}/cp1_status/config"]
+    status = configs[f"homeassistant/sensor/{SITE}/cp1_status/config"]
     assert status["state_topic"] == f"{ROOT}/ha/cp1/state"
     assert status["device_class"] == "enum" and "charging" in status["options"]
     assert status["availability_mode"] == "all"
@@ -92,13 +92,13 @@ def check_discovery(configs: dict[str, dict[str, Any]]) -> None:
     assert status["device"]["identifiers"] == [f"{node}_cp1"]
     assert status["device"]["manufacturer"] == "Webasto"
     assert status["device"]["via_device"] == node
-    power = configs[f"homeassistant/sensor/{node}/cp2_power/config"]
+    power = configs[f"homeassistant/sensor/{SITE}/cp2_power/config"]
     assert (power["device_class"], power["unit_of_measurement"], power["state_class"]) == (
         "power",
         "W",
         "measurement",
     )
-    energy = configs[f"homeassistant/sensor/{node}/cp1_session_energy/config"]
+    energy = configs[f"homeassistant/sensor/{SITE}/cp1_session_energy/config"]
     assert (energy["device_class"], energy["unit_of_measurement"], energy["state_class"]) == (
         "energy",
         "kWh",
