@@ -2056,6 +2056,25 @@ def summarize(config: GatewayConfig) -> str:
             else "no login: localhost only"
         )
         lines.append(f"web: status page, API and /metrics on {config.web.listen} ({access})")
+    grid = config.grid
+    if grid is not None and grid.max_current_a is not None:
+        lowered = [f"{len(grid.schedule)} schedule rule(s)"] if grid.schedule else []
+        if grid.signal:
+            where = grid.signal.get("host") or f"bus {grid.signal.get('bus')}"
+            lowered.append(
+                f"relay at {where} unit {grid.signal.get('unit', 1)} "
+                f"{grid.signal.get('table', 'discrete')} {grid.signal['address']}"
+            )
+        lowered.append("the cloud's limit command")
+        lines.append(
+            f"grid limit {grid.max_current_a:g} A per phase"
+            + (f" (meter {grid.meter})" if grid.meter else "")
+            + f"; lowered by {', '.join(lowered)}"
+        )
+    ha = config.homeassistant
+    if ha.enabled:
+        broker = ha.url if ha.broker == "local" else "the uplink's broker"
+        lines.append(f"Home Assistant discovery under {ha.prefix}/ on {broker}")
     lines.append(
         f"{len(config.auth.tokens)} token(s), offline policy {config.auth.offline_policy}; "
         f"tariffs: {', '.join(sorted(config.tariffs)) or 'none'}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -131,3 +132,55 @@ def test_the_balancer_shares_the_lower_limit_and_honours_a_charger_cap() -> None
     assert sorted(decision.targets.values()) == [0.0, 11.0] and len(decision.paused) == 1
     balancer.set_grid_limit(99.0)  # never above the connection
     assert balancer.limit_a == 32.0
+
+
+def test_config_errors_name_the_line_and_key(tmp_path: Path) -> None:
+    from gateway.config import load_config
+    from gateway.errors import ConfigError
+
+    path = tmp_path / "site.yaml"
+    path.write_text(
+        "site: {id: s1, timezone: Europe/Berlin}\n"
+        "storage: {path: ./b.db}\n"
+        "devices: [{id: cp1, driver: abb-terra-ac, host: 127.0.0.1}]\n"
+        "grid:\n"
+        "  schedule:\n"
+        '    - {start: "25:00", end: "20:00", max_current_a: 20}\n'
+        '    - {start: "22:00", end: "06:00", max_current_a: 20, max_power_w: 3}\n'
+        "  signal: {host: 10.0.0.5, bus: rs9, address: 0, max_power_w: 4200, table: relay}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    for line in (
+        f"{path}:6:5: grid.schedule: needs grid.max_current_a (the limit it lowers)",
+        f"{path}:6:15: grid.schedule[0].start: must be HH:MM (local time), got '25:00'",
+        f"{path}:7:7: grid.schedule[1]: needs max_current_a or max_power_w (one of them)",
+        f"{path}:8:11: grid.signal: needs host (Modbus TCP) or bus (RS-485), not both",
+        f"{path}:8:76: grid.signal.table: must be one of discrete, coil, input, holding; "
+        "got 'relay'",
+    ):
+        assert line in text, text
+
+
+def test_a_good_config_builds_the_sources(tmp_path: Path) -> None:
+    from gateway.config import load_config
+
+    path = tmp_path / "site.yaml"
+    path.write_text(
+        "site: {id: s1, timezone: Europe/Berlin}\n"
+        "storage: {path: ./b.db}\n"
+        "devices: [{id: cp1, driver: abb-terra-ac, host: 127.0.0.1}]\n"
+        "grid:\n"
+        "  max_current_a: 63\n"
+        "  schedule: [{days: [sat], start: '22:00', end: '06:00', max_power_w: 13800}]\n"
+        "  signal: {host: 10.0.0.5, address: 3, max_current_a: 16, when_offline: ignore}\n"
+    )
+    config = load_config(path)
+    assert config.grid is not None
+    limits = GridLimits.from_config(config.grid, config.site.timezone)
+    assert limits.schedule == (NIGHT,)
+    assert limits.signal_value == LimitValue(16.0) and limits.signal_when_offline == "ignore"
+    assert limits.effective(at("2026-06-06 23:30")).site_a == pytest.approx(20.0)
+    limits.set_signal(True)
+    assert limits.effective(at("2026-06-06 23:30")).source == "signal"
