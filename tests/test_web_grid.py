@@ -45,6 +45,11 @@ async def test_limit_in_force_and_statistics_page(
             "grid operator",
         )
         assert grid["limit_expires_at"] is not None
+        async with aiohttp.ClientSession() as http, http.get(ws.url + "metrics") as resp:
+            metrics = await resp.text()
+        assert "evgw_grid_limit_a 20.0" in metrics
+        assert 'evgw_grid_limit_source{source="cloud"} 1.0' in metrics
+        assert "evgw_grid_connection_limit_a 40.0" in metrics
 
         # One finished session today, then the statistics page of this week.
         await start_charging(ws.site)
