@@ -209,3 +209,44 @@ def test_bad_homeassistant_config(tmp_path: Path, ha: str, uplink: bool, message
     with pytest.raises(ConfigError) as info:
         load_config(write_site(tmp_path, up, ha))
     assert message in str(info.value)
+
+
+def test_states_are_sent_on_change_and_throttled() -> None:
+    """Status, user and online changes go at once; power and energy at most every interval."""
+    from gateway.homeassistant import ChargerInfo, HomeAssistant
+    from gateway.live import LiveState
+    from gateway.model import ChargerStatus, DeviceSample
+
+    ha = HomeAssistant("s1", "evgw/s1", [ChargerInfo("cp1", "KEBA", "P30")], interval_s=5.0)
+    live = LiveState()
+
+    def sample(ts: float, power: float, status: ChargerStatus) -> None:
+        live.on_sample(DeviceSample("cp1", ts, True, {"power_w": power}, status=status), "charger")
+
+    assert ha.changes(live, 0.0)[0][1]["status"] == "unavailable"  # not polled yet
+    sample(1.0, 0.0, ChargerStatus.AVAILABLE)
+    assert [p["status"] for _, p in ha.changes(live, 1.0)] == ["available"]
+    assert ha.changes(live, 1.5) == []  # nothing changed
+    live.on_session_event(
+        "session_started", {"session_id": "x", "charger_id": "cp1", "user": {"id": "alice"}}
+    )
+    sample(2.0, 11_000.0, ChargerStatus.CHARGING)
+    ((topic, state),) = ha.changes(live, 2.0)
+    assert topic == "evgw/s1/ha/cp1/state"
+    assert state == {
+        "status": "charging",
+        "online": True,
+        "power_w": 11_000,
+        "session_energy_kwh": 0.0,
+        "user": "alice",
+    }
+    live.on_session_event("session_updated", {"session_id": "x", "energy_wh": 1234})
+    sample(3.0, 10_500.0, ChargerStatus.CHARGING)
+    assert ha.changes(live, 3.0) == []  # only numbers changed: wait for the interval
+    ((_, state),) = ha.changes(live, 7.0)
+    assert (state["power_w"], state["session_energy_kwh"]) == (10_500, 1.234)
+    live.on_sample(DeviceSample("cp1", 8.0, False, error="timeout"), "charger")
+    ((_, state),) = ha.changes(live, 8.0)  # offline: at once
+    assert state["online"] is False and state["status"] == "unavailable"
+    topics = [t for t, _ in ha.discovery()]
+    assert len(topics) == 5 and topics[-1] == "homeassistant/sensor/s1/gateway/config"
