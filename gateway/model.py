@@ -138,6 +138,10 @@ class Flag(StrEnum):
     NO_METER = "no_meter"  # no cumulative counter: energy could not be measured
     UNIDENTIFIED = "unidentified"  # the charger delivered energy without anyone identified
     UNPRICED = "unpriced"  # pricing failed: the record carries no cost
+    # the session ended on an implausible reading: energy up to the last plausible one
+    ENERGY_FALLBACK = "energy_fallback"
+    # the tariff the charger or group names was missing at start: priced by the default
+    TARIFF_FALLBACK = "tariff_fallback"
 
 
 @dataclass(frozen=True, slots=True)
