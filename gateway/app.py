@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -21,7 +22,8 @@ from gateway import __version__
 from gateway.config import GatewayConfig
 from gateway.live import LiveState
 from gateway.model import Clock, DeviceKind, DeviceSample, SystemClock, Token
-from gateway.profiles import Profile, load_profiles
+from gateway.profiles import DataType, Profile, RegisterSpec, load_profiles, value_range
+from gateway.sessions import MAX_COUNTER_WH, Counter
 
 __all__ = ["Gateway", "SiteCommands", "run_gateway"]
 
@@ -158,6 +160,7 @@ class Gateway:
             self._on_session_event,
             charger_ids=[d for d, kind in self._kinds.items() if kind is DeviceKind.CHARGER],
             time_scale=self.time_scale,
+            counters={d.id: _counters(self.profiles[d.driver]) for d in cfg.devices},
             plug_reset_counters=[
                 d.id for d in cfg.devices if _plug_reset_counter(self.profiles[d.driver])
             ],
@@ -278,6 +281,24 @@ class Gateway:
         while True:
             await asyncio.sleep(PRUNE_EVERY_S)
             await self.store.prune()
+
+
+def energy_counter(spec: RegisterSpec) -> Counter:
+    """Range and resolution of an energy counter register, for the plausibility checks."""
+    rng = value_range(spec)
+    if rng is None:  # a float register: its step grows with the value
+        bits = 24 if spec.type is DataType.F32 else 53
+        return Counter(MAX_COUNTER_WH, 1, bits, spec.scale)
+    top = min(MAX_COUNTER_WH, math.floor(rng[1]))
+    return Counter(max(0, top), max(1, math.ceil(abs(spec.scale))))
+
+
+def _counters(profile: Profile) -> dict[str, Counter]:
+    return {
+        name: energy_counter(profile.register(name))
+        for name in ("energy_wh", "session_energy_wh")
+        if profile.has(name)
+    }
 
 
 def _plug_reset_counter(profile: Profile) -> bool:

@@ -1015,7 +1015,10 @@ class SessionTracker:
         ):
             return  # a session counter cleared at unplug: the session ended before it
         session.feed(
-            raw, sample.ts, conn.spec.poll_interval_s, conn.spec.max_power_w,
+            raw,
+            sample.ts,
+            conn.spec.poll_interval_s,
+            conn.spec.max_power_w,
             conn.spec.counter(source),
         )
 
@@ -1313,6 +1316,7 @@ class SessionManager:
         time_scale: float = 1.0,
         plug_reset_counters: Iterable[str] = (),
         prefer_session_counters: Iterable[str] = (),
+        counters: Mapping[str, Mapping[str, Counter]] | None = None,
     ) -> None:
         """``time_scale``: simulated seconds per wall second when the devices are simulated
         faster than real time (``evgw demo``); it widens the plausibility bound on counter
@@ -1335,12 +1339,16 @@ class SessionManager:
             if charger_ids is not None
             else [d for d in devices if d not in meters]
         )
+        counters = counters or {}
         resets = set(plug_reset_counters)  # chargers whose session counter restarts at plug-in
         prefer = set(prefer_session_counters) & resets
         specs = []
         for cid in ids:
             dev = devices[cid]
             meter = devices.get(dev.meter) if dev.meter else None
+            own = dict(counters.get(cid, {}))
+            if dev.meter and "energy_wh" in counters.get(dev.meter, {}):
+                own[f"meter:{dev.meter}"] = counters[dev.meter]["energy_wh"]
             specs.append(
                 ChargerSpec(
                     charger_id=cid,
@@ -1353,6 +1361,7 @@ class SessionManager:
                     session_counter_resets_on_plug=cid in resets,
                     prefer_session_counter=cid in prefer,
                     confirmed=not guessed,
+                    counters=own,
                 )
             )
         self.tracker = SessionTracker(
