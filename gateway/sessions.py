@@ -82,7 +82,7 @@ DEFAULT_MAX_POWER_W = 100_000.0  # no AC charger on a Modbus gateway delivers mo
 # No energy counter on a charging site shows more: a 1 MW connection needs 114 years to count
 # 1 TWh. Counters whose register could show more (i64, u64, floats) are capped here.
 MAX_COUNTER_WH = 10**12
-MAX_SUSPECT_CHAINS = 4  # glitches and a new counter can interleave: follow this many at once
+MAX_SUSPECT_CHAINS = 8  # glitches and a new counter can interleave: follow this many at once
 SWAP_MIN_WH = 50.0  # session counter must have risen this much before a drop means "new car"
 POINT_EVERY_S = 60.0
 GAP_POLLS = 3  # readings missing for more than this many poll intervals: comms_gap
@@ -203,9 +203,12 @@ class OpenSession:
     last_wh: int | None = None  # last plausible reading of the current segment
     banked_wh: int = 0  # energy of the segments before the last counter reset
     last_counter_ts: float | None = None
-    # [seg_start, last_wh, last_ts, banked, meter_start, reset_flag_added] before the last
-    # reset or rebase, to undo it when the old counter turns out to continue.
+    # [seg_start, last_wh, last_ts, banked, meter_start, reset_flag_added, adopted_wh] before
+    # the last reset or rebase, to undo it when the old counter turns out to continue.
     undo: list[Any] | None = None
+    # The plausible reading before the start reading [wh, ts]: if the start reading was a
+    # glitch, a rebase goes back to it.
+    pre_start: list[Any] | None = None
     # Readings that do not continue the counter, as chains of readings that continue each
     # other: [first_wh, first_ts, last_wh, last_ts, count], the newest last.
     suspects: list[list[Any]] = field(default_factory=list)
@@ -250,7 +253,7 @@ class OpenSession:
         session.bound_wh = round(session.bound_wh)
         if session.undo is not None and len(session.undo) == 4:
             seg, last, last_ts, banked = session.undo
-            session.undo = [round(seg), round(last), last_ts, round(banked), None, True]
+            session.undo = [round(seg), round(last), last_ts, round(banked), None, True, None]
         return session
 
     def flag(self, name: str) -> bool:
@@ -342,7 +345,9 @@ class OpenSession:
             if self.suspects or self.tail_suspect:
                 log.warning("meter_glitch_ignored", session_id=self.session_id, meter_wh=value)
             self.last_wh, self.last_counter_ts = value, ts
-            self.suspects, self.tail_suspect = [], False
+            self.tail_suspect = False
+            if self.energy() > 0:  # while nothing is counted the suspects may be the truth
+                self.suspects = []
             return changed
         if self.undo is not None and self._undo(value, ts, interval_s, max_power_w, step_wh):
             return True
@@ -378,8 +383,12 @@ class OpenSession:
     ) -> bool:
         """``value`` continues the counter from before the last reset/rebase: it was a glitch."""
         assert self.undo is not None
-        seg, last, last_ts, banked, start, flagged = self.undo
+        seg, last, last_ts, banked, start, flagged, adopted = self.undo
         if not _rises_plausibly(last, last_ts, value, ts, interval_s, max_power_w, step_wh):
+            return False
+        if value == last and adopted is not None and self.last_wh != adopted:
+            # The old counter stands still while the adopted one has counted on: a stuck
+            # value (a glitch repeating itself) is no reason to give up a counter that runs.
             return False
         if not self._bounded(banked + value - seg, ts, interval_s, max_power_w, step_wh):
             return False
@@ -407,17 +416,29 @@ class OpenSession:
             self.banked_wh,
             self.meter_start_wh,
             False,
+            value,
         ]
         if self.energy() == 0:
-            if not self._bounded(value - first, ts, interval_s, max_power_w, step_wh):
+            base = first
+            pre = self.pre_start
+            if (
+                pre is not None
+                and _rises_plausibly(
+                    pre[0], pre[1], first, first_ts, interval_s, max_power_w, step_wh
+                )
+                and self._bounded(value - pre[0], ts, interval_s, max_power_w, step_wh)
+            ):
+                base = pre[0]  # the start reading was the glitch: the one before it stands
+            if not self._bounded(value - base, ts, interval_s, max_power_w, step_wh):
                 return False
             log.info(
                 "session_counter_rebased",
                 session_id=self.session_id,
                 old_wh=self.last_wh,
-                new_wh=first,
+                new_wh=base,
             )
-            self.meter_start_wh = self.seg_start_wh = first
+            self.meter_start_wh = self.seg_start_wh = base
+            self.pre_start = None
         else:
             banked = self.banked_wh + self.last_wh - self.seg_start_wh
             # A drop to a value that could have been counted since the reset: from zero.
@@ -549,6 +570,8 @@ class _Connector:
     seen_tag: str | None = None
     energy_wh: tuple[float, int] | None = None  # (ts, value) of the charger's lifetime counter
     session_wh: tuple[float, int] | None = None  # (ts, value) of the charger's session counter
+    energy_prev: tuple[float, int] | None = None  # the readings before those two
+    session_prev: tuple[float, int] | None = None
     sc_plug_base: float | None = None
     anchor_ts: float | None = None
     anchor_wh: int | None = None
@@ -610,6 +633,7 @@ class SessionTracker:
         self._new_id = new_id
         self._conns: dict[str, _Connector] = {}
         self._meters: dict[str, tuple[float, int, float | None]] = {}  # id -> (ts, wh, power)
+        self._meters_prev: dict[str, tuple[float, int]] = {}  # id -> the reading before
         self._meter_of: dict[str, list[str]] = {}
         for spec in chargers:
             self.add_charger(spec)
@@ -768,6 +792,9 @@ class SessionTracker:
         counter = self._conns[chargers[0]].spec.counter(source)
         energy, _ = counter.check(raw)  # an implausible reading never becomes a start reading
         if energy is not None:
+            got = self._meters.get(sample.device_id)
+            if got is not None:
+                self._meters_prev[sample.device_id] = (got[0], got[1])
             self._meters[sample.device_id] = (sample.ts, energy, sample.power_w)
         for charger_id in chargers:
             conn = self._conns[charger_id]
@@ -852,10 +879,10 @@ class SessionTracker:
         # session's own counter still sees them below, to fall back when one ends it.
         energy, _ = conn.spec.counter("energy_wh").check(_raw_number(s, "energy_wh"))
         if energy is not None:
-            conn.energy_wh = (now, energy)
+            conn.energy_prev, conn.energy_wh = conn.energy_wh, (now, energy)
         sc, _ = conn.spec.counter("session_energy_wh").check(_raw_number(s, "session_energy_wh"))
         if sc is not None:
-            conn.session_wh = (now, sc)
+            conn.session_prev, conn.session_wh = conn.session_wh, (now, sc)
         plugged = _plugged(s, conn.plugged)
         charging = _charging(s)
         tag = _norm_tag(s.tag)
@@ -990,6 +1017,14 @@ class SessionTracker:
             conn.spec.counter(session.source),
         )
         return split
+
+    def _previous(self, conn: _Connector, source: str | None) -> tuple[float, int] | None:
+        """The reading of counter ``source`` before its latest one."""
+        if source is None:
+            return None
+        if source.startswith("meter:"):
+            return self._meters_prev.get(source[6:])
+        return conn.energy_prev if source == "energy_wh" else conn.session_prev
 
     def _interval(self, conn: _Connector, session: OpenSession) -> float:
         if session.source is not None and session.source.startswith("meter:"):
@@ -1150,6 +1185,10 @@ class SessionTracker:
             session.begin(round(start), now, seen)
             if conn.anchor_latched:
                 session.flag(Flag.START_LATCHED)
+            pre = self._previous(conn, source)
+            fresh_s = 3 * self._interval(conn, session) + 1.0
+            if seen is None and pre is not None and pre[1] != start and now - pre[0] <= fresh_s:
+                session.pre_start = [pre[1], pre[0]]
         if conn.session_wh is not None:
             session.sc_base_wh = session.sc_last_wh = conn.session_wh[1]
         conn.session = session
