@@ -116,7 +116,11 @@ class Gateway:
         self.store = await self._stack.enter_async_context(
             Store.for_site(cfg, sealer=lambda record: seal(record, self.signer.sign))
         )
-        self.tariffs = TariffBook(cfg.tariffs, cfg.billing)
+        self.tariffs = TariffBook(
+            cfg.tariffs,
+            cfg.billing,
+            chargers={d.id: d.tariff for d in cfg.devices if d.tariff is not None},
+        )
         saved = await self.store.kv_get("tariffs")  # the last `tariffs` command, if any
         if saved:
             try:
@@ -183,7 +187,10 @@ class Gateway:
 
     def _resolve_tariff(self, charger_id: str, user_group: str | None) -> Any:
         dev = self.config.device(charger_id)
-        return self.tariffs.resolve(dev.tariff, user_group)
+        got = self.tariffs.resolve(dev.tariff, user_group)
+        if got is None:
+            return None
+        return (got.tariff_id, got.version, got.data, got.fallback)
 
     def _on_sample(self, sample: DeviceSample) -> None:
         try:

@@ -29,7 +29,7 @@ import structlog
 
 from gateway.config import AuthConfig
 from gateway.errors import CommandError
-from gateway.model import AuthSource, AuthStatus, Clock, Token, TokenType
+from gateway.model import MAX_VERSION, AuthSource, AuthStatus, Clock, Token, TokenType
 from gateway.ports import AuthRequester, AuthStore
 
 __all__ = ["OFFLINE_POLICIES", "AuthDecision", "Authorizer"]
@@ -292,6 +292,14 @@ class Authorizer:
         one (``stale_version``); a refused update changes nothing."""
         if mode not in ("replace", "patch"):
             raise CommandError("bad_request", f"mode must be replace or patch, not {mode!r}")
+        if (
+            isinstance(version, bool)
+            or not isinstance(version, int)
+            or not 1 <= version <= MAX_VERSION
+        ):
+            raise CommandError(
+                "invalid", f"tokens version must be an integer in 1..{MAX_VERSION}, got {version!r}"
+            )
         if version <= self._cloud_version:
             raise CommandError(
                 "stale_version",

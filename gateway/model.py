@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Protocol
 
 __all__ = [
+    "MAX_VERSION",
     "SESSION_SCHEMA",
     "SESSION_STARTED_SCHEMA",
     "AuthSource",
@@ -122,6 +123,11 @@ class StopReason(StrEnum):
     DEAUTHORIZED = "deauthorized"
     POWER_LOSS = "power_loss"
     UNKNOWN = "unknown"
+
+
+# The largest version a pushed list (tokens, tariffs) may carry: exact in every JSON parser
+# (IEEE doubles), so no push can make every later one look stale.
+MAX_VERSION = 2**53
 
 
 class Flag(StrEnum):

@@ -1323,7 +1323,8 @@ Pricer = Callable[
     [dict[str, Any] | None, Sequence[MeterPoint], float, float],
     PricerResult | Awaitable[PricerResult],
 ]
-TariffsResolver = Callable[[str, str | None], tuple[str, str, dict[str, Any]] | None]
+# (charger id, user group) -> (tariff id, version, data[, what was meant if it fell back])
+TariffsResolver = Callable[[str, str | None], tuple[Any, ...] | None]
 EventSink = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 
 
@@ -1590,9 +1591,13 @@ class SessionManager:
                 resolved = self._resolver(session.charger_id, session.group)
             except Exception as exc:  # a tariff problem must not lose the session
                 log.error("tariff_resolve_failed", charger_id=session.charger_id, error=str(exc))
+                session.flag(Flag.UNPRICED)
                 resolved = None
             if resolved is not None:
-                session.tariff_id, session.tariff_version, session.tariff_data = resolved
+                session.tariff_id, session.tariff_version, session.tariff_data = resolved[:3]
+                if len(resolved) > 3 and resolved[3] is not None:
+                    # Priced by another tariff than the one meant: never silently.
+                    session.flag(Flag.TARIFF_FALLBACK)
         await self._save(session)  # on disk before anything is published
         await self._emit(
             "session_started",

@@ -678,22 +678,30 @@ BILLING = BillingConfig(default_tariff="standard", groups={"staff": "staff"})
 
 def test_resolve_prefers_group_then_charger_then_default() -> None:
     book = TariffBook(TARIFFS, BILLING)
-    assert book.resolve("fast", "staff")[0] == "staff"  # type: ignore[index]
-    assert book.resolve("fast", "visitors")[0] == "fast"  # type: ignore[index]
-    assert book.resolve("fast", None)[0] == "fast"  # type: ignore[index]
-    assert book.resolve(None, None)[0] == "standard"  # type: ignore[index]
-    assert book.resolve("missing", None)[0] == "standard"  # type: ignore[index]
-    tid, version, data = book.resolve(None, "staff")  # type: ignore[misc]
-    assert (tid, version) == ("staff", tariff_version(TARIFFS["staff"]))
-    data["currency"] = "USD"  # the caller's copy; the book is untouched
-    assert book.resolve(None, "staff")[2]["currency"] == "EUR"  # type: ignore[index]
+    def tid(charger: str | None, group: str | None) -> tuple[str, str | None]:
+        got = book.resolve(charger, group)
+        assert got is not None
+        return got.tariff_id, got.fallback
+
+    assert tid("fast", "staff") == ("staff", None)
+    assert tid("fast", None) == ("fast", None)
+    assert tid(None, None) == ("standard", None)
+    # What was meant but is not there is never silent: the fallback names it.
+    assert tid("fast", "visitors") == ("fast", "group:visitors")
+    assert tid("missing", None) == ("standard", "missing")
+    got = book.resolve(None, "staff")
+    assert got is not None
+    assert (got.tariff_id, got.version) == ("staff", tariff_version(TARIFFS["staff"]))
+    got.data["currency"] = "USD"  # the caller's copy; the book is untouched
+    again = book.resolve(None, "staff")
+    assert again is not None and again.data["currency"] == "EUR"
     assert TariffBook({}, BillingConfig()).resolve(None, None) is None
 
 
 def test_book_rejects_invalid_config() -> None:
     with pytest.raises(TariffError) as info:
         TariffBook({"standard": with_(["currency"], "euro", TARIFFS["standard"])}, BillingConfig())
-    assert info.value.path == "standard.currency"
+    assert info.value.path == "tariffs.standard.currency"
     with pytest.raises(TariffError):
         TariffBook({"standard": TARIFFS["standard"]}, BillingConfig(default_tariff="nope"))
 
@@ -710,16 +718,16 @@ def test_replace_is_versioned_and_all_or_nothing() -> None:
         info.value.code == "invalid_tariff"
         and "fast.elements[0].components[0].price" in info.value.message
     )
-    assert book.version == 0 and book.resolve("fast", None)[2] == TARIFFS["fast"]  # type: ignore[index]
+    assert book.version == 0 and book.resolve("fast", None).data == TARIFFS["fast"]  # type: ignore[union-attr]
     new = {**TARIFFS, "fast": {"currency": "EUR", "elements": [energy("0.69")]}}
     result = book.replace(3, new)
     assert result["version"] == 3 and book.version == 3
-    assert book.resolve("fast", None)[2] == new["fast"]  # type: ignore[index]
+    assert book.resolve("fast", None).data == new["fast"]  # type: ignore[union-attr]
     for stale in (3, 2):
         with pytest.raises(CommandError) as info:
             book.replace(stale, TARIFFS)
         assert info.value.code == "stale_version"
-    assert book.resolve("fast", None)[2] == new["fast"]  # type: ignore[index]
+    assert book.resolve("fast", None).data == new["fast"]  # type: ignore[union-attr]
     with pytest.raises(CommandError):  # the default tariff may not disappear
         book.replace(4, {"fast": TARIFFS["fast"], "staff": TARIFFS["staff"]})
 
@@ -845,7 +853,7 @@ def test_frozen_tariff_is_not_repriced_by_replace(
     book = TariffBook(TARIFFS, BILLING)
     resolved = book.resolve("fast", None)
     assert resolved is not None
-    _, version_at_start, frozen = resolved
+    version_at_start, frozen = resolved.version, resolved.data
     pricer = make_pricer(BERLIN)
     points, started, ended = points_from(1780000000.0, segments)
     before = pricer(frozen, points, started, ended)
@@ -858,4 +866,4 @@ def test_frozen_tariff_is_not_repriced_by_replace(
     assert after == before
     assert tariff_version(frozen) == version_at_start
     current = book.resolve("fast", None)
-    assert current is not None and current[2] == changed["fast"]
+    assert current is not None and current.data == changed["fast"]
