@@ -17,10 +17,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.billing.cost import make_pricer, price_session
-from gateway.billing.tariff import TariffBook, parse_tariff, tariff_version
+from gateway.billing.tariff import (
+    MAX_ELEMENTS,
+    MAX_TARIFFS,
+    TariffBook,
+    check_version,
+    parse_tariff,
+    tariff_set_problems,
+    tariff_version,
+)
 from gateway.config import BillingConfig
 from gateway.errors import CommandError, TariffError
-from gateway.model import MeterPoint
+from gateway.model import MAX_VERSION, MeterPoint
 
 BERLIN = "Europe/Berlin"
 
@@ -678,6 +686,7 @@ BILLING = BillingConfig(default_tariff="standard", groups={"staff": "staff"})
 
 def test_resolve_prefers_group_then_charger_then_default() -> None:
     book = TariffBook(TARIFFS, BILLING)
+
     def tid(charger: str | None, group: str | None) -> tuple[str, str | None]:
         got = book.resolve(charger, group)
         assert got is not None
@@ -867,3 +876,113 @@ def test_frozen_tariff_is_not_repriced_by_replace(
     assert tariff_version(frozen) == version_at_start
     current = book.resolve("fast", None)
     assert current is not None and current.data == changed["fast"]
+
+
+# --- bounds, one validation path, versions (issue 11 item 2) -------------------------------
+def flat(price: Any) -> dict[str, Any]:
+    return {"currency": "EUR", "elements": [{"components": [{"type": "flat", "price": price}]}]}
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "message"),
+    [
+        (flat("1e30"), "elements[0].components[0].price", "must be at most 1000000000"),
+        (flat(1e30), "elements[0].components[0].price", "must be at most 1000000000"),
+        (flat("0.1234567"), "elements[0].components[0].price", "at most 6 decimal places"),
+        ({**flat(1), "min_price": "1e12"}, "min_price", "must be at most"),
+        ({**flat(1), "max_price": "1E+10"}, "max_price", "must be at most"),
+        (
+            {"currency": "EUR", "elements": [energy("0.3", 1_000_001)]},
+            "elements[0].components[0].step_size",
+            "must be at most 1000000",
+        ),
+        (
+            {
+                "currency": "EUR",
+                "elements": [{"components": [{"type": "time", "price": "1", "step_size": 86_401}]}],
+            },
+            "elements[0].components[0].step_size",
+            "must be at most 86400",
+        ),
+        (
+            {"currency": "EUR", "elements": [energy("0.3")] * (MAX_ELEMENTS + 1)},
+            "elements",
+            f"at most {MAX_ELEMENTS}",
+        ),
+        (
+            {"currency": "EUR", "elements": [energy("0.3", max_kwh="1e300")]},
+            "elements[0].restrictions.max_kwh",
+            "must be at most",
+        ),
+        (
+            {"currency": "EUR", "elements": [energy("0.3", max_duration=10**300)]},
+            "elements[0].restrictions.max_duration",
+            "must be at most",
+        ),
+        ({**flat(1), "description": "x" * 1001}, "description", "longer than 1000"),
+    ],
+)
+def test_tariff_bounds(data: dict[str, Any], path: str, message: str) -> None:
+    with pytest.raises(TariffError) as info:
+        parse_tariff(data)
+    assert info.value.path == path and message in info.value.message
+
+
+def test_bounds_admit_what_real_tariffs_use() -> None:
+    parse_tariff(flat("1000000000"))  # any currency's unit, e.g. a flat fee in IDR
+    parse_tariff(flat("0.394950"))
+    parse_tariff({"currency": "EUR", "elements": [energy("0.3", 1000)] * MAX_ELEMENTS})
+
+
+def test_a_price_at_the_bound_still_prices_a_long_session() -> None:
+    tariff = parse_tariff(
+        {"currency": "EUR", "vat_percent": 19, "elements": [energy("1000000000")]}
+    )
+    points, started, ended = session("2026-03-02T10:00", [(36_000, 220_000, True)])
+    cost = price_session(tariff, points, started, ended, BERLIN).cost
+    assert cost is not None and Decimal(cost["incl_vat"]) > 0
+
+
+def test_one_validation_path_for_config_and_push() -> None:
+    problems = tariff_set_problems(
+        {"cheap": flat("0.10"), "bad": flat("1e30")},
+        default_tariff="standard",
+        groups={"staff": "staff"},
+        chargers=[(("chargers", "cp2", "tariff"), "standard")],
+    )
+    assert [str(p) for p in problems] == [
+        "tariffs.bad.elements[0].components[0].price: must be at most 1000000000, got '1e30'",
+        "billing.default_tariff: unknown tariff 'standard' (defined tariffs: bad, cheap)",
+        "billing.groups.staff: unknown tariff 'staff' (defined tariffs: bad, cheap)",
+        "chargers.cp2.tariff: unknown tariff 'standard' (defined tariffs: bad, cheap)",
+    ]
+    many = {f"t{i}": flat(1) for i in range(MAX_TARIFFS + 1)}
+    assert [p.path for p in tariff_set_problems(many, default_tariff=None, groups={})] == [
+        ("tariffs",)
+    ]
+
+
+def test_a_push_that_drops_a_chargers_tariff_is_refused_whole() -> None:
+    book = TariffBook(TARIFFS, BILLING, chargers={"cp1": "fast", "cp2": "standard"})
+    without_fast = {k: v for k, v in TARIFFS.items() if k != "fast"}
+    with pytest.raises(CommandError) as info:
+        book.replace(2, without_fast)
+    assert info.value.code == "invalid_tariff"
+    assert info.value.message.startswith("chargers.cp1.tariff: unknown tariff 'fast'")
+    assert book.version == 0 and book.ids == sorted(TARIFFS)
+    # the config the book starts from is checked the same way
+    with pytest.raises(TariffError) as start:
+        TariffBook(without_fast, BILLING, chargers={"cp1": "fast"})
+    assert start.value.path == "chargers.cp1.tariff"
+
+
+@pytest.mark.parametrize("version", [0, -1, MAX_VERSION + 1, 10**300, 1.0, 1e300, True, "3"])
+def test_versions_are_integers_up_to_2_53(version: Any) -> None:
+    with pytest.raises(CommandError) as info:
+        check_version(version, "tariffs")
+    assert info.value.code == "invalid"
+    book = TariffBook(TARIFFS, BILLING)
+    with pytest.raises(CommandError):
+        book.replace(version, TARIFFS)
+    assert book.version == 0
+    assert book.replace(MAX_VERSION, TARIFFS)["version"] == MAX_VERSION

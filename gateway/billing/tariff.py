@@ -558,9 +558,10 @@ class TariffBook:
             chargers=[(("chargers", cid, "tariff"), tid) for cid, tid in self._chargers.items()],
         )
         if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            first = problems[0]
-            raise TariffError(_dotted(first.path), first.message + more)
+            first, rest = problems[0], problems[1:]
+            raise TariffError(
+                _dotted(first.path), "; ".join([first.message, *(str(p) for p in rest)])
+            )
         raw = {str(tid): copy.deepcopy(dict(t)) for tid, t in tariffs.items()}
         parsed = {tid: parse_tariff(data, tid) for tid, data in raw.items()}
         return raw, parsed
