@@ -986,3 +986,27 @@ def test_versions_are_integers_up_to_2_53(version: Any) -> None:
         book.replace(version, TARIFFS)
     assert book.version == 0
     assert book.replace(MAX_VERSION, TARIFFS)["version"] == MAX_VERSION
+
+
+def test_a_curve_that_falls_back_never_prices_negative_energy() -> None:
+    # A counter glitch taken as a reset and undone later: the curve rose too far, then fell.
+    tariff = parse_tariff(
+        {
+            "currency": "EUR",
+            "elements": [
+                energy("0.50", start_time="10:00", end_time="11:00"),
+                energy("0.30"),
+            ],
+        }
+    )
+    t0 = datetime.fromisoformat("2026-03-02T10:30").replace(tzinfo=ZoneInfo(BERLIN)).timestamp()
+    points = [
+        MeterPoint(t0 + 600, 1000, True, 11_000.0),
+        MeterPoint(t0 + 1200, 9000, True, 11_000.0),  # the glitch
+        MeterPoint(t0 + 3600, 4000, True, 11_000.0),  # back on the true counter, after 11:00
+    ]
+    priced = price_session(tariff, points, t0, t0 + 3600, BERLIN)
+    assert all(p["energy_wh"] >= 0 for p in priced.charging_periods)
+    assert sum(p["energy_wh"] for p in priced.charging_periods) == 4000
+    assert priced.cost is not None
+    assert all(Decimal(line["amount"]) >= 0 for line in priced.cost["lines"])
