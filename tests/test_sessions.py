@@ -904,6 +904,35 @@ async def test_manager_persists_before_publishing_and_prices_with_frozen_tariff(
     assert store.open == {}
 
 
+@pytest.mark.parametrize("how", ["fallback", "resolver_fails"])
+async def test_manager_never_prices_silently_with_another_tariff(how: str) -> None:
+    from gateway.billing.cost import make_pricer
+
+    store = MemorySessionStore()
+    h = Harness(store, pricer=make_pricer("Europe/Berlin"))
+    manager = await h.build()
+    tariff = dict(h.tariff)
+
+    def resolver(charger_id: str, group: str | None) -> tuple[Any, ...]:
+        if how == "resolver_fails":
+            raise RuntimeError("tariff store broken")
+        return ("standard", "v-1", tariff, "gold")  # "gold" was meant, "standard" applies
+
+    manager._resolver = resolver
+    await h.cp("cp2", PREPARING)
+    await h.cp("cp2", PREPARING, tag="AAA")
+    await manager.wait_idle()
+    await h.cp("cp2", CHARGING, add_wh=20)
+    await h.cp("cp2", AVAILABLE)
+    (rec,) = store.finished
+    if how == "fallback":
+        assert rec["tariff_id"] == "standard" and rec["flags"] == ["tariff_fallback"]
+        assert rec["cost"]["lines"][0]["unit_price"] == "0.30"
+    else:
+        assert rec["tariff_id"] is None and rec["cost"] is None
+        assert rec["flags"] == ["unpriced"]
+
+
 async def test_manager_pricing_failure_still_finishes_the_session() -> None:
     def pricer(*args: Any) -> Any:
         raise ValueError("bad tariff")
