@@ -479,3 +479,14 @@ async def _drive(
             await done.wait()
         polling.cancel()
     return truth
+
+
+def test_every_flag_is_documented_for_consumers() -> None:
+    from gateway.model import Flag
+    from gateway.uplink.schemas import load_schema
+
+    described = load_schema("session")["properties"]["flags"]["description"]
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for flag in Flag:
+        assert flag.value in described, flag
+        assert f"`{flag.value}`" in readme, flag
