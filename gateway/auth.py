@@ -102,6 +102,11 @@ class Authorizer:
     async def load(self) -> None:
         """Read the persisted cloud list and cache (call once before authorizing)."""
         version, tokens = await self._store.load_cloud_list()
+        if isinstance(version, bool) or not isinstance(version, int) or version > MAX_VERSION:
+            # Stored before versions were bounded: the list stays until the next push, which
+            # any version now replaces (else a version of 1e300 would refuse every push).
+            log.warning("auth_cloud_version_out_of_range", version=str(version)[:40])
+            version = 0
         self._cloud_version = version
         self._cloud = {_key(t.id): t for t in tokens}
         self._cache = {}

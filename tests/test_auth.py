@@ -399,3 +399,12 @@ async def test_update_tokens_refuses_versions_beyond_2_53(version: Any) -> None:
     assert auth.cloud_version == 0 and auth.known("A-1") is None
     await auth.update_tokens(2**53, "replace", [Token("A-1", TokenType.RFID, "a")], [])
     assert auth.cloud_version == 2**53
+
+
+async def test_a_stored_version_beyond_2_53_does_not_block_every_later_push() -> None:
+    store = MemoryAuthStore()
+    store.version, store.tokens = 10**300, [Token("OLD-1", TokenType.RFID, "old")]
+    auth, *_ = await make(store=store)
+    assert auth.cloud_version == 0 and auth.known("OLD-1") is not None  # kept until replaced
+    await auth.update_tokens(1, "replace", [Token("NEW-1", TokenType.RFID, "new")], [])
+    assert auth.known("OLD-1") is None and auth.known("NEW-1") is not None
