@@ -218,6 +218,8 @@ class OpenSession:
     rejected: int = 0  # implausible readings seen (not billed)
     tail_suspect: bool = False  # the latest reading was not taken: the end falls back
     read_ts: float | None = None  # the latest reading, plausible or not (comms_gap)
+    # [ts, session counter, last_wh]: the session counter dropped (a car swap, or a glitch?)
+    swap_seen: list[Any] | None = None
     charging_s: float = 0.0
     idle_s: float = 0.0
     max_power_w: float = 0.0
@@ -890,7 +892,20 @@ class SessionTracker:
         session = conn.session
         if session is not None:
             swapped = self._swapped(session, sc)
-            if not swapped:
+            if swapped and not (new_tag and session.tag is not None and tag != session.tag):
+                # A drop of the session counter alone could be a glitch: the next sample, the
+                # new car's counter going on from it, confirms the swap.
+                assert sc is not None
+                swapped = self._swap_confirmed(session, now, sc)
+            elif session.swap_seen is not None:
+                log.warning(
+                    "session_counter_glitch_ignored",
+                    session_id=session.session_id,
+                    seen_wh=session.swap_seen[1],
+                    session_counter_wh=sc,
+                )
+                session.swap_seen = None
+            if not swapped and session.swap_seen is None:
                 self._feed_charger_counter(conn, session, s, plugged)
             estimated = resumed or offline_s > self.grace_s
             # An estimated end is the last time the session was seen alive.
@@ -903,7 +918,9 @@ class SessionTracker:
                 # The EV was unplugged and another plugged in between two polls: the charger's
                 # session counter restarted. Split the lifetime counter with it where possible.
                 assert sc is not None
-                split = self._split(conn, session, now, sc)
+                floor = session.swap_seen[2] if session.swap_seen is not None else None
+                session.swap_seen = None
+                split = self._split(conn, session, now, sc, floor)
                 self._account(conn, session, now, charging=False, plugged=True)
                 stop = (
                     StopReason.LOCAL
@@ -989,6 +1006,19 @@ class SessionTracker:
             conn.plugged = plugged
         self._status(conn, now, effects)
 
+    def _swap_confirmed(self, session: OpenSession, now: float, sc: int) -> bool:
+        seen = session.swap_seen
+        if seen is not None and sc >= seen[1]:
+            return True
+        session.swap_seen = [now, sc, session.last_wh]
+        log.info(
+            "session_counter_drop_seen",
+            session_id=session.session_id,
+            session_counter_wh=sc,
+            previous_wh=session.sc_last_wh,
+        )
+        return False
+
     def _swapped(self, session: OpenSession, sc: float | None) -> bool:
         if sc is None or session.sc_last_wh is None or session.sc_base_wh is None:
             return False
@@ -996,17 +1026,27 @@ class SessionTracker:
         rose = session.sc_last_wh - session.sc_base_wh >= SWAP_MIN_WH
         return dropped and rose
 
-    def _split(self, conn: _Connector, session: OpenSession, now: float, sc: int) -> int | None:
-        """Counter reading at the swap: the new car got ``sc`` Wh since its plug-in."""
+    def _split(
+        self, conn: _Connector, session: OpenSession, now: float, sc: int, floor: int | None
+    ) -> int | None:
+        """Counter reading at the swap: the new car got ``sc`` Wh since its plug-in. ``floor``:
+        the session's counter when the drop was first seen (what it had for sure)."""
         if session.source == "session_energy_wh":
             return 0
         reading = self._reading(conn, now, session.source)
         if reading is None:
             return None
         split = reading - sc
-        if session.last_wh is not None:
-            split = max(split, session.last_wh)
+        last = session.last_wh
+        if last is not None:
+            split = max(split, last if floor is None else min(floor, last))
         split = min(split, reading)
+        if last is not None and split < last and session.seg_start_wh is not None:
+            if split >= session.seg_start_wh:
+                # A meter read while the swap waited for confirmation counted the new car's
+                # first Wh into this session: they go back to the new one.
+                session.last_wh = split
+            return split
         session.feed(
             split,
             now,
@@ -1071,7 +1111,11 @@ class SessionTracker:
         if plugged:
             session.last_activity_ts = now
         _note_power(session, conn.power_w, conn.spec.max_power_w)
-        if conn.session_wh is not None and conn.session_wh[0] == now:
+        if (
+            conn.session_wh is not None
+            and conn.session_wh[0] == now
+            and session.swap_seen is None  # a drop not yet confirmed is not bookkept
+        ):
             sc = conn.session_wh[1]
             if session.sc_base_wh is None or sc < session.sc_base_wh:
                 session.sc_base_wh = sc

@@ -207,6 +207,23 @@ def test_heidelberg_counter_dropping_after_a_power_cut_keeps_the_session_exact()
     assert "meter_reset" in rec["flags"] and "energy_fallback" not in rec["flags"]
 
 
+@pytest.mark.parametrize("lifetime", [True, False])
+def test_a_session_counter_glitch_is_not_a_car_swap(lifetime: bool) -> None:
+    # One poll of the charger's session counter reading 0 looked like a car swapped within one
+    # poll: the session was cut in two and the rest charged as an unidentified session.
+    rig = Rig(max_power_w=22_000)
+    rig.start_with_tag("AAA", session_wh=0, energy=lifetime)
+    for n in range(1, 31):
+        rig.cp(CHARGING, add_wh=5, session_wh=5 * n, tag="AAA", energy=lifetime)
+    rig.cp(CHARGING, add_wh=5, session_wh=0, tag="AAA", energy=lifetime)  # the glitch
+    for n in range(32, 41):
+        rig.cp(CHARGING, add_wh=5, session_wh=5 * n, tag="AAA", energy=lifetime)
+    rig.cp(AVAILABLE, session_wh=200, energy=lifetime)
+    (rec,) = rig.records()
+    assert rec["energy_wh"] == 200 and rec["user"]["id"] == "alice"
+    assert "energy_fallback" not in rec["flags"] and "meter_reset" not in rec["flags"]
+
+
 def test_a_power_glitch_is_not_the_sessions_peak_power() -> None:
     rig = Rig(meter=True, meter_poll_interval_s=5.0, max_power_w=22_000)
     rig.meter(1000)
