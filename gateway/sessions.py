@@ -19,8 +19,9 @@ Rules (one connector per charger device):
 * It ends at unplug (``ev_disconnected``), remote stop (``remote``), deauthorization
   (``deauthorized``, after a token list change blocks its token), a different tag on the same
   connector (``local``), or a car swap within one poll seen as a drop of the charger's session
-  counter (``ev_disconnected``). A charger found unplugged after being offline longer than
-  ``grace_s`` (or after a gateway restart) ends it at its last seen activity with the flag
+  counter that the next sample confirms (``ev_disconnected``; a one-poll glitch is ignored).
+  A charger found unplugged after being offline longer than ``grace_s`` (or after a gateway
+  restart) ends it at its last seen activity with the flag
   ``end_estimated``.
 * Energy comes from one cumulative counter chosen at the start: the charger's ``meter:``
   device, else the charger's ``energy_wh``, else its ``session_energy_wh``. See ``OpenSession.feed``
