@@ -62,8 +62,11 @@ class SiteCommands:
 
     async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]:
         book = self._gw.tariffs
-        book.replace(version, dict(tariffs))
+        book.check(version, dict(tariffs))  # refused: nothing changes, nothing is stored
+        # Stored before it applies: a failed write answers an error and changes nothing; a
+        # crash after it keeps what the reply confirms.
         await self._gw.store.kv_put("tariffs", {"version": version, "tariffs": dict(tariffs)})
+        book.replace(version, dict(tariffs))
         return {"version": version, "tariffs": sorted(tariffs)}
 
     async def auth_response(

@@ -1010,3 +1010,22 @@ def test_a_curve_that_falls_back_never_prices_negative_energy() -> None:
     assert sum(p["energy_wh"] for p in priced.charging_periods) == 4000
     assert priced.cost is not None
     assert all(Decimal(line["amount"]) >= 0 for line in priced.cost["lines"])
+
+
+async def test_a_push_that_cannot_be_stored_changes_nothing() -> None:
+    # Applied in memory and then failing to store, a push was billed until the next restart
+    # and then silently undone, while the cloud was told it failed.
+    from types import SimpleNamespace
+
+    from gateway.app import SiteCommands
+
+    class FullDisk:
+        async def kv_put(self, key: str, value: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+    book = TariffBook(TARIFFS, BILLING)
+    commands = SiteCommands(SimpleNamespace(tariffs=book, store=FullDisk()))  # type: ignore[arg-type]
+    new = {**TARIFFS, "fast": {"currency": "EUR", "elements": [energy("0.69")]}}
+    with pytest.raises(OSError):
+        await commands.update_tariffs(2, new)
+    assert book.version == 0 and book.get("fast") == TARIFFS["fast"]

@@ -605,19 +605,26 @@ class TariffBook:
             log.warning("tariff_fallback", meant=fallback, tariff_id=None, user_group=user_group)
         return None
 
-    def replace(self, version: int, tariffs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-        """Replace every tariff at once (the ``tariffs`` command). Raises ``CommandError``:
-        ``stale_version`` when ``version`` is not newer than the current one, ``invalid_tariff``
-        (message with the key path) when any tariff is invalid; then nothing changes."""
+    def check(
+        self, version: int, tariffs: Mapping[str, Mapping[str, Any]]
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, Tariff]]:
+        """Validate a ``tariffs`` push without applying it. Raises ``CommandError``: ``invalid``
+        for a version outside 1..2^53, ``stale_version`` when it is not newer than the current
+        one, ``invalid_tariff`` (every problem with its key path) when the set is invalid."""
         check_version(version, "tariffs")
         if version <= self._version:
             raise CommandError(
                 "stale_version", f"tariffs version {version} is not newer than {self._version}"
             )
         try:
-            raw, parsed = self._validate(tariffs)
+            return self._validate(tariffs)
         except TariffError as exc:
             raise CommandError("invalid_tariff", str(exc)) from exc
+
+    def replace(self, version: int, tariffs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """Replace every tariff at once (the ``tariffs`` command), after :meth:`check`; a
+        refused set changes nothing."""
+        raw, parsed = self.check(version, tariffs)
         self._tariffs, self._parsed, self._version = raw, parsed, version
         log.info("tariffs_replaced", version=version, tariffs=sorted(raw))
         return {
