@@ -323,10 +323,15 @@ class OpenSession:
             self.read_ts = ts
         if value is None:
             self.rejected += 1
+            # Logged once per run of bad readings (a meter may answer garbage for hours).
+            if not self.tail_suspect and (self.last_wh is not None or self.rejected == 1):
+                log.warning(
+                    "meter_reading_rejected",
+                    session_id=self.session_id,
+                    reading=reading,
+                    reason=why,
+                )
             self.tail_suspect = self.last_wh is not None
-            log.warning(
-                "meter_reading_rejected", session_id=self.session_id, reading=reading, reason=why
-            )
             return False
         if self.seg_start_wh is None or self.last_wh is None or self.last_counter_ts is None:
             latched = self.meter_start_wh is None and ts > self.started_at + interval_s
@@ -346,8 +351,13 @@ class OpenSession:
         ) and self._bounded(
             self.banked_wh + value - self.seg_start_wh, ts, interval_s, max_power_w, step_wh
         ):
-            if self.suspects or self.tail_suspect:
-                log.warning("meter_glitch_ignored", session_id=self.session_id, meter_wh=value)
+            if self.tail_suspect:
+                log.warning(
+                    "meter_glitch_ignored",
+                    session_id=self.session_id,
+                    meter_wh=value,
+                    rejected=self.rejected,
+                )
             self.last_wh, self.last_counter_ts = value, ts
             self.tail_suspect = False
             if self.energy() > 0:  # while nothing is counted the suspects may be the truth
@@ -355,6 +365,7 @@ class OpenSession:
             return changed
         if self.undo is not None and self._undo(value, ts, interval_s, max_power_w, step_wh):
             return True
+        first_of_run = not self.tail_suspect
         self.tail_suspect = True
         for chain in reversed(self.suspects):
             if _rises_plausibly(chain[2], chain[3], value, ts, interval_s, max_power_w, step_wh):
@@ -365,12 +376,13 @@ class OpenSession:
                     return True
                 return changed
         self.suspects = [*self.suspects[-(MAX_SUSPECT_CHAINS - 1) :], [value, ts, value, ts, 1]]
-        log.warning(
-            "meter_reading_suspect",
-            session_id=self.session_id,
-            previous_wh=self.last_wh,
-            reading_wh=value,
-        )
+        if first_of_run:
+            log.warning(
+                "meter_reading_suspect",
+                session_id=self.session_id,
+                previous_wh=self.last_wh,
+                reading_wh=value,
+            )
         return changed
 
     def _bounded(

@@ -453,7 +453,8 @@ async def test_glitches_answered_over_modbus_are_never_billed(
         await manager.wait_idle()
     assert truth is not None
     refused = [e for e in logs if e["event"] == "meter_reading_rejected"]
-    assert len(refused) >= 4, label  # the garbage did arrive over the wire, and was refused
+    # The garbage did arrive over the wire and was refused: logged once per run of it.
+    assert len(refused) == 2, (label, refused)
     assert all(e["reading"] == pytest.approx(value, rel=1e-6) for e in refused)
     (rec,) = finished
     assert rec["charger_id"] == charger, label
