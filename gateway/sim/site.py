@@ -443,6 +443,13 @@ class SimSite:
         if step.action == "clear_fault":
             self.clear_fault(step.device)
             return
+        if step.action == "override":
+            assert step.register is not None and step.value is not None
+            try:
+                self.override(step.device, step.register, step.value, step.polls)
+            except (KeyError, ValueError) as exc:  # no such register, or not encodable
+                log.error("sim_override_failed", device=step.device, error=str(exc))
+            return
         charger = self._chargers[step.device]
         if step.action == "plug_in":
             charger.plug_in(
