@@ -20,13 +20,14 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import ConfigError, ConfigProblem
+from gateway.errors import ConfigError, ConfigProblem, GatewayError
 from gateway.model import AuthStatus, DeviceKind, Token, TokenType
 from gateway.profiles import Profile, load_profiles
 from gateway.tags import normalise_tag
 from gateway.yamlpos import PathT, YamlDoc, load_yaml
 
 __all__ = [
+    "UNAUTHENTICATED_WARNING",
     "AuthConfig",
     "BillingConfig",
     "BusConfig",
@@ -100,6 +101,8 @@ class UplinkConfig:
     readings_qos: int = 0
     readings_batch: int = 500
     protocol: str = "auto"  # auto | 5 | 3.1.1
+    command_key: str | None = None  # the cloud's Ed25519 public key (PEM file): signed commands
+    command_max_age_s: float = 300.0  # a signed command older than this is refused
 
     @property
     def scheme(self) -> str:
@@ -968,6 +971,19 @@ _UPLINK = _Obj(
         "readings_batch": _Int(
             default=500, min=1, max=10000, description="readings per message at most"
         ),
+        "command_key": _Path(
+            must_be="file",
+            description="the cloud's Ed25519 public key (PEM): commands and auth responses "
+            "must then be signed with it, fresh and not replayed (docs/security.md)",
+        ),
+        "command_max_age": _Duration(
+            attr="command_max_age_s",
+            default=300.0,
+            min=5.0,
+            max=3600.0,
+            description="signed commands and auth responses older than this (by their "
+            "issued_at) are refused; needs a synchronised clock",
+        ),
     },
     target=UplinkConfig,
     default=None,
@@ -1410,6 +1426,20 @@ def _check_uplink(ctx: _Ctx, raw: dict[str, Any]) -> None:
     _resolve_secret(ctx, uplink)
     if "client_id" not in uplink and isinstance(raw.get("site"), dict) and "id" in raw["site"]:
         uplink["client_id"] = f"evgw-{raw['site']['id']}"
+    key_file = uplink.get("command_key")
+    if isinstance(key_file, str):
+        from gateway.uplink.envelope import load_command_key
+
+        try:
+            load_command_key(key_file)
+        except GatewayError as exc:
+            ctx.add(("uplink", "command_key"), str(exc))
+    elif "command_max_age" in uplink and "command_key" not in _present(ctx, ("uplink",)):
+        ctx.add(
+            ("uplink", "command_max_age"),
+            "command_max_age needs command_key (unsigned commands carry no age)",
+            key=True,
+        )
     url = uplink.get("url", "")
     tls = uplink.get("tls")
     if isinstance(tls, dict):
@@ -1787,6 +1817,13 @@ def check_config(path: str | Path) -> tuple[int, str]:
     return 0, summarize(config)
 
 
+UNAUTHENTICATED_WARNING = (
+    "warning: uplink.command_key is not set: commands and auth responses are not "
+    "authenticated; anyone who can publish on the broker can start charging for any user "
+    "(docs/security.md)"
+)
+
+
 def summarize(config: GatewayConfig) -> str:
     site = config.site
     lines = [
@@ -1802,6 +1839,13 @@ def summarize(config: GatewayConfig) -> str:
         up = config.uplink
         auth = f", user {up.username}" if up.username else ""
         lines.append(f"uplink {up.url} as {up.client_id}, topic prefix {up.topic_prefix}{auth}")
+        if up.command_key is not None:
+            lines.append(
+                f"commands: signed by {up.command_key}, "
+                f"at most {format_duration(up.command_max_age_s)} old"
+            )
+        else:
+            lines.append(UNAUTHENTICATED_WARNING)
     lines.append(f"{len(config.devices)} device(s) on {len(config.buses)} bus(es):")
     for dev in config.devices:
         where = f"{dev.host}:{dev.port}" if dev.host else f"bus {dev.bus}"
