@@ -291,7 +291,18 @@ async def test_run_report_reads_the_real_buffer(tmp_path: Any) -> None:
             points = [MeterPoint(ended, rec["energy_wh"], True)]
             periods, cost = pricer(tariff, points, started, ended)
             await store.finish_session(
-                {**rec, "site_id": "depot-7", "charging_periods": periods, "cost": cost}
+                {
+                    **rec,
+                    "site_id": "depot-7",
+                    "connector": 1,
+                    "meter_start_wh": 1_000_000,
+                    "meter_stop_wh": 1_000_000 + rec["energy_wh"],
+                    "max_power_w": 11000,
+                    "stop_reason": "ev_disconnected",
+                    "tariff_version": "0123456789abcdef",
+                    "charging_periods": periods,
+                    "cost": cost,
+                }
             )
     config = GatewayConfig(
         site=SiteConfig(id="depot-7", timezone=TZ),
