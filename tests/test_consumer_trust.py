@@ -1,0 +1,214 @@
+"""The consumer bills only what it can trust (issue 11, item 3), against real parts: a mosquitto
+started per test, a second MQTT client publishing forged keys and records, the consumer storing
+into SQLite and PostgreSQL, and the real ``evgw`` command line on the result."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mqtt_broker import MosquittoBroker, mosquitto  # noqa: F401
+from test_consumer import _consumer, _publish, _session_msg, _until, db_url  # noqa: F401
+from test_consumer_support import make_chain, make_signer, record_body
+
+from gateway.billing.cloudstore import CloudStore, open_cloud_store
+from gateway.billing.consumer import SessionConsumer, _connection_loop, parse_broker_url
+from gateway.billing.signing import Signer
+from gateway.cli import main
+from gateway.records import GENESIS, seal
+
+SITE = "depot-7"
+TOPIC = f"evgw/{SITE}/sessions/finished"
+
+
+def _key_msg(signer: Signer, site: str = SITE, **extra: Any) -> tuple[str, bytes, bool]:
+    payload = {**signer.public_key_payload(), **extra}
+    return (f"evgw/{site}/gateway/key", json.dumps(payload).encode(), True)
+
+
+def _priced(body: dict[str, Any], excl: str, vat: str, incl: str) -> dict[str, Any]:
+    body["cost"] = {
+        "currency": "EUR",
+        "excl_vat": excl,
+        "vat": vat,
+        "incl_vat": incl,
+        "lines": [
+            {"type": "energy", "quantity": "1.000", "unit": "kWh", "unit_price": excl,
+             "amount": excl},
+        ],
+    }  # fmt: skip
+    return body
+
+
+def _forged(seq: int, signer: Signer | None, site: str = SITE, **kw: Any) -> dict[str, Any]:
+    """A record for user victim costing EUR 99.99, sealed (and signed) by whoever forges it."""
+    body = _priced(record_body(seq, site=site, user="victim", **kw), "84.03", "15.96", "99.99")
+    body["prev_hash"] = GENESIS
+    return seal(body, signer.sign if signer is not None else None)
+
+
+async def _cli(*args: str) -> int:
+    """The real command line, in a worker thread (it runs its own event loop)."""
+    return await asyncio.to_thread(main, list(args))
+
+
+async def _held(store: CloudStore) -> list[str]:
+    return sorted(q.kind for q in await store.quarantined())
+
+
+async def test_forged_keys_and_records_are_quarantined_never_billed(
+    mosquitto: MosquittoBroker,  # noqa: F811
+    db_url: str,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The issue's scenario: someone who can publish on the broker pushes a second key for a
+    known site and three sessions of EUR 99.99 for user ``victim``. Before: stored, billed
+    (EUR 299.97 on victim's statement) and ``verify --db`` said OK."""
+    gateway = make_signer(tmp_path)
+    attacker = make_signer(tmp_path, "attacker.key")
+    genuine = make_chain(1, gateway, user="victim", energy_wh=1000)[0]
+    month = genuine["started_at"][:7]
+    # 1. signed by the attacker, whose key it publishes for the site (retained, replacing ours)
+    by_attacker = _forged(2, attacker, start=genuine_start(genuine, 1))
+    # 2. signed by the attacker under the gateway's key id: a bad signature
+    lying = _forged(3, None, start=genuine_start(genuine, 2))
+    lying["signature"] = dict(attacker.sign(lying["hash"].encode()), key_id=gateway.key_id)
+    # 3. a site nobody has heard of, signed by a key it never published
+    ghost = _forged(1, attacker, site="ghost-site", start=genuine_start(genuine, 3))
+
+    await _publish(mosquitto, [_key_msg(gateway)])
+    async with (
+        _consumer(mosquitto.url, db_url, client_id="billing"),
+        open_cloud_store(db_url) as view,
+    ):
+        await _until(lambda: _has_keys(view, 1), what="the gateway's key")
+        await _publish(mosquitto, [_session_msg(genuine)])
+        await _until(lambda: _count(view, 1, 0), what="the genuine session")
+        # a second client: the attacker
+        await _publish(
+            mosquitto,
+            [
+                _key_msg(attacker),  # "the site's new key"
+                _session_msg(by_attacker),
+                _session_msg(lying),
+                _session_msg(ghost, site="ghost-site"),
+            ],
+        )
+        await _until(lambda: _count(view, 1, 4), what="everything forged held")
+        assert await _held(view) == ["bad_signature", "key", "no_key", "unknown_key"]
+        keys = await view.key_rows()
+        assert [(k.site_id, k.key_id, k.status, k.source) for k in keys] == [
+            (SITE, gateway.key_id, "active", "first_use")
+        ]
+        [refused] = [q for q in await view.quarantined() if q.kind == "key"]
+        assert refused.reason == (
+            f"key: site {SITE} is signed by {gateway.key_id}; new key {attacker.key_id} "
+            "refused: it carries no rotation statement"
+        )
+        assert [s.session_id for s in await view.sessions()] == [genuine["session_id"]]
+
+    # victim's statement bills the genuine session only, and says what it left out
+    capsys.readouterr()
+    args = ["statement", "--db", db_url, "--user", "victim", "--month", month]
+    assert await _cli(*args, "--format", "json") == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert [s["session_id"] for s in doc["sessions"]] == [genuine["session_id"]]
+    assert doc["totals"]["EUR"]["incl_vat"] == genuine["cost"]["incl_vat"] != "299.97"
+    assert doc["quarantined_records"] == 3  # 3 x 99.99 = 299.97 not billed
+    assert captured.err == (
+        f"evgw statement: 3 quarantined record(s) of victim in {month} not billed; 4 in the "
+        "store (`evgw trust quarantine --db ...` lists them)\n"
+    )
+
+    # verify --db fails and names every held record
+    assert await _cli("verify", "--db", db_url) == 1
+    out = capsys.readouterr().out
+    assert "4 record(s) quarantined, never billed:" in out
+    assert f"signature by key {gateway.key_id} does not verify" in out
+    assert f"signed with key {attacker.key_id}, not a key of site {SITE}" in out
+
+
+def genuine_start(genuine: dict[str, Any], n: int) -> float:
+    from gateway.model import from_rfc3339
+
+    return from_rfc3339(genuine["started_at"]) + 600 * n
+
+
+async def _has_keys(store: CloudStore, n: int) -> bool:
+    return len(await store.key_rows()) == n
+
+
+async def _count(store: CloudStore, sessions: int, held: int) -> bool:
+    return len(await store.sessions()) == sessions and len(await store.quarantined()) == held
+
+
+def _poison(signer: Signer) -> list[tuple[str, bytes]]:
+    """(expected kind, payload): records no check foresaw before, each of which used to raise
+    in the consumer (never acknowledged, redelivered for ever, everything behind it stuck)."""
+
+    def signed(**changes: Any) -> dict[str, Any]:
+        body = record_body(1)
+        body.update(changes, prev_hash=GENESIS)
+        return seal(body, signer.sign)
+
+    text = json.dumps(signed())
+    return [
+        ("range", json.dumps(signed(seq=2**64)).encode()),  # overflowed SQLite
+        ("range", json.dumps(signed(seq=2**63)).encode()),  # and PostgreSQL's BIGINT
+        ("schema", json.dumps(signed(energy_wh=-5)).encode()),
+        ("schema", text.replace('"charging_s": 5400', '"charging_s": NaN').encode()),
+        ("schema", text.replace('"charging_s": 5400', '"charging_s": 1e400').encode()),
+        ("range", json.dumps(signed(user={"id": "a\x00b", "auth": "local"})).encode()),
+        ("range", text.replace('"id": "alice"', '"id": "\\ud800"').encode()),
+        ("range", json.dumps(signed(started_at="2026-02-30T10:00:00Z")).encode()),
+        ("schema", text.replace('"meter_start_wh": 1100000', '"meter_start_wh": ' + "9" * 5000)
+                   .encode()),
+        ("schema", b"[" * 100_000 + b"]" * 100_000),
+        ("schema", b"\xff\xfe\x00 not even text"),
+    ]  # fmt: skip
+
+
+async def test_poison_records_are_quarantined_and_the_next_is_billed(
+    mosquitto: MosquittoBroker,  # noqa: F811
+    db_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    signer = make_signer(tmp_path)
+    chain = make_chain(2, signer)
+    poison = _poison(signer)
+    async with open_cloud_store(db_url) as store:
+        consumer = SessionConsumer(store)
+        assert await consumer.handle(*_key_msg(signer)[:2]) == "key"
+        loop = asyncio.create_task(
+            _connection_loop(consumer, parse_broker_url(mosquitto.url), [TOPIC], "poison", None)
+        )
+        try:
+            await _until(lambda: _connected(consumer))
+            await _publish(
+                mosquitto,
+                [(TOPIC, payload, False) for _, payload in poison]
+                + [_session_msg(chain[0]), _session_msg(chain[1])],
+            )
+            await _until(lambda: _count(store, 2, len(poison)), 20, "the genuine records")
+        finally:
+            loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+        assert consumer.stats.connects == 1  # never dropped the connection over a message
+        held = await store.quarantined()
+        assert [q.kind for q in held] == [kind for kind, _ in poison]
+        assert held[0].seq == str(2**64) and held[0].payload == poison[0][1].decode()
+        assert held[0].reason.endswith(f"seq: {2**64} is beyond 64 bits")
+        assert "contains a NUL character" in held[5].reason
+        assert "not a real date and time" in held[7].reason
+        assert [s.seq for s in await store.sessions()] == [1, 2]
+
+
+async def _connected(consumer: SessionConsumer) -> bool:
+    return consumer.stats.connects > 0
