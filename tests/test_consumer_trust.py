@@ -18,6 +18,7 @@ from test_consumer_support import make_chain, make_signer, record_body
 from gateway.billing.cloudstore import CloudStore, open_cloud_store
 from gateway.billing.consumer import SessionConsumer, _connection_loop, parse_broker_url
 from gateway.billing.signing import Signer
+from gateway.billing.trust import load_trust_dir, raw_hex, sign_rotation
 from gateway.cli import main
 from gateway.records import GENESIS, seal
 
@@ -212,3 +213,114 @@ async def test_poison_records_are_quarantined_and_the_next_is_billed(
 
 async def _connected(consumer: SessionConsumer) -> bool:
     return consumer.stats.connects > 0
+
+
+async def test_trust_dir_names_the_only_keys(
+    mosquitto: MosquittoBroker,  # noqa: F811
+    db_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    gateway = make_signer(tmp_path)
+    other_site = make_signer(tmp_path, "depot-8.key")
+    attacker = make_signer(tmp_path, "attacker.key")
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    (trust / f"{SITE}.pem").write_text(gateway.public_pem())
+    (trust / "depot-8.pem").write_text(raw_hex_of(other_site) + "\n")  # 64 hex also works
+    assert set(load_trust_dir(trust)) == {SITE, "depot-8"}
+    chain = make_chain(2, gateway)
+    ghost = make_chain(1, attacker, site="ghost-site")[0]
+    await _publish(mosquitto, [_key_msg(attacker, "ghost-site")])  # retained
+    async with (
+        _consumer(mosquitto.url, db_url, client_id="trusting", trust_dir=trust),
+        open_cloud_store(db_url) as view,
+    ):
+        # the retained key, refused, shows the consumer has subscribed
+        await _until(lambda: _count(view, 0, 1), what="the ghost site's key refused")
+        await _publish(
+            mosquitto,
+            [
+                _key_msg(attacker),  # not in the directory, no rotation statement
+                _session_msg(chain[0]),  # no key message needed: the directory has it
+                _session_msg(ghost, site="ghost-site"),
+                _session_msg(chain[1]),
+            ],
+        )
+        await _until(lambda: _count(view, 2, 3), what="2 stored, 3 held")
+        held = {q.kind: q.reason for q in await view.quarantined()}
+        assert held["unknown_site"].endswith("site ghost-site is not in the trust directory")
+        assert sorted(held) == ["key", "unknown_site"]
+        keys = [(k.site_id, k.source, k.status) for k in await view.key_rows()]
+        assert keys == [(SITE, "trust_dir", "active"), ("depot-8", "trust_dir", "active")]
+
+
+def raw_hex_of(signer: Signer) -> str:
+    return raw_hex(signer.public_keys()[signer.key_id])
+
+
+async def test_rotation_signed_by_the_old_key_hands_the_site_over(
+    mosquitto: MosquittoBroker,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`evgw rotate-key` on the gateway, the new key published with its statement: the
+    consumer (trusting the old key) trusts the new one; forged and replayed statements fail."""
+    cfg = tmp_path / "site.yaml"
+    buffer = tmp_path / "buffer.db"
+    cfg.write_text(f"site: {{id: {SITE}, timezone: UTC}}\nstorage: {{path: {buffer}}}\n")
+    key_path = tmp_path / "evgw-signing.key"
+    old = Signer.load_or_create(key_path)  # as the gateway makes it at its first start
+    assert "rotation" not in old.public_key_payload()
+    db = f"sqlite:///{tmp_path}/cloud.db"
+    first = make_chain(3, old)
+    await _publish(mosquitto, [_key_msg(old)])
+    async with _consumer(mosquitto.url, db, client_id="rot"), open_cloud_store(db) as view:
+        await _until(lambda: _has_keys(view, 1), what="the old key")
+        await _publish(mosquitto, [_session_msg(first[0])])
+        await _until(lambda: _count(view, 1, 0), what="seq 1")
+
+        assert await _cli("rotate-key", "-c", str(cfg)) == 0
+        assert f"signing key {old.key_id} replaced by" in capsys.readouterr().out
+        new = Signer.load_or_create(key_path)
+        assert new.key_id != old.key_id and new.rotation is not None
+        assert new.previous_keys == [{"key_id": old.key_id, "public_key_pem": old.public_pem()}]
+        # what the gateway publishes after its restart; the records go on with the new key
+        second = seal({**record_body(4), "seq": 4, "prev_hash": first[2]["hash"]}, new.sign)
+        await _publish(
+            mosquitto,
+            [
+                _key_msg(new),
+                _session_msg(second),
+                _session_msg(first[1]),  # the backlog, signed by the old key, still trusted
+                _session_msg(first[2]),
+            ],
+        )
+        await _until(lambda: _count(view, 4, 0), what="both keys' records")
+        keys = {k.key_id: (k.status, k.source) for k in await view.key_rows()}
+        assert keys == {old.key_id: ("retired", "first_use"), new.key_id: ("active", "rotation")}
+
+        attacker = make_signer(tmp_path, "attacker.key")
+        forged = sign_rotation(SITE, attacker_public(attacker), attacker_private(attacker), 0)
+        replayed = dict(new.rotation)  # the genuine statement, with someone else's key
+        await _publish(
+            mosquitto,
+            [_key_msg(attacker, rotation=forged), _key_msg(attacker, rotation=replayed)],
+        )
+        await _until(lambda: _count(view, 4, 2), what="two refused keys")
+        reasons = sorted(q.reason.split(" refused: ")[1] for q in await view.quarantined())
+        assert reasons == [
+            f"the rotation statement is signed by '{attacker.key_id}', not a trusted key",
+            "the rotation statement names another key",
+        ]
+    # the gateway's own buffer keeps both keys for `evgw verify -c`
+    from gateway.billing.verify import buffer_keys
+
+    assert set(buffer_keys(key_path) or {}) == {old.key_id, new.key_id}
+
+
+def attacker_public(signer: Signer) -> Any:
+    return signer.public_keys()[signer.key_id]
+
+
+def attacker_private(signer: Signer) -> Any:
+    return signer._private
