@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from mqtt_broker import MosquittoBroker, mosquitto  # noqa: F401
 from test_consumer import _consumer, _publish, _session_msg, _until, db_url  # noqa: F401
 from test_consumer_support import make_chain, make_signer, record_body
 
+from gateway.billing import consumer as consumer_module
 from gateway.billing.cloudstore import CloudStore, open_cloud_store
 from gateway.billing.consumer import SessionConsumer, _connection_loop, parse_broker_url
 from gateway.billing.signing import Signer
@@ -324,3 +327,147 @@ def attacker_public(signer: Signer) -> Any:
 
 def attacker_private(signer: Signer) -> Any:
     return signer._private
+
+
+async def test_operator_trust_add_list_revoke_quarantine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(consumer_module, "KEY_RELOAD_S", 0.0)  # see the CLI's changes at once
+    signer = make_signer(tmp_path)
+    newer = make_signer(tmp_path, "newer.key")
+    pem = tmp_path / "depot-7.pem"
+    pem.write_text(signer.public_pem())
+    chain = make_chain(3, signer)
+    db = f"sqlite:///{tmp_path}/cloud.db"
+    async with open_cloud_store(db) as store:
+        consumer = SessionConsumer(store)
+        for rec in chain[:2]:  # the site never published its key: held
+            assert await consumer.handle(TOPIC, json.dumps(rec).encode()) == "quarantined"
+        capsys.readouterr()
+        assert await _cli("trust", "add", "--db", db, "--site", SITE, "--key", str(pem)) == 0
+        assert capsys.readouterr().out == (
+            f"site {SITE}: key {signer.key_id} trusted; 2 held record(s) released\n"
+        )
+        assert [s.seq for s in await store.sessions()] == [1, 2]
+        assert await _cli("trust", "list", "--db", db) == 0
+        listing = capsys.readouterr().out.splitlines()
+        assert listing[0].split() == ["site", "key_id", "status", "source", "since", "note"]
+        assert listing[1].split()[:4] == [SITE, signer.key_id, "active", "operator"]
+
+        assert await _cli("trust", "revoke", "--db", db, "--site", SITE, signer.key_id) == 0
+        assert "(2 stored record(s) signed by it stay stored)" in capsys.readouterr().out
+        assert await consumer.handle(TOPIC, json.dumps(chain[2]).encode()) == "quarantined"
+        # with every key revoked nobody takes the site over by publishing a key
+        key_topic, key_payload, _ = _key_msg(newer)
+        assert await consumer.handle(key_topic, key_payload) == "quarantined"
+        assert await _held(store) == ["key", "revoked_key"]
+        assert await _cli("trust", "quarantine", "--db", db) == 0
+        out = capsys.readouterr().out
+        assert f"signed with key {signer.key_id}, which is revoked" in out
+        assert "every known key is revoked; a new key needs `evgw trust add`" in out
+
+    assert await _cli("trust", "revoke", "--db", db, "--site", SITE, "0000") == 2
+    assert capsys.readouterr().err == (
+        f"evgw trust: site {SITE} has no key 0000 (`evgw trust list`)\n"
+    )
+
+
+async def test_missing_store_exits_2_and_creates_nothing(
+    db_url: str,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A mistyped path used to create an empty database and report success."""
+    if db_url.startswith("sqlite"):
+        db_url = f"sqlite:///{tmp_path}/no/such/cloud.db"
+    for args in (
+        ["verify", "--db", db_url],
+        ["statement", "--db", db_url, "--user", "alice", "--month", "2026-11"],
+        ["trust", "list", "--db", db_url],
+    ):
+        assert await _cli(*args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith(f"evgw {args[0]}: ") and "nothing was created" in err
+    if db_url.startswith("sqlite"):
+        assert await asyncio.to_thread(os.listdir, tmp_path) == []
+    else:
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(db_url) as conn:
+            cur = await conn.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema()"
+            )
+            assert await cur.fetchall() == []
+    # the gateway's reading commands never create a buffer either
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text(f"site: {{id: {SITE}, timezone: UTC}}\nstorage: {{path: {tmp_path}/b/b.db}}\n")
+    for args in (
+        ["sessions", "-c", str(cfg)],
+        ["report", "-c", str(cfg), "--by", "user", "--from", "2026-11-01", "--to", "2026-11-30"],
+        ["verify", "-c", str(cfg)],
+    ):
+        assert await _cli(*args) != 0, args
+        assert "no local buffer here" in capsys.readouterr().err
+    assert not await asyncio.to_thread((tmp_path / "b").exists)
+
+
+_OLD_SCHEMA = (
+    "CREATE TABLE sessions (session_id TEXT PRIMARY KEY, site_id TEXT NOT NULL, "
+    "seq BIGINT NOT NULL, user_id TEXT, charger_id TEXT NOT NULL, started_at TEXT NOT NULL, "
+    "ended_at TEXT NOT NULL, started_ts DOUBLE PRECISION NOT NULL, energy_wh BIGINT NOT NULL, "
+    "currency TEXT, incl_vat TEXT, hash TEXT NOT NULL, prev_hash TEXT NOT NULL, "
+    "signature_ok BOOLEAN, record TEXT NOT NULL, received_at DOUBLE PRECISION NOT NULL)",
+    "CREATE TABLE site_keys (site_id TEXT NOT NULL, key_id TEXT NOT NULL, alg TEXT NOT NULL, "
+    "public_key_pem TEXT NOT NULL, received_at DOUBLE PRECISION NOT NULL, "
+    "PRIMARY KEY (site_id, key_id))",
+    "CREATE TABLE rejects (topic TEXT NOT NULL, payload TEXT NOT NULL, reason TEXT NOT NULL, "
+    "received_at DOUBLE PRECISION NOT NULL)",
+)
+
+
+async def test_store_of_an_earlier_version_is_upgraded(
+    db_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Its rejects and the sessions it stored unverified (signature_ok NULL or false) move to
+    the quarantine; keys it learnt stay, as active ``legacy`` keys."""
+    signer = make_signer(tmp_path)
+    chain = make_chain(3, signer)
+    rows = [
+        (r["session_id"], SITE, r["seq"], "alice", "cp1", r["started_at"], r["ended_at"], 1.0,
+         r["energy_wh"], "EUR", "1.00", r["hash"], r["prev_hash"], ok, json.dumps(r), 2.0)
+        for r, ok in zip(chain, (True, None, False), strict=True)
+    ]  # fmt: skip
+    statements: list[tuple[str, tuple[Any, ...]]] = [(s, ()) for s in _OLD_SCHEMA]
+    statements += [("INSERT INTO sessions VALUES (" + ", ".join("?" * 16) + ")", r) for r in rows]
+    statements.append(("INSERT INTO rejects VALUES (?, ?, ?, ?)", (TOPIC, "{bad", "not JSON", 3.0)))
+    statements.append(
+        (
+            "INSERT INTO site_keys VALUES (?, ?, ?, ?, ?)",
+            (SITE, signer.key_id, "ed25519", signer.public_pem(), 1.0),
+        )
+    )
+    if db_url.startswith("sqlite"):
+        with sqlite3.connect(db_url[len("sqlite:///") :]) as conn:
+            for sql, params in statements:
+                conn.execute(sql, params)
+    else:
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as pg:
+            for sql, params in statements:
+                await pg.execute(sql.replace("?", "%s"), params)
+    for _ in range(2):  # idempotent
+        async with open_cloud_store(db_url) as store:
+            assert [s.seq for s in await store.sessions()] == [1]
+            held = {q.kind: q for q in await store.quarantined()}
+            assert sorted(held) == ["bad_signature", "legacy", "no_key"]
+            assert held["no_key"].seq == "2" and held["no_key"].user_id == "alice"
+            assert held["legacy"].payload == "{bad"
+            [key] = await store.key_rows()
+            assert (key.status, key.source) == ("active", "legacy")
+    # the next start re-checks what waited for a key: seq 2 verifies, seq 3 (false) stays
+    async with open_cloud_store(db_url) as store:
+        await SessionConsumer(store).load_keys()
+        assert [s.seq for s in await store.sessions()] == [1, 2]

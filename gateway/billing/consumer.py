@@ -357,6 +357,9 @@ class SessionConsumer:
         label = _label(record)
         usable = self._usable(site)
         sig = record.get("signature")
+        kid = str(sig.get("key_id")) if isinstance(sig, dict) else None
+        if kid is not None and self._status(site, kid) == "revoked":
+            return "revoked_key", f"{label}: signed with key {kid}, which is revoked"
         if not usable:
             if self.trusted is not None:
                 if site not in self.trusted and not self._keys.get(site):
@@ -368,13 +371,10 @@ class SessionConsumer:
             if self._keys.get(site):
                 return "revoked_key", f"{label}: every key of site {site} is revoked"
             return "no_key", f"{label}: no key of site {site} is known yet"
-        if sig is None:
+        if sig is None or kid is None:
             return "unsigned", f"{label}: not signed"
-        kid = str(sig.get("key_id"))
         public = usable.get(kid)
         if public is None:
-            if self._status(site, kid) == "revoked":
-                return "revoked_key", f"{label}: signed with key {kid}, which is revoked"
             known = ", ".join(sorted(usable))
             return (
                 "unknown_key",
