@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--site")
     tp.add_argument("--json", action="store_true")
     tp.add_argument("--released", action="store_true", help="also those released since")
+    tp = tsub.add_parser("dismiss", help="close held messages you have looked into")
+    tp.add_argument("--db", required=True)
+    tp.add_argument("qid", nargs="*", help="quarantine ids (`evgw trust quarantine`)")
+    tp.add_argument("--all", action="store_true", help="every held message (of --site)")
+    tp.add_argument("--site")
+    tp.add_argument("--note", required=True, help="why (kept with each message)")
 
     sp = sub.add_parser(
         "rotate-key", help="replace the gateway's signing key (the old key signs the handover)"
@@ -392,6 +398,8 @@ def _cmd_trust(args: argparse.Namespace) -> int:
             note=getattr(args, "note", None) or getattr(args, "reason", None),
             as_json=getattr(args, "json", False),
             released=getattr(args, "released", False),
+            qids=getattr(args, "qid", None),
+            every=getattr(args, "all", False),
         )
     )
 

@@ -120,8 +120,7 @@ async def test_consumer_end_to_end(
 
         async def count(n_sessions: int, n_held: int) -> bool:
             return (
-                len(await view.sessions()) == n_sessions
-                and len(await view.quarantined()) == n_held
+                len(await view.sessions()) == n_sessions and len(await view.quarantined()) == n_held
             )
 
         with capture_logs() as logs:
@@ -183,7 +182,9 @@ async def test_consumer_end_to_end(
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"conflict: site {SITE}: seq 1 (session {s1})")
     assert out[1] == "4 record(s) quarantined, never billed:"
-    assert out[-1] == "6 records OK, chain intact, signatures valid; but the store has problems (above)"
+    assert out[-1] == (
+        "6 records OK, chain intact, signatures valid; but the store has problems (above)"
+    )
 
 
 async def _has_key(view: CloudStore) -> bool:

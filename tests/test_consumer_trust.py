@@ -365,6 +365,20 @@ async def test_operator_trust_add_list_revoke_quarantine(
         out = capsys.readouterr().out
         assert f"signed with key {signer.key_id}, which is revoked" in out
         assert "every known key is revoked; a new key needs `evgw trust add`" in out
+        # the operator has looked into it: closed, kept, never billed; verify passes again
+        assert await _cli("verify", "--db", db) == 1
+        capsys.readouterr()
+        note = ["--note", "key stolen 2026-11-30, see ticket 42"]
+        assert await _cli("trust", "dismiss", "--db", db, "--all", *note) == 0
+        assert (
+            capsys.readouterr().out == "2 quarantined message(s) dismissed (kept, never billed)\n"
+        )
+        assert await _held(store) == []
+        closed = await store.quarantined(released=True)
+        assert {q.resolution for q in closed} >= {"dismissed: key stolen 2026-11-30, see ticket 42"}
+        assert await _cli("verify", "--db", db) == 0
+        assert await _cli("trust", "dismiss", "--db", db, "nope", *note) == 2
+        assert capsys.readouterr().err == "evgw trust: not held: nope\n"
 
     assert await _cli("trust", "revoke", "--db", db, "--site", SITE, "0000") == 2
     assert capsys.readouterr().err == (

@@ -108,6 +108,7 @@ class Quarantined:
     started_ts: float | None
     received_at: float
     released_at: float | None
+    resolution: str | None  # stored | superseded | dismissed: <the operator's note>
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +172,8 @@ _SCHEMA = (
         user_id TEXT,
         started_ts DOUBLE PRECISION,
         received_at DOUBLE PRECISION NOT NULL,
-        released_at DOUBLE PRECISION
+        released_at DOUBLE PRECISION,
+        resolution TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS quarantine_site ON quarantine (site_id, kind)",
     "CREATE INDEX IF NOT EXISTS quarantine_user_start ON quarantine (user_id, started_ts)",
@@ -214,7 +216,7 @@ def _stored(row: Sequence[Any]) -> StoredSession:
 
 
 def _quarantined(row: Sequence[Any]) -> Quarantined:
-    qid, kind, reason, topic, payload, site, sid, seq, user, started, received, rel = row
+    qid, kind, reason, topic, payload, site, sid, seq, user, started, received, rel, res = row
     return Quarantined(
         qid=qid,
         kind=kind,
@@ -228,6 +230,7 @@ def _quarantined(row: Sequence[Any]) -> Quarantined:
         started_ts=None if started is None else float(started),
         received_at=float(received),
         released_at=None if rel is None else float(rel),
+        resolution=res,
     )
 
 
@@ -512,17 +515,22 @@ class CloudStore(ABC):
         where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
         rows = await self._fetch(
             "SELECT qid, kind, reason, topic, payload, site_id, session_id, seq, user_id, "
-            f"started_ts, received_at, released_at FROM quarantine {where}"
+            f"started_ts, received_at, released_at, resolution FROM quarantine {where}"
             "ORDER BY received_at, qid",
             params,
         )
         return [_quarantined(r) for r in rows]
 
-    async def release(self, qid: str) -> None:
-        """Mark a held message as released (its record is now stored as trusted)."""
-        await self._execute(
-            "UPDATE quarantine SET released_at = ? WHERE qid = ?", (time.time(), qid)
+    async def release(self, qid: str, resolution: str = "stored") -> bool:
+        """Stop holding a message: its record is now stored as trusted (``stored``), held
+        again for another reason (``superseded``), or the operator dismissed it
+        (``dismissed: <note>``). False when it was not held."""
+        changed = await self._execute(
+            "UPDATE quarantine SET released_at = ?, resolution = ? "
+            "WHERE qid = ? AND released_at IS NULL",
+            (time.time(), resolution, qid),
         )
+        return changed > 0
 
     async def quarantine_count(
         self,

@@ -268,7 +268,7 @@ class SessionConsumer:
             started_ts=started,
         )
         if held is not None:
-            await self.store.release(held.qid)  # held on, for the new reason
+            await self.store.release(held.qid, "superseded")  # held on, for the new reason
         if added:
             self.stats.quarantined += 1
             log.warning("record_quarantined", topic=topic, kind=kind, reason=reason)

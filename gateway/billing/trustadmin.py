@@ -2,7 +2,9 @@
 
 ``add`` trusts a key for a site (and releases what was held for want of it), ``list`` shows
 every key with its status, ``revoke`` stops trusting a key (records it signs are quarantined
-from then on; records stored before stay, and are counted), ``quarantine`` lists what is held.
+from then on; records stored before stay, and are counted), ``quarantine`` lists what is held,
+``dismiss`` closes held messages the operator has looked into (they stay in the table, never
+billed, and no longer fail ``evgw verify --db``).
 A running consumer picks a change up within ``KEY_RELOAD_S`` seconds.
 """
 
@@ -130,7 +132,9 @@ async def _quarantine(db_url: str, site: str | None, as_json: bool, released: bo
                         "seq": q.seq,
                         "user_id": q.user_id,
                         "received_at": _when(q.received_at),
+                        "qid": q.qid,
                         "released_at": None if q.released_at is None else _when(q.released_at),
+                        "resolution": q.resolution,
                         "payload": q.payload,
                     }
                     for q in held
@@ -140,12 +144,13 @@ async def _quarantine(db_url: str, site: str | None, as_json: bool, released: bo
             )
         )
         return 0
-    rows: list[tuple[str, ...]] = [("received", "kind", "site", "user", "reason")]
+    rows: list[tuple[str, ...]] = [("qid", "received", "kind", "site", "user", "reason")]
     rows += [
         tuple(
             printable(c)
             for c in (
-                _when(q.received_at) + (" (released)" if q.released_at is not None else ""),
+                q.qid,
+                _when(q.received_at) + (f" ({q.resolution})" if q.released_at is not None else ""),
                 q.kind,
                 q.site_id or "-",
                 q.user_id or "-",
@@ -155,6 +160,25 @@ async def _quarantine(db_url: str, site: str | None, as_json: bool, released: bo
         for q in held
     ]
     print(_table(rows) if held else "(nothing quarantined)")
+    return 0
+
+
+async def _dismiss(
+    db_url: str, qids: list[str], every: bool, site: str | None, note: str | None
+) -> int:
+    if not note:
+        raise TrustUsageError("trust dismiss needs --note (why the messages are closed)")
+    if not qids and not every:
+        raise TrustUsageError("trust dismiss needs quarantine ids or --all")
+    async with open_cloud_store(db_url, create=False) as store:
+        held = {q.qid: q for q in await store.quarantined(site)}
+        chosen = list(held) if every else qids
+        unknown = [q for q in chosen if q not in held]
+        if unknown:
+            raise TrustUsageError(f"not held: {', '.join(printable(q) for q in unknown)}")
+        for qid in chosen:
+            await store.release(qid, f"dismissed: {note}")
+    print(f"{len(chosen)} quarantined message(s) dismissed (kept, never billed)")
     return 0
 
 
@@ -168,6 +192,8 @@ async def run_trust(
     note: str | None = None,
     as_json: bool = False,
     released: bool = False,
+    qids: list[str] | None = None,
+    every: bool = False,
 ) -> int:
     if action == "add":
         if site is None or key_file is None:
@@ -181,6 +207,8 @@ async def run_trust(
         result = await _list(db_url, site, as_json)
     elif action == "quarantine":
         result = await _quarantine(db_url, site, as_json, released)
+    elif action == "dismiss":
+        result = await _dismiss(db_url, qids or [], every, site, note)
     else:
         raise TrustUsageError(f"unknown trust action {action!r}")
     sys.stdout.flush()
