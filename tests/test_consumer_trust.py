@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,13 @@ from gateway.billing import consumer as consumer_module
 from gateway.billing.cloudstore import CloudStore, open_cloud_store
 from gateway.billing.consumer import SessionConsumer, _connection_loop, parse_broker_url
 from gateway.billing.signing import Signer
-from gateway.billing.trust import load_trust_dir, raw_hex, sign_rotation
+from gateway.billing.trust import (
+    TrustDirError,
+    check_rotation,
+    load_trust_dir,
+    raw_hex,
+    sign_rotation,
+)
 from gateway.cli import main
 from gateway.records import GENESIS, seal
 
@@ -485,3 +492,56 @@ async def test_store_of_an_earlier_version_is_upgraded(
     async with open_cloud_store(db_url) as store:
         await SessionConsumer(store).load_keys()
         assert [s.seq for s in await store.sessions()] == [1, 2]
+
+
+BEGIN, END = "-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----"
+
+
+def test_a_trust_directory_that_cannot_be_used_is_a_usage_error(tmp_path: Path) -> None:
+    signer = make_signer(tmp_path)
+    trust = tmp_path / "trust"
+    cases: list[tuple[str, str, str]] = [
+        ("", "", "not a directory"),
+        ("README", "hello", "no <site id>.pem files in it"),
+        ("depot 7.pem", signer.public_pem(), "the file name must be <site id>.pem"),
+        ("depot-7.pem", "not a key", "no public key in it"),
+        ("depot-7.pem", f"{BEGIN}\nAAAA\n{END}", "not an Ed25519"),
+    ]  # fmt: skip
+    for name, text, message in cases:
+        if name:
+            trust.mkdir(exist_ok=True)
+            for old in trust.iterdir():
+                old.unlink()
+            (trust / name).write_text(text)
+        with pytest.raises(TrustDirError, match=message) as err:
+            load_trust_dir(trust)
+        assert err.value.exit_code == 2
+    db = tmp_path / "never.db"
+    handler = signal.getsignal(signal.SIGTERM)  # `consume` installs its own
+    try:
+        rc = main(["consume", "--broker", "mqtt://127.0.0.1:9", "--db", f"sqlite:///{db}", "--trust",
+                   str(trust)])  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert rc == 2 and not db.exists()
+
+
+def test_a_rotation_statement_binds_site_key_and_signer(tmp_path: Path) -> None:
+    old, new, other = (make_signer(tmp_path, f"{n}.key") for n in ("old", "new", "other"))
+    new_public = new.public_keys()[new.key_id]
+    statement = sign_rotation(SITE, new_public, old._private, 1_790_000_000)
+    trusted = {old.key_id: old.public_keys()[old.key_id]}
+    assert check_rotation(statement, SITE, new_public, trusted) == (old.key_id, "")
+    assert check_rotation(statement, "depot-8", new_public, trusted)[1] == (
+        "the rotation statement is for site 'depot-7'"
+    )
+    other_public = other.public_keys()[other.key_id]
+    assert check_rotation(statement, SITE, other_public, trusted)[1] == (
+        "the rotation statement names another key"
+    )
+    assert check_rotation(statement, SITE, new_public, {})[1].endswith("not a trusted key")
+    later = dict(statement, issued_at="2030-01-01T00:00:00Z")  # changed after signing
+    assert check_rotation(later, SITE, new_public, trusted)[1] == (
+        f"the rotation statement's signature by {old.key_id} does not verify"
+    )
+    assert check_rotation(None, SITE, new_public, trusted)[0] is None
