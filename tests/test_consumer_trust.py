@@ -519,8 +519,8 @@ def test_a_trust_directory_that_cannot_be_used_is_a_usage_error(tmp_path: Path) 
     db = tmp_path / "never.db"
     handler = signal.getsignal(signal.SIGTERM)  # `consume` installs its own
     try:
-        rc = main(["consume", "--broker", "mqtt://127.0.0.1:9", "--db", f"sqlite:///{db}", "--trust",
-                   str(trust)])  # fmt: skip
+        args = ["consume", "--broker", "mqtt://127.0.0.1:9", "--db", f"sqlite:///{db}"]
+        rc = main([*args, "--trust", str(trust)])
     finally:
         signal.signal(signal.SIGTERM, handler)
     assert rc == 2 and not db.exists()
