@@ -160,3 +160,19 @@ async def test_sessions_table_escapes_control_characters(
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out
     assert "\\x1b[2J\\x1b[31mmallory\\x07" in out and "cp1\\u202egnp.exe" in out
+
+
+def test_console_logs_escape_control_characters() -> None:
+    """`evgw run` on a terminal logs card tags it read from a charger: a tag that answers with
+    an escape sequence must not reach the operator's terminal raw (JSON logs escape anyway)."""
+    import structlog
+
+    from gateway.logs import configure_logging
+
+    for as_json in (False, True):
+        out = io.StringIO()
+        configure_logging("info", json=as_json, stream=out)
+        structlog.get_logger("t").warning("auth_decision", token=TERMINAL_USER, charger="cp1")
+        text = out.getvalue()
+        assert "\x1b" not in text and "\x07" not in text, text
+        assert "mallory" in text
