@@ -545,3 +545,21 @@ def test_a_rotation_statement_binds_site_key_and_signer(tmp_path: Path) -> None:
         f"the rotation statement's signature by {old.key_id} does not verify"
     )
     assert check_rotation(None, SITE, new_public, trusted)[0] is None
+
+
+async def test_verify_db_fails_on_a_gap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    signer = make_signer(tmp_path)
+    chain = make_chain(4, signer)
+    db = f"sqlite:///{tmp_path}/cloud.db"
+    async with open_cloud_store(db) as store:
+        consumer = SessionConsumer(store)
+        assert await consumer.handle(*_key_msg(signer)[:2]) == "key"
+        for rec in (chain[1], chain[3]):  # seq 1 and 3 never arrived
+            assert await consumer.handle(TOPIC, json.dumps(rec).encode()) == "stored"
+    capsys.readouterr()
+    assert await _cli("verify", "--db", db) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "missing record(s) before seq 2",
+        "missing record(s) between seq 2 and seq 4",
+        "2 problem(s) in 2 records",
+    ]
