@@ -185,6 +185,17 @@ def _poison(signer: Signer) -> list[tuple[str, bytes]]:
     ]  # fmt: skip
 
 
+UNKNOWN_ALG_KEY = json.dumps(
+    {
+        "alg": "ed25519",
+        "key_id": "0123456789abcdef",
+        "public_key_pem": (
+            "-----BEGIN PUBLIC KEY-----\nMA0wBQYDKgMEAwQAAQID\n-----END PUBLIC KEY-----\n"
+        ),
+    }
+).encode()
+
+
 async def test_poison_records_are_quarantined_and_the_next_is_billed(
     mosquitto: MosquittoBroker,  # noqa: F811
     db_url: str,  # noqa: F811
@@ -196,23 +207,29 @@ async def test_poison_records_are_quarantined_and_the_next_is_billed(
     async with open_cloud_store(db_url) as store:
         consumer = SessionConsumer(store)
         assert await consumer.handle(*_key_msg(signer)[:2]) == "key"
+        # a retained key whose algorithm cryptography does not know (UnsupportedAlgorithm, not
+        # a ValueError): it used to escape the consumer on every (re)subscription
+        await _publish(mosquitto, [("evgw/depot-9/gateway/key", UNKNOWN_ALG_KEY, True)])
+        topics = [TOPIC, "evgw/+/gateway/key"]
         loop = asyncio.create_task(
-            _connection_loop(consumer, parse_broker_url(mosquitto.url), [TOPIC], "poison", None)
+            _connection_loop(consumer, parse_broker_url(mosquitto.url), topics, "poison", None)
         )
         try:
-            await _until(lambda: _connected(consumer))
+            await _until(lambda: _count(store, 0, 1), what="the poison key held")
             await _publish(
                 mosquitto,
                 [(TOPIC, payload, False) for _, payload in poison]
                 + [_session_msg(chain[0]), _session_msg(chain[1])],
             )
-            await _until(lambda: _count(store, 2, len(poison)), 20, "the genuine records")
+            await _until(lambda: _count(store, 2, len(poison) + 1), 20, "the genuine records")
         finally:
             loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
         assert consumer.stats.connects == 1  # never dropped the connection over a message
-        held = await store.quarantined()
+        key, *held = await store.quarantined()
+        assert key.kind == "key" and key.site_id == "depot-9"
+        assert key.reason == "key: cannot process: UnsupportedAlgorithm: Unknown key type: 1.2.3.4"
         assert [q.kind for q in held] == [kind for kind, _ in poison]
         assert held[0].seq == str(2**64) and held[0].payload == poison[0][1].decode()
         assert held[0].reason.endswith(f"seq: {2**64} is beyond 64 bits")

@@ -24,6 +24,7 @@ import asyncio
 import json
 import math
 import random
+import sqlite3
 import ssl
 import time
 from dataclasses import dataclass
@@ -278,6 +279,16 @@ class SessionConsumer:
         if not payload:
             return "ignored"  # a cleared retained message
         try:
+            return await self._check_key(site, topic, payload)
+        except Exception as exc:
+            if _store_failure(exc):
+                raise
+            log.exception("key_unprocessable", topic=topic)
+            reason = f"key: cannot process: {type(exc).__name__}: {exc}"
+            return await self._quarantine("key", reason, topic, payload, site)
+
+    async def _check_key(self, site: str, topic: str, payload: bytes) -> str:
+        try:
             data = json.loads(payload)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             return await self._quarantine("key", f"key: not JSON: {exc}", topic, payload, site)
@@ -389,14 +400,9 @@ class SessionConsumer:
     ) -> str:
         try:
             return await self._check_and_store(site, topic, payload, held)
-        except (
-            ValueError,
-            TypeError,
-            KeyError,
-            AttributeError,
-            ArithmeticError,
-            RecursionError,
-        ) as exc:
+        except Exception as exc:
+            if _store_failure(exc):
+                raise
             # a record no check foresaw must not block the subscription: keep it, go on
             log.exception("record_unprocessable", topic=topic)
             reason = f"cannot process: {type(exc).__name__}: {exc}"
@@ -528,6 +534,17 @@ class SessionConsumer:
         self.stats.chain_breaks += 1
         log.error("session_chain_problem", site_id=site, kind=kind, seq=seq, message=detail)
         await self.store.add_problem(site, kind, detail, seq, sid)
+
+
+def _store_failure(exc: BaseException) -> bool:
+    """An exception of the store (the database is down, the disk full): the message must stay
+    unacknowledged. Anything else a message causes is the message's problem, a value the
+    database refuses (DataError: SQLSTATE class 22) included."""
+    if any(cls.__name__ == "DataError" for cls in type(exc).__mro__):
+        return False
+    if isinstance(exc, sqlite3.Error | OSError):
+        return True
+    return any(cls.__module__.split(".")[0] == "psycopg" for cls in type(exc).__mro__)
 
 
 def _label(record: dict[str, Any]) -> str:
