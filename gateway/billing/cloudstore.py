@@ -144,6 +144,9 @@ _SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS sessions_site_seq ON sessions (site_id, seq)",
     "CREATE INDEX IF NOT EXISTS sessions_user_start ON sessions (user_id, started_ts)",
+    # finds (in no time: none) what an earlier version stored unverified, at every open
+    "CREATE INDEX IF NOT EXISTS sessions_untrusted ON sessions (session_id) "
+    "WHERE signature_ok IS NOT TRUE",
     """CREATE TABLE IF NOT EXISTS site_keys (
         site_id TEXT NOT NULL,
         key_id TEXT NOT NULL,
