@@ -158,11 +158,9 @@ async def test_consumer_end_to_end(
         reasons = sorted(q.reason for q in held)
         s1, s3 = chain[0]["session_id"], chain[2]["session_id"]
         assert reasons[0].startswith("not JSON")
-        assert reasons[1] == f"seq 1 (session {s1}): site_id 'depot-7' is not the topic's site"
-        assert reasons[2] == f"seq 3 (session {s3}): hash does not match its content"
-        assert reasons[3] == (
-            f"site {SITE}: seq 1 (session {s1}): session delivered again with different content"
-        )
+        assert reasons[1] == f"seq 1 (session {s1}): session delivered again with different content"
+        assert reasons[2] == f"seq 1 (session {s1}): site_id 'depot-7' is not the topic's site"
+        assert reasons[3] == f"seq 3 (session {s3}): hash does not match its content"
         problems = await view.problems(SITE)
         assert sorted(p.kind for p in problems) == ["conflict", "gap"]
         assert [p.detail for p in problems if p.kind == "gap"] == [f"site {SITE}: missing seq 4..5"]
@@ -180,8 +178,11 @@ async def test_consumer_end_to_end(
     capsys.readouterr()
     assert await run_verify(db_url=db_url) == 1
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith(f"conflict: site {SITE}: seq 1 (session {s1})")
-    assert out[1] == "4 record(s) quarantined, never billed:"
+    assert out[0] == "4 record(s) quarantined, never billed:"
+    assert (
+        f"  quarantined (conflict): site {SITE}: seq 1 (session {s1}): session delivered "
+        "again with different content" in out
+    )
     assert out[-1] == (
         "6 records OK, chain intact, signatures valid; but the store has problems (above)"
     )

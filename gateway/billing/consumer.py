@@ -451,7 +451,9 @@ class SessionConsumer:
             detail = f"site {site}: {label}: session delivered again with different content"
             log.error("session_conflicting_duplicate", site_id=site, seq=seq, session_id=sid)
             await self.store.add_problem(site, "conflict", detail, seq, sid)
-            await keep("conflict", detail, record)
+            await keep(
+                "conflict", f"{label}: session delivered again with different content", record
+            )
             return "conflict"
 
         await self._check_chain(site, record, label)

@@ -5,8 +5,8 @@ bad or missing signature, every hole in a site's ``seq``/``prev_hash`` chain, re
 order and duplicates. ``run_verify`` reads the records from a file (JSON lines or a JSON array),
 the consumer's store or the gateway's own buffer and prints one line per problem.
 
-On the consumer's store (``--db``) it also fails (exit 1) when anything is quarantined or the
-consumer saw a conflicting duplicate, and the chain must start at seq 1: a store that bills
+On the consumer's store (``--db``) it also fails (exit 1) while anything is held in quarantine
+(a conflicting duplicate included), and the chain must start at seq 1: a store that bills
 must hold every record of a site. A store that does not exist is a usage error (exit 2) and is
 not created.
 """
@@ -241,16 +241,15 @@ _LISTED = 20  # quarantined messages named one by one; the rest are counted
 async def _records_from_db(
     db_url: str, site: str | None
 ) -> tuple[list[dict[str, Any]], dict[str, Ed25519PublicKey], list[str]]:
-    """The stored records, the keys to check them with, and the store's own problems:
-    quarantined messages and conflicting duplicates."""
+    """The stored records, the keys to check them with, and the store's own problems: the
+    messages held in quarantine (a conflicting duplicate among them, until dismissed)."""
     from gateway.billing.cloudstore import open_cloud_store
 
     async with open_cloud_store(db_url, create=False) as store:
         stored = await store.sessions(site)
         known = await store.site_keys()
         held = await store.quarantined(site)
-        conflicts = [p for p in await store.problems(site) if p.kind == "conflict"]
-    problems = [f"conflict: {p.detail}" for p in conflicts]
+    problems: list[str] = []
     if held:
         problems.append(f"{len(held)} record(s) quarantined, never billed:")
         problems.extend(
