@@ -286,6 +286,9 @@ class ConnectionSpec:
     single_value_reads: bool = False  # KEBA: never read across value boundaries
     inter_request_delay_s: float = 0.0  # Heidelberg: evcc waits 100 ms between requests
     max_gap: int = 8  # registers of unused space worth reading to save a request
+    # Other serial settings (baud rate, parity, stop bits) the model is said to leave the factory
+    # with, where sources disagree: `evgw scan` tries them when the defaults find nothing.
+    serial_alternatives: tuple[tuple[int, str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -759,6 +762,20 @@ _PROFILE = _Obj(
                     "single_value_reads": _Field(_Bool()),
                     "inter_request_delay": _Field(_Duration(positive=False)),
                     "max_gap": _Field(_Int(0, 125)),
+                    "serial_alternatives": _Field(
+                        _List(
+                            _Obj(
+                                {
+                                    "baudrate": _Field(_Int(300, 1_000_000)),
+                                    "parity": _Field(_Str(choices=("N", "E", "O"))),
+                                    "stopbits": _Field(_Int(1, 2)),
+                                }
+                            )
+                        ),
+                        doc="other factory serial settings reported for this model (each key "
+                        "defaults to the profile's); evgw scan tries them when the defaults "
+                        "find nothing",
+                    ),
                 }
             )
         ),
@@ -1345,6 +1362,7 @@ class _Builder:
                 single_value_reads=conn.get("single_value_reads", False),
                 inter_request_delay_s=conn.get("inter_request_delay", 0.0),
                 max_gap=conn.get("max_gap", 8),
+                serial_alternatives=_serial_alternatives(conn),
             ),
             registers=registers, state=state, tag=tag, enable=enable, current_limit=limit,
             heartbeat=heartbeat, phases=phases, identify=identify,
@@ -1352,6 +1370,20 @@ class _Builder:
             simulate_states=sim_states, simulate_identity=sim_identity,
             path=self.doc.file,
         )
+
+
+def _serial_alternatives(conn: dict[str, Any]) -> tuple[tuple[int, str, int], ...]:
+    base = (conn.get("baudrate", 9600), conn.get("parity", "N"), conn.get("stopbits", 1))
+    out: list[tuple[int, str, int]] = []
+    for alt in conn.get("serial_alternatives", ()):
+        if not isinstance(alt, dict):
+            continue
+        setting = (
+            alt.get("baudrate", base[0]), alt.get("parity", base[1]), alt.get("stopbits", base[2])
+        )
+        if setting != base and setting not in out:
+            out.append(setting)
+    return tuple(out)
 
 
 def _overlaps(a: RegisterSpec, b: RegisterSpec) -> bool:
@@ -1492,6 +1524,8 @@ def describe_profile(p: Profile) -> str:
         defaults += f", port {c.default_port}"
     if any(t.startswith("rtu") for t in c.transports):
         defaults += f", serial {c.baudrate} 8{c.parity}{c.stopbits}"
+        for baud, parity, stopbits in c.serial_alternatives:
+            defaults += f" (or {baud} 8{parity}{stopbits})"
     lines.append(defaults)
     reads = f"reads: up to {c.max_registers_per_read} registers, gap {c.max_gap}"
     if c.single_value_reads:

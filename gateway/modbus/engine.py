@@ -509,6 +509,7 @@ class ScanMatch:
     baudrate: int | None = None
     parity: str | None = None
     stopbits: int | None = None
+    alternative: bool = False  # found at a disputed factory setting, not the profile's default
 
 
 @dataclass(slots=True)
@@ -659,14 +660,17 @@ async def scan(
     serial: str | None = None,
     bauds: Sequence[int] | None = None,
     units: Sequence[int] | None = None,
-    timeout_s: float = 0.3,
+    timeout_s: float | None = None,
 ) -> ScanResult:
     """Probe unit ids on a TCP endpoint (``HOST[:PORT]``) or a serial line and name the
     profiles whose ``identify`` register matches.
 
     Without ``units``: on TCP the units the profiles name (default and identify units) and 1;
     on serial 1-247. Without ``bauds``, a serial line is tried at each serial setting
-    (baud rate, parity, stop bits) that an RTU profile names.
+    (baud rate, parity, stop bits) that an RTU profile names, then a model not found at its
+    defaults at its ``serial_alternatives``. Default timeout: 0.3 s a request on a serial line,
+    1 s over TCP (a Modbus TCP gateway answers for a silent unit only after its own timeout; a
+    late answer would land on the next probe).
     """
     candidates = [p for _, p in sorted(profiles.items()) if p.identify is not None]
     if (tcp is None) == (serial is None):
@@ -679,9 +683,11 @@ async def scan(
             list(units) if units else sorted({1} | {p.connection.default_unit for p in candidates})
         )
         result = ScanResult(f"tcp://{host}:{port}", tcp=(host, port))
-        bus: ModbusBus = TcpBus(host, port, connect_timeout_s=max(timeout_s, 1.0))
+        tcp_timeout_s = 1.0 if timeout_s is None else timeout_s
+        bus: ModbusBus = TcpBus(host, port, connect_timeout_s=max(tcp_timeout_s, 1.0))
         try:
-            for unit, profile, value in await _probe(bus, candidates, unit_list, timeout_s, result):
+            probed = await _probe(bus, candidates, unit_list, tcp_timeout_s, result)
+            for unit, profile, value in probed:
                 result.matches.append(ScanMatch(unit, profile.slug, value))
         finally:
             await bus.close()
@@ -695,19 +701,67 @@ async def scan(
         c = p.connection
         for baud in bauds or [c.baudrate]:
             settings.setdefault((baud, c.parity, c.stopbits), []).append(p)
+    tried = len(settings)
+    timeout_s = 0.3 if timeout_s is None else timeout_s
+    await _scan_settings(serial, settings, unit_list, timeout_s, result)
+    # Where sources disagree on a model's factory settings (SDM120 2400 or 9600 baud, SDM630
+    # 8N1 or 8E1), a model the defaults did not find is tried at the others.
+    found = {m.slug for m in result.matches}
+    retry: dict[tuple[int, str, int], list[Profile]] = {}
+    for p in rtu:
+        if p.slug in found:
+            continue
+        c = p.connection
+        done = {(b, c.parity, c.stopbits) for b in bauds or [c.baudrate]}
+        for baud, parity, stopbits in c.serial_alternatives:
+            for b in bauds or [baud]:
+                if (b, parity, stopbits) not in done:
+                    retry.setdefault((b, parity, stopbits), []).append(p)
+    if retry:
+        tried += len(retry)
+        await _scan_settings(serial, retry, unit_list, timeout_s, result, alternative=True)
+    if not result.matches and result.errors and len(result.errors) == tried:
+        raise DeviceError(result.endpoint, "connect_failed", "; ".join(result.errors))
+    return result
+
+
+async def _scan_settings(
+    serial: str,
+    settings: Mapping[tuple[int, str, int], Sequence[Profile]],
+    units: Sequence[int],
+    timeout_s: float,
+    result: ScanResult,
+    *,
+    alternative: bool = False,
+) -> None:
     for (baud, parity, stopbits), group in sorted(settings.items()):
         bus = SerialBus(serial, baud, parity, stopbits)
         try:
-            for unit, profile, value in await _probe(bus, group, unit_list, timeout_s, result):
-                result.matches.append(ScanMatch(unit, profile.slug, value, baud, parity, stopbits))
+            for unit, profile, value in await _probe(bus, group, units, timeout_s, result):
+                result.matches.append(
+                    ScanMatch(unit, profile.slug, value, baud, parity, stopbits, alternative)
+                )
         except DeviceError as err:
             # One setting the port refuses must not end the scan of the others.
             result.errors.append(f"{baud} {parity}{stopbits}: {err.reason} ({err.detail})")
         finally:
             await bus.close()
-    if not result.matches and result.errors and len(result.errors) == len(settings):
-        raise DeviceError(result.endpoint, "connect_failed", "; ".join(result.errors))
-    return result
+
+
+def _converter_hint(profiles: Mapping[str, Profile]) -> str:
+    """After an empty TCP scan: a Modbus TCP gateway's serial side is set in the converter, not
+    by us; name the settings the serial profiles ship with (disputed ones included)."""
+    settings: set[tuple[int, str, int]] = set()
+    for p in profiles.values():
+        c = p.connection
+        if "rtu" in c.transports and p.identify is not None:
+            settings.add((c.baudrate, c.parity, c.stopbits))
+            settings.update(c.serial_alternatives)
+    listed = ", ".join(f"{b} 8{par}{stop}" for b, par, stop in sorted(settings))
+    return (
+        "  serial devices behind a Modbus TCP gateway answer only when the converter's serial "
+        f"side matches theirs; factory settings of the serial profiles: {listed}"
+    )
 
 
 async def run_scan(
@@ -716,7 +770,7 @@ async def run_scan(
     serial: str | None = None,
     bauds: Sequence[int] | None = None,
     units: str | None = None,
-    timeout_s: float = 0.3,
+    timeout_s: float | None = None,
     drivers_path: str | None = None,
 ) -> int:
     """``evgw scan``: print matches and a config snippet; exit 1 when nothing answered."""
@@ -738,10 +792,14 @@ async def run_scan(
         print(f"scan {result.endpoint}: skipped {error}")
     if not result.matches:
         print(f"scan {result.endpoint}: no known device found ({result.probed} probes)")
+        if result.tcp is not None:
+            print(_converter_hint(profiles))
         return 1
     print(f"scan {result.endpoint}: {len(result.matches)} device(s)")
     for m in result.matches:
         serial_note = f" @ {m.baudrate} {m.parity}{m.stopbits}" if m.baudrate else ""
+        if m.alternative:
+            serial_note += " (not the profile's default: keep these line settings)"
         print(f"  unit {m.unit:>3}  {m.slug:<24} {m.value!s}{serial_note}")
     print()
     print(result.config_snippet(), end="")
