@@ -22,6 +22,7 @@ from typing import Any
 from gateway.errors import ConfigError, ConfigProblem, TariffError
 from gateway.model import AuthStatus, DeviceKind, Token, TokenType
 from gateway.profiles import Profile, load_profiles
+from gateway.tags import normalise_tag
 from gateway.yamlpos import PathT, YamlDoc, load_yaml
 
 __all__ = [
@@ -1239,12 +1240,14 @@ def _ids(
         ident = item.get("id")
         if not isinstance(ident, str):
             continue
-        key = ident.casefold() if fold else ident
+        # Token ids compare in the normal form tags read from chargers have (gateway.tags).
+        key = (normalise_tag(ident) or ident) if fold else ident
         if key in seen:
             first = (*section, seen[key], "id")
             note = ""
             if fold and _get(ctx, first) != ident:
-                note = "; token ids are compared ignoring case"
+                note = ("; token ids are compared in one normal form (case, hex separators, "
+                        "NUL and spaces ignored)")
             ctx.add(
                 (*section, i, "id"),
                 f"duplicate {kind} id '{ident}' "
