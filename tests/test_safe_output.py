@@ -176,3 +176,17 @@ def test_console_logs_escape_control_characters() -> None:
         text = out.getvalue()
         assert "\x1b" not in text and "\x07" not in text, text
         assert "mallory" in text
+
+
+def test_live_view_escapes_user_ids() -> None:
+    """The demo's live view draws the site on a terminal, user ids included."""
+    from gateway.live import LiveState, render_view
+
+    state = LiveState()
+    state.on_session_event(
+        "session_finished",
+        {"session_id": "s1", "seq": 1, "charger_id": "cp1", "user": {"id": TERMINAL_USER},
+         "energy_wh": 1000, "cost": None, "flags": []},
+    )  # fmt: skip
+    screen = render_view(state)
+    assert "\x1b" not in screen and "\\x1b[2J\\x1b[31mmallory\\x07" in screen
