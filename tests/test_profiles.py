@@ -118,7 +118,9 @@ def test_abb_state_code_5_falls_back_to_the_socket_state() -> None:
 
 
 def test_capabilities_match_the_register_map() -> None:
-    units = {s: p.current_limit.unit for s, p in PROFILES.items() if p.current_limit}
+    # The first 14 profiles; later ones are checked in tests/test_profiles_more.py.
+    first = {s: p for s, p in PROFILES.items() if s in EXPECTED_SLUGS}
+    units = {s: p.current_limit.unit for s, p in first.items() if p.current_limit}
     assert units == {
         "abb-terra-ac": "mA", "keba-p30": "mA", "heidelberg-ec": "0.1A", "alfen-eve": "A",
         "vestel-evc04": "A", "webasto-next": "A", "schneider-evlink-pro": "A",
@@ -135,7 +137,7 @@ def test_capabilities_match_the_register_map() -> None:
     assert alfen.heartbeat.control == alfen.current_limit.control
     assert alfen.current_limit.control.register.type is DataType.F32
     assert alfen.current_limit.control.function == 16
-    heartbeats = {s: p.heartbeat.control.register.address for s, p in PROFILES.items()
+    heartbeats = {s: p.heartbeat.control.register.address for s, p in first.items()
                   if p.heartbeat}
     assert heartbeats == {
         "alfen-eve": 1210, "vestel-evc04": 6000, "webasto-next": 6000,
@@ -143,7 +145,7 @@ def test_capabilities_match_the_register_map() -> None:
         "heidelberg-ec": 257,
     }
     tags = {s: (p.register(p.tag.register).address, p.register(p.tag.register).type,
-                p.register(p.tag.register).count) for s, p in PROFILES.items() if p.tag}
+                p.register(p.tag.register).count) for s, p in first.items() if p.tag}
     assert tags == {
         "webasto-next": (1600, DataType.ASCII, 10), "phoenix-ev-eth": (606, DataType.ASCII, 16),
         "phoenix-charx": (1275, DataType.ASCII, 10), "bender-cc613": (720, DataType.ASCII, 10),
