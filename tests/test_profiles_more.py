@@ -23,8 +23,15 @@ from gateway.sim.devices import SimCharger, SimMeter
 from gateway.sim.server import RegisterImage, SimServer
 
 NEW_SLUGS = {
-    "victron-evcs", "amperfied-connect", "cfos-power-brain", "mennekes-amtron-compact",
-    "siemens-pac2200", "janitza-umg96rm", "carlo-gavazzi-em340", "eastron-sdm230", "abb-b21",
+    "victron-evcs",
+    "amperfied-connect",
+    "cfos-power-brain",
+    "mennekes-amtron-compact",
+    "siemens-pac2200",
+    "janitza-umg96rm",
+    "carlo-gavazzi-em340",
+    "eastron-sdm230",
+    "abb-b21",
     "eastron-sdm72d-m",
 }
 PROFILES = load_profiles()
@@ -34,9 +41,15 @@ NEW_METERS = sorted(s for s in NEW if PROFILES[s].kind is DeviceKind.METER)
 
 # Projects and documents counted as independent sources (a profile needs two of them).
 SOURCE_FAMILIES = {
-    "evcc": "evcc", "OpenEMS": "openems", "mbmd": "mbmd", "dbus-modbus-client": "venus",
-    "openWB": "openwb", "cFos documentation": "cfos-doc", "DF3MS/janiza": "df3ms",
-    "merlokk/SmartHome": "merlokk", "Modbus RTU Specification": "mennekes-spec",
+    "evcc": "evcc",
+    "OpenEMS": "openems",
+    "mbmd": "mbmd",
+    "dbus-modbus-client": "venus",
+    "openWB": "openwb",
+    "cFos documentation": "cfos-doc",
+    "DF3MS/janiza": "df3ms",
+    "merlokk/SmartHome": "merlokk",
+    "Modbus RTU Specification": "mennekes-spec",
 }
 
 
@@ -208,8 +221,15 @@ def test_pause_methods_and_controls_follow_the_sources() -> None:
         cl = p.current_limit
         enable = (p.enable.register.address, p.enable.function) if p.enable else None
         hb = (p.heartbeat.control.register.address, p.heartbeat.value) if p.heartbeat else None
-        got[slug] = (enable, cl.control.register.address, cl.unit, cl.control.function,
-                     cl.disable, hb, p.tag is not None)
+        got[slug] = (
+            enable,
+            cl.control.register.address,
+            cl.unit,
+            cl.control.function,
+            cl.disable,
+            hb,
+            p.tag is not None,
+        )
     assert got == {
         # Victron pauses with StartStop 5010; 5016 is whole amperes.
         "victron-evcs": ((5010, 6), 5016, "A", 6, None, None, False),
@@ -229,7 +249,8 @@ def test_pause_methods_and_controls_follow_the_sources() -> None:
 
 
 @pytest.mark.parametrize(
-    ("slug", "name", "words", "expected"), DECODE,
+    ("slug", "name", "words", "expected"),
+    DECODE,
     ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(DECODE)],
 )
 def test_real_words_decode(slug: str, name: str, words: list[int], expected: object) -> None:
@@ -245,7 +266,8 @@ def test_real_words_decode(slug: str, name: str, words: list[int], expected: obj
 
 
 @pytest.mark.parametrize(
-    ("slug", "raw", "iec", "status"), STATUS,
+    ("slug", "raw", "iec", "status"),
+    STATUS,
     ids=[f"{c[0]}-{'-'.join(str(w) for ws in c[1].values() for w in ws)}" for c in STATUS],
 )
 def test_status_codes_classify(
@@ -340,13 +362,18 @@ def function_codes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
 
 
 # What each charger must put on the wire: (limit 10 A words, pause writes, resume writes)
-WRITES: dict[str, tuple[tuple[int, int, list[int]], list[tuple[int, int, list[int]]],
-                        list[tuple[int, int, list[int]]]]] = {
+WRITES: dict[
+    str,
+    tuple[
+        tuple[int, int, list[int]],
+        list[tuple[int, int, list[int]]],
+        list[tuple[int, int, list[int]]],
+    ],
+] = {
     "victron-evcs": ((6, 5016, [10]), [(6, 5010, [0])], [(6, 5010, [1])]),
     "amperfied-connect": ((16, 261, [100]), [(16, 261, [0])], [(16, 261, [100])]),
     "cfos-power-brain": ((6, 8093, [100]), [(6, 8094, [0])], [(6, 8094, [1])]),
-    "mennekes-amtron-compact": ((16, 0x0302, f32(10.0)), [(6, 0x0D05, [0])],
-                                [(6, 0x0D05, [1])]),
+    "mennekes-amtron-compact": ((16, 0x0302, f32(10.0)), [(6, 0x0D05, [0])], [(6, 0x0D05, [1])]),
 }
 
 
@@ -406,8 +433,9 @@ async def test_simulated_device_polled_over_the_wire(slug: str) -> None:
             sample = await driver.poll()
         assert sample.online, sample.error
         assert sample.power_w == pytest.approx(3000.0, rel=1e-3)
-        assert sample.energy_wh == pytest.approx(251_000.0, abs=max(profile.register(
-            "energy_wh").scale, 1.0))
+        assert sample.energy_wh == pytest.approx(
+            251_000.0, abs=max(profile.register("energy_wh").scale, 1.0)
+        )
         return
     sim = SimCharger(profile, image, seed=5, initial_energy_wh=250_000, enforce_heartbeat=False)
     async with served(profile, image) as driver:
@@ -427,7 +455,8 @@ async def test_simulated_device_polled_over_the_wire(slug: str) -> None:
         assert charging.energy_wh == pytest.approx(253_700.0, abs=resolution)
         if profile.has("session_energy_wh"):
             got = charging.values["session_energy_wh"]
-            assert got == pytest.approx(3700.0, abs=max(
-                profile.register("session_energy_wh").scale, 1.0))
+            assert got == pytest.approx(
+                3700.0, abs=max(profile.register("session_energy_wh").scale, 1.0)
+            )
         sim.unplug()
         assert (await driver.poll()).status is ChargerStatus.AVAILABLE
