@@ -49,6 +49,7 @@ SOURCE_FAMILIES = {
     "cFos documentation": "cfos-doc",
     "DF3MS/janiza": "df3ms",
     "merlokk/SmartHome": "merlokk",
+    "nymea": "nymea",
     "Modbus RTU Specification": "mennekes-spec",
 }
 
