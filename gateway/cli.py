@@ -127,7 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--serial", metavar="DEV")
     sp.add_argument("--baud", type=int, action="append", help="baud rate(s) to try (serial)")
     sp.add_argument("--units", default=None, help="unit id range, e.g. 1-10 or 1,2,255")
-    sp.add_argument("--timeout", type=_duration, default=0.3, help="per-request timeout")
+    sp.add_argument(
+        "--timeout",
+        type=_duration,
+        default=None,
+        help="per-request timeout (default 300ms on a serial line, 1s over TCP: a Modbus TCP "
+        "gateway reports a silent unit only after its own timeout)",
+    )
 
     sp = sub.add_parser("read", help="poll one device once and print decoded values")
     cfg(sp)

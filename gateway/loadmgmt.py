@@ -125,8 +125,10 @@ class ChargerSpec:
             max_a=top,
             step_a=0.1 if floats else _STEP_A.get(cl.unit, 1.0),
             controllable=controllable,
-            can_pause=cl.disable is not None,
-            enable_register=profile.enable is not None,
+            # A limit of 0 pauses it: the engine writes the disable value, or switches the
+            # enable control off where that is the profile's pause method.
+            can_pause=cl.disable is not None or profile.pause_method == "enable",
+            enable_register=profile.pause_method == "enable",
         )
 
 

@@ -56,6 +56,7 @@ from gateway.model import (
     rfc3339,
 )
 from gateway.ports import ChargerControl, SessionStore
+from gateway.tags import normalise_tag
 
 __all__ = [
     "AddPoint",
@@ -392,10 +393,7 @@ def _charging(sample: DeviceSample) -> bool:
 
 
 def _norm_tag(tag: str | None) -> str | None:
-    if tag is None:
-        return None
-    tag = tag.strip().upper()
-    return tag or None
+    return normalise_tag(tag)
 
 
 class SessionTracker:

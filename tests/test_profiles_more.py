@@ -90,6 +90,8 @@ DECODE: list[tuple[str, str, list[int], object]] = [
     ("cfos-power-brain", "power_w", [0x0000, 0x1CE8], 7400),
     ("cfos-power-brain", "current_l1_a", [0x0000, 0x00A0], 16.0),
     ("cfos-power-brain", "rfid", [0x3034, 0x4132, 0x4233] + [0] * 12, "04A2B3"),
+    # evcc strips leading NULs from this tag: a right-aligned UID reads the same
+    ("cfos-power-brain", "rfid", [0] * 12 + [0x3034, 0x4132, 0x4233], "04A2B3"),
     # Mennekes AMTRON Compact: float32 high word first (evcc), kWh
     ("mennekes-amtron-compact", "evse_state", [5], 5),
     ("mennekes-amtron-compact", "power_w", f32(7400.0), 7400.0),
@@ -247,6 +249,14 @@ def test_pause_methods_and_controls_follow_the_sources() -> None:
     assert PROFILES["cfos-power-brain"].connection.default_port == 4701
     assert PROFILES["eastron-sdm72d-m"].connection.max_registers_per_read == 10
     assert PROFILES["victron-evcs"].session_energy_resets == "plug"
+    assert PROFILES["victron-evcs"].connection.max_registers_per_read == 50
+    pauses = {s: PROFILES[s].pause_method for s in NEW_CHARGERS}
+    assert pauses == {
+        "victron-evcs": "enable",
+        "amperfied-connect": "current_limit",
+        "cfos-power-brain": "enable",
+        "mennekes-amtron-compact": "enable",
+    }
 
 
 @pytest.mark.parametrize(
