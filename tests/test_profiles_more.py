@@ -83,7 +83,6 @@ DECODE: list[tuple[str, str, list[int], object]] = [
     ("amperfied-connect", "voltage_l2_v", [231], 231),
     ("amperfied-connect", "power_w", [11000], 11000),
     ("amperfied-connect", "energy_wh", [0x0001, 0x0000], 65536),
-    ("amperfied-connect", "rfid", [0x04A2, 0xB3C4, 0, 0, 0, 0], "04A2B3C4" + "0" * 16),
     # cFos: state in the low byte, u64 Wh, u32 W, u32 0.1 A, ASCII tag
     ("cfos-power-brain", "charge_state", [0x0102], 2),
     ("cfos-power-brain", "energy_wh", [0, 0, 0x0001, 0x86A0], 100_000),
