@@ -275,11 +275,17 @@ class Authorizer:
     async def auth_response(
         self, request_id: str, status: str, user: str | None, expires_at: float | None
     ) -> None:
-        """The cloud's answer to an ``auth/request``; unknown or late request ids are ignored."""
-        fut = self._pending.get(request_id)
+        """The cloud's answer to an ``auth/request`` this gateway sent and still waits for. The
+        first answer is taken; one for an id never issued, already answered or timed out is
+        refused (``CommandError`` ``unmatched``) and changes nothing."""
+        fut = self._pending.pop(request_id, None)
         if fut is None or fut.done():
             log.warning("auth_response_unmatched", request_id=request_id, status=status)
-            return
+            raise CommandError(
+                "unmatched",
+                f"no auth request {request_id!r} is waiting for an answer "
+                "(never sent by this gateway, already answered, or timed out)",
+            )
         try:
             parsed = AuthStatus(status)
         except ValueError:

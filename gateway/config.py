@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -19,13 +20,14 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import ConfigError, ConfigProblem, TariffError
+from gateway.errors import ConfigError, ConfigProblem, GatewayError, TariffError
 from gateway.model import AuthStatus, DeviceKind, Token, TokenType
 from gateway.profiles import Profile, load_profiles
 from gateway.tags import normalise_tag
 from gateway.yamlpos import PathT, YamlDoc, load_yaml
 
 __all__ = [
+    "UNAUTHENTICATED_WARNING",
     "AuthConfig",
     "BillingConfig",
     "BusConfig",
@@ -38,12 +40,15 @@ __all__ = [
     "StorageConfig",
     "TlsConfig",
     "UplinkConfig",
+    "WebConfig",
     "check_config",
     "config_json_schema",
     "format_duration",
+    "is_loopback",
     "load_config",
     "parse_duration",
     "serial_answer_timeout_s",
+    "split_listen",
     "summarize",
 ]
 
@@ -96,6 +101,8 @@ class UplinkConfig:
     readings_qos: int = 0
     readings_batch: int = 500
     protocol: str = "auto"  # auto | 5 | 3.1.1
+    command_key: str | None = None  # the cloud's Ed25519 public key (PEM file): signed commands
+    command_max_age_s: float = 300.0  # a signed command older than this is refused
 
     @property
     def scheme(self) -> str:
@@ -183,6 +190,26 @@ class GridConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebConfig:
+    """The status page, API and metrics (gateway.web): off unless ``web:`` is set."""
+
+    listen: str = "127.0.0.1:8080"  # HOST:PORT ([v6addr]:PORT)
+    users_file: str | None = None  # name:scrypt-hash lines; required beyond localhost
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+    @property
+    def local_only(self) -> bool:
+        return is_loopback(self.host)
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     site: SiteConfig
     storage: StorageConfig
@@ -194,6 +221,7 @@ class GatewayConfig:
     tariffs: dict[str, dict[str, Any]] = field(default_factory=dict)  # validated raw tariff data
     billing: BillingConfig = field(default_factory=BillingConfig)
     grid: GridConfig | None = None
+    web: WebConfig | None = None
     drivers_path: str | None = None
     log_level: str = "info"
     source: str = ""  # file the config was loaded from
@@ -831,6 +859,36 @@ def _check_topic_prefix(prefix: str) -> str | None:
     return None
 
 
+def split_listen(listen: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` or ``"[V6ADDR]:PORT"`` -> (host, port); ValueError when malformed."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]{1,5})|([A-Za-z0-9._-]*):([0-9]{1,5})", listen)
+    if m is None:
+        raise ValueError(f"expected HOST:PORT (IPv6 as [ADDR]:PORT), got {listen!r}")
+    host = m[1] if m[1] is not None else m[3]
+    port = int(m[2] if m[2] is not None else m[4])
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1 to 65535, got {port}")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach ``host``: localhost, 127.0.0.0/8 or ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_listen(listen: str) -> str | None:
+    try:
+        split_listen(listen)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _check_host(host: str) -> str | None:
     if not re.fullmatch(r"[A-Za-z0-9._:-]+", host) or "://" in host:
         return f"expected a host name or IP address, got {host!r}"
@@ -910,6 +968,19 @@ _UPLINK = _Obj(
         "readings_qos": _Enum((0, 1), default=0, description="QoS of readings batches"),
         "readings_batch": _Int(
             default=500, min=1, max=10000, description="readings per message at most"
+        ),
+        "command_key": _Path(
+            must_be="file",
+            description="the cloud's Ed25519 public key (PEM): commands and auth responses "
+            "must then be signed with it, fresh and not replayed (docs/security.md)",
+        ),
+        "command_max_age": _Duration(
+            attr="command_max_age_s",
+            default=300.0,
+            min=5.0,
+            max=3600.0,
+            description="signed commands and auth responses older than this (by their "
+            "issued_at) are refused; needs a synchronised clock",
         ),
     },
     target=UplinkConfig,
@@ -1119,6 +1190,26 @@ _GRID = _Obj(
     default=None,
 )
 
+_WEB = _Obj(
+    {
+        "listen": _Str(
+            default="127.0.0.1:8080",
+            check=_check_listen,
+            description="HOST:PORT of the status page, API and /metrics; beyond localhost "
+            "only with users_file",
+        ),
+        "users_file": _Path(
+            must_be="file",
+            default=None,
+            description="NAME:scrypt-hash lines (evgw web-user add FILE NAME); "
+            "with it every request needs HTTP basic auth",
+        ),
+    },
+    target=WebConfig,
+    default=None,
+    description="live status page, JSON API, server-sent events and Prometheus metrics",
+)
+
 CONFIG_SCHEMA = _Obj(
     {
         "site": _Obj(
@@ -1175,6 +1266,7 @@ CONFIG_SCHEMA = _Obj(
         ),
         "billing": _BILLING,
         "grid": _GRID,
+        "web": _WEB,
         "drivers_path": _Path(
             must_be="dir",
             default=None,
@@ -1332,6 +1424,20 @@ def _check_uplink(ctx: _Ctx, raw: dict[str, Any]) -> None:
     _resolve_secret(ctx, uplink)
     if "client_id" not in uplink and isinstance(raw.get("site"), dict) and "id" in raw["site"]:
         uplink["client_id"] = f"evgw-{raw['site']['id']}"
+    key_file = uplink.get("command_key")
+    if isinstance(key_file, str):
+        from gateway.uplink.envelope import load_command_key
+
+        try:
+            load_command_key(key_file)
+        except GatewayError as exc:
+            ctx.add(("uplink", "command_key"), str(exc))
+    elif "command_max_age" in uplink and "command_key" not in _present(ctx, ("uplink",)):
+        ctx.add(
+            ("uplink", "command_max_age"),
+            "command_max_age needs command_key (unsigned commands carry no age)",
+            key=True,
+        )
     url = uplink.get("url", "")
     tls = uplink.get("tls")
     if isinstance(tls, dict):
@@ -1652,6 +1758,39 @@ def _cross_check(ctx: _Ctx, raw: dict[str, Any]) -> None:
     _check_devices(ctx, raw, buses, profiles)
     _check_tariffs(ctx, raw)
     _check_tokens(ctx, raw)
+    _check_web(ctx, raw)
+
+
+def _check_web(ctx: _Ctx, raw: dict[str, Any]) -> None:
+    web = raw.get("web")
+    if not isinstance(web, dict):
+        return
+    if "users_file" in web:
+        from gateway.web.users import UsersFileError, load_users
+
+        try:
+            users = load_users(web["users_file"])
+        except UsersFileError as exc:
+            ctx.add(("web", "users_file"), str(exc))
+            return
+        if not users:
+            ctx.add(
+                ("web", "users_file"),
+                f"no users in {web['users_file']}: add one with evgw web-user add FILE NAME",
+            )
+        return
+    listen = web.get("listen")
+    if listen is None and "listen" in _present(ctx, ("web",)):
+        return  # invalid, already reported
+    host, _ = split_listen(listen or "127.0.0.1:8080")
+    if not is_loopback(host):
+        where: PathT = ("web", "listen") if listen is not None else ("web",)
+        shown = host or "every address"
+        ctx.add(
+            where,
+            f"listening on {shown} (beyond localhost) needs authentication: set "
+            "web.users_file (evgw web-user add FILE NAME creates it)",
+        )
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -1690,6 +1829,13 @@ def check_config(path: str | Path) -> tuple[int, str]:
     return 0, summarize(config)
 
 
+UNAUTHENTICATED_WARNING = (
+    "warning: uplink.command_key is not set: commands and auth responses are not "
+    "authenticated; anyone who can publish on the broker can start charging for any user "
+    "(docs/security.md)"
+)
+
+
 def summarize(config: GatewayConfig) -> str:
     site = config.site
     lines = [
@@ -1705,6 +1851,13 @@ def summarize(config: GatewayConfig) -> str:
         up = config.uplink
         auth = f", user {up.username}" if up.username else ""
         lines.append(f"uplink {up.url} as {up.client_id}, topic prefix {up.topic_prefix}{auth}")
+        if up.command_key is not None:
+            lines.append(
+                f"commands: signed by {up.command_key}, "
+                f"at most {format_duration(up.command_max_age_s)} old"
+            )
+        else:
+            lines.append(UNAUTHENTICATED_WARNING)
     lines.append(f"{len(config.devices)} device(s) on {len(config.buses)} bus(es):")
     for dev in config.devices:
         where = f"{dev.host}:{dev.port}" if dev.host else f"bus {dev.bus}"
@@ -1724,6 +1877,13 @@ def summarize(config: GatewayConfig) -> str:
         if ep.baudrate:
             line += f", serial line {ep.baudrate} baud"
         lines.append(line)
+    if config.web is not None:
+        access = (
+            f"basic auth, users in {config.web.users_file}"
+            if config.web.users_file
+            else "no login: localhost only"
+        )
+        lines.append(f"web: status page, API and /metrics on {config.web.listen} ({access})")
     lines.append(
         f"{len(config.auth.tokens)} token(s), offline policy {config.auth.offline_policy}; "
         f"tariffs: {', '.join(sorted(config.tariffs)) or 'none'}"

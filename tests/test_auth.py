@@ -291,10 +291,11 @@ async def test_one_slow_answer_does_not_block_another() -> None:
     assert (await slow).user == "s"
 
 
-async def test_unmatched_auth_response_is_ignored_and_logged() -> None:
+async def test_unmatched_auth_response_is_refused_and_logged() -> None:
     auth, *_ = await make()
-    with capture_logs() as logs:
+    with capture_logs() as logs, pytest.raises(CommandError) as err:
         await auth.auth_response("no-such-request", "accepted", "mallory", None)
+    assert err.value.code == "unmatched"
     assert any(e["event"] == "auth_response_unmatched" for e in logs)
     assert auth.known("MALLORY") is None
 

@@ -407,6 +407,8 @@ class DevicePoller:
         self.spread_per_device_s = spread_per_device_s
         self.sink = sink
         self.stats: dict[str, PollStats] = {d.device_id: PollStats() for d in self.drivers}
+        # Told of every poll with its duration (metrics); must not block or raise.
+        self.on_poll: Callable[[DeviceSample, float], None] | None = None
 
     async def run(self) -> None:
         n = len(self.drivers)
@@ -438,6 +440,8 @@ class DevicePoller:
             stats.last_duration_s = loop.time() - started
             if not sample.online:
                 stats.offline += 1
+            if self.on_poll is not None:
+                self.on_poll(sample, stats.last_duration_s)
             await self._deliver(sample)
             deadline = self._next_deadline(deadline, interval, loop.time(), stats, driver)
             await asyncio.sleep(deadline - loop.time())
