@@ -33,6 +33,7 @@ READINGS_FLUSH_S = 1.0
 READINGS_BATCH = 500
 PRUNE_EVERY_S = 300.0
 SNAPSHOT_EVERY_S = 30.0
+GRID_LIMITS_KEY = "grid.cloud_limits"  # kv: the cloud's limits in force, kept over a restart
 
 
 def _short(value: Any) -> Any:
@@ -74,6 +75,34 @@ class SiteCommands:
     ) -> None:
         await self._gw.authorizer.auth_response(request_id, status, user, expires_at)
 
+    async def set_grid_limit(
+        self,
+        request_id: str,
+        scope: str,
+        max_current_a: float | None,
+        max_power_w: float | None,
+        expires_at: float | None,
+        reason: str | None,
+    ) -> dict[str, Any]:
+        from gateway.errors import CommandError
+        from gateway.gridlimit import LimitValue
+
+        load = self._gw.load
+        if load is None or load.limits is None:
+            raise CommandError(
+                "unsupported", "this site has no load management (grid.max_current_a)"
+            )
+        lift = max_current_a is None and max_power_w is None
+        value = None if lift else LimitValue(max_current_a, max_power_w)
+        effective = await load.set_cloud_limit(request_id, scope, value, expires_at, reason)
+        saved = [c.to_json() for c in load.limits.cloud_limits()]
+        await self._gw.store.kv_put(GRID_LIMITS_KEY, saved)
+        return {
+            "scope": scope,
+            "cleared": lift,
+            "in_force": effective.payload(self._gw.clock.time()),
+        }
+
 
 class Gateway:
     """One site's gateway. ``async with Gateway(config) as gw: await gw.run()``."""
@@ -99,6 +128,7 @@ class Gateway:
         self._last_values: dict[str, Mapping[str, Any]] = {}
         self._kinds = {d.id: self.profiles[d.driver].kind for d in config.devices}
         self.uplink: Any = None
+        self.grid_limit: dict[str, Any] | None = None  # the retained grid/limit payload
         # >1 only under a sped-up simulator: counters then rise faster than real time allows.
         self.time_scale = time_scale
 
@@ -131,6 +161,7 @@ class Gateway:
             except Exception as exc:  # a stored push that no longer validates is not fatal
                 log.error("stored_tariffs_invalid", error=str(exc))
         buses = await self._stack.enter_async_context(BusPool.from_config(cfg))
+        self.buses = buses
         self.drivers = {
             dev.id: DeviceDriver(dev, self.profiles[dev.driver], buses.for_device(dev), self.clock)
             for dev in cfg.devices
@@ -141,10 +172,25 @@ class Gateway:
         self.load: Any = None
         control: Any = self.chargers
         if cfg.grid is not None and cfg.grid.max_current_a is not None:
+            from gateway.gridlimit import GridLimits
             from gateway.loadmgmt import LoadBalancer, LoadManager
 
             balancer = LoadBalancer.from_config(cfg, self.profiles, self.chargers.can_control)
-            self.load = LoadManager(cfg, balancer, self.chargers, self.clock)
+            limits = GridLimits.from_config(cfg.grid, cfg.site.timezone)
+            saved_limits = await self.store.kv_get(GRID_LIMITS_KEY)
+            if saved_limits:
+                try:
+                    limits.load(saved_limits)
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.error("stored_grid_limits_invalid", error=str(exc))
+            self.load = LoadManager(
+                cfg,
+                balancer,
+                self.chargers,
+                self.clock,
+                limits=limits,
+                on_limit=self._on_grid_limit,
+            )
             control = self.load
         self.commands = SiteCommands(self)
         if cfg.uplink is not None:
@@ -154,6 +200,7 @@ class Gateway:
                 cfg.uplink, cfg.site.id, self.store, self.commands, self.clock, version=__version__
             )
             self.uplink.set_public_key(self.signer.public_key_payload())
+        self.homeassistant, self.ha_link = self._homeassistant_parts()
         self.authorizer = Authorizer(cfg.auth, self.store, self.uplink, self.clock)
         await self.authorizer.load()
         self.sessions = SessionManager(
@@ -192,6 +239,78 @@ class Gateway:
             await self.sessions.aclose()
         await self._flush_readings()
         await self._stack.aclose()
+
+    def _on_grid_limit(self, effective: Any) -> None:
+        """The site limit in force changed: published retained on ``P/S/grid/limit``."""
+        self.grid_limit = effective.payload(self.clock.time())
+        if self.uplink is not None:
+            self.uplink.publish_retained(self.uplink.topics.grid_limit, self.grid_limit)
+        if self.ha_link is not None and self.ha_link is not self.uplink:
+            self.ha_link.publish_retained(f"{self._root}/grid/limit", self.grid_limit)
+
+    @property
+    def _root(self) -> str:
+        from gateway.uplink.topics import Topics
+
+        prefix = self.config.uplink.topic_prefix if self.config.uplink else "evgw"
+        return Topics(prefix, self.config.site.id).root
+
+    def _homeassistant_parts(self) -> tuple[Any, Any]:
+        """Home Assistant discovery and the link it is published on (None, None when off)."""
+        cfg = self.config
+        ha_cfg = cfg.homeassistant
+        if not ha_cfg.enabled:
+            return None, None
+        from gateway.homeassistant import ChargerInfo, HomeAssistant
+
+        chargers = [
+            ChargerInfo(d.id, self.profiles[d.driver].manufacturer, self.profiles[d.driver].model)
+            for d in cfg.devices
+            if self._kinds[d.id] is DeviceKind.CHARGER
+        ]
+        ha = HomeAssistant(
+            cfg.site.id,
+            self._root,
+            chargers,
+            prefix=ha_cfg.prefix,
+            version=__version__,
+            interval_s=ha_cfg.interval_s,
+            grid_limit=self.load is not None,
+        )
+        if ha_cfg.broker == "cloud":
+            link: Any = self.uplink
+        else:
+            from gateway.uplink.halink import LocalRetainedLink
+
+            link = LocalRetainedLink(ha_cfg, cfg.site.id, self._root, self.clock)
+        for topic, payload in ha.discovery():
+            link.publish_retained(topic, payload)
+        return ha, link
+
+    async def _homeassistant_states(self) -> None:
+        while True:
+            for topic, payload in self.homeassistant.changes(self.live, self.clock.time()):
+                self.ha_link.publish_retained(topic, payload)
+            await asyncio.sleep(1.0)
+
+    def _signal_poller(self) -> Any:
+        """The poller of the grid operator's relay, if the site has one."""
+        from gateway.config import DeviceConfig
+        from gateway.gridsignal import SignalPoller
+
+        grid = self.config.grid
+        if self.load is None or grid is None or not grid.signal:
+            return None
+        signal = grid.signal
+        where = DeviceConfig(
+            id="grid-signal",
+            driver="grid-signal",
+            host=signal.get("host"),
+            port=signal.get("port", 502),
+            bus=signal.get("bus"),
+            unit=signal.get("unit", 1),
+        )
+        return SignalPoller(self.buses.bus_for(where), signal, self.load.on_signal)
 
     def _resolve_tariff(self, charger_id: str, user_group: str | None) -> Any:
         dev = self.config.device(charger_id)
@@ -232,6 +351,13 @@ class Gateway:
             tg.create_task(self.poller.run(), name="poller")
             if self.load is not None:
                 tg.create_task(self.load.run(), name="load")
+            if self.homeassistant is not None:
+                tg.create_task(self._homeassistant_states(), name="homeassistant")
+                if self.ha_link is not self.uplink:
+                    tg.create_task(self.ha_link.run(), name="homeassistant-link")
+            signal = self._signal_poller()
+            if signal is not None:
+                tg.create_task(signal.run(), name="grid-signal")
             tg.create_task(self._consume_samples(), name="samples")
             tg.create_task(self._readings_writer(), name="readings-writer")
             tg.create_task(self._housekeeping(), name="housekeeping")

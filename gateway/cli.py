@@ -182,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["csv", "json", "html"], default="csv")
     sp.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
 
+    sp = sub.add_parser("stats", help="utilisation, peak hours and charts from the local buffer")
+    cfg(sp)
+    sp.add_argument("--from", dest="start", type=_date, required=True, metavar="DATE")
+    sp.add_argument("--to", dest="end", type=_date, required=True, metavar="DATE")
+    sp.add_argument("--format", choices=["csv", "json", "html", "svg"], default="html")
+    sp.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+
     sp = sub.add_parser(
         "consume", help="reference cloud consumer: store finished sessions idempotently"
     )
@@ -414,6 +421,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from gateway.stats import run_stats
+
+    config = _load(args)
+    if args.end < args.start:
+        raise UsageError("--to is before --from")
+    return _run_async(
+        lambda: run_stats(
+            config, start=args.start, end=args.end, fmt=args.format, output=args.output
+        )
+    )
+
+
 def _cmd_consume(args: argparse.Namespace) -> int:
     from gateway.billing.consumer import run_consumer
 
@@ -542,6 +562,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "read": _cmd_read,
     "sessions": _cmd_sessions,
     "report": _cmd_report,
+    "stats": _cmd_stats,
     "consume": _cmd_consume,
     "statement": _cmd_statement,
     "verify": _cmd_verify,

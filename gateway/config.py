@@ -187,6 +187,33 @@ class GridConfig:
 
     max_current_a: float | None = None
     meter: str | None = None  # site meter measuring the whole connection
+    # Lower limits the grid can set (gateway/gridlimit.py): validated mappings.
+    schedule: tuple[dict[str, Any], ...] = ()
+    signal: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HomeAssistantConfig:
+    """Home Assistant MQTT discovery (gateway/homeassistant.py); off unless enabled."""
+
+    enabled: bool = False
+    prefix: str = "homeassistant"  # Home Assistant's discovery prefix
+    broker: str = "cloud"  # cloud: the uplink's broker; local: the broker at url
+    url: str | None = None
+    client_id: str | None = None
+    username: str | None = None
+    password: Secret | None = None
+    interval_s: float = 5.0  # a charger's state is sent at most this often (status at once)
+
+    @property
+    def host(self) -> str:
+        rest = (self.url or "").split("://", 1)[-1].rstrip("/")
+        return rest.rsplit(":", 1)[0] if ":" in rest else rest
+
+    @property
+    def port(self) -> int:
+        rest = (self.url or "").split("://", 1)[-1].rstrip("/")
+        return int(rest.rsplit(":", 1)[1]) if ":" in rest else 1883
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +248,7 @@ class GatewayConfig:
     tariffs: dict[str, dict[str, Any]] = field(default_factory=dict)  # validated raw tariff data
     billing: BillingConfig = field(default_factory=BillingConfig)
     grid: GridConfig | None = None
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     web: WebConfig | None = None
     drivers_path: str | None = None
     log_level: str = "info"
@@ -1179,6 +1207,58 @@ _BILLING = _Obj(
     build_when_absent=True,
 )
 
+_HHMM_RE = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]|24:00"
+_LIMIT_FIELDS: dict[str, _Node] = {
+    "max_current_a": _Num(min=0.0, max=10000.0, description="per phase (A); or max_power_w"),
+    "max_power_w": _Num(
+        min=0.0, max=10_000_000.0, description="whole site (W), as current at 230 V on 3 phases"
+    ),
+    "reason": _Str(max_len=200, description="logged and published with the limit"),
+}
+_GRID_SCHEDULE_RULE = _Obj(
+    {
+        "days": _List(
+            _Enum(("mon", "tue", "wed", "thu", "fri", "sat", "sun")),
+            description="weekdays the rule starts on (default: every day)",
+        ),
+        "start": _Str(
+            required=True, pattern=_HHMM_RE, hint="HH:MM (local time)", description="HH:MM"
+        ),
+        "end": _Str(
+            required=True,
+            pattern=_HHMM_RE,
+            hint="HH:MM (local time)",
+            description="HH:MM; at or before start: runs past midnight",
+        ),
+        **_LIMIT_FIELDS,
+    },
+)
+_GRID_SIGNAL = _Obj(
+    {
+        "host": _Str(check=_check_host, description="Modbus TCP address of the I/O module"),
+        "port": _Int(default=502, min=1, max=65535),
+        "bus": _Str(pattern=_ID_RE, hint=_ID_HINT, description="or the RS-485 bus it is on"),
+        "unit": _Int(default=1, min=0, max=255, description="Modbus unit id of the I/O module"),
+        "table": _Enum(
+            ("discrete", "coil", "input", "holding"),
+            default="discrete",
+            description="where the relay's input is: discrete input (FC02), coil (FC01), "
+            "input register (FC04) or holding register (FC03)",
+        ),
+        "address": _Int(required=True, min=0, max=65535, description="0-based address"),
+        "active": _Int(default=1, min=0, max=65535, description="the value that means: reduce now"),
+        "poll_interval": _Duration(default=2.0, min=0.1, max=600.0),
+        "timeout": _Duration(default=1.0, min=0.01, max=60.0),
+        "when_offline": _Enum(
+            ("limit", "ignore"),
+            default="limit",
+            description="the module does not answer: apply the reduced limit, or ignore it",
+        ),
+        **_LIMIT_FIELDS,
+    },
+    default=None,
+)
+
 _GRID = _Obj(
     {
         "max_current_a": _Num(min=6.0, max=10000.0, description="site connection limit per phase"),
@@ -1187,9 +1267,55 @@ _GRID = _Obj(
             hint=_ID_HINT,
             description="id of the meter measuring the whole connection",
         ),
+        "schedule": _List(
+            _GRID_SCHEDULE_RULE,
+            default=(),
+            description="lower site limits by weekday and time of day (site time zone)",
+        ),
+        "signal": _GRID_SIGNAL,
     },
     target=GridConfig,
     default=None,
+)
+
+_HOMEASSISTANT = _Obj(
+    {
+        "enabled": _Bool(default=False, description="publish Home Assistant MQTT discovery"),
+        "prefix": _Str(
+            default="homeassistant",
+            check=_check_topic_prefix,
+            description="Home Assistant's discovery prefix",
+        ),
+        "broker": _Enum(
+            ("cloud", "local"),
+            default="cloud",
+            description="cloud: the uplink's broker; local: a broker on the site LAN (url)",
+        ),
+        "url": _Str(check=_check_url, description="broker: local: mqtt://host[:port]"),
+        "client_id": _Str(
+            max_len=128,
+            pattern=r"[^\s]+",
+            hint="without spaces",
+            description="default: evgw-ha-<site>",
+        ),
+        "username": _Str(description="MQTT user name on the local broker"),
+        "password_file": _Path(attr="", description="file holding that password (one line)"),
+        "password": _Str(
+            pattern=_ENV_REF,
+            hint='an environment variable reference like "${HA_MQTT_PASSWORD}"',
+            secret=True,
+            description='"${ENV_VAR}": the local broker password from the environment',
+        ),
+        "interval": _Duration(
+            attr="interval_s",
+            default=5.0,
+            min=1.0,
+            max=3600.0,
+            description="send a charger's power and energy at most this often",
+        ),
+    },
+    target=HomeAssistantConfig,
+    build_when_absent=True,
 )
 
 _WEB = _Obj(
@@ -1268,6 +1394,7 @@ CONFIG_SCHEMA = _Obj(
         ),
         "billing": _BILLING,
         "grid": _GRID,
+        "homeassistant": _HOMEASSISTANT,
         "web": _WEB,
         "drivers_path": _Path(
             must_be="dir",
@@ -1340,8 +1467,10 @@ def _ids(
             first = (*section, seen[key], "id")
             note = ""
             if fold and _get(ctx, first) != ident:
-                note = ("; token ids are compared in one normal form (case, hex separators, "
-                        "NUL and spaces ignored)")
+                note = (
+                    "; token ids are compared in one normal form (case, hex separators, "
+                    "NUL and spaces ignored)"
+                )
             ctx.add(
                 (*section, i, "id"),
                 f"duplicate {kind} id '{ident}' "
@@ -1378,8 +1507,7 @@ def _load_profiles(ctx: _Ctx, raw: dict[str, Any]) -> dict[str, Profile] | None:
     return profiles
 
 
-def _resolve_secret(ctx: _Ctx, uplink: dict[str, Any]) -> None:
-    path: PathT = ("uplink",)
+def _resolve_secret(ctx: _Ctx, uplink: dict[str, Any], path: PathT = ("uplink",)) -> None:
     if "password_file" in uplink and "password" in uplink:
         ctx.add((*path, "password"), "set either password_file or password, not both", key=True)
         return
@@ -1672,6 +1800,46 @@ def _check_devices(
         _check_meter_ref(ctx, ("grid", "meter"), grid["meter"], first, kinds, own=None)
 
 
+def _check_homeassistant(ctx: _Ctx, raw: dict[str, Any]) -> None:
+    ha = raw["homeassistant"]
+    path: PathT = ("homeassistant",)
+    local = ha.get("broker") == "local"
+    for key in ("url", "client_id", "username", "password", "password_file"):
+        if key in ha and not local:
+            ctx.add((*path, key), f"{key} is for broker: local (cloud uses the uplink's)", key=True)
+    if not ha.get("enabled"):
+        return
+    if local:
+        if "url" not in ha and "url" not in _present(ctx, path):
+            ctx.add(path, "broker: local needs url (mqtt://host[:port] of the site's broker)")
+        elif str(ha.get("url", "")).startswith("mqtts://"):
+            ctx.add((*path, "url"), "the local broker is reached with mqtt:// on the site LAN")
+        _resolve_secret(ctx, ha, path)
+    elif "uplink" not in raw and "uplink" not in _present(ctx, ()):
+        ctx.add((*path, "broker"), "broker: cloud needs an uplink (or use broker: local)")
+
+
+def _check_grid_limits(ctx: _Ctx, grid: dict[str, Any], buses: dict[str, dict[str, Any]]) -> None:
+    """Limits the grid can set lower the connection's: without one they have nothing to lower."""
+    present = _present(ctx, ("grid",))
+    for key in ("schedule", "signal"):
+        if key in present and grid.get(key) and "max_current_a" not in present:
+            ctx.add(("grid", key), "needs grid.max_current_a (the limit it lowers)")
+    limited: list[tuple[PathT, Any]] = [
+        (("grid", "schedule", i), rule) for i, rule in enumerate(grid.get("schedule") or [])
+    ]
+    signal = grid.get("signal")
+    if isinstance(signal, dict):
+        limited.append((("grid", "signal"), signal))
+        if ("host" in signal) == ("bus" in signal):
+            ctx.add(("grid", "signal"), "needs host (Modbus TCP) or bus (RS-485), not both")
+        elif "bus" in signal and signal["bus"] not in buses:
+            ctx.add(("grid", "signal", "bus"), _unknown("bus", signal["bus"], buses, "buses"))
+    for path, item in limited:
+        if isinstance(item, dict) and ("max_current_a" in item) == ("max_power_w" in item):
+            ctx.add(path, "needs max_current_a or max_power_w (one of them)")
+
+
 def _check_meter_ref(
     ctx: _Ctx,
     path: PathT,
@@ -1744,6 +1912,10 @@ def _cross_check(ctx: _Ctx, raw: dict[str, Any]) -> None:
     _check_uplink(ctx, raw)
     buses = _check_buses(ctx, raw)
     _check_devices(ctx, raw, buses, profiles)
+    if isinstance(raw.get("grid"), dict):
+        _check_grid_limits(ctx, raw["grid"], buses)
+    if isinstance(raw.get("homeassistant"), dict):
+        _check_homeassistant(ctx, raw)
     _check_tariffs(ctx, raw)
     _check_tokens(ctx, raw)
     _check_web(ctx, raw)
@@ -1872,6 +2044,25 @@ def summarize(config: GatewayConfig) -> str:
             else "no login: localhost only"
         )
         lines.append(f"web: status page, API and /metrics on {config.web.listen} ({access})")
+    grid = config.grid
+    if grid is not None and grid.max_current_a is not None:
+        lowered = [f"{len(grid.schedule)} schedule rule(s)"] if grid.schedule else []
+        if grid.signal:
+            where = grid.signal.get("host") or f"bus {grid.signal.get('bus')}"
+            lowered.append(
+                f"relay at {where} unit {grid.signal.get('unit', 1)} "
+                f"{grid.signal.get('table', 'discrete')} {grid.signal['address']}"
+            )
+        lowered.append("the cloud's limit command")
+        lines.append(
+            f"grid limit {grid.max_current_a:g} A per phase"
+            + (f" (meter {grid.meter})" if grid.meter else "")
+            + f"; lowered by {', '.join(lowered)}"
+        )
+    ha = config.homeassistant
+    if ha.enabled:
+        broker = ha.url if ha.broker == "local" else "the uplink's broker"
+        lines.append(f"Home Assistant discovery under {ha.prefix}/ on {broker}")
     lines.append(
         f"{len(config.auth.tokens)} token(s), offline policy {config.auth.offline_policy}; "
         f"tariffs: {', '.join(sorted(config.tariffs)) or 'none'}"

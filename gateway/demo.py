@@ -17,9 +17,11 @@ import socket
 import sys
 import tempfile
 import uuid
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
+from zoneinfo import ZoneInfo
 
 import structlog
 
@@ -246,6 +248,12 @@ async def run_demo(
             print(
                 f"  evgw report -c {workdir / 'demo-site.yaml'} --by user "
                 "--from 2000-01-01 --to 2100-01-01 --format html -o report.html",
+                file=out,
+            )
+            today = datetime.now(ZoneInfo(config.site.timezone)).date().isoformat()
+            print(
+                f"  evgw stats -c {workdir / 'demo-site.yaml'} --from {today} --to {today} "
+                "-o stats.html",
                 file=out,
             )
             out.flush()

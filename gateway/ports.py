@@ -174,3 +174,15 @@ class CommandTarget(Protocol):
     async def auth_response(
         self, request_id: str, status: str, user: str | None, expires_at: float | None
     ) -> None: ...
+
+    async def set_grid_limit(
+        self,
+        request_id: str,
+        scope: str,
+        max_current_a: float | None,
+        max_power_w: float | None,
+        expires_at: float | None,
+        reason: str | None,
+    ) -> dict[str, Any]:
+        """A ``limit`` command; both values None lifts the scope's limit."""
+        ...

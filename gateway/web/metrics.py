@@ -165,9 +165,24 @@ class _StateCollector(Collector):
 def _load_metrics(gw: Gateway) -> Iterator[Metric]:
     load = gw.load
     settings = load.balancer.settings
+    effective = load.grid_limit
     yield GaugeMetricFamily(
         "evgw_grid_limit_a",
-        "Site connection limit per phase in force, A",
+        "Site limit per phase in force, A (the connection's, or lower when the grid asks)",
+        value=effective.site_a if effective is not None else settings.max_current_a,
+    )
+    source = GaugeMetricFamily(
+        "evgw_grid_limit_source",
+        "Where the limit in force comes from: 1 for the source in force",
+        labels=["source"],
+    )
+    for name in ("connection", "schedule", "signal", "cloud"):
+        current = effective.source if effective is not None else "connection"
+        source.add_metric([name], 1.0 if name == current else 0.0)
+    yield source
+    yield GaugeMetricFamily(
+        "evgw_grid_connection_limit_a",
+        "The connection's own limit per phase (grid.max_current_a), A",
         value=settings.max_current_a,
     )
     limit = GaugeMetricFamily(
