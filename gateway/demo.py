@@ -174,7 +174,9 @@ async def run_demo(
             assert config.uplink is not None
             profiles = load_profiles(config.drivers_path)
             charger_ids = [
-                d.id for d in config.devices if profiles[d.driver].kind.value == "charger"
+                d.id
+                for d in config.modbus_devices
+                if profiles[d.driver].kind.value == "charger"
             ]
             scenario = parse_scenario(
                 DEMO_SCENARIO,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -489,3 +490,31 @@ def test_meter_values_units_locations_and_signed_data() -> None:
     ]
     assert sample.ts == parse_timestamp("2026-12-02T09:00:00.123456Z")
     assert parse_timestamp("2026-12-02T09:00:00") == parse_timestamp("2026-12-02T09:00:00Z")
+
+
+@pytest.mark.parametrize("skew_s", [-3600.0, 5400.0])
+async def test_charger_clock_skew_is_measured_and_taken_off(
+    tmp_path: Path, shipped_profiles: dict[str, Profile], skew_s: float
+) -> None:
+    path, port = write_site(tmp_path)
+    config = load_config(path)
+    async with Gateway(config, shipped_profiles) as gw, running(gw.run(), "gateway"):
+        await listening(gw)
+        sim = SimChargePoint(f"ws://127.0.0.1:{port}", "CP9", meter_wh=900, clock_skew_s=skew_s)
+        async with sim:
+            t0 = time.time()
+            await sim.plug_in()
+            await sim.start(ALICE)
+            await sim.charge(1200, 7_400)
+            await asyncio.sleep(0.2)
+            await sim.disconnect()  # the stop is replayed later, still with the skewed clock
+            await sim.unplug()
+            t1 = time.time()
+            await asyncio.sleep(2.0)  # an uncorrected clock ahead would be clamped to "now" here
+            await sim.connect()
+            (record,) = await finished(gw, 1)
+    assert abs(parse_timestamp(record["started_at"]) - t0) < 1.0
+    assert abs(parse_timestamp(record["ended_at"]) - t1) < 1.0
+    assert record["energy_wh"] == int(sim.meter_wh) - 900
+    assert record["ocpp"]["clock_skew_s"] == pytest.approx(skew_s, abs=1.0)
+    assert record["flags"] == []

@@ -78,6 +78,7 @@ PROFILE_ID_BASE = 1000  # our TxDefaultProfile per connector: id 1000 + connecto
 REMOTE_START_TIMEOUT_S = 120.0  # a remote start waits this long for the StartTransaction
 UNIQUE_IDS_KEPT = 512  # answers remembered per charge point for resent calls
 FUTURE_SLACK_S = 5.0  # a charger's timestamp ahead of ours by more is its clock, not the event
+SKEW_TOLERANCE_S = 2.0  # clock offsets up to this are latency and jitter: not corrected
 
 # The library logs every frame at INFO; frames are ours to log (without secrets, at debug).
 _wire_logger = logging.getLogger("gateway.ocpp.wire")
@@ -160,6 +161,7 @@ class OcppServer:
             self._by_device[dev.id] = conn
         self._charge_points = {cp for cp, _ in self._connectors}
         self._links: dict[str, _Link] = {}
+        self._skew: dict[str, float] = {}  # charge point -> its clock minus ours, seconds
         self._answers: dict[str, OrderedDict[str, str]] = {}
         self._tx_lock = asyncio.Lock()
         self._server: Server | None = None
@@ -252,6 +254,7 @@ class OcppServer:
             return
         old = self._links.get(cp_id)
         link = _Link(cp_id, ws, self)
+        self._skew.pop(cp_id, None)  # measured anew on every connection
         self._links[cp_id] = link
         if old is not None:
             log.warning("ocpp_replaced_connection", charge_point_id=cp_id)
@@ -306,9 +309,30 @@ class OcppServer:
             answers.popitem(last=False)
 
     # ------------------------------------------------------------------ time
-    def event_time(self, text: str | None) -> float:
-        """A charger's timestamp; never later than now (a clock running ahead), now when it
-        is missing or unreadable."""
+    def observe_clock(self, cp_id: str, text: str | None) -> None:
+        """A StatusNotification's timestamp, sent live (chargers do not queue them): its offset
+        from our clock. The largest offset of a connection wins: a status a charger replays
+        late would look like a clock running behind."""
+        if not text:
+            return
+        try:
+            skew = parse_timestamp(text) - self._clock.time()
+        except ValueError:
+            return
+        before = self._skew.get(cp_id)
+        if before is not None and skew <= before:
+            return
+        self._skew[cp_id] = skew
+        if abs(skew) > SKEW_TOLERANCE_S and (before is None or abs(skew - before) > 1.0):
+            log.warning("ocpp_clock_skew", charge_point_id=cp_id, skew_s=round(skew, 1))
+
+    def clock_skew_s(self, cp_id: str) -> float:
+        skew = self._skew.get(cp_id, 0.0)
+        return skew if abs(skew) > SKEW_TOLERANCE_S else 0.0
+
+    def event_time(self, text: str | None, cp_id: str | None = None) -> float:
+        """A charger's timestamp on our clock (its measured skew taken off); never later than
+        now (a clock running ahead), now when it is missing or unreadable."""
         now = self._clock.time()
         if not text:
             return now
@@ -317,6 +341,8 @@ class OcppServer:
         except ValueError:
             log.warning("ocpp_bad_timestamp", value=text[:40])
             return now
+        if cp_id is not None:
+            ts -= self.clock_skew_s(cp_id)
         if ts > now + FUTURE_SLACK_S:
             log.warning("ocpp_clock_ahead", ahead_s=round(ts - now, 1))
             return now
@@ -419,17 +445,20 @@ class OcppServer:
                     tag=id_tag,
                 )
             conn.remote = None
+            attrs: dict[str, Any] = {
+                "charge_point_id": cp_id,
+                "connector_id": connector_id,
+                "transaction_id": transaction_id,
+                "id_tag": id_tag,
+            }
+            if self.clock_skew_s(cp_id):
+                attrs["clock_skew_s"] = round(self.clock_skew_s(cp_id), 1)
             session_id = await self._sessions.begin_transaction(
                 conn.device.id,
                 grant,
-                self.event_time(ts_text),
+                self.event_time(ts_text, cp_id),
                 float(meter_start),
-                {
-                    "charge_point_id": cp_id,
-                    "connector_id": connector_id,
-                    "transaction_id": transaction_id,
-                    "id_tag": id_tag,
-                },
+                attrs,
             )
             await self._store.kv_put(
                 key,
@@ -470,10 +499,11 @@ class OcppServer:
         self, cp_id: str, transaction_id: int, session_id: str, samples: Sequence[Any]
     ) -> None:
         now = self._clock.time()
+        skew = self.clock_skew_s(cp_id)
         for sample in samples:
             if sample.energy_wh is not None:
                 await self._sessions.transaction_meter(
-                    session_id, min(sample.ts, now), sample.energy_wh, sample.power_w
+                    session_id, min(sample.ts - skew, now), sample.energy_wh, sample.power_w
                 )
         docs = signed_documents(samples)
         if docs:
@@ -523,7 +553,7 @@ class OcppServer:
                 extra["stop_id_tag"] = id_tag
             await self._sessions.end_transaction(
                 session_id,
-                self.event_time(ts_text),
+                self.event_time(ts_text, cp_id),
                 float(meter_stop),
                 stop_reason_of(reason),
                 extra,
@@ -747,6 +777,7 @@ class _Link(_OcppChargePoint):
     async def on_status_notification(
         self, connector_id: int, error_code: str, status: str, **extra: Any
     ) -> call_result.StatusNotification:
+        self._srv.observe_clock(self.id, extra.get("timestamp"))
         await self._srv.status_notification(self.id, connector_id, status, error_code)
         return call_result.StatusNotification()
 

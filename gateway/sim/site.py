@@ -28,7 +28,7 @@ import itertools
 import random
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -106,7 +106,9 @@ class SimSite:
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be > 0")
-        self.config = config
+        # OCPP charge points are not served here: they connect to the gateway themselves
+        # (gateway.ocpp.sim).
+        self.config = replace(config, devices=config.modbus_devices)
         self.profiles = profiles
         self.speed = speed
         self.scenario = scenario
