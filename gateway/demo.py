@@ -74,10 +74,10 @@ def _template() -> str:
 
 def write_demo_config(workdir: Path, broker_url: str, protocol: str = "auto") -> Path:
     """Write the demo's site config with free ports filled in; returns its path."""
-    ports = _free_ports(4)
+    ports = _free_ports(5)
     text = _template().replace("mqtt://127.0.0.1:@BROKER_PORT@", broker_url)
     text = text.replace("@MQTT_PROTOCOL@", protocol)
-    for name, port in zip(("CP1", "CP2", "CP3", "RS485"), ports, strict=True):
+    for name, port in zip(("CP1", "CP2", "CP3", "RS485", "OCPP"), ports, strict=True):
         text = text.replace(f"@PORT_{name}@", str(port))
     path = workdir / "demo-site.yaml"
     path.write_text(text, encoding="utf-8")
@@ -126,6 +126,23 @@ async def _app_start(
                 return
         except aiomqtt.MqttError:
             await asyncio.sleep(min(0.5 * (attempt + 1), 3.0))
+
+
+async def _ocpp_charger(config: Any, speed: float) -> None:
+    """The demo's OCPP charger: a simulated charge point connecting to the gateway's OCPP
+    server, EVs arriving one after another (bob's key fob, then alice's card)."""
+    from gateway.ocpp.sim import SimChargePoint, run_ev_cycles
+
+    dev = next(d for d in config.devices if d.driver == "ocpp")
+    sim = SimChargePoint(
+        f"ws://127.0.0.1:{config.ocpp.port}", dev.charge_point_id, meter_wh=2_450_000
+    )
+    try:
+        await run_ev_cycles(
+            sim, ["FOB-0042", "04A2B3C4"], speed=speed, ev_power_w=7_400, charge_s=600
+        )
+    finally:
+        await sim.close()
 
 
 async def _view(live: LiveState, out: TextIO, redraw: bool, every_s: float, watch: str) -> None:
@@ -206,6 +223,8 @@ async def run_demo(
                     run_gateway(config, live=live, time_scale=speed), name="demo_gateway"
                 )
                 tg.create_task(_app_start(site, host, port, prefix, site_id), name="demo_app_start")
+                if config.ocpp is not None:
+                    tg.create_task(_ocpp_charger(config, speed), name="demo_ocpp_charger")
                 if view:
                     redraw = out.isatty()
                     tg.create_task(

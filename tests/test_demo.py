@@ -25,6 +25,10 @@ async def test_demo_finishes_priced_sessions_and_delivers_them(tmp_path: Path) -
     assert by_charger["cp2"]["user"]["id"] == "bob"
     assert by_charger["cp3"]["user"]["id"] == "carol"
     assert by_charger["cp3"]["user"]["auth"] == "remote"
+    # the OCPP charger (a simulated charge point on the OCPP-J server): bob's key fob
+    assert by_charger["cp4"]["user"]["id"] == "bob"
+    assert by_charger["cp4"]["ocpp"]["charge_point_id"] == "DEMO-CP4"
+    assert by_charger["cp4"]["energy_wh"] == 1233  # 10 x 60 s at 7.4 kW, whole Wh
     for rec in records:
         if "not_billable" not in rec["flags"]:
             assert rec["energy_wh"] > 0
@@ -34,6 +38,7 @@ async def test_demo_finishes_priced_sessions_and_delivers_them(tmp_path: Path) -
     # every finished session was delivered over MQTT (PUBACK from the embedded broker)
     assert backlog.get("session", 0) == 0
     assert "last finished sessions:" in text and "uplink: online" in text
+    assert "cp4" in text
 
 
 def test_demo_and_sessions_command_line(tmp_path: Path, capsys: object) -> None:
