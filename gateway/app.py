@@ -62,6 +62,20 @@ class SiteCommands:
             return await ocpp.remote_stop(charger_id, session_id)  # RemoteStopTransaction
         return await self._gw.sessions.remote_stop(charger_id, session_id)
 
+    async def change_availability(self, charger_id: str, available: bool) -> dict[str, Any]:
+        return await self._ocpp_charger(charger_id).change_availability(charger_id, available)
+
+    async def reset(self, charger_id: str, hard: bool) -> dict[str, Any]:
+        return await self._ocpp_charger(charger_id).reset(charger_id, hard)
+
+    def _ocpp_charger(self, charger_id: str) -> Any:
+        ocpp = self._gw.ocpp
+        if ocpp is None or not ocpp.handles(charger_id):
+            from gateway.errors import CommandError
+
+            raise CommandError("not_supported", f"{charger_id!r} is not an OCPP charger")
+        return ocpp
+
     async def update_tokens(
         self, version: int, mode: str, tokens: Sequence[Token], remove: Sequence[str]
     ) -> dict[str, Any]:

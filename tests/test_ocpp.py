@@ -335,10 +335,28 @@ async def test_remote_start_and_stop_from_the_cloud(
                 "commands/stop", json.dumps({"request_id": "r2", "charger_id": "cp9"})
             )
             (record,) = await finished(gw, 1)
+            await sim.unplug()  # after the remote stop the driver takes the cable
+            commands = [
+                ("availability", {"request_id": "r3", "charger_id": "cp9", "available": False}),
+                ("reset", {"request_id": "r4", "charger_id": "cp9", "type": "hard"}),
+                ("reset", {"request_id": "r5", "charger_id": "nope"}),
+            ]
+            for name, body in commands:
+                await recorder.publish(f"commands/{name}", json.dumps(body))
+            await wait_until(lambda: sim.resets == ["Hard"], 5, "Reset at the charger")
+            await wait_until(
+                lambda: gw.live.devices["cp9"].status == "unavailable", 5, "out of service"
+            )
+            await wait_until(
+                lambda: sum("reply" in m.topic for m in recorder.messages) == 5, 5, "replies"
+            )
         replies = {
             m.json()["request_id"]: m.json() for m in recorder.messages if "reply" in m.topic
         }
     assert replies["r1"]["ok"] is True and replies["r2"]["ok"] is True
+    assert replies["r3"]["result"] == {"charger_id": "cp9", "status": "Accepted"}
+    assert replies["r4"]["ok"] is True and sim.availability == ["Inoperative"]
+    assert replies["r5"]["error"]["code"] == "not_supported"
     assert record["user"]["id"] == "carol" and record["user"]["auth"] == "remote"
     assert record["stop_reason"] == "remote"
     assert record["energy_wh"] == int(sim.meter_wh) - 700

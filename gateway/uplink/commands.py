@@ -161,6 +161,10 @@ class CommandHandler:
             result = await target.update_tokens(
                 data["version"], data["mode"], tokens, list(data.get("remove", []))
             )
+        elif name == "availability":
+            result = await target.change_availability(data["charger_id"], data["available"])
+        elif name == "reset":
+            result = await target.reset(data["charger_id"], data.get("type", "soft") == "hard")
         else:
             result = await target.update_tariffs(data["version"], data["tariffs"])
         return dict(result or {})

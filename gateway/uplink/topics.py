@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 __all__ = ["COMMAND_NAMES", "Topics", "valid_topic_level"]
 
-COMMAND_NAMES = frozenset({"start", "stop", "tokens", "tariffs"})
+COMMAND_NAMES = frozenset({"start", "stop", "tokens", "tariffs", "availability", "reset"})
 
 _FORBIDDEN = ("/", "+", "#", "\x00")
 
