@@ -399,31 +399,44 @@ class OcppServer:
                 json.dumps([cp_id, connector_id, id_tag, meter_start, ts_text]).encode()
             ).hexdigest()[:32]
         )
+        seen = await self._store.kv_get(key)
+        if seen is None:  # authorized outside the lock: a slow cloud answer holds up no one
+            status, grant, expires = await self.authorize(cp_id, connector_id, id_tag)
         async with self._tx_lock:
             seen = await self._store.kv_get(key)
-            if seen is not None:
-                log.info(
-                    "ocpp_start_transaction_repeated",
-                    charge_point_id=cp_id,
-                    transaction_id=seen["transaction_id"],
-                )
-                return int(seen["transaction_id"]), dict(seen["id_tag_info"])
             conn = self.connector(cp_id, connector_id)
-            status, grant, expires = await self.authorize(cp_id, connector_id, id_tag)
-            info: dict[str, Any] = {"status": id_tag_status(status)}
-            if expires is not None:
-                info["expiryDate"] = timestamp(expires)
-            transaction_id = int(await self._store.kv_get("ocpp.next_transaction_id", 1))
-            await self._store.kv_put("ocpp.next_transaction_id", transaction_id + 1)
+            if seen is not None:
+                transaction_id, info = int(seen["transaction_id"]), dict(seen["id_tag_info"])
+                if "session_id" in seen or conn is None:
+                    log.info(
+                        "ocpp_start_transaction_repeated",
+                        charge_point_id=cp_id,
+                        transaction_id=transaction_id,
+                    )
+                    return transaction_id, info
+                # Given out, but the gateway stopped before the session was written (or
+                # after, before this entry was completed): finish what was begun.
+                session_id = self._open_session(cp_id, transaction_id)
+                if session_id is not None:
+                    await self._started(key, cp_id, transaction_id, info, session_id)
+                    return transaction_id, info
+                status, grant, _ = await self.authorize(cp_id, connector_id, id_tag)
+            else:
+                info = {"status": id_tag_status(status)}
+                if expires is not None:
+                    info["expiryDate"] = timestamp(expires)
+                transaction_id = int(await self._store.kv_get("ocpp.next_transaction_id", 1))
+                await self._store.kv_put("ocpp.next_transaction_id", transaction_id + 1)
+                # Written before the session: a replay after a crash gets the same id.
+                await self._store.kv_put(
+                    key, {"transaction_id": transaction_id, "id_tag_info": info}
+                )
             if conn is None:
                 log.error(
                     "ocpp_unknown_connector",
                     charge_point_id=cp_id,
                     connector_id=connector_id,
                     transaction_id=transaction_id,
-                )
-                await self._store.kv_put(
-                    key, {"transaction_id": transaction_id, "id_tag_info": info}
                 )
                 return transaction_id, info
             if grant is None:
@@ -460,14 +473,18 @@ class OcppServer:
                 float(meter_start),
                 attrs,
             )
-            await self._store.kv_put(
-                key,
-                {"transaction_id": transaction_id, "id_tag_info": info, "session_id": session_id},
-            )
-            await self._store.kv_put(
-                f"ocpp.tx/{cp_id}/{transaction_id}", {"session_id": session_id, "open": True}
-            )
+            await self._started(key, cp_id, transaction_id, info, session_id)
         return transaction_id, info
+
+    async def _started(
+        self, key: str, cp_id: str, transaction_id: int, info: dict[str, Any], session_id: str
+    ) -> None:
+        await self._store.kv_put(
+            key, {"transaction_id": transaction_id, "id_tag_info": info, "session_id": session_id}
+        )
+        await self._store.kv_put(
+            f"ocpp.tx/{cp_id}/{transaction_id}", {"session_id": session_id, "open": True}
+        )
 
     async def meter_values(
         self,
