@@ -157,6 +157,7 @@ class DeviceConfig:
     connector: int = 1
     max_current_a: float | None = None  # site wiring limit for this charger
     charge_point_id: str | None = None  # driver ocpp: the identity in ws://HOST:PORT/{id}
+    meter_public_key: str | None = None  # driver ocpp: hex DER key of its OCMF-signing meter
 
 
 @dataclass(frozen=True, slots=True)
@@ -1082,6 +1083,12 @@ _DEVICE = _Obj(
             description="driver ocpp: the charge point identity it connects with "
             "(ws://HOST:PORT/{charge_point_id})",
         ),
+        "meter_public_key": _Str(
+            pattern=r"[0-9A-Fa-f]{40,1000}",
+            hint="the hex of the meter's DER public key",
+            description="driver ocpp: public key of the meter signing its values (OCMF); "
+            "evgw verify checks the signed start and stop values with it",
+        ),
     },
     target=DeviceConfig,
 )
@@ -1553,12 +1560,13 @@ def _check_devices(
             if "tariff" in dev and tariffs_known and dev["tariff"] not in tariffs:
                 ctx.add((*path, "tariff"), _unknown("tariff", dev["tariff"], tariffs, "tariffs"))
             continue
-        if "charge_point_id" in present:
-            ctx.add(
-                (*path, "charge_point_id"),
-                f"charge_point_id is for OCPP chargers (driver: {OCPP_DRIVER})",
-                key=True,
-            )
+        for key_name in ("charge_point_id", "meter_public_key"):
+            if key_name in present:
+                ctx.add(
+                    (*path, key_name),
+                    f"{key_name} is for OCPP chargers (driver: {OCPP_DRIVER})",
+                    key=True,
+                )
         if profiles is not None and "driver" in dev:
             profile = profiles.get(dev["driver"])
             if profile is None:
@@ -1691,6 +1699,13 @@ def _check_ocpp_device(
                 else "an OCPP charger connects to the gateway's ocpp: server by itself"
             )
             ctx.add((*path, key_name), f"{key_name} is for Modbus devices: {why}", key=True)
+    if "meter_public_key" in dev:
+        from gateway.ocpp.ocmf import load_meter_key  # here: it needs cryptography
+
+        try:
+            load_meter_key(dev["meter_public_key"])
+        except ValueError as exc:
+            ctx.add((*path, "meter_public_key"), f"not a meter public key: {exc}")
     cp_id = dev.get("charge_point_id")
     if cp_id is None:
         if "charge_point_id" not in present:

@@ -451,6 +451,7 @@ def test_check_config_reports_ocpp_mistakes_with_lines(tmp_path: Path) -> None:
         "  - {id: cp3, driver: ocpp}\n"
         "  - {id: cp4, driver: ocpp, charge_point_id: CP4}\n"
         "  - {id: cp5, driver: ocpp, charge_point_id: 'bad/id'}\n"
+        f"  - {{id: cp6, driver: ocpp, charge_point_id: CP6, meter_public_key: {'ab' * 30}}}\n"
     )
     code, text = check_config(path)
     assert code == 2
@@ -468,6 +469,10 @@ def test_check_config_reports_ocpp_mistakes_with_lines(tmp_path: Path) -> None:
     assert any(":7:" in line and "devices[2]: needs charge_point_id" in line for line in lines)
     assert any(":8:" in line and "no password for 'CP4'" in line for line in lines)
     assert any(":9:" in line and "devices[4].charge_point_id: must be" in line for line in lines)
+    assert any(
+        ":10:" in line and "devices[5].meter_public_key: not a meter public key: not a DER" in line
+        for line in lines
+    )
     assert PASSWORD not in text
     no_section = tmp_path / "nosection.yaml"
     no_section.write_text(
@@ -536,3 +541,78 @@ async def test_charger_clock_skew_is_measured_and_taken_off(
     assert record["energy_wh"] == int(sim.meter_wh) - 900
     assert record["ocpp"]["clock_skew_s"] == pytest.approx(skew_s, abs=1.0)
     assert record["flags"] == []
+
+
+def _ocmf(private_key: Any, reading_kwh: float, tx: str) -> str:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    payload = json.dumps(
+        {
+            "FV": "1.0",
+            "GI": "SIM-METER",
+            "PG": "T1",
+            "MS": "SIM-0001",
+            "IS": True,
+            "IT": "ISO14443",
+            "ID": ALICE,
+            "RD": [
+                {
+                    "TM": "2026-12-02T10:00:00,000+0000 S",
+                    "TX": tx,
+                    "RV": reading_kwh,
+                    "RI": "1-b:1.8.0",
+                    "RU": "kWh",
+                    "ST": "G",
+                }
+            ],
+        },
+        separators=(",", ":"),
+    )
+    signature = private_key.sign(payload.encode(), ec.ECDSA(hashes.SHA256())).hex()
+    return f'OCMF|{payload}|{{"SA":"ECDSA-secp256r1-SHA256","SD":"{signature}"}}'
+
+
+async def test_signed_meter_values_kept_unchanged_and_verified(
+    tmp_path: Path, shipped_profiles: dict[str, Profile], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from gateway.billing.verify import run_verify
+
+    meter = ec.generate_private_key(ec.SECP256R1())
+    public_hex = (
+        meter.public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .hex()
+    )
+    path, port = write_site(tmp_path, device_extra=f", meter_public_key: {public_hex}")
+    config = load_config(path)
+    docs = []
+    async with Gateway(config, shipped_profiles) as gw, running(gw.run(), "gateway"):
+        await listening(gw)
+        async with SimChargePoint(f"ws://127.0.0.1:{port}", "CP9", meter_wh=1000) as sim:
+            for n in range(2):
+                await sim.plug_in()
+                await sim.start(ALICE)
+                start_doc = _ocmf(meter, sim.meter_wh / 1000, "B")
+                await sim.meter_values(0, signed=start_doc)
+                await sim.charge(600, 11_000)
+                stop_doc = _ocmf(meter, sim.meter_wh / 1000, "E")
+                if n == 1:  # tampered on the way: a reading changed after signing
+                    stop_doc = stop_doc.replace('"RV":', '"RV":1', 1)
+                await sim.stop("EVDisconnected", signed=stop_doc)
+                await sim.unplug()
+                docs.append({"start": start_doc, "stop": stop_doc})
+            records = await finished(gw, 2)
+    by_start = sorted(records, key=lambda r: r["started_at"])
+    assert [r["ocpp"]["signed_meter_values"] for r in by_start] == docs
+    capsys.readouterr()
+    assert await run_verify(config=config) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[:-1] == [
+        f"seq 2 (session {by_start[1]['session_id']}): signed stop meter value: "
+        "signature does not match the meter's key"
+    ]
+    assert out[-1].endswith("; 3 signed meter value(s) valid")
