@@ -616,3 +616,57 @@ async def test_signed_meter_values_kept_unchanged_and_verified(
         "signature does not match the meter's key"
     ]
     assert out[-1].endswith("; 3 signed meter value(s) valid")
+
+
+async def test_meter_values_without_transaction_id_and_from_another_register(
+    tmp_path: Path, shipped_profiles: dict[str, Profile]
+) -> None:
+    """Clock-aligned MeterValues without transactionId feed the connector's transaction; a
+    charger counting meterStart/meterStop from 0 per session while its MeterValues carry the
+    lifetime register is billed meterStop - meterStart, without a false meter reset."""
+    path, port = write_site(tmp_path)
+    config = load_config(path)
+    t0 = time.time() - 1800
+
+    def mv(ts: float, wh: int, tx: int | None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "connectorId": 1,
+            "meterValue": [{"timestamp": timestamp(ts), "sampledValue": [{"value": str(wh)}]}],
+        }
+        if tx is not None:
+            body["transactionId"] = tx
+        return body
+
+    async with Gateway(config, shipped_profiles) as gw, running(gw.run(), "gateway"):
+        await listening(gw)
+        async with connect(f"ws://127.0.0.1:{port}/CP9", subprotocols=["ocpp1.6"]) as ws:
+            n = 0
+
+            async def send(action: str, body: dict[str, Any]) -> Any:
+                nonlocal n
+                n += 1
+                await ws.send(json.dumps([2, f"m{n}", action, body]))
+                reply = json.loads(await ws.recv())
+                assert reply[0] == 3, reply
+                return reply[2]
+
+            start = {"connectorId": 1, "idTag": ALICE, "meterStart": 20_000}
+            tx = (await send("StartTransaction", {**start, "timestamp": timestamp(t0)}))[
+                "transactionId"
+            ]
+            await send("MeterValues", mv(t0 + 600, 21_000, None))  # no transactionId
+            await wait_until(lambda: gw.sessions.open_sessions()[0]["last_wh"] == 21_000, 5, "fed")
+            stop = {"meterStop": 22_500, "timestamp": timestamp(t0 + 1200), "transactionId": tx}
+            await send("StopTransaction", stop)
+            await send("MeterValues", mv(t0 + 1201, 22_500, tx))  # closing values, after stop
+            # Per-session meterStart/meterStop, lifetime register in MeterValues.
+            start = {"connectorId": 1, "idTag": ALICE, "meterStart": 0}
+            tx = (await send("StartTransaction", {**start, "timestamp": timestamp(t0 + 1300)}))[
+                "transactionId"
+            ]
+            await send("MeterValues", mv(t0 + 1400, 8_500_000, tx))
+            stop = {"meterStop": 2_345, "timestamp": timestamp(t0 + 1700), "transactionId": tx}
+            await send("StopTransaction", stop)
+        one, two = sorted(await finished(gw, 2), key=lambda r: r["started_at"])
+    assert one["energy_wh"] == 2_500 and one["flags"] == []
+    assert two["energy_wh"] == 2_345 and two["flags"] == []

@@ -78,6 +78,9 @@ PROFILE_ID_BASE = 1000  # our TxDefaultProfile per connector: id 1000 + connecto
 REMOTE_START_TIMEOUT_S = 120.0  # a remote start waits this long for the StartTransaction
 UNIQUE_IDS_KEPT = 512  # answers remembered per charge point for resent calls
 FUTURE_SLACK_S = 5.0  # a charger's timestamp ahead of ours by more is its clock, not the event
+# No AC session delivers more (22 kW for 9 hours): a MeterValues register further from
+# meterStart than this is another register (lifetime vs per session), not this transaction's.
+MAX_SESSION_WH = 200_000.0
 SKEW_TOLERANCE_S = 2.0  # clock offsets up to this are latency and jitter: not corrected
 
 # The library logs every frame at INFO; frames are ours to log (without secrets, at debug).
@@ -499,29 +502,67 @@ class OcppServer:
             newest = samples[-1]
             conn.values.update(newest.values)
             await self._emit(conn)
-        if transaction_id is None:
-            return
         async with self._tx_lock:
-            session_id = self._open_session(cp_id, transaction_id)
-            if session_id is None:
-                log.warning(
-                    "ocpp_meter_values_unknown_transaction",
-                    charge_point_id=cp_id,
-                    transaction_id=transaction_id,
-                )
+            session_id = None
+            if transaction_id is not None:
+                session_id = self._open_session(cp_id, transaction_id)
+                if session_id is None:
+                    known = await self._store.kv_get(f"ocpp.tx/{cp_id}/{transaction_id}")
+                    if known is not None:  # closing values sent after StopTransaction
+                        log.info(
+                            "ocpp_meter_values_after_stop",
+                            charge_point_id=cp_id,
+                            transaction_id=transaction_id,
+                        )
+                        return
+            if session_id is None and conn is not None:
+                # Clock-aligned values often come without transactionId, and some chargers
+                # send a wrong one (0): they belong to the connector's running transaction.
+                state = self._connector_session(conn.device.id)
+                if state is not None:
+                    session_id = str(state["session_id"])
+                    transaction_id = int((state.get("ocpp") or {})["transaction_id"])
+            if session_id is None or transaction_id is None:
                 return
             await self._feed(cp_id, transaction_id, session_id, samples)
+
+    def _connector_session(self, device_id: str) -> dict[str, Any] | None:
+        return next(
+            (s for s in self._sessions.open_sessions() if s.get("charger_id") == device_id), None
+        )
 
     async def _feed(
         self, cp_id: str, transaction_id: int, session_id: str, samples: Sequence[Any]
     ) -> None:
         now = self._clock.time()
         skew = self.clock_skew_s(cp_id)
+        state = next(
+            (s for s in self._sessions.open_sessions() if s["session_id"] == session_id), {}
+        )
+        start_wh = state.get("meter_start_wh")
+        last_ts = state.get("last_counter_ts")
         for sample in samples:
-            if sample.energy_wh is not None:
-                await self._sessions.transaction_meter(
-                    session_id, min(sample.ts - skew, now), sample.energy_wh, sample.power_w
+            if sample.energy_wh is None:
+                continue
+            ts = min(sample.ts - skew, now)
+            if last_ts is not None and ts <= last_ts:
+                continue  # replayed out of order (or the same instant): nothing new
+            last_ts = ts
+            if start_wh is not None and not 0 <= sample.energy_wh - start_wh <= MAX_SESSION_WH:
+                # Some chargers count meterStart/meterStop per session from 0 and report their
+                # lifetime register in MeterValues (or the other way round): not the register
+                # of this transaction. Its energy comes from meterStop.
+                log.warning(
+                    "ocpp_meter_values_other_register",
+                    charge_point_id=cp_id,
+                    transaction_id=transaction_id,
+                    meter_start_wh=start_wh,
+                    value_wh=sample.energy_wh,
                 )
+                continue
+            await self._sessions.transaction_meter(
+                session_id, ts, sample.energy_wh, sample.power_w
+            )
         docs = signed_documents(samples)
         if docs:
             key = f"ocpp.signed/{cp_id}/{transaction_id}"

@@ -188,10 +188,15 @@ class SimChargePoint:
     async def flush(self) -> None:
         """Send the queued transaction messages, oldest first (meter values newest first with
         ``out_of_order``); stops at the first failure and keeps the rest."""
-        if self.out_of_order:
-            meters = [q for q in self._queue if q.action == "MeterValues"]
-            rest = iter(reversed(meters))
-            self._queue = [next(rest) if q.action == "MeterValues" else q for q in self._queue]
+        if self.out_of_order:  # each transaction's meter values newest first
+            for tx in {q.fields.get("transaction_id") for q in self._queue}:
+                meters = [
+                    q
+                    for q in self._queue
+                    if q.action == "MeterValues" and q.fields.get("transaction_id") == tx
+                ]
+                rest = iter(reversed(meters))
+                self._queue = [next(rest) if q in meters else q for q in self._queue]
         while self._queue and self._client is not None:
             item = self._queue[0]
             payload = self._build(item)
