@@ -6,6 +6,7 @@ the same authorizer, session tracker, tariffs and SQLite buffer to a real mosqui
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -372,10 +373,12 @@ async def test_unknown_charge_point_refused_and_logged(
         await listening(gw)
         with capture_logs() as logs, pytest.raises(InvalidStatus) as refused:
             await SimChargePoint(f"ws://127.0.0.1:{port}", "CP-UNKNOWN").connect()
-        with pytest.raises(websockets.exceptions.InvalidHandshake):  # no ocpp1.6 offered
-            async with connect(f"ws://127.0.0.1:{port}/CP9"):
+        with capture_logs() as logs_2, pytest.raises(InvalidStatus) as no_protocol:
+            async with connect(f"ws://127.0.0.1:{port}/CP9"):  # no ocpp1.6 offered
                 pass
     assert refused.value.response.status_code == 404
+    assert no_protocol.value.response.status_code == 400
+    assert [e["event"] for e in logs_2 if e["log_level"] == "warning"] == ["ocpp_no_subprotocol"]
     events = [e for e in logs if e["event"] == "ocpp_unknown_charge_point"]
     assert events and events[0]["charge_point_id"] == "CP-UNKNOWN"
 
@@ -399,6 +402,30 @@ async def test_basic_auth_refuses_a_wrong_password(
             assert sim.answers[0][1].status == "Accepted"  # BootNotification
     assert sum(e["event"] == "ocpp_auth_failed" for e in logs) == 2
     assert PASSWORD not in repr(logs) and "not-the-password" not in repr(logs)
+
+
+async def test_basic_auth_with_a_binary_authorization_key(
+    tmp_path: Path, shipped_profiles: dict[str, Profile]
+) -> None:
+    key = bytes(range(0xF0, 0x100)) + b"\x00\x01\x02\x03"  # 20 bytes, not UTF-8
+    secrets = tmp_path / "ocpp.passwords"
+    secrets.write_text(f"CP9:hex:{key.hex()}\n")
+    path, port = write_site(tmp_path, profile=1, extra=f", passwords_file: {secrets}")
+    config = load_config(path)
+    url = f"ws://127.0.0.1:{port}/CP9"
+
+    def basic(password: bytes) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(b"CP9:" + password).decode()}
+
+    async with Gateway(config, shipped_profiles) as gw, running(gw.run(), "gateway"):
+        await listening(gw)
+        for good in (key, key.hex().encode()):  # decoded, or the hex as configured
+            async with connect(url, subprotocols=["ocpp1.6"], additional_headers=basic(good)):
+                pass
+        with pytest.raises(InvalidStatus):
+            bad = key[:-1] + b"\x04"
+            async with connect(url, subprotocols=["ocpp1.6"], additional_headers=basic(bad)):
+                pass
 
 
 async def test_tls_with_basic_auth(

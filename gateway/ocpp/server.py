@@ -229,6 +229,16 @@ class OcppServer:
     def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         cp_id = _charge_point_id(request.path)
         peer = _peer(connection)
+        offered = request.headers.get("Sec-WebSocket-Protocol", "")
+        if SUBPROTOCOL not in [p.strip() for p in offered.split(",")]:
+            # OCPP-J 1.6 section 3.1.2: the version is named in Sec-WebSocket-Protocol.
+            log.warning(
+                "ocpp_no_subprotocol",
+                charge_point_id=cp_id[:64],
+                offered=offered[:64] or None,
+                peer=peer,
+            )
+            return connection.respond(HTTPStatus.BAD_REQUEST, "subprotocol ocpp1.6 needed\n")
         if cp_id not in self._charge_points:
             log.warning("ocpp_unknown_charge_point", charge_point_id=cp_id[:64], peer=peer)
             return connection.respond(HTTPStatus.NOT_FOUND, "unknown charge point\n")
@@ -240,15 +250,30 @@ class OcppServer:
         return None
 
     def _password_ok(self, cp_id: str, headers: Headers) -> bool:
+        """HTTP basic auth with the charge point id as user. The 1.6 security whitepaper's
+        AuthorizationKey is 16-20 bytes, possibly not text: a password file entry
+        ``hex:...`` gives those bytes; the hex text itself is accepted too (some chargers
+        send the key as configured instead of decoded)."""
         expected = self.config.passwords.get(cp_id)
         header = headers.get("Authorization", "")
         if expected is None or not header.startswith("Basic "):
             return False
         try:
-            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
+            credentials = base64.b64decode(header[6:].strip(), validate=True)
+        except ValueError:
             return False
-        return user == cp_id and hmac.compare_digest(password.encode(), expected.reveal().encode())
+        user, _, password = credentials.partition(b":")
+        secret = expected.reveal()
+        accepted = [secret.encode()]
+        if secret.startswith("hex:"):
+            try:
+                accepted = [bytes.fromhex(secret[4:]), secret[4:].encode()]
+            except ValueError:
+                return False
+        good = False
+        for candidate in accepted:  # compared with each, in constant time
+            good |= hmac.compare_digest(password, candidate)
+        return user == cp_id.encode() and good
 
     async def _serve_link(self, ws: ServerConnection) -> None:
         cp_id = _charge_point_id(ws.request.path) if ws.request else ""
