@@ -1936,13 +1936,13 @@ def summarize(config: GatewayConfig) -> str:
         up = config.uplink
         auth = f", user {up.username}" if up.username else ""
         lines.append(f"uplink {up.url} as {up.client_id}, topic prefix {up.topic_prefix}{auth}")
-    lines.append(f"{len(config.devices)} device(s) on {len(config.buses)} bus(es):")
     if config.ocpp is not None:
         oc = config.ocpp
         lines.append(
             f"ocpp server ws{'s' if oc.security_profile == 2 else ''}://{oc.listen}, "
             f"security profile {oc.security_profile}"
         )
+    lines.append(f"{len(config.devices)} device(s) on {len(config.buses)} bus(es):")
     for dev in config.devices:
         if dev.driver == OCPP_DRIVER:
             tariff = f", tariff {dev.tariff}" if dev.tariff else ""
