@@ -223,6 +223,11 @@ class Gateway:
                 self.clock,
             )
             ocpp_route.attach(self.ocpp)
+        self.web: Any = None
+        if cfg.web is not None:
+            from gateway.web.server import WebServer
+
+            self.web = await self._stack.enter_async_context(WebServer(self, cfg.web))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -230,6 +235,10 @@ class Gateway:
             await self.sessions.aclose()
         await self._flush_readings()
         await self._stack.aclose()
+
+    def device_kind(self, device_id: str) -> DeviceKind:
+        """Charger or meter (an OCPP charge point has no Modbus profile to ask)."""
+        return self._kinds[device_id]
 
     def _resolve_tariff(self, charger_id: str, user_group: str | None) -> Any:
         dev = self.config.device(charger_id)
@@ -274,6 +283,8 @@ class Gateway:
             tg.create_task(self._housekeeping(), name="housekeeping")
             if self.uplink is not None:
                 tg.create_task(self.uplink.run(), name="uplink")
+            if self.web is not None:
+                tg.create_task(self.web.run(), name="web")
 
     async def _consume_samples(self) -> None:
         while True:

@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--no-view", action="store_true", help="log instead of drawing the live view")
 
+    sp = sub.add_parser("web-user", help="manage the status page's users file")
+    wsub = sp.add_subparsers(dest="web_user_command", required=True, parser_class=_Parser)
+    wp = wsub.add_parser(
+        "add", help="add a user or change a password (read from a prompt or stdin, never argv)"
+    )
+    wp.add_argument("file", type=Path, help="users file (web.users_file); created when missing")
+    wp.add_argument("name", help="user name")
+
     sp = sub.add_parser("drivers", help="list device profiles, or show one")
     sp.add_argument("slug", nargs="?")
     sp.add_argument("--drivers-path", type=Path, help="also load site profiles from this directory")
@@ -270,6 +278,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_web_user(args: argparse.Namespace) -> int:
+    from gateway.web.users import add_user
+
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise UsageError("the passwords differ: nothing changed")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    new = add_user(args.file, args.name, password)
+    print(f"{'added' if new else 'changed the password of'} {args.name} in {args.file}")
+    return 0
+
+
 def _cmd_drivers(args: argparse.Namespace) -> int:
     import json
 
@@ -382,6 +406,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check-config": _cmd_check_config,
     "simulate": _cmd_simulate,
     "demo": _cmd_demo,
+    "web-user": _cmd_web_user,
     "drivers": _cmd_drivers,
     "scan": _cmd_scan,
     "read": _cmd_read,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from typing import Any
 from gateway.errors import ConfigError, ConfigProblem, TariffError
 from gateway.model import AuthStatus, DeviceKind, Token, TokenType
 from gateway.profiles import Profile, load_profiles
+from gateway.tags import normalise_tag
 from gateway.yamlpos import PathT, YamlDoc, load_yaml
 
 __all__ = [
@@ -38,12 +40,15 @@ __all__ = [
     "StorageConfig",
     "TlsConfig",
     "UplinkConfig",
+    "WebConfig",
     "check_config",
     "config_json_schema",
     "format_duration",
+    "is_loopback",
     "load_config",
     "parse_duration",
     "serial_answer_timeout_s",
+    "split_listen",
     "summarize",
 ]
 
@@ -205,11 +210,31 @@ class OcppConfig:
 
     @property
     def host(self) -> str:
-        return self.listen.rsplit(":", 1)[0].strip("[]")
+        return split_listen(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return int(self.listen.rsplit(":", 1)[1])
+        return split_listen(self.listen)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    """The status page, API and metrics (gateway.web): off unless ``web:`` is set."""
+
+    listen: str = "127.0.0.1:8080"  # HOST:PORT ([v6addr]:PORT)
+    users_file: str | None = None  # name:scrypt-hash lines; required beyond localhost
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+    @property
+    def local_only(self) -> bool:
+        return is_loopback(self.host)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +250,7 @@ class GatewayConfig:
     billing: BillingConfig = field(default_factory=BillingConfig)
     grid: GridConfig | None = None
     ocpp: OcppConfig | None = None
+    web: WebConfig | None = None
     drivers_path: str | None = None
     log_level: str = "info"
     source: str = ""  # file the config was loaded from
@@ -870,6 +896,36 @@ def _check_topic_prefix(prefix: str) -> str | None:
     return None
 
 
+def split_listen(listen: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` or ``"[V6ADDR]:PORT"`` -> (host, port); ValueError when malformed."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]{1,5})|([A-Za-z0-9._-]*):([0-9]{1,5})", listen)
+    if m is None:
+        raise ValueError(f"expected HOST:PORT (IPv6 as [ADDR]:PORT), got {listen!r}")
+    host = m[1] if m[1] is not None else m[3]
+    port = int(m[2] if m[2] is not None else m[4])
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1 to 65535, got {port}")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach ``host``: localhost, 127.0.0.0/8 or ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_listen(listen: str) -> str | None:
+    try:
+        split_listen(listen)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _check_host(host: str) -> str | None:
     if not re.fullmatch(r"[A-Za-z0-9._:-]+", host) or "://" in host:
         return f"expected a host name or IP address, got {host!r}"
@@ -1093,13 +1149,6 @@ _DEVICE = _Obj(
     target=DeviceConfig,
 )
 
-def _check_listen(value: str) -> str | None:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        return f"expected HOST:PORT like 0.0.0.0:9000, got {value!r}"
-    return _check_host(host.strip("[]"))
-
-
 _OCPP = _Obj(
     {
         "listen": _Str(
@@ -1217,6 +1266,26 @@ _GRID = _Obj(
     default=None,
 )
 
+_WEB = _Obj(
+    {
+        "listen": _Str(
+            default="127.0.0.1:8080",
+            check=_check_listen,
+            description="HOST:PORT of the status page, API and /metrics; beyond localhost "
+            "only with users_file",
+        ),
+        "users_file": _Path(
+            must_be="file",
+            default=None,
+            description="NAME:scrypt-hash lines (evgw web-user add FILE NAME); "
+            "with it every request needs HTTP basic auth",
+        ),
+    },
+    target=WebConfig,
+    default=None,
+    description="live status page, JSON API, server-sent events and Prometheus metrics",
+)
+
 CONFIG_SCHEMA = _Obj(
     {
         "site": _Obj(
@@ -1274,6 +1343,7 @@ CONFIG_SCHEMA = _Obj(
         "billing": _BILLING,
         "grid": _GRID,
         "ocpp": _OCPP,
+        "web": _WEB,
         "drivers_path": _Path(
             must_be="dir",
             default=None,
@@ -1339,12 +1409,14 @@ def _ids(
         ident = item.get("id")
         if not isinstance(ident, str):
             continue
-        key = ident.casefold() if fold else ident
+        # Token ids compare in the normal form tags read from chargers have (gateway.tags).
+        key = (normalise_tag(ident) or ident) if fold else ident
         if key in seen:
             first = (*section, seen[key], "id")
             note = ""
             if fold and _get(ctx, first) != ident:
-                note = "; token ids are compared ignoring case"
+                note = ("; token ids are compared in one normal form (case, hex separators, "
+                        "NUL and spaces ignored)")
             ctx.add(
                 (*section, i, "id"),
                 f"duplicate {kind} id '{ident}' "
@@ -1879,6 +1951,39 @@ def _cross_check(ctx: _Ctx, raw: dict[str, Any]) -> None:
     _check_devices(ctx, raw, buses, profiles)
     _check_tariffs(ctx, raw)
     _check_tokens(ctx, raw)
+    _check_web(ctx, raw)
+
+
+def _check_web(ctx: _Ctx, raw: dict[str, Any]) -> None:
+    web = raw.get("web")
+    if not isinstance(web, dict):
+        return
+    if "users_file" in web:
+        from gateway.web.users import UsersFileError, load_users
+
+        try:
+            users = load_users(web["users_file"])
+        except UsersFileError as exc:
+            ctx.add(("web", "users_file"), str(exc))
+            return
+        if not users:
+            ctx.add(
+                ("web", "users_file"),
+                f"no users in {web['users_file']}: add one with evgw web-user add FILE NAME",
+            )
+        return
+    listen = web.get("listen")
+    if listen is None and "listen" in _present(ctx, ("web",)):
+        return  # invalid, already reported
+    host, _ = split_listen(listen or "127.0.0.1:8080")
+    if not is_loopback(host):
+        where: PathT = ("web", "listen") if listen is not None else ("web",)
+        shown = host or "every address"
+        ctx.add(
+            where,
+            f"listening on {shown} (beyond localhost) needs authentication: set "
+            "web.users_file (evgw web-user add FILE NAME creates it)",
+        )
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -1965,6 +2070,13 @@ def summarize(config: GatewayConfig) -> str:
         if ep.baudrate:
             line += f", serial line {ep.baudrate} baud"
         lines.append(line)
+    if config.web is not None:
+        access = (
+            f"basic auth, users in {config.web.users_file}"
+            if config.web.users_file
+            else "no login: localhost only"
+        )
+        lines.append(f"web: status page, API and /metrics on {config.web.listen} ({access})")
     lines.append(
         f"{len(config.auth.tokens)} token(s), offline policy {config.auth.offline_policy}; "
         f"tariffs: {', '.join(sorted(config.tariffs)) or 'none'}"

@@ -228,12 +228,17 @@ BROKEN: list[tuple[str, str, list[str]]] = [
         "  - {id: m1, driver: eastron-sdm630, bus: rs485-1, unit: 2}\n"
         "auth:\n  tokens:\n"
         '    - {id: "04A2B3C4", type: rfid, user: alice}\n'
-        '    - {id: "04a2b3c4", type: rfid, user: bob}\n',
+        '    - {id: "04a2b3c4", type: rfid, user: bob}\n'
+        '    - {id: "04:A2:B3:C4", type: rfid, user: carol}\n',
         [
             "5:10: buses[1].id: duplicate bus id 'rs485-1' (first defined at line 4)",
             "8:10: devices[1].id: duplicate device id 'm1' (first defined at line 7)",
             "12:12: auth.tokens[1].id: duplicate token id '04a2b3c4' (first defined at line 11; "
-            "token ids are compared ignoring case)",
+            "token ids are compared in one normal form (case, hex separators, NUL and spaces "
+            "ignored))",
+            "13:12: auth.tokens[2].id: duplicate token id '04:A2:B3:C4' (first defined at line "
+            "11; token ids are compared in one normal form (case, hex separators, NUL and "
+            "spaces ignored))",
         ],
     ),
     (

@@ -429,14 +429,17 @@ async def run_ev_cycles(
 ) -> None:
     """EVs arriving one after another (``evgw demo``): plug in, tag, charge, leave. Times are
     simulated seconds, run ``speed`` times faster; reconnects when the link drops."""
-    cycle = 0
+    cycle = failures = 0
     while True:
         if not sim.online:
             try:
                 await sim.connect()
+                failures = 0
             except (OSError, ConnectionClosed, TimeoutError) as exc:
-                log.warning("sim_ocpp_connect_failed", cp_id=sim.cp_id, error=str(exc))
-                await asyncio.sleep(2.0)
+                failures += 1  # the gateway may still be starting: quiet at first
+                level = log.warning if failures in (10, 100) else log.debug
+                level("sim_ocpp_connect_failed", cp_id=sim.cp_id, error=str(exc), tries=failures)
+                await asyncio.sleep(0.5)
                 continue
         tag = id_tags[cycle % len(id_tags)]
         cycle += 1

@@ -81,6 +81,11 @@ class RegisterImage:
     def __init__(self, on_write: WriteHook | None = None) -> None:
         self._tables: dict[Table, dict[int, int]] = {t: {} for t in Table}
         self.on_write: WriteHook | None = on_write
+        # Device quirks the simulated models switch on (gateway.sim.quirks):
+        # addresses the device does not define: a read that touches one answers exception 2
+        self.undefined: dict[Table, frozenset[int]] = {}
+        # the unit does not answer at all (Heidelberg in standby, a power cut)
+        self.silent = False
         self.reads = 0  # requests served for this unit (reads only), for tests and stats
         self.writes = 0
 
@@ -193,6 +198,9 @@ def handle_pdu(image: RegisterImage, pdu: bytes) -> bytes:
             if not 1 <= count <= limit:
                 return _exception(fc, _EXC_ILLEGAL_VALUE)
             if address + count > 0x10000:
+                return _exception(fc, _EXC_ILLEGAL_ADDRESS)
+            holes = image.undefined.get(table)
+            if holes and any(a in holes for a in range(address, address + count)):
                 return _exception(fc, _EXC_ILLEGAL_ADDRESS)
             values = image.get(table, address, count)
             image.reads += 1
@@ -488,7 +496,7 @@ class SimServer:
             return _Reply.SILENT, b"", 0.0
         fault = self._faults.get(unit, NO_FAULT)
         kind = fault.kind
-        if kind is FaultKind.NO_ANSWER:
+        if kind is FaultKind.NO_ANSWER or image.silent:
             return _Reply.SILENT, b"", 0.0
         if kind is FaultKind.DROP:
             return _Reply.DROP, b"", fault.delay_s

@@ -65,6 +65,7 @@ class UplinkStats:
     abandoned: int = 0  # publishes in flight when a connection dropped
     commands: int = 0
     protocol: str = "5"
+    last_puback_monotonic: float | None = None  # clock.monotonic() of the latest PUBACK
 
 
 class _Window:
@@ -482,6 +483,8 @@ class MqttUplink:
         finally:
             await window.release(len(payload))
         self.stats.published[stream] = self.stats.published.get(stream, 0) + 1
+        if qos > 0:
+            self.stats.last_puback_monotonic = self._clock.monotonic()
         if done is not None:
             done()
 
