@@ -278,6 +278,8 @@ class Gateway:
             tg.create_task(self.poller.run(), name="poller")
             if self.load is not None:
                 tg.create_task(self.load.run(), name="load")
+            if self.ocpp is not None:
+                tg.create_task(self.ocpp.run(), name="ocpp")
             tg.create_task(self._consume_samples(), name="samples")
             tg.create_task(self._readings_writer(), name="readings-writer")
             tg.create_task(self._housekeeping(), name="housekeeping")

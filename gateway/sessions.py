@@ -865,8 +865,11 @@ class SessionTracker:
         meter_stop_wh: float,
         reason: StopReason,
         ocpp: Mapping[str, Any] | None = None,
+        *,
+        estimated: bool = False,
     ) -> list[Effect]:
-        """The charger's end of a transaction (StopTransaction, possibly replayed later)."""
+        """The charger's end of a transaction (StopTransaction, possibly replayed later), or
+        ``estimated``: the charger shows no EV and never sent its end."""
         effects: list[Effect] = []
         charger_id = self.find_session(session_id)
         if charger_id is None:
@@ -879,7 +882,7 @@ class SessionTracker:
         ts = max(ts, session.started_at)
         session.feed(meter_stop_wh, ts, TRANSACTION_INTERVAL_S, conn.spec.max_power_w)
         self._account(conn, session, ts, charging=False, plugged=True)
-        self._end(conn, reason, ts, effects)
+        self._end(conn, reason, ts, effects, estimated=estimated)
         conn.plugged = bool(conn.status is not None and conn.status.plugged)
         self._status(conn, ts, effects)
         return effects
@@ -1423,6 +1426,8 @@ class SessionManager:
         meter_stop_wh: float,
         reason: StopReason,
         ocpp: Mapping[str, Any] | None = None,
+        *,
+        estimated: bool = False,
     ) -> bool:
         """Close a reported transaction's session (finished, priced, sealed and queued before
         this returns); False when no such session is open."""
@@ -1430,7 +1435,9 @@ class SessionManager:
             if self.tracker.find_session(session_id) is None:
                 return False
             await self._perform(
-                self.tracker.end_transaction(session_id, ts, meter_stop_wh, reason, ocpp)
+                self.tracker.end_transaction(
+                    session_id, ts, meter_stop_wh, reason, ocpp, estimated=estimated
+                )
             )
             return True
 

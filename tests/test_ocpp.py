@@ -697,3 +697,54 @@ async def test_meter_values_without_transaction_id_and_from_another_register(
         one, two = sorted(await finished(gw, 2), key=lambda r: r["started_at"])
     assert one["energy_wh"] == 2_500 and one["flags"] == []
     assert two["energy_wh"] == 2_345 and two["flags"] == []
+
+
+async def test_transaction_whose_stop_never_comes_is_closed_as_estimated(
+    tmp_path: Path, shipped_profiles: dict[str, Profile]
+) -> None:
+    """A charger that lost its queue (power cut) comes back Available and never sends the
+    StopTransaction: the session is closed at its last activity, flagged end_estimated; a stop
+    arriving after that is logged, and the sealed record stays as it is."""
+    path, port = write_site(tmp_path)
+    config = load_config(path)
+    async with Gateway(config, shipped_profiles) as gw, running(gw.run(), "gateway"):
+        await listening(gw)
+        assert gw.ocpp is not None
+        gw.ocpp.abandon_after_s = 1.0
+        sim = SimChargePoint(f"ws://127.0.0.1:{port}", "CP9", meter_wh=4_000)
+        async with sim:
+            await sim.plug_in()
+            await sim.start(ALICE)
+            await sim.charge(600, 11_000)
+            tx = sim.transaction_id
+            await sim.disconnect()
+            lost = sim._queue  # the power cut takes the charger's queue with it
+            sim._queue = []
+            sim.transaction_id = None
+            sim.status = "Available"
+            await sim.connect()
+            await asyncio.sleep(0.3)
+            await gw.ocpp.close_abandoned()
+            assert gw.sessions.open_sessions()  # not before abandon_after_s
+            await asyncio.sleep(1.0)
+            await gw.ocpp.close_abandoned()
+            (record,) = await finished(gw, 1)
+            assert lost == []  # nothing was queued: the charger was online until the cut
+            with capture_logs() as logs:
+                stop = call_stop(tx, int(sim.meter_wh))
+                await sim._call(stop)
+    assert record["flags"] == ["end_estimated"]
+    assert record["stop_reason"] == "unknown"
+    assert record["energy_wh"] == 1833  # up to the last reading the gateway got
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+        "ocpp_stop_after_estimated_end"
+    ]
+
+
+def call_stop(transaction_id: int | None, meter_stop: int) -> Any:
+    from ocpp.v16 import call
+
+    assert transaction_id is not None
+    return call.StopTransaction(
+        meter_stop=meter_stop, timestamp=timestamp(time.time()), transaction_id=transaction_id
+    )

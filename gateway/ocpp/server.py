@@ -82,6 +82,7 @@ FUTURE_SLACK_S = 5.0  # a charger's timestamp ahead of ours by more is its clock
 # meterStart than this is another register (lifetime vs per session), not this transaction's.
 MAX_SESSION_WH = 200_000.0
 SKEW_TOLERANCE_S = 2.0  # clock offsets up to this are latency and jitter: not corrected
+ABANDON_AFTER_S = 900.0  # Available this long while connected, no StopTransaction: estimated end
 
 # The library logs every frame at INFO; frames are ours to log (without secrets, at debug).
 _wire_logger = logging.getLogger("gateway.ocpp.wire")
@@ -110,6 +111,8 @@ class TransactionSink(Protocol):
         meter_stop_wh: float,
         reason: StopReason,
         ocpp: Mapping[str, Any] | None = None,
+        *,
+        estimated: bool = False,
     ) -> bool: ...
 
     def open_sessions(self) -> list[dict[str, Any]]: ...
@@ -165,6 +168,8 @@ class OcppServer:
         self._charge_points = {cp for cp, _ in self._connectors}
         self._links: dict[str, _Link] = {}
         self._skew: dict[str, float] = {}  # charge point -> its clock minus ours, seconds
+        self._idle_since: dict[str, float] = {}  # device -> monotonic time it showed no EV
+        self.abandon_after_s = ABANDON_AFTER_S
         self._answers: dict[str, OrderedDict[str, str]] = {}
         self._tx_lock = asyncio.Lock()
         self._server: Server | None = None
@@ -203,8 +208,48 @@ class OcppServer:
             self._server = None
 
     async def run(self) -> None:
-        """Serve until cancelled (the server itself runs from ``__aenter__``)."""
-        await asyncio.Event().wait()
+        """Close abandoned transactions until cancelled (the server itself runs from
+        ``__aenter__``)."""
+        while True:
+            await asyncio.sleep(min(60.0, self.abandon_after_s / 4))
+            await self.close_abandoned()
+
+    async def close_abandoned(self) -> None:
+        """A connector that has shown no EV (Available) for ``abandon_after_s`` while its
+        charger was connected, yet never sent the StopTransaction of its open transaction (a
+        charger that lost its queue, e.g. in a power cut): its session is closed at its last
+        activity with the last reading, flagged ``end_estimated``. Chargers send their queued
+        messages right after connecting, so this waits long enough to never race them."""
+        now = self._clock.monotonic()
+        for device_id, since in list(self._idle_since.items()):
+            conn = self._by_device[device_id]
+            if now - since < self.abandon_after_s or conn.device.charge_point_id not in self._links:
+                continue
+            del self._idle_since[device_id]
+            async with self._tx_lock:
+                state = self._connector_session(device_id)
+                if state is None:
+                    continue
+                ocpp = dict(state.get("ocpp") or {})
+                cp_id, transaction_id = str(ocpp.get("charge_point_id")), ocpp.get("transaction_id")
+                log.warning(
+                    "ocpp_transaction_abandoned",
+                    charge_point_id=cp_id,
+                    transaction_id=transaction_id,
+                    session_id=state["session_id"],
+                )
+                last_wh = state.get("last_wh")
+                await self._sessions.end_transaction(
+                    str(state["session_id"]),
+                    float(state.get("last_activity_ts") or state["started_at"]),
+                    float(last_wh if last_wh is not None else state.get("meter_start_wh") or 0),
+                    StopReason.UNKNOWN,
+                    estimated=True,
+                )
+                await self._store.kv_put(
+                    f"ocpp.tx/{cp_id}/{transaction_id}",
+                    {"session_id": state["session_id"], "open": False, "estimated": True},
+                )
 
     @property
     def listening(self) -> bool:
@@ -585,9 +630,7 @@ class OcppServer:
                     value_wh=sample.energy_wh,
                 )
                 continue
-            await self._sessions.transaction_meter(
-                session_id, ts, sample.energy_wh, sample.power_w
-            )
+            await self._sessions.transaction_meter(session_id, ts, sample.energy_wh, sample.power_w)
         docs = signed_documents(samples)
         if docs:
             key = f"ocpp.signed/{cp_id}/{transaction_id}"
@@ -612,7 +655,15 @@ class OcppServer:
             session_id = self._open_session(cp_id, transaction_id)
             if session_id is None:
                 known = await self._store.kv_get(f"ocpp.tx/{cp_id}/{transaction_id}")
-                if known is not None and not known.get("open", True):
+                if known is not None and known.get("estimated"):
+                    log.error(  # the record is sealed: an operator must know the difference
+                        "ocpp_stop_after_estimated_end",
+                        charge_point_id=cp_id,
+                        transaction_id=transaction_id,
+                        session_id=known.get("session_id"),
+                        meter_stop_wh=meter_stop,
+                    )
+                elif known is not None and not known.get("open", True):
                     log.info(
                         "ocpp_stop_transaction_repeated",
                         charge_point_id=cp_id,
@@ -663,6 +714,10 @@ class OcppServer:
             return
         conn.status = mapped
         conn.error_code = None if error_code == "NoError" else error_code
+        if mapped is ChargerStatus.AVAILABLE:
+            self._idle_since.setdefault(conn.device.id, self._clock.monotonic())
+        else:
+            self._idle_since.pop(conn.device.id, None)
         if not mapped.plugged:
             conn.values.pop("power_w", None)
             for phase in ("l1", "l2", "l3"):
