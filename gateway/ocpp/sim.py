@@ -35,7 +35,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.ocpp.mapping import timestamp
 
-__all__ = ["SimChargePoint", "run_ev_cycles"]
+__all__ = ["SimChargePoint", "run_ev_cycles", "simulate_charge_points"]
 
 log = structlog.get_logger(__name__)
 _wire_logger = logging.getLogger("gateway.ocpp.sim.wire")  # every frame, at INFO: quiet
@@ -456,3 +456,51 @@ async def run_ev_cycles(
             elapsed += step_s
         await sim.unplug()
         await asyncio.sleep(pause_s / speed)
+
+
+async def simulate_charge_points(config: Any, speed: float, out: Any) -> None:
+    """``evgw simulate``: one simulated charge point per OCPP charger of the site config,
+    connecting to its ``ocpp.listen`` address (0.0.0.0 as 127.0.0.1), with the configured
+    password, EVs arriving with the site's first tokens. TLS (security profile 2) is not
+    simulated: the simulator would need the gateway's CA."""
+    from gateway.config import OCPP_DRIVER
+
+    ocpp = config.ocpp
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(ocpp.host, ocpp.host)
+    if ocpp.security_profile == 2:
+        print("OCPP chargers not simulated: security_profile 2 (TLS)", file=out, flush=True)
+        return
+    tags = [t.id for t in config.auth.tokens if t.status.value == "accepted"][:3] or ["SIM-TAG"]
+    host_part = f"[{host}]" if ":" in host else host
+    sims = []
+    for dev in config.devices:
+        if dev.driver != OCPP_DRIVER:
+            continue
+        password = ocpp.passwords.get(dev.charge_point_id)
+        sim = SimChargePoint(
+            f"ws://{host_part}:{ocpp.port}",
+            dev.charge_point_id,
+            password=None if password is None else _wire_password(password.reveal()),
+            connector=dev.connector,
+            meter_wh=1_000_000.0,
+        )
+        sims.append(sim)
+        print(
+            f"  {dev.id}: OCPP charge point {dev.charge_point_id} connecting to "
+            f"ws://{host_part}:{ocpp.port}/{dev.charge_point_id}",
+            file=out,
+            flush=True,
+        )
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for sim in sims:
+                tg.create_task(run_ev_cycles(sim, tags, speed=speed), name=f"sim-{sim.cp_id}")
+    finally:
+        for sim in sims:
+            await sim.close()
+
+
+def _wire_password(secret: str) -> str:
+    """The password a charger sends for a passwords file entry (``hex:`` keys: the hex text,
+    which the gateway accepts too; the simulator's client takes text)."""
+    return secret[4:] if secret.startswith("hex:") else secret
