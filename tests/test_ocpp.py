@@ -404,6 +404,30 @@ async def test_basic_auth_refuses_a_wrong_password(
     assert PASSWORD not in repr(logs) and "not-the-password" not in repr(logs)
 
 
+async def test_passwords_stay_out_of_debug_logs(
+    tmp_path: Path, shipped_profiles: dict[str, Profile], caplog: pytest.LogCaptureFixture
+) -> None:
+    """websockets logs handshake headers at DEBUG: the Authorization header must not get there
+    even when the gateway runs at log_level debug."""
+    import logging
+
+    secrets = tmp_path / "ocpp.passwords"
+    secrets.write_text(f"CP9:{PASSWORD}\n")
+    path, port = write_site(tmp_path, profile=1, extra=f", passwords_file: {secrets}")
+    config = load_config(path)
+    encoded = base64.b64encode(f"CP9:{PASSWORD}".encode()).decode()
+    with caplog.at_level(logging.DEBUG):
+        async with Gateway(config, shipped_profiles) as gw, running(gw.run(), "gateway"):
+            await listening(gw)
+            url = f"ws://127.0.0.1:{port}"
+            async with SimChargePoint(url, "CP9", password=PASSWORD) as sim:
+                await sim.plug_in()
+    text = caplog.text
+    assert "Authorization" not in text
+    assert encoded not in text and PASSWORD not in text
+    assert "ocpp_connected" in text
+
+
 async def test_basic_auth_with_a_binary_authorization_key(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:

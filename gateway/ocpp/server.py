@@ -86,6 +86,10 @@ ABANDON_AFTER_S = 900.0  # Available this long while connected, no StopTransacti
 
 # The library logs every frame at INFO; frames are ours to log (without secrets, at debug).
 _wire_logger = logging.getLogger("gateway.ocpp.wire")
+# websockets logs every handshake header at DEBUG, the charger's Authorization (its password)
+# among them: never below INFO, whatever the gateway's log level.
+_ws_logger = logging.getLogger("gateway.ocpp.websockets")
+_ws_logger.setLevel(logging.INFO)
 
 
 class TransactionSink(Protocol):
@@ -192,6 +196,7 @@ class OcppServer:
             ssl=ssl_ctx,
             ping_interval=60,
             ping_timeout=60,
+            logger=_ws_logger,
         )
         log.info(
             "ocpp_listening",
@@ -531,6 +536,7 @@ class OcppServer:
                     tag=id_tag,
                 )
             conn.remote = None
+            self._idle_since.pop(conn.device.id, None)  # a transaction: the EV is there
             attrs: dict[str, Any] = {
                 "charge_point_id": cp_id,
                 "connector_id": connector_id,

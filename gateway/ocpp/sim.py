@@ -40,6 +40,8 @@ __all__ = ["SimChargePoint", "run_ev_cycles", "simulate_charge_points"]
 log = structlog.get_logger(__name__)
 _wire_logger = logging.getLogger("gateway.ocpp.sim.wire")  # every frame, at INFO: quiet
 _wire_logger.setLevel(logging.WARNING)
+_ws_logger = logging.getLogger("gateway.ocpp.sim.websockets")  # its headers carry the password
+_ws_logger.setLevel(logging.INFO)
 
 VOLTAGE_V = 230.0
 
@@ -103,6 +105,7 @@ class SimChargePoint:
             additional_headers=headers,
             ssl=self.ssl_context,
             open_timeout=10,
+            logger=_ws_logger,
         )
         self._ws = ws
         client = _Client(self.cp_id, ws, self)
