@@ -792,3 +792,26 @@ async def test_evgw_simulate_drives_the_sites_ocpp_chargers(
             (record,) = await finished(gw, 1, timeout_s=15)
     assert f"cp9: OCPP charge point CP9 connecting to ws://127.0.0.1:{port}/CP9" in out.getvalue()
     assert record["user"]["id"] == "alice" and record["energy_wh"] == 1833
+
+
+async def test_a_reconnect_replaces_a_half_open_connection(
+    tmp_path: Path, shipped_profiles: dict[str, Profile]
+) -> None:
+    """A charger whose old socket is still open on our side (its network dropped without a
+    close) reconnects: the new connection wins, the old one is closed, the charger stays online."""
+    path, port = write_site(tmp_path)
+    config = load_config(path)
+    async with Gateway(config, shipped_profiles) as gw, running(gw.run(), "gateway"):
+        await listening(gw)
+        first = SimChargePoint(f"ws://127.0.0.1:{port}", "CP9")
+        second = SimChargePoint(f"ws://127.0.0.1:{port}", "CP9")
+        await first.connect()
+        with capture_logs() as logs:
+            await second.connect()
+            await second.plug_in()
+        await wait_until(lambda: not first.online, 5, "the old connection closed")
+        await wait_until(lambda: gw.live.devices["cp9"].status == "preparing", 5, "status")
+        assert gw.ocpp is not None and gw.ocpp.connected("cp9")
+        await first.close()
+        await second.close()
+    assert "ocpp_replaced_connection" in [e["event"] for e in logs]
