@@ -1620,7 +1620,7 @@ def _check_devices(
     kinds: dict[str, str] = {}  # device id -> "charger" | "meter"
     addresses: dict[tuple[Any, ...], str] = {}
     used_endpoints: set[tuple[Any, Any]] = set()
-    charge_points: dict[str, int] = {}
+    charge_points: dict[tuple[str, int], int] = {}
     for i, dev in items:
         path: PathT = ("devices", i)
         present = _present(ctx, path)
@@ -1759,7 +1759,7 @@ def _check_ocpp_device(
     path: PathT,
     dev: dict[str, Any],
     present: set[str],
-    charge_points: dict[str, int],
+    charge_points: dict[tuple[str, int], int],
 ) -> None:
     """An OCPP charge point: reached by its own websocket, so no Modbus address."""
     for key_name in ("host", "port", "bus", "unit", "poll_interval", "timeout", "meter"):
@@ -1782,14 +1782,15 @@ def _check_ocpp_device(
     if cp_id is None:
         if "charge_point_id" not in present:
             ctx.add(path, "needs charge_point_id: the identity the charger connects with")
-    elif cp_id in charge_points:
+    elif (cp_id, dev.get("connector", 1)) in charge_points:
+        other = _get(ctx, ("devices", charge_points[(cp_id, dev.get("connector", 1))], "id"))
         ctx.add(
             (*path, "charge_point_id"),
-            f"charge point '{cp_id}' is already device "
-            f"'{_get(ctx, ('devices', charge_points[cp_id], 'id'))}'",
+            f"connector {dev.get('connector', 1)} of charge point '{cp_id}' is already device "
+            f"'{other}' (a second connector needs connector: 2)",
         )
     else:
-        charge_points[cp_id] = path[1] if isinstance(path[1], int) else 0
+        charge_points[(cp_id, dev.get("connector", 1))] = path[1] if isinstance(path[1], int) else 0
     if "ocpp" not in _present(ctx, ()):
         ctx.add(
             (*path, "driver"),

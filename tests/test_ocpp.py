@@ -511,7 +511,8 @@ def test_check_config_reports_ocpp_mistakes_with_lines(tmp_path: Path) -> None:
         ":3:" in line and "line 2: expected CHARGE_POINT_ID:PASSWORD" in line for line in lines
     )
     assert any(
-        ":6:" in line and "devices[1].charge_point_id: charge point 'CP9' is already" in line
+        ":6:" in line
+        and "devices[1].charge_point_id: connector 1 of charge point 'CP9' is already" in line
         for line in lines
     )
     assert any(
@@ -815,3 +816,41 @@ async def test_a_reconnect_replaces_a_half_open_connection(
         await first.close()
         await second.close()
     assert "ocpp_replaced_connection" in [e["event"] for e in logs]
+
+
+async def test_two_connectors_of_one_charge_point_are_two_devices(
+    tmp_path: Path, shipped_profiles: dict[str, Profile]
+) -> None:
+    path, port = write_site(tmp_path)
+    text = path.read_text().replace(
+        "  - {id: cp9, driver: ocpp, charge_point_id: CP9, tariff: standard}",
+        "  - {id: cp9, driver: ocpp, charge_point_id: CP9, tariff: standard}\n"
+        "  - {id: cp9b, driver: ocpp, charge_point_id: CP9, connector: 2, tariff: standard}",
+    )
+    path.write_text(text)
+    config = load_config(path)
+    async with Gateway(config, shipped_profiles) as gw, running(gw.run(), "gateway"):
+        await listening(gw)
+        url = f"ws://127.0.0.1:{port}"
+        one = SimChargePoint(url, "CP9", meter_wh=1000)
+        two = SimChargePoint(url, "CP9", meter_wh=5000, connector=2)
+        async with one:
+            await one.plug_in()
+            await one.start(ALICE)
+            await one.charge(600, 11_000)
+            # the second connector's messages come over the same connection in real life;
+            # here its simulator reconnects as CP9 and replaces the first connection
+            await one.disconnect()
+            async with two:
+                await two.plug_in()
+                # blocked, but the charger starts anyway (its own list): recorded, unidentified
+                await two.start("FOB-0042", authorize=False)
+                await two.charge(600, 7_400)
+                await two.unplug()
+            await one.connect()
+            await one.unplug()
+        records = {r["charger_id"]: r for r in await finished(gw, 2)}
+    assert records["cp9"]["energy_wh"] == 1833 and records["cp9"]["user"]["id"] == "alice"
+    assert records["cp9b"]["energy_wh"] == 1233 and records["cp9b"]["user"]["id"] is None
+    assert records["cp9b"]["flags"] == ["unidentified"]
+    assert records["cp9b"]["ocpp"]["connector_id"] == 2
