@@ -116,6 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--no-view", action="store_true", help="log instead of drawing the live view")
 
+    sp = sub.add_parser(
+        "sign-command", help="sign a command or auth response as the cloud (uplink.command_key)"
+    )
+    sp.add_argument("--key", required=True, type=Path, help="the cloud's Ed25519 private key (PEM)")
+    sp.add_argument(
+        "--topic",
+        required=True,
+        help="the topic it goes to, e.g. evgw/depot-7/commands/start (it is signed too)",
+    )
+    sp.add_argument(
+        "--new-key",
+        action="store_true",
+        help="create --key (mode 0600) and KEY.pub.pem for the gateways when it does not exist",
+    )
+    sp.add_argument("--issued-at", help="RFC 3339 UTC time to sign as issued_at (default: now)")
+    sp.add_argument("payload", nargs="?", default="-", help="the JSON payload; - reads stdin")
+
     sp = sub.add_parser("web-user", help="manage the status page's users file")
     wsub = sp.add_subparsers(dest="web_user_command", required=True, parser_class=_Parser)
     wp = wsub.add_parser(
@@ -390,6 +407,46 @@ def _cmd_statement(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_sign_command(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.model import from_rfc3339
+    from gateway.uplink.envelope import load_signing_key, schema_for_topic, sign_message
+    from gateway.uplink.schemas import validate
+
+    schema = schema_for_topic(args.topic)
+    if schema is None:
+        raise UsageError(
+            f"--topic {args.topic!r} is no command topic (P/S/commands/start|stop|tokens|"
+            "tariffs) nor P/S/auth/response"
+        )
+    issued_at = None
+    if args.issued_at is not None:
+        try:
+            if not args.issued_at.upper().endswith("Z") and "+" not in args.issued_at[10:]:
+                raise ValueError("no time zone")
+            issued_at = from_rfc3339(args.issued_at)
+        except ValueError:
+            raise UsageError(f"--issued-at {args.issued_at!r} is no RFC 3339 time") from None
+    text = sys.stdin.read() if args.payload == "-" else args.payload
+    try:
+        payload = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"the payload is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise UsageError("the payload must be a JSON object")
+    key = load_signing_key(args.key, create=args.new_key)
+    try:
+        signed = sign_message(args.topic, payload, key, issued_at=issued_at)
+    except ValueError as exc:
+        raise UsageError(f"the payload cannot be signed: {exc}") from None
+    problems = validate(schema, signed)
+    if problems:
+        raise UsageError(f"the payload is not a valid {schema}: {'; '.join(problems)}")
+    print(json.dumps(signed, separators=(",", ":"), ensure_ascii=False))
+    return 0
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from gateway.billing.verify import run_verify
 
@@ -415,6 +472,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "consume": _cmd_consume,
     "statement": _cmd_statement,
     "verify": _cmd_verify,
+    "sign-command": _cmd_sign_command,
 }
 
 

@@ -20,13 +20,14 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import ConfigError, ConfigProblem, TariffError
+from gateway.errors import ConfigError, ConfigProblem, GatewayError
 from gateway.model import AuthStatus, DeviceKind, Token, TokenType
 from gateway.profiles import Profile, load_profiles
 from gateway.tags import normalise_tag
 from gateway.yamlpos import PathT, YamlDoc, load_yaml
 
 __all__ = [
+    "UNAUTHENTICATED_WARNING",
     "AuthConfig",
     "BillingConfig",
     "BusConfig",
@@ -101,6 +102,8 @@ class UplinkConfig:
     readings_qos: int = 0
     readings_batch: int = 500
     protocol: str = "auto"  # auto | 5 | 3.1.1
+    command_key: str | None = None  # the cloud's Ed25519 public key (PEM file): signed commands
+    command_max_age_s: float = 300.0  # a signed command older than this is refused
 
     @property
     def scheme(self) -> str:
@@ -392,6 +395,8 @@ def _suggest(word: object, choices: Iterable[str]) -> str:
 class _Ctx:
     doc: YamlDoc
     base_dir: Path
+    # (path, tariff id) of every charger naming a tariff, checked with the tariffs
+    tariff_refs: list[tuple[PathT, str]] = field(default_factory=list)
 
     def add(self, path: PathT, message: str, *, key: bool = False) -> None:
         self.doc.add(path, message, key=key)
@@ -1006,6 +1011,19 @@ _UPLINK = _Obj(
         "readings_batch": _Int(
             default=500, min=1, max=10000, description="readings per message at most"
         ),
+        "command_key": _Path(
+            must_be="file",
+            description="the cloud's Ed25519 public key (PEM): commands and auth responses "
+            "must then be signed with it, fresh and not replayed (docs/security.md)",
+        ),
+        "command_max_age": _Duration(
+            attr="command_max_age_s",
+            default=300.0,
+            min=5.0,
+            max=3600.0,
+            description="signed commands and auth responses older than this (by their "
+            "issued_at) are refused; needs a synchronised clock",
+        ),
     },
     target=UplinkConfig,
     default=None,
@@ -1501,6 +1519,20 @@ def _check_uplink(ctx: _Ctx, raw: dict[str, Any]) -> None:
     _resolve_secret(ctx, uplink)
     if "client_id" not in uplink and isinstance(raw.get("site"), dict) and "id" in raw["site"]:
         uplink["client_id"] = f"evgw-{raw['site']['id']}"
+    key_file = uplink.get("command_key")
+    if isinstance(key_file, str):
+        from gateway.uplink.envelope import load_command_key
+
+        try:
+            load_command_key(key_file)
+        except GatewayError as exc:
+            ctx.add(("uplink", "command_key"), str(exc))
+    elif "command_max_age" in uplink and "command_key" not in _present(ctx, ("uplink",)):
+        ctx.add(
+            ("uplink", "command_max_age"),
+            "command_max_age needs command_key (unsigned commands carry no age)",
+            key=True,
+        )
     url = uplink.get("url", "")
     tls = uplink.get("tls")
     if isinstance(tls, dict):
@@ -1615,8 +1647,6 @@ def _check_devices(
     endpoints = {key: ep for key, (_, ep) in endpoints_at.items()}
     items = _items(raw, "devices")
     first = _ids(ctx, items, ("devices",), "device")
-    tariffs = raw.get("tariffs") or {}
-    tariffs_known = "tariffs" not in _present(ctx, ()) or "tariffs" in raw
     kinds: dict[str, str] = {}  # device id -> "charger" | "meter"
     addresses: dict[tuple[Any, ...], str] = {}
     used_endpoints: set[tuple[Any, Any]] = set()
@@ -1629,8 +1659,8 @@ def _check_devices(
             if first.get(dev.get("id", "")) == i:
                 kinds[dev["id"]] = str(DeviceKind.CHARGER)
             _check_ocpp_device(ctx, raw, path, dev, present, charge_points)
-            if "tariff" in dev and tariffs_known and dev["tariff"] not in tariffs:
-                ctx.add((*path, "tariff"), _unknown("tariff", dev["tariff"], tariffs, "tariffs"))
+            if "tariff" in dev and isinstance(dev["tariff"], str):
+                ctx.tariff_refs.append(((*path, "tariff"), dev["tariff"]))
             continue
         for key_name in ("charge_point_id", "meter_public_key"):
             if key_name in present:
@@ -1730,11 +1760,8 @@ def _check_devices(
                         key=True,
                     )
         is_meter = profile is not None and profile.kind is DeviceKind.METER
-        if "tariff" in dev and not is_meter and tariffs_known and dev["tariff"] not in tariffs:
-            ctx.add(
-                (*path, "tariff"),
-                _unknown("tariff", dev["tariff"], tariffs, "tariffs"),
-            )
+        if "tariff" in dev and not is_meter and isinstance(dev["tariff"], str):
+            ctx.tariff_refs.append(((*path, "tariff"), dev["tariff"]))
     for (host, port), (i, _ep) in endpoints_at.items():
         if (host, port) not in used_endpoints:
             hosts = sorted({str(h) for h, _ in used_endpoints})
@@ -1890,38 +1917,29 @@ def _check_meter_ref(
         ctx.add(path, f"'{meter}' is a charger ({driver}), not a meter")
 
 
-_TARIFF_PATH_RE = re.compile(r"\[([0-9]+)\]|\.?([^.\[\]]+)")
-
-
-def _tariff_path(text: str) -> PathT:
-    return tuple(int(idx) if idx else name for idx, name in _TARIFF_PATH_RE.findall(text))
-
-
 def _check_tariffs(ctx: _Ctx, raw: dict[str, Any]) -> None:
-    tariffs = raw.get("tariffs") or {}
-    from gateway.billing.tariff import parse_tariff  # here: the tariff module imports this one
+    """Through the same function as a ``tariffs`` push (gateway.billing.tariff)."""
+    from gateway.billing.tariff import tariff_set_problems  # the tariff module imports this one
 
-    for tid, data in tariffs.items():
-        try:
-            parse_tariff(data, "")
-        except TariffError as exc:
-            rel = _tariff_path(exc.path)
-            ctx.add(("tariffs", tid, *rel), exc.message, key=exc.message.startswith("unknown key"))
-    billing = raw.get("billing")
+    tariffs = raw.get("tariffs") or {}
+    if not isinstance(tariffs, dict):
+        return
+    billing = raw.get("billing") if isinstance(raw.get("billing"), dict) else {}
+    # A section whose own checks failed is not there to refer to: say nothing about references.
     tariffs_known = "tariffs" not in _present(ctx, ()) or "tariffs" in raw
-    if isinstance(billing, dict) and tariffs_known:
-        tariff = billing.get("default_tariff")
-        if tariff is not None and tariff not in tariffs:
-            ctx.add(
-                ("billing", "default_tariff"),
-                _unknown("tariff", tariff, tariffs, "tariffs"),
-            )
-        for group, tariff in (billing.get("groups") or {}).items():
-            if tariff not in tariffs:
-                ctx.add(
-                    ("billing", "groups", group),
-                    _unknown("tariff", tariff, tariffs, "tariffs"),
-                )
+    default = (billing or {}).get("default_tariff")
+    groups = (billing or {}).get("groups") or {}
+    problems = tariff_set_problems(
+        tariffs,
+        default_tariff=default if isinstance(default, str) else None,
+        groups={g: t for g, t in groups.items() if isinstance(t, str)},
+        chargers=ctx.tariff_refs,
+        unknown=lambda name, known: _unknown("tariff", name, known, "tariffs"),
+    )
+    for problem in problems:
+        if problem.path[0] != "tariffs" and not tariffs_known:
+            continue
+        ctx.add(problem.path, problem.message, key=problem.key)
 
 
 def _check_tokens(ctx: _Ctx, raw: dict[str, Any]) -> None:
@@ -2027,6 +2045,13 @@ def check_config(path: str | Path) -> tuple[int, str]:
     return 0, summarize(config)
 
 
+UNAUTHENTICATED_WARNING = (
+    "warning: uplink.command_key is not set: commands and auth responses are not "
+    "authenticated; anyone who can publish on the broker can start charging for any user "
+    "(docs/security.md)"
+)
+
+
 def summarize(config: GatewayConfig) -> str:
     site = config.site
     lines = [
@@ -2042,6 +2067,13 @@ def summarize(config: GatewayConfig) -> str:
         up = config.uplink
         auth = f", user {up.username}" if up.username else ""
         lines.append(f"uplink {up.url} as {up.client_id}, topic prefix {up.topic_prefix}{auth}")
+        if up.command_key is not None:
+            lines.append(
+                f"commands: signed by {up.command_key}, "
+                f"at most {format_duration(up.command_max_age_s)} old"
+            )
+        else:
+            lines.append(UNAUTHENTICATED_WARNING)
     if config.ocpp is not None:
         oc = config.ocpp
         lines.append(

@@ -3,7 +3,9 @@
 Nothing else needs to run: the broker is amqtt (pure Python, MQTT 3.1.1, so the gateway's
 MQTT 5 -> 3.1.1 fallback is exercised too), the chargers and meters are the simulators serving
 real Modbus TCP on loopback, and the gateway is the same code ``evgw run`` runs. One EV is
-started by the demo acting as the cloud: it publishes a ``start`` command for an app user.
+started by the demo acting as the cloud: it publishes a ``start`` command for an app user,
+signed with a demo cloud key made in the demo's directory (``demo-cloud.pem``); the demo site's
+``uplink.command_key`` names its public half, so the gateway takes signed commands only.
 """
 
 from __future__ import annotations
@@ -79,9 +81,18 @@ def write_demo_config(workdir: Path, broker_url: str, protocol: str = "auto") ->
     text = text.replace("@MQTT_PROTOCOL@", protocol)
     for name, port in zip(("CP1", "CP2", "CP3", "RS485", "WEB", "OCPP"), ports, strict=True):
         text = text.replace(f"@PORT_{name}@", str(port))
+    demo_cloud_key(workdir)
     path = workdir / "demo-site.yaml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def demo_cloud_key(workdir: Path) -> Any:
+    """The demo cloud's signing key, made on first use: ``demo-cloud.pem`` (0600) and the
+    public ``demo-cloud.pem.pub.pem`` the demo site config names as ``uplink.command_key``."""
+    from gateway.uplink.envelope import load_signing_key
+
+    return load_signing_key(workdir / "demo-cloud.pem", create=True)
 
 
 @contextlib.asynccontextmanager
@@ -104,13 +115,16 @@ async def embedded_broker(port: int) -> Any:
 
 
 async def _app_start(
-    site: Any, broker_host: str, broker_port: int, prefix: str, site_id: str
+    site: Any, broker_host: str, broker_port: int, prefix: str, site_id: str, key: Any
 ) -> None:
     """Act as the cloud: authorize carol on cp3 from the app once her car is plugged in."""
     import aiomqtt
 
+    from gateway.uplink.envelope import sign_message
+
     await site.sleep_until(APP_START_AT_S)
     request = {"request_id": str(uuid.uuid4()), "charger_id": "cp3", "user": "carol"}
+    topic = f"{prefix}/{site_id}/commands/start"
     for attempt in range(20):
         try:
             async with aiomqtt.Client(
@@ -119,9 +133,8 @@ async def _app_start(
                 identifier=f"evgw-demo-cloud-{uuid.uuid4().hex[:8]}",
                 protocol=aiomqtt.ProtocolVersion.V311,
             ) as client:
-                await client.publish(
-                    f"{prefix}/{site_id}/commands/start", json.dumps(request).encode(), qos=1
-                )
+                signed = sign_message(topic, request, key)  # issued now, at each attempt
+                await client.publish(topic, json.dumps(signed).encode(), qos=1)
                 log.info("demo_app_start_sent", request_id=request["request_id"])
                 return
         except aiomqtt.MqttError:
@@ -230,7 +243,10 @@ async def run_demo(
                     run_gateway(config, live=live, time_scale=speed, ready=announce),
                     name="demo_gateway",
                 )
-                tg.create_task(_app_start(site, host, port, prefix, site_id), name="demo_app_start")
+                tg.create_task(
+                    _app_start(site, host, port, prefix, site_id, demo_cloud_key(workdir)),
+                    name="demo_app_start",
+                )
                 if config.ocpp is not None:
                     tg.create_task(_ocpp_charger(config, speed), name="demo_ocpp_charger")
                 if view:

@@ -21,6 +21,7 @@ __all__ = [
     "CommandTarget",
     "OutboxRow",
     "ReadingRow",
+    "RequestLog",
     "Sealer",
     "SessionStore",
     "UplinkStore",
@@ -88,7 +89,21 @@ class SessionStore(Protocol):
         ...
 
 
-class UplinkStore(Protocol):
+class RequestLog(Protocol):
+    """Durable memory of cloud command request ids and the replies sent for them."""
+
+    async def request_reply(self, request_id: str) -> tuple[bool, dict[str, Any] | None]:
+        """(seen, reply stored for it or None)."""
+        ...
+
+    async def remember_request_id(self, request_id: str) -> bool:
+        """Spend a request id (no reply yet); False when it was seen before."""
+        ...
+
+    async def save_request_reply(self, request_id: str, reply: dict[str, Any]) -> None: ...
+
+
+class UplinkStore(RequestLog, Protocol):
     async def outbox_fetch(self, stream: str, limit: int, after_id: int = 0) -> list[OutboxRow]: ...
 
     async def outbox_ack(self, ids: Sequence[int]) -> None: ...

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_uplink_support import wait_until
 
 from gateway.cli import main
+from gateway.config import load_config
 from gateway.demo import run_demo
 from gateway.store import Store
 
@@ -35,6 +36,11 @@ async def test_demo_finishes_priced_sessions_and_delivers_them(tmp_path: Path) -
     assert by_charger["cp4"]["user"]["id"] == "bob"
     assert by_charger["cp4"]["ocpp"]["charge_point_id"] == "DEMO-CP4"
     assert by_charger["cp4"]["energy_wh"] == 1233  # 10 x 60 s at 7.4 kW, whole Wh
+    # ... and the demo site takes signed commands only: carol's start was signed by the demo cloud
+    config = load_config(tmp_path / "demo-site.yaml")
+    assert config.uplink is not None
+    assert config.uplink.command_key == str(tmp_path / "demo-cloud.pem.pub.pem")
+    assert (tmp_path / "demo-cloud.pem").stat().st_mode & 0o077 == 0
     for rec in records:
         if "not_billable" not in rec["flags"]:
             assert rec["energy_wh"] > 0

@@ -44,6 +44,8 @@ def schema_for(topic: str) -> str | None:
         return "auth-request"
     if parts[0] == "commands" and len(parts) == 3 and parts[2] == "reply":
         return "command-reply"
+    if rest == "auth/response/reply":
+        return "command-reply"
     return None
 
 

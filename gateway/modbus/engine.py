@@ -369,7 +369,7 @@ def drivers_from_config(
 ) -> dict[str, DeviceDriver]:
     return {
         dev.id: DeviceDriver(dev, profiles[dev.driver], pool.bus_for(dev), clock)
-        for dev in config.devices
+        for dev in config.modbus_devices
     }
 
 

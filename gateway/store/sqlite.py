@@ -784,6 +784,33 @@ class Store:
 
         return await self._durable_session_write(body, "remembering a request id")
 
+    async def request_reply(self, request_id: str) -> tuple[bool, dict[str, Any] | None]:
+        """(seen, reply): whether a command's request id was remembered, and the reply stored
+        for it (None while none was stored)."""
+        rows = await self._read("SELECT reply FROM request_ids WHERE request_id = ?", (request_id,))
+        if not rows:
+            return False, None
+        text = rows[0][0]
+        try:
+            reply = json.loads(text) if text is not None else None
+        except ValueError:
+            reply = None
+        return True, reply if isinstance(reply, dict) else None
+
+    async def save_request_reply(self, request_id: str, reply: dict[str, Any]) -> None:
+        """Remember a request id with the reply sent for it (durably, before the reply goes)."""
+        text = json.dumps(reply, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        now = self._clock.time()
+
+        async def body(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "INSERT INTO request_ids (request_id, seen_ts, reply) VALUES (?, ?, ?) "
+                "ON CONFLICT(request_id) DO UPDATE SET reply=excluded.reply",
+                (request_id, now, text),
+            )
+
+        await self._durable_session_write(body, "remembering a command reply")
+
     # ------------------------------------------------------------------ queries for people
 
     async def finished_sessions(
@@ -929,6 +956,8 @@ class Store:
                 "DELETE FROM outbox WHERE stream != ? AND created_ts < ?", (SESSION_STREAM, cutoff)
             )
             messages = cur.rowcount
+            # Request ids outlive the longest uplink.command_max_age (1 h) by far: the
+            # retention is at least a day, so a replayed signed command is still recognised.
             await db.execute("DELETE FROM request_ids WHERE seen_ts < ?", (cutoff,))
             return readings, messages
 

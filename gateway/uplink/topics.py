@@ -76,6 +76,11 @@ class Topics:
     def auth_response(self) -> str:
         return self.full("auth/response")
 
+    @property
+    def auth_response_reply(self) -> str:
+        """Where the gateway says whether it took an auth response (an extension)."""
+        return self.full("auth/response/reply")
+
     def command(self, name: str) -> str:
         return self.full(f"commands/{_level(name)}")
 
