@@ -92,7 +92,27 @@ _V2 = (
     "DROP INDEX readings_by_ts",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+_V3 = (
+    # Cloud commands: the reply sent for each request id (NULL while it runs, or when a signed
+    # command's id is spent before it runs), so a repeated id gets the first answer even after a
+    # restart. The replies older versions kept in kv (the last 256) move here.
+    "ALTER TABLE request_ids ADD COLUMN reply TEXT",
+    # Anything else under that key (not a list of [id, reply] pairs) is dropped: CASE keeps
+    # json_type() away from text that is no JSON.
+    """INSERT OR IGNORE INTO request_ids (request_id, seen_ts, reply)
+        SELECT json_extract(e.value, '$[0]'), kv.updated_ts, json_extract(e.value, '$[1]')
+        FROM kv, json_each(
+            CASE WHEN json_valid(kv.value) AND json_type(kv.value) = 'array'
+                 THEN kv.value ELSE '[]' END) AS e
+        WHERE kv.key = 'uplink.applied_requests'
+          AND CASE WHEN e.type = 'array'
+                   THEN json_type(e.value, '$[0]') = 'text'
+                        AND json_type(e.value, '$[1]') = 'object'
+                   ELSE 0 END""",
+    "DELETE FROM kv WHERE key = 'uplink.applied_requests'",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 """MIGRATIONS[i] holds the statements that bring the schema to version i + 1."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
