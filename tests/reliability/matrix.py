@@ -868,7 +868,9 @@ async def _phase(
     if name == "clock-jump" and site.faketime:
         site.faketime = False
         await _restart_after(site, signal.SIGTERM, rng)
-    if not await site.settle(120):
+    # The CI-sized run (HOLD_SCALE < 1) does not wait here: the final check covers every
+    # session all the same, and the waits (reconnect back-off) overlap with the next fault.
+    if HOLD_SCALE[0] >= 1.0 and not await site.settle(120):
         log(f"{name}: not every session reached the cloud within 120 s after the faults")
     p.seconds += time.monotonic() - t0
     log(f"{name}: {p.cycles} cycles in {p.seconds:.0f} s, {len(site.truths)} sessions so far")
