@@ -183,6 +183,7 @@ class Site:
         self.expect_exit = False
         self.gw_lock = asyncio.Lock()
         self.harness_errors: list[str] = []
+        self.findings: list[str] = []  # gateway misbehaviour that is no lost session
         self._scanned = 0
         self._started: dict[str, int] = {}
 
@@ -564,9 +565,11 @@ async def fault_kill_drain(site: Site, rng: random.Random) -> None:
     await _hold(rng, 3.0, 8.0)
     before = site.proxy.connections
     site.proxy.refuse(False)
-    await _until(
-        lambda: site.proxy is not None and site.proxy.connections > before, 30, "reconnect"
-    )
+    try:
+        await _until(lambda: _reconnected(site, before), 60, "the gateway reconnecting")
+    except RuntimeError:
+        site.findings.append(f"no reconnect within 60 s after the broker came back ({site.phase})")
+        site.log(site.findings[-1])
     await asyncio.sleep(rng.uniform(0.0, 0.5))
     await _restart_after(site, signal.SIGKILL, rng)
 
@@ -635,10 +638,15 @@ async def fault_proxy_half_open(site: Site, rng: random.Random) -> None:
     assert site.proxy is not None
     before = site.proxy.connections
     site.proxy.half_open(True)
-    await _until(
-        lambda: site.proxy is not None and site.proxy.connections > before, 30, "reconnect"
-    )
-    site.proxy.half_open(False)
+    try:
+        await _until(lambda: _reconnected(site, before), 60, "the gateway reconnecting")
+    except RuntimeError:
+        site.findings.append(
+            f"half-open link not noticed within 60 s (keepalive 5 s) in phase {site.phase}"
+        )
+        site.log(site.findings[-1])
+    finally:
+        site.proxy.half_open(False)
 
 
 async def fault_proxy_throttle(site: Site, rng: random.Random) -> None:
@@ -828,6 +836,7 @@ async def run_matrix(
                     await rss_task
             result.problems += [f"gateway crash: {c}" for c in site.crashes]
             result.problems += [f"harness: {e}" for e in site.harness_errors]
+            result.problems += [f"finding: {f}" for f in site.findings]
             buffer_records = await _buffer_records(site)
             _check(site, buffer_records, phases, result)
             result.problems += [
