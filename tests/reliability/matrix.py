@@ -210,7 +210,8 @@ class Site:
                 )
         return (
             f"site: {{id: {SITE}, timezone: UTC}}\n"
-            f"storage: {{path: {self.data_dir}/buffer.db}}\n"
+            # the size cap below the 96 MB file system, as an operator sets it (readings pruned)
+            f"storage: {{path: {self.data_dir}/buffer.db, max_size_mb: 48}}\n"
             f'uplink: {{url: "mqtt://127.0.0.1:{self.proxy.port}", client_id: evgw-reliability, '
             f"topic_prefix: {PREFIX}, keepalive: 5s}}\n"
             + bus
