@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import date
@@ -499,6 +500,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"evgw {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except sqlite3.Error as exc:
+        # A buffer damaged while a tool reads it (quick_check at open passed): one line.
+        if args.debug:
+            raise
+        print(
+            f"evgw {args.command}: the local buffer cannot be read (damaged?): {exc}",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
