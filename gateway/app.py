@@ -98,6 +98,16 @@ class Gateway:
         self.time_scale = time_scale
 
     async def __aenter__(self) -> Gateway:
+        # One exit stack from start to stop: whatever fails half way through starting closes what
+        # was already opened (the store's worker thread would otherwise keep the process alive,
+        # and systemd would never restart it).
+        try:
+            return await self._start()
+        except BaseException:
+            await self._close()
+            raise
+
+    async def _start(self) -> Gateway:
         from gateway.auth import Authorizer
         from gateway.billing.cost import make_pricer
         from gateway.billing.signing import Signer
@@ -178,10 +188,15 @@ class Gateway:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if hasattr(self, "sessions"):
-            await self.sessions.aclose()
-        await self._flush_readings()
-        await self._stack.aclose()
+        await self._close()
+
+    async def _close(self) -> None:
+        try:
+            if hasattr(self, "sessions"):
+                await self.sessions.aclose()
+            await self._flush_readings()
+        finally:
+            await self._stack.aclose()
 
     def _resolve_tariff(self, charger_id: str, user_group: str | None) -> Any:
         dev = self.config.device(charger_id)

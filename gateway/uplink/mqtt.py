@@ -442,8 +442,11 @@ class MqttUplink:
                     sent += 1
             if sent:
                 continue
+            # asyncio.timeout, not wait_for: wait_for wraps the wait in a task of its own, which
+            # could swallow a cancellation arriving just as the timeout fired.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._safety_poll_s)
+                async with asyncio.timeout(self._safety_poll_s):
+                    await self._wake.wait()
 
     async def _drain_stream(
         self, submit: Any, stream: str, cursors: dict[str, int], limit: int
