@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -21,7 +22,8 @@ from gateway import __version__
 from gateway.config import GatewayConfig
 from gateway.live import LiveState
 from gateway.model import Clock, DeviceKind, DeviceSample, SystemClock, Token
-from gateway.profiles import Profile, load_profiles
+from gateway.profiles import DataType, Profile, RegisterSpec, load_profiles, value_range
+from gateway.sessions import MAX_COUNTER_WH, Counter
 
 __all__ = ["Gateway", "SiteCommands", "run_gateway"]
 
@@ -60,8 +62,11 @@ class SiteCommands:
 
     async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]:
         book = self._gw.tariffs
-        book.replace(version, dict(tariffs))
+        book.check(version, dict(tariffs))  # refused: nothing changes, nothing is stored
+        # Stored before it applies: a failed write answers an error and changes nothing; a
+        # crash after it keeps what the reply confirms.
         await self._gw.store.kv_put("tariffs", {"version": version, "tariffs": dict(tariffs)})
+        book.replace(version, dict(tariffs))
         return {"version": version, "tariffs": sorted(tariffs)}
 
     async def auth_response(
@@ -124,7 +129,11 @@ class Gateway:
         self.store = await self._stack.enter_async_context(
             Store.for_site(cfg, sealer=lambda record: seal(record, self.signer.sign))
         )
-        self.tariffs = TariffBook(cfg.tariffs, cfg.billing)
+        self.tariffs = TariffBook(
+            cfg.tariffs,
+            cfg.billing,
+            chargers={d.id: d.tariff for d in cfg.devices if d.tariff is not None},
+        )
         saved = await self.store.kv_get("tariffs")  # the last `tariffs` command, if any
         if saved:
             try:
@@ -168,6 +177,7 @@ class Gateway:
             self._on_session_event,
             charger_ids=[d for d, kind in self._kinds.items() if kind is DeviceKind.CHARGER],
             time_scale=self.time_scale,
+            counters={d.id: _counters(self.profiles[d.driver]) for d in cfg.devices},
             plug_reset_counters=[
                 d.id for d in cfg.devices if _plug_reset_counter(self.profiles[d.driver])
             ],
@@ -200,7 +210,10 @@ class Gateway:
 
     def _resolve_tariff(self, charger_id: str, user_group: str | None) -> Any:
         dev = self.config.device(charger_id)
-        return self.tariffs.resolve(dev.tariff, user_group)
+        got = self.tariffs.resolve(dev.tariff, user_group)
+        if got is None:
+            return None
+        return (got.tariff_id, got.version, got.data, got.fallback)
 
     def _on_sample(self, sample: DeviceSample) -> None:
         try:
@@ -300,6 +313,24 @@ class Gateway:
         while True:
             await asyncio.sleep(PRUNE_EVERY_S)
             await self.store.prune()
+
+
+def energy_counter(spec: RegisterSpec) -> Counter:
+    """Range and resolution of an energy counter register, for the plausibility checks."""
+    rng = value_range(spec)
+    if rng is None:  # a float register: its step grows with the value
+        bits = 24 if spec.type is DataType.F32 else 53
+        return Counter(MAX_COUNTER_WH, 1, bits, spec.scale)
+    top = min(MAX_COUNTER_WH, math.floor(rng[1]))
+    return Counter(max(0, top), max(1, math.ceil(abs(spec.scale))))
+
+
+def _counters(profile: Profile) -> dict[str, Counter]:
+    return {
+        name: energy_counter(profile.register(name))
+        for name in ("energy_wh", "session_energy_wh")
+        if profile.has(name)
+    }
 
 
 def _plug_reset_counter(profile: Profile) -> bool:

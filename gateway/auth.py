@@ -29,7 +29,7 @@ import structlog
 
 from gateway.config import AuthConfig
 from gateway.errors import CommandError
-from gateway.model import AuthSource, AuthStatus, Clock, Token, TokenType
+from gateway.model import MAX_VERSION, AuthSource, AuthStatus, Clock, Token, TokenType
 from gateway.ports import AuthRequester, AuthStore
 from gateway.tags import normalise_tag
 
@@ -102,6 +102,11 @@ class Authorizer:
     async def load(self) -> None:
         """Read the persisted cloud list and cache (call once before authorizing)."""
         version, tokens = await self._store.load_cloud_list()
+        if isinstance(version, bool) or not isinstance(version, int) or version > MAX_VERSION:
+            # Stored before versions were bounded: the list stays until the next push, which
+            # any version now replaces (else a version of 1e300 would refuse every push).
+            log.warning("auth_cloud_version_out_of_range", version=str(version)[:40])
+            version = 0
         self._cloud_version = version
         self._cloud = {_key(t.id): t for t in tokens}
         self._cache = {}
@@ -300,6 +305,14 @@ class Authorizer:
         one (``stale_version``); a refused update changes nothing."""
         if mode not in ("replace", "patch"):
             raise CommandError("bad_request", f"mode must be replace or patch, not {mode!r}")
+        if (
+            isinstance(version, bool)
+            or not isinstance(version, int)
+            or not 1 <= version <= MAX_VERSION
+        ):
+            raise CommandError(
+                "invalid", f"tokens version must be an integer in 1..{MAX_VERSION}, got {version!r}"
+            )
         if version <= self._cloud_version:
             raise CommandError(
                 "stale_version",

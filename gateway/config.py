@@ -20,7 +20,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import ConfigError, ConfigProblem, GatewayError, TariffError
+from gateway.errors import ConfigError, ConfigProblem, GatewayError
 from gateway.model import AuthStatus, DeviceKind, Token, TokenType
 from gateway.profiles import Profile, load_profiles
 from gateway.tags import normalise_tag
@@ -358,6 +358,8 @@ def _suggest(word: object, choices: Iterable[str]) -> str:
 class _Ctx:
     doc: YamlDoc
     base_dir: Path
+    # (path, tariff id) of every charger naming a tariff, checked with the tariffs
+    tariff_refs: list[tuple[PathT, str]] = field(default_factory=list)
 
     def add(self, path: PathT, message: str, *, key: bool = False) -> None:
         self.doc.add(path, message, key=key)
@@ -1552,8 +1554,6 @@ def _check_devices(
     endpoints = {key: ep for key, (_, ep) in endpoints_at.items()}
     items = _items(raw, "devices")
     first = _ids(ctx, items, ("devices",), "device")
-    tariffs = raw.get("tariffs") or {}
-    tariffs_known = "tariffs" not in _present(ctx, ()) or "tariffs" in raw
     kinds: dict[str, str] = {}  # device id -> "charger" | "meter"
     addresses: dict[tuple[Any, ...], str] = {}
     used_endpoints: set[tuple[Any, Any]] = set()
@@ -1652,11 +1652,8 @@ def _check_devices(
                         key=True,
                     )
         is_meter = profile is not None and profile.kind is DeviceKind.METER
-        if "tariff" in dev and not is_meter and tariffs_known and dev["tariff"] not in tariffs:
-            ctx.add(
-                (*path, "tariff"),
-                _unknown("tariff", dev["tariff"], tariffs, "tariffs"),
-            )
+        if "tariff" in dev and not is_meter and isinstance(dev["tariff"], str):
+            ctx.tariff_refs.append(((*path, "tariff"), dev["tariff"]))
     for (host, port), (i, _ep) in endpoints_at.items():
         if (host, port) not in used_endpoints:
             hosts = sorted({str(h) for h, _ in used_endpoints})
@@ -1697,38 +1694,29 @@ def _check_meter_ref(
         ctx.add(path, f"'{meter}' is a charger ({driver}), not a meter")
 
 
-_TARIFF_PATH_RE = re.compile(r"\[([0-9]+)\]|\.?([^.\[\]]+)")
-
-
-def _tariff_path(text: str) -> PathT:
-    return tuple(int(idx) if idx else name for idx, name in _TARIFF_PATH_RE.findall(text))
-
-
 def _check_tariffs(ctx: _Ctx, raw: dict[str, Any]) -> None:
-    tariffs = raw.get("tariffs") or {}
-    from gateway.billing.tariff import parse_tariff  # here: the tariff module imports this one
+    """Through the same function as a ``tariffs`` push (gateway.billing.tariff)."""
+    from gateway.billing.tariff import tariff_set_problems  # the tariff module imports this one
 
-    for tid, data in tariffs.items():
-        try:
-            parse_tariff(data, "")
-        except TariffError as exc:
-            rel = _tariff_path(exc.path)
-            ctx.add(("tariffs", tid, *rel), exc.message, key=exc.message.startswith("unknown key"))
-    billing = raw.get("billing")
+    tariffs = raw.get("tariffs") or {}
+    if not isinstance(tariffs, dict):
+        return
+    billing = raw.get("billing") if isinstance(raw.get("billing"), dict) else {}
+    # A section whose own checks failed is not there to refer to: say nothing about references.
     tariffs_known = "tariffs" not in _present(ctx, ()) or "tariffs" in raw
-    if isinstance(billing, dict) and tariffs_known:
-        tariff = billing.get("default_tariff")
-        if tariff is not None and tariff not in tariffs:
-            ctx.add(
-                ("billing", "default_tariff"),
-                _unknown("tariff", tariff, tariffs, "tariffs"),
-            )
-        for group, tariff in (billing.get("groups") or {}).items():
-            if tariff not in tariffs:
-                ctx.add(
-                    ("billing", "groups", group),
-                    _unknown("tariff", tariff, tariffs, "tariffs"),
-                )
+    default = (billing or {}).get("default_tariff")
+    groups = (billing or {}).get("groups") or {}
+    problems = tariff_set_problems(
+        tariffs,
+        default_tariff=default if isinstance(default, str) else None,
+        groups={g: t for g, t in groups.items() if isinstance(t, str)},
+        chargers=ctx.tariff_refs,
+        unknown=lambda name, known: _unknown("tariff", name, known, "tariffs"),
+    )
+    for problem in problems:
+        if problem.path[0] != "tariffs" and not tariffs_known:
+            continue
+        ctx.add(problem.path, problem.message, key=problem.key)
 
 
 def _check_tokens(ctx: _Ctx, raw: dict[str, Any]) -> None:

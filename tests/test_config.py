@@ -314,6 +314,20 @@ BROKEN: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        "tariff bounds: prices, decimals, step sizes",
+        HEAD + "tariffs:\n  big:\n    currency: EUR\n    elements:\n"
+        "      - components: [{type: energy, price: 1e30}]\n"
+        "      - components: [{type: flat, price: '0.1234567'}]\n"
+        "      - components: [{type: time, price: '1', step_size: 86401}]\n"
+        "  cap: {currency: EUR, max_price: 2000000000, elements: [{components: "
+        "[{type: flat, price: 1}]}]}\n",
+        [
+            "7:44: tariffs.big.elements[0].components[0].price: must be at most 1000000000, "
+            "got '1e30'",
+            "10:35: tariffs.cap.max_price: must be at most 1000000000, got 2000000000",
+        ],
+    ),
+    (
         "tariff problems, billing and token references, token types",
         "site: {id: t1}\nstorage: {path: ./b.db}\ntariffs:\n  standard:\n    currency: EUR\n"
         "    elements:\n"
@@ -726,6 +740,22 @@ def test_defaulted_enums_have_the_enum_type(tmp_path: Path) -> None:
     token = load_config(path).auth.tokens[0]
     assert token.status is AuthStatus.ACCEPTED
     assert token.type is TokenType.RFID
+
+
+def test_check_config_refuses_a_price_of_1e30(tmp_path: Path) -> None:
+    # It passed before and left every session unpriced (the cost overflowed).
+    path = tmp_path / "site.yaml"
+    path.write_text(
+        HEAD + "devices:\n  - {id: cp1, driver: keba-p30, host: 10.0.0.5, tariff: std}\n"
+        "tariffs:\n  std: {currency: EUR, elements: [{components: "
+        '[{type: energy, price: "1e30"}]}]}\n'
+    )
+    code, text = check_config(path)
+    assert code == 2
+    assert text.splitlines() == [
+        f"{path}:6:71: tariffs.std.elements[0].components[0].price: "
+        "must be at most 1000000000, got '1e30'"
+    ]
 
 
 # --- uplink.command_key ------------------------------------------------------------------------

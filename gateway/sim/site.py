@@ -36,6 +36,7 @@ import structlog
 
 from gateway.config import BusConfig, DeviceConfig, GatewayConfig
 from gateway.errors import GatewayError
+from gateway.modbus.codec import encode
 from gateway.model import Clock, DeviceKind, SystemClock, TokenType
 from gateway.profiles import Profile
 from gateway.sim.devices import SimCharger, SimMeter, TruthLog
@@ -185,6 +186,17 @@ class SimSite:
 
     def clear_fault(self, device_id: str) -> None:
         self.set_fault(device_id, Fault())
+
+    def override(self, device_id: str, register: str, value: float, polls: int = 1) -> None:
+        """Make ``device_id`` answer ``value`` (in the register's unit, before its scale) in
+        register ``register`` for the next ``polls`` reads of it, e.g. an SDM630 showing
+        1e30 kWh: ``override("m1", "energy_wh", 1e33, polls=3)``."""
+        device = self._chargers.get(device_id) or self._meters.get(device_id)
+        if device is None:
+            raise KeyError(f"no simulated device {device_id!r}")
+        spec = device.profile.register(register)
+        server, unit = self._server_of[device_id]
+        server.override(unit, spec.table, spec.address, encode(spec, value), polls)
 
     async def sleep(self, sim_s: float) -> None:
         """Wait ``sim_s`` simulated seconds."""
@@ -430,6 +442,13 @@ class SimSite:
             return
         if step.action == "clear_fault":
             self.clear_fault(step.device)
+            return
+        if step.action == "override":
+            assert step.register is not None and step.value is not None
+            try:
+                self.override(step.device, step.register, step.value, step.polls)
+            except (KeyError, ValueError) as exc:  # no such register, or not encodable
+                log.error("sim_override_failed", device=step.device, error=str(exc))
             return
         charger = self._chargers[step.device]
         if step.action == "plug_in":
