@@ -186,8 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(
         "consume", help="reference cloud consumer: store finished sessions idempotently"
     )
-    sp.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
-    sp.add_argument("--db", required=True, help="sqlite:///path.db or postgresql://...")
+    sp.add_argument(
+        "--broker", required=True, help="mqtt[s]://[user@]host[:port] (no password here)"
+    )
+    sp.add_argument(
+        "--db",
+        required=True,
+        help="sqlite:///path.db or postgresql://[user@]host/db (password: PGPASSWORD or .pgpass)",
+    )
+    sp.add_argument(
+        "--password-file",
+        type=Path,
+        help=f"file holding the broker password (or set {BROKER_PASSWORD_ENV})",
+    )
     sp.add_argument("--topic-prefix", default="evgw")
     sp.add_argument("--site", action="append", help="site id(s) to consume (default: all, +)")
     sp.add_argument("--client-id", default="evgw-consumer")
@@ -376,9 +387,56 @@ def _cmd_report(args: argparse.Namespace) -> int:
     )
 
 
+BROKER_PASSWORD_ENV = "EVGW_BROKER_PASSWORD"
+
+
+def _no_password_in(url: str | None, flag: str, where: str) -> None:
+    """A password on the command line shows in ``ps``, in the shell history and in process
+    accounting: refused, with the way that works instead."""
+    if url is None:
+        return
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        from gateway.redact import redact_url
+
+        raise UsageError(
+            f"{flag} {redact_url(url)}: a password does not belong on the command line "
+            f"(anyone can read it with ps); {where}"
+        )
+
+
+def _broker_password(args: argparse.Namespace) -> str | None:
+    if args.password_file is not None:
+        try:
+            text = args.password_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(
+                f"--password-file {args.password_file}: cannot read: {exc.strerror}"
+            ) from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--password-file {args.password_file}: not UTF-8 text") from None
+        password = text.strip("\r\n")
+        if not password:
+            raise UsageError(f"--password-file {args.password_file}: empty")
+        return password
+    import os
+
+    return os.environ.get(BROKER_PASSWORD_ENV) or None
+
+
 def _cmd_consume(args: argparse.Namespace) -> int:
     from gateway.billing.consumer import run_consumer
 
+    _no_password_in(
+        args.broker, "--broker", f"use --password-file FILE or the {BROKER_PASSWORD_ENV} variable"
+    )
+    _no_password_in(args.db, "--db", "set PGPASSWORD or use ~/.pgpass (both read by libpq)")
+    password = _broker_password(args)
     return _run_async(
         lambda: run_consumer(
             broker=args.broker,
@@ -389,6 +447,7 @@ def _cmd_consume(args: argparse.Namespace) -> int:
             group=args.group,
             ca_file=args.ca_file,
             duration_s=args.duration,
+            password=password,
         )
     )
 
@@ -396,6 +455,7 @@ def _cmd_consume(args: argparse.Namespace) -> int:
 def _cmd_statement(args: argparse.Namespace) -> int:
     from gateway.billing.statement import run_statement
 
+    _no_password_in(args.db, "--db", "set PGPASSWORD or use ~/.pgpass (both read by libpq)")
     return _run_async(
         lambda: run_statement(
             db_url=args.db,
@@ -451,6 +511,7 @@ def _cmd_sign_command(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from gateway.billing.verify import run_verify
 
+    _no_password_in(args.db, "--db", "set PGPASSWORD or use ~/.pgpass (both read by libpq)")
     config = _load(args) if args.config else None
     return _run_async(
         lambda: run_verify(

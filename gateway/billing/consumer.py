@@ -17,6 +17,7 @@ used twice) to ``chain_problems``; nothing a message contains stops the consumer
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import ssl
@@ -36,6 +37,7 @@ from gateway.billing.cloudstore import CloudStore, open_cloud_store
 from gateway.billing.signing import key_id, load_public_key, verify_signature
 from gateway.errors import GatewayError
 from gateway.records import GENESIS, canonical_json, record_hash
+from gateway.redact import redact_url
 from gateway.uplink.schemas import validate
 
 __all__ = [
@@ -318,12 +320,13 @@ class BrokerAddress:
 def parse_broker_url(url: str) -> BrokerAddress:
     """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...`` (ports 1883 / 8883)."""
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    shown = redact_url(url)
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise BrokerUrlError(f"{url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
+        raise BrokerUrlError(f"{shown!r}: expected mqtt://host[:port] or mqtts://host[:port]")
     try:
         port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
     except ValueError:
-        raise BrokerUrlError(f"{url!r}: bad port") from None
+        raise BrokerUrlError(f"{shown!r}: bad port") from None
     return BrokerAddress(
         host=parts.hostname,
         port=port,
@@ -333,7 +336,32 @@ def parse_broker_url(url: str) -> BrokerAddress:
     )
 
 
+def _topic_level(value: str, what: str, *, multi: bool = False) -> None:
+    """A site id, group or prefix goes into a topic filter: a wildcard or an empty level there
+    makes the subscription invalid (the broker drops the connection, every retry)."""
+    levels = value.split("/") if multi else [value]
+    if (
+        not value
+        or any(not lv or "+" in lv or "#" in lv for lv in levels)
+        or (not multi and "/" in value)
+    ):
+        raise BrokerUrlError(
+            f"{what} {value!r}: must be a plain topic level (no '+', '#'"
+            + (", '/'" if not multi else "")
+            + " or empty level); leave --site out to consume every site"
+        )
+    if "\x00" in value:
+        raise BrokerUrlError(f"{what} {value!r}: must not contain NUL")
+
+
 def subscriptions(topic_prefix: str, sites: list[str] | None, group: str | None) -> list[str]:
+    """The topic filters to subscribe; raises BrokerUrlError (a usage error) for a site, group
+    or prefix that is no plain topic level."""
+    _topic_level(topic_prefix.strip("/"), "--topic-prefix", multi=True)
+    for site in sites or []:
+        _topic_level(site, "--site")
+    if group is not None:
+        _topic_level(group, "--group")
     prefix = topic_prefix.strip("/")
     share = f"$share/{group}/" if group else ""
     topics: list[str] = []
@@ -431,7 +459,10 @@ async def _connection_loop(
         except aiomqtt.MqttError as exc:
             error = str(exc) or type(exc).__name__
         except Exception as exc:  # the store failed: the message stays unacked, retry later
-            log.exception("consumer_connection_failed")
+            # One line, no traceback: a traceback's locals would show the broker password.
+            log.error(
+                "consumer_connection_failed", error=redact_url(f"{type(exc).__name__}: {exc}")
+            )
             error = f"{type(exc).__name__}: {exc}"
         if loop.time() - started > 60:
             failures = 0
@@ -453,9 +484,20 @@ async def run_consumer(
     group: str | None = None,
     ca_file: str | None = None,
     duration_s: float | None = None,
+    password: str | None = None,
 ) -> int:
-    """Consume until cancelled (SIGINT/SIGTERM) or for ``duration_s``; 0 on a clean stop."""
+    """Consume until cancelled (SIGINT/SIGTERM) or for ``duration_s``; 0 on a clean stop.
+    ``password`` (from a file or the environment) overrides one in the broker URL."""
     address = parse_broker_url(broker)
+    if password is not None:
+        address = dataclasses.replace(address, password=password)
+    if address.password and not address.tls:
+        log.warning(
+            "mqtt_password_in_clear",
+            host=address.host,
+            port=address.port,
+            hint="the broker password crosses the network unencrypted: use mqtts://",
+        )
     topics = subscriptions(topic_prefix, sites, group)
     async with open_cloud_store(db_url) as store:
         consumer = SessionConsumer(store, topic_prefix)

@@ -222,6 +222,7 @@ class MqttUplink:
                 f"{self.topics.commands_filter} or {self.topics.auth_response} can start "
                 "charging or answer auth requests (see docs/security.md)",
             )
+        _warn_weak_transport(self._config)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._command_worker(), name="uplink-commands")
             tg.create_task(self._connection_loop(), name="uplink-connection")
@@ -590,6 +591,26 @@ def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
         else:
             out.append(exc)
     return out
+
+
+def _warn_weak_transport(cfg: UplinkConfig) -> None:
+    """Loud warnings for settings that hand the link to anyone on the path: they are allowed
+    (a test bench, a broker on the same box) but never silent."""
+    if cfg.tls is not None and cfg.tls.insecure:
+        log.warning(
+            "uplink_tls_insecure",
+            host=cfg.host,
+            hint="uplink.tls.insecure is set: the broker's certificate is NOT checked, so anyone "
+            "on the path can pose as the broker and read the password and every record",
+        )
+    if cfg.password is not None and cfg.scheme != "mqtts":
+        log.warning(
+            "uplink_password_in_clear",
+            host=cfg.host,
+            port=cfg.port,
+            hint="a broker password over plain mqtt:// crosses the network unencrypted: "
+            "use mqtts://",
+        )
 
 
 def _build_tls_context(cfg: UplinkConfig) -> ssl.SSLContext:
