@@ -110,7 +110,18 @@ def parse_yaml(text: str, file: str = "<string>") -> YamlDoc:
             ConfigProblem(file, 1, 1, "", f"document is larger than {MAX_YAML_BYTES} bytes")
         )
         return doc
-    loader = yaml.SafeLoader(text)
+    try:
+        # The constructor already scans for characters YAML forbids (control characters).
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:
+        before = text[: max(0, exc.position)]
+        line, col = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+        doc.problems.append(
+            ConfigProblem(
+                file, line, col, "", f"character U+{exc.character:04X} is not allowed in YAML"
+            )
+        )
+        return doc
     try:
         _check_depth(text)
         try:
