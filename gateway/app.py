@@ -60,6 +60,17 @@ class SiteCommands:
     ) -> dict[str, Any]:
         return await self._gw.authorizer.update_tokens(version, mode, tokens, remove)
 
+    async def update_token_part(
+        self,
+        version: int,
+        mode: str,
+        index: int,
+        count: int,
+        tokens: Sequence[Token],
+        remove: Sequence[str],
+    ) -> dict[str, Any]:
+        return await self._gw.token_parts.add(version, mode, index, count, tokens, remove)
+
     async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]:
         book = self._gw.tariffs
         book.check(version, dict(tariffs))  # refused: nothing changes, nothing is stored
@@ -166,6 +177,12 @@ class Gateway:
             self.uplink.set_public_key(self.signer.public_key_payload())
         self.authorizer = Authorizer(cfg.auth, self.store, self.uplink, self.clock)
         await self.authorizer.load()
+        from gateway.tokenparts import TokenParts
+
+        authorizer = self.authorizer
+        self.token_parts = TokenParts(
+            self.store, lambda: authorizer.cloud_version, authorizer.update_tokens
+        )
         self.sessions = SessionManager(
             cfg,
             self.store,

@@ -313,6 +313,11 @@ class _Target:
     ) -> dict[str, Any]:
         return {"version": version}
 
+    async def update_token_part(
+        self, version: int, mode: str, index: int, count: int, tokens: Any, remove: Any
+    ) -> dict[str, Any]:
+        return {"version": version, "part": index}
+
     async def update_tariffs(self, version: int, tariffs: Any) -> dict[str, Any]:
         return {"version": version}
 

@@ -242,9 +242,20 @@ class CommandHandler:
             if data["mode"] == "replace" and data.get("remove"):
                 raise CommandError("invalid", "remove is only allowed with mode patch")
             tokens = [_token(t) for t in data.get("tokens", [])]
-            result = await target.update_tokens(
-                data["version"], data["mode"], tokens, list(data.get("remove", []))
-            )
+            part = data.get("part")
+            if part is not None:
+                result = await target.update_token_part(
+                    data["version"],
+                    data["mode"],
+                    part["index"],
+                    part["count"],
+                    tokens,
+                    list(data.get("remove", [])),
+                )
+            else:
+                result = await target.update_tokens(
+                    data["version"], data["mode"], tokens, list(data.get("remove", []))
+                )
         else:
             result = await target.update_tariffs(data["version"], data["tariffs"])
         return dict(result or {})
