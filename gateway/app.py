@@ -125,7 +125,7 @@ class Gateway:
 
     async def _start(self) -> Gateway:
         from gateway.auth import Authorizer
-        from gateway.billing.cost import make_pricer
+        from gateway.billing.cost import make_pricer, off_the_loop
         from gateway.billing.signing import Signer
         from gateway.billing.tariff import TariffBook
         from gateway.modbus.bus import BusPool
@@ -188,7 +188,7 @@ class Gateway:
             self.store,
             self.authorizer,
             control,
-            make_pricer(cfg.site.timezone),
+            off_the_loop(make_pricer(cfg.site.timezone)),
             self._resolve_tariff,
             self.clock,
             self._on_session_event,
