@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["csv", "json", "html"], default="csv")
     sp.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
 
+    sp = sub.add_parser("stats", help="utilisation, peak hours and charts from the local buffer")
+    cfg(sp)
+    sp.add_argument("--from", dest="start", type=_date, required=True, metavar="DATE")
+    sp.add_argument("--to", dest="end", type=_date, required=True, metavar="DATE")
+    sp.add_argument("--format", choices=["csv", "json", "html", "svg"], default="html")
+    sp.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+
     sp = sub.add_parser(
         "consume", help="reference cloud consumer: store finished sessions idempotently"
     )
@@ -205,6 +212,45 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--group", help="shared-subscription group ($share/GROUP/...)")
     sp.add_argument("--ca-file")
     sp.add_argument("--duration", type=_duration, help="stop after this long")
+    sp.add_argument(
+        "--trust",
+        type=Path,
+        metavar="DIR",
+        help="trust only the keys in DIR/<site id>.pem (default: trust each site's first key)",
+    )
+
+    sp = sub.add_parser("trust", help="site keys and quarantine of the consumer's store")
+    tsub = sp.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    tp = tsub.add_parser("add", help="trust a site's public key (releases what it signed)")
+    tp.add_argument("--db", required=True)
+    tp.add_argument("--site", required=True)
+    tp.add_argument("--key", required=True, type=Path, help="PEM public key (or 64 hex)")
+    tp.add_argument("--note", help="why (kept with the key)")
+    tp = tsub.add_parser("list", help="every site key with its status")
+    tp.add_argument("--db", required=True)
+    tp.add_argument("--site")
+    tp.add_argument("--json", action="store_true")
+    tp = tsub.add_parser("revoke", help="stop trusting a key: what it signs is quarantined")
+    tp.add_argument("--db", required=True)
+    tp.add_argument("--site", required=True)
+    tp.add_argument("key_id")
+    tp.add_argument("--reason")
+    tp = tsub.add_parser("quarantine", help="records and keys held in quarantine")
+    tp.add_argument("--db", required=True)
+    tp.add_argument("--site")
+    tp.add_argument("--json", action="store_true")
+    tp.add_argument("--released", action="store_true", help="also those released since")
+    tp = tsub.add_parser("dismiss", help="close held messages you have looked into")
+    tp.add_argument("--db", required=True)
+    tp.add_argument("qid", nargs="*", help="quarantine ids (`evgw trust quarantine`)")
+    tp.add_argument("--all", action="store_true", help="every held message (of --site)")
+    tp.add_argument("--site")
+    tp.add_argument("--note", required=True, help="why (kept with each message)")
+
+    sp = sub.add_parser(
+        "rotate-key", help="replace the gateway's signing key (the old key signs the handover)"
+    )
+    cfg(sp)
 
     sp = sub.add_parser("statement", help="a user's monthly statement from the consumer's store")
     sp.add_argument("--db", required=True)
@@ -387,6 +433,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from gateway.stats import run_stats
+
+    config = _load(args)
+    if args.end < args.start:
+        raise UsageError("--to is before --from")
+    return _run_async(
+        lambda: run_stats(
+            config, start=args.start, end=args.end, fmt=args.format, output=args.output
+        )
+    )
+
+
 BROKER_PASSWORD_ENV = "EVGW_BROKER_PASSWORD"
 
 
@@ -447,9 +506,46 @@ def _cmd_consume(args: argparse.Namespace) -> int:
             group=args.group,
             ca_file=args.ca_file,
             duration_s=args.duration,
+            trust_dir=args.trust,
             password=password,
         )
     )
+
+
+def _cmd_trust(args: argparse.Namespace) -> int:
+    from gateway.billing.trustadmin import run_trust
+
+    _no_password_in(
+        getattr(args, "db", None), "--db", "set PGPASSWORD or use ~/.pgpass (both read by libpq)"
+    )
+    return _run_async(
+        lambda: run_trust(
+            args.action,
+            args.db,
+            site=args.site,
+            key_file=getattr(args, "key", None),
+            key=getattr(args, "key_id", None),
+            note=getattr(args, "note", None) or getattr(args, "reason", None),
+            as_json=getattr(args, "json", False),
+            released=getattr(args, "released", False),
+            qids=getattr(args, "qid", None),
+            every=getattr(args, "all", False),
+        )
+    )
+
+
+def _cmd_rotate_key(args: argparse.Namespace) -> int:
+    from gateway.billing.signing import history_path, rotate_key
+
+    config = _load(args)
+    path = Path(config.storage.path).with_name("evgw-signing.key")
+    old, new = rotate_key(path, config.site.id)
+    print(
+        f"signing key {old} replaced by {new.key_id} ({path}); the handover statement is in "
+        f"{history_path(path)}.\nRestart the gateway: it publishes the new key with the "
+        "statement, and consumers that trust the old key trust the new one."
+    )
+    return 0
 
 
 def _cmd_statement(args: argparse.Namespace) -> int:
@@ -531,9 +627,12 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "read": _cmd_read,
     "sessions": _cmd_sessions,
     "report": _cmd_report,
+    "stats": _cmd_stats,
     "consume": _cmd_consume,
     "statement": _cmd_statement,
     "verify": _cmd_verify,
+    "trust": _cmd_trust,
+    "rotate-key": _cmd_rotate_key,
     "sign-command": _cmd_sign_command,
 }
 

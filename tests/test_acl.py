@@ -23,7 +23,13 @@ from gateway.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 ACL = REPO / "config" / "mosquitto" / "evgw.acl"
-PASSWORDS = {"cloud": "cloud-pw", "billing": "billing-pw", "site-a": "a-pw", "site-b": "b-pw"}
+PASSWORDS = {
+    "cloud": "cloud-pw",
+    "billing": "billing-pw",
+    "homeassistant": "ha-pw",
+    "site-a": "a-pw",
+    "site-b": "b-pw",
+}
 
 
 def test_the_documented_acl_is_the_tested_one() -> None:
@@ -177,3 +183,39 @@ async def test_site_accounts_cannot_command_the_cloud_account_can(
         "evgw/site-a/auth/request",
     }
     assert [c.error for c in (cloud, billing, site_b, stolen_a)] == [None] * 4
+
+
+async def test_a_site_publishes_its_grid_limit_and_home_assistant_topics_only(
+    acl_broker: MosquittoBroker,
+) -> None:
+    """The retained topics of issue 15 (grid/limit, Home Assistant discovery and states) pass
+    the ACL for the site's own account, and not for another site's; Home Assistant's account
+    reads them, the cloud's reads the limit in force."""
+    cloud = Client(acl_broker.port, "homeassistant")
+    operator = Client(acl_broker.port, "cloud")
+    site_a = Client(acl_broker.port, "site-a")
+    async with running(cloud.run("#")), running(operator.run("#")):
+        await asyncio.wait_for(cloud.ready.wait(), 10)
+        await asyncio.wait_for(operator.ready.wait(), 10)
+        async with running(site_a.run()):
+            await asyncio.wait_for(site_a.ready.wait(), 10)
+            for topic in (
+                "evgw/site-a/grid/limit",
+                "evgw/site-a/ha/cp1/state",
+                "homeassistant/sensor/site-a/cp1_status/config",
+            ):
+                await site_a.publish(topic, b"{}")
+        for topic in (
+            "evgw/site-b/grid/limit",
+            "homeassistant/sensor/site-b/cp1_status/config",
+            "homeassistant/sensor/site-a/cp1_status/other",
+        ):
+            await site_a.publish_once(topic, b"{}")
+        await wait_until(lambda: len(cloud.received) >= 3, 5, "the allowed three")
+        await asyncio.sleep(0.5)
+    assert sorted(t for t, _ in cloud.received) == [
+        "evgw/site-a/grid/limit",
+        "evgw/site-a/ha/cp1/state",
+        "homeassistant/sensor/site-a/cp1_status/config",
+    ]
+    assert [t for t, _ in operator.received] == ["evgw/site-a/grid/limit"]

@@ -324,6 +324,15 @@ class _Target:
     async def auth_response(self, request_id: str, status: str, user: Any, expires_at: Any) -> None:
         return None
 
+    async def set_grid_limit(self, request_id: str, scope: str, *args: Any) -> dict[str, Any]:
+        return {"scope": scope}
+
+    async def change_availability(self, charger_id: str, available: bool) -> dict[str, Any]:
+        return {"charger_id": charger_id}
+
+    async def reset(self, charger_id: str, hard: bool) -> dict[str, Any]:
+        return {"charger_id": charger_id}
+
 
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -342,6 +351,9 @@ _COMMAND_BASES = {
         "tokens": [{"id": "04A2", "type": "rfid", "user": "bob"}],
     },
     "tariffs": {"request_id": "r4", "version": 2, "tariffs": {}},
+    "limit": {"request_id": "r5", "scope": "site", "max_current_a": 16, "expires_at": None},
+    "availability": {"request_id": "r6", "charger_id": "cp1", "available": False},
+    "reset": {"request_id": "r7", "charger_id": "cp1", "type": "soft"},
 }
 
 
@@ -360,7 +372,9 @@ def _command_payloads(draw: st.DrawFn) -> bytes:
 
 @fuzz(300)
 @given(
-    name=st.sampled_from(["start", "stop", "tokens", "tariffs", "launch", "auth"]),
+    name=st.sampled_from(
+        ["start", "stop", "tokens", "tariffs", "limit", "availability", "reset", "launch", "auth"]
+    ),
     payload=_command_payloads(),
     retained=st.booleans(),
 )

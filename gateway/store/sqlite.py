@@ -778,6 +778,36 @@ class Store:
                 out.append(ReadingRow(i, d, ts, WireValues(wire), wire))
         return out
 
+    async def reading_values(
+        self,
+        name: str,
+        since: float,
+        until: float,
+        after_id: int = 0,
+        limit: int = 20_000,
+        devices: Sequence[str] | None = None,
+    ) -> list[tuple[int, str, float, Any]]:
+        """One value (``name``, e.g. ``power_w``) of the readings taken in ``since <= ts <
+        until``, in id order (which follows time), one page after ``after_id``: ``(id,
+        device_id, ts, value)``, value None where a reading lacks it. SQLite picks the value out
+        of the stored JSON, so a month of readings is not decoded in Python. Page on with the
+        last id until a page is shorter than ``limit``."""
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"not a value name: {name!r}")
+        path = f"$.{name}"
+        sql = (
+            "SELECT id, device_id, ts, CASE WHEN wire IS NULL THEN json_extract(data, ?) "
+            "ELSE json_extract(CAST(wire AS TEXT), ?) END FROM readings "
+            "WHERE id > ? AND ts >= ? AND ts < ?"
+        )
+        params: list[Any] = [path, path, int(after_id), float(since), float(until)]
+        if devices is not None:
+            sql += f" AND device_id IN ({','.join('?' * len(devices))})"
+            params.extend(devices)
+        sql += " ORDER BY id LIMIT ?"
+        rows = await self._read(sql, [*params, int(limit)])
+        return [(i, d, ts, v) for i, d, ts, v in rows]
+
     async def readings_mark_synced(self, ids: Sequence[int]) -> None:
         if not ids:
             return

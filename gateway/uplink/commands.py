@@ -256,6 +256,23 @@ class CommandHandler:
                 result = await target.update_tokens(
                     data["version"], data["mode"], tokens, list(data.get("remove", []))
                 )
+        elif name == "limit":
+            try:
+                expires_at = _timestamp(data.get("expires_at"))
+            except ValueError as exc:
+                raise CommandError("invalid", _clip(f"expires_at: {exc}")) from None
+            result = await target.set_grid_limit(
+                data["request_id"],
+                data["scope"],
+                data.get("max_current_a"),
+                data.get("max_power_w"),
+                expires_at,
+                data.get("reason"),
+            )
+        elif name == "availability":
+            result = await target.change_availability(data["charger_id"], data["available"])
+        elif name == "reset":
+            result = await target.reset(data["charger_id"], data.get("type", "soft") == "hard")
         else:
             result = await target.update_tariffs(data["version"], data["tariffs"])
         return dict(result or {})

@@ -159,6 +159,8 @@ class MqttUplink:
         self._ack_ready = asyncio.Event()
         self._statuses: dict[str, bytes] = {}
         self._dirty: set[str] = set()
+        self._retained: dict[str, bytes] = {}  # full topic -> payload, kept and re-published
+        self._dirty_retained: set[str] = set()
         self._key_payload: bytes | None = None
         self._client: aiomqtt.Client | None = None
         self._online = False
@@ -194,6 +196,14 @@ class MqttUplink:
         self._wake.set()
 
     publish_status_now = publish_status
+
+    def publish_retained(self, topic: str, payload: dict[str, Any] | bytes) -> None:
+        """A retained message on ``topic`` (a full topic, maybe outside ``P/S``), published now
+        (if online) and again after each reconnect; the latest per topic wins. An empty payload
+        deletes the broker's retained message. Kept in memory only, like charger statuses."""
+        self._retained[topic] = payload if isinstance(payload, bytes) else _encode(payload)
+        self._dirty_retained.add(topic)
+        self._wake.set()
 
     def set_public_key(self, payload: dict[str, Any]) -> None:
         """The retained ``gateway/key`` message (published on every connect)."""
@@ -439,6 +449,7 @@ class MqttUplink:
         if self._key_payload is not None:
             await client.publish(self.topics.gateway_key, self._key_payload, qos=1, retain=True)
         self._dirty.update(self._statuses)
+        self._dirty_retained.update(self._retained)
         cursors = dict.fromkeys((*PRIORITY_STREAMS, SESSION_STREAM), 0)
         readings_cursor = 0
         share = max(1, window.limit // 2)
@@ -466,6 +477,10 @@ class MqttUplink:
                     True,
                     None,
                 )
+                sent += 1
+            for topic in list(self._dirty_retained):
+                self._dirty_retained.discard(topic)
+                await submit("retained", topic, self._retained[topic], 1, True, None)
                 sent += 1
             for stream in PRIORITY_STREAMS:
                 sent += await self._drain_stream(submit, stream, cursors, window.limit)

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 __all__ = ["COMMAND_NAMES", "Topics", "valid_topic_level"]
 
-COMMAND_NAMES = frozenset({"start", "stop", "tokens", "tariffs"})
+COMMAND_NAMES = frozenset(
+    {"start", "stop", "tokens", "tariffs", "limit", "availability", "reset"}
+)
 
 _FORBIDDEN = ("/", "+", "#", "\x00")
 
@@ -53,6 +55,10 @@ class Topics:
     @property
     def gateway_key(self) -> str:
         return self.full("gateway/key")
+
+    @property
+    def grid_limit(self) -> str:
+        return self.full("grid/limit")
 
     def charger_status(self, device_id: str) -> str:
         return self.full(f"chargers/{_level(device_id)}/status")
