@@ -400,12 +400,15 @@ def test_any_command_payload_gets_a_reply_never_an_exception(
 # -------------------------------------------------------------------------- consumer records
 
 _CHAIN: list[dict[str, Any]] = []
+_KEY: list[bytes] = []
 
 
 def _chain() -> list[dict[str, Any]]:
     if not _CHAIN:
         with _scratch() as d:
-            _CHAIN.extend(make_chain(3, make_signer(d)))
+            signer = make_signer(d)
+            _CHAIN.extend(make_chain(3, signer))
+            _KEY.append(json.dumps(signer.public_key_payload()).encode())
     return _CHAIN
 
 
@@ -426,13 +429,15 @@ def _records(draw: st.DrawFn) -> bytes:
     return json.dumps(rec).encode()
 
 
-@fuzz(120)
+@fuzz(60)
 @given(payloads=st.lists(_records(), min_size=1, max_size=4))
 def test_consumer_takes_any_record_without_an_exception(payloads: list[bytes]) -> None:
     async def run() -> list[str]:
         with _scratch() as d:
             async with open_cloud_store(f"sqlite:///{d / 'cloud.db'}") as store:
                 consumer = SessionConsumer(store)
+                _chain()
+                assert await consumer.handle("evgw/depot-7/gateway/key", _KEY[0]) == "key"
                 outcomes = [
                     await consumer.handle(
                         "evgw/depot-7/sessions/finished", json.dumps(_chain()[0]).encode()
@@ -444,7 +449,15 @@ def test_consumer_takes_any_record_without_an_exception(payloads: list[bytes]) -
 
     outcomes = asyncio.run(run())
     assert outcomes[0] == "stored"
-    assert set(outcomes) <= {"stored", "duplicate", "conflict", "rejected", "ignored", "key"}
+    assert set(outcomes) <= {
+        "stored",
+        "duplicate",
+        "conflict",
+        "quarantined",
+        "rejected",
+        "ignored",
+        "key",
+    }
 
 
 # -------------------------------------------------------------------------- CLI arguments

@@ -45,19 +45,27 @@ def _run(*argv: str, timeout: float = 60, env: dict[str, str] | None = None) -> 
     return proc.stdout + proc.stderr
 
 
-def _run_then_term(argv: list[str], seconds: float) -> str:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-        env=_env(),
-    )
-    time.sleep(seconds)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    return out
+def _run_then_term(argv: list[str], marker: str, tmp_path: Path) -> str:
+    """Run until ``marker`` shows in the output (then one more second), then SIGTERM."""
+    log = tmp_path / f"out-{time.monotonic_ns()}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+            env=_env(),
+        )
+        deadline = time.monotonic() + 60
+        while marker not in log.read_text() and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    return log.read_text()
 
 
 @pytest.fixture
@@ -85,7 +93,7 @@ def test_every_command_keeps_secrets_out_of_its_output(site: Path, tmp_path: Pat
     db = tmp_path / "cloud.db"
     outputs = {
         "check-config": _run("check-config", "-c", str(site)),
-        "run": _run_then_term(["--debug", "run", "-c", str(site)], 4.0),
+        "run": _run_then_term(["--debug", "run", "-c", str(site)], "mqtt_disconnected", tmp_path),
         "sessions": _run("sessions", "-c", str(site)),
         "report": _run(
             "report", "-c", str(site), "--by", "user", "--from", "2026-01-01", "--to", "2026-02-01"
@@ -217,6 +225,6 @@ def test_tls_insecure_is_a_loud_warning(tmp_path: Path) -> None:
         f"storage: {{path: {tmp_path / 'b.db'}}}\n"
         f"uplink: {{url: 'mqtts://127.0.0.1:{free_port()}', tls: {{insecure: true}}}}\n"
     )
-    out = _run_then_term(["run", "-c", str(config)], 3.0)
+    out = _run_then_term(["run", "-c", str(config)], "uplink_tls_insecure", tmp_path)
     assert "uplink_tls_insecure" in out
     assert '"level": "warning"' in out.split("uplink_tls_insecure")[1].split("\n")[0]
