@@ -124,7 +124,7 @@ _EXAMPLE = _example_config()
 _EXAMPLE_PATHS = list(_paths(_EXAMPLE))
 
 
-@fuzz(150)
+@fuzz(60)
 @given(
     path=st.sampled_from(_EXAMPLE_PATHS),
     value=_DATA,
@@ -163,7 +163,7 @@ _PROFILES = {p.name: yaml.safe_load(p.read_text()) for p in _shipped_profile_fil
 _PROFILE_PATHS = [(name, path) for name, data in _PROFILES.items() for path in _paths(data)]
 
 
-@fuzz(150)
+@fuzz(60)
 @given(
     target=st.sampled_from(_PROFILE_PATHS),
     value=_DATA,
@@ -193,7 +193,7 @@ _NAN_WORDS = st.sampled_from(
 )
 
 
-@fuzz(200)
+@fuzz(80)
 @given(data=st.data())
 def test_every_shipped_register_decodes_to_a_value_or_codec_error(
     shipped_profiles: dict[str, Profile], data: st.DataObject
@@ -370,7 +370,7 @@ def _command_payloads(draw: st.DrawFn) -> bytes:
     return json.dumps(base).encode()
 
 
-@fuzz(300)
+@fuzz(200)
 @given(
     name=st.sampled_from(
         ["start", "stop", "tokens", "tariffs", "limit", "availability", "reset", "launch", "auth"]
@@ -429,7 +429,7 @@ def _records(draw: st.DrawFn) -> bytes:
     return json.dumps(rec).encode()
 
 
-@fuzz(60)
+@fuzz(40)
 @given(payloads=st.lists(_records(), min_size=1, max_size=4))
 def test_consumer_takes_any_record_without_an_exception(payloads: list[bytes]) -> None:
     async def run() -> list[str]:
@@ -518,7 +518,7 @@ _ARG_VALUES = st.sampled_from(
 ) | st.text(max_size=15)
 
 
-@fuzz(150)
+@fuzz(60)
 @given(
     sub=st.sampled_from(_SUBCOMMANDS),
     rest=st.lists(st.sampled_from(_OPTIONS) | _ARG_VALUES, max_size=7),
