@@ -201,7 +201,9 @@ class Gateway:
             )
             self.uplink.set_public_key(self.signer.public_key_payload())
         self.homeassistant, self.ha_link = self._homeassistant_parts()
-        self.authorizer = Authorizer(cfg.auth, self.store, self.uplink, self.clock)
+        self.authorizer = Authorizer(
+            cfg.auth, self.store, self.uplink, self.clock, truncated_to=self._truncated_tags()
+        )
         await self.authorizer.load()
         self.sessions = SessionManager(
             cfg,
@@ -254,6 +256,15 @@ class Gateway:
 
         prefix = self.config.uplink.topic_prefix if self.config.uplink else "evgw"
         return Topics(prefix, self.config.site.id).root
+
+    def _truncated_tags(self) -> dict[str, int]:
+        """Chargers whose profile says they show only part of a card id (tag.truncated_to)."""
+        out: dict[str, int] = {}
+        for dev in self.config.devices:
+            tag = self.profiles[dev.driver].tag
+            if tag is not None and tag.truncated_to is not None:
+                out[dev.id] = tag.truncated_to
+        return out
 
     def _homeassistant_parts(self) -> tuple[Any, Any]:
         """Home Assistant discovery and the link it is published on (None, None when off)."""

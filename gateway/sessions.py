@@ -1600,7 +1600,7 @@ class SessionManager:
                 token = session.user.get("token")
                 if token is None or session.user.get("auth") == AuthSource.REMOTE.value:
                     continue
-                status = check(token)
+                status = check(token, session.charger_id)
                 if status in (AuthStatus.BLOCKED, AuthStatus.EXPIRED):
                     log.info("session_deauthorized", session_id=session.session_id, token=token)
                     await self._perform(

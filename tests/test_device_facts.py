@@ -432,7 +432,16 @@ async def test_the_same_card_on_every_tag_reading_charger_is_the_same_user() -> 
     card = "04A2B3C4D5E6F7"
     # Typed into the local list by a person, lower case with separators.
     token = Token(id="04:a2:b3:c4:d5:e6:f7", type=TokenType.RFID, user="alice")
-    auth = Authorizer(AuthConfig(tokens=(token,)), MemoryAuthStore(), None, FakeClock())
+    # each charger id is its profile's slug; truncating profiles say so, as the app passes it
+    truncated = {
+        slug: tag.truncated_to
+        for slug in TAG_PROFILES
+        if (tag := PROFILES[slug].tag) is not None and tag.truncated_to is not None
+    }
+    assert set(truncated) == {"keba-p30", "keba-p40"} & set(TAG_PROFILES)
+    auth = Authorizer(
+        AuthConfig(tokens=(token,)), MemoryAuthStore(), None, FakeClock(), truncated_to=truncated
+    )
     await auth.load()
     seen: dict[str, str | None] = {}
     for slug in TAG_PROFILES:
