@@ -217,6 +217,11 @@ class Gateway:
             charger_ids=[d for d, kind in self._kinds.items() if kind is DeviceKind.CHARGER],
             time_scale=self.time_scale,
             counters={d.id: _counters(self.profiles[d.driver]) for d in cfg.devices},
+            profile_max_a={
+                d.id: limit.max_a
+                for d in cfg.devices
+                if (limit := self.profiles[d.driver].current_limit) is not None
+            },
             plug_reset_counters=[
                 d.id for d in cfg.devices if _plug_reset_counter(self.profiles[d.driver])
             ],
