@@ -18,22 +18,21 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sessions_support import modbus_sessions
 from structlog.testing import capture_logs
 from test_sessions import AVAILABLE, CHARGING, PREPARING, SUSP_EV, T0, Rig
 
 from gateway.app import energy_counter
-from gateway.auth import Authorizer
 from gateway.config import AuthConfig, DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
 from gateway.modbus.bus import BusPool
-from gateway.modbus.engine import Chargers, DeviceDriver, DevicePoller
-from gateway.model import SystemClock, Token, TokenType
+from gateway.modbus.engine import DevicePoller
+from gateway.model import Token, TokenType
 from gateway.profiles import load_profiles
 from gateway.sessions import (
     MAX_COUNTER_WH,
     MAX_SUSPECT_CHAINS,
     Counter,
     OpenSession,
-    SessionManager,
     max_power_w,
 )
 from gateway.sim.site import SimSite
@@ -443,13 +442,6 @@ async def test_glitches_answered_over_modbus_are_never_billed(
         Store.open(config.storage.path, site_id="sim-site", reserve_bytes=0) as store,
         BusPool.from_config(config) as pool,
     ):
-        clock = SystemClock()
-        drivers = {
-            d.id: DeviceDriver(d, PROFILES[d.driver], pool.for_device(d), clock)
-            for d in config.devices
-        }
-        authorizer = Authorizer(config.auth, store, None, clock)
-        await authorizer.load()
         counters = {
             d.id: {
                 name: energy_counter(PROFILES[d.driver].register(name))
@@ -458,20 +450,16 @@ async def test_glitches_answered_over_modbus_are_never_billed(
             }
             for d in config.devices
         }
-        manager = SessionManager(
+        manager, poller = await modbus_sessions(
             config,
+            PROFILES,
+            pool,
             store,
-            authorizer,
-            Chargers(drivers),
-            None,
-            None,
-            clock,
             on_event,
             charger_ids=["cp1", "cp2"],
             time_scale=speed,
             counters=counters,
         )
-        poller = DevicePoller(list(drivers.values()), manager.on_sample)
         with capture_logs() as logs:
             truth = await _drive(site, charger, device, value, poller, started, done)
         await manager.wait_idle()

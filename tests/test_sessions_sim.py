@@ -8,13 +8,12 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from gateway.auth import Authorizer
+from sessions_support import modbus_sessions
+
 from gateway.config import AuthConfig, DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
 from gateway.modbus.bus import BusPool
-from gateway.modbus.engine import Chargers, DeviceDriver, DevicePoller
-from gateway.model import SystemClock, Token, TokenType
+from gateway.model import Token, TokenType
 from gateway.profiles import load_profiles
-from gateway.sessions import SessionManager
 from gateway.sim.site import SimSite
 from gateway.store import Store
 
@@ -65,26 +64,9 @@ async def test_sessions_over_modbus_match_the_simulator(tmp_path: Path) -> None:
         Store.open(config.storage.path, site_id="sim-site", reserve_bytes=0) as store,
         BusPool.from_config(config) as pool,
     ):
-        clock = SystemClock()
-        drivers = {
-            d.id: DeviceDriver(d, PROFILES[d.driver], pool.for_device(d), clock)
-            for d in config.devices
-        }
-        authorizer = Authorizer(config.auth, store, None, clock)
-        await authorizer.load()
-        manager = SessionManager(
-            config,
-            store,
-            authorizer,
-            Chargers(drivers),
-            None,
-            None,
-            clock,
-            on_event,
-            charger_ids=["cp1", "cp2"],
-            time_scale=SPEED,
+        manager, poller = await modbus_sessions(
+            config, PROFILES, pool, store, on_event, charger_ids=["cp1", "cp2"], time_scale=SPEED
         )
-        poller = DevicePoller(list(drivers.values()), manager.on_sample)
         async with asyncio.TaskGroup() as tg:
             polling = tg.create_task(poller.run())
             await asyncio.sleep(0.5)
