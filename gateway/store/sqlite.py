@@ -854,11 +854,8 @@ class Store:
         """Sealed records, exactly as stored (verifiable with gateway.records.record_hash), in
         ``seq`` order. ``since``/``until`` (Unix seconds) select by start time:
         since <= started_at < until."""
-        where, params = self._session_filter(since, until, user, charger, unsynced_only)
-        rows = await self._read(
-            f"SELECT record FROM finished_sessions{where} ORDER BY site_id, seq", params
-        )
-        return [json.loads(r[0]) for r in rows]
+        rows = await self.finished_session_rows(since, until, user, charger, unsynced_only)
+        return [row["record"] for row in rows]
 
     async def finished_session_rows(
         self,
