@@ -6,16 +6,35 @@ against the simulator."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
+
+from mqtt_broker import free_port
 
 from gateway.app import profile_max_currents, truncated_tags
 from gateway.auth import Authorizer
-from gateway.config import GatewayConfig
+from gateway.config import AuthConfig, DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
 from gateway.modbus.bus import BusPool
 from gateway.modbus.engine import Chargers, DeviceDriver, DevicePoller
-from gateway.model import SystemClock
+from gateway.model import SystemClock, Token, TokenType
 from gateway.profiles import Profile
 from gateway.sessions import Counter, EventSink, SessionManager
+
+
+def sim_site_config(tmp_path: Path, cp2_driver: str) -> GatewayConfig:
+    """One simulated site on a free port: cp1 a KEBA P30 billed by meter m1, cp2 a charger of
+    ``cp2_driver``; alice's card in the local list."""
+    tcp: dict[str, Any] = {"host": "127.0.0.1", "port": free_port(), "poll_interval_s": 0.2}
+    return GatewayConfig(
+        site=SiteConfig("sim-site"),
+        storage=StorageConfig(str(tmp_path / "buffer.db")),
+        devices=(
+            DeviceConfig("cp1", "keba-p30", unit=255, meter="m1", **tcp),
+            DeviceConfig("m1", "eastron-sdm630", unit=2, **tcp),
+            DeviceConfig("cp2", cp2_driver, unit=1, **tcp),
+        ),
+        auth=AuthConfig(tokens=(Token("04A2B3C4D5E6F7", TokenType.RFID, "alice"),)),
+    )
 
 
 async def modbus_sessions(

@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import math
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sessions_support import modbus_sessions
+from sessions_support import modbus_sessions, sim_site_config
 from structlog.testing import capture_logs
 from test_sessions import AVAILABLE, CHARGING, PREPARING, SUSP_EV, T0, Rig
 
 from gateway.app import energy_counter
-from gateway.config import AuthConfig, DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
 from gateway.modbus.bus import BusPool
 from gateway.modbus.engine import DevicePoller
-from gateway.model import Token, TokenType
 from gateway.profiles import load_profiles
 from gateway.sessions import (
     MAX_COUNTER_WH,
@@ -393,12 +390,6 @@ def test_energy_never_exceeds_max_power_times_duration(
 
 
 # ----------------------------------------------------------------------------- over Modbus
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize(
     ("device", "driver", "value", "label"),
     [
@@ -412,17 +403,7 @@ async def test_glitches_answered_over_modbus_are_never_billed(
 ) -> None:
     """A simulated meter (or CHARX counter) answers garbage for 3 polls in mid-session and
     again for the polls that end it: the record bills exactly the plausible energy."""
-    tcp: dict[str, Any] = {"host": "127.0.0.1", "port": _free_port(), "poll_interval_s": 0.2}
-    config = GatewayConfig(
-        site=SiteConfig("sim-site"),
-        storage=StorageConfig(str(tmp_path / "buffer.db")),
-        devices=(
-            DeviceConfig("cp1", "keba-p30", unit=255, meter="m1", **tcp),
-            DeviceConfig("m1", "eastron-sdm630", unit=2, **tcp),
-            DeviceConfig("cp2", "phoenix-charx", unit=1, **tcp),
-        ),
-        auth=AuthConfig(tokens=(Token("04A2B3C4D5E6F7", TokenType.RFID, "alice"),)),
-    )
+    config = sim_site_config(tmp_path, "phoenix-charx")
     charger = "cp1" if device == "m1" else "cp2"
     speed = 20.0
     finished: list[dict[str, Any]] = []

@@ -4,15 +4,12 @@ polling them, the SessionManager, the SQLite Store. Energy must match the simula
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 from typing import Any
 
-from sessions_support import modbus_sessions
+from sessions_support import modbus_sessions, sim_site_config
 
-from gateway.config import AuthConfig, DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
 from gateway.modbus.bus import BusPool
-from gateway.model import Token, TokenType
 from gateway.profiles import load_profiles
 from gateway.sim.site import SimSite
 from gateway.store import Store
@@ -21,29 +18,8 @@ PROFILES = load_profiles()
 SPEED = 60.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _config(tmp_path: Path) -> GatewayConfig:
-    port = _free_port()
-    tcp: dict[str, Any] = {"host": "127.0.0.1", "port": port, "poll_interval_s": 0.2}
-    return GatewayConfig(
-        site=SiteConfig("sim-site"),
-        storage=StorageConfig(str(tmp_path / "buffer.db")),
-        devices=(
-            DeviceConfig("cp1", "keba-p30", unit=255, meter="m1", **tcp),
-            DeviceConfig("m1", "eastron-sdm630", unit=2, **tcp),
-            DeviceConfig("cp2", "abb-terra-ac", unit=1, **tcp),
-        ),
-        auth=AuthConfig(tokens=(Token("04A2B3C4D5E6F7", TokenType.RFID, "alice"),)),
-    )
-
-
 async def test_sessions_over_modbus_match_the_simulator(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+    config = sim_site_config(tmp_path, "abb-terra-ac")
     events: list[tuple[str, dict[str, Any]]] = []
     cp1_started, both_finished = asyncio.Event(), asyncio.Event()
 

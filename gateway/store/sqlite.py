@@ -26,7 +26,7 @@ import json
 import math
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -143,6 +143,14 @@ class _Opening:
     ) -> None:
         if self._store is not None:
             await self._store.close()
+
+
+def _finished_rows(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    """(record, synced_at, finished_ts) rows wrapped with their local state."""
+    return [
+        {"state": "finished", "synced_at": synced, "finished_at": fin, "record": json.loads(rec)}
+        for rec, synced, fin in rows
+    ]
 
 
 class Store:
@@ -873,15 +881,7 @@ class Store:
             "site_id, seq",
             params,
         )
-        return [
-            {
-                "state": "finished",
-                "synced_at": synced,
-                "finished_at": fin,
-                "record": json.loads(rec),
-            }
-            for rec, synced, fin in rows
-        ]
+        return _finished_rows(rows)
 
     async def recent_finished_sessions(self, limit: int) -> list[dict[str, Any]]:
         """The ``limit`` most recently finished sessions, newest first, wrapped like
@@ -891,15 +891,7 @@ class Store:
             "ORDER BY finished_ts DESC, seq DESC LIMIT ?",
             (int(limit),),
         )
-        return [
-            {
-                "state": "finished",
-                "synced_at": synced,
-                "finished_at": fin,
-                "record": json.loads(rec),
-            }
-            for rec, synced, fin in rows
-        ]
+        return _finished_rows(rows)
 
     def _session_filter(
         self,
