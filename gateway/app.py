@@ -13,13 +13,14 @@ import json
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from gateway import __version__
-from gateway.config import GatewayConfig
+from gateway.config import OCPP_DRIVER, GatewayConfig
 from gateway.live import LiveState
 from gateway.model import Clock, DeviceKind, DeviceSample, SystemClock, Token
 from gateway.profiles import DataType, Profile, RegisterSpec, load_profiles, value_range
@@ -51,10 +52,32 @@ class SiteCommands:
         self._gw = gateway
 
     async def remote_start(self, charger_id: str, user: str, token: str | None) -> dict[str, Any]:
+        ocpp = self._gw.ocpp
+        if ocpp is not None and ocpp.handles(charger_id):  # RemoteStartTransaction
+            return await ocpp.remote_start(charger_id, user, token)
         return await self._gw.sessions.remote_start(charger_id, user, token)
 
     async def remote_stop(self, charger_id: str | None, session_id: str | None) -> dict[str, Any]:
+        ocpp = self._gw.ocpp
+        if ocpp is not None and charger_id is None and session_id is not None:
+            charger_id = self._gw.sessions.tracker.find_session(session_id)
+        if ocpp is not None and charger_id is not None and ocpp.handles(charger_id):
+            return await ocpp.remote_stop(charger_id, session_id)  # RemoteStopTransaction
         return await self._gw.sessions.remote_stop(charger_id, session_id)
+
+    async def change_availability(self, charger_id: str, available: bool) -> dict[str, Any]:
+        return await self._ocpp_charger(charger_id).change_availability(charger_id, available)
+
+    async def reset(self, charger_id: str, hard: bool) -> dict[str, Any]:
+        return await self._ocpp_charger(charger_id).reset(charger_id, hard)
+
+    def _ocpp_charger(self, charger_id: str) -> Any:
+        ocpp = self._gw.ocpp
+        if ocpp is None or not ocpp.handles(charger_id):
+            from gateway.errors import CommandError
+
+            raise CommandError("not_supported", f"{charger_id!r} is not an OCPP charger")
+        return ocpp
 
     async def update_tokens(
         self, version: int, mode: str, tokens: Sequence[Token], remove: Sequence[str]
@@ -126,9 +149,13 @@ class Gateway:
         self._samples: asyncio.Queue[DeviceSample] = asyncio.Queue(maxsize=10_000)
         self._readings: list[tuple[str, float, Mapping[str, Any]]] = []
         self._last_values: dict[str, Mapping[str, Any]] = {}
-        self._kinds = {d.id: self.profiles[d.driver].kind for d in config.devices}
+        self._kinds = {
+            d.id: DeviceKind.CHARGER if d.driver == OCPP_DRIVER else self.profiles[d.driver].kind
+            for d in config.devices
+        }
         self.uplink: Any = None
         self.grid_limit: dict[str, Any] | None = None  # the retained grid/limit payload
+        self.ocpp: Any = None  # gateway.ocpp.OcppServer when the site has OCPP chargers
         # >1 only under a sped-up simulator: counters then rise faster than real time allows.
         self.time_scale = time_scale
 
@@ -160,22 +187,33 @@ class Gateway:
                 self.tariffs.replace(saved["version"], saved["tariffs"])
             except Exception as exc:  # a stored push that no longer validates is not fatal
                 log.error("stored_tariffs_invalid", error=str(exc))
-        buses = await self._stack.enter_async_context(BusPool.from_config(cfg))
+        modbus_cfg = replace(cfg, devices=cfg.modbus_devices)
+        ocpp_devices = [d for d in cfg.devices if d.driver == OCPP_DRIVER]
+        buses = await self._stack.enter_async_context(BusPool.from_config(modbus_cfg))
         self.buses = buses
         self.drivers = {
             dev.id: DeviceDriver(dev, self.profiles[dev.driver], buses.for_device(dev), self.clock)
-            for dev in cfg.devices
+            for dev in cfg.modbus_devices
         }
         self.chargers = Chargers(self.drivers)
+        ocpp_route = None
+        if ocpp_devices:
+            from gateway.ocpp.control import OcppRoute
+
+            ocpp_route = OcppRoute(self.chargers, [d.id for d in ocpp_devices])
         # Load management stands between the session manager and the chargers: a charger the
         # session manager stopped never gets a limit > 0 (which would restart most chargers).
         self.load: Any = None
-        control: Any = self.chargers
+        control: Any = ocpp_route or self.chargers
         if cfg.grid is not None and cfg.grid.max_current_a is not None:
             from gateway.gridlimit import GridLimits
             from gateway.loadmgmt import LoadBalancer, LoadManager
 
-            balancer = LoadBalancer.from_config(cfg, self.profiles, self.chargers.can_control)
+            balancer = LoadBalancer.from_config(
+                modbus_cfg, self.profiles, self.chargers.can_control
+            )
+            if ocpp_route is not None:
+                balancer = ocpp_route.with_chargers(balancer, ocpp_devices)
             limits = GridLimits.from_config(cfg.grid, cfg.site.timezone)
             saved_limits = await self.store.kv_get(GRID_LIMITS_KEY)
             if saved_limits:
@@ -186,7 +224,7 @@ class Gateway:
             self.load = LoadManager(
                 cfg,
                 balancer,
-                self.chargers,
+                control,
                 self.clock,
                 limits=limits,
                 on_limit=self._on_grid_limit,
@@ -220,20 +258,35 @@ class Gateway:
             self._on_session_event,
             charger_ids=[d for d, kind in self._kinds.items() if kind is DeviceKind.CHARGER],
             time_scale=self.time_scale,
-            counters={d.id: _counters(self.profiles[d.driver]) for d in cfg.devices},
+            counters={d.id: _counters(self.profiles[d.driver]) for d in cfg.modbus_devices},
             profile_max_a=profile_max_currents(cfg, self.profiles),
             plug_reset_counters=[
-                d.id for d in cfg.devices if _plug_reset_counter(self.profiles[d.driver])
+                d.id for d in cfg.modbus_devices if _plug_reset_counter(self.profiles[d.driver])
             ],
+            transactional=[d.id for d in ocpp_devices],
             prefer_session_counters=[
                 d.id
-                for d in cfg.devices
+                for d in cfg.modbus_devices
                 if _plug_reset_counter(self.profiles[d.driver])
                 and self.profiles[d.driver].has("energy_wh")
                 and self.profiles[d.driver].register("energy_wh").scale > 1.0
             ],
         )
         self.poller = DevicePoller(list(self.drivers.values()), self._on_sample)
+        if ocpp_route is not None:
+            from gateway.ocpp.server import OcppServer
+
+            assert cfg.ocpp is not None
+            self.ocpp = OcppServer(
+                cfg.ocpp,
+                ocpp_devices,
+                self.sessions,
+                self.authorizer,
+                self.store,
+                self._on_sample,
+                self.clock,
+            )
+            ocpp_route.attach(self.ocpp)
         self.web: Any = None
         if cfg.web is not None:
             from gateway.web.server import WebServer
@@ -271,7 +324,11 @@ class Gateway:
         from gateway.homeassistant import ChargerInfo, HomeAssistant
 
         chargers = [
-            ChargerInfo(d.id, self.profiles[d.driver].manufacturer, self.profiles[d.driver].model)
+            ChargerInfo(d.id, "OCPP", d.charge_point_id or d.id)
+            if d.driver == OCPP_DRIVER
+            else ChargerInfo(
+                d.id, self.profiles[d.driver].manufacturer, self.profiles[d.driver].model
+            )
             for d in cfg.devices
             if self._kinds[d.id] is DeviceKind.CHARGER
         ]
@@ -319,6 +376,10 @@ class Gateway:
         )
         return SignalPoller(self.buses.bus_for(where), signal, self.load.on_signal)
 
+    def device_kind(self, device_id: str) -> DeviceKind:
+        """Charger or meter (an OCPP charge point has no Modbus profile to ask)."""
+        return self._kinds[device_id]
+
     def _resolve_tariff(self, charger_id: str, user_group: str | None) -> Any:
         dev = self.config.device(charger_id)
         got = self.tariffs.resolve(dev.tariff, user_group)
@@ -346,6 +407,8 @@ class Gateway:
     async def run(self) -> None:
         """Run until cancelled."""
         await self.sessions.resume()
+        if self.ocpp is not None:  # after resume: a replayed StopTransaction finds its session
+            await self._stack.enter_async_context(self.ocpp)
         log.info(
             "gateway_started",
             site=self.config.site.id,
@@ -365,6 +428,8 @@ class Gateway:
             signal = self._signal_poller()
             if signal is not None:
                 tg.create_task(signal.run(), name="grid-signal")
+            if self.ocpp is not None:
+                tg.create_task(self.ocpp.run(), name="ocpp")
             tg.create_task(self._consume_samples(), name="samples")
             tg.create_task(self._readings_writer(), name="readings-writer")
             tg.create_task(self._housekeeping(), name="housekeeping")
@@ -447,7 +512,7 @@ def truncated_tags(config: GatewayConfig, profiles: Mapping[str, Profile]) -> di
     """Device id -> tag length, for devices whose profile says they show only part of a card
     id (``tag.truncated_to``): the ``Authorizer``'s ``truncated_to``."""
     out: dict[str, int] = {}
-    for dev in config.devices:
+    for dev in config.modbus_devices:
         tag = profiles[dev.driver].tag
         if tag is not None and tag.truncated_to is not None:
             out[dev.id] = tag.truncated_to
@@ -461,7 +526,7 @@ def profile_max_currents(
     ``profile_max_a`` (the plausibility bound of its counters)."""
     return {
         d.id: limit.max_a
-        for d in config.devices
+        for d in config.modbus_devices
         if (limit := profiles[d.driver].current_limit) is not None
     }
 

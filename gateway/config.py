@@ -35,6 +35,7 @@ __all__ = [
     "EndpointConfig",
     "GatewayConfig",
     "GridConfig",
+    "OcppConfig",
     "Secret",
     "SiteConfig",
     "StorageConfig",
@@ -163,6 +164,8 @@ class DeviceConfig:
     tariff: str | None = None
     connector: int = 1
     max_current_a: float | None = None  # site wiring limit for this charger
+    charge_point_id: str | None = None  # driver ocpp: the identity in ws://HOST:PORT/{id}
+    meter_public_key: str | None = None  # driver ocpp: hex DER key of its OCMF-signing meter
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +219,34 @@ class HomeAssistantConfig:
         return int(rest.rsplit(":", 1)[1]) if ":" in rest else 1883
 
 
+OCPP_DRIVER = "ocpp"  # a device with this driver is an OCPP-J charge point, not a Modbus profile
+
+
+@dataclass(frozen=True, slots=True)
+class OcppConfig:
+    """The OCPP-J server OCPP chargers connect to (``ws://HOST:PORT/{charge_point_id}``).
+
+    ``security_profile``: 0 none, 1 HTTP basic auth, 2 TLS with basic auth (OCPP 1.6 security
+    whitepaper profiles). ``passwords`` maps a charge point id to its basic auth password.
+    """
+
+    listen: str = "0.0.0.0:9000"
+    security_profile: int = 0
+    passwords: dict[str, Secret] = field(default_factory=dict)
+    cert_file: str | None = None
+    key_file: str | None = None
+    heartbeat_interval_s: float = 300.0
+    call_timeout_s: float = 30.0
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
 @dataclass(frozen=True, slots=True)
 class WebConfig:
     """The status page, API and metrics (gateway.web): off unless ``web:`` is set."""
@@ -249,10 +280,16 @@ class GatewayConfig:
     billing: BillingConfig = field(default_factory=BillingConfig)
     grid: GridConfig | None = None
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    ocpp: OcppConfig | None = None
     web: WebConfig | None = None
     drivers_path: str | None = None
     log_level: str = "info"
     source: str = ""  # file the config was loaded from
+
+    @property
+    def modbus_devices(self) -> tuple[DeviceConfig, ...]:
+        """The devices the Modbus engine polls (every device but OCPP charge points)."""
+        return tuple(d for d in self.devices if d.driver != OCPP_DRIVER)
 
     def device(self, device_id: str) -> DeviceConfig:
         for dev in self.devices:
@@ -840,6 +877,9 @@ class _Map(_Node):
 # --- value checks used by the table ------------------------------------------------------
 
 _ID_RE = r"[A-Za-z0-9_-]{1,64}"
+# OCPP identities end up in a URL path and as the basic auth user name (no ':' there).
+_CP_ID_RE = r"[A-Za-z0-9_.*-]{1,48}"
+_CP_ID_HINT = "1 to 48 characters of A-Z a-z 0-9 _ . * -"
 _ID_HINT = "1 to 64 characters of A-Z a-z 0-9 _ -"
 _URL_RE = re.compile(
     r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<host>[A-Za-z0-9._-]+)(?::(?P<port>[0-9]+))?/?"
@@ -1139,8 +1179,60 @@ _DEVICE = _Obj(
         "max_current_a": _Num(
             min=6.0, max=1000.0, description="chargers: site wiring limit per phase"
         ),
+        "charge_point_id": _Str(
+            pattern=_CP_ID_RE,
+            hint=_CP_ID_HINT,
+            description="driver ocpp: the charge point identity it connects with "
+            "(ws://HOST:PORT/{charge_point_id})",
+        ),
+        "meter_public_key": _Str(
+            pattern=r"[0-9A-Fa-f]{40,1000}",
+            hint="the hex of the meter's DER public key",
+            description="driver ocpp: public key of the meter signing its values (OCMF); "
+            "evgw verify checks the signed start and stop values with it",
+        ),
     },
     target=DeviceConfig,
+)
+
+_OCPP = _Obj(
+    {
+        "listen": _Str(
+            default="0.0.0.0:9000",
+            check=_check_listen,
+            description="address the OCPP-J server listens on (HOST:PORT)",
+        ),
+        "security_profile": _Enum(
+            (0, 1, 2),
+            default=0,
+            description="0 none, 1 HTTP basic auth, 2 TLS with basic auth",
+        ),
+        "passwords_file": _Path(
+            attr="",
+            must_be="file",
+            description="basic auth passwords, one 'CHARGE_POINT_ID:PASSWORD' per line "
+            "(profiles 1 and 2); never logged",
+        ),
+        "cert_file": _Path(must_be="file", description="server certificate (PEM), profile 2"),
+        "key_file": _Path(must_be="file", description="its private key (PEM), profile 2"),
+        "heartbeat_interval": _Duration(
+            attr="heartbeat_interval_s",
+            default=300.0,
+            min=10.0,
+            max=86400.0,
+            description="Heartbeat interval given to charge points in BootNotification",
+        ),
+        "call_timeout": _Duration(
+            attr="call_timeout_s",
+            default=30.0,
+            min=1.0,
+            max=600.0,
+            description="wait this long for a charge point's answer to a call",
+        ),
+    },
+    target=OcppConfig,
+    default=None,
+    description="OCPP-J 1.6 server for chargers with driver: ocpp",
 )
 
 _TOKEN = _Obj(
@@ -1395,6 +1487,7 @@ CONFIG_SCHEMA = _Obj(
         "billing": _BILLING,
         "grid": _GRID,
         "homeassistant": _HOMEASSISTANT,
+        "ocpp": _OCPP,
         "web": _WEB,
         "drivers_path": _Path(
             must_be="dir",
@@ -1685,10 +1778,25 @@ def _check_devices(
     kinds: dict[str, str] = {}  # device id -> "charger" | "meter"
     addresses: dict[tuple[Any, ...], str] = {}
     used_endpoints: set[tuple[Any, Any]] = set()
+    charge_points: dict[tuple[str, int], int] = {}
     for i, dev in items:
         path: PathT = ("devices", i)
         present = _present(ctx, path)
         profile = None
+        if dev.get("driver") == OCPP_DRIVER:
+            if first.get(dev.get("id", "")) == i:
+                kinds[dev["id"]] = str(DeviceKind.CHARGER)
+            _check_ocpp_device(ctx, raw, path, dev, present, charge_points)
+            if "tariff" in dev and isinstance(dev["tariff"], str):
+                ctx.tariff_refs.append(((*path, "tariff"), dev["tariff"]))
+            continue
+        for key_name in ("charge_point_id", "meter_public_key"):
+            if key_name in present:
+                ctx.add(
+                    (*path, key_name),
+                    f"{key_name} is for OCPP chargers (driver: {OCPP_DRIVER})",
+                    key=True,
+                )
         if profiles is not None and "driver" in dev:
             profile = profiles.get(dev["driver"])
             if profile is None:
@@ -1840,6 +1948,121 @@ def _check_grid_limits(ctx: _Ctx, grid: dict[str, Any], buses: dict[str, dict[st
             ctx.add(path, "needs max_current_a or max_power_w (one of them)")
 
 
+def _check_ocpp_device(
+    ctx: _Ctx,
+    raw: dict[str, Any],
+    path: PathT,
+    dev: dict[str, Any],
+    present: set[str],
+    charge_points: dict[tuple[str, int], int],
+) -> None:
+    """An OCPP charge point: reached by its own websocket, so no Modbus address."""
+    for key_name in ("host", "port", "bus", "unit", "poll_interval", "timeout", "meter"):
+        if key_name in present:
+            why = (
+                "an OCPP charger is billed from its own meter values (meter: is not supported "
+                "for OCPP chargers yet)"
+                if key_name == "meter"
+                else "an OCPP charger connects to the gateway's ocpp: server by itself"
+            )
+            ctx.add((*path, key_name), f"{key_name} is for Modbus devices: {why}", key=True)
+    if "meter_public_key" in dev:
+        from gateway.ocpp.ocmf import load_meter_key  # here: it needs cryptography
+
+        try:
+            load_meter_key(dev["meter_public_key"])
+        except ValueError as exc:
+            ctx.add((*path, "meter_public_key"), f"not a meter public key: {exc}")
+    cp_id = dev.get("charge_point_id")
+    if cp_id is None:
+        if "charge_point_id" not in present:
+            ctx.add(path, "needs charge_point_id: the identity the charger connects with")
+    elif (cp_id, dev.get("connector", 1)) in charge_points:
+        other = _get(ctx, ("devices", charge_points[(cp_id, dev.get("connector", 1))], "id"))
+        ctx.add(
+            (*path, "charge_point_id"),
+            f"connector {dev.get('connector', 1)} of charge point '{cp_id}' is already device "
+            f"'{other}' (a second connector needs connector: 2)",
+        )
+    else:
+        charge_points[(cp_id, dev.get("connector", 1))] = path[1] if isinstance(path[1], int) else 0
+    if "ocpp" not in _present(ctx, ()):
+        ctx.add(
+            (*path, "driver"),
+            "an OCPP charger needs the ocpp: section (ocpp: {listen: \"0.0.0.0:9000\"})",
+        )
+    ocpp = raw.get("ocpp")
+    if isinstance(ocpp, dict) and cp_id is not None and ocpp.get("security_profile", 0) >= 1:
+        passwords = ocpp.get("passwords")
+        if isinstance(passwords, dict) and cp_id not in passwords:
+            ctx.add(
+                (*path, "charge_point_id"),
+                f"no password for '{cp_id}' in ocpp.passwords_file (security_profile "
+                f"{ocpp.get('security_profile')} needs one per charge point)",
+            )
+
+
+def _read_ocpp_passwords(ctx: _Ctx, file: Path) -> dict[str, Secret] | None:
+    where: PathT = ("ocpp", "passwords_file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        ctx.add(where, f"cannot read password file {file}: {exc.strerror}")
+        return None
+    except UnicodeDecodeError:
+        ctx.add(where, f"password file {file} is not UTF-8 text")
+        return None
+    out: dict[str, Secret] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        cp_id, sep, password = line.partition(":")
+        cp_id = cp_id.strip()
+        # The line number is the file's, never the password: messages must not show it.
+        if not sep or not re.fullmatch(_CP_ID_RE, cp_id) or not password:
+            ctx.add(where, f"{file} line {n}: expected CHARGE_POINT_ID:PASSWORD")
+            continue
+        if cp_id in out:
+            ctx.add(where, f"{file} line {n}: charge point '{cp_id}' is listed twice")
+            continue
+        out[cp_id] = Secret(password)
+    return out
+
+
+def _check_ocpp(ctx: _Ctx, raw: dict[str, Any]) -> None:
+    ocpp = raw.get("ocpp")
+    if not isinstance(ocpp, dict):
+        return
+    path: PathT = ("ocpp",)
+    profile = ocpp.get("security_profile", 0)
+    present = _present(ctx, path)
+    if "passwords_file" in ocpp:
+        passwords = _read_ocpp_passwords(ctx, Path(ocpp.pop("passwords_file")))
+        if passwords is not None:
+            ocpp["passwords"] = passwords
+    if profile >= 1 and "passwords_file" not in present:
+        ctx.add(
+            (*path, "security_profile"),
+            f"security_profile {profile} (basic auth) needs passwords_file",
+        )
+    if profile == 2:
+        for key_name in ("cert_file", "key_file"):
+            if key_name not in present:
+                ctx.add(
+                    (*path, "security_profile"),
+                    f"security_profile 2 (TLS) needs {key_name}",
+                )
+    elif profile < 2:
+        for key_name in ("cert_file", "key_file"):
+            if key_name in present:
+                ctx.add(
+                    (*path, key_name),
+                    f"{key_name} is for security_profile 2 (TLS); this is {profile}",
+                    key=True,
+                )
+
+
 def _check_meter_ref(
     ctx: _Ctx,
     path: PathT,
@@ -1910,6 +2133,7 @@ def _check_tokens(ctx: _Ctx, raw: dict[str, Any]) -> None:
 def _cross_check(ctx: _Ctx, raw: dict[str, Any]) -> None:
     profiles = _load_profiles(ctx, raw)
     _check_uplink(ctx, raw)
+    _check_ocpp(ctx, raw)
     buses = _check_buses(ctx, raw)
     _check_devices(ctx, raw, buses, profiles)
     if isinstance(raw.get("grid"), dict):
@@ -1976,6 +2200,10 @@ def load_config(path: str | Path) -> GatewayConfig:
     if doc.problems:
         raise ConfigError(doc.problems)
     config: GatewayConfig = CONFIG_SCHEMA.build(raw)
+    if config.ocpp is not None and isinstance(raw.get("ocpp"), dict):
+        # Read from passwords_file by _check_ocpp; not a key a config file may set itself.
+        passwords = dict(raw["ocpp"].get("passwords") or {})
+        config = replace(config, ocpp=replace(config.ocpp, passwords=passwords))
     return replace(config, source=str(path))
 
 
@@ -2018,8 +2246,18 @@ def summarize(config: GatewayConfig) -> str:
             )
         else:
             lines.append(UNAUTHENTICATED_WARNING)
+    if config.ocpp is not None:
+        oc = config.ocpp
+        lines.append(
+            f"ocpp server ws{'s' if oc.security_profile == 2 else ''}://{oc.listen}, "
+            f"security profile {oc.security_profile}"
+        )
     lines.append(f"{len(config.devices)} device(s) on {len(config.buses)} bus(es):")
     for dev in config.devices:
+        if dev.driver == OCPP_DRIVER:
+            tariff = f", tariff {dev.tariff}" if dev.tariff else ""
+            lines.append(f"  {dev.id}: ocpp charge point {dev.charge_point_id}{tariff}")
+            continue
         where = f"{dev.host}:{dev.port}" if dev.host else f"bus {dev.bus}"
         extra = "".join(
             f", {k} {v}" for k, v in (("meter", dev.meter), ("tariff", dev.tariff)) if v

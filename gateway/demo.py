@@ -78,10 +78,10 @@ def _template() -> str:
 
 def write_demo_config(workdir: Path, broker_url: str, protocol: str = "auto") -> Path:
     """Write the demo's site config with free ports filled in; returns its path."""
-    ports = _free_ports(5)
+    ports = _free_ports(6)
     text = _template().replace("mqtt://127.0.0.1:@BROKER_PORT@", broker_url)
     text = text.replace("@MQTT_PROTOCOL@", protocol)
-    for name, port in zip(("CP1", "CP2", "CP3", "RS485", "WEB"), ports, strict=True):
+    for name, port in zip(("CP1", "CP2", "CP3", "RS485", "WEB", "OCPP"), ports, strict=True):
         text = text.replace(f"@PORT_{name}@", str(port))
     demo_cloud_key(workdir)
     path = workdir / "demo-site.yaml"
@@ -143,6 +143,23 @@ async def _app_start(
             await asyncio.sleep(min(0.5 * (attempt + 1), 3.0))
 
 
+async def _ocpp_charger(config: Any, speed: float) -> None:
+    """The demo's OCPP charger: a simulated charge point connecting to the gateway's OCPP
+    server, EVs arriving one after another (bob's key fob, then alice's card)."""
+    from gateway.ocpp.sim import SimChargePoint, run_ev_cycles
+
+    dev = next(d for d in config.devices if d.driver == "ocpp")
+    sim = SimChargePoint(
+        f"ws://127.0.0.1:{config.ocpp.port}", dev.charge_point_id, meter_wh=2_450_000
+    )
+    try:
+        await run_ev_cycles(
+            sim, ["FOB-0042", "04A2B3C4"], speed=speed, ev_power_w=7_400, charge_s=600
+        )
+    finally:
+        await sim.close()
+
+
 async def _view(live: LiveState, out: TextIO, redraw: bool, every_s: float, watch: str) -> None:
     while True:
         await asyncio.sleep(every_s)
@@ -189,7 +206,9 @@ async def run_demo(
             assert config.uplink is not None
             profiles = load_profiles(config.drivers_path)
             charger_ids = [
-                d.id for d in config.devices if profiles[d.driver].kind.value == "charger"
+                d.id
+                for d in config.modbus_devices
+                if profiles[d.driver].kind.value == "charger"
             ]
             scenario = parse_scenario(
                 DEMO_SCENARIO,
@@ -230,6 +249,8 @@ async def run_demo(
                     _app_start(site, host, port, prefix, site_id, demo_cloud_key(workdir)),
                     name="demo_app_start",
                 )
+                if config.ocpp is not None:
+                    tg.create_task(_ocpp_charger(config, speed), name="demo_ocpp_charger")
                 if view:
                     redraw = out.isatty()
                     tg.create_task(

@@ -171,6 +171,14 @@ class CommandTarget(Protocol):
 
     async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]: ...
 
+    async def change_availability(self, charger_id: str, available: bool) -> dict[str, Any]:
+        """Take a charger out of service (False) or back (OCPP ChangeAvailability)."""
+        ...
+
+    async def reset(self, charger_id: str, hard: bool) -> dict[str, Any]:
+        """Restart a charger (OCPP Reset)."""
+        ...
+
     async def auth_response(
         self, request_id: str, status: str, user: str | None, expires_at: float | None
     ) -> None: ...

@@ -99,6 +99,9 @@ SWAP_MIN_WH = 50.0  # session counter must have risen this much before a drop me
 POINT_EVERY_S = 60.0
 GAP_POLLS = 3  # readings missing for more than this many poll intervals: comms_gap
 CHARGING_POWER_W = 100.0  # status-less chargers: this much power means charging
+# A charger reporting its own transactions sends meter values every few minutes (OCPP
+# MeterValueSampleInterval) and replays them after an outage: comms_gap only beyond 3 x this.
+TRANSACTION_INTERVAL_S = 300.0
 
 UNIDENTIFIED = Flag.UNIDENTIFIED.value
 UNPRICED = Flag.UNPRICED.value
@@ -174,6 +177,10 @@ class ChargerSpec:
     # Bill from that session counter rather than a coarse lifetime counter (Vestel counts its
     # lifetime energy in 0.1 kWh steps but the session in Wh).
     prefer_session_counter: bool = False
+    # The charger reports its own transactions (OCPP StartTransaction/StopTransaction): its
+    # sessions open and close only through ``begin_transaction``/``end_transaction``; its
+    # samples carry status, power and currents (live view, load management) only.
+    transactional: bool = False
     # Range and resolution of each counter by source ("energy_wh", "session_energy_wh",
     # "meter:<id>"), from the device profiles; unknown ones get ``DEFAULT_COUNTER``.
     counters: Mapping[str, Counter] = field(default_factory=dict)
@@ -248,6 +255,9 @@ class OpenSession:
     interval_charging: bool = False
     ended_at: float | None = None
     stop_reason: str | None = None
+    # What the charger's own protocol knows of the session (OCPP: charge point, transaction id,
+    # signed meter values); copied into the record as ``ocpp``.
+    ocpp: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ state
     def to_state(self) -> dict[str, Any]:
@@ -529,7 +539,7 @@ class OpenSession:
             "tariff_id": self.tariff_id,
             "tariff_version": self.tariff_version,
             "flags": [str(f) for f in flags],
-        }
+        } | ({"ocpp": dict(self.ocpp)} if self.ocpp is not None else {})
 
 
 # --------------------------------------------------------------------------- effects
@@ -870,6 +880,9 @@ class SessionTracker:
 
     # ------------------------------------------------------------- chargers
     def _on_charger(self, conn: _Connector, s: DeviceSample, effects: list[Effect]) -> None:
+        if conn.spec.transactional:
+            self._on_transactional(conn, s, effects)
+            return
         now = s.ts
         cid = conn.spec.charger_id
         if not conn.confirmed:
@@ -1028,6 +1041,123 @@ class SessionTracker:
         else:
             conn.plugged = plugged
         self._status(conn, now, effects)
+
+    # ---------------------------------------------------- transactional chargers
+    def _on_transactional(self, conn: _Connector, s: DeviceSample, effects: list[Effect]) -> None:
+        """Status and power of a charger that reports its transactions itself: never opens or
+        closes a session (a queued StopTransaction may still be on its way)."""
+        now = s.ts
+        conn.resumed = False
+        if not s.online:
+            if conn.online is not False:
+                log.warning("charger_offline", charger_id=conn.spec.charger_id, error=s.error)
+            conn.online, conn.status, conn.power_w = False, None, None
+        else:
+            conn.online = True
+            conn.last_online_ts = now
+            if s.status is not None:
+                conn.status = s.status
+            conn.power_w = s.power_w if s.power_w is not None else conn.power_w
+            conn.plugged = _plugged(s, conn.plugged)
+            session = conn.session
+            if session is not None and conn.plugged:
+                session.last_activity_ts = max(session.last_activity_ts, now)
+                if conn.power_w is not None:
+                    session.max_power_w = max(session.max_power_w, conn.power_w)
+        self._status(conn, now, effects)
+
+    def begin_transaction(
+        self,
+        charger_id: str,
+        grant: Grant,
+        ts: float,
+        meter_start_wh: float,
+        ocpp: Mapping[str, Any],
+    ) -> tuple[list[Effect], OpenSession]:
+        """A transaction the charger started at ``ts`` with its register at ``meter_start_wh``.
+
+        A session still open on the connector lost its end (the charger never reported it):
+        it is closed first at its last activity, flagged ``end_estimated``."""
+        conn = self._conns[charger_id]
+        effects: list[Effect] = []
+        if conn.session is not None:
+            old = conn.session
+            log.warning(
+                "transaction_end_missing",
+                charger_id=charger_id,
+                session_id=old.session_id,
+                ocpp=old.ocpp,
+            )
+            self._end(
+                conn,
+                StopReason.UNKNOWN,
+                min(max(old.last_activity_ts, old.started_at), ts),
+                effects,
+                estimated=True,
+            )
+        conn.anchor_ts, conn.anchor_wh = ts, round(meter_start_wh)
+        conn.anchor_latched = conn.anchor_reconstructed = False
+        session = self._start(conn, grant, ts, effects)
+        session.source = "transaction"
+        session.ocpp = dict(ocpp)
+        session.charging = conn.status is ChargerStatus.CHARGING
+        session.last_activity_ts = max(session.last_activity_ts, ts)
+        conn.plugged = True
+        self._status(conn, ts, effects)
+        return effects, session
+
+    def transaction_meter(
+        self, session_id: str, ts: float, energy_wh: float, power_w: float | None = None
+    ) -> list[Effect]:
+        """A reading of the charger's energy register within an open transaction (MeterValues,
+        transactionData). Readings older than the last one are ignored by ``OpenSession.feed``;
+        the same guards as for Modbus counters apply."""
+        effects: list[Effect] = []
+        charger_id = self.find_session(session_id)
+        if charger_id is None:
+            return effects
+        conn = self._conns[charger_id]
+        session = conn.session
+        assert session is not None
+        if session.feed(energy_wh, ts, TRANSACTION_INTERVAL_S, conn.spec.max_power_w):
+            effects.append(SaveSession(session))
+        if power_w is not None:
+            session.max_power_w = max(session.max_power_w, power_w)
+        charging = conn.status is ChargerStatus.CHARGING or (
+            power_w is not None and power_w >= CHARGING_POWER_W
+        )
+        self._account(conn, session, ts, charging=charging, plugged=True)
+        self._points(session, ts, effects)
+        return effects
+
+    def end_transaction(
+        self,
+        session_id: str,
+        ts: float,
+        meter_stop_wh: float,
+        reason: StopReason,
+        ocpp: Mapping[str, Any] | None = None,
+        *,
+        estimated: bool = False,
+    ) -> list[Effect]:
+        """The charger's end of a transaction (StopTransaction, possibly replayed later), or
+        ``estimated``: the charger shows no EV and never sent its end."""
+        effects: list[Effect] = []
+        charger_id = self.find_session(session_id)
+        if charger_id is None:
+            return effects
+        conn = self._conns[charger_id]
+        session = conn.session
+        assert session is not None
+        if ocpp:
+            session.ocpp = {**(session.ocpp or {}), **ocpp}
+        ts = max(ts, session.started_at)
+        session.feed(meter_stop_wh, ts, TRANSACTION_INTERVAL_S, conn.spec.max_power_w)
+        self._account(conn, session, ts, charging=False, plugged=True)
+        self._end(conn, reason, ts, effects, estimated=estimated)
+        conn.plugged = bool(conn.status is not None and conn.status.plugged)
+        self._status(conn, ts, effects)
+        return effects
 
     def _swap_confirmed(self, session: OpenSession, now: float, sc: int) -> bool:
         seen = session.swap_seen
@@ -1429,6 +1559,7 @@ class SessionManager:
         time_scale: float = 1.0,
         plug_reset_counters: Iterable[str] = (),
         prefer_session_counters: Iterable[str] = (),
+        transactional: Iterable[str] = (),
         counters: Mapping[str, Mapping[str, Counter]] | None = None,
         profile_max_a: Mapping[str, float] | None = None,
     ) -> None:
@@ -1458,6 +1589,7 @@ class SessionManager:
         profile_max_a = profile_max_a or {}
         resets = set(plug_reset_counters)  # chargers whose session counter restarts at plug-in
         prefer = set(prefer_session_counters) & resets
+        reporting = set(transactional)
         specs = []
         for cid in ids:
             dev = devices[cid]
@@ -1477,7 +1609,8 @@ class SessionManager:
                     controllable=chargers is not None and chargers.can_control(cid),
                     session_counter_resets_on_plug=cid in resets,
                     prefer_session_counter=cid in prefer,
-                    confirmed=not guessed,
+                    confirmed=not guessed or cid in reporting,
+                    transactional=cid in reporting,
                     counters=own,
                 )
             )
@@ -1630,6 +1763,51 @@ class SessionManager:
                             session.charger_id, StopReason.DEAUTHORIZED, self._clock.time()
                         )
                     )
+
+    async def begin_transaction(
+        self,
+        charger_id: str,
+        grant: Grant,
+        ts: float,
+        meter_start_wh: float,
+        ocpp: Mapping[str, Any],
+    ) -> str:
+        """Open the session of a transaction the charger reported; returns its session id
+        (persisted before this returns)."""
+        async with self._lock:
+            effects, session = self.tracker.begin_transaction(
+                charger_id, grant, ts, meter_start_wh, ocpp
+            )
+            await self._perform(effects)
+            return session.session_id
+
+    async def transaction_meter(
+        self, session_id: str, ts: float, energy_wh: float, power_w: float | None = None
+    ) -> None:
+        async with self._lock:
+            await self._perform(self.tracker.transaction_meter(session_id, ts, energy_wh, power_w))
+
+    async def end_transaction(
+        self,
+        session_id: str,
+        ts: float,
+        meter_stop_wh: float,
+        reason: StopReason,
+        ocpp: Mapping[str, Any] | None = None,
+        *,
+        estimated: bool = False,
+    ) -> bool:
+        """Close a reported transaction's session (finished, priced, sealed and queued before
+        this returns); False when no such session is open."""
+        async with self._lock:
+            if self.tracker.find_session(session_id) is None:
+                return False
+            await self._perform(
+                self.tracker.end_transaction(
+                    session_id, ts, meter_stop_wh, reason, ocpp, estimated=estimated
+                )
+            )
+            return True
 
     def open_sessions(self) -> list[dict[str, Any]]:
         return [s.to_state() for s in self.tracker.sessions()]

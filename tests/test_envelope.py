@@ -26,7 +26,7 @@ from gateway.uplink.envelope import (
     sign_message,
 )
 from gateway.uplink.schemas import validate
-from gateway.uplink.topics import Topics
+from gateway.uplink.topics import COMMAND_NAMES, Topics
 
 TOPICS = Topics("evgw", "depot-7")
 NOW = 1_796_000_000.0
@@ -175,3 +175,25 @@ def test_key_loaders_say_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(GatewayError, match="not an unencrypted PEM private key"):
         load_signing_key(public)
     assert load_signing_key(private).public_key() is not None
+
+
+MINIMAL_COMMANDS = {
+    "start": {"request_id": "r1", "charger_id": "cp1", "user": "carol"},
+    "stop": {"request_id": "r1", "charger_id": "cp1"},
+    "tokens": {"request_id": "r1", "version": 1, "mode": "replace", "tokens": []},
+    "tariffs": {"request_id": "r1", "version": 1, "tariffs": {}},
+    "limit": {"request_id": "r1", "scope": "site", "clear": True},
+    "availability": {"request_id": "r1", "charger_id": "cp9", "available": False},
+    "reset": {"request_id": "r1", "charger_id": "cp9", "type": "soft"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMMAND_NAMES))
+def test_every_command_schema_takes_the_signed_envelope(name: str) -> None:
+    """A command added later (limit, availability, reset) must accept issued_at and signature,
+    or a site with uplink.command_key could never be sent it."""
+    payload = MINIMAL_COMMANDS[name]
+    assert validate(f"command-{name}", payload) == []
+    topic = Topics("evgw", "site-1").command(name)
+    signed = sign_message(topic, payload, Ed25519PrivateKey.generate())
+    assert validate(f"command-{name}", signed) == []

@@ -65,6 +65,8 @@ GOOD = {
     },
     "command-start": {"request_id": "r1", "charger_id": "cp1", "user": "alice"},
     "command-stop": {"request_id": "r1", "session_id": "s"},
+    "command-availability": {"request_id": "r1", "charger_id": "cp9", "available": False},
+    "command-reset": {"request_id": "r1", "charger_id": "cp9", "type": "hard"},
     "command-reply": {
         "request_id": None,
         "ok": False,

@@ -506,7 +506,11 @@ def _charger_ids(config: GatewayConfig) -> list[str]:
         from gateway.profiles import load_profiles
 
         profiles = load_profiles(config.drivers_path)
-        return [d.id for d in config.devices if str(profiles[d.driver].kind) == "charger"]
+        return [
+            d.id
+            for d in config.devices
+            if d.driver == "ocpp" or str(profiles[d.driver].kind) == "charger"
+        ]
     except Exception as exc:  # without profiles, idle chargers are merely missing from usage
         log.warning("report_profiles_unavailable", error=str(exc))
         return [d.id for d in config.devices if d.tariff is not None or d.meter is not None]

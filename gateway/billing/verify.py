@@ -333,11 +333,26 @@ async def run_verify(
     if key is not None:
         keys = await asyncio.to_thread(load_key_file, Path(key))
     result = verify_records(records, keys, complete=complete)
+    meter_keys = (
+        {d.id: d.meter_public_key for d in config.devices if d.meter_public_key}
+        if (config is not None)
+        else {}
+    )
+    signed_note = ""
+    if meter_keys:  # OCPP chargers with an OCMF-signing meter: check their signed values too
+        from gateway.ocpp.ocmf import load_meter_key
+        from gateway.ocpp.ocmf import verify_records as verify_signed
+
+        loaded = {d: load_meter_key(k) for d, k in meter_keys.items()}
+        signed_problems, signed_ok = verify_signed(records, loaded)
+        result.problems.extend(signed_problems)
+        result.ok = result.ok and not signed_problems
+        signed_note = f"; {signed_ok} signed meter value(s) valid"
     out = sys.stdout
     for problem in [*result.problems, *store_problems]:
         out.write(printable(problem) + "\n")
     if store_problems and result.ok:
-        out.write(f"{result.summary()}; but the store has problems (above)\n")
+        out.write(f"{result.summary()}{signed_note}; but the store has problems (above)\n")
         return 1
-    out.write(result.summary() + "\n")
+    out.write(result.summary() + signed_note + "\n")
     return 0 if result.ok else 1

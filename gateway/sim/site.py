@@ -27,7 +27,7 @@ import itertools
 import random
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -97,7 +97,9 @@ class SimSite:
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be > 0")
-        self.config = config
+        # OCPP charge points are not served here: they connect to the gateway themselves
+        # (gateway.ocpp.sim).
+        self.config = replace(config, devices=config.modbus_devices)
         self.profiles = profiles
         self.speed = speed
         self.scenario = scenario
@@ -562,11 +564,24 @@ async def run_simulator(
         config, profiles, speed=speed, scenario=scenario, truth_path=truth_path, seed=seed
     ) as site:
         _print_served(site, sys.stdout)
+        ocpp_task = None
+        if config.ocpp is not None and config.modbus_devices != config.devices:
+            from gateway.ocpp.sim import simulate_charge_points
+
+            ocpp_task = asyncio.get_running_loop().create_task(
+                simulate_charge_points(config, speed, sys.stdout), name="sim-ocpp"
+            )
         print(f"simulating at {speed:g}x; Ctrl-C to stop", file=sys.stdout, flush=True)
-        if duration_s is not None:
-            await asyncio.sleep(duration_s)
-        else:
-            await asyncio.Event().wait()
+        try:
+            if duration_s is not None:
+                await asyncio.sleep(duration_s)
+            else:
+                await asyncio.Event().wait()
+        finally:
+            if ocpp_task is not None:
+                ocpp_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ocpp_task
     return 0
 
 

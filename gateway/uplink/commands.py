@@ -233,6 +233,10 @@ class CommandHandler:
                 expires_at,
                 data.get("reason"),
             )
+        elif name == "availability":
+            result = await target.change_availability(data["charger_id"], data["available"])
+        elif name == "reset":
+            result = await target.reset(data["charger_id"], data.get("type", "soft") == "hard")
         else:
             result = await target.update_tariffs(data["version"], data["tariffs"])
         return dict(result or {})

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 __all__ = ["COMMAND_NAMES", "Topics", "valid_topic_level"]
 
-COMMAND_NAMES = frozenset({"start", "stop", "tokens", "tariffs", "limit"})
+COMMAND_NAMES = frozenset(
+    {"start", "stop", "tokens", "tariffs", "limit", "availability", "reset"}
+)
 
 _FORBIDDEN = ("/", "+", "#", "\x00")
 

@@ -66,7 +66,7 @@ class GatewayMetrics:
         )
         for dev in gw.config.devices:  # every series exists from the first scrape
             self.polls.labels(dev.id)
-            if gw.profiles[dev.driver].kind is DeviceKind.CHARGER:
+            if gw.device_kind(dev.id) is DeviceKind.CHARGER:
                 self.sessions_finished.labels(dev.id)
                 self.session_energy.labels(dev.id)
         self.registry.register(_StateCollector(gw))
@@ -127,7 +127,7 @@ class _StateCollector(Collector):
             counts[session.charger_id] = counts.get(session.charger_id, 0) + 1
             open_energy.add_metric([session.charger_id], round(session.energy()))
         for dev in gw.config.devices:
-            if gw.profiles[dev.driver].kind is DeviceKind.CHARGER:
+            if gw.device_kind(dev.id) is DeviceKind.CHARGER:
                 open_.add_metric([dev.id], float(counts.get(dev.id, 0)))
         yield open_
         yield open_energy

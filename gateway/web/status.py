@@ -62,12 +62,12 @@ async def build_status(gw: Gateway, links: dict[str, str] | None = None) -> dict
     decision = load.last if load is not None else None
     chargers = []
     for dev in gw.config.devices:
-        if gw.profiles[dev.driver].kind is not DeviceKind.CHARGER:
+        if gw.device_kind(dev.id) is not DeviceKind.CHARGER:
             continue
         chargers.append(await _charger(gw, dev.id, dev.driver, decision, now))
     meters = []
     for dev in gw.config.devices:
-        if gw.profiles[dev.driver].kind is DeviceKind.CHARGER:
+        if gw.device_kind(dev.id) is DeviceKind.CHARGER:
             continue
         live = gw.live.devices.get(dev.id)
         meters.append(
