@@ -36,6 +36,7 @@ __all__ = [
     "StorageConfig",
     "TlsConfig",
     "UplinkConfig",
+    "UplinkReadingsConfig",
     "check_config",
     "config_json_schema",
     "format_duration",
@@ -80,6 +81,15 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UplinkReadingsConfig:
+    """What the cloud gets of the readings (the local buffer keeps every one): one reading per
+    device and ``interval_s`` folded by ``mode`` (last | mean | min_max); 0 sends each one."""
+
+    interval_s: float = 60.0
+    mode: str = "last"
+
+
+@dataclass(frozen=True, slots=True)
 class UplinkConfig:
     url: str  # mqtt://host[:port] or mqtts://host[:port]
     client_id: str
@@ -93,6 +103,7 @@ class UplinkConfig:
     readings_qos: int = 0
     readings_batch: int = 500
     protocol: str = "auto"  # auto | 5 | 3.1.1
+    readings: UplinkReadingsConfig = UplinkReadingsConfig()
 
     @property
     def scheme(self) -> str:
@@ -872,6 +883,28 @@ _UPLINK = _Obj(
         "readings_qos": _Enum((0, 1), default=0, description="QoS of readings batches"),
         "readings_batch": _Int(
             default=500, min=1, max=10000, description="readings per message at most"
+        ),
+        "readings": _Obj(
+            {
+                "interval": _Duration(
+                    attr="interval_s",
+                    default=60.0,
+                    min=0.0,
+                    max=86400.0,
+                    description="one reading per device and interval to the cloud "
+                    "(0: every reading); the local buffer keeps every reading",
+                ),
+                "mode": _Enum(
+                    ("last", "mean", "min_max"),
+                    default="last",
+                    description="last reading of the interval, numbers averaged, or the last "
+                    "reading with <name>_min and <name>_max",
+                ),
+            },
+            target=UplinkReadingsConfig,
+            build_when_absent=True,
+            description="readings sent to the cloud (default: one a minute per device, "
+            "~5 MB a day for 10 chargers)",
         ),
     },
     target=UplinkConfig,

@@ -23,7 +23,7 @@ from test_uplink_support import (
     wait_until,
 )
 
-from gateway.config import TlsConfig, UplinkConfig
+from gateway.config import TlsConfig, UplinkConfig, UplinkReadingsConfig
 from gateway.store import Store
 from gateway.uplink.mqtt import MqttUplink
 
@@ -35,6 +35,8 @@ def uplink_config(url: str, **kw: object) -> UplinkConfig:
         "topic_prefix": PREFIX,
         "keepalive_s": 2.0,
         "readings_qos": 1,
+        # every reading, as these delivery tests count them (tests/test_uplink_lean.py folds)
+        "readings": UplinkReadingsConfig(interval_s=0),
     }
     base.update(kw)
     return UplinkConfig(**base)  # type: ignore[arg-type]

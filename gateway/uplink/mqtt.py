@@ -44,8 +44,9 @@ from gateway.errors import UplinkError
 from gateway.model import Clock, SystemClock, rfc3339
 from gateway.ports import CommandTarget, UplinkStore
 from gateway.uplink.commands import CommandHandler
+from gateway.uplink.lean import Aggregate, LeanReadings
 from gateway.uplink.topics import Topics
-from gateway.wire import readings_batch
+from gateway.wire import encode_reading, readings_batch
 
 __all__ = ["PRIORITY_STREAMS", "MqttUplink", "UplinkStats"]
 
@@ -437,6 +438,11 @@ class MqttUplink:
         share = max(1, inflight.limit // 2)
         self._outbox_pending = True
         loop = asyncio.get_running_loop()
+        lean = (
+            LeanReadings(cfg.readings.interval_s, cfg.readings.mode)
+            if cfg.readings.interval_s > 0
+            else None
+        )
 
         async def send(
             stream: str,
@@ -484,9 +490,17 @@ class MqttUplink:
                 if n:
                     self._outbox_pending = True
                 sent += n
+            messages: list[tuple[str, bytes, list[int]]] = []
             if not batches.empty():
                 rows = batches.get_nowait()
-                for device_id, payload, ids in _reading_batches(rows):
+                if lean is None:
+                    messages = _reading_batches(rows)
+                else:
+                    messages = _aggregate_batches(lean.add_wire(rows))
+            if lean is not None and lean.held:
+                messages += _aggregate_batches(lean.due(self._clock.time()))
+            if messages:
+                for device_id, payload, ids in messages:
                     await send(
                         "readings",
                         self.topics.readings(device_id),
@@ -608,6 +622,17 @@ def _reading_batches(rows: Sequence[tuple[int, str, bytes]]) -> list[tuple[str, 
         else:
             group.append(wire)
             ids[device_id].append(row_id)
+    return [(dev, readings_batch(dev, group), ids[dev]) for dev, group in wires.items()]
+
+
+def _aggregate_batches(aggregates: Sequence[Aggregate]) -> list[tuple[str, bytes, list[int]]]:
+    """One ``evgw.readings/1`` message per device from folded readings (``uplink.readings``);
+    each carries the ids of every buffered reading it stands for."""
+    wires: dict[str, list[bytes]] = {}
+    ids: dict[str, list[int]] = {}
+    for agg in aggregates:
+        wires.setdefault(agg.device_id, []).append(encode_reading(agg.ts, agg.values))
+        ids.setdefault(agg.device_id, []).extend(agg.ids)
     return [(dev, readings_batch(dev, group), ids[dev]) for dev, group in wires.items()]
 
 
