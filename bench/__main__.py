@@ -32,6 +32,7 @@ SCENARIOS: dict[str, tuple[int, int]] = {
     "memory": (1, 1),
     "restart": (1, 1),
     "rtu": (1, 1),
+    "uplink": (1, 1),
 }
 HERE = Path(__file__).resolve().parent
 FINDINGS = HERE / "findings.md"
