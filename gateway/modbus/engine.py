@@ -73,6 +73,11 @@ class DeviceDriver:
             profile.registers, conn.max_registers_per_read, conn.max_gap, conn.single_value_reads
         )
         self._decoders = [BlockDecoder(b) for b in self.blocks]
+        tag = profile.tag
+        # texts that mean "no card", compared as the tag is (upper-cased when it is)
+        self._tag_empty: frozenset[str] = frozenset(
+            () if tag is None else ({e.upper() for e in tag.empty} if tag.upper else tag.empty)
+        )
         self._slow_due: dict[int, float] = {}  # block index -> monotonic time it is due again
         self._cache: dict[str, Value] = {}  # last values of slow blocks
         self._online: bool | None = None
@@ -154,8 +159,7 @@ class DeviceDriver:
         text = str(raw).strip()
         if spec.upper:
             text = text.upper()
-        empty = {e.upper() for e in spec.empty} if spec.upper else set(spec.empty)
-        if text == "" or text in empty:
+        if text == "" or text in self._tag_empty:
             return None
         return text
 
