@@ -104,10 +104,9 @@ async def messages(store: Store, topics: Topics) -> list[tuple[str, bytes]]:
     return out
 
 
-def raw_drain(port: int, msgs: list[tuple[str, bytes]], protocol: int = paho.MQTTv5) -> float:
+def raw_drain(port: int, msgs: list[tuple[str, bytes]]) -> float:
     """Seconds to publish ``msgs`` at QoS 1 with at most WINDOW awaiting PUBACK, over MQTT 5
-    like the gateway (paho builds properties and reason codes per message in MQTT 5; 3.1.1 is
-    measured too, for reference)."""
+    like the gateway (paho builds properties and reason codes per message in MQTT 5)."""
     window = threading.BoundedSemaphore(WINDOW)
     done = threading.Event()
     acked = [0]
@@ -118,7 +117,9 @@ def raw_drain(port: int, msgs: list[tuple[str, bytes]], protocol: int = paho.MQT
         if acked[0] == len(msgs):
             done.set()
 
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-raw", protocol=protocol)
+    client = paho.Client(
+        paho.CallbackAPIVersion.VERSION2, client_id="bench-raw", protocol=paho.MQTTv5
+    )
     client.max_inflight_messages_set(WINDOW)
     client.max_queued_messages_set(0)
     client.on_publish = on_publish
