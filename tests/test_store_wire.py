@@ -215,3 +215,38 @@ def test_fast_encoder_writes_the_same_bytes_as_the_json_module(values: dict[Any,
 def test_fast_encoder_same_bytes_for_the_benchmark_reading() -> None:
     values = {f"v{i}": 230.0 + i * 0.37 for i in range(12)} | {"n": 7, "s": "é", "b": True}
     assert encode_reading(T0, values) == _reference_wire(T0, values)
+
+
+async def test_version_2_synced_flags_become_pending_marks(tmp_path: Path) -> None:
+    """Schema 3 keeps undelivered readings as ids in readings_pending: a version-2 buffer's
+    unsynced rows are pending after the upgrade, its synced ones are not, and pruning a reading
+    drops its mark."""
+    path = tmp_path / "v2.db"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(
+        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_ts REAL NOT NULL)"
+    )
+    for statement in (*MIGRATIONS[0], *MIGRATIONS[1]):
+        db.execute(statement)
+    db.executemany("INSERT INTO schema_version VALUES (?, ?)", [(1, T0), (2, T0)])
+    db.executemany(
+        "INSERT INTO readings (device_id, ts, data, wire, synced) VALUES (?, ?, '', ?, ?)",
+        [("m1", T0 + i, encode_reading(T0 + i, {"p": i}), int(i < 3)) for i in range(6)],
+    )
+    db.commit()
+    db.close()
+    async with Store.open(path, site_id="x", reserve_bytes=0, clock=Clock(T0 + 10)) as s:
+        assert [r.values["p"] for r in await s.readings_fetch_unsynced(100)] == [3, 4, 5]
+        assert [w for _, _, w in await s.readings_fetch_wire(100)] == [
+            encode_reading(T0 + i, {"p": i}) for i in (3, 4, 5)
+        ]
+        assert (await s.outbox_backlog())["readings"] == 3
+        await s.readings_mark_synced([4, 6])  # ids 4 and 6: the readings p=3 and p=5
+        assert [r.values["p"] for r in await s.readings_fetch_unsynced(100)] == [4]
+    db = sqlite3.connect(path)
+    try:
+        db.execute("DELETE FROM readings WHERE id = 5")  # pruned: its mark goes too
+        assert db.execute("SELECT COUNT(*) FROM readings_pending").fetchone() == (0,)
+    finally:
+        db.close()

@@ -770,16 +770,22 @@ class Store:
                 reader = sqlite3.connect(
                     str(self.path), isolation_level=None, check_same_thread=False
                 )
-                reader.execute("PRAGMA busy_timeout=5000")
+                # short: this runs on the loop's thread (a WAL reader is rarely ever busy)
+                reader.execute("PRAGMA busy_timeout=50")
                 reader.execute("PRAGMA query_only=ON")
             except sqlite3.Error as exc:
                 raise StoreError(f"{self.path}: cannot open a reader: {exc}") from exc
             self._sync_reader = reader
-        rows: list[tuple[int, str, bytes]] = self._sync_reader.execute(
-            "SELECT r.id, r.device_id, r.wire FROM readings_pending p "
-            "JOIN readings r ON r.id = p.id WHERE p.id > ? ORDER BY p.id LIMIT ?",
-            (int(after_id), int(limit)),
-        ).fetchall()
+        try:
+            rows: list[tuple[int, str, bytes]] = self._sync_reader.execute(
+                "SELECT r.id, r.device_id, r.wire FROM readings_pending p "
+                "JOIN readings r ON r.id = p.id WHERE p.id > ? ORDER BY p.id LIMIT ?",
+                (int(after_id), int(limit)),
+            ).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise StoreError(f"{self.path}: reading readings failed: {exc}") from exc
+            return []  # the caller asks again on its next round
         if all(row[2] is not None for row in rows):
             return rows
         return [

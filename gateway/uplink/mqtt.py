@@ -438,6 +438,7 @@ class MqttUplink:
         share = max(1, inflight.limit // 2)
         self._outbox_pending = True
         loop = asyncio.get_running_loop()
+        outbox_due = loop.time()
         lean = (
             LeanReadings(cfg.readings.interval_s, cfg.readings.mode)
             if cfg.readings.interval_s > 0
@@ -479,10 +480,11 @@ class MqttUplink:
                     (),
                 )
                 sent += 1
-            if self._outbox_pending:
+            if self._outbox_pending or loop.time() >= outbox_due:
                 # Outbox rows come with a notify(); while a readings backlog drains, the
-                # outbox is not asked again each round once it came back empty.
+                # outbox is asked again after a notify or a safety interval, not each round.
                 self._outbox_pending = False
+                outbox_due = loop.time() + self._safety_poll_s
                 n = 0
                 for stream in PRIORITY_STREAMS:
                     n += await self._drain_stream(send, stream, cursors, inflight.limit)
