@@ -170,6 +170,11 @@ class Gateway:
             ],
         )
         self.poller = DevicePoller(list(self.drivers.values()), self._on_sample)
+        self.web: Any = None
+        if cfg.web is not None:
+            from gateway.web.server import WebServer
+
+            self.web = await self._stack.enter_async_context(WebServer(self, cfg.web))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -219,6 +224,8 @@ class Gateway:
             tg.create_task(self._housekeeping(), name="housekeeping")
             if self.uplink is not None:
                 tg.create_task(self.uplink.run(), name="uplink")
+            if self.web is not None:
+                tg.create_task(self.web.run(), name="web")
 
     async def _consume_samples(self) -> None:
         while True:

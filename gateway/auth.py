@@ -31,6 +31,7 @@ from gateway.config import AuthConfig
 from gateway.errors import CommandError
 from gateway.model import AuthSource, AuthStatus, Clock, Token, TokenType
 from gateway.ports import AuthRequester, AuthStore
+from gateway.tags import normalise_tag
 
 __all__ = ["OFFLINE_POLICIES", "AuthDecision", "Authorizer"]
 
@@ -60,7 +61,8 @@ class AuthDecision:
 
 
 def _key(token_id: str) -> str:
-    return token_id.strip().upper()
+    """The token's id in the normal form tags read from chargers have (gateway.tags)."""
+    return normalise_tag(token_id) or ""
 
 
 def _token_type(value: str) -> TokenType:

@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--no-view", action="store_true", help="log instead of drawing the live view")
 
+    sp = sub.add_parser("web-user", help="manage the status page's users file")
+    wsub = sp.add_subparsers(dest="web_user_command", required=True, parser_class=_Parser)
+    wp = wsub.add_parser(
+        "add", help="add a user or change a password (read from a prompt or stdin, never argv)"
+    )
+    wp.add_argument("file", type=Path, help="users file (web.users_file); created when missing")
+    wp.add_argument("name", help="user name")
+
     sp = sub.add_parser("drivers", help="list device profiles, or show one")
     sp.add_argument("slug", nargs="?")
     sp.add_argument("--drivers-path", type=Path, help="also load site profiles from this directory")
@@ -127,7 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--serial", metavar="DEV")
     sp.add_argument("--baud", type=int, action="append", help="baud rate(s) to try (serial)")
     sp.add_argument("--units", default=None, help="unit id range, e.g. 1-10 or 1,2,255")
-    sp.add_argument("--timeout", type=_duration, default=0.3, help="per-request timeout")
+    sp.add_argument(
+        "--timeout",
+        type=_duration,
+        default=None,
+        help="per-request timeout (default 300ms on a serial line, 1s over TCP: a Modbus TCP "
+        "gateway reports a silent unit only after its own timeout)",
+    )
 
     sp = sub.add_parser("read", help="poll one device once and print decoded values")
     cfg(sp)
@@ -264,6 +278,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_web_user(args: argparse.Namespace) -> int:
+    from gateway.web.users import add_user
+
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise UsageError("the passwords differ: nothing changed")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    new = add_user(args.file, args.name, password)
+    print(f"{'added' if new else 'changed the password of'} {args.name} in {args.file}")
+    return 0
+
+
 def _cmd_drivers(args: argparse.Namespace) -> int:
     import json
 
@@ -376,6 +406,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check-config": _cmd_check_config,
     "simulate": _cmd_simulate,
     "demo": _cmd_demo,
+    "web-user": _cmd_web_user,
     "drivers": _cmd_drivers,
     "scan": _cmd_scan,
     "read": _cmd_read,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from typing import Any
 from gateway.errors import ConfigError, ConfigProblem, TariffError
 from gateway.model import AuthStatus, DeviceKind, Token, TokenType
 from gateway.profiles import Profile, load_profiles
+from gateway.tags import normalise_tag
 from gateway.yamlpos import PathT, YamlDoc, load_yaml
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "BillingConfig",
     "BusConfig",
     "DeviceConfig",
+    "EndpointConfig",
     "GatewayConfig",
     "GridConfig",
     "Secret",
@@ -37,11 +40,15 @@ __all__ = [
     "TlsConfig",
     "UplinkConfig",
     "UplinkReadingsConfig",
+    "WebConfig",
     "check_config",
     "config_json_schema",
     "format_duration",
+    "is_loopback",
     "load_config",
     "parse_duration",
+    "serial_answer_timeout_s",
+    "split_listen",
     "summarize",
 ]
 
@@ -139,6 +146,18 @@ class BusConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    """Settings of one Modbus TCP address that devices share, typically a Modbus TCP gateway
+    (protocol converter: MBAP in, RTU out) with an RS-485 line behind it."""
+
+    host: str
+    port: int = 502
+    baudrate: int | None = None  # of the serial line behind; sizes the default answer timeout
+    inter_request_delay_s: float = 0.0  # silence after each answer before the next request
+    timeout_s: float | None = None  # answer timeout of the devices behind it (default: sized)
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceConfig:
     id: str
     driver: str
@@ -179,16 +198,38 @@ class GridConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebConfig:
+    """The status page, API and metrics (gateway.web): off unless ``web:`` is set."""
+
+    listen: str = "127.0.0.1:8080"  # HOST:PORT ([v6addr]:PORT)
+    users_file: str | None = None  # name:scrypt-hash lines; required beyond localhost
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+    @property
+    def local_only(self) -> bool:
+        return is_loopback(self.host)
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     site: SiteConfig
     storage: StorageConfig
     uplink: UplinkConfig | None = None
     buses: tuple[BusConfig, ...] = ()
+    endpoints: tuple[EndpointConfig, ...] = ()
     devices: tuple[DeviceConfig, ...] = ()
     auth: AuthConfig = field(default_factory=AuthConfig)
     tariffs: dict[str, dict[str, Any]] = field(default_factory=dict)  # validated raw tariff data
     billing: BillingConfig = field(default_factory=BillingConfig)
     grid: GridConfig | None = None
+    web: WebConfig | None = None
     drivers_path: str | None = None
     log_level: str = "info"
     source: str = ""  # file the config was loaded from
@@ -204,6 +245,28 @@ class GatewayConfig:
             if bus.id == bus_id:
                 return bus
         raise KeyError(bus_id)
+
+    def endpoint(self, host: str, port: int) -> EndpointConfig | None:
+        """The ``endpoints:`` entry of a Modbus TCP address, None when it has none."""
+        for ep in self.endpoints:
+            if ep.host == host and ep.port == port:
+                return ep
+        return None
+
+
+# A serial line's worst request: FC03/04 of 125 registers answers 255 bytes, the request is 8;
+# 11 bits a character (start, 8 data, parity or a second stop, stop).
+_SERIAL_ROUND_TRIP_BYTES = 8 + 255
+# Device turnaround (up to ~60 ms), the converter's own processing and the LAN.
+_SERIAL_SLACK_S = 0.5
+
+
+def serial_answer_timeout_s(baudrate: int) -> float:
+    """Answer timeout for a device on a serial line of ``baudrate`` reached through a Modbus TCP
+    gateway: the longest request and answer on the wire plus slack, never below the usual 1 s.
+    9600 baud: 1 s; 2400 baud: 1.7 s; 1200 baud: 2.9 s."""
+    wire_s = _SERIAL_ROUND_TRIP_BYTES * 11 / baudrate
+    return max(1.0, round(wire_s + _SERIAL_SLACK_S, 1))
 
 
 # =============================================================================================
@@ -804,6 +867,36 @@ def _check_topic_prefix(prefix: str) -> str | None:
     return None
 
 
+def split_listen(listen: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` or ``"[V6ADDR]:PORT"`` -> (host, port); ValueError when malformed."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]{1,5})|([A-Za-z0-9._-]*):([0-9]{1,5})", listen)
+    if m is None:
+        raise ValueError(f"expected HOST:PORT (IPv6 as [ADDR]:PORT), got {listen!r}")
+    host = m[1] if m[1] is not None else m[3]
+    port = int(m[2] if m[2] is not None else m[4])
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1 to 65535, got {port}")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach ``host``: localhost, 127.0.0.0/8 or ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_listen(listen: str) -> str | None:
+    try:
+        split_listen(listen)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _check_host(host: str) -> str | None:
     if not re.fullmatch(r"[A-Za-z0-9._:-]+", host) or "://" in host:
         return f"expected a host name or IP address, got {host!r}"
@@ -938,6 +1031,39 @@ _BUS = _Obj(
     target=BusConfig,
 )
 
+_ENDPOINT = _Obj(
+    {
+        "host": _Str(
+            required=True,
+            check=_check_host,
+            description="the Modbus TCP address devices use in host: (e.g. a Modbus TCP gateway)",
+        ),
+        "port": _Int(default=502, min=1, max=65535, description="its TCP port"),
+        "baudrate": _Enum(
+            BAUDRATES,
+            default=None,
+            description="baud rate of the serial line behind a Modbus TCP gateway; sizes the "
+            "default answer timeout of its devices",
+        ),
+        "inter_request_delay": _Duration(
+            attr="inter_request_delay_s",
+            default=0.0,
+            min=0.0,
+            max=10.0,
+            description="silence after each answer before the next request (slow converters)",
+        ),
+        "timeout": _Duration(
+            attr="timeout_s",
+            default=None,
+            min=0.01,
+            max=60.0,
+            description="answer timeout of the devices behind it (a device's own timeout wins); "
+            "default: sized for the serial line (baudrate, else the profile's)",
+        ),
+    },
+    target=EndpointConfig,
+)
+
 _DEVICE = _Obj(
     {
         "id": _Str(
@@ -953,7 +1079,9 @@ _DEVICE = _Obj(
             description="profile slug (evgw drivers)",
         ),
         "host": _Str(
-            check=_check_host, description="Modbus TCP address (TCP devices; not with bus)"
+            check=_check_host,
+            description="Modbus TCP address: the device's own, or the Modbus TCP gateway a "
+            "serial device sits behind (not with bus)",
         ),
         "port": _Int(
             min=1, max=65535, description="Modbus TCP port; default: the profile's (usually 502)"
@@ -964,8 +1092,8 @@ _DEVICE = _Obj(
         "unit": _Int(
             min=0,
             max=255,
-            description="Modbus unit id: 1..247 on a bus, 0..247 or 255 over TCP; "
-            "default: the profile's",
+            description="Modbus unit id: 1..247 on a bus or behind a Modbus TCP gateway, "
+            "0..247 or 255 for a Modbus TCP device; default: the profile's",
         ),
         "poll_interval": _Duration(
             attr="poll_interval_s",
@@ -975,7 +1103,12 @@ _DEVICE = _Obj(
             description="how often to read the device",
         ),
         "timeout": _Duration(
-            attr="timeout_s", default=1.0, min=0.01, max=60.0, description="answer timeout"
+            attr="timeout_s",
+            default=1.0,
+            min=0.01,
+            max=60.0,
+            description="answer timeout; behind a Modbus TCP gateway the default is the "
+            "endpoint's, or sized for the serial line",
         ),
         "meter": _Str(
             pattern=_ID_RE,
@@ -1074,6 +1207,26 @@ _GRID = _Obj(
     default=None,
 )
 
+_WEB = _Obj(
+    {
+        "listen": _Str(
+            default="127.0.0.1:8080",
+            check=_check_listen,
+            description="HOST:PORT of the status page, API and /metrics; beyond localhost "
+            "only with users_file",
+        ),
+        "users_file": _Path(
+            must_be="file",
+            default=None,
+            description="NAME:scrypt-hash lines (evgw web-user add FILE NAME); "
+            "with it every request needs HTTP basic auth",
+        ),
+    },
+    target=WebConfig,
+    default=None,
+    description="live status page, JSON API, server-sent events and Prometheus metrics",
+)
+
 CONFIG_SCHEMA = _Obj(
     {
         "site": _Obj(
@@ -1111,6 +1264,12 @@ CONFIG_SCHEMA = _Obj(
         ),
         "uplink": _UPLINK,
         "buses": _List(_BUS, default=(), description="serial lines; TCP devices need none"),
+        "endpoints": _List(
+            _ENDPOINT,
+            default=(),
+            description="optional settings of Modbus TCP addresses that devices share "
+            "(Modbus TCP gateways): inter-request delay, timeout, serial baud rate",
+        ),
         "devices": _List(_DEVICE, default=(), description="chargers and meters"),
         "auth": _AUTH,
         "tariffs": _Map(
@@ -1124,6 +1283,7 @@ CONFIG_SCHEMA = _Obj(
         ),
         "billing": _BILLING,
         "grid": _GRID,
+        "web": _WEB,
         "drivers_path": _Path(
             must_be="dir",
             default=None,
@@ -1189,12 +1349,14 @@ def _ids(
         ident = item.get("id")
         if not isinstance(ident, str):
             continue
-        key = ident.casefold() if fold else ident
+        # Token ids compare in the normal form tags read from chargers have (gateway.tags).
+        key = (normalise_tag(ident) or ident) if fold else ident
         if key in seen:
             first = (*section, seen[key], "id")
             note = ""
             if fold and _get(ctx, first) != ident:
-                note = "; token ids are compared ignoring case"
+                note = ("; token ids are compared in one normal form (case, hex separators, "
+                        "NUL and spaces ignored)")
             ctx.add(
                 (*section, i, "id"),
                 f"duplicate {kind} id '{ident}' "
@@ -1323,18 +1485,81 @@ def _check_buses(ctx: _Ctx, raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {ident: dict(raw["buses"][i]) for ident, i in first.items()}
 
 
+_SERIAL_WAYS = (
+    "a serial (RTU) device is reached in one of three ways: bus: of an rtu bus (an RS-485 port "
+    "on this machine), bus: of an rtu-over-tcp bus (a transparent serial server), or "
+    "host:/port:/unit: of a Modbus TCP gateway (protocol converter such as Waveshare, USR, "
+    "Elfin, Moxa MGate: Modbus TCP in, RTU out)"
+)
+_THREE_WAYS = f"a Modbus TCP device is reached by host: (port:, unit:); {_SERIAL_WAYS}"
+
+
+def _ways_for(profile: Profile) -> str:
+    if "tcp" in profile.connection.transports:
+        return "it is a Modbus TCP device: give it host: (port:, unit:), not bus:"
+    return _SERIAL_WAYS
+
+
+def _reachable(profile: Profile) -> set[str]:
+    """How a profile's device can be reached. A serial (RTU) device also works through any
+    transparent serial server (rtu-over-tcp) and through a Modbus TCP gateway ("tcp-gateway":
+    MBAP in, RTU out), whatever its profile lists: both carry the same RTU requests."""
+    out = set(profile.connection.transports)
+    if "rtu" in out:
+        out |= {"rtu-over-tcp", "tcp-gateway"}
+    if "rtu-over-tcp" in out:
+        out.add("tcp-gateway")
+    return out
+
+
+def _endpoint_timeout_s(endpoint: dict[str, Any] | None, serial: Profile | None) -> float | None:
+    """Default answer timeout of a device at a Modbus TCP address: the endpoint's ``timeout``,
+    else sized for the serial line behind (the endpoint's baud rate, else the profile's when
+    ``serial`` is a serial profile reached through a gateway); None: the usual default."""
+    if endpoint is not None and "timeout" in endpoint:
+        return float(endpoint["timeout"])
+    if endpoint is not None and "baudrate" in endpoint:
+        return serial_answer_timeout_s(int(endpoint["baudrate"]))
+    if serial is not None:
+        return serial_answer_timeout_s(serial.connection.baudrate)
+    return None
+
+
+def _check_endpoints(
+    ctx: _Ctx, raw: dict[str, Any]
+) -> dict[tuple[Any, Any], tuple[int, dict[str, Any]]]:
+    """(host, port) -> (index, endpoint); reports duplicates."""
+    out: dict[tuple[Any, Any], tuple[int, dict[str, Any]]] = {}
+    for i, ep in _items(raw, "endpoints"):
+        if "host" not in ep:
+            continue
+        key = (ep["host"], ep.get("port", 502))
+        if key in out:
+            first = _first_line(ctx, ("endpoints", out[key][0]))
+            ctx.add(
+                ("endpoints", i, "host"),
+                f"duplicate endpoint {key[0]}:{key[1]} (first defined at line {first})",
+            )
+        else:
+            out[key] = (i, ep)
+    return out
+
+
 def _check_devices(
     ctx: _Ctx,
     raw: dict[str, Any],
     buses: dict[str, dict[str, Any]],
     profiles: dict[str, Profile] | None,
 ) -> None:
+    endpoints_at = _check_endpoints(ctx, raw)
+    endpoints = {key: ep for key, (_, ep) in endpoints_at.items()}
     items = _items(raw, "devices")
     first = _ids(ctx, items, ("devices",), "device")
     tariffs = raw.get("tariffs") or {}
     tariffs_known = "tariffs" not in _present(ctx, ()) or "tariffs" in raw
     kinds: dict[str, str] = {}  # device id -> "charger" | "meter"
     addresses: dict[tuple[Any, ...], str] = {}
+    used_endpoints: set[tuple[Any, Any]] = set()
     for i, dev in items:
         path: PathT = ("devices", i)
         present = _present(ctx, path)
@@ -1359,15 +1584,33 @@ def _check_devices(
             )
             continue
         if not is_tcp and "bus" not in present:
-            ctx.add(path, "needs host (Modbus TCP) or bus (serial line)")
+            ctx.add(path, f"needs host or bus: {_THREE_WAYS}")
             continue
         unit = dev.get("unit", 1)
+        transports = _reachable(profile) if profile is not None else None
         if is_tcp:
             transport = "tcp"
-            if 248 <= unit <= 254:
+            behind_gateway = profile is not None and "tcp" not in profile.connection.transports
+            if behind_gateway:
+                transport = "tcp-gateway"
+                if not 1 <= unit <= 247:
+                    ctx.add(
+                        (*path, "unit"),
+                        f"must be between 1 and 247 for a serial device behind a Modbus TCP "
+                        f"gateway (its RS-485 address), got {unit}",
+                    )
+            elif 248 <= unit <= 254:
                 ctx.add((*path, "unit"), f"must be between 0 and 247, or 255, got {unit}")
-            key: tuple[Any, ...] = ("tcp", dev.get("host"), dev.get("port", 502), unit)
-            where = f"at {dev.get('host')}:{dev.get('port', 502)}"
+            host, port = dev.get("host"), dev.get("port", 502)
+            key: tuple[Any, ...] = ("tcp", host, port, unit)
+            where = f"at {host}:{port}"
+            used_endpoints.add((host, port))
+            if "timeout" not in present and profile is not None:
+                timeout_s = _endpoint_timeout_s(
+                    endpoints.get((host, port)), profile if behind_gateway else None
+                )
+                if timeout_s is not None:
+                    dev["timeout"] = timeout_s
         else:
             if "port" in present:
                 ctx.add(
@@ -1391,11 +1634,12 @@ def _check_devices(
                 ctx.add((*path, "unit"), f"must be between 1 and 247 on a serial bus, got {unit}")
             key = ("bus", bus_id, unit)
             where = f"on bus '{bus_id}'"
-        if profile is not None and transport not in profile.connection.transports:
+        if profile is not None and transports is not None and transport not in transports:
             ctx.add(
                 (*path, "host" if is_tcp else "bus"),
-                f"driver {profile.slug} does not support {transport} (it supports "
-                f"{', '.join(profile.connection.transports)})",
+                f"driver {profile.slug} does not support "
+                f"{'Modbus TCP' if transport == 'tcp-gateway' else transport} (it supports "
+                f"{', '.join(profile.connection.transports)}): {_ways_for(profile)}",
             )
         if key[1] is not None and "id" in dev:
             other = addresses.setdefault(key, dev["id"])
@@ -1415,6 +1659,14 @@ def _check_devices(
             ctx.add(
                 (*path, "tariff"),
                 _unknown("tariff", dev["tariff"], tariffs, "tariffs"),
+            )
+    for (host, port), (i, _ep) in endpoints_at.items():
+        if (host, port) not in used_endpoints:
+            hosts = sorted({str(h) for h, _ in used_endpoints})
+            ctx.add(
+                ("endpoints", i),
+                f"no device uses {host}:{port}: set host: {host} (and port: {port}) on the "
+                f"devices behind it{_choices_hint(str(host), hosts, 'device hosts')}",
             )
     for i, dev in items:
         if "meter" in dev and kinds.get(dev.get("id", "")) != "meter":
@@ -1509,6 +1761,39 @@ def _cross_check(ctx: _Ctx, raw: dict[str, Any]) -> None:
     _check_devices(ctx, raw, buses, profiles)
     _check_tariffs(ctx, raw)
     _check_tokens(ctx, raw)
+    _check_web(ctx, raw)
+
+
+def _check_web(ctx: _Ctx, raw: dict[str, Any]) -> None:
+    web = raw.get("web")
+    if not isinstance(web, dict):
+        return
+    if "users_file" in web:
+        from gateway.web.users import UsersFileError, load_users
+
+        try:
+            users = load_users(web["users_file"])
+        except UsersFileError as exc:
+            ctx.add(("web", "users_file"), str(exc))
+            return
+        if not users:
+            ctx.add(
+                ("web", "users_file"),
+                f"no users in {web['users_file']}: add one with evgw web-user add FILE NAME",
+            )
+        return
+    listen = web.get("listen")
+    if listen is None and "listen" in _present(ctx, ("web",)):
+        return  # invalid, already reported
+    host, _ = split_listen(listen or "127.0.0.1:8080")
+    if not is_loopback(host):
+        where: PathT = ("web", "listen") if listen is not None else ("web",)
+        shown = host or "every address"
+        ctx.add(
+            where,
+            f"listening on {shown} (beyond localhost) needs authentication: set "
+            "web.users_file (evgw web-user add FILE NAME creates it)",
+        )
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -1570,8 +1855,24 @@ def summarize(config: GatewayConfig) -> str:
         )
         lines.append(
             f"  {dev.id}: {dev.driver} at {where} unit {dev.unit}, "
-            f"every {format_duration(dev.poll_interval_s)}{extra}"
+            f"every {format_duration(dev.poll_interval_s)}, "
+            f"timeout {format_duration(dev.timeout_s)}{extra}"
         )
+    for ep in config.endpoints:
+        users = [d.id for d in config.devices if d.host == ep.host and d.port == ep.port]
+        line = f"endpoint {ep.host}:{ep.port} shared by {', '.join(users)}: one request at a time"
+        if ep.inter_request_delay_s:
+            line += f", {format_duration(ep.inter_request_delay_s)} between requests"
+        if ep.baudrate:
+            line += f", serial line {ep.baudrate} baud"
+        lines.append(line)
+    if config.web is not None:
+        access = (
+            f"basic auth, users in {config.web.users_file}"
+            if config.web.users_file
+            else "no login: localhost only"
+        )
+        lines.append(f"web: status page, API and /metrics on {config.web.listen} ({access})")
     lines.append(
         f"{len(config.auth.tokens)} token(s), offline policy {config.auth.offline_policy}; "
         f"tariffs: {', '.join(sorted(config.tariffs)) or 'none'}"

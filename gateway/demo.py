@@ -74,10 +74,10 @@ def _template() -> str:
 
 def write_demo_config(workdir: Path, broker_url: str, protocol: str = "auto") -> Path:
     """Write the demo's site config with free ports filled in; returns its path."""
-    ports = _free_ports(4)
+    ports = _free_ports(5)
     text = _template().replace("mqtt://127.0.0.1:@BROKER_PORT@", broker_url)
     text = text.replace("@MQTT_PROTOCOL@", protocol)
-    for name, port in zip(("CP1", "CP2", "CP3", "RS485"), ports, strict=True):
+    for name, port in zip(("CP1", "CP2", "CP3", "RS485", "WEB"), ports, strict=True):
         text = text.replace(f"@PORT_{name}@", str(port))
     path = workdir / "demo-site.yaml"
     path.write_text(text, encoding="utf-8")
@@ -196,12 +196,20 @@ async def run_demo(
             host, port = config.uplink.host, config.uplink.port
             print(f"evgw demo: site '{site_id}' simulated at {speed:g}x in {workdir}", file=out)
             watch = f"mosquitto_sub -h {host} -p {port} -t '{prefix}/#' -v"
+            if config.web is not None:
+                watch = f"http://{config.web.listen}/   or   {watch}"
             print(f"watch the topics:  {watch}", file=out)
             print(f"buffer database:   {config.storage.path}", file=out)
             out.flush()
+            def announce(gw: Any) -> None:
+                if gw.web is not None:
+                    print(f"status page:       {gw.web.url}", file=out)
+                    out.flush()
+
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(
-                    run_gateway(config, live=live, time_scale=speed), name="demo_gateway"
+                    run_gateway(config, live=live, time_scale=speed, ready=announce),
+                    name="demo_gateway",
                 )
                 tg.create_task(_app_start(site, host, port, prefix, site_id), name="demo_app_start")
                 if view:

@@ -4,6 +4,7 @@ samples and session events, read by the demo's live view and by ``evgw run``'s s
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,13 @@ class LiveState:
     finished_count: int = 0
     backlog: dict[str, int] = field(default_factory=dict)
     uplink_online: bool | None = None
+    # Called after each change with (kind, payload): "sample" and the sample, or a session
+    # event and its payload (the web page's push and the metrics listen here).
+    listeners: list[Callable[[str, Any], None]] = field(default_factory=list)
+
+    def _changed(self, kind: str, payload: Any) -> None:
+        for listener in self.listeners:
+            listener(kind, payload)
 
     def on_sample(self, sample: DeviceSample, kind: str) -> None:
         dev = self.devices.get(sample.device_id)
@@ -48,6 +56,7 @@ class LiveState:
         else:
             dev.status = "unavailable" if kind == "charger" else None
             dev.power_w = None
+        self._changed("sample", sample)
 
     def on_session_event(self, kind: str, payload: dict[str, Any]) -> None:
         if kind == "session_started":
@@ -68,6 +77,7 @@ class LiveState:
                 dev.session_id = None
             self.finished.appendleft(payload)
             self.finished_count += 1
+        self._changed(kind, payload)
 
 
 def _kw(power_w: float | None) -> str:

@@ -125,8 +125,10 @@ class ChargerSpec:
             max_a=top,
             step_a=0.1 if floats else _STEP_A.get(cl.unit, 1.0),
             controllable=controllable,
-            can_pause=cl.disable is not None,
-            enable_register=profile.enable is not None,
+            # A limit of 0 pauses it: the engine writes the disable value, or switches the
+            # enable control off where that is the profile's pause method.
+            can_pause=cl.disable is not None or profile.pause_method == "enable",
+            enable_register=profile.pause_method == "enable",
         )
 
 
@@ -258,6 +260,43 @@ class LoadBalancer:
         """The charger's status in its latest sample."""
         st = self._state.get(device_id)
         return None if st is None or st.sample is None else st.sample.status
+
+    def explain(self, device_id: str, decision: Decision | None) -> tuple[str, str]:
+        """Why ``device_id`` has the limit it has, as (reason code, sentence) for people:
+        ``not_managed`` | ``not_controllable`` | ``session_disabled`` | ``failsafe`` |
+        ``load_paused`` | ``capped`` | ``charger_max`` | ``idle_minimum`` | ``load_share`` |
+        ``pending``."""
+        spec = self.specs.get(device_id)
+        st = self._state.get(device_id)
+        if spec is None or st is None:
+            return "not_managed", "not under load management"
+        if not spec.controllable:
+            return "not_controllable", "the gateway cannot write its current limit"
+        if not st.authorized:
+            return "session_disabled", "stopped by the gateway: no authorized session"
+        if decision is None or device_id not in decision.targets:
+            return "pending", "waiting for the first load-management decision"
+        target = decision.targets[device_id]
+        limit = self.settings.max_current_a
+        if device_id in decision.paused:
+            return (
+                "load_paused",
+                f"paused: the site limit of {limit:g} A leaves less than its minimum "
+                f"{spec.min_a:g} A",
+            )
+        if decision.mode == Mode.FAILSAFE:
+            return "failsafe", "grid meter offline or silent: held at the failsafe current"
+        if not st.wanted:
+            return "idle_minimum", f"no car wants current: parked at its minimum {spec.min_a:g} A"
+        if st.cap_a is not None and target >= st.cap_a - _EPS:
+            return "capped", f"capped at {st.cap_a:g} A by a limit request"
+        if target >= spec.max_a - spec.step_a - _EPS:
+            return "charger_max", f"its maximum of {spec.max_a:g} A (the site has room)"
+        avail = ", ".join(f"{a:.1f}" for a in decision.available_a)
+        return (
+            "load_share",
+            f"its share of the site limit of {limit:g} A ({avail} A per phase available)",
+        )
 
     @property
     def grid_sample(self) -> DeviceSample | None:

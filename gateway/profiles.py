@@ -17,6 +17,7 @@ from typing import Any
 
 from gateway.errors import ConfigProblem, ProfileError
 from gateway.model import ChargerStatus, DeviceKind, IecState
+from gateway.tags import normalise_tag
 from gateway.yamlpos import YamlDoc, load_yaml
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "DataType",
     "HeartbeatSpec",
     "IdentifySpec",
+    "OnConnectWrite",
     "Profile",
     "RegisterSpec",
     "StateRule",
@@ -221,8 +223,14 @@ class TagSpec:
     """Where the charger shows the identification tag (RFID UID / OCPP idTag) of the session."""
 
     register: str  # name of a text register in ``registers``
-    empty: frozenset[str] = frozenset({""})  # values that mean "no tag"
+    empty: frozenset[str] = frozenset({""})  # values (normal form) that mean "no tag"
     upper: bool = True  # normalise to upper case (UIDs are compared case-insensitively)
+    # Values (normal form) the charger shows that are not a card: a free-charging mode's
+    # placeholder (Vestel VESTELFREEMODE). Such a session is unidentified, never a user.
+    not_a_user: frozenset[str] = frozenset()
+    # The charger shows a hex UID least significant byte first: reverse its bytes so the card
+    # reads as on every other charger. No shipped profile is known to need it.
+    reverse_bytes: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +271,17 @@ class HeartbeatSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class OnConnectWrite:
+    """A value the engine writes after every (re)connect of the device, before it polls:
+    settings the device forgets on a power cut or that keep it answering (Heidelberg HR 258 = 4
+    disables standby, in which the box stops answering)."""
+
+    control: ControlSpec
+    value: int | float
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class IdentifySpec:
     """What ``evgw scan`` reads to recognise the model; ``pattern`` is a regex that the decoded
     value (as text) must match, ``min``/``max`` a range for numbers."""
@@ -286,6 +305,16 @@ class ConnectionSpec:
     single_value_reads: bool = False  # KEBA: never read across value boundaries
     inter_request_delay_s: float = 0.0  # Heidelberg: evcc waits 100 ms between requests
     max_gap: int = 8  # registers of unused space worth reading to save a request
+    # The device answers exception 2 to a read that spans an address it does not define
+    # (Vestel, Webasto NEXT): reads never cover unused registers (max_gap is forced to 0).
+    rejects_gaps: bool = False
+
+    @property
+    def effective_max_gap(self) -> int:
+        return 0 if self.rejects_gaps else self.max_gap
+    # Other serial settings (baud rate, parity, stop bits) the model is said to leave the factory
+    # with, where sources disagree: `evgw scan` tries them when the defaults find nothing.
+    serial_alternatives: tuple[tuple[int, str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +335,10 @@ class Profile:
     heartbeat: HeartbeatSpec | None = None
     phases: ControlSpec | None = None
     identify: IdentifySpec | None = None
+    # How the gateway pauses charging: "enable" (the enable register or coil) or
+    # "current_limit" (write the limit's ``disable`` value); None: it cannot pause.
+    pause: str | None = None
+    on_connect: tuple[OnConnectWrite, ...] = ()
     # Session energy counter semantics: "plug" resets on plug-in, "never" is not to be trusted.
     session_energy_resets: str = "plug"
     # Raw register values the simulator writes to show each status (see docs/profiles.md).
@@ -325,6 +358,18 @@ class Profile:
     @property
     def has_lifetime_energy(self) -> bool:
         return self.has("energy_wh")
+
+    @property
+    def pause_method(self) -> str | None:
+        """``pause`` as written, else the enable control when there is one, else the current
+        limit's disable value; None when the device cannot be paused."""
+        if self.pause is not None:
+            return self.pause
+        if self.enable is not None:
+            return "enable"
+        if self.current_limit is not None and self.current_limit.disable is not None:
+            return "current_limit"
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -759,6 +804,24 @@ _PROFILE = _Obj(
                     "single_value_reads": _Field(_Bool()),
                     "inter_request_delay": _Field(_Duration(positive=False)),
                     "max_gap": _Field(_Int(0, 125)),
+                    "rejects_gaps": _Field(
+                        _Bool(), doc="the device answers exception 2 to reads over unused "
+                        "registers: never read across them (max_gap 0)",
+                    ),
+                    "serial_alternatives": _Field(
+                        _List(
+                            _Obj(
+                                {
+                                    "baudrate": _Field(_Int(300, 1_000_000)),
+                                    "parity": _Field(_Str(choices=("N", "E", "O"))),
+                                    "stopbits": _Field(_Int(1, 2)),
+                                }
+                            )
+                        ),
+                        doc="other factory serial settings reported for this model (each key "
+                        "defaults to the profile's); evgw scan tries them when the defaults "
+                        "find nothing",
+                    ),
                 }
             )
         ),
@@ -794,6 +857,14 @@ _PROFILE = _Obj(
                     "register": _Field(_Str(pattern=_NAME_RE), True, "a text register"),
                     "empty": _Field(_List(_Str()), doc="values meaning no tag"),
                     "upper": _Field(_Bool()),
+                    "not_a_user": _Field(
+                        _List(_Str(nonempty=True)),
+                        doc="values the charger shows that are no card (free-mode placeholders)",
+                    ),
+                    "byte_order": _Field(
+                        _Str(choices=("as_shown", "reversed")),
+                        doc="reversed: the charger shows a hex UID least significant byte first",
+                    ),
                 }
             )
         ),
@@ -856,6 +927,24 @@ _PROFILE = _Obj(
                     "unit": _Field(_Int(0, 255), doc="unit id to probe instead of the device's"),
                 }
             )
+        ),
+        "pause": _Field(
+            _Str(choices=("enable", "current_limit")),
+            doc="how charging is paused: the enable control, or the current limit's disable "
+            "value; default: enable when there is one",
+        ),
+        "on_connect": _Field(
+            _List(
+                _Obj(
+                    {
+                        **_CONTROL_FIELDS,
+                        "value": _Field(_Num(), True, "raw value written"),
+                        "note": _Field(_Str()),
+                    }
+                ),
+                min_items=1,
+            ),
+            doc="writes the engine makes after every (re)connect of the device, before polling",
         ),
         "session_energy_resets": _Field(_Str(choices=("plug", "never"))),
         "simulate": _Field(
@@ -1101,15 +1190,19 @@ class _Builder:
             return None
         return TagSpec(
             register=spec.name,
-            empty=frozenset({"", *d.get("empty", ())}),
+            empty=frozenset({"", *(normalise_tag(e) or "" for e in d.get("empty", ()))}),
             upper=d.get("upper", True),
+            not_a_user=frozenset(
+                t for t in (normalise_tag(e) for e in d.get("not_a_user", ())) if t
+            ),
+            reverse_bytes=d.get("byte_order", "as_shown") == "reversed",
         )
 
     def control(
-        self, key: str, d: dict[str, Any], *, on: Any = None, off: Any = None
+        self, key: str | PathT, d: dict[str, Any], *, on: Any = None, off: Any = None
     ) -> ControlSpec | None:
-        path: PathT = (key,)
-        spec = self.where_spec(path, d, key)
+        path: PathT = (key,) if isinstance(key, str) else key
+        spec = self.where_spec(path, d, key if isinstance(key, str) else str(key[0]))
         if spec is None or d.get("function") is _INVALID:
             return None
         if spec.table is Table.COIL:
@@ -1199,6 +1292,44 @@ class _Builder:
         if d is None or d is _INVALID or _bad(*d.values()):
             return None
         return self.control("phases", d, on=d["three_phase"], off=d["one_phase"])
+
+    def pause(
+        self, enable: ControlSpec | None, limit: CurrentLimitSpec | None
+    ) -> str | None:
+        d = self.data.get("pause")
+        if d is _INVALID:
+            return None
+        if d is None:
+            return None  # Profile.pause_method derives it
+        if d == "enable" and enable is None and "enable" not in self.data:
+            self.add(("pause",), "pause: enable needs an enable section")
+        if d == "current_limit" and "current_limit" not in self.data:
+            self.add(("pause",), "pause: current_limit needs a current_limit section")
+        elif d == "current_limit" and limit is not None and limit.disable is None:
+            self.add(("pause",), "pause: current_limit needs current_limit.disable")
+        return str(d)
+
+    def on_connect(self) -> tuple[OnConnectWrite, ...]:
+        items = self.data.get("on_connect")
+        if items is None or items is _INVALID:
+            return ()
+        out: list[OnConnectWrite] = []
+        for i, d in enumerate(items):
+            if d is _INVALID or _bad(*d.values()):
+                continue
+            control = self.control(("on_connect", i), d)
+            if control is None:
+                continue
+            rng = _type_range(control.register.type, control.register.count)
+            value = d["value"]
+            if rng is not None and not (
+                float(value).is_integer() and rng[0] <= value <= rng[1]
+            ):
+                self.add(("on_connect", i, "value"),
+                         f"{value!r} does not fit {control.register.type}")
+                continue
+            out.append(OnConnectWrite(control=control, value=value, note=d.get("note", "")))
+        return tuple(out)
 
     def identify(self) -> IdentifySpec | None:
         d = self.data.get("identify")
@@ -1320,10 +1451,13 @@ class _Builder:
         heartbeat = self.heartbeat(limit)
         phases = self.phases()
         identify = self.identify()
+        pause = self.pause(enable, limit)
+        on_connect = self.on_connect()
         if kind is DeviceKind.METER and not (self.regs.keys() & {"power_w", "energy_wh"}):
             self.add(("registers",), "a meter needs power_w or energy_wh")
         controls = [c for c in (enable, limit.control if limit else None,
                                 heartbeat.control if heartbeat else None, phases) if c]
+        controls += [w.control for w in on_connect]
         sim_states, sim_identity = self.simulate(
             kind or DeviceKind.CHARGER, state, identify, controls
         )
@@ -1345,13 +1479,30 @@ class _Builder:
                 single_value_reads=conn.get("single_value_reads", False),
                 inter_request_delay_s=conn.get("inter_request_delay", 0.0),
                 max_gap=conn.get("max_gap", 8),
+                rejects_gaps=conn.get("rejects_gaps", False),
+                serial_alternatives=_serial_alternatives(conn),
             ),
             registers=registers, state=state, tag=tag, enable=enable, current_limit=limit,
-            heartbeat=heartbeat, phases=phases, identify=identify,
+            heartbeat=heartbeat, phases=phases, identify=identify, pause=pause,
+            on_connect=on_connect,
             session_energy_resets=data.get("session_energy_resets", "plug"),
             simulate_states=sim_states, simulate_identity=sim_identity,
             path=self.doc.file,
         )
+
+
+def _serial_alternatives(conn: dict[str, Any]) -> tuple[tuple[int, str, int], ...]:
+    base = (conn.get("baudrate", 9600), conn.get("parity", "N"), conn.get("stopbits", 1))
+    out: list[tuple[int, str, int]] = []
+    for alt in conn.get("serial_alternatives", ()):
+        if not isinstance(alt, dict):
+            continue
+        setting = (
+            alt.get("baudrate", base[0]), alt.get("parity", base[1]), alt.get("stopbits", base[2])
+        )
+        if setting != base and setting not in out:
+            out.append(setting)
+    return tuple(out)
 
 
 def _overlaps(a: RegisterSpec, b: RegisterSpec) -> bool:
@@ -1474,10 +1625,16 @@ def _fmt_register(spec: RegisterSpec) -> str:
     return "  ".join([*parts, " ".join(extra)]).rstrip()
 
 
+def _fmt_provenance(r: RegisterSpec) -> str:
+    known = r.known or "unknown"
+    flag = "" if r.known == "hardware" else " [unverified]"
+    return f"{known}{flag}: {r.source or 'no source given'}"
+
+
 def _fmt_control(c: ControlSpec) -> str:
     r = c.register
     text = f"{r.table} {r.address} ({r.address:#06x}) {r.type}, function {c.function}"
-    return text + (f", {r.word_order}" if r.count > 1 else "")
+    return text + (f", {r.word_order}" if r.count > 1 else "") + f" [{_fmt_provenance(r)}]"
 
 
 def describe_profile(p: Profile) -> str:
@@ -1492,6 +1649,8 @@ def describe_profile(p: Profile) -> str:
         defaults += f", port {c.default_port}"
     if any(t.startswith("rtu") for t in c.transports):
         defaults += f", serial {c.baudrate} 8{c.parity}{c.stopbits}"
+        for baud, parity, stopbits in c.serial_alternatives:
+            defaults += f" (or {baud} 8{parity}{stopbits})"
     lines.append(defaults)
     reads = f"reads: up to {c.max_registers_per_read} registers, gap {c.max_gap}"
     if c.single_value_reads:
@@ -1499,11 +1658,14 @@ def describe_profile(p: Profile) -> str:
     if c.inter_request_delay_s:
         reads += f", {_fmt_num(c.inter_request_delay_s * 1000)} ms between requests"
     lines.append(reads)
-    lines.append("registers:")
+    if c.rejects_gaps:
+        lines.append("  the device rejects reads over unused registers: no gaps are read")
+    lines.append("registers (provenance under each; [unverified] = never checked on hardware):")
     width = max((len(r.name) for r in p.registers), default=4)
     for r in p.registers:
         unit = f" {r.unit}" if r.unit else ""
         lines.append(f"  {r.name:<{width}}  {_fmt_register(r)}{'  ->' + unit if unit else ''}")
+        lines.append(f"  {'':<{width}}    {_fmt_provenance(r)}")
     if p.kind is DeviceKind.CHARGER:
         lines.append("capabilities:")
         if p.state is not None:
@@ -1517,6 +1679,9 @@ def describe_profile(p: Profile) -> str:
             empty = ", ".join(repr(e) for e in sorted(p.tag.empty))
             lines.append(f"  tag: {tag_reg.name} at {tag_reg.table} {tag_reg.address}, "
                          f"{tag_reg.count} registers, {enc} (empty: {empty})")
+            if p.tag.not_a_user:
+                lines.append("  tag values that are no user: "
+                             + ", ".join(sorted(p.tag.not_a_user)))
         else:
             lines.append("  tag: none (no identification over Modbus)")
         if p.enable is not None:
@@ -1524,6 +1689,14 @@ def describe_profile(p: Profile) -> str:
         else:
             lines.append("  enable: none (current limit 0 pauses)" if p.current_limit else
                          "  enable: none")
+        pause = p.pause_method
+        lines.append("  pause: " + {
+            "enable": "enable (the enable control; never a current below the minimum)",
+            "current_limit": "current_limit (write the limit's disable value)",
+        }.get(pause or "", "none (cannot be paused)") + ("" if p.pause else " [default]"))
+        for w in p.on_connect:
+            lines.append(f"  on connect: write {w.value} to {_fmt_control(w.control)}"
+                         + (f" ({w.note})" if w.note else ""))
         if p.current_limit is not None:
             cl = p.current_limit
             lines.append(f"  current limit: {_fmt_control(cl.control)}, unit {cl.unit}, "
@@ -1551,6 +1724,7 @@ def describe_profile(p: Profile) -> str:
             f"in {i.min if i.min is not None else '-inf'}..{i.max if i.max is not None else 'inf'}")
         unit = f" on unit {i.unit}" if i.unit is not None else ""
         lines.append(f"identify: {_fmt_register(i.register)}{unit}, {test}")
+        lines.append(f"  {_fmt_provenance(i.register)}")
     if p.sources:
         lines.append("sources:")
         lines.extend(f"  - {s}" for s in p.sources)

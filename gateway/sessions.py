@@ -56,6 +56,7 @@ from gateway.model import (
     rfc3339,
 )
 from gateway.ports import ChargerControl, SessionStore
+from gateway.tags import normalise_tag
 
 __all__ = [
     "AddPoint",
@@ -392,10 +393,7 @@ def _charging(sample: DeviceSample) -> bool:
 
 
 def _norm_tag(tag: str | None) -> str | None:
-    if tag is None:
-        return None
-    tag = tag.strip().upper()
-    return tag or None
+    return normalise_tag(tag)
 
 
 class SessionTracker:
@@ -1267,6 +1265,27 @@ class SessionManager:
 
     def open_sessions(self) -> list[dict[str, Any]]:
         return [s.to_state() for s in self.tracker.sessions()]
+
+    async def cost_so_far(self, session_id: str, now: float) -> dict[str, Any] | None:
+        """What the open session would cost if it ended at ``now``: its points so far and one
+        at ``now`` priced with the tariff frozen at its start (the same pricer as at the end).
+        None without a tariff, for an unknown session, or when pricing fails."""
+        session = next((s for s in self.tracker.sessions() if s.session_id == session_id), None)
+        if session is None or self._pricer is None or session.tariff_data is None:
+            return None
+        points = list(self._points.get(session_id, ()))
+        at = max(now, points[-1].ts if points else session.started_at)
+        energy = round(session.energy())
+        grew = energy > (points[-1].energy_wh if points else 0)
+        points.append(MeterPoint(at, energy, session.interval_charging or grew))
+        try:
+            result = self._pricer(session.tariff_data, points, session.started_at, at)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:  # a display must never disturb the session
+            log.warning("running_cost_failed", session_id=session_id, error=str(exc))
+            return None
+        return result[1]
 
     # --------------------------------------------------------------- effects
     async def _perform(self, effects: list[Effect]) -> None:

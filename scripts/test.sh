@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything the test suite needs on a fresh machine, then runs it:
 # Debian packages (mosquitto for the broker tests, socat for the RS-485 pseudo-terminals,
-# dpkg-dev for the .deb test), a virtual environment in .venv with the project and its test
+# dpkg-dev for the .deb test, chromium for the status page in a headless browser), a virtual
+# environment in .venv with the project and its test
 # extras, then lint, type check and pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,7 @@ missing=()
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto mosquitto-clients)
 command -v socat >/dev/null 2>&1 || missing+=(socat)
 command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the status page test
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}"
   if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi

@@ -108,6 +108,14 @@ def test_check_config_summary_and_failure(tmp_path: Path) -> None:
 HEAD = "site: {id: t1}\nstorage: {path: ./b.db}\n"  # two lines: case lines start at 3
 BUS = "buses:\n  - {id: rs485-1, type: rtu, port: /dev/ttyUSB0}\n"
 
+SERIAL_WAYS = (
+    "a serial (RTU) device is reached in one of three ways: bus: of an rtu bus (an RS-485 port "
+    "on this machine), bus: of an rtu-over-tcp bus (a transparent serial server), or "
+    "host:/port:/unit: of a Modbus TCP gateway (protocol converter such as Waveshare, USR, "
+    "Elfin, Moxa MGate: Modbus TCP in, RTU out)"
+)
+THREE_WAYS = "a Modbus TCP device is reached by host: (port:, unit:); " + SERIAL_WAYS
+
 BROKEN: list[tuple[str, str, list[str]]] = [
     (
         "unknown top-level key",
@@ -220,12 +228,17 @@ BROKEN: list[tuple[str, str, list[str]]] = [
         "  - {id: m1, driver: eastron-sdm630, bus: rs485-1, unit: 2}\n"
         "auth:\n  tokens:\n"
         '    - {id: "04A2B3C4", type: rfid, user: alice}\n'
-        '    - {id: "04a2b3c4", type: rfid, user: bob}\n',
+        '    - {id: "04a2b3c4", type: rfid, user: bob}\n'
+        '    - {id: "04:A2:B3:C4", type: rfid, user: carol}\n',
         [
             "5:10: buses[1].id: duplicate bus id 'rs485-1' (first defined at line 4)",
             "8:10: devices[1].id: duplicate device id 'm1' (first defined at line 7)",
             "12:12: auth.tokens[1].id: duplicate token id '04a2b3c4' (first defined at line 11; "
-            "token ids are compared ignoring case)",
+            "token ids are compared in one normal form (case, hex separators, NUL and spaces "
+            "ignored))",
+            "13:12: auth.tokens[2].id: duplicate token id '04:A2:B3:C4' (first defined at line "
+            "11; token ids are compared in one normal form (case, hex separators, NUL and "
+            "spaces ignored))",
         ],
     ),
     (
@@ -262,7 +275,7 @@ BROKEN: list[tuple[str, str, list[str]]] = [
         "  - {id: m2, driver: eastron-sdm630, bus: rs485-1, port: 502, unit: 0}\n",
         [
             "6:54: devices[0].bus: set either host (Modbus TCP) or bus (serial line), not both",
-            "7:5: devices[1]: needs host (Modbus TCP) or bus (serial line)",
+            "7:5: devices[1]: needs host or bus: " + THREE_WAYS,
             "8:52: devices[2].port: port is for Modbus TCP devices (with host); "
             "a device on a bus is reached through the bus",
             "8:69: devices[2].unit: unit 0 is the broadcast address of a serial bus: "
@@ -356,7 +369,44 @@ BROKEN: list[tuple[str, str, list[str]]] = [
         [
             "6:58: devices[0].unit: must be between 1 and 247 on a serial bus, got 255",
             "7:60: devices[1].unit: must be between 0 and 247, or 255, got 250",
-            "8:39: devices[2].bus: driver alfen-eve does not support rtu (it supports tcp)",
+            "8:39: devices[2].bus: driver alfen-eve does not support rtu (it supports tcp): "
+            "it is a Modbus TCP device: give it host: (port:, unit:), not bus:",
+        ],
+    ),
+    (
+        "serial devices behind a Modbus TCP gateway: RTU unit ids, two devices on one unit",
+        HEAD + "devices:\n"
+        "  - {id: m1, driver: eastron-sdm630, host: 10.0.0.9, unit: 0}\n"
+        "  - {id: m2, driver: eastron-sdm120, host: 10.0.0.9, unit: 255}\n"
+        "  - {id: m3, driver: eastron-sdm630, host: 10.0.0.9, port: 502, unit: 4}\n"
+        "  - {id: m4, driver: eastron-sdm120, host: 10.0.0.9, unit: 4}\n",
+        [
+            "4:60: devices[0].unit: must be between 1 and 247 for a serial device behind a "
+            "Modbus TCP gateway (its RS-485 address), got 0",
+            "5:60: devices[1].unit: must be between 1 and 247 for a serial device behind a "
+            "Modbus TCP gateway (its RS-485 address), got 255",
+            "7:60: devices[3].unit: unit 4 at 10.0.0.9:502 is already used by device 'm3'",
+        ],
+    ),
+    (
+        "endpoints: duplicate, unused, bad values",
+        HEAD + "devices:\n"
+        "  - {id: m1, driver: eastron-sdm630, host: 10.0.0.9, unit: 2}\n"
+        "endpoints:\n"
+        "  - {host: 10.0.0.9, inter_request_delay: 20ms}\n"
+        "  - {host: 10.0.0.9, port: 502, baudrate: 9601, timeout: 0s}\n"
+        "  - {host: 10.0.0.19, inter_request_delay: soon}\n"
+        "  - {port: 503}\n",
+        [
+            "7:12: endpoints[1].host: duplicate endpoint 10.0.0.9:502 (first defined at line 6)",
+            "7:43: endpoints[1].baudrate: must be one of 1200, 2400, 4800, 9600, 19200, 38400, "
+            "57600, 115200; got 9601",
+            "7:58: endpoints[1].timeout: must be between 10ms and 1m, got 0s",
+            "8:5: endpoints[2]: no device uses 10.0.0.19:502: set host: 10.0.0.19 (and port: "
+            "502) on the devices behind it (did you mean '10.0.0.9'?)",
+            "8:44: endpoints[2].inter_request_delay: invalid duration 'soon': use a number of "
+            "seconds or a number with a unit (ms, s, m, h, d), e.g. 500ms or 2m",
+            "9:5: endpoints[3].host: missing required key 'host'",
         ],
     ),
 ]
@@ -676,3 +726,90 @@ def test_defaulted_enums_have_the_enum_type(tmp_path: Path) -> None:
     token = load_config(path).auth.tokens[0]
     assert token.status is AuthStatus.ACCEPTED
     assert token.type is TokenType.RFID
+
+
+# --- serial devices behind Modbus TCP gateways -----------------------------------------------
+
+
+def _site_drivers(tmp_path: Path, slug: str, transports: str) -> None:
+    shipped = REPO / "drivers" / "eastron-sdm630.yaml"
+    drivers = tmp_path / "site-drivers"
+    drivers.mkdir(exist_ok=True)
+    text = shipped.read_text().replace("slug: eastron-sdm630", f"slug: {slug}")
+    text = text.replace("transports: [rtu, rtu-over-tcp]", f"transports: {transports}")
+    assert f"transports: {transports}" in text
+    (drivers / f"{slug}.yaml").write_text(text)
+
+
+def test_every_serial_profile_passes_behind_a_modbus_tcp_gateway(tmp_path: Path) -> None:
+    """host/port/unit works for any serial profile; devices behind one gateway share it and get
+    a timeout sized for the serial line (2400 baud SDM120: 1.7 s; an endpoint's settings win)."""
+    from gateway.profiles import load_profiles
+
+    serial = sorted(s for s, p in load_profiles().items() if "rtu" in p.connection.transports)
+    assert len(serial) >= 4
+    lines = [
+        f"  - {{id: d{i}, driver: {slug}, host: 10.0.0.9, unit: {i + 1}}}"
+        for i, slug in enumerate(serial)
+    ]
+    file = tmp_path / "site.yaml"
+    file.write_text(
+        HEAD
+        + "devices:\n"
+        + "\n".join(lines)
+        + "\n  - {id: sdm120, driver: eastron-sdm120, host: 10.0.0.10, port: 4196, unit: 3}\n"
+        "  - {id: fast, driver: eastron-sdm120, host: 10.0.0.11, unit: 3, timeout: 300ms}\n"
+        "  - {id: cp1, driver: abb-terra-ac, host: 10.0.0.12, meter: sdm120}\n"
+        "  - {id: cp2, driver: keba-p30, host: 10.0.0.9}\n"
+        "endpoints:\n  - {host: 10.0.0.9, inter_request_delay: 20ms, timeout: 2s}\n"
+    )
+    code, text = check_config(file)
+    assert code == 0, text
+    config = load_config(file)
+    for i, slug in enumerate(serial):
+        dev = config.device(f"d{i}")
+        assert (dev.driver, dev.host, dev.port, dev.unit, dev.timeout_s) == (
+            slug, "10.0.0.9", 502, i + 1, 2.0
+        )
+    assert config.device("sdm120").timeout_s == 1.7  # 2400 baud, the profile's default
+    assert config.device("fast").timeout_s == 0.3  # the device's own timeout wins
+    assert config.device("cp1").timeout_s == 1.0  # a Modbus TCP charger keeps the usual one
+    assert config.device("cp2").timeout_s == 2.0  # everything at the endpoint gets its timeout
+    ep = config.endpoint("10.0.0.9", 502)
+    assert ep is not None and (ep.inter_request_delay_s, ep.timeout_s, ep.baudrate) == (
+        0.02, 2.0, None
+    )
+    assert config.endpoint("10.0.0.10", 4196) is None
+    assert "endpoint 10.0.0.9:502 shared by d0," in text and "20ms between requests" in text
+
+
+def test_endpoint_baudrate_sizes_the_timeout(tmp_path: Path) -> None:
+    from gateway.config import serial_answer_timeout_s
+
+    assert [serial_answer_timeout_s(b) for b in (1200, 2400, 9600, 19200, 115200)] == [
+        2.9, 1.7, 1.0, 1.0, 1.0
+    ]
+    file = tmp_path / "site.yaml"
+    file.write_text(
+        HEAD + "devices:\n  - {id: m1, driver: eastron-sdm630, host: 10.0.0.9, unit: 2}\n"
+        "endpoints:\n  - {host: 10.0.0.9, baudrate: 1200}\n"
+    )
+    assert load_config(file).device("m1").timeout_s == 2.9
+
+
+def test_a_transport_that_does_not_fit_explains_the_three_ways(tmp_path: Path) -> None:
+    _site_drivers(tmp_path, "tcp-server-only", "[rtu-over-tcp]")
+    _site_drivers(tmp_path, "plain-rtu", "[rtu]")
+    text = (
+        HEAD + "drivers_path: site-drivers\n"
+        "buses:\n  - {id: line, type: rtu, port: /dev/ttyUSB0}\n"
+        "  - {id: srv, type: rtu-over-tcp, host: 10.0.0.20}\n"
+        "devices:\n"
+        "  - {id: m1, driver: tcp-server-only, bus: line, unit: 2}\n"
+        "  - {id: m2, driver: plain-rtu, bus: srv, unit: 3}\n"  # rtu works through a server
+        "  - {id: m3, driver: plain-rtu, host: 10.0.0.9, unit: 3}\n"  # and through a gateway
+    )
+    assert problems_of(tmp_path, text) == [
+        "8:44: devices[0].bus: driver tcp-server-only does not support rtu (it supports "
+        "rtu-over-tcp): " + SERIAL_WAYS,
+    ]

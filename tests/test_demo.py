@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import re
 from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+from test_uplink_support import wait_until
 
 from gateway.cli import main
 from gateway.demo import run_demo
@@ -39,3 +45,34 @@ async def test_demo_finishes_priced_sessions_and_delivers_them(tmp_path: Path) -
 def test_demo_and_sessions_command_line(tmp_path: Path, capsys: object) -> None:
     assert main(["demo", "--duration", "3s", "--dir", str(tmp_path), "--no-view"]) == 0
     assert main(["sessions", "-c", str(tmp_path / "demo-site.yaml")]) == 0
+
+
+async def test_demo_prints_the_status_page_url_and_it_answers(tmp_path: Path) -> None:
+    out = io.StringIO()
+    demo = asyncio.create_task(
+        run_demo(duration_s=15.0, speed=30.0, workdir=tmp_path, view=False, out=out)
+    )
+    try:
+        pattern = re.compile(r"status page: +(http://127\.0\.0\.1:\d+/)")
+        await wait_until(lambda: pattern.search(out.getvalue()), 10, "the page's URL")
+        match = pattern.search(out.getvalue())
+        assert match is not None
+        url = match[1]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url) as resp:
+                assert resp.status == 200 and "<title>" in await resp.text()
+            async with http.get(url + "api/status") as resp:
+                status = await resp.json()
+                assert status["site"]["id"] == "demo-site"
+                assert [c["id"] for c in status["chargers"]] == ["cp1", "cp2", "cp3"]
+            async with http.get(url + "metrics") as resp:
+                names = {f.name for f in text_string_to_metric_families(await resp.text())}
+                assert {"evgw_device_polls", "evgw_uplink_connected"} <= names
+            async with http.get(url + "api/events") as resp:
+                async with asyncio.timeout(5):
+                    async for line in resp.content:
+                        if line.startswith(b"event: status"):
+                            break
+        assert await demo == 0
+    finally:
+        demo.cancel()

@@ -232,3 +232,55 @@ async def test_even_parity_line_settings_on_a_pty_are_ignored_not_fatal() -> Non
             await bus.close()
     assert words == [3650]
     assert not is_pseudo_terminal("/dev/ttyUSB0")
+
+
+async def test_scan_tries_the_disputed_baud_rate_when_the_default_finds_nothing() -> None:
+    """An SDM120 left at 9600 baud (its profile says 2400, evcc's sample 9600): the scan finds
+    nothing at 2400, then tries 9600. The simulated meter answers only at its own speed, read
+    from the gateway's end of the pty (a pty carries bytes at any speed; a wire does not)."""
+    from gateway.profiles import load_profiles
+    from gateway.sim.devices import SimMeter
+
+    shipped = load_profiles()
+    profiles = {s: shipped[s] for s in ("eastron-sdm120", "carlo-gavazzi-em24")}  # 2400, 9600
+    assert shipped["eastron-sdm120"].connection.serial_alternatives == ((9600, "N", 1),)
+    for meter_baud, expect_alternative in ((9600, True), (2400, False)):
+        sdm = RegisterImage()
+        SimMeter(shipped["eastron-sdm120"], sdm, seed=1)
+        async with (
+            pty_pair() as (gateway_end, sim_end),
+            SimServer.rtu(sim_end, {3: sdm}, baudrate=meter_baud, line_peer=gateway_end) as srv,
+        ):
+            result = await scan(profiles, serial=gateway_end, units=range(1, 5), timeout_s=0.1)
+        assert [(m.unit, m.slug, m.baudrate, m.alternative) for m in result.matches] == [
+            (3, "eastron-sdm120", meter_baud, expect_alternative)
+        ], meter_baud
+        snippet = result.config_snippet()
+        assert f"baudrate: {meter_baud}, parity: N" in snippet
+        assert "driver: eastron-sdm120, bus: rs485-1, unit: 3" in snippet
+        if expect_alternative:
+            # the four SDM120 probes at 2400 went unanswered: the wire check holds
+            assert srv.wrong_speed_frames >= 4
+        else:
+            assert srv.wrong_speed_frames >= 4  # the EM24 probes at 9600
+            assert result.probed == 4 + 4  # no second pass: 2400 found it
+
+
+async def test_scan_finds_nothing_at_a_speed_no_profile_names() -> None:
+    from gateway.profiles import load_profiles
+    from gateway.sim.devices import SimMeter
+
+    shipped = load_profiles()
+    sdm = RegisterImage()
+    SimMeter(shipped["eastron-sdm120"], sdm, seed=1)
+    async with (
+        pty_pair() as (gateway_end, sim_end),
+        SimServer.rtu(sim_end, {3: sdm}, baudrate=4800, line_peer=gateway_end),
+    ):
+        result = await scan(
+            {"eastron-sdm120": shipped["eastron-sdm120"]},
+            serial=gateway_end,
+            units=range(1, 5),
+            timeout_s=0.1,
+        )
+    assert result.matches == [] and result.probed == 8  # 4 units at 2400, then at 9600

@@ -221,6 +221,8 @@ def test_deb_file_list(deb: Path) -> None:
     assert by_path["./var/lib/evgw/"].startswith("drwxr-xr-x root/root")
     assert by_path[f".{VENV}/bin/evgw"].startswith("-rwxr-xr-x root/root")
     assert any(p.endswith("/site-packages/gateway/drivers/keba-p30.yaml") for p in by_path)
+    for asset in ("index.html", "app.js", "style.css", "openapi.json"):  # the status page
+        assert any(p.endswith(f"/site-packages/gateway/web/static/{asset}") for p in by_path)
     assert not any(re.search(r"/site-packages/(pip|setuptools)/", p) for p in by_path)
 
 

@@ -36,7 +36,7 @@ from gateway.errors import DeviceError
 from gateway.profiles import Table
 
 if TYPE_CHECKING:
-    from gateway.config import BusConfig, DeviceConfig, GatewayConfig
+    from gateway.config import BusConfig, DeviceConfig, EndpointConfig, GatewayConfig
 
 __all__ = [
     "REASONS",
@@ -264,6 +264,10 @@ class ModbusBus(ABC):
             self._drop_client()
 
     # -- internals ------------------------------------------------------------------------
+    def _silence_s(self, gap_s: float) -> float:
+        """Silence before the next request: on a serial line t3.5, then the device's own gap."""
+        return self.frame_gap_s + gap_s
+
     def _fail(self, unit: int, reason: str, detail: str, code: int | None = None) -> DeviceError:
         _raise_swallowed_cancel()
         self.stats.errors += 1
@@ -298,7 +302,7 @@ class ModbusBus(ABC):
             await self._connect(
                 min(timeout_s, self.connect_timeout_s) if timeout_s > 0 else self.connect_timeout_s
             )
-        wait_s = self._last_io_end + self.frame_gap_s + gap_s - loop.time()
+        wait_s = self._last_io_end + self._silence_s(gap_s) - loop.time()
         if wait_s > 0:
             await asyncio.sleep(wait_s)
         return self._client
@@ -435,12 +439,26 @@ def _what(table: Table, address: int, arg: Any, function: int) -> str:
 
 
 class TcpBus(ModbusBus):
-    """Modbus TCP (MBAP framing) to one host:port; every unit behind it shares the link."""
+    """Modbus TCP (MBAP framing) to one host:port; every unit behind it shares the link.
 
-    def __init__(self, host: str, port: int = 502, **kw: Any) -> None:
+    Behind a Modbus TCP gateway (protocol converter) the units are serial devices on one RS-485
+    line: the converter can only forward one request at a time, so the lock that keeps one
+    request in flight per endpoint is exactly what it needs. ``inter_request_delay_s`` is the
+    silence a slow converter needs after each answer; a device's own delay (its profile's
+    ``inter_request_delay``) applies too, and the longer of the two is kept.
+    """
+
+    def __init__(
+        self, host: str, port: int = 502, *, inter_request_delay_s: float = 0.0, **kw: Any
+    ) -> None:
         super().__init__(f"tcp://{host}:{port}", **kw)
         self.host = host
         self.port = port
+        self.frame_gap_s = inter_request_delay_s
+
+    def _silence_s(self, gap_s: float) -> float:
+        # No line timing of ours to add up: both are minimum pauses between requests.
+        return max(self.frame_gap_s, gap_s)
 
     def _make_client(self) -> Any:
         return _one_timer(AsyncModbusTcpClient(self.host, port=self.port, **self._client_kwargs()))
@@ -530,13 +548,14 @@ class BusPool:
     their first request and all close when the block ends.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, endpoints: Sequence[EndpointConfig] = ()) -> None:
         self._buses: dict[str, ModbusBus] = {}
         self._by_device: dict[str, ModbusBus] = {}
+        self._endpoints = {(ep.host, ep.port): ep for ep in endpoints}
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> BusPool:
-        pool = cls()
+        pool = cls(config.endpoints)
         for bus_cfg in config.buses:
             pool._buses[f"bus:{bus_cfg.id}"] = bus_from_config(bus_cfg)
         for dev in config.devices:
@@ -553,7 +572,9 @@ class BusPool:
             raise ValueError(f"device {dev.id}: needs host or bus")
         key = f"tcp:{dev.host}:{dev.port}"
         if key not in self._buses:
-            self._buses[key] = TcpBus(dev.host, dev.port)
+            endpoint = self._endpoints.get((dev.host, dev.port))
+            delay_s = endpoint.inter_request_delay_s if endpoint is not None else 0.0
+            self._buses[key] = TcpBus(dev.host, dev.port, inter_request_delay_s=delay_s)
         return self._buses[key]
 
     def bus_for(self, device: DeviceConfig | str) -> ModbusBus:

@@ -58,7 +58,8 @@ def decode(spec: RegisterSpec, words: Sequence[int]) -> Value:
     if t is DataType.BOOL:
         return 1 if words[0] else 0
     if t is DataType.ASCII:
-        raw = words_to_bytes(words)
+        # Leading NULs too: some chargers right-align the text (Bender 720, CHARX 1275).
+        raw = words_to_bytes(words).lstrip(b"\x00 ")
         return raw.split(b"\x00", 1)[0].decode("latin-1").strip()
     if t is DataType.ASCII1:
         text = "".join(chr(w) for w in words if w != 0 and w < 0xD800)

@@ -28,6 +28,7 @@ from gateway.modbus.codec import CodecError, decode, encode_raw
 from gateway.modbus.plan import BlockDecoder, ReadBlock, plan_reads
 from gateway.model import DeviceSample, SystemClock, Value
 from gateway.profiles import ControlSpec, DataType, Profile
+from gateway.tags import normalise_tag, reverse_hex_bytes
 
 if TYPE_CHECKING:
     from gateway.config import DeviceConfig, GatewayConfig
@@ -70,14 +71,12 @@ class DeviceDriver:
         conn = profile.connection
         self.gap_s = conn.inter_request_delay_s
         self.blocks: list[ReadBlock] = plan_reads(
-            profile.registers, conn.max_registers_per_read, conn.max_gap, conn.single_value_reads
+            profile.registers,
+            conn.max_registers_per_read,
+            conn.effective_max_gap,
+            conn.single_value_reads,
         )
         self._decoders = [BlockDecoder(b) for b in self.blocks]
-        tag = profile.tag
-        # texts that mean "no card", compared as the tag is (upper-cased when it is)
-        self._tag_empty: frozenset[str] = frozenset(
-            () if tag is None else ({e.upper() for e in tag.empty} if tag.upper else tag.empty)
-        )
         self._slow_due: dict[int, float] = {}  # block index -> monotonic time it is due again
         self._cache: dict[str, Value] = {}  # last values of slow blocks
         self._online: bool | None = None
@@ -85,6 +84,13 @@ class DeviceDriver:
         self._limit_a: float | None = None  # last current limit asked for (restored on enable)
         self._hb_ok: bool | None = None
         self._limit_raw: int | float | None = None  # last raw value written to the limit
+        # Pause state where the pause is the enable control: paused by a limit of 0 (load
+        # management) and disabled by set_enabled(False) (sessions) are tracked apart, so a
+        # new limit never re-enables a charger that was switched off.
+        self._limit_paused = False
+        self._disabled = False
+        # Bus connects already followed by the profile's on-connect writes (None: never).
+        self._connects_done: int | None = None
         self._log = log.bind(device=config.id, driver=profile.slug)
 
     def __repr__(self) -> str:
@@ -109,6 +115,7 @@ class DeviceDriver:
         """Read and decode the device once. Never raises for device faults."""
         ts = self.clock.time()
         try:
+            await self._after_connect()
             values = await self._read_values()
         except DeviceError as err:
             self._went_offline(err)
@@ -118,6 +125,33 @@ class DeviceDriver:
         if self.profile.state is not None:
             iec, status = self.profile.state.classify(dict(values))
         return DeviceSample(self.device_id, ts, True, values, iec, status, self._tag(values))
+
+    async def _after_connect(self) -> None:
+        """The profile's on-connect writes, once after each (re)connect of the bus and after
+        the device was offline (it may have lost power, and with it these settings). Raises
+        DeviceError when a write fails; they are tried again at the next poll."""
+        writes = self.profile.on_connect
+        if not writes:
+            return
+        connects = self.bus.stats.connects
+        if self._connects_done is not None and self._connects_done == connects and self._online:
+            return
+        if not self.bus.connected:
+            # Open the link first so the connect counter below is the one these writes used.
+            connects = -1
+        for w in writes:
+            address = w.control.register.address
+            try:
+                await self._write(w.control, w.value)
+            except DeviceError as err:
+                if err.reason != "exception_response":
+                    raise  # not reachable: the poll is offline and this is tried again
+                # It answered but refused (a firmware without the register): poll it anyway.
+                self._log.warning("on_connect_write_refused", address=address, value=w.value,
+                                  detail=err.detail)
+                continue
+            self._log.info("on_connect_write", address=address, value=w.value)
+        self._connects_done = self.bus.stats.connects if connects == -1 else connects
 
     async def _read_values(self) -> dict[str, Value]:
         now = self.clock.monotonic()
@@ -156,10 +190,13 @@ class DeviceDriver:
         raw = values.get(spec.register)
         if raw is None:
             return None
-        text = str(raw).strip()
-        if spec.upper:
-            text = text.upper()
-        if text == "" or text in self._tag_empty:
+        text = normalise_tag(str(raw))
+        if text is None or text in spec.empty:
+            return None
+        if spec.reverse_bytes:
+            text = reverse_hex_bytes(text)
+        if text in spec.not_a_user:
+            self._log.debug("tag_not_a_user", tag=text)
             return None
         return text
 
@@ -200,17 +237,29 @@ class DeviceDriver:
             gap_s=self.gap_s,
         )
 
+    async def _write_enable(self, enabled: bool) -> None:
+        enable = self.profile.enable
+        assert enable is not None
+        value = enable.on if enabled else enable.off
+        if value is None:
+            value = 1 if enabled else 0
+        await self._write(enable, value)
+
+    @property
+    def pauses_by_enable(self) -> bool:
+        return self.profile.pause_method == "enable" and self.profile.enable is not None
+
     async def set_enabled(self, enabled: bool) -> None:
-        """Allow or stop charging: the enable register, else the current limit (the profile's
-        ``disable`` raw value to stop, the last limit asked for, or the maximum, to resume).
-        Raises DeviceError when the write fails or the device has no such control."""
+        """Allow or stop charging by the profile's pause method: the enable register or coil,
+        else the current limit (the profile's ``disable`` raw value to stop, the last limit
+        asked for, or the maximum, to resume). Raises DeviceError when the write fails or the
+        device has no such control."""
         prof = self.profile
-        if prof.enable is not None:
-            value = prof.enable.on if enabled else prof.enable.off
-            if value is None:
-                value = 1 if enabled else 0
-            await self._write(prof.enable, value)
-        elif prof.current_limit is not None:
+        if self.pauses_by_enable:
+            # Resuming while load management holds it at 0 would charge at a stale limit.
+            await self._write_enable(enabled and not self._limit_paused)
+            self._disabled = not enabled
+        elif prof.current_limit is not None and prof.pause_method == "current_limit":
             cl = prof.current_limit
             if enabled:
                 await self._write_limit(
@@ -244,17 +293,26 @@ class DeviceDriver:
                 self.device_id, "not_supported", f"{self.profile.slug} has no current limit"
             )
         if current_a <= 0:
-            if cl.disable is None:
-                raise DeviceError(
-                    self.device_id, "not_supported", "current limit has no disable value"
-                )
-            await self._write(cl.control, cl.disable)
+            if self.pauses_by_enable:
+                # A real pause exists: never write a current below the device's minimum.
+                await self._write_enable(False)
+                self._limit_paused = True
+            else:
+                if cl.disable is None:
+                    raise DeviceError(
+                        self.device_id, "not_supported", "current limit has no disable value"
+                    )
+                await self._write(cl.control, cl.disable)
             self._log.info("current_limit_set", current_a=0.0)
             return
         if current_a < cl.min_a:
             raise ValueError(f"{self.device_id}: {current_a} A is below the minimum {cl.min_a} A")
         self._limit_a = current_a
         await self._write_limit(current_a)
+        if self._limit_paused:
+            self._limit_paused = False
+            if not self._disabled:
+                await self._write_enable(True)
 
     async def _write_limit(self, current_a: float) -> None:
         cl = self.profile.current_limit
@@ -349,6 +407,8 @@ class DevicePoller:
         self.spread_per_device_s = spread_per_device_s
         self.sink = sink
         self.stats: dict[str, PollStats] = {d.device_id: PollStats() for d in self.drivers}
+        # Told of every poll with its duration (metrics); must not block or raise.
+        self.on_poll: Callable[[DeviceSample, float], None] | None = None
 
     async def run(self) -> None:
         n = len(self.drivers)
@@ -380,6 +440,8 @@ class DevicePoller:
             stats.last_duration_s = loop.time() - started
             if not sample.online:
                 stats.offline += 1
+            if self.on_poll is not None:
+                self.on_poll(sample, stats.last_duration_s)
             await self._deliver(sample)
             deadline = self._next_deadline(deadline, interval, loop.time(), stats, driver)
             await asyncio.sleep(deadline - loop.time())
@@ -513,6 +575,7 @@ class ScanMatch:
     baudrate: int | None = None
     parity: str | None = None
     stopbits: int | None = None
+    alternative: bool = False  # found at a disputed factory setting, not the profile's default
 
 
 @dataclass(slots=True)
@@ -663,14 +726,17 @@ async def scan(
     serial: str | None = None,
     bauds: Sequence[int] | None = None,
     units: Sequence[int] | None = None,
-    timeout_s: float = 0.3,
+    timeout_s: float | None = None,
 ) -> ScanResult:
     """Probe unit ids on a TCP endpoint (``HOST[:PORT]``) or a serial line and name the
     profiles whose ``identify`` register matches.
 
     Without ``units``: on TCP the units the profiles name (default and identify units) and 1;
     on serial 1-247. Without ``bauds``, a serial line is tried at each serial setting
-    (baud rate, parity, stop bits) that an RTU profile names.
+    (baud rate, parity, stop bits) that an RTU profile names, then a model not found at its
+    defaults at its ``serial_alternatives``. Default timeout: 0.3 s a request on a serial line,
+    1 s over TCP (a Modbus TCP gateway answers for a silent unit only after its own timeout; a
+    late answer would land on the next probe).
     """
     candidates = [p for _, p in sorted(profiles.items()) if p.identify is not None]
     if (tcp is None) == (serial is None):
@@ -683,9 +749,11 @@ async def scan(
             list(units) if units else sorted({1} | {p.connection.default_unit for p in candidates})
         )
         result = ScanResult(f"tcp://{host}:{port}", tcp=(host, port))
-        bus: ModbusBus = TcpBus(host, port, connect_timeout_s=max(timeout_s, 1.0))
+        tcp_timeout_s = 1.0 if timeout_s is None else timeout_s
+        bus: ModbusBus = TcpBus(host, port, connect_timeout_s=max(tcp_timeout_s, 1.0))
         try:
-            for unit, profile, value in await _probe(bus, candidates, unit_list, timeout_s, result):
+            probed = await _probe(bus, candidates, unit_list, tcp_timeout_s, result)
+            for unit, profile, value in probed:
                 result.matches.append(ScanMatch(unit, profile.slug, value))
         finally:
             await bus.close()
@@ -699,19 +767,67 @@ async def scan(
         c = p.connection
         for baud in bauds or [c.baudrate]:
             settings.setdefault((baud, c.parity, c.stopbits), []).append(p)
+    tried = len(settings)
+    timeout_s = 0.3 if timeout_s is None else timeout_s
+    await _scan_settings(serial, settings, unit_list, timeout_s, result)
+    # Where sources disagree on a model's factory settings (SDM120 2400 or 9600 baud, SDM630
+    # 8N1 or 8E1), a model the defaults did not find is tried at the others.
+    found = {m.slug for m in result.matches}
+    retry: dict[tuple[int, str, int], list[Profile]] = {}
+    for p in rtu:
+        if p.slug in found:
+            continue
+        c = p.connection
+        done = {(b, c.parity, c.stopbits) for b in bauds or [c.baudrate]}
+        for baud, parity, stopbits in c.serial_alternatives:
+            for b in bauds or [baud]:
+                if (b, parity, stopbits) not in done:
+                    retry.setdefault((b, parity, stopbits), []).append(p)
+    if retry:
+        tried += len(retry)
+        await _scan_settings(serial, retry, unit_list, timeout_s, result, alternative=True)
+    if not result.matches and result.errors and len(result.errors) == tried:
+        raise DeviceError(result.endpoint, "connect_failed", "; ".join(result.errors))
+    return result
+
+
+async def _scan_settings(
+    serial: str,
+    settings: Mapping[tuple[int, str, int], Sequence[Profile]],
+    units: Sequence[int],
+    timeout_s: float,
+    result: ScanResult,
+    *,
+    alternative: bool = False,
+) -> None:
     for (baud, parity, stopbits), group in sorted(settings.items()):
         bus = SerialBus(serial, baud, parity, stopbits)
         try:
-            for unit, profile, value in await _probe(bus, group, unit_list, timeout_s, result):
-                result.matches.append(ScanMatch(unit, profile.slug, value, baud, parity, stopbits))
+            for unit, profile, value in await _probe(bus, group, units, timeout_s, result):
+                result.matches.append(
+                    ScanMatch(unit, profile.slug, value, baud, parity, stopbits, alternative)
+                )
         except DeviceError as err:
             # One setting the port refuses must not end the scan of the others.
             result.errors.append(f"{baud} {parity}{stopbits}: {err.reason} ({err.detail})")
         finally:
             await bus.close()
-    if not result.matches and result.errors and len(result.errors) == len(settings):
-        raise DeviceError(result.endpoint, "connect_failed", "; ".join(result.errors))
-    return result
+
+
+def _converter_hint(profiles: Mapping[str, Profile]) -> str:
+    """After an empty TCP scan: a Modbus TCP gateway's serial side is set in the converter, not
+    by us; name the settings the serial profiles ship with (disputed ones included)."""
+    settings: set[tuple[int, str, int]] = set()
+    for p in profiles.values():
+        c = p.connection
+        if "rtu" in c.transports and p.identify is not None:
+            settings.add((c.baudrate, c.parity, c.stopbits))
+            settings.update(c.serial_alternatives)
+    listed = ", ".join(f"{b} 8{par}{stop}" for b, par, stop in sorted(settings))
+    return (
+        "  serial devices behind a Modbus TCP gateway answer only when the converter's serial "
+        f"side matches theirs; factory settings of the serial profiles: {listed}"
+    )
 
 
 async def run_scan(
@@ -720,7 +836,7 @@ async def run_scan(
     serial: str | None = None,
     bauds: Sequence[int] | None = None,
     units: str | None = None,
-    timeout_s: float = 0.3,
+    timeout_s: float | None = None,
     drivers_path: str | None = None,
 ) -> int:
     """``evgw scan``: print matches and a config snippet; exit 1 when nothing answered."""
@@ -742,10 +858,14 @@ async def run_scan(
         print(f"scan {result.endpoint}: skipped {error}")
     if not result.matches:
         print(f"scan {result.endpoint}: no known device found ({result.probed} probes)")
+        if result.tcp is not None:
+            print(_converter_hint(profiles))
         return 1
     print(f"scan {result.endpoint}: {len(result.matches)} device(s)")
     for m in result.matches:
         serial_note = f" @ {m.baudrate} {m.parity}{m.stopbits}" if m.baudrate else ""
+        if m.alternative:
+            serial_note += " (not the profile's default: keep these line settings)"
         print(f"  unit {m.unit:>3}  {m.slug:<24} {m.value!s}{serial_note}")
     print()
     print(result.config_snippet(), end="")

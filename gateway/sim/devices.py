@@ -29,6 +29,7 @@ import structlog
 from gateway.modbus.codec import CodecError, decode, encode
 from gateway.model import ChargerStatus, Clock, SystemClock, Value
 from gateway.profiles import DataType, Profile, RegisterSpec, Table
+from gateway.sim.quirks import quirks_for
 from gateway.sim.server import RegisterImage
 
 __all__ = ["SimCharger", "SimEv", "SimMeter", "TruthLog", "fit_tag"]
@@ -118,6 +119,11 @@ class _Device:
         self._rng = random.Random(seed)
         self._specs = {spec.name: spec for spec in profile.registers}
         self._warned: set[str] = set()
+        self.quirks = quirks_for(profile.slug)
+        image.undefined = dict(self.quirks.undefined)
+        # Registers the device currently reports as "no value" (all bits set), e.g. Bender
+        # 218/220 for a moment (evcc discussion #27736).
+        self.unavailable: set[str] = set()
 
     def _put(
         self, spec: RegisterSpec, value: Value, *, merge: dict[int, int] | None = None
@@ -146,6 +152,12 @@ class _Device:
         spec = self._specs.get(name)
         if spec is not None:
             self._put(spec, value)
+
+    def _show_unavailable(self) -> None:
+        for name in self.unavailable:
+            spec = self._specs.get(name)
+            if spec is not None and not spec.type.is_text:
+                self.image.set(spec.table, spec.address, [0xFFFF] * spec.count)
 
     def _readable(self, name: str, value: float) -> float:
         """What the gateway reads back for ``value`` in register ``name`` (its resolution)."""
@@ -213,6 +225,8 @@ class SimCharger(_Device):
         self.power_w = 0.0
         self.status = ChargerStatus.AVAILABLE
         self.sessions: list[dict[str, Any]] = []  # finished sessions (same as the truth log)
+        self.idle_s = 0.0  # simulated seconds without an EV (standby quirk)
+        self.powered = True
         image.on_write = self._on_write
         self._write_identity()
         self._write_controls()
@@ -239,6 +253,9 @@ class SimCharger(_Device):
         if self.profile.session_energy_resets == "plug":
             self.session_energy_wh = 0.0
         self.ev.session_start_wh = self.session_energy_wh
+        self.idle_s = 0.0
+        if self.powered:
+            self.image.silent = False  # a car wakes a box from standby
         log.info("sim_ev_plugged", device=self.device_id, tag=tag, power_w=power_w)
         if tag is not None:
             self.present_tag(tag)
@@ -287,6 +304,28 @@ class SimCharger(_Device):
         """The session in progress as a truth record (``unplugged_at`` None)."""
         return None if self.ev is None else self._session_record(self.ev, None)
 
+    def power_off(self) -> None:
+        """A power cut: the device stops answering."""
+        self.powered = False
+        self.image.silent = True
+        log.info("sim_power_off", device=self.device_id)
+
+    def power_on(self) -> None:
+        """Power is back: the device answers again with its volatile settings at their
+        defaults (Heidelberg: standby allowed again)."""
+        self.powered = True
+        self.image.silent = False
+        self.idle_s = 0.0
+        q = self.quirks
+        if q.standby_register is not None:
+            self.image.set(Table.HOLDING, q.standby_register, [0])
+        log.info("sim_power_on", device=self.device_id)
+
+    @property
+    def standby(self) -> bool:
+        """In standby (silent until an EV is plugged in)."""
+        return self.powered and self.image.silent
+
     def set_faulted(self, faulted: bool) -> None:
         """An internal device error (status faulted, no power)."""
         self.faulted = faulted
@@ -307,6 +346,14 @@ class SimCharger(_Device):
                     failsafe_current_a=self.profile.heartbeat.failsafe_current_a,
                 )
             self.failsafe = lost
+        q = self.quirks
+        if q.standby_register is not None and self.powered:
+            allowed = self.image.get(Table.HOLDING, q.standby_register)[0] != q.standby_off
+            self.idle_s = self.idle_s + dt_s if self.ev is None else 0.0
+            if allowed and self.ev is None and self.idle_s >= q.standby_after_s:
+                if not self.image.silent:
+                    log.info("sim_standby", device=self.device_id)
+                self.image.silent = True
         self._update_power()
         if self.power_w > 0 and self.ev is not None:
             wh = self.power_w * dt_s / 3600.0
@@ -368,6 +415,10 @@ class SimCharger(_Device):
                 spec = self._specs.get(name)
                 if spec is not None:
                     self._put(spec, value, merge=merge)
+        if self.quirks.status_low_byte is not None:
+            address, low = self.quirks.status_low_byte
+            word = self.image.get(Table.HOLDING, address)[0]
+            self.image.set(Table.HOLDING, address, [(word & 0xFF00) | low])
         ev = self.ev
         phases = ev.phases if ev is not None else 3
         current = self.power_w / (VOLTAGE_V * phases) if self.power_w else 0.0
@@ -388,7 +439,16 @@ class SimCharger(_Device):
             self._set(name, qty)
         tag_spec = self._tag_spec()
         if tag_spec is not None:
-            self._put(tag_spec, self.shown_tag or "")
+            self._put_tag(tag_spec, self.shown_tag or "")
+        self._show_unavailable()
+
+    def _put_tag(self, spec: RegisterSpec, text: str) -> None:
+        if not (self.quirks.tag_right_aligned and spec.type is DataType.ASCII):
+            self._put(spec, text)
+            return
+        data = text.encode("latin-1", "replace")[: spec.count * 2].rjust(spec.count * 2, b"\0")
+        words = [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
+        self.image.set(spec.table, spec.address, words)
 
     def _tag_spec(self) -> RegisterSpec | None:
         if self.profile.tag is None:
@@ -453,6 +513,10 @@ class SimCharger(_Device):
     def _on_write(self, table: Table, address: int, words: list[int]) -> None:
         p = self.profile
         touched: list[str] = []
+        ignored = self.quirks.ignored_writes
+        if table is Table.HOLDING and all(address + i in ignored for i in range(len(words))):
+            log.info("sim_write_ignored", device=self.device_id, address=address, words=words)
+            return
         if p.enable is not None:
             try:
                 value = self._written(p.enable.register, table, address, words)
@@ -527,8 +591,16 @@ class SimMeter(_Device):
         )
         self.energy_export_wh = 0.0
         self.power_w = 0.0
+        self.partial_base_wh = 0.0  # lifetime reading when the partial counter was reset
         self._charger_wh = {id(c): c.energy_wh for c in self.chargers}
         self._write_identity()
+        self._refresh()
+
+    def reset_partial(self) -> None:
+        """Reset the resettable partial counter (Carlo Gavazzi PAR), as a user at the meter's
+        keys or another master can."""
+        self.partial_base_wh = self.energy_wh
+        log.info("sim_partial_counter_reset", device=self.device_id)
         self._refresh()
 
     def wire(self, charger: SimCharger) -> None:
@@ -570,3 +642,7 @@ class SimMeter(_Device):
         values["reactive_power_var"] = 0.0
         for name, value in values.items():
             self._set(name, value)
+        partial = self.quirks.partial_energy
+        if partial is not None:
+            self._put(partial, self.energy_wh - self.partial_base_wh)
+        self._show_unavailable()

@@ -1,5 +1,5 @@
-"""Simulated Modbus servers: register images served over TCP, RTU (serial / pty) and RTU-over-TCP,
-with per-unit fault injection.
+"""Simulated Modbus servers: register images served over TCP, RTU (serial / pty), RTU-over-TCP and
+through a simulated Modbus TCP gateway (protocol converter), with per-unit fault injection.
 
 Why our own framing and not pymodbus' server: pymodbus 3.16 deprecates its datastore API
 (``ModbusDeviceContext`` & co., gone in 4.0) and marks the replacement (``SimData``) experimental.
@@ -13,11 +13,20 @@ Unknown unit ids: on RTU (and RTU-over-TCP) the line stays silent, as a real RS-
 nobody has that address; on Modbus TCP the server answers exception 0x0B "gateway target device
 failed to respond", as TCP<->RTU gateways do. Unit 0 on RTU is a broadcast: writes go to every
 unit and nobody answers.
+
+A simulated Modbus TCP gateway (``SimServer.tcp_gateway``) takes MBAP requests from any number
+of TCP clients and forwards each as an RTU frame onto one simulated serial line, one at a time
+(a converter has one line): the request and the answer take their time on the wire at the line's
+baud rate, the device its turnaround; a device that stays silent (or garbles its answer) costs
+the converter's response timeout and comes back as exception 0x0B, as Moxa MGate and similar
+converters answer. Every forwarded request is logged (``transactions``) so tests can prove that
+a client never had two requests pending and kept its pauses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import random
@@ -30,6 +39,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -38,6 +48,7 @@ from gateway.profiles import Table
 __all__ = [
     "Fault",
     "FaultKind",
+    "LineTransaction",
     "RegisterImage",
     "SimServer",
     "SimWriteRejected",
@@ -70,6 +81,11 @@ class RegisterImage:
     def __init__(self, on_write: WriteHook | None = None) -> None:
         self._tables: dict[Table, dict[int, int]] = {t: {} for t in Table}
         self.on_write: WriteHook | None = on_write
+        # Device quirks the simulated models switch on (gateway.sim.quirks):
+        # addresses the device does not define: a read that touches one answers exception 2
+        self.undefined: dict[Table, frozenset[int]] = {}
+        # the unit does not answer at all (Heidelberg in standby, a power cut)
+        self.silent = False
         self.reads = 0  # requests served for this unit (reads only), for tests and stats
         self.writes = 0
 
@@ -142,6 +158,10 @@ _EXC_GATEWAY_TARGET = 0x0B
 _READ_TABLES = {1: Table.COIL, 2: Table.DISCRETE, 3: Table.HOLDING, 4: Table.INPUT}
 
 
+class _ServerClosing(Exception):
+    """The server is closing: a connection handler ends instead of waiting out a delay."""
+
+
 class _Reply(StrEnum):
     SEND = "send"
     SILENT = "silent"
@@ -178,6 +198,9 @@ def handle_pdu(image: RegisterImage, pdu: bytes) -> bytes:
             if not 1 <= count <= limit:
                 return _exception(fc, _EXC_ILLEGAL_VALUE)
             if address + count > 0x10000:
+                return _exception(fc, _EXC_ILLEGAL_ADDRESS)
+            holes = image.undefined.get(table)
+            if holes and any(a in holes for a in range(address, address + count)):
                 return _exception(fc, _EXC_ILLEGAL_ADDRESS)
             values = image.get(table, address, count)
             image.reads += 1
@@ -248,6 +271,22 @@ def _rtu_request_length(buf: bytes | bytearray) -> int | None:
     return 0
 
 
+def serial_char_bits(parity: str = "N", stopbits: int = 1, bytesize: int = 8) -> int:
+    """Bits on the wire per character: start, data, parity (if any), stop."""
+    return 1 + bytesize + (0 if parity.upper() == "N" else 1) + stopbits
+
+
+@dataclass(frozen=True, slots=True)
+class LineTransaction:
+    """One request forwarded by a simulated Modbus TCP gateway, in loop time (seconds)."""
+
+    unit: int
+    received_s: float  # the MBAP request arrived
+    line_start_s: float  # the converter put it on the serial line
+    answered_s: float  # the answer (or the 0x0B timeout exception) was sent back
+    pending: int  # MBAP requests waiting at the converter when this one arrived (itself included)
+
+
 # ---------------------------------------------------------------------------------------------
 # The server
 
@@ -274,8 +313,11 @@ class SimServer:
         stopbits: int = 1,
         bytesize: int = 8,
         seed: int | None = None,
+        turnaround_s: float = 0.005,
+        response_timeout_s: float = 0.5,
+        line_peer: str | None = None,
     ) -> None:
-        if transport not in ("tcp", "rtu", "rtu-over-tcp"):
+        if transport not in ("tcp", "rtu", "rtu-over-tcp", "tcp-gateway"):
             raise ValueError(f"unknown transport {transport!r}")
         self.transport = transport
         self.units: dict[int, RegisterImage] = dict(units)
@@ -291,10 +333,26 @@ class SimServer:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._fd: int | None = None
+        # RTU on a pty: the gateway's end of the pair, to read the line speed it set (a pty
+        # carries bytes at any speed; a real line garbles them when the speeds differ).
+        self.line_peer = line_peer
+        self._peer_fd: int | None = None
+        self.wrong_speed_frames = 0  # requests ignored because the client's baud rate differs
         self._rtu_buf = bytearray()
         self._rtu_resync: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Connection handlers end by themselves when the server closes (Python 3.11 logs a
+        # spurious error for a handler task that is cancelled instead).
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._closing = asyncio.Event()
         self.requests = 0  # frames received (all units), for tests and stats
+        # Modbus TCP gateway: the serial line behind it.
+        self.turnaround_s = turnaround_s  # a device's answer starts this long after the request
+        self.response_timeout_s = response_timeout_s  # the converter gives up on a silent unit
+        self._line = asyncio.Lock()
+        self._pending = 0
+        self.max_pending = 0  # most MBAP requests ever waiting at once
+        self.transactions: collections.deque[LineTransaction] = collections.deque(maxlen=10_000)
 
     # constructors -----------------------------------------------------------------------------
     @classmethod
@@ -310,6 +368,34 @@ class SimServer:
         return cls("rtu-over-tcp", units, host=host, port=port, seed=seed)
 
     @classmethod
+    def tcp_gateway(
+        cls,
+        host: str,
+        port: int,
+        units: Mapping[int, RegisterImage],
+        *,
+        baudrate: int = 9600,
+        parity: str = "N",
+        stopbits: int = 1,
+        turnaround_s: float = 0.005,
+        response_timeout_s: float = 0.5,
+        seed: int | None = None,
+    ) -> SimServer:
+        """A Modbus TCP gateway (MBAP in, RTU out) with ``units`` on its serial line."""
+        return cls(
+            "tcp-gateway",
+            units,
+            host=host,
+            port=port,
+            baudrate=baudrate,
+            parity=parity,
+            stopbits=stopbits,
+            turnaround_s=turnaround_s,
+            response_timeout_s=response_timeout_s,
+            seed=seed,
+        )
+
+    @classmethod
     def rtu(
         cls,
         path: str,
@@ -320,7 +406,10 @@ class SimServer:
         bytesize: int = 8,
         *,
         seed: int | None = None,
+        line_peer: str | None = None,
     ) -> SimServer:
+        """RTU on the serial device ``path``. With ``line_peer`` (the client's end of a pty pair)
+        the units answer only while the client's line speed equals ``baudrate``, as on a wire."""
         return cls(
             "rtu",
             units,
@@ -330,6 +419,7 @@ class SimServer:
             stopbits=stopbits,
             bytesize=bytesize,
             seed=seed,
+            line_peer=line_peer,
         )
 
     # faults -----------------------------------------------------------------------------------
@@ -359,7 +449,8 @@ class SimServer:
         if self.transport == "rtu":
             self._open_serial()
         else:
-            handler = self._serve_tcp if self.transport == "tcp" else self._serve_rtu_stream
+            stream = self.transport == "rtu-over-tcp"
+            handler = self._serve_rtu_stream if stream else self._serve_tcp
             self._server = await asyncio.start_server(handler, self.host, self.port)
             self.port = self._server.sockets[0].getsockname()[1]
         log.info("sim_server_started", endpoint=self.endpoint, units=sorted(self.units))
@@ -369,6 +460,10 @@ class SimServer:
         await self.close()
 
     async def close(self) -> None:
+        self._closing.set()
+        if self._peer_fd is not None:
+            os.close(self._peer_fd)
+            self._peer_fd = None
         if self._fd is not None:
             loop = asyncio.get_running_loop()
             loop.remove_reader(self._fd)
@@ -385,6 +480,8 @@ class SimServer:
             self._server.close()
             for writer in list(self._writers):
                 writer.close()
+            if self._handlers:
+                await asyncio.wait(set(self._handlers), timeout=1.0)
             await self._server.wait_closed()
             self._server = None
         log.info("sim_server_stopped", endpoint=self.endpoint)
@@ -399,7 +496,7 @@ class SimServer:
             return _Reply.SILENT, b"", 0.0
         fault = self._faults.get(unit, NO_FAULT)
         kind = fault.kind
-        if kind is FaultKind.NO_ANSWER:
+        if kind is FaultKind.NO_ANSWER or image.silent:
             return _Reply.SILENT, b"", 0.0
         if kind is FaultKind.DROP:
             return _Reply.DROP, b"", fault.delay_s
@@ -411,8 +508,20 @@ class SimServer:
         return _Reply.SEND, handle_pdu(image, pdu), fault.delay_s
 
     # Modbus TCP -------------------------------------------------------------------------------
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``; raise ``_ServerClosing`` at once when the server closes."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._closing.wait()
+        except TimeoutError:
+            return
+        raise _ServerClosing
+
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
         try:
             while True:
                 header = await reader.readexactly(7)
@@ -420,9 +529,12 @@ class SimServer:
                 if length < 2 or length > 254:
                     break  # not Modbus: hang up like real devices do
                 pdu = await reader.readexactly(length - 1)
-                reply, data, delay_s = self._answer(unit, pdu, tcp=True)
+                if self.transport == "tcp-gateway":
+                    reply, data, delay_s = await self._through_line(unit, pdu)
+                else:
+                    reply, data, delay_s = self._answer(unit, pdu, tcp=True)
                 if delay_s:
-                    await asyncio.sleep(delay_s)
+                    await self._pause(delay_s)
                 if reply is _Reply.DROP:
                     break
                 if reply is _Reply.SILENT:
@@ -432,13 +544,60 @@ class SimServer:
                 else:
                     writer.write(struct.pack(">HHHB", tid, pid, len(data) + 1, unit) + data)
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, _ServerClosing):
             pass
         finally:
+            if handler is not None:
+                self._handlers.discard(handler)
             self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    # Modbus TCP gateway: one serial line behind -----------------------------------------------
+    def wire_s(self, nbytes: int) -> float:
+        """Time ``nbytes`` take on the serial line at its baud rate."""
+        return nbytes * serial_char_bits(self.parity, self.stopbits, self.bytesize) / self.baudrate
+
+    async def _through_line(self, unit: int, pdu: bytes) -> tuple[_Reply, bytes, float]:
+        """Forward one MBAP request onto the serial line and wait for its answer; requests from
+        every connection queue here, as they do in a converter with one line."""
+        loop = asyncio.get_running_loop()
+        received = loop.time()
+        self._pending += 1
+        pending = self._pending
+        self.max_pending = max(self.max_pending, pending)
+        try:
+            async with self._line:
+                start = loop.time()
+                request = _rtu_frame(unit, pdu)
+                timed_out = (_exception(pdu[0] if pdu else 0, _EXC_GATEWAY_TARGET), 0.0)
+                # t3.5 of silence, then the request's characters
+                await self._pause(self.wire_s(len(request)) + self.wire_s(1) * 3.5)
+                replies = self._rtu_frames(bytearray(request))
+                result: tuple[_Reply, bytes, float]
+                if unit == 0:
+                    result = (_Reply.SILENT, b"", 0.0)  # broadcast: applied, never answered
+                elif not replies or replies[0][1] in (_Reply.GARBAGE, _Reply.DROP):
+                    # Silence, or an answer that fails its CRC: the converter waits it out.
+                    await self._pause(self.response_timeout_s)
+                    result = (_Reply.SEND, *timed_out)
+                else:
+                    _, _, data, delay_s = replies[0]
+                    answer = _rtu_frame(unit, data)
+                    late_s = self.turnaround_s + delay_s
+                    if late_s > self.response_timeout_s:
+                        await self._pause(self.response_timeout_s)
+                        result = (_Reply.SEND, *timed_out)
+                    else:
+                        await self._pause(late_s + self.wire_s(len(answer)))
+                        result = (_Reply.SEND, answer[1:-2], 0.0)
+                self.transactions.append(
+                    LineTransaction(unit, received, start, loop.time(), pending)
+                )
+                return result
+        finally:
+            self._pending -= 1
 
     # RTU framing over a stream (RTU-over-TCP) -------------------------------------------------
     async def _serve_rtu_stream(
@@ -527,7 +686,18 @@ class SimServer:
             os.close(fd)
             raise
         self._fd = fd
+        if self.line_peer is not None:
+            # Held open for the server's life: closing a pty slave's last descriptor hangs up
+            # the pair. Its termios are the tty's, shared with the client's descriptor.
+            self._peer_fd = os.open(self.line_peer, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         asyncio.get_running_loop().add_reader(fd, self._on_serial_readable)
+
+    def _client_speed_matches(self) -> bool:
+        if self._peer_fd is None:
+            return True
+        want = getattr(termios, f"B{self.baudrate}", None)
+        attrs = termios.tcgetattr(self._peer_fd)
+        return want is None or attrs[5] == want  # ospeed: what the client sends at
 
     def _on_serial_readable(self) -> None:
         if self._fd is None:
@@ -541,6 +711,10 @@ class SimServer:
                 return
             raise
         if not chunk:
+            return
+        if not self._client_speed_matches():
+            self.wrong_speed_frames += 1
+            self._rtu_buf.clear()  # characters at another baud rate: noise, never a frame
             return
         self._rtu_buf += chunk
         # A partial frame followed by silence is noise: forget it (the t3.5 rule, loosely).

@@ -2,8 +2,11 @@
 EV traffic (random and seeded, or scripted by a scenario).
 
 - Modbus TCP devices are served on their ``host:port``; devices sharing one ``host:port`` are
-  units of one server. Only loopback hosts are served (a non-loopback device is reported and
-  skipped: the simulator is not meant to impersonate devices on a real network).
+  units of one server. Where only serial (RTU) profiles sit at a ``host:port``, that address is
+  a simulated Modbus TCP gateway: requests go one at a time over a simulated serial line at the
+  ``endpoints:`` baud rate (else the first serial profile's), with its wire time and delays.
+  Only loopback hosts are served (a non-loopback device is reported and skipped: the simulator
+  is not meant to impersonate devices on a real network).
 - An ``rtu`` bus gets a socat pty pair whose gateway-side link is the bus's ``port:`` path; every
   unit of the bus is served on the other end. ``rtu-over-tcp`` buses are served on their
   ``host:tcp_port`` with RTU framing.
@@ -257,6 +260,29 @@ class SimSite:
             else:
                 self._skip(dev.id, "neither host nor bus")
         for (host, port), devs in tcp_groups.items():
+            serial = [
+                p
+                for p in (self._profile(d) for d in devs)
+                if "tcp" not in p.connection.transports
+            ]
+            # A converter fronts serial devices only; an address that mixes in a Modbus TCP
+            # device is served as plain Modbus TCP (a simulator convenience, no real wiring).
+            if serial and len(serial) == len(devs):
+                endpoint = self.config.endpoint(host, port)
+                line = serial[0].connection
+                server = await stack.enter_async_context(
+                    SimServer.tcp_gateway(
+                        host,
+                        port,
+                        self._units(devs),
+                        baudrate=(endpoint.baudrate if endpoint else None) or line.baudrate,
+                        parity=line.parity,
+                        stopbits=line.stopbits,
+                        seed=self._rng.randrange(2**32),
+                    )
+                )
+                self._register(server, devs, f"tcp-gateway://{host}:{server.port}")
+                continue
             server = await stack.enter_async_context(
                 SimServer.tcp(host, port, self._units(devs), seed=self._rng.randrange(2**32))
             )

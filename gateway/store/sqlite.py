@@ -918,6 +918,24 @@ class Store:
             for rec, synced, fin in rows
         ]
 
+    async def recent_finished_sessions(self, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` most recently finished sessions, newest first, wrapped like
+        finished_session_rows."""
+        rows = await self._read(
+            "SELECT record, synced_at, finished_ts FROM finished_sessions "
+            "ORDER BY finished_ts DESC, seq DESC LIMIT ?",
+            (int(limit),),
+        )
+        return [
+            {
+                "state": "finished",
+                "synced_at": synced,
+                "finished_at": fin,
+                "record": json.loads(rec),
+            }
+            for rec, synced, fin in rows
+        ]
+
     def _session_filter(
         self,
         since: float | None,

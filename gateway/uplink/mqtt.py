@@ -72,6 +72,7 @@ class UplinkStats:
     abandoned: int = 0  # publishes in flight when a connection dropped
     commands: int = 0
     protocol: str = "5"
+    last_puback_monotonic: float | None = None  # clock.monotonic() of the latest PUBACK
 
 
 _ACK = 0  # outbox rows: acknowledged (deleted) on PUBACK
@@ -88,9 +89,9 @@ class _Inflight:
         self.limit = max(1, limit)
         self.max_bytes = max_bytes
         self.bytes = 0
-        # mid -> (sent at (loop time), size, stream, _ACK/_SYNC/None, row ids); insertion order
-        # is send order, so the first entry is the oldest
-        self.entries: dict[int, tuple[float, int, str, int | None, Sequence[int]]] = {}
+        # mid -> (sent at (loop time), size, stream, _ACK/_SYNC/None, row ids, qos); insertion
+        # order is send order, so the first entry is the oldest
+        self.entries: dict[int, tuple[float, int, str, int | None, Sequence[int], int]] = {}
         self._room = asyncio.Event()
         self._low = self.limit - max(1, self.limit // 10)
 
@@ -106,12 +107,19 @@ class _Inflight:
             await self._room.wait()
 
     def add(
-        self, mid: int, now: float, size: int, stream: str, kind: int | None, ids: Sequence[int]
+        self,
+        mid: int,
+        now: float,
+        size: int,
+        stream: str,
+        kind: int | None,
+        ids: Sequence[int],
+        qos: int,
     ) -> None:
-        self.entries[mid] = (now, size, stream, kind, ids)
+        self.entries[mid] = (now, size, stream, kind, ids, qos)
         self.bytes += size
 
-    def pop(self, mid: int) -> tuple[float, int, str, int | None, Sequence[int]] | None:
+    def pop(self, mid: int) -> tuple[float, int, str, int | None, Sequence[int], int] | None:
         entry = self.entries.pop(mid, None)
         if entry is not None:
             self.bytes -= entry[1]
@@ -348,7 +356,7 @@ class MqttUplink:
                     if forward is not None:
                         forward(c, userdata, mid, reason, props)
                 else:
-                    self._delivered(entry[2], entry[3], entry[4])
+                    self._delivered(entry[2], entry[3], entry[4], entry[5])
 
             paho_client.on_publish = on_publish
             try:
@@ -461,9 +469,9 @@ class MqttUplink:
             if info.rc != MQTT_ERR_SUCCESS:
                 raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
             if info.is_published():  # QoS 0 already written
-                self._delivered(stream, kind, ids)
+                self._delivered(stream, kind, ids, qos)
             else:
-                inflight.add(info.mid, loop.time(), size, stream, kind, ids)
+                inflight.add(info.mid, loop.time(), size, stream, kind, ids, qos)
 
         while True:
             self._wake.clear()
@@ -567,11 +575,13 @@ class MqttUplink:
             )
         return len(rows)
 
-    def _delivered(self, stream: str, kind: int | None, ids: Sequence[int]) -> None:
+    def _delivered(self, stream: str, kind: int | None, ids: Sequence[int], qos: int) -> None:
         """A publish was acknowledged (QoS 1) or written (QoS 0): queue its rows' ids for the
         group commit."""
         published = self.stats.published
         published[stream] = published.get(stream, 0) + 1
+        if qos > 0:
+            self.stats.last_puback_monotonic = self._clock.monotonic()
         if kind == _ACK:
             self._acked.extend(ids)
         elif kind == _SYNC:
