@@ -220,9 +220,13 @@ async def run(size: Size) -> Result:
             await fill(store, sessions, readings)
             msgs = await messages(store, Topics(PREFIX, SITE))
             # raw before and after the gateway: the machine is shared, and its load drifts
+            cpu0 = time.process_time()
             raw_before = await asyncio.to_thread(raw_drain, port, msgs)
+            cpu1 = time.process_time()
             gw = await gateway_drain(port, store, sessions, readings)
+            cpu2 = time.process_time()
             raw_after = await asyncio.to_thread(raw_drain, port, msgs)
+            cpu3 = time.process_time()
             raw_s = (raw_before + raw_after) / 2
             backlog = await store.outbox_backlog()
     n = len(msgs)
@@ -233,6 +237,12 @@ async def run(size: Size) -> Result:
     result.add("gateway msg/s", n / gw["seconds"], "1/s")
     result.add("raw paho msg/s", n / raw_s, "1/s")
     result.add("ratio gateway/raw (throughput)", raw_s / gw["seconds"], "", at_least=TARGET_RATIO)
+    # CPU of this process (all threads; mosquitto is another process): less noisy than time
+    raw_cpu_us = ((cpu1 - cpu0) + (cpu3 - cpu2)) / 2 / n * 1e6
+    gw_cpu_us = (cpu2 - cpu1) / n * 1e6
+    result.add("gateway CPU a message (all threads)", gw_cpu_us, "us")
+    result.add("raw paho CPU a message (both its threads)", raw_cpu_us, "us")
+    result.add("CPU ratio gateway/raw", gw_cpu_us / raw_cpu_us, "")
     result.add("status latency p50 during drain", gw["status_p50_ms"], "ms")
     result.add("status latency max during drain", gw["status_max_ms"], "ms")
     result.add(

@@ -40,13 +40,16 @@ def rows(n: int, devices: int = 50) -> list[tuple[str, float, dict[str, Any]]]:
     return [(f"cp{i % devices}", t0 + i * 0.01, values) for i in range(n)]
 
 
-async def gateway_ingest(path: Any, data: list[tuple[str, float, dict[str, Any]]]) -> float:
+async def gateway_ingest(
+    path: Any, data: list[tuple[str, float, dict[str, Any]]]
+) -> tuple[float, float]:
+    """(readings/s, CPU microseconds a reading over all threads of the process)."""
     async with Store.open(path, site_id="bench", reserve_bytes=0, max_size_mb=4096) as store:
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.process_time()
         for i in range(0, len(data), BATCH):
             await store.add_readings(data[i : i + BATCH])
-        elapsed = time.perf_counter() - start
-    return len(data) / elapsed
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    return len(data) / elapsed, cpu / len(data) * 1e6
 
 
 def encode_only(data: list[tuple[str, float, dict[str, Any]]]) -> tuple[float, list[Any]]:
@@ -99,10 +102,12 @@ async def run(size: Size) -> Result:
     data = rows(n)
     with tempdir() as tmp:
         raw = raw_ingest(tmp / "raw.db", data)
-        gw = await gateway_ingest(tmp / "gw.db", data)
+        gw, gw_cpu_us = await gateway_ingest(tmp / "gw.db", data)
         json_rps, encoded = encode_only(data)
         insert_rps = raw_ingest(tmp / "raw2.db", data, encoded=encoded)
     result.add("Store.add_readings", gw, "readings/s", at_least=TARGET_RPS)
+    result.add("Store.add_readings CPU a reading (all threads)", gw_cpu_us, "us")
+    result.add("readings/s one idle core would do at that CPU cost", 1e6 / gw_cpu_us, "1/s")
     result.add("raw sqlite3 executemany", raw, "readings/s")
     result.add("ratio gateway/raw", gw / raw, "")
     result.add("values per reading", float(len(sample_values())), "")
