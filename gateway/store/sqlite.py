@@ -188,10 +188,7 @@ class Store:
         self._reserve_path = path.with_name(path.name + ".reserve")
         self._reserve_bytes = reserve_bytes
         self._lock = asyncio.Lock()
-        # The uplink's fetches run on a second connection (WAL: readers never wait for the
-        # writer), so a backlog drain reads its next batch while acks are being written.
-        self._reader: aiosqlite.Connection | None = None
-        self._reader_lock = asyncio.Lock()
+        # The uplink's reads run on a connection of their own (``_read_now``).
         self._sync_reader: sqlite3.Connection | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
         self._readings_blocked_at: float | None = None  # monotonic time readings stopped
@@ -359,11 +356,6 @@ class Store:
         if self._sync_reader is not None:
             self._sync_reader.close()
             self._sync_reader = None
-        async with self._reader_lock:
-            reader, self._reader = self._reader, None
-            if reader is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    await reader.close()
         async with self._lock:
             db, self._db = self._db, None
             if db is None:
@@ -437,20 +429,6 @@ class Store:
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         async with self._lock:
             return list(await self._conn().execute_fetchall(sql, params))  # one thread hop
-
-    async def _read_uplink(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        """A read on the uplink's own connection (opened on first use)."""
-        async with self._reader_lock:
-            self._conn()  # refuse when closed
-            if self._reader is None:
-                try:
-                    reader = await aiosqlite.connect(str(self.path), isolation_level=None)
-                    await reader.execute("PRAGMA busy_timeout=5000")
-                    await reader.execute("PRAGMA query_only=ON")
-                except sqlite3.Error as exc:
-                    raise StoreError(f"{self.path}: cannot open a reader: {exc}") from exc
-                self._reader = reader
-            return list(await self._reader.execute_fetchall(sql, params))
 
     async def _durable_session_write(self, body: Body[T], what: str) -> T:
         """A session-side write: FULL sync, and when the disk is full, make room and retry."""
@@ -701,7 +679,7 @@ class Store:
     # ------------------------------------------------------------------ UplinkStore
 
     async def outbox_fetch(self, stream: str, limit: int, after_id: int = 0) -> list[OutboxRow]:
-        rows = await self._read_uplink(
+        rows = self._read_now(
             "SELECT id, stream, topic, payload, qos, retain, created_ts FROM outbox "
             "WHERE stream = ? AND id > ? ORDER BY id LIMIT ?",
             (stream, int(after_id), int(limit)),
@@ -757,13 +735,27 @@ class Store:
         self, limit: int, after_id: int = 0
     ) -> list[tuple[int, str, bytes]]:
         """(id, device_id, wire form) of undelivered readings in id order: what the uplink
-        splices into batches, with no per-row objects.
+        splices into batches, with no per-row objects (read as ``_read_now`` says)."""
+        rows: list[tuple[int, str, bytes]] = self._read_now(
+            "SELECT r.id, r.device_id, r.wire FROM readings_pending p "
+            "JOIN readings r ON r.id = p.id WHERE p.id > ? ORDER BY p.id LIMIT ?",
+            (int(after_id), int(limit)),
+        )
+        if all(row[2] is not None for row in rows):
+            return rows
+        return [
+            (row.id, row.device_id, row.wire or b"")
+            for row in await self.readings_fetch_unsynced(limit, after_id)
+        ]
 
-        Read on the event loop's thread from a read-only WAL connection of its own (never
-        waits for the writer). A thread hop looked cheaper but is not: sqlite3 releases the GIL
-        around every row step, so a fetch on a worker thread trades the GIL with the busy loop
-        once per row, and made the fetch the slowest stage of a backlog drain (13 ms for 2000
-        rows against 2 ms here). ``limit`` bounds the time the loop is held."""
+    def _read_now(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """The uplink's reads, on the event loop's thread from a read-only WAL connection of
+        their own (a WAL reader never waits for the writer). A thread hop looked cheaper but is
+        not: sqlite3 releases the GIL around every row step, so a fetch on a worker thread
+        trades the GIL with the busy loop once per row (13 ms for 2000 readings against 2 ms
+        here), and each hop's latency stalled the drain between pages. The callers bound the
+        rows a call, hence the time the loop is held. A busy database reads as empty: the
+        uplink asks again on its next round."""
         self._conn()  # refuse when closed
         if self._sync_reader is None:
             try:
@@ -777,21 +769,11 @@ class Store:
                 raise StoreError(f"{self.path}: cannot open a reader: {exc}") from exc
             self._sync_reader = reader
         try:
-            rows: list[tuple[int, str, bytes]] = self._sync_reader.execute(
-                "SELECT r.id, r.device_id, r.wire FROM readings_pending p "
-                "JOIN readings r ON r.id = p.id WHERE p.id > ? ORDER BY p.id LIMIT ?",
-                (int(after_id), int(limit)),
-            ).fetchall()
+            return self._sync_reader.execute(sql, params).fetchall()
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):
-                raise StoreError(f"{self.path}: reading readings failed: {exc}") from exc
-            return []  # the caller asks again on its next round
-        if all(row[2] is not None for row in rows):
-            return rows
-        return [
-            (row.id, row.device_id, row.wire or b"")
-            for row in await self.readings_fetch_unsynced(limit, after_id)
-        ]
+                raise StoreError(f"{self.path}: reading for the uplink failed: {exc}") from exc
+            return []
 
     async def readings_mark_synced(self, ids: Sequence[int]) -> None:
         if not ids:

@@ -447,6 +447,11 @@ class MqttUplink:
         self._outbox_pending = True
         loop = asyncio.get_running_loop()
         outbox_due = loop.time()
+        streams = [
+            *((stream, inflight.limit) for stream in PRIORITY_STREAMS),
+            (SESSION_STREAM, share),
+        ]
+        more: set[str] = set()  # streams whose last page was full
         lean = (
             LeanReadings(cfg.readings.interval_s, cfg.readings.mode)
             if cfg.readings.interval_s > 0
@@ -488,18 +493,22 @@ class MqttUplink:
                     (),
                 )
                 sent += 1
-            if self._outbox_pending or loop.time() >= outbox_due:
-                # Outbox rows come with a notify(); while a readings backlog drains, the
-                # outbox is asked again after a notify or a safety interval, not each round.
+            if self._outbox_pending or more or loop.time() >= outbox_due:
+                # Outbox rows come with a notify(); while a backlog drains, a stream is asked
+                # again only if its last page was full, after a notify, or after a safety
+                # interval, not every round.
+                everything = self._outbox_pending or loop.time() >= outbox_due
                 self._outbox_pending = False
-                outbox_due = loop.time() + self._safety_poll_s
-                n = 0
-                for stream in PRIORITY_STREAMS:
-                    n += await self._drain_stream(send, stream, cursors, inflight.limit)
-                n += await self._drain_stream(send, SESSION_STREAM, cursors, share)
-                if n:
-                    self._outbox_pending = True
-                sent += n
+                if everything:
+                    outbox_due = loop.time() + self._safety_poll_s
+                asked, more = more, set()
+                for stream, limit in streams:
+                    if not everything and stream not in asked:
+                        continue
+                    n = await self._drain_stream(send, stream, cursors, limit)
+                    if n >= limit:
+                        more.add(stream)
+                    sent += n
             messages: list[tuple[str, bytes, list[int]]] = []
             if not batches.empty():
                 rows = batches.get_nowait()
