@@ -531,6 +531,9 @@ class MqttUplink:
                     )
                     sent += 1
             if sent:
+                # the drain awaits only when the window is full: let the pollers and the
+                # session logic run between rounds
+                await asyncio.sleep(0)
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._safety_poll_s)
