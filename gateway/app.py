@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from gateway import __version__
-from gateway.config import GatewayConfig
+from gateway.config import OCPP_DRIVER, GatewayConfig
 from gateway.live import LiveState
 from gateway.model import Clock, DeviceKind, DeviceSample, SystemClock, Token
-from gateway.profiles import Profile, load_profiles
+from gateway.profiles import DataType, Profile, RegisterSpec, load_profiles, value_range
+from gateway.sessions import MAX_COUNTER_WH, Counter
 
 __all__ = ["Gateway", "SiteCommands", "run_gateway"]
 
@@ -31,6 +34,7 @@ READINGS_FLUSH_S = 1.0
 READINGS_BATCH = 500
 PRUNE_EVERY_S = 300.0
 SNAPSHOT_EVERY_S = 30.0
+GRID_LIMITS_KEY = "grid.cloud_limits"  # kv: the cloud's limits in force, kept over a restart
 
 
 def _short(value: Any) -> Any:
@@ -48,10 +52,32 @@ class SiteCommands:
         self._gw = gateway
 
     async def remote_start(self, charger_id: str, user: str, token: str | None) -> dict[str, Any]:
+        ocpp = self._gw.ocpp
+        if ocpp is not None and ocpp.handles(charger_id):  # RemoteStartTransaction
+            return await ocpp.remote_start(charger_id, user, token)
         return await self._gw.sessions.remote_start(charger_id, user, token)
 
     async def remote_stop(self, charger_id: str | None, session_id: str | None) -> dict[str, Any]:
+        ocpp = self._gw.ocpp
+        if ocpp is not None and charger_id is None and session_id is not None:
+            charger_id = self._gw.sessions.tracker.find_session(session_id)
+        if ocpp is not None and charger_id is not None and ocpp.handles(charger_id):
+            return await ocpp.remote_stop(charger_id, session_id)  # RemoteStopTransaction
         return await self._gw.sessions.remote_stop(charger_id, session_id)
+
+    async def change_availability(self, charger_id: str, available: bool) -> dict[str, Any]:
+        return await self._ocpp_charger(charger_id).change_availability(charger_id, available)
+
+    async def reset(self, charger_id: str, hard: bool) -> dict[str, Any]:
+        return await self._ocpp_charger(charger_id).reset(charger_id, hard)
+
+    def _ocpp_charger(self, charger_id: str) -> Any:
+        ocpp = self._gw.ocpp
+        if ocpp is None or not ocpp.handles(charger_id):
+            from gateway.errors import CommandError
+
+            raise CommandError("not_supported", f"{charger_id!r} is not an OCPP charger")
+        return ocpp
 
     async def update_tokens(
         self, version: int, mode: str, tokens: Sequence[Token], remove: Sequence[str]
@@ -60,14 +86,45 @@ class SiteCommands:
 
     async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]:
         book = self._gw.tariffs
-        book.replace(version, dict(tariffs))
+        book.check(version, dict(tariffs))  # refused: nothing changes, nothing is stored
+        # Stored before it applies: a failed write answers an error and changes nothing; a
+        # crash after it keeps what the reply confirms.
         await self._gw.store.kv_put("tariffs", {"version": version, "tariffs": dict(tariffs)})
+        book.replace(version, dict(tariffs))
         return {"version": version, "tariffs": sorted(tariffs)}
 
     async def auth_response(
         self, request_id: str, status: str, user: str | None, expires_at: float | None
     ) -> None:
         await self._gw.authorizer.auth_response(request_id, status, user, expires_at)
+
+    async def set_grid_limit(
+        self,
+        request_id: str,
+        scope: str,
+        max_current_a: float | None,
+        max_power_w: float | None,
+        expires_at: float | None,
+        reason: str | None,
+    ) -> dict[str, Any]:
+        from gateway.errors import CommandError
+        from gateway.gridlimit import LimitValue
+
+        load = self._gw.load
+        if load is None or load.limits is None:
+            raise CommandError(
+                "unsupported", "this site has no load management (grid.max_current_a)"
+            )
+        lift = max_current_a is None and max_power_w is None
+        value = None if lift else LimitValue(max_current_a, max_power_w)
+        effective = await load.set_cloud_limit(request_id, scope, value, expires_at, reason)
+        saved = [c.to_json() for c in load.limits.cloud_limits()]
+        await self._gw.store.kv_put(GRID_LIMITS_KEY, saved)
+        return {
+            "scope": scope,
+            "cleared": lift,
+            "in_force": effective.payload(self._gw.clock.time()),
+        }
 
 
 class Gateway:
@@ -92,8 +149,13 @@ class Gateway:
         self._samples: asyncio.Queue[DeviceSample] = asyncio.Queue(maxsize=10_000)
         self._readings: list[tuple[str, float, Mapping[str, Any]]] = []
         self._last_values: dict[str, Mapping[str, Any]] = {}
-        self._kinds = {d.id: self.profiles[d.driver].kind for d in config.devices}
+        self._kinds = {
+            d.id: DeviceKind.CHARGER if d.driver == OCPP_DRIVER else self.profiles[d.driver].kind
+            for d in config.devices
+        }
         self.uplink: Any = None
+        self.grid_limit: dict[str, Any] | None = None  # the retained grid/limit payload
+        self.ocpp: Any = None  # gateway.ocpp.OcppServer when the site has OCPP chargers
         # >1 only under a sped-up simulator: counters then rise faster than real time allows.
         self.time_scale = time_scale
 
@@ -114,28 +176,59 @@ class Gateway:
         self.store = await self._stack.enter_async_context(
             Store.for_site(cfg, sealer=lambda record: seal(record, self.signer.sign))
         )
-        self.tariffs = TariffBook(cfg.tariffs, cfg.billing)
+        self.tariffs = TariffBook(
+            cfg.tariffs,
+            cfg.billing,
+            chargers={d.id: d.tariff for d in cfg.devices if d.tariff is not None},
+        )
         saved = await self.store.kv_get("tariffs")  # the last `tariffs` command, if any
         if saved:
             try:
                 self.tariffs.replace(saved["version"], saved["tariffs"])
             except Exception as exc:  # a stored push that no longer validates is not fatal
                 log.error("stored_tariffs_invalid", error=str(exc))
-        buses = await self._stack.enter_async_context(BusPool.from_config(cfg))
+        modbus_cfg = replace(cfg, devices=cfg.modbus_devices)
+        ocpp_devices = [d for d in cfg.devices if d.driver == OCPP_DRIVER]
+        buses = await self._stack.enter_async_context(BusPool.from_config(modbus_cfg))
+        self.buses = buses
         self.drivers = {
             dev.id: DeviceDriver(dev, self.profiles[dev.driver], buses.for_device(dev), self.clock)
-            for dev in cfg.devices
+            for dev in cfg.modbus_devices
         }
         self.chargers = Chargers(self.drivers)
+        ocpp_route = None
+        if ocpp_devices:
+            from gateway.ocpp.control import OcppRoute
+
+            ocpp_route = OcppRoute(self.chargers, [d.id for d in ocpp_devices])
         # Load management stands between the session manager and the chargers: a charger the
         # session manager stopped never gets a limit > 0 (which would restart most chargers).
         self.load: Any = None
-        control: Any = self.chargers
+        control: Any = ocpp_route or self.chargers
         if cfg.grid is not None and cfg.grid.max_current_a is not None:
+            from gateway.gridlimit import GridLimits
             from gateway.loadmgmt import LoadBalancer, LoadManager
 
-            balancer = LoadBalancer.from_config(cfg, self.profiles, self.chargers.can_control)
-            self.load = LoadManager(cfg, balancer, self.chargers, self.clock)
+            balancer = LoadBalancer.from_config(
+                modbus_cfg, self.profiles, self.chargers.can_control
+            )
+            if ocpp_route is not None:
+                balancer = ocpp_route.with_chargers(balancer, ocpp_devices)
+            limits = GridLimits.from_config(cfg.grid, cfg.site.timezone)
+            saved_limits = await self.store.kv_get(GRID_LIMITS_KEY)
+            if saved_limits:
+                try:
+                    limits.load(saved_limits)
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.error("stored_grid_limits_invalid", error=str(exc))
+            self.load = LoadManager(
+                cfg,
+                balancer,
+                control,
+                self.clock,
+                limits=limits,
+                on_limit=self._on_grid_limit,
+            )
             control = self.load
         self.commands = SiteCommands(self)
         if cfg.uplink is not None:
@@ -145,6 +238,7 @@ class Gateway:
                 cfg.uplink, cfg.site.id, self.store, self.commands, self.clock, version=__version__
             )
             self.uplink.set_public_key(self.signer.public_key_payload())
+        self.homeassistant, self.ha_link = self._homeassistant_parts()
         self.authorizer = Authorizer(cfg.auth, self.store, self.uplink, self.clock)
         await self.authorizer.load()
         self.sessions = SessionManager(
@@ -158,18 +252,34 @@ class Gateway:
             self._on_session_event,
             charger_ids=[d for d, kind in self._kinds.items() if kind is DeviceKind.CHARGER],
             time_scale=self.time_scale,
+            counters={d.id: _counters(self.profiles[d.driver]) for d in cfg.modbus_devices},
             plug_reset_counters=[
-                d.id for d in cfg.devices if _plug_reset_counter(self.profiles[d.driver])
+                d.id for d in cfg.modbus_devices if _plug_reset_counter(self.profiles[d.driver])
             ],
+            transactional=[d.id for d in ocpp_devices],
             prefer_session_counters=[
                 d.id
-                for d in cfg.devices
+                for d in cfg.modbus_devices
                 if _plug_reset_counter(self.profiles[d.driver])
                 and self.profiles[d.driver].has("energy_wh")
                 and self.profiles[d.driver].register("energy_wh").scale > 1.0
             ],
         )
         self.poller = DevicePoller(list(self.drivers.values()), self._on_sample)
+        if ocpp_route is not None:
+            from gateway.ocpp.server import OcppServer
+
+            assert cfg.ocpp is not None
+            self.ocpp = OcppServer(
+                cfg.ocpp,
+                ocpp_devices,
+                self.sessions,
+                self.authorizer,
+                self.store,
+                self._on_sample,
+                self.clock,
+            )
+            ocpp_route.attach(self.ocpp)
         self.web: Any = None
         if cfg.web is not None:
             from gateway.web.server import WebServer
@@ -183,9 +293,92 @@ class Gateway:
         await self._flush_readings()
         await self._stack.aclose()
 
+    def _on_grid_limit(self, effective: Any) -> None:
+        """The site limit in force changed: published retained on ``P/S/grid/limit``."""
+        self.grid_limit = effective.payload(self.clock.time())
+        if self.uplink is not None:
+            self.uplink.publish_retained(self.uplink.topics.grid_limit, self.grid_limit)
+        if self.ha_link is not None and self.ha_link is not self.uplink:
+            self.ha_link.publish_retained(f"{self._root}/grid/limit", self.grid_limit)
+
+    @property
+    def _root(self) -> str:
+        from gateway.uplink.topics import Topics
+
+        prefix = self.config.uplink.topic_prefix if self.config.uplink else "evgw"
+        return Topics(prefix, self.config.site.id).root
+
+    def _homeassistant_parts(self) -> tuple[Any, Any]:
+        """Home Assistant discovery and the link it is published on (None, None when off)."""
+        cfg = self.config
+        ha_cfg = cfg.homeassistant
+        if not ha_cfg.enabled:
+            return None, None
+        from gateway.homeassistant import ChargerInfo, HomeAssistant
+
+        chargers = [
+            ChargerInfo(d.id, "OCPP", d.charge_point_id or d.id)
+            if d.driver == OCPP_DRIVER
+            else ChargerInfo(
+                d.id, self.profiles[d.driver].manufacturer, self.profiles[d.driver].model
+            )
+            for d in cfg.devices
+            if self._kinds[d.id] is DeviceKind.CHARGER
+        ]
+        ha = HomeAssistant(
+            cfg.site.id,
+            self._root,
+            chargers,
+            prefix=ha_cfg.prefix,
+            version=__version__,
+            interval_s=ha_cfg.interval_s,
+            grid_limit=self.load is not None,
+        )
+        if ha_cfg.broker == "cloud":
+            link: Any = self.uplink
+        else:
+            from gateway.uplink.halink import LocalRetainedLink
+
+            link = LocalRetainedLink(ha_cfg, cfg.site.id, self._root, self.clock)
+        for topic, payload in ha.discovery():
+            link.publish_retained(topic, payload)
+        return ha, link
+
+    async def _homeassistant_states(self) -> None:
+        while True:
+            for topic, payload in self.homeassistant.changes(self.live, self.clock.time()):
+                self.ha_link.publish_retained(topic, payload)
+            await asyncio.sleep(1.0)
+
+    def _signal_poller(self) -> Any:
+        """The poller of the grid operator's relay, if the site has one."""
+        from gateway.config import DeviceConfig
+        from gateway.gridsignal import SignalPoller
+
+        grid = self.config.grid
+        if self.load is None or grid is None or not grid.signal:
+            return None
+        signal = grid.signal
+        where = DeviceConfig(
+            id="grid-signal",
+            driver="grid-signal",
+            host=signal.get("host"),
+            port=signal.get("port", 502),
+            bus=signal.get("bus"),
+            unit=signal.get("unit", 1),
+        )
+        return SignalPoller(self.buses.bus_for(where), signal, self.load.on_signal)
+
+    def device_kind(self, device_id: str) -> DeviceKind:
+        """Charger or meter (an OCPP charge point has no Modbus profile to ask)."""
+        return self._kinds[device_id]
+
     def _resolve_tariff(self, charger_id: str, user_group: str | None) -> Any:
         dev = self.config.device(charger_id)
-        return self.tariffs.resolve(dev.tariff, user_group)
+        got = self.tariffs.resolve(dev.tariff, user_group)
+        if got is None:
+            return None
+        return (got.tariff_id, got.version, got.data, got.fallback)
 
     def _on_sample(self, sample: DeviceSample) -> None:
         try:
@@ -207,6 +400,8 @@ class Gateway:
     async def run(self) -> None:
         """Run until cancelled."""
         await self.sessions.resume()
+        if self.ocpp is not None:  # after resume: a replayed StopTransaction finds its session
+            await self._stack.enter_async_context(self.ocpp)
         log.info(
             "gateway_started",
             site=self.config.site.id,
@@ -219,6 +414,15 @@ class Gateway:
             tg.create_task(self.poller.run(), name="poller")
             if self.load is not None:
                 tg.create_task(self.load.run(), name="load")
+            if self.homeassistant is not None:
+                tg.create_task(self._homeassistant_states(), name="homeassistant")
+                if self.ha_link is not self.uplink:
+                    tg.create_task(self.ha_link.run(), name="homeassistant-link")
+            signal = self._signal_poller()
+            if signal is not None:
+                tg.create_task(signal.run(), name="grid-signal")
+            if self.ocpp is not None:
+                tg.create_task(self.ocpp.run(), name="ocpp")
             tg.create_task(self._consume_samples(), name="samples")
             tg.create_task(self._readings_writer(), name="readings-writer")
             tg.create_task(self._housekeeping(), name="housekeeping")
@@ -285,6 +489,24 @@ class Gateway:
         while True:
             await asyncio.sleep(PRUNE_EVERY_S)
             await self.store.prune()
+
+
+def energy_counter(spec: RegisterSpec) -> Counter:
+    """Range and resolution of an energy counter register, for the plausibility checks."""
+    rng = value_range(spec)
+    if rng is None:  # a float register: its step grows with the value
+        bits = 24 if spec.type is DataType.F32 else 53
+        return Counter(MAX_COUNTER_WH, 1, bits, spec.scale)
+    top = min(MAX_COUNTER_WH, math.floor(rng[1]))
+    return Counter(max(0, top), max(1, math.ceil(abs(spec.scale))))
+
+
+def _counters(profile: Profile) -> dict[str, Counter]:
+    return {
+        name: energy_counter(profile.register(name))
+        for name in ("energy_wh", "session_energy_wh")
+        if profile.has(name)
+    }
 
 
 def _plug_reset_counter(profile: Profile) -> bool:

@@ -29,7 +29,7 @@ import structlog
 
 from gateway.config import AuthConfig
 from gateway.errors import CommandError
-from gateway.model import AuthSource, AuthStatus, Clock, Token, TokenType
+from gateway.model import MAX_VERSION, AuthSource, AuthStatus, Clock, Token, TokenType
 from gateway.ports import AuthRequester, AuthStore
 from gateway.tags import normalise_tag
 
@@ -102,6 +102,11 @@ class Authorizer:
     async def load(self) -> None:
         """Read the persisted cloud list and cache (call once before authorizing)."""
         version, tokens = await self._store.load_cloud_list()
+        if isinstance(version, bool) or not isinstance(version, int) or version > MAX_VERSION:
+            # Stored before versions were bounded: the list stays until the next push, which
+            # any version now replaces (else a version of 1e300 would refuse every push).
+            log.warning("auth_cloud_version_out_of_range", version=str(version)[:40])
+            version = 0
         self._cloud_version = version
         self._cloud = {_key(t.id): t for t in tokens}
         self._cache = {}
@@ -275,11 +280,17 @@ class Authorizer:
     async def auth_response(
         self, request_id: str, status: str, user: str | None, expires_at: float | None
     ) -> None:
-        """The cloud's answer to an ``auth/request``; unknown or late request ids are ignored."""
-        fut = self._pending.get(request_id)
+        """The cloud's answer to an ``auth/request`` this gateway sent and still waits for. The
+        first answer is taken; one for an id never issued, already answered or timed out is
+        refused (``CommandError`` ``unmatched``) and changes nothing."""
+        fut = self._pending.pop(request_id, None)
         if fut is None or fut.done():
             log.warning("auth_response_unmatched", request_id=request_id, status=status)
-            return
+            raise CommandError(
+                "unmatched",
+                f"no auth request {request_id!r} is waiting for an answer "
+                "(never sent by this gateway, already answered, or timed out)",
+            )
         try:
             parsed = AuthStatus(status)
         except ValueError:
@@ -294,6 +305,14 @@ class Authorizer:
         one (``stale_version``); a refused update changes nothing."""
         if mode not in ("replace", "patch"):
             raise CommandError("bad_request", f"mode must be replace or patch, not {mode!r}")
+        if (
+            isinstance(version, bool)
+            or not isinstance(version, int)
+            or not 1 <= version <= MAX_VERSION
+        ):
+            raise CommandError(
+                "invalid", f"tokens version must be an integer in 1..{MAX_VERSION}, got {version!r}"
+            )
         if version <= self._cloud_version:
             raise CommandError(
                 "stale_version",

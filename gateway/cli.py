@@ -116,6 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--no-view", action="store_true", help="log instead of drawing the live view")
 
+    sp = sub.add_parser(
+        "sign-command", help="sign a command or auth response as the cloud (uplink.command_key)"
+    )
+    sp.add_argument("--key", required=True, type=Path, help="the cloud's Ed25519 private key (PEM)")
+    sp.add_argument(
+        "--topic",
+        required=True,
+        help="the topic it goes to, e.g. evgw/depot-7/commands/start (it is signed too)",
+    )
+    sp.add_argument(
+        "--new-key",
+        action="store_true",
+        help="create --key (mode 0600) and KEY.pub.pem for the gateways when it does not exist",
+    )
+    sp.add_argument("--issued-at", help="RFC 3339 UTC time to sign as issued_at (default: now)")
+    sp.add_argument("payload", nargs="?", default="-", help="the JSON payload; - reads stdin")
+
     sp = sub.add_parser("web-user", help="manage the status page's users file")
     wsub = sp.add_subparsers(dest="web_user_command", required=True, parser_class=_Parser)
     wp = wsub.add_parser(
@@ -165,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["csv", "json", "html"], default="csv")
     sp.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
 
+    sp = sub.add_parser("stats", help="utilisation, peak hours and charts from the local buffer")
+    cfg(sp)
+    sp.add_argument("--from", dest="start", type=_date, required=True, metavar="DATE")
+    sp.add_argument("--to", dest="end", type=_date, required=True, metavar="DATE")
+    sp.add_argument("--format", choices=["csv", "json", "html", "svg"], default="html")
+    sp.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+
     sp = sub.add_parser(
         "consume", help="reference cloud consumer: store finished sessions idempotently"
     )
@@ -176,6 +200,45 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--group", help="shared-subscription group ($share/GROUP/...)")
     sp.add_argument("--ca-file")
     sp.add_argument("--duration", type=_duration, help="stop after this long")
+    sp.add_argument(
+        "--trust",
+        type=Path,
+        metavar="DIR",
+        help="trust only the keys in DIR/<site id>.pem (default: trust each site's first key)",
+    )
+
+    sp = sub.add_parser("trust", help="site keys and quarantine of the consumer's store")
+    tsub = sp.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    tp = tsub.add_parser("add", help="trust a site's public key (releases what it signed)")
+    tp.add_argument("--db", required=True)
+    tp.add_argument("--site", required=True)
+    tp.add_argument("--key", required=True, type=Path, help="PEM public key (or 64 hex)")
+    tp.add_argument("--note", help="why (kept with the key)")
+    tp = tsub.add_parser("list", help="every site key with its status")
+    tp.add_argument("--db", required=True)
+    tp.add_argument("--site")
+    tp.add_argument("--json", action="store_true")
+    tp = tsub.add_parser("revoke", help="stop trusting a key: what it signs is quarantined")
+    tp.add_argument("--db", required=True)
+    tp.add_argument("--site", required=True)
+    tp.add_argument("key_id")
+    tp.add_argument("--reason")
+    tp = tsub.add_parser("quarantine", help="records and keys held in quarantine")
+    tp.add_argument("--db", required=True)
+    tp.add_argument("--site")
+    tp.add_argument("--json", action="store_true")
+    tp.add_argument("--released", action="store_true", help="also those released since")
+    tp = tsub.add_parser("dismiss", help="close held messages you have looked into")
+    tp.add_argument("--db", required=True)
+    tp.add_argument("qid", nargs="*", help="quarantine ids (`evgw trust quarantine`)")
+    tp.add_argument("--all", action="store_true", help="every held message (of --site)")
+    tp.add_argument("--site")
+    tp.add_argument("--note", required=True, help="why (kept with each message)")
+
+    sp = sub.add_parser(
+        "rotate-key", help="replace the gateway's signing key (the old key signs the handover)"
+    )
+    cfg(sp)
 
     sp = sub.add_parser("statement", help="a user's monthly statement from the consumer's store")
     sp.add_argument("--db", required=True)
@@ -358,6 +421,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from gateway.stats import run_stats
+
+    config = _load(args)
+    if args.end < args.start:
+        raise UsageError("--to is before --from")
+    return _run_async(
+        lambda: run_stats(
+            config, start=args.start, end=args.end, fmt=args.format, output=args.output
+        )
+    )
+
+
 def _cmd_consume(args: argparse.Namespace) -> int:
     from gateway.billing.consumer import run_consumer
 
@@ -371,8 +447,42 @@ def _cmd_consume(args: argparse.Namespace) -> int:
             group=args.group,
             ca_file=args.ca_file,
             duration_s=args.duration,
+            trust_dir=args.trust,
         )
     )
+
+
+def _cmd_trust(args: argparse.Namespace) -> int:
+    from gateway.billing.trustadmin import run_trust
+
+    return _run_async(
+        lambda: run_trust(
+            args.action,
+            args.db,
+            site=args.site,
+            key_file=getattr(args, "key", None),
+            key=getattr(args, "key_id", None),
+            note=getattr(args, "note", None) or getattr(args, "reason", None),
+            as_json=getattr(args, "json", False),
+            released=getattr(args, "released", False),
+            qids=getattr(args, "qid", None),
+            every=getattr(args, "all", False),
+        )
+    )
+
+
+def _cmd_rotate_key(args: argparse.Namespace) -> int:
+    from gateway.billing.signing import history_path, rotate_key
+
+    config = _load(args)
+    path = Path(config.storage.path).with_name("evgw-signing.key")
+    old, new = rotate_key(path, config.site.id)
+    print(
+        f"signing key {old} replaced by {new.key_id} ({path}); the handover statement is in "
+        f"{history_path(path)}.\nRestart the gateway: it publishes the new key with the "
+        "statement, and consumers that trust the old key trust the new one."
+    )
+    return 0
 
 
 def _cmd_statement(args: argparse.Namespace) -> int:
@@ -388,6 +498,46 @@ def _cmd_statement(args: argparse.Namespace) -> int:
             output=args.output,
         )
     )
+
+
+def _cmd_sign_command(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.model import from_rfc3339
+    from gateway.uplink.envelope import load_signing_key, schema_for_topic, sign_message
+    from gateway.uplink.schemas import validate
+
+    schema = schema_for_topic(args.topic)
+    if schema is None:
+        raise UsageError(
+            f"--topic {args.topic!r} is no command topic (P/S/commands/start|stop|tokens|"
+            "tariffs) nor P/S/auth/response"
+        )
+    issued_at = None
+    if args.issued_at is not None:
+        try:
+            if not args.issued_at.upper().endswith("Z") and "+" not in args.issued_at[10:]:
+                raise ValueError("no time zone")
+            issued_at = from_rfc3339(args.issued_at)
+        except ValueError:
+            raise UsageError(f"--issued-at {args.issued_at!r} is no RFC 3339 time") from None
+    text = sys.stdin.read() if args.payload == "-" else args.payload
+    try:
+        payload = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"the payload is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise UsageError("the payload must be a JSON object")
+    key = load_signing_key(args.key, create=args.new_key)
+    try:
+        signed = sign_message(args.topic, payload, key, issued_at=issued_at)
+    except ValueError as exc:
+        raise UsageError(f"the payload cannot be signed: {exc}") from None
+    problems = validate(schema, signed)
+    if problems:
+        raise UsageError(f"the payload is not a valid {schema}: {'; '.join(problems)}")
+    print(json.dumps(signed, separators=(",", ":"), ensure_ascii=False))
+    return 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -412,9 +562,13 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "read": _cmd_read,
     "sessions": _cmd_sessions,
     "report": _cmd_report,
+    "stats": _cmd_stats,
     "consume": _cmd_consume,
     "statement": _cmd_statement,
     "verify": _cmd_verify,
+    "trust": _cmd_trust,
+    "rotate-key": _cmd_rotate_key,
+    "sign-command": _cmd_sign_command,
 }
 
 

@@ -20,13 +20,14 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import ConfigError, ConfigProblem, TariffError
+from gateway.errors import ConfigError, ConfigProblem, GatewayError
 from gateway.model import AuthStatus, DeviceKind, Token, TokenType
 from gateway.profiles import Profile, load_profiles
 from gateway.tags import normalise_tag
 from gateway.yamlpos import PathT, YamlDoc, load_yaml
 
 __all__ = [
+    "UNAUTHENTICATED_WARNING",
     "AuthConfig",
     "BillingConfig",
     "BusConfig",
@@ -34,6 +35,7 @@ __all__ = [
     "EndpointConfig",
     "GatewayConfig",
     "GridConfig",
+    "OcppConfig",
     "Secret",
     "SiteConfig",
     "StorageConfig",
@@ -110,6 +112,8 @@ class UplinkConfig:
     readings_qos: int = 0
     readings_batch: int = 500
     protocol: str = "auto"  # auto | 5 | 3.1.1
+    command_key: str | None = None  # the cloud's Ed25519 public key (PEM file): signed commands
+    command_max_age_s: float = 300.0  # a signed command older than this is refused
     readings: UplinkReadingsConfig = UplinkReadingsConfig()
 
     @property
@@ -171,6 +175,8 @@ class DeviceConfig:
     tariff: str | None = None
     connector: int = 1
     max_current_a: float | None = None  # site wiring limit for this charger
+    charge_point_id: str | None = None  # driver ocpp: the identity in ws://HOST:PORT/{id}
+    meter_public_key: str | None = None  # driver ocpp: hex DER key of its OCMF-signing meter
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +201,61 @@ class GridConfig:
 
     max_current_a: float | None = None
     meter: str | None = None  # site meter measuring the whole connection
+    # Lower limits the grid can set (gateway/gridlimit.py): validated mappings.
+    schedule: tuple[dict[str, Any], ...] = ()
+    signal: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HomeAssistantConfig:
+    """Home Assistant MQTT discovery (gateway/homeassistant.py); off unless enabled."""
+
+    enabled: bool = False
+    prefix: str = "homeassistant"  # Home Assistant's discovery prefix
+    broker: str = "cloud"  # cloud: the uplink's broker; local: the broker at url
+    url: str | None = None
+    client_id: str | None = None
+    username: str | None = None
+    password: Secret | None = None
+    interval_s: float = 5.0  # a charger's state is sent at most this often (status at once)
+
+    @property
+    def host(self) -> str:
+        rest = (self.url or "").split("://", 1)[-1].rstrip("/")
+        return rest.rsplit(":", 1)[0] if ":" in rest else rest
+
+    @property
+    def port(self) -> int:
+        rest = (self.url or "").split("://", 1)[-1].rstrip("/")
+        return int(rest.rsplit(":", 1)[1]) if ":" in rest else 1883
+
+
+OCPP_DRIVER = "ocpp"  # a device with this driver is an OCPP-J charge point, not a Modbus profile
+
+
+@dataclass(frozen=True, slots=True)
+class OcppConfig:
+    """The OCPP-J server OCPP chargers connect to (``ws://HOST:PORT/{charge_point_id}``).
+
+    ``security_profile``: 0 none, 1 HTTP basic auth, 2 TLS with basic auth (OCPP 1.6 security
+    whitepaper profiles). ``passwords`` maps a charge point id to its basic auth password.
+    """
+
+    listen: str = "0.0.0.0:9000"
+    security_profile: int = 0
+    passwords: dict[str, Secret] = field(default_factory=dict)
+    cert_file: str | None = None
+    key_file: str | None = None
+    heartbeat_interval_s: float = 300.0
+    call_timeout_s: float = 30.0
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,10 +290,17 @@ class GatewayConfig:
     tariffs: dict[str, dict[str, Any]] = field(default_factory=dict)  # validated raw tariff data
     billing: BillingConfig = field(default_factory=BillingConfig)
     grid: GridConfig | None = None
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    ocpp: OcppConfig | None = None
     web: WebConfig | None = None
     drivers_path: str | None = None
     log_level: str = "info"
     source: str = ""  # file the config was loaded from
+
+    @property
+    def modbus_devices(self) -> tuple[DeviceConfig, ...]:
+        """The devices the Modbus engine polls (every device but OCPP charge points)."""
+        return tuple(d for d in self.devices if d.driver != OCPP_DRIVER)
 
     def device(self, device_id: str) -> DeviceConfig:
         for dev in self.devices:
@@ -366,6 +434,8 @@ def _suggest(word: object, choices: Iterable[str]) -> str:
 class _Ctx:
     doc: YamlDoc
     base_dir: Path
+    # (path, tariff id) of every charger naming a tariff, checked with the tariffs
+    tariff_refs: list[tuple[PathT, str]] = field(default_factory=list)
 
     def add(self, path: PathT, message: str, *, key: bool = False) -> None:
         self.doc.add(path, message, key=key)
@@ -818,6 +888,9 @@ class _Map(_Node):
 # --- value checks used by the table ------------------------------------------------------
 
 _ID_RE = r"[A-Za-z0-9_-]{1,64}"
+# OCPP identities end up in a URL path and as the basic auth user name (no ':' there).
+_CP_ID_RE = r"[A-Za-z0-9_.*-]{1,48}"
+_CP_ID_HINT = "1 to 48 characters of A-Z a-z 0-9 _ . * -"
 _ID_HINT = "1 to 64 characters of A-Z a-z 0-9 _ -"
 _URL_RE = re.compile(
     r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<host>[A-Za-z0-9._-]+)(?::(?P<port>[0-9]+))?/?"
@@ -997,7 +1070,20 @@ _UPLINK = _Obj(
             target=UplinkReadingsConfig,
             build_when_absent=True,
             description="readings sent to the cloud (default: one a minute per device, "
-            "~5 MB a day for 10 chargers)",
+            "~6.5 MB a day for 10 chargers)",
+        ),
+        "command_key": _Path(
+            must_be="file",
+            description="the cloud's Ed25519 public key (PEM): commands and auth responses "
+            "must then be signed with it, fresh and not replayed (docs/security.md)",
+        ),
+        "command_max_age": _Duration(
+            attr="command_max_age_s",
+            default=300.0,
+            min=5.0,
+            max=3600.0,
+            description="signed commands and auth responses older than this (by their "
+            "issued_at) are refused; needs a synchronised clock",
         ),
     },
     target=UplinkConfig,
@@ -1126,8 +1212,60 @@ _DEVICE = _Obj(
         "max_current_a": _Num(
             min=6.0, max=1000.0, description="chargers: site wiring limit per phase"
         ),
+        "charge_point_id": _Str(
+            pattern=_CP_ID_RE,
+            hint=_CP_ID_HINT,
+            description="driver ocpp: the charge point identity it connects with "
+            "(ws://HOST:PORT/{charge_point_id})",
+        ),
+        "meter_public_key": _Str(
+            pattern=r"[0-9A-Fa-f]{40,1000}",
+            hint="the hex of the meter's DER public key",
+            description="driver ocpp: public key of the meter signing its values (OCMF); "
+            "evgw verify checks the signed start and stop values with it",
+        ),
     },
     target=DeviceConfig,
+)
+
+_OCPP = _Obj(
+    {
+        "listen": _Str(
+            default="0.0.0.0:9000",
+            check=_check_listen,
+            description="address the OCPP-J server listens on (HOST:PORT)",
+        ),
+        "security_profile": _Enum(
+            (0, 1, 2),
+            default=0,
+            description="0 none, 1 HTTP basic auth, 2 TLS with basic auth",
+        ),
+        "passwords_file": _Path(
+            attr="",
+            must_be="file",
+            description="basic auth passwords, one 'CHARGE_POINT_ID:PASSWORD' per line "
+            "(profiles 1 and 2); never logged",
+        ),
+        "cert_file": _Path(must_be="file", description="server certificate (PEM), profile 2"),
+        "key_file": _Path(must_be="file", description="its private key (PEM), profile 2"),
+        "heartbeat_interval": _Duration(
+            attr="heartbeat_interval_s",
+            default=300.0,
+            min=10.0,
+            max=86400.0,
+            description="Heartbeat interval given to charge points in BootNotification",
+        ),
+        "call_timeout": _Duration(
+            attr="call_timeout_s",
+            default=30.0,
+            min=1.0,
+            max=600.0,
+            description="wait this long for a charge point's answer to a call",
+        ),
+    },
+    target=OcppConfig,
+    default=None,
+    description="OCPP-J 1.6 server for chargers with driver: ocpp",
 )
 
 _TOKEN = _Obj(
@@ -1194,6 +1332,58 @@ _BILLING = _Obj(
     build_when_absent=True,
 )
 
+_HHMM_RE = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]|24:00"
+_LIMIT_FIELDS: dict[str, _Node] = {
+    "max_current_a": _Num(min=0.0, max=10000.0, description="per phase (A); or max_power_w"),
+    "max_power_w": _Num(
+        min=0.0, max=10_000_000.0, description="whole site (W), as current at 230 V on 3 phases"
+    ),
+    "reason": _Str(max_len=200, description="logged and published with the limit"),
+}
+_GRID_SCHEDULE_RULE = _Obj(
+    {
+        "days": _List(
+            _Enum(("mon", "tue", "wed", "thu", "fri", "sat", "sun")),
+            description="weekdays the rule starts on (default: every day)",
+        ),
+        "start": _Str(
+            required=True, pattern=_HHMM_RE, hint="HH:MM (local time)", description="HH:MM"
+        ),
+        "end": _Str(
+            required=True,
+            pattern=_HHMM_RE,
+            hint="HH:MM (local time)",
+            description="HH:MM; at or before start: runs past midnight",
+        ),
+        **_LIMIT_FIELDS,
+    },
+)
+_GRID_SIGNAL = _Obj(
+    {
+        "host": _Str(check=_check_host, description="Modbus TCP address of the I/O module"),
+        "port": _Int(default=502, min=1, max=65535),
+        "bus": _Str(pattern=_ID_RE, hint=_ID_HINT, description="or the RS-485 bus it is on"),
+        "unit": _Int(default=1, min=0, max=255, description="Modbus unit id of the I/O module"),
+        "table": _Enum(
+            ("discrete", "coil", "input", "holding"),
+            default="discrete",
+            description="where the relay's input is: discrete input (FC02), coil (FC01), "
+            "input register (FC04) or holding register (FC03)",
+        ),
+        "address": _Int(required=True, min=0, max=65535, description="0-based address"),
+        "active": _Int(default=1, min=0, max=65535, description="the value that means: reduce now"),
+        "poll_interval": _Duration(default=2.0, min=0.1, max=600.0),
+        "timeout": _Duration(default=1.0, min=0.01, max=60.0),
+        "when_offline": _Enum(
+            ("limit", "ignore"),
+            default="limit",
+            description="the module does not answer: apply the reduced limit, or ignore it",
+        ),
+        **_LIMIT_FIELDS,
+    },
+    default=None,
+)
+
 _GRID = _Obj(
     {
         "max_current_a": _Num(min=6.0, max=10000.0, description="site connection limit per phase"),
@@ -1202,9 +1392,55 @@ _GRID = _Obj(
             hint=_ID_HINT,
             description="id of the meter measuring the whole connection",
         ),
+        "schedule": _List(
+            _GRID_SCHEDULE_RULE,
+            default=(),
+            description="lower site limits by weekday and time of day (site time zone)",
+        ),
+        "signal": _GRID_SIGNAL,
     },
     target=GridConfig,
     default=None,
+)
+
+_HOMEASSISTANT = _Obj(
+    {
+        "enabled": _Bool(default=False, description="publish Home Assistant MQTT discovery"),
+        "prefix": _Str(
+            default="homeassistant",
+            check=_check_topic_prefix,
+            description="Home Assistant's discovery prefix",
+        ),
+        "broker": _Enum(
+            ("cloud", "local"),
+            default="cloud",
+            description="cloud: the uplink's broker; local: a broker on the site LAN (url)",
+        ),
+        "url": _Str(check=_check_url, description="broker: local: mqtt://host[:port]"),
+        "client_id": _Str(
+            max_len=128,
+            pattern=r"[^\s]+",
+            hint="without spaces",
+            description="default: evgw-ha-<site>",
+        ),
+        "username": _Str(description="MQTT user name on the local broker"),
+        "password_file": _Path(attr="", description="file holding that password (one line)"),
+        "password": _Str(
+            pattern=_ENV_REF,
+            hint='an environment variable reference like "${HA_MQTT_PASSWORD}"',
+            secret=True,
+            description='"${ENV_VAR}": the local broker password from the environment',
+        ),
+        "interval": _Duration(
+            attr="interval_s",
+            default=5.0,
+            min=1.0,
+            max=3600.0,
+            description="send a charger's power and energy at most this often",
+        ),
+    },
+    target=HomeAssistantConfig,
+    build_when_absent=True,
 )
 
 _WEB = _Obj(
@@ -1283,6 +1519,8 @@ CONFIG_SCHEMA = _Obj(
         ),
         "billing": _BILLING,
         "grid": _GRID,
+        "homeassistant": _HOMEASSISTANT,
+        "ocpp": _OCPP,
         "web": _WEB,
         "drivers_path": _Path(
             must_be="dir",
@@ -1355,8 +1593,10 @@ def _ids(
             first = (*section, seen[key], "id")
             note = ""
             if fold and _get(ctx, first) != ident:
-                note = ("; token ids are compared in one normal form (case, hex separators, "
-                        "NUL and spaces ignored)")
+                note = (
+                    "; token ids are compared in one normal form (case, hex separators, "
+                    "NUL and spaces ignored)"
+                )
             ctx.add(
                 (*section, i, "id"),
                 f"duplicate {kind} id '{ident}' "
@@ -1393,8 +1633,7 @@ def _load_profiles(ctx: _Ctx, raw: dict[str, Any]) -> dict[str, Profile] | None:
     return profiles
 
 
-def _resolve_secret(ctx: _Ctx, uplink: dict[str, Any]) -> None:
-    path: PathT = ("uplink",)
+def _resolve_secret(ctx: _Ctx, uplink: dict[str, Any], path: PathT = ("uplink",)) -> None:
     if "password_file" in uplink and "password" in uplink:
         ctx.add((*path, "password"), "set either password_file or password, not both", key=True)
         return
@@ -1441,6 +1680,20 @@ def _check_uplink(ctx: _Ctx, raw: dict[str, Any]) -> None:
     _resolve_secret(ctx, uplink)
     if "client_id" not in uplink and isinstance(raw.get("site"), dict) and "id" in raw["site"]:
         uplink["client_id"] = f"evgw-{raw['site']['id']}"
+    key_file = uplink.get("command_key")
+    if isinstance(key_file, str):
+        from gateway.uplink.envelope import load_command_key
+
+        try:
+            load_command_key(key_file)
+        except GatewayError as exc:
+            ctx.add(("uplink", "command_key"), str(exc))
+    elif "command_max_age" in uplink and "command_key" not in _present(ctx, ("uplink",)):
+        ctx.add(
+            ("uplink", "command_max_age"),
+            "command_max_age needs command_key (unsigned commands carry no age)",
+            key=True,
+        )
     url = uplink.get("url", "")
     tls = uplink.get("tls")
     if isinstance(tls, dict):
@@ -1555,15 +1808,28 @@ def _check_devices(
     endpoints = {key: ep for key, (_, ep) in endpoints_at.items()}
     items = _items(raw, "devices")
     first = _ids(ctx, items, ("devices",), "device")
-    tariffs = raw.get("tariffs") or {}
-    tariffs_known = "tariffs" not in _present(ctx, ()) or "tariffs" in raw
     kinds: dict[str, str] = {}  # device id -> "charger" | "meter"
     addresses: dict[tuple[Any, ...], str] = {}
     used_endpoints: set[tuple[Any, Any]] = set()
+    charge_points: dict[tuple[str, int], int] = {}
     for i, dev in items:
         path: PathT = ("devices", i)
         present = _present(ctx, path)
         profile = None
+        if dev.get("driver") == OCPP_DRIVER:
+            if first.get(dev.get("id", "")) == i:
+                kinds[dev["id"]] = str(DeviceKind.CHARGER)
+            _check_ocpp_device(ctx, raw, path, dev, present, charge_points)
+            if "tariff" in dev and isinstance(dev["tariff"], str):
+                ctx.tariff_refs.append(((*path, "tariff"), dev["tariff"]))
+            continue
+        for key_name in ("charge_point_id", "meter_public_key"):
+            if key_name in present:
+                ctx.add(
+                    (*path, key_name),
+                    f"{key_name} is for OCPP chargers (driver: {OCPP_DRIVER})",
+                    key=True,
+                )
         if profiles is not None and "driver" in dev:
             profile = profiles.get(dev["driver"])
             if profile is None:
@@ -1655,11 +1921,8 @@ def _check_devices(
                         key=True,
                     )
         is_meter = profile is not None and profile.kind is DeviceKind.METER
-        if "tariff" in dev and not is_meter and tariffs_known and dev["tariff"] not in tariffs:
-            ctx.add(
-                (*path, "tariff"),
-                _unknown("tariff", dev["tariff"], tariffs, "tariffs"),
-            )
+        if "tariff" in dev and not is_meter and isinstance(dev["tariff"], str):
+            ctx.tariff_refs.append(((*path, "tariff"), dev["tariff"]))
     for (host, port), (i, _ep) in endpoints_at.items():
         if (host, port) not in used_endpoints:
             hosts = sorted({str(h) for h, _ in used_endpoints})
@@ -1676,6 +1939,161 @@ def _check_devices(
     grid = raw.get("grid")
     if isinstance(grid, dict) and "meter" in grid:
         _check_meter_ref(ctx, ("grid", "meter"), grid["meter"], first, kinds, own=None)
+
+
+def _check_homeassistant(ctx: _Ctx, raw: dict[str, Any]) -> None:
+    ha = raw["homeassistant"]
+    path: PathT = ("homeassistant",)
+    local = ha.get("broker") == "local"
+    for key in ("url", "client_id", "username", "password", "password_file"):
+        if key in ha and not local:
+            ctx.add((*path, key), f"{key} is for broker: local (cloud uses the uplink's)", key=True)
+    if not ha.get("enabled"):
+        return
+    if local:
+        if "url" not in ha and "url" not in _present(ctx, path):
+            ctx.add(path, "broker: local needs url (mqtt://host[:port] of the site's broker)")
+        elif str(ha.get("url", "")).startswith("mqtts://"):
+            ctx.add((*path, "url"), "the local broker is reached with mqtt:// on the site LAN")
+        _resolve_secret(ctx, ha, path)
+    elif "uplink" not in raw and "uplink" not in _present(ctx, ()):
+        ctx.add((*path, "broker"), "broker: cloud needs an uplink (or use broker: local)")
+
+
+def _check_grid_limits(ctx: _Ctx, grid: dict[str, Any], buses: dict[str, dict[str, Any]]) -> None:
+    """Limits the grid can set lower the connection's: without one they have nothing to lower."""
+    present = _present(ctx, ("grid",))
+    for key in ("schedule", "signal"):
+        if key in present and grid.get(key) and "max_current_a" not in present:
+            ctx.add(("grid", key), "needs grid.max_current_a (the limit it lowers)")
+    limited: list[tuple[PathT, Any]] = [
+        (("grid", "schedule", i), rule) for i, rule in enumerate(grid.get("schedule") or [])
+    ]
+    signal = grid.get("signal")
+    if isinstance(signal, dict):
+        limited.append((("grid", "signal"), signal))
+        if ("host" in signal) == ("bus" in signal):
+            ctx.add(("grid", "signal"), "needs host (Modbus TCP) or bus (RS-485), not both")
+        elif "bus" in signal and signal["bus"] not in buses:
+            ctx.add(("grid", "signal", "bus"), _unknown("bus", signal["bus"], buses, "buses"))
+    for path, item in limited:
+        if isinstance(item, dict) and ("max_current_a" in item) == ("max_power_w" in item):
+            ctx.add(path, "needs max_current_a or max_power_w (one of them)")
+
+
+def _check_ocpp_device(
+    ctx: _Ctx,
+    raw: dict[str, Any],
+    path: PathT,
+    dev: dict[str, Any],
+    present: set[str],
+    charge_points: dict[tuple[str, int], int],
+) -> None:
+    """An OCPP charge point: reached by its own websocket, so no Modbus address."""
+    for key_name in ("host", "port", "bus", "unit", "poll_interval", "timeout", "meter"):
+        if key_name in present:
+            why = (
+                "an OCPP charger is billed from its own meter values (meter: is not supported "
+                "for OCPP chargers yet)"
+                if key_name == "meter"
+                else "an OCPP charger connects to the gateway's ocpp: server by itself"
+            )
+            ctx.add((*path, key_name), f"{key_name} is for Modbus devices: {why}", key=True)
+    if "meter_public_key" in dev:
+        from gateway.ocpp.ocmf import load_meter_key  # here: it needs cryptography
+
+        try:
+            load_meter_key(dev["meter_public_key"])
+        except ValueError as exc:
+            ctx.add((*path, "meter_public_key"), f"not a meter public key: {exc}")
+    cp_id = dev.get("charge_point_id")
+    if cp_id is None:
+        if "charge_point_id" not in present:
+            ctx.add(path, "needs charge_point_id: the identity the charger connects with")
+    elif (cp_id, dev.get("connector", 1)) in charge_points:
+        other = _get(ctx, ("devices", charge_points[(cp_id, dev.get("connector", 1))], "id"))
+        ctx.add(
+            (*path, "charge_point_id"),
+            f"connector {dev.get('connector', 1)} of charge point '{cp_id}' is already device "
+            f"'{other}' (a second connector needs connector: 2)",
+        )
+    else:
+        charge_points[(cp_id, dev.get("connector", 1))] = path[1] if isinstance(path[1], int) else 0
+    if "ocpp" not in _present(ctx, ()):
+        ctx.add(
+            (*path, "driver"),
+            "an OCPP charger needs the ocpp: section (ocpp: {listen: \"0.0.0.0:9000\"})",
+        )
+    ocpp = raw.get("ocpp")
+    if isinstance(ocpp, dict) and cp_id is not None and ocpp.get("security_profile", 0) >= 1:
+        passwords = ocpp.get("passwords")
+        if isinstance(passwords, dict) and cp_id not in passwords:
+            ctx.add(
+                (*path, "charge_point_id"),
+                f"no password for '{cp_id}' in ocpp.passwords_file (security_profile "
+                f"{ocpp.get('security_profile')} needs one per charge point)",
+            )
+
+
+def _read_ocpp_passwords(ctx: _Ctx, file: Path) -> dict[str, Secret] | None:
+    where: PathT = ("ocpp", "passwords_file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        ctx.add(where, f"cannot read password file {file}: {exc.strerror}")
+        return None
+    except UnicodeDecodeError:
+        ctx.add(where, f"password file {file} is not UTF-8 text")
+        return None
+    out: dict[str, Secret] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        cp_id, sep, password = line.partition(":")
+        cp_id = cp_id.strip()
+        # The line number is the file's, never the password: messages must not show it.
+        if not sep or not re.fullmatch(_CP_ID_RE, cp_id) or not password:
+            ctx.add(where, f"{file} line {n}: expected CHARGE_POINT_ID:PASSWORD")
+            continue
+        if cp_id in out:
+            ctx.add(where, f"{file} line {n}: charge point '{cp_id}' is listed twice")
+            continue
+        out[cp_id] = Secret(password)
+    return out
+
+
+def _check_ocpp(ctx: _Ctx, raw: dict[str, Any]) -> None:
+    ocpp = raw.get("ocpp")
+    if not isinstance(ocpp, dict):
+        return
+    path: PathT = ("ocpp",)
+    profile = ocpp.get("security_profile", 0)
+    present = _present(ctx, path)
+    if "passwords_file" in ocpp:
+        passwords = _read_ocpp_passwords(ctx, Path(ocpp.pop("passwords_file")))
+        if passwords is not None:
+            ocpp["passwords"] = passwords
+    if profile >= 1 and "passwords_file" not in present:
+        ctx.add(
+            (*path, "security_profile"),
+            f"security_profile {profile} (basic auth) needs passwords_file",
+        )
+    if profile == 2:
+        for key_name in ("cert_file", "key_file"):
+            if key_name not in present:
+                ctx.add(
+                    (*path, "security_profile"),
+                    f"security_profile 2 (TLS) needs {key_name}",
+                )
+    elif profile < 2:
+        for key_name in ("cert_file", "key_file"):
+            if key_name in present:
+                ctx.add(
+                    (*path, key_name),
+                    f"{key_name} is for security_profile 2 (TLS); this is {profile}",
+                    key=True,
+                )
 
 
 def _check_meter_ref(
@@ -1700,38 +2118,29 @@ def _check_meter_ref(
         ctx.add(path, f"'{meter}' is a charger ({driver}), not a meter")
 
 
-_TARIFF_PATH_RE = re.compile(r"\[([0-9]+)\]|\.?([^.\[\]]+)")
-
-
-def _tariff_path(text: str) -> PathT:
-    return tuple(int(idx) if idx else name for idx, name in _TARIFF_PATH_RE.findall(text))
-
-
 def _check_tariffs(ctx: _Ctx, raw: dict[str, Any]) -> None:
-    tariffs = raw.get("tariffs") or {}
-    from gateway.billing.tariff import parse_tariff  # here: the tariff module imports this one
+    """Through the same function as a ``tariffs`` push (gateway.billing.tariff)."""
+    from gateway.billing.tariff import tariff_set_problems  # the tariff module imports this one
 
-    for tid, data in tariffs.items():
-        try:
-            parse_tariff(data, "")
-        except TariffError as exc:
-            rel = _tariff_path(exc.path)
-            ctx.add(("tariffs", tid, *rel), exc.message, key=exc.message.startswith("unknown key"))
-    billing = raw.get("billing")
+    tariffs = raw.get("tariffs") or {}
+    if not isinstance(tariffs, dict):
+        return
+    billing = raw.get("billing") if isinstance(raw.get("billing"), dict) else {}
+    # A section whose own checks failed is not there to refer to: say nothing about references.
     tariffs_known = "tariffs" not in _present(ctx, ()) or "tariffs" in raw
-    if isinstance(billing, dict) and tariffs_known:
-        tariff = billing.get("default_tariff")
-        if tariff is not None and tariff not in tariffs:
-            ctx.add(
-                ("billing", "default_tariff"),
-                _unknown("tariff", tariff, tariffs, "tariffs"),
-            )
-        for group, tariff in (billing.get("groups") or {}).items():
-            if tariff not in tariffs:
-                ctx.add(
-                    ("billing", "groups", group),
-                    _unknown("tariff", tariff, tariffs, "tariffs"),
-                )
+    default = (billing or {}).get("default_tariff")
+    groups = (billing or {}).get("groups") or {}
+    problems = tariff_set_problems(
+        tariffs,
+        default_tariff=default if isinstance(default, str) else None,
+        groups={g: t for g, t in groups.items() if isinstance(t, str)},
+        chargers=ctx.tariff_refs,
+        unknown=lambda name, known: _unknown("tariff", name, known, "tariffs"),
+    )
+    for problem in problems:
+        if problem.path[0] != "tariffs" and not tariffs_known:
+            continue
+        ctx.add(problem.path, problem.message, key=problem.key)
 
 
 def _check_tokens(ctx: _Ctx, raw: dict[str, Any]) -> None:
@@ -1757,8 +2166,13 @@ def _check_tokens(ctx: _Ctx, raw: dict[str, Any]) -> None:
 def _cross_check(ctx: _Ctx, raw: dict[str, Any]) -> None:
     profiles = _load_profiles(ctx, raw)
     _check_uplink(ctx, raw)
+    _check_ocpp(ctx, raw)
     buses = _check_buses(ctx, raw)
     _check_devices(ctx, raw, buses, profiles)
+    if isinstance(raw.get("grid"), dict):
+        _check_grid_limits(ctx, raw["grid"], buses)
+    if isinstance(raw.get("homeassistant"), dict):
+        _check_homeassistant(ctx, raw)
     _check_tariffs(ctx, raw)
     _check_tokens(ctx, raw)
     _check_web(ctx, raw)
@@ -1819,6 +2233,10 @@ def load_config(path: str | Path) -> GatewayConfig:
     if doc.problems:
         raise ConfigError(doc.problems)
     config: GatewayConfig = CONFIG_SCHEMA.build(raw)
+    if config.ocpp is not None and isinstance(raw.get("ocpp"), dict):
+        # Read from passwords_file by _check_ocpp; not a key a config file may set itself.
+        passwords = dict(raw["ocpp"].get("passwords") or {})
+        config = replace(config, ocpp=replace(config.ocpp, passwords=passwords))
     return replace(config, source=str(path))
 
 
@@ -1830,6 +2248,13 @@ def check_config(path: str | Path) -> tuple[int, str]:
     except ConfigError as exc:
         return exc.exit_code, "\n".join(str(p) for p in exc.problems)
     return 0, summarize(config)
+
+
+UNAUTHENTICATED_WARNING = (
+    "warning: uplink.command_key is not set: commands and auth responses are not "
+    "authenticated; anyone who can publish on the broker can start charging for any user "
+    "(docs/security.md)"
+)
 
 
 def summarize(config: GatewayConfig) -> str:
@@ -1847,8 +2272,25 @@ def summarize(config: GatewayConfig) -> str:
         up = config.uplink
         auth = f", user {up.username}" if up.username else ""
         lines.append(f"uplink {up.url} as {up.client_id}, topic prefix {up.topic_prefix}{auth}")
+        if up.command_key is not None:
+            lines.append(
+                f"commands: signed by {up.command_key}, "
+                f"at most {format_duration(up.command_max_age_s)} old"
+            )
+        else:
+            lines.append(UNAUTHENTICATED_WARNING)
+    if config.ocpp is not None:
+        oc = config.ocpp
+        lines.append(
+            f"ocpp server ws{'s' if oc.security_profile == 2 else ''}://{oc.listen}, "
+            f"security profile {oc.security_profile}"
+        )
     lines.append(f"{len(config.devices)} device(s) on {len(config.buses)} bus(es):")
     for dev in config.devices:
+        if dev.driver == OCPP_DRIVER:
+            tariff = f", tariff {dev.tariff}" if dev.tariff else ""
+            lines.append(f"  {dev.id}: ocpp charge point {dev.charge_point_id}{tariff}")
+            continue
         where = f"{dev.host}:{dev.port}" if dev.host else f"bus {dev.bus}"
         extra = "".join(
             f", {k} {v}" for k, v in (("meter", dev.meter), ("tariff", dev.tariff)) if v
@@ -1873,6 +2315,25 @@ def summarize(config: GatewayConfig) -> str:
             else "no login: localhost only"
         )
         lines.append(f"web: status page, API and /metrics on {config.web.listen} ({access})")
+    grid = config.grid
+    if grid is not None and grid.max_current_a is not None:
+        lowered = [f"{len(grid.schedule)} schedule rule(s)"] if grid.schedule else []
+        if grid.signal:
+            where = grid.signal.get("host") or f"bus {grid.signal.get('bus')}"
+            lowered.append(
+                f"relay at {where} unit {grid.signal.get('unit', 1)} "
+                f"{grid.signal.get('table', 'discrete')} {grid.signal['address']}"
+            )
+        lowered.append("the cloud's limit command")
+        lines.append(
+            f"grid limit {grid.max_current_a:g} A per phase"
+            + (f" (meter {grid.meter})" if grid.meter else "")
+            + f"; lowered by {', '.join(lowered)}"
+        )
+    ha = config.homeassistant
+    if ha.enabled:
+        broker = ha.url if ha.broker == "local" else "the uplink's broker"
+        lines.append(f"Home Assistant discovery under {ha.prefix}/ on {broker}")
     lines.append(
         f"{len(config.auth.tokens)} token(s), offline policy {config.auth.offline_policy}; "
         f"tariffs: {', '.join(sorted(config.tariffs)) or 'none'}"

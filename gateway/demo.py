@@ -3,7 +3,9 @@
 Nothing else needs to run: the broker is amqtt (pure Python, MQTT 3.1.1, so the gateway's
 MQTT 5 -> 3.1.1 fallback is exercised too), the chargers and meters are the simulators serving
 real Modbus TCP on loopback, and the gateway is the same code ``evgw run`` runs. One EV is
-started by the demo acting as the cloud: it publishes a ``start`` command for an app user.
+started by the demo acting as the cloud: it publishes a ``start`` command for an app user,
+signed with a demo cloud key made in the demo's directory (``demo-cloud.pem``); the demo site's
+``uplink.command_key`` names its public half, so the gateway takes signed commands only.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import socket
 import sys
 import tempfile
 import uuid
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
+from zoneinfo import ZoneInfo
 
 import structlog
 
@@ -74,14 +78,23 @@ def _template() -> str:
 
 def write_demo_config(workdir: Path, broker_url: str, protocol: str = "auto") -> Path:
     """Write the demo's site config with free ports filled in; returns its path."""
-    ports = _free_ports(5)
+    ports = _free_ports(6)
     text = _template().replace("mqtt://127.0.0.1:@BROKER_PORT@", broker_url)
     text = text.replace("@MQTT_PROTOCOL@", protocol)
-    for name, port in zip(("CP1", "CP2", "CP3", "RS485", "WEB"), ports, strict=True):
+    for name, port in zip(("CP1", "CP2", "CP3", "RS485", "WEB", "OCPP"), ports, strict=True):
         text = text.replace(f"@PORT_{name}@", str(port))
+    demo_cloud_key(workdir)
     path = workdir / "demo-site.yaml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def demo_cloud_key(workdir: Path) -> Any:
+    """The demo cloud's signing key, made on first use: ``demo-cloud.pem`` (0600) and the
+    public ``demo-cloud.pem.pub.pem`` the demo site config names as ``uplink.command_key``."""
+    from gateway.uplink.envelope import load_signing_key
+
+    return load_signing_key(workdir / "demo-cloud.pem", create=True)
 
 
 @contextlib.asynccontextmanager
@@ -104,13 +117,16 @@ async def embedded_broker(port: int) -> Any:
 
 
 async def _app_start(
-    site: Any, broker_host: str, broker_port: int, prefix: str, site_id: str
+    site: Any, broker_host: str, broker_port: int, prefix: str, site_id: str, key: Any
 ) -> None:
     """Act as the cloud: authorize carol on cp3 from the app once her car is plugged in."""
     import aiomqtt
 
+    from gateway.uplink.envelope import sign_message
+
     await site.sleep_until(APP_START_AT_S)
     request = {"request_id": str(uuid.uuid4()), "charger_id": "cp3", "user": "carol"}
+    topic = f"{prefix}/{site_id}/commands/start"
     for attempt in range(20):
         try:
             async with aiomqtt.Client(
@@ -119,13 +135,29 @@ async def _app_start(
                 identifier=f"evgw-demo-cloud-{uuid.uuid4().hex[:8]}",
                 protocol=aiomqtt.ProtocolVersion.V311,
             ) as client:
-                await client.publish(
-                    f"{prefix}/{site_id}/commands/start", json.dumps(request).encode(), qos=1
-                )
+                signed = sign_message(topic, request, key)  # issued now, at each attempt
+                await client.publish(topic, json.dumps(signed).encode(), qos=1)
                 log.info("demo_app_start_sent", request_id=request["request_id"])
                 return
         except aiomqtt.MqttError:
             await asyncio.sleep(min(0.5 * (attempt + 1), 3.0))
+
+
+async def _ocpp_charger(config: Any, speed: float) -> None:
+    """The demo's OCPP charger: a simulated charge point connecting to the gateway's OCPP
+    server, EVs arriving one after another (bob's key fob, then alice's card)."""
+    from gateway.ocpp.sim import SimChargePoint, run_ev_cycles
+
+    dev = next(d for d in config.devices if d.driver == "ocpp")
+    sim = SimChargePoint(
+        f"ws://127.0.0.1:{config.ocpp.port}", dev.charge_point_id, meter_wh=2_450_000
+    )
+    try:
+        await run_ev_cycles(
+            sim, ["FOB-0042", "04A2B3C4"], speed=speed, ev_power_w=7_400, charge_s=600
+        )
+    finally:
+        await sim.close()
 
 
 async def _view(live: LiveState, out: TextIO, redraw: bool, every_s: float, watch: str) -> None:
@@ -174,7 +206,9 @@ async def run_demo(
             assert config.uplink is not None
             profiles = load_profiles(config.drivers_path)
             charger_ids = [
-                d.id for d in config.devices if profiles[d.driver].kind.value == "charger"
+                d.id
+                for d in config.modbus_devices
+                if profiles[d.driver].kind.value == "charger"
             ]
             scenario = parse_scenario(
                 DEMO_SCENARIO,
@@ -211,7 +245,12 @@ async def run_demo(
                     run_gateway(config, live=live, time_scale=speed, ready=announce),
                     name="demo_gateway",
                 )
-                tg.create_task(_app_start(site, host, port, prefix, site_id), name="demo_app_start")
+                tg.create_task(
+                    _app_start(site, host, port, prefix, site_id, demo_cloud_key(workdir)),
+                    name="demo_app_start",
+                )
+                if config.ocpp is not None:
+                    tg.create_task(_ocpp_charger(config, speed), name="demo_ocpp_charger")
                 if view:
                     redraw = out.isatty()
                     tg.create_task(
@@ -230,6 +269,12 @@ async def run_demo(
             print(
                 f"  evgw report -c {workdir / 'demo-site.yaml'} --by user "
                 "--from 2000-01-01 --to 2100-01-01 --format html -o report.html",
+                file=out,
+            )
+            today = datetime.now(ZoneInfo(config.site.timezone)).date().isoformat()
+            print(
+                f"  evgw stats -c {workdir / 'demo-site.yaml'} --from {today} --to {today} "
+                "-o stats.html",
                 file=out,
             )
             out.flush()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.model import DeviceSample
+from gateway.safeout import printable
 
 __all__ = ["DeviceLive", "LiveState", "render_view"]
 
@@ -85,10 +86,11 @@ def _kw(power_w: float | None) -> str:
 
 
 def _user(record: dict[str, Any]) -> str:
+    """The user id as the terminal may show it (control characters escaped)."""
     user = record.get("user")
     if isinstance(user, dict):
-        return str(user.get("id") or "?")
-    return str(user or "?")
+        return printable(user.get("id") or "?")
+    return printable(user or "?")
 
 
 def render_view(state: LiveState, *, title: str = "evgw demo", width: int = 100) -> str:

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from gateway.errors import DeviceError
+from gateway.errors import CommandError, DeviceError
+from gateway.gridlimit import CloudLimit, EffectiveLimit, GridLimits, LimitValue
 from gateway.model import ChargerStatus, Clock, DeviceKind, DeviceSample, SystemClock
 from gateway.ports import ChargerControl
 
@@ -143,7 +144,7 @@ class Decision:
     available_a: tuple[float, float, float]  # per phase, for the managed chargers
     grid_a: tuple[float, float, float] | None = None  # measured, when the meter is online
     base_a: tuple[float, float, float] | None = None  # grid minus the managed chargers' draw
-    over_limit: bool = False  # the grid meter shows a phase above max_current_a
+    over_limit: bool = False  # the grid meter shows a phase above the limit in force
     paused: tuple[str, ...] = ()  # chargers that want current but got none
     settling: bool = False  # a draw just changed: the meter may not show it yet, no raises
 
@@ -173,6 +174,10 @@ class LoadBalancer:
         self.specs: dict[str, ChargerSpec] = {c.device_id: c for c in chargers}
         self._state: dict[str, _ChargerState] = {d: _ChargerState() for d in self.specs}
         self._grid: DeviceSample | None = None
+        # The limit in force: the connection's, or lower when the grid operator asks (see
+        # gateway/gridlimit.py); per-charger caps asked for by the grid operator.
+        self.limit_a = settings.max_current_a
+        self._grid_caps: dict[str, float] = {}
 
     @classmethod
     def from_config(
@@ -236,6 +241,13 @@ class LoadBalancer:
         if device_id in self._state:
             self._state[device_id].cap_a = cap_a
 
+    def set_grid_limit(self, site_a: float | None, caps: Mapping[str, float] | None = None) -> None:
+        """A lower site limit per phase (None: the connection's ``max_current_a``) and per-charger
+        caps, both asked for by the grid operator; never above the connection's limit."""
+        top = self.settings.max_current_a
+        self.limit_a = top if site_a is None else max(0.0, min(top, site_a))
+        self._grid_caps = {d: max(0.0, a) for d, a in (caps or {}).items() if d in self.specs}
+
     def confirm(self, device_id: str, limit_a: float, now: float) -> None:
         """``limit_a`` was written to ``device_id`` at ``now``."""
         st = self._state.get(device_id)
@@ -264,7 +276,8 @@ class LoadBalancer:
     def explain(self, device_id: str, decision: Decision | None) -> tuple[str, str]:
         """Why ``device_id`` has the limit it has, as (reason code, sentence) for people:
         ``not_managed`` | ``not_controllable`` | ``session_disabled`` | ``failsafe`` |
-        ``load_paused`` | ``capped`` | ``charger_max`` | ``idle_minimum`` | ``load_share`` |
+        ``load_paused`` | ``grid_capped`` | ``capped`` | ``charger_max`` | ``idle_minimum`` |
+        ``load_share`` |
         ``pending``."""
         spec = self.specs.get(device_id)
         st = self._state.get(device_id)
@@ -277,17 +290,21 @@ class LoadBalancer:
         if decision is None or device_id not in decision.targets:
             return "pending", "waiting for the first load-management decision"
         target = decision.targets[device_id]
-        limit = self.settings.max_current_a
+        limit = f"the site limit of {self.limit_a:g} A"
+        if self.limit_a < self.settings.max_current_a - _EPS:
+            limit = f"the grid's limit of {self.limit_a:g} A"
         if device_id in decision.paused:
             return (
                 "load_paused",
-                f"paused: the site limit of {limit:g} A leaves less than its minimum "
-                f"{spec.min_a:g} A",
+                f"paused: {limit} leaves less than its minimum {spec.min_a:g} A",
             )
         if decision.mode == Mode.FAILSAFE:
             return "failsafe", "grid meter offline or silent: held at the failsafe current"
         if not st.wanted:
             return "idle_minimum", f"no car wants current: parked at its minimum {spec.min_a:g} A"
+        grid_cap = self._grid_caps.get(device_id)
+        if grid_cap is not None and target >= grid_cap - _EPS and target < spec.max_a - _EPS:
+            return "grid_capped", f"capped at {grid_cap:g} A by the grid operator"
         if st.cap_a is not None and target >= st.cap_a - _EPS:
             return "capped", f"capped at {st.cap_a:g} A by a limit request"
         if target >= spec.max_a - spec.step_a - _EPS:
@@ -295,7 +312,7 @@ class LoadBalancer:
         avail = ", ".join(f"{a:.1f}" for a in decision.available_a)
         return (
             "load_share",
-            f"its share of the site limit of {limit:g} A ({avail} A per phase available)",
+            f"its share of {limit} ({avail} A per phase available)",
         )
 
     @property
@@ -306,7 +323,7 @@ class LoadBalancer:
     def over_limit(self) -> bool:
         """The latest grid sample shows a phase above ``max_current_a``."""
         grid = self._grid_currents(self._grid)
-        return grid is not None and max(grid) > self.settings.max_current_a + _EPS
+        return grid is not None and max(grid) > self.limit_a + _EPS
 
     # -- the decision ------------------------------------------------------------------------
     def decide(self, now: float) -> Decision:
@@ -338,9 +355,9 @@ class LoadBalancer:
                 max(0.0, grid[1] - drawn[1]),
                 max(0.0, grid[2] - drawn[2]),
             )
-            avail = [s.max_current_a - s.margin_a - base[p] for p in PHASES]
+            avail = [self.limit_a - s.margin_a - base[p] for p in PHASES]
         else:
-            avail = [s.max_current_a] * 3
+            avail = [self.limit_a] * 3
             for d, spec in self.specs.items():
                 if spec.controllable and d in online:
                     continue
@@ -362,6 +379,8 @@ class LoadBalancer:
                 continue  # the session manager stopped it: not ours to touch
             status = st.sample.status if st.sample is not None else None
             top = spec.max_a if st.cap_a is None else min(spec.max_a, st.cap_a)
+            if d in self._grid_caps:
+                top = min(top, self._grid_caps[d])
             if mode == Mode.FAILSAFE:
                 top = min(top, s.failsafe_current_a if s.failsafe_current_a else spec.min_a)
             if status in _DEMANDING:
@@ -390,7 +409,7 @@ class LoadBalancer:
 
         writes = self._hysteresis(targets, avail, now, allow_raise=not settling)
         changed = {d: a for d, a in writes.items() if not _same(self._state[d].applied_a, a)}
-        over = grid is not None and max(grid) > s.max_current_a + _EPS
+        over = grid is not None and max(grid) > self.limit_a + _EPS
         return Decision(
             mode=mode,
             targets=targets,
@@ -617,8 +636,13 @@ class LoadManager:
         clock: Clock | None = None,
         *,
         interval_s: float = 2.0,
+        limits: GridLimits | None = None,
+        on_limit: Callable[[EffectiveLimit], None] | None = None,
     ) -> None:
         self.config = config
+        self.limits = limits
+        self.on_limit = on_limit  # told every change of the limit in force (to publish it)
+        self.grid_limit: EffectiveLimit | None = None  # in force since the last evaluation
         self.balancer = balancer
         self.chargers = chargers
         self.clock = clock or SystemClock()
@@ -641,6 +665,81 @@ class LoadManager:
                 self._wake.set()
         elif spec is not None and sample.status != before:
             self._wake.set()
+
+    def on_signal(self, active: bool | None) -> None:
+        """The grid operator's relay was read (None: the I/O module did not answer)."""
+        if self.limits is None or active == self.limits.signal:
+            return
+        self.limits.set_signal(active)
+        self._wake.set()
+
+    # -- the grid operator's limit command ---------------------------------------------------
+    async def set_cloud_limit(
+        self,
+        request_id: str,
+        scope: str,
+        value: LimitValue | None,
+        expires_at: float | None,
+        reason: str | None,
+    ) -> EffectiveLimit:
+        """Apply (``value``) or lift (None) a cloud limit at once; raises CommandError to refuse."""
+        if self.limits is None:
+            raise CommandError("unsupported", "this site has no load management (grid limit)")
+        if scope != "site":
+            spec = self.balancer.specs.get(scope)
+            if spec is None:
+                known = ", ".join(sorted(self.balancer.specs)) or "none"
+                raise CommandError("unknown_charger", f"no charger {scope!r} (chargers: {known})")
+            if not spec.controllable:
+                raise CommandError(
+                    "not_controllable", f"charger {scope!r} has no current limit the gateway writes"
+                )
+        now = self.clock.time()
+        if expires_at is not None and expires_at <= now:
+            raise CommandError("invalid", "expires_at is in the past")
+        async with self._lock:
+            if value is None:
+                self.limits.clear_cloud(scope)
+            else:
+                self.limits.set_cloud(
+                    CloudLimit(scope, value, expires_at, reason, request_id, set_at=now)
+                )
+            await self._evaluate()
+        assert self.grid_limit is not None
+        return self.grid_limit
+
+    def _apply_grid_limit(self, now: float) -> None:
+        limits = self.limits
+        if limits is None:
+            return
+        for gone in limits.expire(now):
+            log.info(
+                "grid_limit_expired",
+                scope=gone.scope,
+                request_id=gone.request_id,
+                reason=gone.reason,
+                **gone.value.as_dict(),
+            )
+        effective = limits.effective(now)
+        previous = self.grid_limit
+        if previous is not None and previous.key() == effective.key():
+            return
+        self.grid_limit = effective
+        self.balancer.set_grid_limit(effective.site_a, effective.chargers)
+        event = "grid_limit_changed"
+        fields = {
+            "max_current_a": round(effective.site_a, 2),
+            "source": effective.source,
+            "reason": effective.reason,
+            "expires_at": effective.expires_at,
+            "chargers": dict(effective.chargers),
+            "signal": effective.signal,
+            "previous_a": None if previous is None else round(previous.site_a, 2),
+            "previous_source": None if previous is None else previous.source,
+        }
+        log.info(event, **fields)
+        if self.on_limit is not None:
+            self.on_limit(effective)
 
     # -- ChargerControl for the session manager ----------------------------------------------
     def can_control(self, device_id: str) -> bool:
@@ -720,6 +819,7 @@ class LoadManager:
 
     async def _evaluate(self) -> Decision:
         now = self.clock.time()
+        self._apply_grid_limit(now)
         decision = self.balancer.decide(now)
         self.last = decision
         if decision.mode != self._mode:

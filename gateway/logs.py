@@ -3,6 +3,8 @@
 JSON lines when stderr is not a terminal (production, systemd journal), a readable console
 rendering on a terminal. Secrets never reach a log: config values are wrapped in
 ``gateway.config.Secret`` and the ``redact_secrets`` processor masks known secret keys anyway.
+On a terminal, control characters in logged values (a card tag, a site id from a topic) are
+escaped: a device or a publisher cannot write escape sequences to an operator's terminal.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import sys
 from typing import Any
 
 import structlog
+
+from gateway.safeout import printable
 
 __all__ = ["configure_logging"]
 
@@ -26,6 +30,20 @@ class RedactSecrets:
     def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
         for key in _SECRET_KEYS.intersection(event):
             event[key] = "***"
+        return event
+
+
+class EscapeControls:
+    """Escape control characters in string values for the console (JSON escapes them itself);
+    tracebacks keep their line breaks."""
+
+    __slots__ = ()
+    _KEEP = frozenset({"exception", "stack"})
+
+    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        for key, value in event.items():
+            if isinstance(value, str) and key not in self._KEEP:
+                event[key] = printable(value)
         return event
 
 
@@ -61,7 +79,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None, stream: 
             foreign_pre_chain=shared,
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                *([structlog.processors.format_exc_info] if json else []),
+                *([structlog.processors.format_exc_info] if json else [EscapeControls()]),
                 renderer,
             ],
         )

@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Protocol
 
 __all__ = [
+    "MAX_VERSION",
     "SESSION_SCHEMA",
     "SESSION_STARTED_SCHEMA",
     "AuthSource",
@@ -124,6 +125,11 @@ class StopReason(StrEnum):
     UNKNOWN = "unknown"
 
 
+# The largest version a pushed list (tokens, tariffs) may carry: exact in every JSON parser
+# (IEEE doubles), so no push can make every later one look stale.
+MAX_VERSION = 2**53
+
+
 class Flag(StrEnum):
     """Things a bill reader must know about a session record."""
 
@@ -138,6 +144,10 @@ class Flag(StrEnum):
     NO_METER = "no_meter"  # no cumulative counter: energy could not be measured
     UNIDENTIFIED = "unidentified"  # the charger delivered energy without anyone identified
     UNPRICED = "unpriced"  # pricing failed: the record carries no cost
+    # the session ended on an implausible reading: energy up to the last plausible one
+    ENERGY_FALLBACK = "energy_fallback"
+    # the tariff the charger or group names was missing at start: priced by the default
+    TARIFF_FALLBACK = "tariff_fallback"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ __all__ = [
     "CommandTarget",
     "OutboxRow",
     "ReadingRow",
+    "RequestLog",
     "Sealer",
     "SessionStore",
     "UplinkStore",
@@ -88,7 +89,21 @@ class SessionStore(Protocol):
         ...
 
 
-class UplinkStore(Protocol):
+class RequestLog(Protocol):
+    """Durable memory of cloud command request ids and the replies sent for them."""
+
+    async def request_reply(self, request_id: str) -> tuple[bool, dict[str, Any] | None]:
+        """(seen, reply stored for it or None)."""
+        ...
+
+    async def remember_request_id(self, request_id: str) -> bool:
+        """Spend a request id (no reply yet); False when it was seen before."""
+        ...
+
+    async def save_request_reply(self, request_id: str, reply: dict[str, Any]) -> None: ...
+
+
+class UplinkStore(RequestLog, Protocol):
     async def outbox_fetch(self, stream: str, limit: int, after_id: int = 0) -> list[OutboxRow]: ...
 
     async def outbox_ack(self, ids: Sequence[int]) -> None: ...
@@ -160,6 +175,26 @@ class CommandTarget(Protocol):
 
     async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]: ...
 
+    async def change_availability(self, charger_id: str, available: bool) -> dict[str, Any]:
+        """Take a charger out of service (False) or back (OCPP ChangeAvailability)."""
+        ...
+
+    async def reset(self, charger_id: str, hard: bool) -> dict[str, Any]:
+        """Restart a charger (OCPP Reset)."""
+        ...
+
     async def auth_response(
         self, request_id: str, status: str, user: str | None, expires_at: float | None
     ) -> None: ...
+
+    async def set_grid_limit(
+        self,
+        request_id: str,
+        scope: str,
+        max_current_a: float | None,
+        max_power_w: float | None,
+        expires_at: float | None,
+        reason: str | None,
+    ) -> dict[str, Any]:
+        """A ``limit`` command; both values None lifts the scope's limit."""
+        ...

@@ -42,6 +42,7 @@ __all__ = [
     "load_profiles",
     "profile_json_schema",
     "shipped_drivers_dir",
+    "value_range",
 ]
 
 # Quantities the core understands, in the units their names carry. A profile's register named
@@ -989,6 +990,21 @@ def _type_range(t: DataType, count: int) -> tuple[int, int] | None:
         return None
     n, signed = bits
     return (-(1 << (n - 1)), (1 << (n - 1)) - 1) if signed else (0, (1 << n) - 1)
+
+
+def value_range(spec: RegisterSpec) -> tuple[float, float] | None:
+    """The decoded values an integer register can deliver (``raw * scale + offset`` over its
+    raw range, after ``byte``/``mask``); None for floats and text."""
+    rng = _type_range(spec.type, spec.count)
+    if rng is None:
+        return None
+    lo, hi = rng
+    if spec.byte is not None:
+        lo, hi = 0, 0xFF
+    if spec.mask is not None:
+        lo, hi = 0, spec.mask
+    a, b = lo * spec.scale + spec.offset, hi * spec.scale + spec.offset
+    return (min(a, b), max(a, b))
 
 
 class _Builder:

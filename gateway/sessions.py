@@ -19,8 +19,9 @@ Rules (one connector per charger device):
 * It ends at unplug (``ev_disconnected``), remote stop (``remote``), deauthorization
   (``deauthorized``, after a token list change blocks its token), a different tag on the same
   connector (``local``), or a car swap within one poll seen as a drop of the charger's session
-  counter (``ev_disconnected``). A charger found unplugged after being offline longer than
-  ``grace_s`` (or after a gateway restart) ends it at its last seen activity with the flag
+  counter that the next sample confirms (``ev_disconnected``; a one-poll glitch is ignored).
+  A charger found unplugged after being offline longer than ``grace_s`` (or after a gateway
+  restart) ends it at its last seen activity with the flag
   ``end_estimated``.
 * Energy comes from one cumulative counter chosen at the start: the charger's ``meter:``
   device, else the charger's ``energy_wh``, else its ``session_energy_wh``. See ``OpenSession.feed``
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -61,6 +63,7 @@ from gateway.tags import normalise_tag
 __all__ = [
     "AddPoint",
     "ChargerSpec",
+    "Counter",
     "Effect",
     "FinishSession",
     "Grant",
@@ -78,14 +81,71 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_POWER_W = 100_000.0  # no AC charger on a Modbus gateway delivers more
-SLACK_WH = 100.0  # counter resolution / timing slack in the plausibility bound
+# No energy counter on a charging site shows more: a 1 MW connection needs 114 years to count
+# 1 TWh. Counters whose register could show more (i64, u64, floats) are capped here.
+MAX_COUNTER_WH = 10**12
+MAX_SUSPECT_CHAINS = 8  # glitches and a new counter can interleave: follow this many at once
 SWAP_MIN_WH = 50.0  # session counter must have risen this much before a drop means "new car"
 POINT_EVERY_S = 60.0
 GAP_POLLS = 3  # readings missing for more than this many poll intervals: comms_gap
 CHARGING_POWER_W = 100.0  # status-less chargers: this much power means charging
+# A charger reporting its own transactions sends meter values every few minutes (OCPP
+# MeterValueSampleInterval) and replays them after an outage: comms_gap only beyond 3 x this.
+TRANSACTION_INTERVAL_S = 300.0
 
 UNIDENTIFIED = Flag.UNIDENTIFIED.value
 UNPRICED = Flag.UNPRICED.value
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """What is known of one cumulative energy counter: the largest value it can show (its
+    register's range, at most ``MAX_COUNTER_WH``) and the step it counts in. ``float_bits`` is
+    the significand width of a floating-point register (24 for float32): its step grows with
+    the value (an SDM630 at 100,000 kWh counts in 7.8 Wh steps)."""
+
+    max_wh: int = MAX_COUNTER_WH
+    resolution_wh: int = 1
+    float_bits: int = 0
+    scale: float = 1.0
+
+    def check(self, reading: object) -> tuple[int | None, str]:
+        """The reading in integer Wh, or None and why it cannot be true."""
+        if isinstance(reading, bool) or not isinstance(reading, int | float):
+            return None, "not a number"
+        if isinstance(reading, float) and not math.isfinite(reading):
+            return None, "not finite"
+        if reading < 0:
+            return None, "negative"
+        if reading > self.max_wh:
+            return None, f"beyond the counter's range 0..{self.max_wh}"
+        return round(reading), ""
+
+    def step_wh(self, value_wh: int) -> int:
+        """The counter's resolution at ``value_wh``."""
+        if self.float_bits and value_wh > 0 and self.scale:
+            raw = value_wh / abs(self.scale)
+            ulp_wh = 2.0 ** (math.frexp(raw)[1] - self.float_bits) * abs(self.scale)
+            return max(self.resolution_wh, math.ceil(ulp_wh))
+        return self.resolution_wh
+
+
+DEFAULT_COUNTER = Counter()
+
+
+def _rises_plausibly(
+    prev_wh: int,
+    prev_ts: float,
+    value_wh: int,
+    ts: float,
+    interval_s: float,
+    max_power_w: float,
+    step_wh: int,
+) -> bool:
+    """``value_wh`` at ``ts`` can follow ``prev_wh`` at ``prev_ts``: no drop, no jump beyond
+    max power x elapsed time (at least one poll interval) + one resolution step."""
+    elapsed_s = max(ts - prev_ts, interval_s)
+    return 0 <= value_wh - prev_wh <= max_power_w * elapsed_s / 3600.0 + step_wh
 
 
 # --------------------------------------------------------------------------- types
@@ -107,6 +167,16 @@ class ChargerSpec:
     # Bill from that session counter rather than a coarse lifetime counter (Vestel counts its
     # lifetime energy in 0.1 kWh steps but the session in Wh).
     prefer_session_counter: bool = False
+    # The charger reports its own transactions (OCPP StartTransaction/StopTransaction): its
+    # sessions open and close only through ``begin_transaction``/``end_transaction``; its
+    # samples carry status, power and currents (live view, load management) only.
+    transactional: bool = False
+    # Range and resolution of each counter by source ("energy_wh", "session_energy_wh",
+    # "meter:<id>"), from the device profiles; unknown ones get ``DEFAULT_COUNTER``.
+    counters: Mapping[str, Counter] = field(default_factory=dict)
+
+    def counter(self, source: str | None) -> Counter:
+        return self.counters.get(source or "", DEFAULT_COUNTER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,12 +206,28 @@ class OpenSession:
     flags: list[str] = field(default_factory=list)
     tag: str | None = None  # as shown by the charger: a different one ends the session
     source: str | None = None  # "meter:<id>" | "energy_wh" | "session_energy_wh"
-    meter_start_wh: float | None = None
-    seg_start_wh: float | None = None
-    last_wh: float | None = None
-    banked_wh: float = 0.0
+    # Energy accounting, all in integer Wh (never a float sum): see ``feed``.
+    meter_start_wh: int | None = None
+    seg_start_wh: int | None = None
+    last_wh: int | None = None  # last plausible reading of the current segment
+    banked_wh: int = 0  # energy of the segments before the last counter reset
     last_counter_ts: float | None = None
-    undo: list[float] | None = None  # [seg_start, last_wh, last_ts, banked] before last reset
+    # [seg_start, last_wh, last_ts, banked, meter_start, reset_flag_added, adopted_wh] before
+    # the last reset or rebase, to undo it when the old counter turns out to continue.
+    undo: list[Any] | None = None
+    # The plausible reading before the start reading [wh, ts]: if the start reading was a
+    # glitch, a rebase goes back to it.
+    pre_start: list[Any] | None = None
+    # Readings that do not continue the counter, as chains of readings that continue each
+    # other: [first_wh, first_ts, last_wh, last_ts, count], the newest last.
+    suspects: list[list[Any]] = field(default_factory=list)
+    bound_ts: float | None = None  # energy since this time is bounded by max power x time
+    bound_wh: int = 0  # the session energy at ``bound_ts``
+    rejected: int = 0  # implausible readings seen (not billed)
+    tail_suspect: bool = False  # the latest reading was not taken: the end falls back
+    read_ts: float | None = None  # the latest reading, plausible or not (comms_gap)
+    # [ts, session counter, last_wh]: the session counter dropped (a car swap, or a glitch?)
+    swap_seen: list[Any] | None = None
     charging_s: float = 0.0
     idle_s: float = 0.0
     max_power_w: float = 0.0
@@ -159,6 +245,9 @@ class OpenSession:
     interval_charging: bool = False
     ended_at: float | None = None
     stop_reason: str | None = None
+    # What the charger's own protocol knows of the session (OCPP: charge point, transaction id,
+    # signed meter values); copied into the record as ``ocpp``.
+    ocpp: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ state
     def to_state(self) -> dict[str, Any]:
@@ -169,6 +258,16 @@ class OpenSession:
         known = {k: v for k, v in state.items() if k in cls.__dataclass_fields__}
         session = cls(**known)
         session.flags = list(session.flags)
+        # States written before integer accounting carried float Wh and a 4-item undo.
+        for name in ("meter_start_wh", "seg_start_wh", "last_wh"):
+            value = getattr(session, name)
+            if value is not None:
+                setattr(session, name, round(value))
+        session.banked_wh = round(session.banked_wh)
+        session.bound_wh = round(session.bound_wh)
+        if session.undo is not None and len(session.undo) == 4:
+            seg, last, last_ts, banked = session.undo
+            session.undo = [round(seg), round(last), last_ts, round(banked), None, True, None]
         return session
 
     def flag(self, name: str) -> bool:
@@ -179,85 +278,215 @@ class OpenSession:
         return True
 
     # ----------------------------------------------------------- energy
-    def energy(self) -> float:
+    def energy(self) -> int:
+        """Session energy in Wh: the banked segments plus the current one (integers only)."""
         if self.seg_start_wh is None or self.last_wh is None:
-            return 0.0
-        return max(0.0, self.banked_wh + self.last_wh - self.seg_start_wh)
+            return 0
+        return max(0, self.banked_wh + self.last_wh - self.seg_start_wh)
 
-    def feed(self, reading_wh: float, ts: float, interval_s: float, max_power_w: float) -> bool:
+    def begin(self, start_wh: int, ts: float, seen_wh: int | None = None) -> None:
+        """Take the start reading. ``seen_wh`` is the counter as read at ``ts`` when the start
+        was dated back (reconstructed from a session counter): checks continue from it."""
+        self.meter_start_wh = self.seg_start_wh = start_wh
+        self.last_wh = start_wh if seen_wh is None else seen_wh
+        self.last_counter_ts = ts
+        self.bound_ts, self.bound_wh = ts, self.energy()
+        self.suspects, self.tail_suspect = [], False
+
+    def feed(
+        self,
+        reading: float,
+        ts: float,
+        interval_s: float,
+        max_power_w: float,
+        counter: Counter | None = None,
+    ) -> bool:
         """Take one reading of the session's cumulative counter. Returns True when something a
         bill reader must know changed (a flag, a rebase), so the state should be persisted.
 
-        Guards:
-        * no start reading yet (meter silent at start): the first reading becomes the start
-          (flag ``start_latched``); a lifetime counter is never taken as session energy;
+        A reading is *implausible* and never billed when it is NaN, infinite, negative or
+        beyond the counter's range (``counter.max_wh``). A plausible reading *continues* the
+        counter when it rose by at most ``max_power_w`` x elapsed time + the counter's
+        resolution since the last accepted reading, and the whole session stays within
+        ``max_power_w`` x its duration + one resolution step. Then:
+
+        * no start reading yet (meter silent at start): the first plausible reading becomes the
+          start (flag ``start_latched``); a lifetime counter is never taken as session energy;
         * a reading older than the previous one is ignored (late sample);
-        * a gap of more than ``GAP_POLLS`` poll intervals between readings: flag ``comms_gap``
-          (energy stays exact: it is the counter difference);
-        * a drop (reset, rollover, replaced meter) or a rise above ``max_power_w`` x elapsed
-          time + ``SLACK_WH`` (implausible jump, e.g. a replaced meter with a higher count):
-          - nothing counted yet: rebase the start on the new value (e.g. ABB Terra AC resetting
-            its session counter just after plug-in), no flag;
-          - otherwise flag ``meter_reset``, bank the energy of the segment before, and start a
-            new segment at 0 if the new value is itself plausible as energy since the reset
-            (counter restarted from zero), else at the new value;
-          - a reading that continues the segment from before the reset (a one-sample glitch)
-            undoes the reset, so the energy stays exact.
+        * a gap of more than ``GAP_POLLS`` poll intervals: flag ``comms_gap`` (energy stays
+          exact: it is the counter difference);
+        * a reading that does not continue the counter (a drop, a jump) is *suspect*, not
+          billed. When a later reading continues the counter again, the suspects were a
+          transient glitch and the energy stays exact. When instead two or more suspects
+          continue each other and rise (or nothing was counted yet), the counter really was
+          reset, rolled over or replaced: the segment before is banked (flag ``meter_reset``;
+          a reset to a value plausible as energy since the reset counts from zero) or, with
+          nothing counted yet, the start is rebased without a flag (a session counter that
+          restarts at plug-in). A later reading that continues the old counter undoes that.
+        * a session that ends while its latest reading was implausible or suspect keeps the
+          last plausible reading (flag ``energy_fallback``, added by ``to_record``).
         """
+        counter = counter or DEFAULT_COUNTER
+        value, why = counter.check(reading)
+        previous_read_ts = self.read_ts if self.read_ts is not None else self.last_counter_ts
+        if previous_read_ts is None or ts > previous_read_ts:
+            self.read_ts = ts
+        if value is None:
+            self.rejected += 1
+            # Logged once per run of bad readings (a meter may answer garbage for hours).
+            if not self.tail_suspect and (self.last_wh is not None or self.rejected == 1):
+                log.warning(
+                    "meter_reading_rejected",
+                    session_id=self.session_id,
+                    reading=reading,
+                    reason=why,
+                )
+            self.tail_suspect = self.last_wh is not None
+            return False
         if self.seg_start_wh is None or self.last_wh is None or self.last_counter_ts is None:
             latched = self.meter_start_wh is None and ts > self.started_at + interval_s
-            self.meter_start_wh = self.seg_start_wh = self.last_wh = reading_wh
-            self.last_counter_ts = ts
+            self.begin(value, ts)
             if latched:
                 self.flag(Flag.START_LATCHED)
-                log.warning(
-                    "session_start_latched", session_id=self.session_id, meter_wh=reading_wh
-                )
+                log.warning("session_start_latched", session_id=self.session_id, meter_wh=value)
             return True
         if ts < self.last_counter_ts:
             return False
         changed = False
-        gap_s = ts - self.last_counter_ts
-        if gap_s > GAP_POLLS * interval_s:
+        if previous_read_ts is not None and ts - previous_read_ts > GAP_POLLS * interval_s:
             changed |= self.flag(Flag.COMMS_GAP)
-        limit_wh = max_power_w * max(gap_s, interval_s) / 3600.0 + SLACK_WH
-        delta = reading_wh - self.last_wh
-        if 0 <= delta <= limit_wh:
-            self.last_wh = reading_wh
-            self.last_counter_ts = ts
+        step_wh = counter.step_wh(value)
+        if _rises_plausibly(
+            self.last_wh, self.last_counter_ts, value, ts, interval_s, max_power_w, step_wh
+        ) and self._bounded(
+            self.banked_wh + value - self.seg_start_wh, ts, interval_s, max_power_w, step_wh
+        ):
+            if self.tail_suspect:
+                log.warning(
+                    "meter_glitch_ignored",
+                    session_id=self.session_id,
+                    meter_wh=value,
+                    rejected=self.rejected,
+                )
+            self.last_wh, self.last_counter_ts = value, ts
+            self.tail_suspect = False
+            if self.energy() > 0:  # while nothing is counted the suspects may be the truth
+                self.suspects = []
             return changed
-        if self.undo is not None:
-            seg, last, last_ts, banked = self.undo
-            back = reading_wh - last
-            if 0 <= back <= max_power_w * max(ts - last_ts, interval_s) / 3600.0 + SLACK_WH:
-                self.seg_start_wh, self.banked_wh = seg, banked
-                self.last_wh, self.last_counter_ts, self.undo = reading_wh, ts, None
-                log.warning("meter_glitch_undone", session_id=self.session_id, meter_wh=reading_wh)
-                return True
-        if self.energy() <= 0.0:
+        if self.undo is not None and self._undo(value, ts, interval_s, max_power_w, step_wh):
+            return True
+        first_of_run = not self.tail_suspect
+        self.tail_suspect = True
+        for chain in reversed(self.suspects):
+            if _rises_plausibly(chain[2], chain[3], value, ts, interval_s, max_power_w, step_wh):
+                chain[2], chain[3], chain[4] = value, ts, chain[4] + 1
+                if (value > chain[0] or self.energy() == 0) and self._adopt(
+                    chain, ts, interval_s, max_power_w, step_wh
+                ):
+                    return True
+                return changed
+        self.suspects = [*self.suspects[-(MAX_SUSPECT_CHAINS - 1) :], [value, ts, value, ts, 1]]
+        if first_of_run:
+            log.warning(
+                "meter_reading_suspect",
+                session_id=self.session_id,
+                previous_wh=self.last_wh,
+                reading_wh=value,
+            )
+        return changed
+
+    def _bounded(
+        self, energy_wh: int, ts: float, interval_s: float, max_power_w: float, step_wh: int
+    ) -> bool:
+        """Session energy ``energy_wh`` at ``ts`` is within max power x duration + one step."""
+        if self.bound_ts is None:
+            return True
+        elapsed_s = max(0.0, ts - self.bound_ts) + interval_s
+        return energy_wh - self.bound_wh <= max_power_w * elapsed_s / 3600.0 + step_wh
+
+    def _undo(
+        self, value: int, ts: float, interval_s: float, max_power_w: float, step_wh: int
+    ) -> bool:
+        """``value`` continues the counter from before the last reset/rebase: it was a glitch."""
+        assert self.undo is not None
+        seg, last, last_ts, banked, start, flagged, adopted = self.undo
+        if not _rises_plausibly(last, last_ts, value, ts, interval_s, max_power_w, step_wh):
+            return False
+        if value == last and adopted is not None and self.last_wh != adopted:
+            # The old counter stands still while the adopted one has counted on: a stuck
+            # value (a glitch repeating itself) is no reason to give up a counter that runs.
+            return False
+        if not self._bounded(banked + value - seg, ts, interval_s, max_power_w, step_wh):
+            return False
+        self.seg_start_wh, self.banked_wh = seg, banked
+        if start is not None:
+            self.meter_start_wh = start
+        if flagged and Flag.METER_RESET.value in self.flags:
+            self.flags.remove(Flag.METER_RESET.value)
+        self.last_wh, self.last_counter_ts = value, ts
+        self.undo, self.suspects, self.tail_suspect = None, [], False
+        log.warning("meter_glitch_undone", session_id=self.session_id, meter_wh=value)
+        return True
+
+    def _adopt(
+        self, chain: list[Any], ts: float, interval_s: float, max_power_w: float, step_wh: int
+    ) -> bool:
+        """A suspect chain is a counter of its own: rebase on it or bank a reset."""
+        assert self.last_wh is not None
+        assert self.seg_start_wh is not None and self.last_counter_ts is not None
+        first, first_ts, value = chain[0], chain[1], chain[2]
+        before = [
+            self.seg_start_wh,
+            self.last_wh,
+            self.last_counter_ts,
+            self.banked_wh,
+            self.meter_start_wh,
+            False,
+            value,
+        ]
+        if self.energy() == 0:
+            base = first
+            pre = self.pre_start
+            if (
+                pre is not None
+                and _rises_plausibly(
+                    pre[0], pre[1], first, first_ts, interval_s, max_power_w, step_wh
+                )
+                and self._bounded(value - pre[0], ts, interval_s, max_power_w, step_wh)
+            ):
+                base = pre[0]  # the start reading was the glitch: the one before it stands
+            if not self._bounded(value - base, ts, interval_s, max_power_w, step_wh):
+                return False
             log.info(
                 "session_counter_rebased",
                 session_id=self.session_id,
                 old_wh=self.last_wh,
-                new_wh=reading_wh,
+                new_wh=base,
             )
-            self.meter_start_wh = self.seg_start_wh = self.last_wh = reading_wh
-            self.last_counter_ts = ts
-            return True
-        self.undo = [self.seg_start_wh, self.last_wh, self.last_counter_ts, self.banked_wh]
-        self.banked_wh += self.last_wh - self.seg_start_wh
-        restarted = delta < 0 and reading_wh <= limit_wh
-        self.seg_start_wh = 0.0 if restarted else reading_wh
-        log.warning(
-            "meter_reset",
-            session_id=self.session_id,
-            previous_wh=self.last_wh,
-            reading_wh=reading_wh,
-            restarted_from_zero=restarted,
-        )
-        self.last_wh = reading_wh
-        self.last_counter_ts = ts
-        self.flag(Flag.METER_RESET)
+            self.meter_start_wh = self.seg_start_wh = base
+            self.pre_start = None
+        else:
+            banked = self.banked_wh + self.last_wh - self.seg_start_wh
+            # A drop to a value that could have been counted since the reset: from zero.
+            since_s = max(first_ts - self.last_counter_ts, interval_s)
+            restarted = first < self.last_wh and first <= max_power_w * since_s / 3600 + step_wh
+            seg = 0 if restarted else first
+            if not self._bounded(banked + value - seg, ts, interval_s, max_power_w, step_wh):
+                restarted, seg = False, first
+                if not self._bounded(banked + value - seg, ts, interval_s, max_power_w, step_wh):
+                    return False
+            log.warning(
+                "meter_reset",
+                session_id=self.session_id,
+                previous_wh=self.last_wh,
+                reading_wh=first,
+                restarted_from_zero=restarted,
+            )
+            before[5] = self.flag(Flag.METER_RESET)
+            self.banked_wh, self.seg_start_wh = banked, seg
+        self.undo = before
+        self.last_wh, self.last_counter_ts = value, ts
+        self.suspects, self.tail_suspect = [], False
         return True
 
     # ----------------------------------------------------------- record
@@ -268,8 +497,19 @@ class OpenSession:
             for name in (Flag.NO_METER, Flag.NOT_BILLABLE):
                 if name not in flags:
                     flags.append(name)
-        elif round(self.energy()) == 0 and Flag.NOT_BILLABLE not in flags:
-            flags.append(Flag.NOT_BILLABLE)
+        else:
+            if self.tail_suspect and Flag.ENERGY_FALLBACK not in flags:
+                # The session ended on an implausible or suspect reading: the last plausible
+                # reading stands.
+                flags.append(Flag.ENERGY_FALLBACK)
+                log.warning(
+                    "session_energy_fallback",
+                    session_id=self.session_id,
+                    meter_stop_wh=self.last_wh,
+                    rejected=self.rejected,
+                )
+            if self.energy() == 0 and Flag.NOT_BILLABLE not in flags:
+                flags.append(Flag.NOT_BILLABLE)
         return {
             "schema": SESSION_SCHEMA,
             "session_id": self.session_id,
@@ -281,15 +521,15 @@ class OpenSession:
             "ended_at": rfc3339(self.ended_at),
             "charging_s": round(self.charging_s),
             "idle_s": round(self.idle_s),
-            "meter_start_wh": None if self.meter_start_wh is None else round(self.meter_start_wh),
-            "meter_stop_wh": None if self.last_wh is None else round(self.last_wh),
-            "energy_wh": round(self.energy()),
+            "meter_start_wh": self.meter_start_wh,
+            "meter_stop_wh": self.last_wh,
+            "energy_wh": self.energy(),
             "max_power_w": round(self.max_power_w),
             "stop_reason": self.stop_reason,
             "tariff_id": self.tariff_id,
             "tariff_version": self.tariff_version,
             "flags": [str(f) for f in flags],
-        }
+        } | ({"ocpp": dict(self.ocpp)} if self.ocpp is not None else {})
 
 
 # --------------------------------------------------------------------------- effects
@@ -354,14 +594,16 @@ class _Connector:
     status: ChargerStatus | None = None
     power_w: float | None = None
     seen_tag: str | None = None
-    energy_wh: tuple[float, float] | None = None  # (ts, value) of the charger's lifetime counter
-    session_wh: tuple[float, float] | None = None  # (ts, value) of the charger's session counter
+    energy_wh: tuple[float, int] | None = None  # (ts, value) of the charger's lifetime counter
+    session_wh: tuple[float, int] | None = None  # (ts, value) of the charger's session counter
+    energy_prev: tuple[float, int] | None = None  # the readings before those two
+    session_prev: tuple[float, int] | None = None
     sc_plug_base: float | None = None
     anchor_ts: float | None = None
-    anchor_wh: float | None = None
+    anchor_wh: int | None = None
     anchor_latched: bool = False
     anchor_reconstructed: bool = False
-    anchor_seen_wh: float | None = None  # the counter when a reconstructed anchor was made
+    anchor_seen_wh: int | None = None  # the counter when a reconstructed anchor was made
     grant: Grant | None = None
     attempt: int = 0
     pending_token: str | None = None
@@ -413,7 +655,8 @@ class SessionTracker:
         self.plug_timeout_s = plug_timeout_s
         self._new_id = new_id
         self._conns: dict[str, _Connector] = {}
-        self._meters: dict[str, tuple[float, float, float | None]] = {}  # id -> (ts, wh, power)
+        self._meters: dict[str, tuple[float, int, float | None]] = {}  # id -> (ts, wh, power)
+        self._meters_prev: dict[str, tuple[float, int]] = {}  # id -> the reading before
         self._meter_of: dict[str, list[str]] = {}
         for spec in chargers:
             self.add_charger(spec)
@@ -564,25 +807,36 @@ class SessionTracker:
 
     # -------------------------------------------------------------- meters
     def _on_meter(self, sample: DeviceSample, effects: list[Effect]) -> None:
-        energy = sample.energy_wh if sample.online else None
-        if energy is None:
+        raw = _raw_number(sample, "energy_wh") if sample.online else None
+        if raw is None:
             return
-        self._meters[sample.device_id] = (sample.ts, energy, sample.power_w)
-        for charger_id in self._meter_of[sample.device_id]:
+        source = f"meter:{sample.device_id}"
+        chargers = self._meter_of[sample.device_id]
+        counter = self._conns[chargers[0]].spec.counter(source)
+        energy, _ = counter.check(raw)  # an implausible reading never becomes a start reading
+        if energy is not None:
+            got = self._meters.get(sample.device_id)
+            if got is not None:
+                self._meters_prev[sample.device_id] = (got[0], got[1])
+            self._meters[sample.device_id] = (sample.ts, energy, sample.power_w)
+        for charger_id in chargers:
             conn = self._conns[charger_id]
             if conn.session is None:
-                if conn.anchor_ts is not None and conn.anchor_wh is None and conn.plugged:
+                if (
+                    energy is not None
+                    and conn.anchor_ts is not None
+                    and conn.anchor_wh is None
+                    and conn.plugged
+                ):
                     conn.anchor_wh = energy  # latched: the start reading comes late
                     conn.anchor_latched = True
                 continue
             session = conn.session
-            if session.source != f"meter:{sample.device_id}":
+            if session.source != source:
                 continue
-            power = sample.power_w
-            if power is not None:
-                session.max_power_w = max(session.max_power_w, power)
+            _note_power(session, sample.power_w, conn.spec.max_power_w)
             if session.feed(
-                energy, sample.ts, conn.spec.meter_poll_interval_s, conn.spec.max_power_w
+                raw, sample.ts, conn.spec.meter_poll_interval_s, conn.spec.max_power_w, counter
             ):
                 effects.append(SaveSession(session))
 
@@ -597,7 +851,7 @@ class SessionTracker:
             return "session_energy_wh"
         return None
 
-    def _reading(self, conn: _Connector, now: float, source: str | None = None) -> float | None:
+    def _reading(self, conn: _Connector, now: float, source: str | None = None) -> int | None:
         """The current value of the counter ``source`` (default: the one a session would use),
         or None when it is not known fresh."""
         source = source or self._source(conn)
@@ -616,6 +870,9 @@ class SessionTracker:
 
     # ------------------------------------------------------------- chargers
     def _on_charger(self, conn: _Connector, s: DeviceSample, effects: list[Effect]) -> None:
+        if conn.spec.transactional:
+            self._on_transactional(conn, s, effects)
+            return
         now = s.ts
         cid = conn.spec.charger_id
         if not conn.confirmed:
@@ -644,11 +901,14 @@ class SessionTracker:
         conn.last_online_ts = now
         conn.status = s.status
         conn.power_w = s.power_w
-        if s.energy_wh is not None:
-            conn.energy_wh = (now, s.energy_wh)
-        sc = s.session_energy_wh
+        # Implausible counter values are never kept as readings (start, split, swap); the
+        # session's own counter still sees them below, to fall back when one ends it.
+        energy, _ = conn.spec.counter("energy_wh").check(_raw_number(s, "energy_wh"))
+        if energy is not None:
+            conn.energy_prev, conn.energy_wh = conn.energy_wh, (now, energy)
+        sc, _ = conn.spec.counter("session_energy_wh").check(_raw_number(s, "session_energy_wh"))
         if sc is not None:
-            conn.session_wh = (now, sc)
+            conn.session_prev, conn.session_wh = conn.session_wh, (now, sc)
         plugged = _plugged(s, conn.plugged)
         charging = _charging(s)
         tag = _norm_tag(s.tag)
@@ -658,8 +918,21 @@ class SessionTracker:
         session = conn.session
         if session is not None:
             swapped = self._swapped(session, sc)
-            if not swapped:
-                self._feed_charger_counter(conn, session, now)
+            if swapped and not (new_tag and session.tag is not None and tag != session.tag):
+                # A drop of the session counter alone could be a glitch: the next sample, the
+                # new car's counter going on from it, confirms the swap.
+                assert sc is not None
+                swapped = self._swap_confirmed(session, now, sc)
+            elif session.swap_seen is not None:
+                log.warning(
+                    "session_counter_glitch_ignored",
+                    session_id=session.session_id,
+                    seen_wh=session.swap_seen[1],
+                    session_counter_wh=sc,
+                )
+                session.swap_seen = None
+            if not swapped and session.swap_seen is None:
+                self._feed_charger_counter(conn, session, s, plugged)
             estimated = resumed or offline_s > self.grace_s
             # An estimated end is the last time the session was seen alive.
             end_at = session.last_activity_ts if estimated else now
@@ -671,7 +944,9 @@ class SessionTracker:
                 # The EV was unplugged and another plugged in between two polls: the charger's
                 # session counter restarted. Split the lifetime counter with it where possible.
                 assert sc is not None
-                split = self._split(conn, session, now, sc)
+                floor = session.swap_seen[2] if session.swap_seen is not None else None
+                session.swap_seen = None
+                split = self._split(conn, session, now, sc, floor)
                 self._account(conn, session, now, charging=False, plugged=True)
                 stop = (
                     StopReason.LOCAL
@@ -757,6 +1032,136 @@ class SessionTracker:
             conn.plugged = plugged
         self._status(conn, now, effects)
 
+    # ---------------------------------------------------- transactional chargers
+    def _on_transactional(self, conn: _Connector, s: DeviceSample, effects: list[Effect]) -> None:
+        """Status and power of a charger that reports its transactions itself: never opens or
+        closes a session (a queued StopTransaction may still be on its way)."""
+        now = s.ts
+        conn.resumed = False
+        if not s.online:
+            if conn.online is not False:
+                log.warning("charger_offline", charger_id=conn.spec.charger_id, error=s.error)
+            conn.online, conn.status, conn.power_w = False, None, None
+        else:
+            conn.online = True
+            conn.last_online_ts = now
+            if s.status is not None:
+                conn.status = s.status
+            conn.power_w = s.power_w if s.power_w is not None else conn.power_w
+            conn.plugged = _plugged(s, conn.plugged)
+            session = conn.session
+            if session is not None and conn.plugged:
+                session.last_activity_ts = max(session.last_activity_ts, now)
+                if conn.power_w is not None:
+                    session.max_power_w = max(session.max_power_w, conn.power_w)
+        self._status(conn, now, effects)
+
+    def begin_transaction(
+        self,
+        charger_id: str,
+        grant: Grant,
+        ts: float,
+        meter_start_wh: float,
+        ocpp: Mapping[str, Any],
+    ) -> tuple[list[Effect], OpenSession]:
+        """A transaction the charger started at ``ts`` with its register at ``meter_start_wh``.
+
+        A session still open on the connector lost its end (the charger never reported it):
+        it is closed first at its last activity, flagged ``end_estimated``."""
+        conn = self._conns[charger_id]
+        effects: list[Effect] = []
+        if conn.session is not None:
+            old = conn.session
+            log.warning(
+                "transaction_end_missing",
+                charger_id=charger_id,
+                session_id=old.session_id,
+                ocpp=old.ocpp,
+            )
+            self._end(
+                conn,
+                StopReason.UNKNOWN,
+                min(max(old.last_activity_ts, old.started_at), ts),
+                effects,
+                estimated=True,
+            )
+        conn.anchor_ts, conn.anchor_wh = ts, round(meter_start_wh)
+        conn.anchor_latched = conn.anchor_reconstructed = False
+        session = self._start(conn, grant, ts, effects)
+        session.source = "transaction"
+        session.ocpp = dict(ocpp)
+        session.charging = conn.status is ChargerStatus.CHARGING
+        session.last_activity_ts = max(session.last_activity_ts, ts)
+        conn.plugged = True
+        self._status(conn, ts, effects)
+        return effects, session
+
+    def transaction_meter(
+        self, session_id: str, ts: float, energy_wh: float, power_w: float | None = None
+    ) -> list[Effect]:
+        """A reading of the charger's energy register within an open transaction (MeterValues,
+        transactionData). Readings older than the last one are ignored by ``OpenSession.feed``;
+        the same guards as for Modbus counters apply."""
+        effects: list[Effect] = []
+        charger_id = self.find_session(session_id)
+        if charger_id is None:
+            return effects
+        conn = self._conns[charger_id]
+        session = conn.session
+        assert session is not None
+        if session.feed(energy_wh, ts, TRANSACTION_INTERVAL_S, conn.spec.max_power_w):
+            effects.append(SaveSession(session))
+        if power_w is not None:
+            session.max_power_w = max(session.max_power_w, power_w)
+        charging = conn.status is ChargerStatus.CHARGING or (
+            power_w is not None and power_w >= CHARGING_POWER_W
+        )
+        self._account(conn, session, ts, charging=charging, plugged=True)
+        self._points(session, ts, effects)
+        return effects
+
+    def end_transaction(
+        self,
+        session_id: str,
+        ts: float,
+        meter_stop_wh: float,
+        reason: StopReason,
+        ocpp: Mapping[str, Any] | None = None,
+        *,
+        estimated: bool = False,
+    ) -> list[Effect]:
+        """The charger's end of a transaction (StopTransaction, possibly replayed later), or
+        ``estimated``: the charger shows no EV and never sent its end."""
+        effects: list[Effect] = []
+        charger_id = self.find_session(session_id)
+        if charger_id is None:
+            return effects
+        conn = self._conns[charger_id]
+        session = conn.session
+        assert session is not None
+        if ocpp:
+            session.ocpp = {**(session.ocpp or {}), **ocpp}
+        ts = max(ts, session.started_at)
+        session.feed(meter_stop_wh, ts, TRANSACTION_INTERVAL_S, conn.spec.max_power_w)
+        self._account(conn, session, ts, charging=False, plugged=True)
+        self._end(conn, reason, ts, effects, estimated=estimated)
+        conn.plugged = bool(conn.status is not None and conn.status.plugged)
+        self._status(conn, ts, effects)
+        return effects
+
+    def _swap_confirmed(self, session: OpenSession, now: float, sc: int) -> bool:
+        seen = session.swap_seen
+        if seen is not None and sc >= seen[1]:
+            return True
+        session.swap_seen = [now, sc, session.last_wh]
+        log.info(
+            "session_counter_drop_seen",
+            session_id=session.session_id,
+            session_counter_wh=sc,
+            previous_wh=session.sc_last_wh,
+        )
+        return False
+
     def _swapped(self, session: OpenSession, sc: float | None) -> bool:
         if sc is None or session.sc_last_wh is None or session.sc_base_wh is None:
             return False
@@ -764,32 +1169,74 @@ class SessionTracker:
         rose = session.sc_last_wh - session.sc_base_wh >= SWAP_MIN_WH
         return dropped and rose
 
-    def _split(self, conn: _Connector, session: OpenSession, now: float, sc: float) -> float | None:
-        """Counter reading at the swap: the new car got ``sc`` Wh since its plug-in."""
+    def _split(
+        self, conn: _Connector, session: OpenSession, now: float, sc: int, floor: int | None
+    ) -> int | None:
+        """Counter reading at the swap: the new car got ``sc`` Wh since its plug-in. ``floor``:
+        the session's counter when the drop was first seen (what it had for sure)."""
         if session.source == "session_energy_wh":
-            return 0.0
+            return 0
         reading = self._reading(conn, now, session.source)
         if reading is None:
             return None
         split = reading - sc
-        if session.last_wh is not None:
-            split = max(split, session.last_wh)
+        last = session.last_wh
+        if last is not None:
+            split = max(split, last if floor is None else min(floor, last))
         split = min(split, reading)
-        session.feed(split, now, self._interval(conn, session), conn.spec.max_power_w)
+        if last is not None and split < last and session.seg_start_wh is not None:
+            if split >= session.seg_start_wh:
+                # A meter read while the swap waited for confirmation counted the new car's
+                # first Wh into this session: they go back to the new one.
+                session.last_wh = split
+            return split
+        session.feed(
+            split,
+            now,
+            self._interval(conn, session),
+            conn.spec.max_power_w,
+            conn.spec.counter(session.source),
+        )
         return split
+
+    def _previous(self, conn: _Connector, source: str | None) -> tuple[float, int] | None:
+        """The reading of counter ``source`` before its latest one."""
+        if source is None:
+            return None
+        if source.startswith("meter:"):
+            return self._meters_prev.get(source[6:])
+        return conn.energy_prev if source == "energy_wh" else conn.session_prev
 
     def _interval(self, conn: _Connector, session: OpenSession) -> float:
         if session.source is not None and session.source.startswith("meter:"):
             return conn.spec.meter_poll_interval_s
         return conn.spec.poll_interval_s
 
-    def _feed_charger_counter(self, conn: _Connector, session: OpenSession, now: float) -> None:
+    def _feed_charger_counter(
+        self, conn: _Connector, session: OpenSession, sample: DeviceSample, plugged: bool
+    ) -> None:
         if session.source is None:
             session.source = self._source(conn)
-        if session.source in ("energy_wh", "session_energy_wh"):
-            value = conn.energy_wh if session.source == "energy_wh" else conn.session_wh
-            if value is not None and value[0] == now:
-                session.feed(value[1], now, conn.spec.poll_interval_s, conn.spec.max_power_w)
+        source = session.source
+        if source not in ("energy_wh", "session_energy_wh"):
+            return
+        raw = _raw_number(sample, source)
+        if raw is None:
+            return
+        if (
+            source == "session_energy_wh"
+            and not plugged
+            and session.last_wh is not None
+            and raw < session.last_wh
+        ):
+            return  # a session counter cleared at unplug: the session ended before it
+        session.feed(
+            raw,
+            sample.ts,
+            conn.spec.poll_interval_s,
+            conn.spec.max_power_w,
+            conn.spec.counter(source),
+        )
 
     def _account(
         self, conn: _Connector, session: OpenSession, now: float, *, charging: bool, plugged: bool
@@ -806,9 +1253,12 @@ class SessionTracker:
             session.last_sample_ts = now
         if plugged:
             session.last_activity_ts = now
-        if conn.power_w is not None:
-            session.max_power_w = max(session.max_power_w, conn.power_w)
-        if conn.session_wh is not None and conn.session_wh[0] == now:
+        _note_power(session, conn.power_w, conn.spec.max_power_w)
+        if (
+            conn.session_wh is not None
+            and conn.session_wh[0] == now
+            and session.swap_seen is None  # a drop not yet confirmed is not bookkept
+        ):
             sc = conn.session_wh[1]
             if session.sc_base_wh is None or sc < session.sc_base_wh:
                 session.sc_base_wh = sc
@@ -844,7 +1294,7 @@ class SessionTracker:
         power = self._conns[session.charger_id].power_w or 0.0
         effects.append(AddPoint(session.session_id, MeterPoint(ts, energy, charging, power)))
 
-    def _new_plug(self, conn: _Connector, now: float, reading: float | None) -> None:
+    def _new_plug(self, conn: _Connector, now: float, reading: int | None) -> None:
         conn.plugged = True
         conn.anchor_ts = now
         conn.anchor_wh = reading
@@ -867,7 +1317,7 @@ class SessionTracker:
         sc = self._reading(conn, now, "session_energy_wh")
         source = self._source(conn)
         if conn.spec.session_counter_resets_on_plug and sc is not None and sc >= 0:
-            start = 0.0 if source == "session_energy_wh" else reading - sc
+            start = 0 if source == "session_energy_wh" else reading - sc
             if 0 <= start <= reading:
                 conn.anchor_wh = start
                 conn.anchor_reconstructed = True
@@ -911,15 +1361,19 @@ class SessionTracker:
         )
         start = conn.anchor_wh if conn.anchor_ts is not None else self._reading(conn, now)
         if start is not None:
-            session.meter_start_wh = session.seg_start_wh = session.last_wh = start
-            session.last_counter_ts = now
-            if conn.anchor_latched:
-                session.flag(Flag.START_LATCHED)
+            seen: int | None = None
             if conn.anchor_reconstructed and conn.anchor_seen_wh is not None:
                 session.flag(Flag.START_RECONSTRUCTED)
                 # Plausibility checks continue from the reading that was seen, not from the
                 # dated-back start (whose time is unknown).
-                session.last_wh = conn.anchor_seen_wh
+                seen = round(conn.anchor_seen_wh)
+            session.begin(round(start), now, seen)
+            if conn.anchor_latched:
+                session.flag(Flag.START_LATCHED)
+            pre = self._previous(conn, source)
+            fresh_s = 3 * self._interval(conn, session) + 1.0
+            if seen is None and pre is not None and pre[1] != start and now - pre[0] <= fresh_s:
+                session.pre_start = [pre[1], pre[0]]
         if conn.session_wh is not None:
             session.sc_base_wh = session.sc_last_wh = conn.session_wh[1]
         conn.session = session
@@ -999,6 +1453,21 @@ class SessionTracker:
         )
 
 
+def _raw_number(sample: DeviceSample, name: str) -> float | None:
+    """A numeric value as the device sent it, NaN and infinities included (they must be seen
+    to be refused); None when the device did not report it."""
+    value = sample.values.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value
+
+
+def _note_power(session: OpenSession, power_w: float | None, max_power_w: float) -> None:
+    """Keep the session's peak power; a value no charger can draw (a glitch) is not kept."""
+    if power_w is not None and math.isfinite(power_w) and 0 <= power_w <= max_power_w:
+        session.max_power_w = max(session.max_power_w, power_w)
+
+
 def _user_of(grant: Grant) -> dict[str, Any]:
     return {
         "id": grant.user,
@@ -1039,7 +1508,8 @@ Pricer = Callable[
     [dict[str, Any] | None, Sequence[MeterPoint], float, float],
     PricerResult | Awaitable[PricerResult],
 ]
-TariffsResolver = Callable[[str, str | None], tuple[str, str, dict[str, Any]] | None]
+# (charger id, user group) -> (tariff id, version, data[, what was meant if it fell back])
+TariffsResolver = Callable[[str, str | None], tuple[Any, ...] | None]
 EventSink = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 
 
@@ -1071,6 +1541,8 @@ class SessionManager:
         time_scale: float = 1.0,
         plug_reset_counters: Iterable[str] = (),
         prefer_session_counters: Iterable[str] = (),
+        transactional: Iterable[str] = (),
+        counters: Mapping[str, Mapping[str, Counter]] | None = None,
     ) -> None:
         """``time_scale``: simulated seconds per wall second when the devices are simulated
         faster than real time (``evgw demo``); it widens the plausibility bound on counter
@@ -1093,12 +1565,17 @@ class SessionManager:
             if charger_ids is not None
             else [d for d in devices if d not in meters]
         )
+        counters = counters or {}
         resets = set(plug_reset_counters)  # chargers whose session counter restarts at plug-in
         prefer = set(prefer_session_counters) & resets
+        reporting = set(transactional)
         specs = []
         for cid in ids:
             dev = devices[cid]
             meter = devices.get(dev.meter) if dev.meter else None
+            own = dict(counters.get(cid, {}))
+            if dev.meter and "energy_wh" in counters.get(dev.meter, {}):
+                own[f"meter:{dev.meter}"] = counters[dev.meter]["energy_wh"]
             specs.append(
                 ChargerSpec(
                     charger_id=cid,
@@ -1110,7 +1587,9 @@ class SessionManager:
                     controllable=chargers is not None and chargers.can_control(cid),
                     session_counter_resets_on_plug=cid in resets,
                     prefer_session_counter=cid in prefer,
-                    confirmed=not guessed,
+                    confirmed=not guessed or cid in reporting,
+                    transactional=cid in reporting,
+                    counters=own,
                 )
             )
         self.tracker = SessionTracker(
@@ -1263,6 +1742,51 @@ class SessionManager:
                         )
                     )
 
+    async def begin_transaction(
+        self,
+        charger_id: str,
+        grant: Grant,
+        ts: float,
+        meter_start_wh: float,
+        ocpp: Mapping[str, Any],
+    ) -> str:
+        """Open the session of a transaction the charger reported; returns its session id
+        (persisted before this returns)."""
+        async with self._lock:
+            effects, session = self.tracker.begin_transaction(
+                charger_id, grant, ts, meter_start_wh, ocpp
+            )
+            await self._perform(effects)
+            return session.session_id
+
+    async def transaction_meter(
+        self, session_id: str, ts: float, energy_wh: float, power_w: float | None = None
+    ) -> None:
+        async with self._lock:
+            await self._perform(self.tracker.transaction_meter(session_id, ts, energy_wh, power_w))
+
+    async def end_transaction(
+        self,
+        session_id: str,
+        ts: float,
+        meter_stop_wh: float,
+        reason: StopReason,
+        ocpp: Mapping[str, Any] | None = None,
+        *,
+        estimated: bool = False,
+    ) -> bool:
+        """Close a reported transaction's session (finished, priced, sealed and queued before
+        this returns); False when no such session is open."""
+        async with self._lock:
+            if self.tracker.find_session(session_id) is None:
+                return False
+            await self._perform(
+                self.tracker.end_transaction(
+                    session_id, ts, meter_stop_wh, reason, ocpp, estimated=estimated
+                )
+            )
+            return True
+
     def open_sessions(self) -> list[dict[str, Any]]:
         return [s.to_state() for s in self.tracker.sessions()]
 
@@ -1321,9 +1845,13 @@ class SessionManager:
                 resolved = self._resolver(session.charger_id, session.group)
             except Exception as exc:  # a tariff problem must not lose the session
                 log.error("tariff_resolve_failed", charger_id=session.charger_id, error=str(exc))
+                session.flag(Flag.UNPRICED)
                 resolved = None
             if resolved is not None:
-                session.tariff_id, session.tariff_version, session.tariff_data = resolved
+                session.tariff_id, session.tariff_version, session.tariff_data = resolved[:3]
+                if len(resolved) > 3 and resolved[3] is not None:
+                    # Priced by another tariff than the one meant: never silently.
+                    session.flag(Flag.TARIFF_FALLBACK)
         await self._save(session)  # on disk before anything is published
         await self._emit(
             "session_started",

@@ -197,7 +197,9 @@ class MosquittoBroker:
         pki: Pki | None = None,
         require_client_cert: bool = False,
         extra_config: str = "",
+        allow_anonymous: bool = True,
     ) -> None:
+        self.allow_anonymous = allow_anonymous
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -229,7 +231,7 @@ class MosquittoBroker:
             # the temp key files nor write the persistence directory
             f"user {getpass.getuser()}",
             "per_listener_settings false",
-            "allow_anonymous true",
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             "persistence true",
             f"persistence_location {self.directory}/",
             "persistence_file mosquitto.db",

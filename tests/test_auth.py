@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -291,10 +292,11 @@ async def test_one_slow_answer_does_not_block_another() -> None:
     assert (await slow).user == "s"
 
 
-async def test_unmatched_auth_response_is_ignored_and_logged() -> None:
+async def test_unmatched_auth_response_is_refused_and_logged() -> None:
     auth, *_ = await make()
-    with capture_logs() as logs:
+    with capture_logs() as logs, pytest.raises(CommandError) as err:
         await auth.auth_response("no-such-request", "accepted", "mallory", None)
+    assert err.value.code == "unmatched"
     assert any(e["event"] == "auth_response_unmatched" for e in logs)
     assert auth.known("MALLORY") is None
 
@@ -386,3 +388,24 @@ async def test_truncated_uid_matches_one_known_token_only() -> None:
     assert d.accepted and d.user == "alice" and d.token == ALICE
     assert not (await auth.authorize("99887766", "rfid", "cp1")).accepted  # ambiguous
     assert not (await auth.authorize("04A2B3", "rfid", "cp1")).accepted  # too short
+
+
+@pytest.mark.parametrize("version", [10**300, 2**53 + 1, 0, 1.5, True])
+async def test_update_tokens_refuses_versions_beyond_2_53(version: Any) -> None:
+    # A version of 1e300 was accepted, and every later list was refused as stale.
+    auth, *_ = await make()
+    with pytest.raises(CommandError) as err:
+        await auth.update_tokens(version, "replace", [Token("A-1", TokenType.RFID, "a")], [])
+    assert err.value.code == "invalid"
+    assert auth.cloud_version == 0 and auth.known("A-1") is None
+    await auth.update_tokens(2**53, "replace", [Token("A-1", TokenType.RFID, "a")], [])
+    assert auth.cloud_version == 2**53
+
+
+async def test_a_stored_version_beyond_2_53_does_not_block_every_later_push() -> None:
+    store = MemoryAuthStore()
+    store.version, store.tokens = 10**300, [Token("OLD-1", TokenType.RFID, "old")]
+    auth, *_ = await make(store=store)
+    assert auth.cloud_version == 0 and auth.known("OLD-1") is not None  # kept until replaced
+    await auth.update_tokens(1, "replace", [Token("NEW-1", TokenType.RFID, "new")], [])
+    assert auth.known("OLD-1") is None and auth.known("NEW-1") is not None

@@ -291,7 +291,18 @@ async def test_run_report_reads_the_real_buffer(tmp_path: Any) -> None:
             points = [MeterPoint(ended, rec["energy_wh"], True)]
             periods, cost = pricer(tariff, points, started, ended)
             await store.finish_session(
-                {**rec, "site_id": "depot-7", "charging_periods": periods, "cost": cost}
+                {
+                    **rec,
+                    "site_id": "depot-7",
+                    "connector": 1,
+                    "meter_start_wh": 1_000_000,
+                    "meter_stop_wh": 1_000_000 + rec["energy_wh"],
+                    "max_power_w": 11000,
+                    "stop_reason": "ev_disconnected",
+                    "tariff_version": "0123456789abcdef",
+                    "charging_periods": periods,
+                    "cost": cost,
+                }
             )
     config = GatewayConfig(
         site=SiteConfig(id="depot-7", timezone=TZ),
@@ -316,3 +327,50 @@ async def test_run_report_reads_the_real_buffer(tmp_path: Any) -> None:
     assert groups["carol"]["cost"]["EUR"] == {"excl_vat": "0.39", "vat": "0.07", "incl_vat": "0.46"}
     assert doc["totals"]["sessions"] == 3
     assert "cp1" in doc["usage"]["chargers"]  # listed from the config even without a profile
+
+
+async def test_run_report_leaves_out_records_that_fail_their_checks(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A record changed in the buffer behind the gateway's back (or signed by no key of this
+    gateway) is not billed; the report says how many it left out."""
+    import sqlite3
+
+    from test_consumer_support import record_body
+
+    from gateway.billing.report import run_report
+    from gateway.billing.signing import Signer
+    from gateway.config import load_config
+    from gateway.records import seal
+    from gateway.store import Store
+
+    buffer = tmp_path / "buffer.db"
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text(f"site: {{id: depot-7, timezone: UTC}}\nstorage: {{path: {buffer}}}\n")
+    signer = Signer.load_or_create(buffer.with_name("evgw-signing.key"))
+    stranger = Signer.load_or_create(tmp_path / "stranger.key")
+    async with Store.open(
+        buffer, site_id="depot-7", reserve_bytes=0, sealer=lambda r: seal(r, signer.sign)
+    ) as store:
+        for i in range(1, 4):
+            body = record_body(i, start=1_790_000_000 + i * 7200)
+            body.pop("seq")
+            await store.finish_session(body)
+    with sqlite3.connect(buffer) as db:
+        (text,) = db.execute("SELECT record FROM finished_sessions WHERE seq = 2").fetchone()
+        rec = json.loads(text)
+        rec["cost"]["incl_vat"] = "0.01"  # changed, hash left
+        db.execute("UPDATE finished_sessions SET record = ? WHERE seq = 2", (json.dumps(rec),))
+        (text,) = db.execute("SELECT record FROM finished_sessions WHERE seq = 3").fetchone()
+        rec3 = seal(json.loads(text), stranger.sign)  # re-sealed by someone else's key
+        db.execute("UPDATE finished_sessions SET record = ? WHERE seq = 3", (json.dumps(rec3),))
+    out = tmp_path / "r.json"
+    day = date(2026, 9, 21)
+    config = load_config(cfg)
+    capsys.readouterr()
+    assert await run_report(config, by="user", start=day, end=day, fmt="json", output=out) == 0
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    assert doc["totals"]["sessions"] == 1 and doc["excluded_records"] == 2
+    assert capsys.readouterr().err.endswith(
+        "evgw report: 2 record(s) left out: they fail their checks (`evgw verify -c` names them)\n"
+    )

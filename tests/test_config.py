@@ -314,6 +314,20 @@ BROKEN: list[tuple[str, str, list[str]]] = [
         ],
     ),
     (
+        "tariff bounds: prices, decimals, step sizes",
+        HEAD + "tariffs:\n  big:\n    currency: EUR\n    elements:\n"
+        "      - components: [{type: energy, price: 1e30}]\n"
+        "      - components: [{type: flat, price: '0.1234567'}]\n"
+        "      - components: [{type: time, price: '1', step_size: 86401}]\n"
+        "  cap: {currency: EUR, max_price: 2000000000, elements: [{components: "
+        "[{type: flat, price: 1}]}]}\n",
+        [
+            "7:44: tariffs.big.elements[0].components[0].price: must be at most 1000000000, "
+            "got '1e30'",
+            "10:35: tariffs.cap.max_price: must be at most 1000000000, got 2000000000",
+        ],
+    ),
+    (
         "tariff problems, billing and token references, token types",
         "site: {id: t1}\nstorage: {path: ./b.db}\ntariffs:\n  standard:\n    currency: EUR\n"
         "    elements:\n"
@@ -726,6 +740,99 @@ def test_defaulted_enums_have_the_enum_type(tmp_path: Path) -> None:
     token = load_config(path).auth.tokens[0]
     assert token.status is AuthStatus.ACCEPTED
     assert token.type is TokenType.RFID
+
+
+def test_check_config_refuses_a_price_of_1e30(tmp_path: Path) -> None:
+    # It passed before and left every session unpriced (the cost overflowed).
+    path = tmp_path / "site.yaml"
+    path.write_text(
+        HEAD + "devices:\n  - {id: cp1, driver: keba-p30, host: 10.0.0.5, tariff: std}\n"
+        "tariffs:\n  std: {currency: EUR, elements: [{components: "
+        '[{type: energy, price: "1e30"}]}]}\n'
+    )
+    code, text = check_config(path)
+    assert code == 2
+    assert text.splitlines() == [
+        f"{path}:6:71: tariffs.std.elements[0].components[0].price: "
+        "must be at most 1000000000, got '1e30'"
+    ]
+
+
+# --- uplink.command_key ------------------------------------------------------------------------
+
+
+def _key_files(directory: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private = Ed25519PrivateKey.generate()
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    pem = serialization.Encoding.PEM
+    (directory / "cloud.pub.pem").write_bytes(private.public_key().public_bytes(pem, pub))
+    (directory / "cloud.pem").write_bytes(
+        private.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    ec_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    (directory / "ec.pub.pem").write_bytes(ec_key.public_bytes(pem, pub))
+    (directory / "text.pem").write_text("hello\n")
+
+
+def test_command_key_loads_and_check_config_says_so(tmp_path: Path) -> None:
+    _key_files(tmp_path)
+    file = tmp_path / "site.yaml"
+    file.write_text(
+        "site: {id: t1}\nstorage: {path: ./b.db}\nuplink:\n  url: mqtt://broker\n"
+        "  command_key: cloud.pub.pem\n  command_max_age: 2m\n",
+        encoding="utf-8",
+    )
+    config = load_config(file)
+    assert config.uplink is not None
+    assert config.uplink.command_key == str(tmp_path / "cloud.pub.pem")
+    assert config.uplink.command_max_age_s == 120.0
+    code, text = check_config(file)
+    assert code == 0
+    assert f"commands: signed by {tmp_path}/cloud.pub.pem, at most 2m old" in text
+    assert "warning" not in text
+
+
+def test_without_command_key_check_config_warns(tmp_path: Path) -> None:
+    file = tmp_path / "site.yaml"
+    file.write_text(
+        "site: {id: t1}\nstorage: {path: ./b.db}\nuplink: {url: mqtt://broker}\n",
+        encoding="utf-8",
+    )
+    config = load_config(file)
+    assert config.uplink is not None and config.uplink.command_key is None
+    assert config.uplink.command_max_age_s == 300.0
+    code, text = check_config(file)
+    assert code == 0
+    assert "warning: uplink.command_key is not set: commands and auth responses are not " in text
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("command_key: cloud.pem", "{dir}/cloud.pem holds a private key: give the gateway only"),
+        ("command_key: ec.pub.pem", "{dir}/ec.pub.pem is a "),
+        ("command_key: text.pem", "{dir}/text.pem is not a PEM public key"),
+        ("command_key: missing.pem", "cannot read {dir}/missing.pem: No such file or directory"),
+        ("command_max_age: 5m", "command_max_age needs command_key"),
+        ("command_key: cloud.pub.pem\n  command_max_age: 2h", "must be between 5s and 1h"),
+    ],
+)
+def test_bad_command_key_lines(tmp_path: Path, line: str, message: str) -> None:
+    _key_files(tmp_path)
+    problems = problems_of(
+        tmp_path,
+        f"site: {{id: t1}}\nstorage: {{path: ./b.db}}\nuplink:\n  url: mqtt://broker\n  {line}\n",
+    )
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("5:") or problems[0].startswith("6:")
+    assert "uplink.command_" in problems[0]
+    assert message.format(dir=tmp_path) in problems[0]
 
 
 # --- serial devices behind Modbus TCP gateways -----------------------------------------------

@@ -118,9 +118,9 @@ async def test_consumer_end_to_end(
 
     async with open_cloud_store(db_url) as view:
 
-        async def count(n_sessions: int, n_rejects: int) -> bool:
+        async def count(n_sessions: int, n_held: int) -> bool:
             return (
-                len(await view.sessions()) == n_sessions and len(await view.rejects()) == n_rejects
+                len(await view.sessions()) == n_sessions and len(await view.quarantined()) == n_held
             )
 
         with capture_logs() as logs:
@@ -142,7 +142,7 @@ async def test_consumer_end_to_end(
                         _session_msg(chain[0], site="elsewhere"),  # site_id not the topic's
                     ],
                 )
-                await _until(lambda: count(5, 4), what="5 sessions, 4 rejects")
+                await _until(lambda: count(5, 4), what="5 sessions, 4 quarantined")
             # consumer offline; the broker queues for its persistent session
             await _publish(mosquitto, [_session_msg(chain[4])])
             async with _consumer(mosquitto.url, db_url, client_id="consumer-e2e"):
@@ -153,14 +153,14 @@ async def test_consumer_end_to_end(
         assert [s.record for s in stored] == chain  # each once, exactly as published
         assert all(s.signature_ok for s in stored)
         assert await view.missing_seqs(SITE) == []
-        reasons = sorted(r.reason for r in await view.rejects())
+        held = await view.quarantined()
+        assert sorted(q.kind for q in held) == ["conflict", "hash", "schema", "site_mismatch"]
+        reasons = sorted(q.reason for q in held)
         s1, s3 = chain[0]["session_id"], chain[2]["session_id"]
         assert reasons[0].startswith("not JSON")
-        assert reasons[1] == f"seq 1 (session {s1}): site_id 'depot-7' is not the topic's site"
-        assert reasons[2] == f"seq 3 (session {s3}): hash does not match its content"
-        assert reasons[3] == (
-            f"site {SITE}: seq 1 (session {s1}): session delivered again with different content"
-        )
+        assert reasons[1] == f"seq 1 (session {s1}): session delivered again with different content"
+        assert reasons[2] == f"seq 1 (session {s1}): site_id 'depot-7' is not the topic's site"
+        assert reasons[3] == f"seq 3 (session {s3}): hash does not match its content"
         problems = await view.problems(SITE)
         assert sorted(p.kind for p in problems) == ["conflict", "gap"]
         assert [p.detail for p in problems if p.kind == "gap"] == [f"site {SITE}: missing seq 4..5"]
@@ -171,20 +171,30 @@ async def test_consumer_end_to_end(
     late = next(e for e in logs if e["event"] == "session_out_of_order")
     assert (late["seq"], late["after_seq"]) == (4, 6)
     # (info events such as session_stored depend on the level another test configured)
-    assert events.count("session_rejected") == 3
+    assert events.count("record_quarantined") == 4
     assert events.count("session_conflicting_duplicate") == 1
 
-    # the store verifies as a whole, with the key the consumer learnt
+    # the chain verifies, with the key the consumer learnt; what is quarantined fails it
     capsys.readouterr()
-    assert await run_verify(db_url=db_url) == 0
-    assert capsys.readouterr().out == "6 records OK, chain intact, signatures valid\n"
+    assert await run_verify(db_url=db_url) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "4 record(s) quarantined, never billed:"
+    assert (
+        f"  quarantined (conflict): site {SITE}: seq 1 (session {s1}): session delivered "
+        "again with different content" in out
+    )
+    assert out[-1] == (
+        "6 records OK, chain intact, signatures valid; but the store has problems (above)"
+    )
 
 
 async def _has_key(view: CloudStore) -> bool:
     return bool(await view.site_keys())
 
 
-async def test_key_arriving_after_sessions_checks_them_late(tmp_path: Path) -> None:
+async def test_key_arriving_after_sessions_releases_them(tmp_path: Path) -> None:
+    """Records that arrive before their site's key are held, never stored unchecked; the key
+    (trusted on first use) releases those it signed, the forged one stays held."""
     signer = make_signer(tmp_path)
     other = make_signer(tmp_path, "other.key")
     chain = make_chain(3, signer)
@@ -196,29 +206,35 @@ async def test_key_arriving_after_sessions_checks_them_late(tmp_path: Path) -> N
             outcome = await consumer.handle(
                 f"evgw/{SITE}/sessions/finished", json.dumps(rec).encode()
             )
-            assert outcome == "stored"  # no key yet: stored, signature unchecked
-        assert [s.signature_ok for s in await store.sessions()] == [None, None, None]
+            assert outcome == "quarantined"  # no key yet: held, not billed
+        assert await store.sessions() == []
+        assert [q.kind for q in await store.quarantined()] == ["no_key"] * 3
         key = json.dumps(signer.public_key_payload()).encode()
         assert await consumer.handle(f"evgw/{SITE}/gateway/key", key) == "key"
-        assert [s.signature_ok for s in await store.sessions()] == [True, True, False]
-        [problem] = await store.problems()
-        assert problem.kind == "bad_signature" and problem.seq == 3
-        # from now on a forged record is rejected outright
-        nxt = seal(dict(make_chain(4, signer)[3], prev_hash=chain[2]["hash"]))
-        nxt["signature"] = dict(other.sign(nxt["hash"].encode()), key_id=signer.key_id)
-        outcome = await consumer.handle(f"evgw/{SITE}/sessions/finished", json.dumps(nxt).encode())
-        assert outcome == "rejected"
-        # a key message whose key_id lies is rejected
+        assert [s.seq for s in await store.sessions()] == [1, 2]
+        [held] = await store.quarantined()
+        assert held.kind == "bad_signature" and held.seq == "3"
+        assert held.reason == (
+            f"seq 3 (session {chain[2]['session_id']}): signature by key {signer.key_id} "
+            "does not verify"
+        )
+        # the genuine seq 3 is stored next to it
+        topic = f"evgw/{SITE}/sessions/finished"
+        assert await consumer.handle(topic, json.dumps(chain[2]).encode()) == "stored"
+        # a key message whose key_id lies is quarantined
         lying = dict(other.public_key_payload(), key_id=signer.key_id)
         outcome = await consumer.handle(f"evgw/{SITE}/gateway/key", json.dumps(lying).encode())
-        assert outcome == "rejected"
+        assert outcome == "quarantined"
 
 
 async def test_chain_break_and_seq_reuse_are_problems(tmp_path: Path) -> None:
-    chain = make_chain(3)
-    restarted = make_chain(2)  # a reinstalled gateway starting over at seq 1
+    signer = make_signer(tmp_path)
+    chain = make_chain(3, signer)
+    restarted = make_chain(2, signer)  # a reinstalled gateway starting over at seq 1
     async with open_cloud_store(f"sqlite:///{tmp_path}/c.db") as store:
         consumer = SessionConsumer(store)
+        key = json.dumps(signer.public_key_payload()).encode()
+        assert await consumer.handle(f"evgw/{SITE}/gateway/key", key) == "key"
         topic = f"evgw/{SITE}/sessions/finished"
         for rec in [chain[0], chain[2], restarted[0], restarted[1]]:
             assert await consumer.handle(topic, json.dumps(rec).encode()) == "stored"
@@ -248,9 +264,12 @@ async def test_v311_fallback_and_shared_group(
     tmp_path: Path,
 ) -> None:
     fault_proxy.v311_only = True
-    chain = make_chain(2)
+    signer = make_signer(tmp_path)
+    chain = make_chain(2, signer)
     async with open_cloud_store(f"sqlite:///{tmp_path}/c.db") as store:
         consumer = SessionConsumer(store)
+        key = json.dumps(signer.public_key_payload()).encode()
+        assert await consumer.handle(f"evgw/{SITE}/gateway/key", key) == "key"
         topics = subscriptions("evgw", [SITE], "billing")
         assert topics == [
             f"$share/billing/evgw/{SITE}/sessions/finished",

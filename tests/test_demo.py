@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_uplink_support import wait_until
 
 from gateway.cli import main
+from gateway.config import load_config
 from gateway.demo import run_demo
 from gateway.store import Store
 
@@ -31,6 +32,15 @@ async def test_demo_finishes_priced_sessions_and_delivers_them(tmp_path: Path) -
     assert by_charger["cp2"]["user"]["id"] == "bob"
     assert by_charger["cp3"]["user"]["id"] == "carol"
     assert by_charger["cp3"]["user"]["auth"] == "remote"
+    # the OCPP charger (a simulated charge point on the OCPP-J server): bob's key fob
+    assert by_charger["cp4"]["user"]["id"] == "bob"
+    assert by_charger["cp4"]["ocpp"]["charge_point_id"] == "DEMO-CP4"
+    assert by_charger["cp4"]["energy_wh"] == 1233  # 10 x 60 s at 7.4 kW, whole Wh
+    # ... and the demo site takes signed commands only: carol's start was signed by the demo cloud
+    config = load_config(tmp_path / "demo-site.yaml")
+    assert config.uplink is not None
+    assert config.uplink.command_key == str(tmp_path / "demo-cloud.pem.pub.pem")
+    assert (tmp_path / "demo-cloud.pem").stat().st_mode & 0o077 == 0
     for rec in records:
         if "not_billable" not in rec["flags"]:
             assert rec["energy_wh"] > 0
@@ -40,6 +50,7 @@ async def test_demo_finishes_priced_sessions_and_delivers_them(tmp_path: Path) -
     # every finished session was delivered over MQTT (PUBACK from the embedded broker)
     assert backlog.get("session", 0) == 0
     assert "last finished sessions:" in text and "uplink: online" in text
+    assert "cp4" in text
 
 
 def test_demo_and_sessions_command_line(tmp_path: Path, capsys: object) -> None:
@@ -64,7 +75,7 @@ async def test_demo_prints_the_status_page_url_and_it_answers(tmp_path: Path) ->
             async with http.get(url + "api/status") as resp:
                 status = await resp.json()
                 assert status["site"]["id"] == "demo-site"
-                assert [c["id"] for c in status["chargers"]] == ["cp1", "cp2", "cp3"]
+                assert [c["id"] for c in status["chargers"]] == ["cp1", "cp2", "cp3", "cp4"]
             async with http.get(url + "metrics") as resp:
                 names = {f.name for f in text_string_to_metric_families(await resp.text())}
                 assert {"evgw_device_polls", "evgw_uplink_connected"} <= names

@@ -33,7 +33,8 @@ buses:
   - {{id: gw, type: rtu-over-tcp, host: 127.0.0.1, tcp_port: {p_bus}}}
 devices:
   - {{id: cp1, driver: keba-p30, host: 127.0.0.1, port: {p1}, poll_interval: 200ms}}
-  - {{id: cp2, driver: webasto-next, host: 127.0.0.1, port: {p2}, poll_interval: 200ms}}
+  - {{id: cp2, driver: webasto-next, host: 127.0.0.1, port: {p2}, poll_interval: 200ms,
+     tariff: standard}}
   - {{id: cp3, driver: vestel-evc04, host: 127.0.0.1, port: {p3}, poll_interval: 200ms, meter: m3}}
   - {{id: m3, driver: eastron-sdm630, bus: gw, unit: 3, poll_interval: 200ms}}
 auth:
@@ -202,16 +203,30 @@ async def test_tariffs_command_reprices_only_new_sessions_and_survives_a_restart
             await site.sleep(5)
             cp1.start_charging()
             await site.sleep(30)  # cp1's session runs under the old tariff
-            for request_id, body in (
+            cheap = {
+                "currency": "EUR",
+                "elements": [{"components": [{"type": "energy", "price": "0.01"}]}],
+            }
+            huge_price = {
+                "currency": "EUR",
+                "elements": [{"components": [{"type": "energy", "price": "1e30"}]}],
+            }
+            pushes = (
                 ("t-1", {"version": 2, "tariffs": new_tariffs}),
                 ("t-bad", {"version": 3, "tariffs": {"standard": {"currency": "EURO"}}}),
                 ("t-old", {"version": 1, "tariffs": new_tariffs}),
-            ):
+                # cp2 (and the default) name "standard": a push without it is refused whole
+                ("t-drop", {"version": 3, "tariffs": {"cheap": cheap}}),
+                ("t-huge-price", {"version": 3, "tariffs": {"standard": huge_price}}),
+                # a version no later push could exceed
+                ("t-huge-version", {"version": 10**300, "tariffs": new_tariffs}),
+            )
+            for request_id, body in pushes:
                 await recorder.publish(
                     "commands/tariffs", json.dumps({"request_id": request_id, **body})
                 )
             await wait_until(
-                lambda: len(recorder.on("commands/tariffs/reply")) >= 3, 10, "three replies"
+                lambda: len(recorder.on("commands/tariffs/reply")) >= len(pushes), 10, "replies"
             )
             replies = {
                 m.json()["request_id"]: m.json() for m in recorder.on("commands/tariffs/reply")
@@ -220,6 +235,35 @@ async def test_tariffs_command_reprices_only_new_sessions_and_survives_a_restart
             assert replies["t-bad"]["ok"] is False  # invalid: nothing changes
             assert replies["t-old"]["ok"] is False
             assert replies["t-old"]["error"]["code"] == "stale_version"
+            drop = replies["t-drop"]["error"]
+            assert drop["code"] == "invalid_tariff"
+            assert "chargers.cp2.tariff: unknown tariff 'standard'" in drop["message"]
+            assert "billing.default_tariff" in drop["message"]
+            price = replies["t-huge-price"]["error"]
+            assert price["code"] == "invalid_tariff" and "at most 1000000000" in price["message"]
+            assert replies["t-huge-version"]["ok"] is False
+            # The same bound for token lists; a refused version leaves room for the next.
+            tokens = [{"id": "VIP-0001", "type": "rfid", "user": "vera", "group": "vip"}]
+            for request_id, version in (("k-huge", 10**300), ("k-5", 5)):
+                await recorder.publish(
+                    "commands/tokens",
+                    json.dumps(
+                        {
+                            "request_id": request_id,
+                            "version": version,
+                            "mode": "replace",
+                            "tokens": tokens,
+                        }
+                    ),
+                )
+            await wait_until(
+                lambda: len(recorder.on("commands/tokens/reply")) >= 2, 10, "token replies"
+            )
+            token_replies = {
+                m.json()["request_id"]: m.json() for m in recorder.on("commands/tokens/reply")
+            }
+            assert token_replies["k-huge"]["ok"] is False
+            assert token_replies["k-5"]["ok"] is True
         # the gateway restarts: the pushed tariffs are still in force
         async with (
             Gateway(config, shipped_profiles, time_scale=SPEED) as gw,
@@ -233,8 +277,22 @@ async def test_tariffs_command_reprices_only_new_sessions_and_survives_a_restart
             cp1.unplug()
             cp2.unplug()
             await wait_until(lambda: _count(gw.store.finished_sessions(), 2), 15, "sessions")
-            records = {r["charger_id"]: r for r in await gw.store.finished_sessions()}
+            # A pushed card whose group names no tariff: priced by the charger's, flagged.
+            await site.sleep(5)
+            cp2.plug_in(tag="VIP-0001", power_w=11_000, energy_need_wh=500)
+            await site.sleep(5)
+            cp2.start_charging()
+            await site.sleep(300)
+            cp2.unplug()
+            await wait_until(lambda: _count(gw.store.finished_sessions(), 3), 15, "sessions")
+            finished = await gw.store.finished_sessions()
+            records = {r["charger_id"]: r for r in finished[:2]}
+            vip = finished[2]
     old, new = records["cp1"], records["cp2"]
     assert old["cost"]["lines"][0]["unit_price"] == "0.30"  # frozen at its start
     assert new["cost"]["lines"][0]["unit_price"] == "0.50"
     assert old["tariff_version"] != new["tariff_version"]
+    assert "tariff_fallback" not in old["flags"] + new["flags"]
+    assert vip["user"]["id"] == "vera" and vip["tariff_id"] == "standard"
+    assert "tariff_fallback" in vip["flags"]
+    assert vip["cost"]["lines"][0]["unit_price"] == "0.50"

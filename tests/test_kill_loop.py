@@ -158,14 +158,25 @@ async def test_gateway_killed_at_random_moments_loses_and_duplicates_nothing(
     assert cycles >= 8
     assert still_open == []
     # exactly once each, energy equal to the simulator's truth
+    latched: list[str] = []
     for cid in CHARGERS:
         mine = sorted((r for r in records if r["charger_id"] == cid), key=lambda r: r["started_at"])
         theirs = sorted((t for t in truth if t["device"] == cid), key=lambda t: t["plugged_at"])
         assert len(mine) == len(theirs) == 3, (cid, mine, theirs)
         for rec, sim_session in zip(mine, theirs, strict=True):
-            assert abs(rec["energy_wh"] - sim_session["energy_wh"]) <= 1, (cid, rec, sim_session)
+            why = (cid, rec["flags"], rec["energy_wh"], sim_session)
+            if "start_latched" in rec["flags"]:
+                # The gateway was down when the car began to draw and the charger keeps no
+                # plug-reset session counter (Webasto NEXT's 1502 only holds the last session):
+                # what was drawn before the first reading is unknown, never invented.
+                assert 0 <= rec["energy_wh"] <= sim_session["energy_wh"] + 1, why
+                latched.append(cid)
+            else:
+                assert abs(rec["energy_wh"] - sim_session["energy_wh"]) <= 1, why
             if sim_session["tag"] is not None:
                 assert rec["user"]["token"] == sim_session["tag"]
+    # only a charger without a plug-reset session counter can miss a start (ABB has one)
+    assert "cp3" not in latched, latched
     assert len({r["session_id"] for r in records}) == len(records)
     # gap-free seq and an intact hash chain
     prev = GENESIS

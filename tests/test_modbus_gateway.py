@@ -251,7 +251,8 @@ async def test_scan_through_a_converter_names_its_serial_units_and_the_snippet_c
     snippet = out[out.index("devices:") :]
     # SDM120 and SDM630 share their identification: one device, the other named beside it
     assert f"driver: eastron-sdm120, host: 127.0.0.1, port: {converter.port}, unit: 1}}" in snippet
-    assert "# or: eastron-sdm630" in snippet
+    sdm_line = next(line for line in snippet.splitlines() if "unit: 1}" in line)
+    assert "# or: " in sdm_line and "eastron-sdm630" in sdm_line.split("# or: ")[1]
     assert "driver: carlo-gavazzi-em24, host: 127.0.0.1" in snippet
     site = tmp_path / "site.yaml"
     site.write_text("site: {id: s1}\nstorage: {path: ./b.db}\n" + snippet)

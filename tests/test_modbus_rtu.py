@@ -207,8 +207,9 @@ async def test_scan_a_serial_line_skips_silent_units_after_one_probe() -> None:
     rtu_with_identify = [
         p for p in profiles.values() if p.identify and "rtu" in p.connection.transports
     ]
-    # each of the six silent units costs one probe, not one per profile
-    assert result.probed <= 6 + 2 * len(rtu_with_identify)
+    # each of the six silent units costs one probe per serial setting tried, not one per profile
+    settings = {(p.connection.parity, p.connection.stopbits) for p in rtu_with_identify}
+    assert result.probed <= 6 * len(settings) + 2 * len(rtu_with_identify)
     snippet = result.config_snippet()
     assert f"type: rtu, port: {gateway_end}, baudrate: 9600, parity: N, stopbits: 1" in snippet
     assert "driver: carlo-gavazzi-em24, bus: rs485-1, unit: 7" in snippet

@@ -31,7 +31,6 @@ from gateway.model import (
     from_rfc3339,
 )
 from gateway.sessions import (
-    SLACK_WH,
     AddPoint,
     ChargerSpec,
     Effect,
@@ -64,7 +63,7 @@ class Rig:
             meter_id="m1" if meter else None,
             poll_interval_s=1.0,
             meter_poll_interval_s=spec.pop("meter_poll_interval_s", 1.0),
-            max_power_w=spec.pop("max_power_w", 22_000.0),
+            max_power_w=spec.pop("max_power_w", 54_000.0),
             **spec,
         )
         self.tracker = SessionTracker(
@@ -372,6 +371,11 @@ def test_quick_car_swap_seen_as_session_counter_reset(meter: bool) -> None:
     if meter:
         rig.meter(rig.energy_wh - 40)  # the meter was read just before the swap
     rig.cp(CHARGING, session_wh=40)
+    assert rig.records() == []  # a drop of the session counter alone could be a glitch
+    rig.energy_wh += 20
+    if meter:
+        rig.meter(rig.energy_wh)  # read before the charger: the new car's Wh are in it
+    rig.cp(CHARGING, session_wh=60)  # the new car's counter goes on: it was a swap
     (first,) = rig.records()
     assert first["energy_wh"] == 1000 and first["stop_reason"] == "ev_disconnected"
     rig.effects += rig.tracker.remote_start(
@@ -381,12 +385,12 @@ def test_quick_car_swap_seen_as_session_counter_reset(meter: bool) -> None:
         rig.energy_wh += 100
         if meter:
             rig.meter(rig.energy_wh)
-        rig.cp(CHARGING, session_wh=40 + 100 * (_ + 1))
-    rig.cp(AVAILABLE, session_wh=540)
+        rig.cp(CHARGING, session_wh=60 + 100 * (_ + 1))
+    rig.cp(AVAILABLE, session_wh=560)
     first, second = rig.records()
     assert second["user"]["id"] == "bob"
     assert second["meter_start_wh"] == first["meter_stop_wh"]
-    assert second["energy_wh"] == 540
+    assert second["energy_wh"] == 560
     assert "meter_reset" not in first["flags"] + second["flags"]
 
 
@@ -463,7 +467,7 @@ def test_no_counter_at_all_is_flagged_no_meter_and_not_billable() -> None:
         # replaced meter with a lower, non-zero count
         ("replaced_lower", [500_000, 500_100, 20_000, 20_050], 150, {"meter_reset"}),
         # one garbage reading that comes back: exact energy
-        ("glitch", [1000, 1100, 0, 1300, 1400], 400, {"meter_reset"}),
+        ("glitch", [1000, 1100, 0, 1300, 1400], 400, set()),
         ("clean", [1000, 1100, 1200, 1300], 300, set()),
     ],
 )
@@ -905,6 +909,35 @@ async def test_manager_persists_before_publishing_and_prices_with_frozen_tariff(
     assert store.open == {}
 
 
+@pytest.mark.parametrize("how", ["fallback", "resolver_fails"])
+async def test_manager_never_prices_silently_with_another_tariff(how: str) -> None:
+    from gateway.billing.cost import make_pricer
+
+    store = MemorySessionStore()
+    h = Harness(store, pricer=make_pricer("Europe/Berlin"))
+    manager = await h.build()
+    tariff = dict(h.tariff)
+
+    def resolver(charger_id: str, group: str | None) -> tuple[Any, ...]:
+        if how == "resolver_fails":
+            raise RuntimeError("tariff store broken")
+        return ("standard", "v-1", tariff, "gold")  # "gold" was meant, "standard" applies
+
+    manager._resolver = resolver
+    await h.cp("cp2", PREPARING)
+    await h.cp("cp2", PREPARING, tag="AAA")
+    await manager.wait_idle()
+    await h.cp("cp2", CHARGING, add_wh=20)
+    await h.cp("cp2", AVAILABLE)
+    (rec,) = store.finished
+    if how == "fallback":
+        assert rec["tariff_id"] == "standard" and rec["flags"] == ["tariff_fallback"]
+        assert rec["cost"]["lines"][0]["unit_price"] == "0.30"
+    else:
+        assert rec["tariff_id"] is None and rec["cost"] is None
+        assert rec["flags"] == ["unpriced"]
+
+
 async def test_manager_pricing_failure_still_finishes_the_session() -> None:
     def pricer(*args: Any) -> Any:
         raise ValueError("bad tariff")
@@ -915,11 +948,11 @@ async def test_manager_pricing_failure_still_finishes_the_session() -> None:
     await h.cp("cp2", PREPARING)
     await h.cp("cp2", PREPARING, tag="AAA")
     await manager.wait_idle()
-    await h.cp("cp2", CHARGING, add_wh=100)
+    await h.cp("cp2", CHARGING, add_wh=20)
     await h.cp("cp2", AVAILABLE)
     (rec,) = store.finished
     assert rec["cost"] is None and "unpriced" in rec["flags"]
-    assert rec["charging_periods"][0]["energy_wh"] == 100
+    assert rec["charging_periods"][0]["energy_wh"] == 20
 
 
 async def test_manager_without_pricer_gives_plain_periods() -> None:
@@ -930,12 +963,12 @@ async def test_manager_without_pricer_gives_plain_periods() -> None:
     await h.cp("cp2", PREPARING, tag="AAA")
     await manager.wait_idle()
     for _ in range(3):
-        await h.cp("cp2", CHARGING, add_wh=100)
+        await h.cp("cp2", CHARGING, add_wh=20)
     await h.cp("cp2", AVAILABLE)
     (rec,) = store.finished
     (period,) = rec["charging_periods"]
     assert rec["cost"] is None
-    assert period["tariff_element"] is None and period["energy_wh"] == 300
+    assert period["tariff_element"] is None and period["energy_wh"] == 60
     # The curve marks an interval as charging when the counter rose over it: the energy seen at
     # the first "charging" sample flowed during the second before it.
     assert period["charging_s"] == 4 and rec["charging_s"] == 3
@@ -969,7 +1002,7 @@ async def test_manager_remote_start_stop_and_refusals() -> None:
     assert err.value.code == "not_authorized"
     res = await manager.remote_start("cp2", "zoe", "APP-7")  # unknown to us: the cloud vouches
     assert res["started"] and res["session_id"]
-    await h.cp("cp2", CHARGING, add_wh=100)
+    await h.cp("cp2", CHARGING, add_wh=20)
     with pytest.raises(CommandError):
         await manager.remote_stop("cp2", "not-this-one")
     stopped = await manager.remote_stop(None, res["session_id"])
@@ -992,12 +1025,12 @@ async def test_token_list_change_deauthorizes_running_session() -> None:
     await h.cp("cp2", PREPARING)
     await h.cp("cp2", PREPARING, tag="CARD-9")
     await manager.wait_idle()
-    await h.cp("cp2", CHARGING, add_wh=100)
+    await h.cp("cp2", CHARGING, add_wh=20)
     await h.authorizer.update_tokens(
         2, "replace", [Token("CARD-9", TokenType.RFID, "nick", status=AuthStatus.BLOCKED)], []
     )
     (rec,) = store.finished
-    assert rec["stop_reason"] == "deauthorized" and rec["energy_wh"] == 100
+    assert rec["stop_reason"] == "deauthorized" and rec["energy_wh"] == 20
     await manager.wait_idle()
     assert h.chargers.calls[-1] == ("cp2", False)
 
@@ -1032,17 +1065,17 @@ async def test_manager_resume_from_memory_store_keeps_the_session() -> None:
     await h.cp("cp2", PREPARING, tag="AAA")
     await manager.wait_idle()
     for _ in range(3):
-        await h.cp("cp2", CHARGING, add_wh=100)
+        await h.cp("cp2", CHARGING, add_wh=20)
     (session_id,) = store.open
     h2 = Harness(store)
     h2.clock.t, h2.cp2_wh = h.clock.t + 5, h.cp2_wh
     manager2 = await h2.build()
     assert await manager2.resume() == 1
     for _ in range(2):
-        await h2.cp("cp2", CHARGING, add_wh=100)
+        await h2.cp("cp2", CHARGING, add_wh=20)
     await h2.cp("cp2", AVAILABLE)
     (rec,) = store.finished
-    assert rec["session_id"] == session_id and rec["energy_wh"] == 500
+    assert rec["session_id"] == session_id and rec["energy_wh"] == 100
     assert h2.kinds() == ["session_finished"]  # no second "started"
 
 
@@ -1142,11 +1175,11 @@ def test_energy_is_never_negative_nor_above_what_the_charger_could_deliver(
         session.feed(value, t, 1.0, max_power_w)
         energy = session.energy()
         assert energy >= 0
-        assert energy <= max_power_w * (t - T0) / 3600 + SLACK_WH * len(steps)
+        assert energy <= max_power_w * (t - T0) / 3600 + 100 * len(steps)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.floats(0.5, 2.0), st.integers(0, 6)), min_size=1, max_size=60))
+@given(st.lists(st.tuples(st.floats(1.0, 3.0), st.integers(0, 6)), min_size=1, max_size=60))
 def test_plausible_monotonic_counter_gives_exact_difference(steps: list[tuple[float, int]]) -> None:
     session = _session()
     t, value = T0, 1_000_000.0

@@ -365,3 +365,26 @@ async def test_rtu_over_tcp() -> None:
             assert rr.isError() and rr.exception_code == 6
         finally:
             client.close()
+
+
+async def test_override_answers_other_words_for_n_polls_then_the_units_own(
+    tcp_server: tuple[SimServer, dict[int, RegisterImage]],
+) -> None:
+    server, units = tcp_server
+    server.override(1, Table.HOLDING, 101, [0xDEAD, 0xBEEF], polls=2)
+    client = await _tcp_client(server.port)
+    try:
+        seen = []
+        for _ in range(3):
+            rr = await client.read_holding_registers(100, count=4, device_id=1)
+            seen.append(list(rr.registers))
+        other = await client.read_holding_registers(100, count=4, device_id=2)
+        untouched = await client.read_holding_registers(103, count=1, device_id=1)
+    finally:
+        client.close()
+    assert seen == [[1, 0xDEAD, 0xBEEF, 0xFFFF]] * 2 + [[1, 2, 3, 0xFFFF]]
+    assert list(other.registers) == [1, 2, 3, 0xFFFF]  # another unit: its own words
+    assert list(untouched.registers) == [0xFFFF]
+    assert units[1].get(Table.HOLDING, 100, 4) == [1, 2, 3, 0xFFFF]  # the image never changed
+    with pytest.raises(ValueError):
+        server.override(1, Table.HOLDING, 0, [1], polls=0)

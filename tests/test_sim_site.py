@@ -245,3 +245,52 @@ def test_scenario_mapping_form_sorted_steps() -> None:
     ]
     assert scenario.steps[0].tag == "1234" and scenario.steps[0].line == 5
     assert scenario.steps[2].fault == Fault(FaultKind.DROP)
+
+
+async def test_scenario_override_answers_garbage_for_n_polls(tmp_path: Path) -> None:
+    # What a glitching meter looks like on the wire: an SDM630 answering 1e30 kWh for two reads.
+    config = GatewayConfig(
+        site=SiteConfig("sim-test"),
+        storage=StorageConfig(str(tmp_path / "buffer.db")),
+        devices=(DeviceConfig("m1", "eastron-sdm630", host="127.0.0.1", port=0, unit=2),),
+    )
+    scenario = parse_scenario(
+        "- {at: 1s, device: m1, action: override, register: energy_wh, value: 1e33, polls: 2}\n",
+        "s.yaml",
+        device_ids=["m1"],
+        charger_ids=[],
+    )
+    assert scenario.steps[0].value == 1e33 and scenario.steps[0].polls == 2
+    async with SimSite.from_config(
+        config, PROFILES, speed=100.0, scenario=scenario, seed=3, enforce_heartbeat=False
+    ) as site:
+        async with asyncio.timeout(10):
+            await site.scenario_done.wait()
+        server = site.server("m1")
+        client = AsyncModbusTcpClient(server.host, port=server.port, timeout=0.5, retries=0)
+        assert await client.connect()
+        try:
+            sdm = PROFILES["eastron-sdm630"]
+            seen = [await _read(client, sdm, 2, "energy_wh") for _ in range(3)]
+        finally:
+            client.close()
+        truth = site.meter("m1").energy_wh
+    assert seen[:2] == [pytest.approx(1e33, rel=1e-6)] * 2
+    assert seen[2] == pytest.approx(truth, abs=1.0)
+
+
+def test_scenario_override_needs_register_and_value() -> None:
+    text = """\
+- {at: 1s, device: m1, action: override, value: 5}
+- {at: 2s, device: m1, action: override, register: energy_wh, value: lots}
+- {at: 3s, device: m1, action: override, register: energy_wh, value: 1, polls: 0}
+- {at: 4s, device: m1, action: unplug, polls: 3}
+"""
+    with pytest.raises(ConfigError) as err:
+        parse_scenario(text, "s.yaml", device_ids=["m1"], charger_ids=["m1"])
+    assert [(p.line, p.path) for p in err.value.problems] == [
+        (1, "[0]"),
+        (2, "[1].value"),
+        (3, "[2].polls"),
+        (4, "[3].polls"),
+    ]

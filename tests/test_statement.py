@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.billing.cloudstore import open_cloud_store
 from gateway.billing.consumer import SessionConsumer
 from gateway.billing.ocpi import CdrParty, session_to_cdr
+from gateway.billing.signing import Signer
 from gateway.billing.statement import month_bounds
 from gateway.cli import main
 from gateway.records import GENESIS, seal
@@ -25,10 +27,14 @@ SITE = "depot-7"
 OCT_START_BERLIN = datetime(2026, 9, 30, 22, 0, tzinfo=UTC).timestamp()
 
 
+SIGNER = Signer(Ed25519PrivateKey.generate())
+KEY_MSG = json.dumps(SIGNER.public_key_payload()).encode()
+
+
 def _chain(bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out, prev = [], GENESIS
     for seq, body in enumerate(bodies, start=1):
-        rec = seal({**body, "seq": seq, "prev_hash": prev})
+        rec = seal({**body, "seq": seq, "prev_hash": prev}, SIGNER.sign)
         out.append(rec)
         prev = rec["hash"]
     return out
@@ -55,6 +61,7 @@ async def db(tmp_path: Path) -> tuple[str, list[dict[str, Any]]]:
     url = f"sqlite:///{tmp_path}/consumer.db"
     async with open_cloud_store(url) as store:
         consumer = SessionConsumer(store)
+        assert await consumer.handle(f"evgw/{SITE}/gateway/key", KEY_MSG) == "key"
         for rec in chain:
             await consumer.handle(f"evgw/{SITE}/sessions/finished", json.dumps(rec).encode())
     return url, chain
@@ -180,6 +187,7 @@ async def test_html_escapes_everything(tmp_path: Path, capsys: pytest.CaptureFix
     url = f"sqlite:///{tmp_path}/c.db"
     async with open_cloud_store(url) as store:
         consumer = SessionConsumer(store)
+        assert await consumer.handle(f"evgw/{SITE}/gateway/key", KEY_MSG) == "key"
         rec = _chain([body])[0]
         assert (
             await consumer.handle(f"evgw/{SITE}/sessions/finished", json.dumps(rec).encode())

@@ -17,10 +17,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.billing.cost import make_pricer, price_session
-from gateway.billing.tariff import TariffBook, parse_tariff, tariff_version
+from gateway.billing.tariff import (
+    MAX_ELEMENTS,
+    MAX_TARIFFS,
+    TariffBook,
+    check_version,
+    parse_tariff,
+    tariff_set_problems,
+    tariff_version,
+)
 from gateway.config import BillingConfig
 from gateway.errors import CommandError, TariffError
-from gateway.model import MeterPoint
+from gateway.model import MAX_VERSION, MeterPoint
 
 BERLIN = "Europe/Berlin"
 
@@ -678,22 +686,31 @@ BILLING = BillingConfig(default_tariff="standard", groups={"staff": "staff"})
 
 def test_resolve_prefers_group_then_charger_then_default() -> None:
     book = TariffBook(TARIFFS, BILLING)
-    assert book.resolve("fast", "staff")[0] == "staff"  # type: ignore[index]
-    assert book.resolve("fast", "visitors")[0] == "fast"  # type: ignore[index]
-    assert book.resolve("fast", None)[0] == "fast"  # type: ignore[index]
-    assert book.resolve(None, None)[0] == "standard"  # type: ignore[index]
-    assert book.resolve("missing", None)[0] == "standard"  # type: ignore[index]
-    tid, version, data = book.resolve(None, "staff")  # type: ignore[misc]
-    assert (tid, version) == ("staff", tariff_version(TARIFFS["staff"]))
-    data["currency"] = "USD"  # the caller's copy; the book is untouched
-    assert book.resolve(None, "staff")[2]["currency"] == "EUR"  # type: ignore[index]
+
+    def tid(charger: str | None, group: str | None) -> tuple[str, str | None]:
+        got = book.resolve(charger, group)
+        assert got is not None
+        return got.tariff_id, got.fallback
+
+    assert tid("fast", "staff") == ("staff", None)
+    assert tid("fast", None) == ("fast", None)
+    assert tid(None, None) == ("standard", None)
+    # What was meant but is not there is never silent: the fallback names it.
+    assert tid("fast", "visitors") == ("fast", "group:visitors")
+    assert tid("missing", None) == ("standard", "missing")
+    got = book.resolve(None, "staff")
+    assert got is not None
+    assert (got.tariff_id, got.version) == ("staff", tariff_version(TARIFFS["staff"]))
+    got.data["currency"] = "USD"  # the caller's copy; the book is untouched
+    again = book.resolve(None, "staff")
+    assert again is not None and again.data["currency"] == "EUR"
     assert TariffBook({}, BillingConfig()).resolve(None, None) is None
 
 
 def test_book_rejects_invalid_config() -> None:
     with pytest.raises(TariffError) as info:
         TariffBook({"standard": with_(["currency"], "euro", TARIFFS["standard"])}, BillingConfig())
-    assert info.value.path == "standard.currency"
+    assert info.value.path == "tariffs.standard.currency"
     with pytest.raises(TariffError):
         TariffBook({"standard": TARIFFS["standard"]}, BillingConfig(default_tariff="nope"))
 
@@ -710,16 +727,16 @@ def test_replace_is_versioned_and_all_or_nothing() -> None:
         info.value.code == "invalid_tariff"
         and "fast.elements[0].components[0].price" in info.value.message
     )
-    assert book.version == 0 and book.resolve("fast", None)[2] == TARIFFS["fast"]  # type: ignore[index]
+    assert book.version == 0 and book.resolve("fast", None).data == TARIFFS["fast"]  # type: ignore[union-attr]
     new = {**TARIFFS, "fast": {"currency": "EUR", "elements": [energy("0.69")]}}
     result = book.replace(3, new)
     assert result["version"] == 3 and book.version == 3
-    assert book.resolve("fast", None)[2] == new["fast"]  # type: ignore[index]
+    assert book.resolve("fast", None).data == new["fast"]  # type: ignore[union-attr]
     for stale in (3, 2):
         with pytest.raises(CommandError) as info:
             book.replace(stale, TARIFFS)
         assert info.value.code == "stale_version"
-    assert book.resolve("fast", None)[2] == new["fast"]  # type: ignore[index]
+    assert book.resolve("fast", None).data == new["fast"]  # type: ignore[union-attr]
     with pytest.raises(CommandError):  # the default tariff may not disappear
         book.replace(4, {"fast": TARIFFS["fast"], "staff": TARIFFS["staff"]})
 
@@ -845,7 +862,7 @@ def test_frozen_tariff_is_not_repriced_by_replace(
     book = TariffBook(TARIFFS, BILLING)
     resolved = book.resolve("fast", None)
     assert resolved is not None
-    _, version_at_start, frozen = resolved
+    version_at_start, frozen = resolved.version, resolved.data
     pricer = make_pricer(BERLIN)
     points, started, ended = points_from(1780000000.0, segments)
     before = pricer(frozen, points, started, ended)
@@ -858,4 +875,157 @@ def test_frozen_tariff_is_not_repriced_by_replace(
     assert after == before
     assert tariff_version(frozen) == version_at_start
     current = book.resolve("fast", None)
-    assert current is not None and current[2] == changed["fast"]
+    assert current is not None and current.data == changed["fast"]
+
+
+# --- bounds, one validation path, versions (issue 11 item 2) -------------------------------
+def flat(price: Any) -> dict[str, Any]:
+    return {"currency": "EUR", "elements": [{"components": [{"type": "flat", "price": price}]}]}
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "message"),
+    [
+        (flat("1e30"), "elements[0].components[0].price", "must be at most 1000000000"),
+        (flat(1e30), "elements[0].components[0].price", "must be at most 1000000000"),
+        (flat("0.1234567"), "elements[0].components[0].price", "at most 6 decimal places"),
+        ({**flat(1), "min_price": "1e12"}, "min_price", "must be at most"),
+        ({**flat(1), "max_price": "1E+10"}, "max_price", "must be at most"),
+        (
+            {"currency": "EUR", "elements": [energy("0.3", 1_000_001)]},
+            "elements[0].components[0].step_size",
+            "must be at most 1000000",
+        ),
+        (
+            {
+                "currency": "EUR",
+                "elements": [{"components": [{"type": "time", "price": "1", "step_size": 86_401}]}],
+            },
+            "elements[0].components[0].step_size",
+            "must be at most 86400",
+        ),
+        (
+            {"currency": "EUR", "elements": [energy("0.3")] * (MAX_ELEMENTS + 1)},
+            "elements",
+            f"at most {MAX_ELEMENTS}",
+        ),
+        (
+            {"currency": "EUR", "elements": [energy("0.3", max_kwh="1e300")]},
+            "elements[0].restrictions.max_kwh",
+            "must be at most",
+        ),
+        (
+            {"currency": "EUR", "elements": [energy("0.3", max_duration=10**300)]},
+            "elements[0].restrictions.max_duration",
+            "must be at most",
+        ),
+        ({**flat(1), "description": "x" * 1001}, "description", "longer than 1000"),
+    ],
+)
+def test_tariff_bounds(data: dict[str, Any], path: str, message: str) -> None:
+    with pytest.raises(TariffError) as info:
+        parse_tariff(data)
+    assert info.value.path == path and message in info.value.message
+
+
+def test_bounds_admit_what_real_tariffs_use() -> None:
+    parse_tariff(flat("1000000000"))  # any currency's unit, e.g. a flat fee in IDR
+    parse_tariff(flat("0.394950"))
+    parse_tariff({"currency": "EUR", "elements": [energy("0.3", 1000)] * MAX_ELEMENTS})
+
+
+def test_a_price_at_the_bound_still_prices_a_long_session() -> None:
+    tariff = parse_tariff(
+        {"currency": "EUR", "vat_percent": 19, "elements": [energy("1000000000")]}
+    )
+    points, started, ended = session("2026-03-02T10:00", [(36_000, 220_000, True)])
+    cost = price_session(tariff, points, started, ended, BERLIN).cost
+    assert cost is not None and Decimal(cost["incl_vat"]) > 0
+
+
+def test_one_validation_path_for_config_and_push() -> None:
+    problems = tariff_set_problems(
+        {"cheap": flat("0.10"), "bad": flat("1e30")},
+        default_tariff="standard",
+        groups={"staff": "staff"},
+        chargers=[(("chargers", "cp2", "tariff"), "standard")],
+    )
+    assert [str(p) for p in problems] == [
+        "tariffs.bad.elements[0].components[0].price: must be at most 1000000000, got '1e30'",
+        "billing.default_tariff: unknown tariff 'standard' (defined tariffs: bad, cheap)",
+        "billing.groups.staff: unknown tariff 'staff' (defined tariffs: bad, cheap)",
+        "chargers.cp2.tariff: unknown tariff 'standard' (defined tariffs: bad, cheap)",
+    ]
+    many = {f"t{i}": flat(1) for i in range(MAX_TARIFFS + 1)}
+    assert [p.path for p in tariff_set_problems(many, default_tariff=None, groups={})] == [
+        ("tariffs",)
+    ]
+
+
+def test_a_push_that_drops_a_chargers_tariff_is_refused_whole() -> None:
+    book = TariffBook(TARIFFS, BILLING, chargers={"cp1": "fast", "cp2": "standard"})
+    without_fast = {k: v for k, v in TARIFFS.items() if k != "fast"}
+    with pytest.raises(CommandError) as info:
+        book.replace(2, without_fast)
+    assert info.value.code == "invalid_tariff"
+    assert info.value.message.startswith("chargers.cp1.tariff: unknown tariff 'fast'")
+    assert book.version == 0 and book.ids == sorted(TARIFFS)
+    # the config the book starts from is checked the same way
+    with pytest.raises(TariffError) as start:
+        TariffBook(without_fast, BILLING, chargers={"cp1": "fast"})
+    assert start.value.path == "chargers.cp1.tariff"
+
+
+@pytest.mark.parametrize("version", [0, -1, MAX_VERSION + 1, 10**300, 1.0, 1e300, True, "3"])
+def test_versions_are_integers_up_to_2_53(version: Any) -> None:
+    with pytest.raises(CommandError) as info:
+        check_version(version, "tariffs")
+    assert info.value.code == "invalid"
+    book = TariffBook(TARIFFS, BILLING)
+    with pytest.raises(CommandError):
+        book.replace(version, TARIFFS)
+    assert book.version == 0
+    assert book.replace(MAX_VERSION, TARIFFS)["version"] == MAX_VERSION
+
+
+def test_a_curve_that_falls_back_never_prices_negative_energy() -> None:
+    # A counter glitch taken as a reset and undone later: the curve rose too far, then fell.
+    tariff = parse_tariff(
+        {
+            "currency": "EUR",
+            "elements": [
+                energy("0.50", start_time="10:00", end_time="11:00"),
+                energy("0.30"),
+            ],
+        }
+    )
+    t0 = datetime.fromisoformat("2026-03-02T10:30").replace(tzinfo=ZoneInfo(BERLIN)).timestamp()
+    points = [
+        MeterPoint(t0 + 600, 1000, True, 11_000.0),
+        MeterPoint(t0 + 1200, 9000, True, 11_000.0),  # the glitch
+        MeterPoint(t0 + 3600, 4000, True, 11_000.0),  # back on the true counter, after 11:00
+    ]
+    priced = price_session(tariff, points, t0, t0 + 3600, BERLIN)
+    assert all(p["energy_wh"] >= 0 for p in priced.charging_periods)
+    assert sum(p["energy_wh"] for p in priced.charging_periods) == 4000
+    assert priced.cost is not None
+    assert all(Decimal(line["amount"]) >= 0 for line in priced.cost["lines"])
+
+
+async def test_a_push_that_cannot_be_stored_changes_nothing() -> None:
+    # Applied in memory and then failing to store, a push was billed until the next restart
+    # and then silently undone, while the cloud was told it failed.
+    from types import SimpleNamespace
+
+    from gateway.app import SiteCommands
+
+    class FullDisk:
+        async def kv_put(self, key: str, value: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+    book = TariffBook(TARIFFS, BILLING)
+    commands = SiteCommands(SimpleNamespace(tariffs=book, store=FullDisk()))  # type: ignore[arg-type]
+    new = {**TARIFFS, "fast": {"currency": "EUR", "elements": [energy("0.69")]}}
+    with pytest.raises(OSError):
+        await commands.update_tariffs(2, new)
+    assert book.version == 0 and book.get("fast") == TARIFFS["fast"]

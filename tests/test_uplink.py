@@ -65,6 +65,8 @@ GOOD = {
     },
     "command-start": {"request_id": "r1", "charger_id": "cp1", "user": "alice"},
     "command-stop": {"request_id": "r1", "session_id": "s"},
+    "command-availability": {"request_id": "r1", "charger_id": "cp9", "available": False},
+    "command-reset": {"request_id": "r1", "charger_id": "cp9", "type": "hard"},
     "command-reply": {
         "request_id": None,
         "ok": False,
@@ -262,11 +264,59 @@ async def test_applied_request_ids_survive_a_restart(tmp_path) -> None:
         assert len(target.calls) == 1
 
 
+def _v2_buffer_with_kv(path: object, value: str) -> None:
+    import sqlite3
+
+    from gateway.store.schema import MIGRATIONS
+
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_ts REAL)")
+    for version in (1, 2):
+        for statement in MIGRATIONS[version - 1]:
+            db.execute(statement)
+        db.execute("INSERT INTO schema_version VALUES (?, 0)", (version,))
+    db.execute("INSERT INTO kv VALUES ('uplink.applied_requests', ?, 1000.0)", (value,))
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("value", ["not json", '"[[1]]"', "{}", '[1, "x", [null, {}]]', "[]"])
+async def test_odd_old_request_lists_do_not_stop_the_upgrade(tmp_path, value: str) -> None:
+    from gateway.store import Store
+
+    _v2_buffer_with_kv(tmp_path / "old.db", value)
+    async with Store.open(tmp_path / "old.db", site_id=SITE, reserve_bytes=0) as store:
+        assert await store.kv_get("uplink.applied_requests") is None
+        assert await store.request_reply("1") == (False, None)
+
+
+async def test_request_ids_of_older_buffers_move_into_the_table(tmp_path) -> None:
+    """Before schema v3 the last 256 applied request ids lived in kv; the upgrade keeps them."""
+    from gateway.store import Store
+
+    path = tmp_path / "old.db"
+    old_reply = {"request_id": "old-1", "ok": True, "result": {"charger_id": "cp1"}}
+    entries = [["old-1", old_reply], ["bad", "not a reply"], [7, {}], "x"]
+    _v2_buffer_with_kv(path, json.dumps(entries))
+    async with Store.open(path, site_id=SITE, reserve_bytes=0) as store:
+        assert await store.kv_get("uplink.applied_requests") is None
+        assert await store.request_reply("old-1") == (True, old_reply)
+        assert await store.request_reply("bad") == (False, None)
+        target = Target()
+        handler = CommandHandler(TOPICS, target, store)
+        cmd = {"request_id": "old-1", "charger_id": "cp1", "user": "alice"}
+        assert await _handle(handler, "start", cmd) == old_reply  # not applied again
+        assert target.calls == []
+
+
 async def test_auth_response_reaches_the_target_only_when_valid() -> None:
     target = Target()
     handler = CommandHandler(TOPICS, target)
     for bad in (b"nope", b"{}", json.dumps({"request_id": "a", "status": "maybe"}).encode()):
-        assert await handler.handle(TOPICS.auth_response, bad) is None
+        reply = await handler.handle(TOPICS.auth_response, bad)
+        assert reply is not None and reply.topic == TOPICS.auth_response_reply
+        assert reply.payload["ok"] is False and validate("command-reply", reply.payload) == []
     assert target.auth == []
     ok = {
         "request_id": "a",
@@ -274,5 +324,43 @@ async def test_auth_response_reaches_the_target_only_when_valid() -> None:
         "user": "u",
         "expires_at": "2030-01-01T00:00:00Z",
     }
-    assert await handler.handle(TOPICS.auth_response, json.dumps(ok).encode()) is None
+    reply = await handler.handle(TOPICS.auth_response, json.dumps(ok).encode())
+    assert reply is not None
+    assert reply.payload == {"request_id": "a", "ok": True, "result": {"status": "accepted"}}
     assert target.auth == [("a", "accepted", "u", 1893456000.0)]
+
+
+async def test_prune_keeps_request_ids_longer_than_the_largest_command_age(tmp_path) -> None:
+    """uplink.command_max_age is at most 1 h; the shortest retention (1 day) keeps ids longer."""
+    from gateway.config import CONFIG_SCHEMA
+    from gateway.store import Store
+
+    uplink = CONFIG_SCHEMA.fields["uplink"].fields  # type: ignore[attr-defined]
+    storage = CONFIG_SCHEMA.fields["storage"].fields  # type: ignore[attr-defined]
+    max_age_s = uplink["command_max_age"].max
+    shortest_retention_s = storage["readings_retention_days"].min * 86400
+
+    class Clock:
+        t = 1_796_000_000.0
+
+        def time(self) -> float:
+            return self.t
+
+        def monotonic(self) -> float:
+            return self.t
+
+    clock = Clock()
+    async with Store.open(
+        tmp_path / "b.db",
+        site_id=SITE,
+        reserve_bytes=0,
+        readings_retention_days=storage["readings_retention_days"].min,
+        clock=clock,
+    ) as store:
+        await store.save_request_reply("r1", {"request_id": "r1", "ok": True, "result": {}})
+        clock.t += max_age_s + 60
+        await store.prune()
+        assert (await store.request_reply("r1"))[0] is True
+        clock.t += shortest_retention_s
+        await store.prune()
+        assert (await store.request_reply("r1"))[0] is False

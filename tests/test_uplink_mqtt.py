@@ -376,7 +376,10 @@ async def test_commands_over_mqtt(mosquitto: MosquittoBroker, store: Store) -> N
         await wait_until(lambda: target.auth, 5, "auth response")
         await uplink.send_auth_request("q2", "04AA", "rfid", "cp1")
         await wait_until(lambda: rec.on("auth/request"), 5, "auth request")
-    replies = [m.json() for m in rec.messages if m.topic.endswith("/reply")]
+    replies = [
+        m.json() for m in rec.messages if "/commands/" in m.topic and m.topic.endswith("/reply")
+    ]
+    assert [m.json()["ok"] for m in rec.on("auth/response/reply")] == [True]
     codes = sorted(r["error"]["code"] for r in replies if not r["ok"])
     assert codes == ["bad_json", "invalid", "too_large", "unknown_command"]
     oks = [r for r in replies if r["ok"]]

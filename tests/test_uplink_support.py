@@ -42,7 +42,11 @@ def schema_for(topic: str) -> str | None:
         return "readings"
     if rest == "auth/request":
         return "auth-request"
+    if rest == "grid/limit":
+        return "grid-limit"
     if parts[0] == "commands" and len(parts) == 3 and parts[2] == "reply":
+        return "command-reply"
+    if rest == "auth/response/reply":
         return "command-reply"
     return None
 

@@ -258,4 +258,5 @@ def test_openapi_file_schemas_are_valid_json_schema() -> None:
         "/api/events",
         "/metrics",
         "/api/openapi.json",
+        "/stats",
     }

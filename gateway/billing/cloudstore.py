@@ -1,4 +1,4 @@
-"""The reference cloud consumer's store: finished sessions, site keys, chain problems, rejects.
+"""The reference cloud consumer's store: trusted sessions, site keys, chain problems, quarantine.
 
 One small async interface (``CloudStore``), two back ends chosen by URL:
 
@@ -9,6 +9,12 @@ One small async interface (``CloudStore``), two back ends chosen by URL:
 
 ``record`` keeps the record's JSON text exactly as received, so ``evgw verify --db`` checks the
 very bytes the gateway hashed. Inserting a session is idempotent on ``session_id``.
+
+``sessions`` holds only records the consumer trusts (hash, signature by a trusted key of the
+site, fields in range); everything else goes to ``quarantine`` with the raw payload and the
+reason, and is never billed. ``site_keys`` is the trust store: per site the keys that sign its
+records, each ``active``, ``retired`` (replaced by a rotation; records it signed still verify) or
+``revoked`` (records it signs are quarantined).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import contextlib
 import json
 import sqlite3
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -31,8 +38,10 @@ from gateway.model import from_rfc3339
 __all__ = [
     "CloudStore",
     "CloudStoreError",
+    "NoSuchStoreError",
     "Problem",
-    "Reject",
+    "Quarantined",
+    "SiteKey",
     "StoreUrlError",
     "StoredSession",
     "open_cloud_store",
@@ -45,6 +54,13 @@ class CloudStoreError(GatewayError):
 
 class StoreUrlError(CloudStoreError):
     """A store URL that names no supported store: a usage error."""
+
+    exit_code = 2
+
+
+class NoSuchStoreError(CloudStoreError):
+    """A reading command named a store that does not exist (a mistyped path): nothing is
+    created, exit 2."""
 
     exit_code = 2
 
@@ -76,11 +92,35 @@ class Problem:
 
 
 @dataclass(frozen=True, slots=True)
-class Reject:
+class Quarantined:
+    """A message the consumer does not trust: kept with its raw payload, never billed."""
+
+    qid: str
+    kind: str  # schema | range | site_mismatch | hash | unsigned | bad_signature | unknown_key
+    #            | revoked_key | no_key | unknown_site | conflict | key
+    reason: str
     topic: str
     payload: str
-    reason: str
+    site_id: str | None
+    session_id: str | None
+    seq: str | None  # as text: a seq out of range is kept as it came
+    user_id: str | None
+    started_ts: float | None
     received_at: float
+    released_at: float | None
+    resolution: str | None  # stored | superseded | dismissed: <the operator's note>
+
+
+@dataclass(frozen=True, slots=True)
+class SiteKey:
+    site_id: str
+    key_id: str
+    alg: str
+    public_key_pem: str
+    status: str  # active | retired | revoked
+    source: str  # first_use | trust_dir | rotation | operator | legacy
+    received_at: float
+    note: str | None
 
 
 _SCHEMA = (
@@ -104,6 +144,9 @@ _SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS sessions_site_seq ON sessions (site_id, seq)",
     "CREATE INDEX IF NOT EXISTS sessions_user_start ON sessions (user_id, started_ts)",
+    # finds (in no time: none) what an earlier version stored unverified, at every open
+    "CREATE INDEX IF NOT EXISTS sessions_untrusted ON sessions (session_id) "
+    "WHERE signature_ok IS NOT TRUE",
     """CREATE TABLE IF NOT EXISTS site_keys (
         site_id TEXT NOT NULL,
         key_id TEXT NOT NULL,
@@ -120,12 +163,42 @@ _SCHEMA = (
         detail TEXT NOT NULL,
         found_at DOUBLE PRECISION NOT NULL
     )""",
-    """CREATE TABLE IF NOT EXISTS rejects (
+    """CREATE TABLE IF NOT EXISTS quarantine (
+        qid TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        reason TEXT NOT NULL,
         topic TEXT NOT NULL,
         payload TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        received_at DOUBLE PRECISION NOT NULL
+        site_id TEXT,
+        session_id TEXT,
+        seq TEXT,
+        user_id TEXT,
+        started_ts DOUBLE PRECISION,
+        received_at DOUBLE PRECISION NOT NULL,
+        released_at DOUBLE PRECISION,
+        resolution TEXT
     )""",
+    "CREATE INDEX IF NOT EXISTS quarantine_site ON quarantine (site_id, kind)",
+    "CREATE INDEX IF NOT EXISTS quarantine_user_start ON quarantine (user_id, started_ts)",
+)
+# Columns added to tables of earlier versions: (table, column, definition).
+_ADDED_COLUMNS = (
+    ("site_keys", "status", "TEXT NOT NULL DEFAULT 'active'"),
+    ("site_keys", "source", "TEXT NOT NULL DEFAULT 'legacy'"),
+    ("site_keys", "note", "TEXT"),
+)
+# Sessions an earlier version stored without a verified signature: moved to quarantine.
+_UNTRUSTED_SESSIONS = (
+    "INSERT INTO quarantine (qid, kind, reason, topic, payload, site_id, session_id, seq, "
+    "user_id, started_ts, received_at) SELECT 'legacy-' || session_id, "
+    "CASE WHEN signature_ok IS NULL THEN 'no_key' ELSE 'bad_signature' END, "
+    "CASE WHEN signature_ok IS NULL THEN 'stored by an earlier version before any key of the "
+    "site was known: not verified' ELSE 'signature does not verify (stored by an earlier "
+    "version)' END, "
+    "'legacy', record, site_id, session_id, CAST(seq AS TEXT), user_id, started_ts, received_at "
+    "FROM sessions WHERE signature_ok IS NOT TRUE "
+    "ON CONFLICT (qid) DO NOTHING",
+    "DELETE FROM sessions WHERE signature_ok IS NOT TRUE",
 )
 
 _MIGRATION_LOCK = 0x65766777  # "evgw": pg_advisory_xact_lock key of the table set-up
@@ -142,6 +215,25 @@ def _stored(row: Sequence[Any]) -> StoredSession:
         prev_hash=prev,
         record_json=rec,
         signature_ok=None if sig is None else bool(sig),
+    )
+
+
+def _quarantined(row: Sequence[Any]) -> Quarantined:
+    qid, kind, reason, topic, payload, site, sid, seq, user, started, received, rel, res = row
+    return Quarantined(
+        qid=qid,
+        kind=kind,
+        reason=reason,
+        topic=topic,
+        payload=payload,
+        site_id=site,
+        session_id=sid,
+        seq=seq,
+        user_id=user,
+        started_ts=None if started is None else float(started),
+        received_at=float(received),
+        released_at=None if rel is None else float(rel),
+        resolution=res,
     )
 
 
@@ -163,8 +255,34 @@ class CloudStore(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
+    @abstractmethod
+    async def _columns(self, table: str) -> set[str]:
+        """The column names of a table; empty when there is no such table."""
+
     async def migrate(self) -> None:
         for statement in _SCHEMA:
+            await self._execute(statement)
+        await self._upgrade()
+
+    async def has_tables(self) -> bool:
+        return bool(await self._columns("sessions"))
+
+    async def _upgrade(self) -> None:
+        """Bring tables of earlier versions up to date (idempotent)."""
+        have = await self._columns("site_keys")
+        for table, column, definition in _ADDED_COLUMNS:
+            if column not in have:
+                await self._execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        if await self._columns("rejects"):
+            rows = await self._fetch("SELECT topic, payload, reason, received_at FROM rejects")
+            for topic, payload, reason, received_at in rows:
+                await self._execute(
+                    "INSERT INTO quarantine (qid, kind, reason, topic, payload, received_at) "
+                    "VALUES (?, 'legacy', ?, ?, ?, ?)",
+                    (uuid.uuid4().hex, reason, topic, payload, received_at),
+                )
+            await self._execute("DROP TABLE rejects")
+        for statement in _UNTRUSTED_SESSIONS:
             await self._execute(statement)
 
     # -- sessions ------------------------------------------------------------------------------
@@ -224,18 +342,6 @@ class CloudStore(ABC):
         rows = await self._fetch("SELECT MAX(seq) FROM sessions WHERE site_id = ?", (site_id,))
         return None if not rows or rows[0][0] is None else int(rows[0][0])
 
-    async def set_signature_ok(self, session_id: str, ok: bool) -> None:
-        await self._execute(
-            "UPDATE sessions SET signature_ok = ? WHERE session_id = ?", (ok, session_id)
-        )
-
-    async def unchecked_sessions(self, site_id: str) -> list[StoredSession]:
-        rows = await self._fetch(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE site_id = ? AND signature_ok IS NULL",
-            (site_id,),
-        )
-        return [_stored(r) for r in rows]
-
     async def sessions(self, site_id: str | None = None) -> list[StoredSession]:
         """Every stored session (of one site), ordered by site and seq."""
         where, params = ("WHERE site_id = ? ", (site_id,)) if site_id is not None else ("", ())
@@ -272,21 +378,59 @@ class CloudStore(ABC):
         rows = await self._fetch("SELECT DISTINCT site_id FROM sessions ORDER BY site_id")
         return [r[0] for r in rows]
 
-    # -- keys, problems, rejects ---------------------------------------------------------------
+    # -- keys ------------------------------------------------------------------------------------
 
-    async def put_site_key(self, site_id: str, key_id: str, alg: str, public_key_pem: str) -> bool:
-        """Remember a site's public key; False when it was known already."""
+    async def put_site_key(
+        self,
+        site_id: str,
+        key_id: str,
+        alg: str,
+        public_key_pem: str,
+        *,
+        source: str,
+        status: str = "active",
+        note: str | None = None,
+    ) -> bool:
+        """Add a key to a site's trust store; False when the key was known already (its status
+        is left as it is: a revoked key stays revoked)."""
         changed = await self._execute(
-            "INSERT INTO site_keys (site_id, key_id, alg, public_key_pem, received_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (site_id, key_id) DO NOTHING",
-            (site_id, key_id, alg, public_key_pem, time.time()),
+            "INSERT INTO site_keys (site_id, key_id, alg, public_key_pem, received_at, status, "
+            "source, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (site_id, key_id) DO NOTHING",
+            (site_id, key_id, alg, public_key_pem, time.time(), status, source, note),
         )
         return changed > 0
 
+    async def set_key_status(
+        self, site_id: str, key_id: str, status: str, note: str | None = None
+    ) -> bool:
+        """Change a key's status; False when the site has no such key."""
+        changed = await self._execute(
+            "UPDATE site_keys SET status = ?, note = ? WHERE site_id = ? AND key_id = ?",
+            (status, note, site_id, key_id),
+        )
+        return changed > 0
+
+    async def key_rows(self, site_id: str | None = None) -> list[SiteKey]:
+        where, params = ("WHERE site_id = ? ", (site_id,)) if site_id is not None else ("", ())
+        rows = await self._fetch(
+            "SELECT site_id, key_id, alg, public_key_pem, status, source, received_at, note "
+            f"FROM site_keys {where}ORDER BY site_id, received_at, key_id",
+            params,
+        )
+        return [
+            SiteKey(si, k, a, pem, st, src, float(at), note)
+            for si, k, a, pem, st, src, at, note in rows
+        ]
+
     async def site_keys(self) -> dict[tuple[str, str], str]:
-        """{(site_id, key_id): public key PEM} of every key ever learnt."""
-        rows = await self._fetch("SELECT site_id, key_id, public_key_pem FROM site_keys")
+        """{(site_id, key_id): public key PEM} of every key not revoked."""
+        rows = await self._fetch(
+            "SELECT site_id, key_id, public_key_pem FROM site_keys WHERE status != 'revoked'"
+        )
         return {(s, k): pem for s, k, pem in rows}
+
+    # -- problems, quarantine ---------------------------------------------------------------------
 
     async def add_problem(
         self,
@@ -314,17 +458,102 @@ class CloudStore(ABC):
             for s, k, q, sid, d, f in rows
         ]
 
-    async def add_reject(self, topic: str, payload: str, reason: str) -> None:
+    async def quarantine(
+        self,
+        *,
+        kind: str,
+        reason: str,
+        topic: str,
+        payload: str,
+        site_id: str | None = None,
+        session_id: str | None = None,
+        seq: str | None = None,
+        user_id: str | None = None,
+        started_ts: float | None = None,
+    ) -> bool:
+        """Keep an untrusted message; False when the same message is already held for the same
+        reason (a retained message comes again on every subscription)."""
+        held = await self._fetch(
+            "SELECT 1 FROM quarantine WHERE topic = ? AND payload = ? AND reason = ? "
+            "AND released_at IS NULL",
+            (topic, payload, reason),
+        )
+        if held:
+            return False
         await self._execute(
-            "INSERT INTO rejects (topic, payload, reason, received_at) VALUES (?, ?, ?, ?)",
-            (topic, payload, reason, time.time()),
+            "INSERT INTO quarantine (qid, kind, reason, topic, payload, site_id, session_id, seq, "
+            "user_id, started_ts, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                uuid.uuid4().hex,
+                kind,
+                reason,
+                topic,
+                payload,
+                site_id,
+                session_id,
+                seq,
+                user_id,
+                started_ts,
+                time.time(),
+            ),
         )
+        return True
 
-    async def rejects(self) -> list[Reject]:
+    async def quarantined(
+        self,
+        site_id: str | None = None,
+        kinds: Sequence[str] = (),
+        *,
+        released: bool = False,
+    ) -> list[Quarantined]:
+        """Held messages (or, with ``released``, also those released since), oldest first."""
+        clauses: list[str] = [] if released else ["released_at IS NULL"]
+        params: list[Any] = []
+        if site_id is not None:
+            clauses.append("site_id = ?")
+            params.append(site_id)
+        if kinds:
+            clauses.append(f"kind IN ({', '.join('?' for _ in kinds)})")
+            params.extend(kinds)
+        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
         rows = await self._fetch(
-            "SELECT topic, payload, reason, received_at FROM rejects ORDER BY received_at"
+            "SELECT qid, kind, reason, topic, payload, site_id, session_id, seq, user_id, "
+            f"started_ts, received_at, released_at, resolution FROM quarantine {where}"
+            "ORDER BY received_at, qid",
+            params,
         )
-        return [Reject(t, p, r, float(at)) for t, p, r, at in rows]
+        return [_quarantined(r) for r in rows]
+
+    async def release(self, qid: str, resolution: str = "stored") -> bool:
+        """Stop holding a message: its record is now stored as trusted (``stored``), held
+        again for another reason (``superseded``), or the operator dismissed it
+        (``dismissed: <note>``). False when it was not held."""
+        changed = await self._execute(
+            "UPDATE quarantine SET released_at = ?, resolution = ? "
+            "WHERE qid = ? AND released_at IS NULL",
+            (time.time(), resolution, qid),
+        )
+        return changed > 0
+
+    async def quarantine_count(
+        self,
+        user_id: str | None = None,
+        since_ts: float | None = None,
+        until_ts: float | None = None,
+    ) -> int:
+        """Held messages (of a user's sessions that started in [since_ts, until_ts))."""
+        clauses = ["released_at IS NULL"]
+        params: list[Any] = []
+        if user_id is not None:
+            clauses.append("user_id = ?")
+            params.append(user_id)
+        if since_ts is not None and until_ts is not None:
+            clauses.append("started_ts >= ? AND started_ts < ?")
+            params.extend((since_ts, until_ts))
+        rows = await self._fetch(
+            f"SELECT COUNT(*) FROM quarantine WHERE {' AND '.join(clauses)}", params
+        )
+        return int(rows[0][0]) if rows else 0
 
 
 class _SqliteCloudStore(CloudStore):
@@ -334,10 +563,20 @@ class _SqliteCloudStore(CloudStore):
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, url: str, path: Path) -> _SqliteCloudStore:
+    async def open(cls, url: str, path: Path, *, create: bool = True) -> _SqliteCloudStore:
         def connect() -> sqlite3.Connection:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            if create:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            elif not path.is_file():
+                raise NoSuchStoreError(f"{path}: no such consumer store (nothing was created)")
+            else:  # mode=rw: never creates the file, even if it vanishes meanwhile
+                conn = sqlite3.connect(
+                    f"{path.absolute().as_uri()}?mode=rw",
+                    uri=True,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")  # a stored session is acknowledged upstream
             conn.execute("PRAGMA busy_timeout=5000")
@@ -361,6 +600,19 @@ class _SqliteCloudStore(CloudStore):
         async with self._lock:
             return await asyncio.to_thread(run)
 
+    async def _columns(self, table: str) -> set[str]:
+        rows = await self._fetch(f"PRAGMA table_info({table})")
+        return {str(r[1]) for r in rows}
+
+    async def migrate(self) -> None:
+        await self._execute("BEGIN IMMEDIATE")  # the upgrade moves rows: all or nothing
+        try:
+            await super().migrate()
+        except BaseException:
+            await self._execute("ROLLBACK")
+            raise
+        await self._execute("COMMIT")
+
     async def close(self) -> None:
         async with self._lock:
             await asyncio.to_thread(self._conn.close)
@@ -371,6 +623,7 @@ class _PostgresCloudStore(CloudStore):
         self.url = url
         self._conn = conn
         self._lock = asyncio.Lock()
+        self._migrating = False  # the lock is held by migrate()
 
     @classmethod
     async def open(cls, url: str) -> _PostgresCloudStore:
@@ -392,19 +645,38 @@ class _PostgresCloudStore(CloudStore):
         # pg_type): consumers starting together take turns under an advisory lock
         async with self._lock, self._conn.transaction():
             await self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            for statement in _SCHEMA:
-                await self._conn.execute(statement)
+            self._migrating = True
+            try:
+                await super().migrate()
+            finally:
+                self._migrating = False
+
+    @contextlib.asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        if self._migrating:
+            yield
+            return
+        async with self._lock:
+            yield
 
     async def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        async with self._lock:
+        async with self._turn():
             cursor = await self._conn.execute(sql.replace("?", "%s"), tuple(params))
             return int(cursor.rowcount)
 
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        async with self._lock:
+        async with self._turn():
             cursor = await self._conn.execute(sql.replace("?", "%s"), tuple(params))
             rows: list[tuple[Any, ...]] = await cursor.fetchall()
             return rows
+
+    async def _columns(self, table: str) -> set[str]:
+        rows = await self._fetch(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = ?",
+            (table,),
+        )
+        return {str(r[0]) for r in rows}
 
     async def close(self) -> None:
         async with self._lock:
@@ -428,12 +700,15 @@ def sqlite_path(url: str) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def open_cloud_store(url: str) -> AsyncIterator[CloudStore]:
-    """Open (creating the tables as needed) the store named by ``url``."""
+async def open_cloud_store(url: str, *, create: bool = True) -> AsyncIterator[CloudStore]:
+    """Open the store named by ``url``, creating (or upgrading) its tables. With
+    ``create=False`` (the reading commands) a store that does not exist yet, a missing SQLite
+    file or a PostgreSQL database without the consumer's tables, is a NoSuchStoreError and
+    nothing is created."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     store: CloudStore
     if scheme == "sqlite":
-        store = await _SqliteCloudStore.open(url, sqlite_path(url))
+        store = await _SqliteCloudStore.open(url, sqlite_path(url), create=create)
     elif scheme in ("postgresql", "postgres"):
         store = await _PostgresCloudStore.open(url)
     else:
@@ -441,6 +716,10 @@ async def open_cloud_store(url: str) -> AsyncIterator[CloudStore]:
             f"{url!r}: unsupported store URL (use sqlite:///path.db or postgresql://...)"
         )
     try:
+        if not create and not await store.has_tables():
+            raise NoSuchStoreError(
+                f"{_redact(url)}: no consumer store there (no sessions table; nothing was created)"
+            )
         await store.migrate()
         yield store
     finally:

@@ -7,20 +7,28 @@ message again from the broker instead of losing it. Delivery is at-least-once, s
 are normal: an identical one is ignored, a different record under a known ``session_id`` is
 kept out and flagged.
 
-Every record is checked before it is stored: JSON, the ``evgw.session/1`` schema, its hash,
-its signature when the site's public key is known (records that arrived before the key are
-checked when it arrives), and its place in the site's ``seq``/``prev_hash`` chain. Invalid
-records go to the ``rejects`` table with the reason; chain problems (gaps, a broken link, a seq
-used twice) to ``chain_problems``; nothing a message contains stops the consumer.
+It bills only what it can trust. A record is stored only when it is JSON of the
+``evgw.session/1`` schema with every field in range, its hash matches, and it is signed by a
+trusted, unrevoked key of its site. Site keys come from ``--trust DIR`` or are trusted on first
+use; a known site's key is replaced only by a rotation statement signed by the key it replaces
+(see ``gateway.billing.trust``) or by the operator (``evgw trust``). Anything else goes to the
+``quarantine`` table with its raw payload and the reason, and is acknowledged: nothing a message
+contains stops the consumer or blocks the messages behind it. Records held only because their
+site's key was not known yet are checked again when it becomes known. Chain problems of trusted
+records (gaps, a broken link, a seq used twice) go to ``chain_problems``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
+import sqlite3
 import ssl
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -32,13 +40,17 @@ from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.billing.cloudstore import CloudStore, open_cloud_store
+from gateway.billing.checks import out_of_range
+from gateway.billing.cloudstore import CloudStore, Quarantined, SiteKey, open_cloud_store
 from gateway.billing.signing import key_id, load_public_key, verify_signature
+from gateway.billing.trust import TrustedKey, check_rotation, load_trust_dir
 from gateway.errors import GatewayError
+from gateway.model import from_rfc3339
 from gateway.records import GENESIS, canonical_json, record_hash
 from gateway.uplink.schemas import validate
 
 __all__ = [
+    "KEY_RELOAD_S",
     "BrokerAddress",
     "BrokerUrlError",
     "ConsumerStats",
@@ -51,7 +63,11 @@ log = structlog.get_logger(__name__)
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our queue for a week of consumer downtime
 _UNSUPPORTED_PROTOCOL = frozenset({1, 132})  # v3.1.1 CONNACK 1, MQTT 5 reason 0x84
-_MAX_STORED_PAYLOAD = 64 * 1024  # of a rejected payload, enough to see what it was
+_MAX_STORED_PAYLOAD = 1024 * 1024  # of a quarantined payload: records are a few kB
+# Held only for want of a key: checked again when the site's keys change.
+_WAITING_FOR_KEY = ("no_key", "unknown_key", "unknown_site")
+_TRUSTED_SOURCES_UNDER_DIR = frozenset({"trust_dir", "rotation", "operator"})
+KEY_RELOAD_S = 5.0  # how soon a running consumer sees `evgw trust add|revoke`
 
 
 @dataclass(slots=True)
@@ -59,30 +75,139 @@ class ConsumerStats:
     stored: int = 0
     duplicates: int = 0
     conflicts: int = 0
-    rejected: int = 0
+    quarantined: int = 0
+    released: int = 0
     gaps: int = 0
     out_of_order: int = 0
     chain_breaks: int = 0
     keys: int = 0
+    keys_refused: int = 0
     connects: int = 0
     protocol: str = "5"
 
 
-class SessionConsumer:
-    """Checks and stores one message at a time (independent of MQTT, for tests and replays)."""
+def _text(payload: bytes) -> str:
+    """A payload as text any database holds (raw bytes a JSON parser would refuse included)."""
+    text = payload[:_MAX_STORED_PAYLOAD].decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+    if len(payload) > _MAX_STORED_PAYLOAD:
+        text += f"\n[... {len(payload) - _MAX_STORED_PAYLOAD} more bytes not kept]"
+    return text
 
-    def __init__(self, store: CloudStore, topic_prefix: str = "evgw") -> None:
+
+def _safe_str(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    text = value.replace("\x00", "\ufffd")
+    return text.encode("utf-8", errors="replace").decode("utf-8")
+
+
+class SessionConsumer:
+    """Checks and stores one message at a time (independent of MQTT, for tests and replays).
+
+    ``trusted``: the keys of a trust directory (``--trust``): only the sites named there are
+    accepted, and no key is trusted on first use. None: trust on first use."""
+
+    def __init__(
+        self,
+        store: CloudStore,
+        topic_prefix: str = "evgw",
+        trusted: dict[str, list[TrustedKey]] | None = None,
+    ) -> None:
         self.store = store
         self.prefix = topic_prefix.strip("/")
+        self.trusted = trusted
         self.stats = ConsumerStats()
-        self._keys: dict[tuple[str, str], Ed25519PublicKey] = {}
+        self._keys: dict[str, list[SiteKey]] = {}
+        self._public: dict[tuple[str, str], Ed25519PublicKey] = {}
+        self._keys_loaded = -math.inf
+
+    # -- keys ----------------------------------------------------------------------------------
 
     async def load_keys(self) -> None:
-        for (site, kid), pem in (await self.store.site_keys()).items():
+        """Read the trust store (after adding the trust directory's keys to it), then check
+        again what was held for want of a key."""
+        if self.trusted is not None:
+            for site, keys in self.trusted.items():
+                for k in keys:
+                    added = await self.store.put_site_key(
+                        site, k.key_id, "ed25519", k.public_key_pem, source="trust_dir"
+                    )
+                    if added:
+                        log.info("site_key_from_trust_dir", site_id=site, key_id=k.key_id)
+        await self.reload_keys()
+        if self.trusted is not None:
+            for site, keys in self.trusted.items():
+                for k in keys:
+                    if self._status(site, k.key_id) == "revoked":
+                        log.warning(
+                            "trust_dir_key_revoked",
+                            site_id=site,
+                            key_id=k.key_id,
+                            message=f"site {site}: key {k.key_id} is in the trust directory "
+                            "but revoked in the store: records it signs are quarantined",
+                        )
+        await self.recheck()
+
+    async def reload_keys(self) -> None:
+        self._keys_loaded = time.monotonic()
+        self._keys = {}
+        self._public = {}
+        for row in await self.store.key_rows():
+            self._keys.setdefault(row.site_id, []).append(row)
             try:
-                self._keys[(site, kid)] = load_public_key(pem)
+                self._public[(row.site_id, row.key_id)] = load_public_key(row.public_key_pem)
             except (GatewayError, ValueError):
-                log.warning("consumer_stored_key_unreadable", site_id=site, key_id=kid)
+                log.warning(
+                    "consumer_stored_key_unreadable", site_id=row.site_id, key_id=row.key_id
+                )
+
+    def _status(self, site: str, kid: str) -> str | None:
+        for row in self._keys.get(site, []):
+            if row.key_id == kid:
+                return row.status
+        return None
+
+    def _usable(self, site: str) -> dict[str, Ed25519PublicKey]:
+        """The keys that may sign the site's records now: not revoked, and under a trust
+        directory only those it named or that a trusted key or the operator handed over to."""
+        out: dict[str, Ed25519PublicKey] = {}
+        in_dir = set() if self.trusted is None else {k.key_id for k in self.trusted.get(site, [])}
+        for row in self._keys.get(site, []):
+            if row.status == "revoked":
+                continue
+            if self.trusted is not None:
+                if row.source not in _TRUSTED_SOURCES_UNDER_DIR:
+                    continue
+                if row.source == "trust_dir" and row.key_id not in in_dir:
+                    continue  # named by an earlier trust directory, not by this one
+            public = self._public.get((site, row.key_id))
+            if public is not None:
+                out[row.key_id] = public
+        return out
+
+    async def recheck(self, site: str | None = None) -> int:
+        """Check again the records held for want of a key (of one site); the number stored."""
+        released = 0
+        for held in await self.store.quarantined(site, _WAITING_FOR_KEY):
+            if held.site_id is None:
+                continue
+            outcome = await self._handle_session(
+                held.site_id, held.topic, held.payload.encode("utf-8"), held=held
+            )
+            if outcome in ("stored", "duplicate"):
+                released += 1
+        if released:
+            log.info("quarantine_released", site_id=site, released=released)
+        return released
+
+    # -- messages --------------------------------------------------------------------------------
+
+    def _split(self, topic: str) -> tuple[str, str] | None:
+        head = self.prefix + "/"
+        if not topic.startswith(head):
+            return None
+        site, _, rest = topic[len(head) :].partition("/")
+        return (site, rest) if site and rest else None
 
     async def report_open_gaps(self) -> None:
         for site in await self.store.site_ids():
@@ -94,136 +219,254 @@ class SessionConsumer:
                     message=f"site {site}: missing seq {_span(first, last)}",
                 )
 
-    def _split(self, topic: str) -> tuple[str, str] | None:
-        head = self.prefix + "/"
-        if not topic.startswith(head):
-            return None
-        site, _, rest = topic[len(head) :].partition("/")
-        return (site, rest) if site and rest else None
-
     async def handle(self, topic: str, payload: bytes) -> str:
-        """Process one message; the outcome: stored, duplicate, conflict, rejected, key,
+        """Process one message; the outcome: stored, duplicate, conflict, quarantined, key,
         ignored. Raises only when the store fails (the message is then not acknowledged)."""
         where = self._split(topic)
         if where is None:
             return "ignored"
         site, rest = where
+        if time.monotonic() - self._keys_loaded > KEY_RELOAD_S:
+            await self.reload_keys()  # the operator may have added or revoked a key
         if rest == "gateway/key":
             return await self._handle_key(site, topic, payload)
         if rest == "sessions/finished":
             return await self._handle_session(site, topic, payload)
         return "ignored"
 
-    async def _reject(self, topic: str, payload: bytes, reason: str, **fields: Any) -> str:
-        self.stats.rejected += 1
-        log.warning("session_rejected", topic=topic, reason=reason, **fields)
-        text = payload[:_MAX_STORED_PAYLOAD].decode("utf-8", errors="replace")
-        await self.store.add_reject(topic, text, reason)
-        return "rejected"
+    async def _quarantine(
+        self,
+        kind: str,
+        reason: str,
+        topic: str,
+        payload: bytes,
+        site: str | None,
+        record: Any = None,
+        held: Quarantined | None = None,
+    ) -> str:
+        if held is not None and held.reason == reason:
+            return "quarantined"  # still held for the same reason
+        rec = record if isinstance(record, dict) else {}
+        user = rec.get("user")
+        started: float | None = None
+        try:
+            started = (
+                from_rfc3339(rec["started_at"]) if isinstance(rec.get("started_at"), str) else None
+            )
+        except (ValueError, OverflowError):
+            started = None
+        seq = rec.get("seq")
+        seq_text = str(seq) if isinstance(seq, int) and not isinstance(seq, bool) else None
+        added = await self.store.quarantine(
+            kind=kind,
+            reason=_safe_str(reason) or kind,
+            topic=_safe_str(topic) or "",
+            payload=_text(payload),
+            site_id=_safe_str(site),
+            session_id=_safe_str(rec.get("session_id")),
+            seq=seq_text if seq_text is None or len(seq_text) <= 64 else seq_text[:64] + "...",
+            user_id=_safe_str(user.get("id")) if isinstance(user, dict) else None,
+            started_ts=started,
+        )
+        if held is not None:
+            await self.store.release(held.qid, "superseded")  # held on, for the new reason
+        if added:
+            self.stats.quarantined += 1
+            log.warning("record_quarantined", topic=topic, kind=kind, reason=reason)
+        return "quarantined"
 
     async def _handle_key(self, site: str, topic: str, payload: bytes) -> str:
         if not payload:
             return "ignored"  # a cleared retained message
         try:
+            return await self._check_key(site, topic, payload)
+        except Exception as exc:
+            if _store_failure(exc):
+                raise
+            log.exception("key_unprocessable", topic=topic)
+            reason = f"key: cannot process: {type(exc).__name__}: {exc}"
+            return await self._quarantine("key", reason, topic, payload, site)
+
+    async def _check_key(self, site: str, topic: str, payload: bytes) -> str:
+        try:
             data = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return await self._reject(topic, payload, f"not JSON: {exc}")
-        errors = validate("gateway-key", data)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            return await self._quarantine("key", f"key: not JSON: {exc}", topic, payload, site)
+        errors = validate("gateway-key", data) if isinstance(data, dict) else ["not an object"]
         if errors:
-            return await self._reject(topic, payload, "schema: " + "; ".join(errors[:3]))
+            reason = "key: schema: " + "; ".join(errors[:3])
+            return await self._quarantine("key", reason, topic, payload, site)
         try:
             public = load_public_key(data["public_key_pem"])
         except (GatewayError, ValueError) as exc:
-            return await self._reject(topic, payload, f"unusable public key: {exc}")
+            reason = f"key: unusable public key: {exc}"
+            return await self._quarantine("key", reason, topic, payload, site)
         kid = key_id(public)
         if kid != data["key_id"]:
-            return await self._reject(
-                topic, payload, f"key_id {data['key_id']} does not belong to the key ({kid})"
+            reason = f"key: key_id {data['key_id']} does not belong to the key ({kid})"
+            return await self._quarantine("key", reason, topic, payload, site)
+        status = self._status(site, kid)
+        if status == "revoked":
+            reason = f"key: site {site}: key {kid} is revoked"
+            return await self._refuse_key(site, kid, reason, topic, payload)
+        if status is not None:
+            return "key"  # known already (the retained message again)
+        usable = self._usable(site)
+        if not usable:
+            if self.trusted is not None:
+                reason = f"key: site {site} is not in the trust directory"
+                if site in self.trusted:
+                    reason = f"key: site {site}: every key of the trust directory is revoked"
+                return await self._refuse_key(site, kid, reason, topic, payload)
+            if self._keys.get(site):
+                reason = (
+                    f"key: site {site}: every known key is revoked; a new key needs "
+                    "`evgw trust add`"
+                )
+                return await self._refuse_key(site, kid, reason, topic, payload)
+            await self.store.put_site_key(
+                site, kid, data["alg"], data["public_key_pem"], source="first_use"
             )
-        self._keys[(site, kid)] = public
-        if await self.store.put_site_key(site, kid, data["alg"], data["public_key_pem"]):
             self.stats.keys += 1
-            log.info("site_key_learnt", site_id=site, key_id=kid)
-        await self._check_late_signatures(site, kid, public)
+            log.warning(
+                "site_key_trusted_on_first_use",
+                site_id=site,
+                key_id=kid,
+                message=f"site {site}: key {kid} trusted on first use",
+            )
+        else:
+            previous, why = check_rotation(data.get("rotation"), site, public, usable)
+            if previous is None:
+                known = ", ".join(sorted(usable))
+                detail = why if "rotation" in data else "it carries no rotation statement"
+                reason = f"key: site {site} is signed by {known}; new key {kid} refused: {detail}"
+                return await self._refuse_key(site, kid, reason, topic, payload)
+            await self.store.put_site_key(
+                site,
+                kid,
+                data["alg"],
+                data["public_key_pem"],
+                source="rotation",
+                note=f"rotation statement signed by {previous}",
+            )
+            await self.store.set_key_status(site, previous, "retired", f"replaced by {kid}")
+            self.stats.keys += 1
+            log.info("site_key_rotated", site_id=site, key_id=kid, previous_key_id=previous)
+        await self.reload_keys()
+        await self.recheck(site)
         return "key"
 
-    async def _check_late_signatures(self, site: str, kid: str, public: Ed25519PublicKey) -> None:
-        for stored in await self.store.unchecked_sessions(site):
-            rec = stored.record
-            sig = rec.get("signature")
-            if not isinstance(sig, dict) or sig.get("key_id") != kid:
-                continue
-            ok = verify_signature(public, stored.hash, sig)
-            await self.store.set_signature_ok(stored.session_id, ok)
-            if not ok:
-                detail = f"site {site}: seq {stored.seq} (session {stored.session_id}): "
-                detail += "signature does not verify"
-                log.error("session_bad_signature", site_id=site, seq=stored.seq, detail=detail)
-                await self.store.add_problem(
-                    site, "bad_signature", detail, stored.seq, stored.session_id
-                )
+    async def _refuse_key(
+        self, site: str, kid: str, reason: str, topic: str, payload: bytes
+    ) -> str:
+        self.stats.keys_refused += 1
+        log.error("site_key_refused", site_id=site, key_id=kid, message=reason)
+        return await self._quarantine("key", reason, topic, payload, site)
 
-    async def _handle_session(self, site: str, topic: str, payload: bytes) -> str:
+    def _trust(self, site: str, record: dict[str, Any]) -> tuple[str, str] | None:
+        """(kind, reason) when the record is not signed by a key trusted for its site."""
+        label = _label(record)
+        usable = self._usable(site)
+        sig = record.get("signature")
+        kid = str(sig.get("key_id")) if isinstance(sig, dict) else None
+        if kid is not None and self._status(site, kid) == "revoked":
+            return "revoked_key", f"{label}: signed with key {kid}, which is revoked"
+        if not usable:
+            if self.trusted is not None:
+                if site not in self.trusted and not self._keys.get(site):
+                    return "unknown_site", f"{label}: site {site} is not in the trust directory"
+                if site not in self.trusted:
+                    reason = f"{label}: site {site} is not in the trust directory (its keys in "
+                    return "unknown_site", reason + "the store are not trusted under --trust)"
+                return "revoked_key", f"{label}: every key of site {site} is revoked"
+            if self._keys.get(site):
+                return "revoked_key", f"{label}: every key of site {site} is revoked"
+            return "no_key", f"{label}: no key of site {site} is known yet"
+        if sig is None or kid is None:
+            return "unsigned", f"{label}: not signed"
+        public = usable.get(kid)
+        if public is None:
+            known = ", ".join(sorted(usable))
+            return (
+                "unknown_key",
+                f"{label}: signed with key {kid}, not a key of site {site} ({known})",
+            )
+        if not verify_signature(public, record["hash"], sig):
+            return "bad_signature", f"{label}: signature by key {kid} does not verify"
+        return None
+
+    async def _handle_session(
+        self, site: str, topic: str, payload: bytes, held: Quarantined | None = None
+    ) -> str:
+        try:
+            return await self._check_and_store(site, topic, payload, held)
+        except Exception as exc:
+            if _store_failure(exc):
+                raise
+            # a record no check foresaw must not block the subscription: keep it, go on
+            log.exception("record_unprocessable", topic=topic)
+            reason = f"cannot process: {type(exc).__name__}: {exc}"
+            return await self._quarantine("schema", reason, topic, payload, site, held=held)
+
+    async def _check_and_store(
+        self, site: str, topic: str, payload: bytes, held: Quarantined | None
+    ) -> str:
+        def keep(kind: str, reason: str, record: Any = None) -> Any:
+            return self._quarantine(kind, reason, topic, payload, site, record, held)
+
         try:
             text = payload.decode("utf-8")
             record = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return await self._reject(topic, payload, f"not JSON: {exc}")
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            return await keep("schema", f"not JSON: {exc}")
         if not isinstance(record, dict):
-            return await self._reject(topic, payload, "not a JSON object")
+            return await keep("schema", "not a JSON object")
         errors = validate("session", record)
         if errors:
             more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
-            return await self._reject(
-                topic, payload, "schema: " + "; ".join(errors[:3]) + more, site_id=site
-            )
-        sid, seq = record["session_id"], record["seq"]
-        label = f"seq {seq} (session {sid})"
+            return await keep("schema", "schema: " + "; ".join(errors[:3]) + more, record)
+        label = _label(record)
+        problem = out_of_range(record)
+        if problem is not None:
+            return await keep("range", f"{label}: {problem}", record)
         if record["site_id"] != site:
-            return await self._reject(
-                topic, payload, f"{label}: site_id {record['site_id']!r} is not the topic's site"
-            )
+            reason = f"{label}: site_id {record['site_id']!r} is not the topic's site"
+            return await keep("site_mismatch", reason, record)
         if record_hash(record) != record["hash"]:
-            return await self._reject(
-                topic, payload, f"{label}: hash does not match its content", site_id=site
-            )
-        signature_ok = self._signature(site, record)
-        if signature_ok is False:
-            return await self._reject(
-                topic, payload, f"{label}: signature does not verify", site_id=site
-            )
+            return await keep("hash", f"{label}: hash does not match its content", record)
+        distrust = self._trust(site, record)
+        if distrust is not None:
+            return await keep(*distrust, record)
 
+        sid, seq = record["session_id"], record["seq"]
         existing = await self.store.get_session(sid)
         if existing is not None:
             if canonical_json(existing.record) == canonical_json(record):
                 self.stats.duplicates += 1
                 log.debug("session_duplicate", site_id=site, seq=seq, session_id=sid)
+                if held is not None:
+                    await self.store.release(held.qid)
                 return "duplicate"
             self.stats.conflicts += 1
             detail = f"site {site}: {label}: session delivered again with different content"
             log.error("session_conflicting_duplicate", site_id=site, seq=seq, session_id=sid)
             await self.store.add_problem(site, "conflict", detail, seq, sid)
-            await self.store.add_reject(topic, text[:_MAX_STORED_PAYLOAD], detail)
+            await keep(
+                "conflict", f"{label}: session delivered again with different content", record
+            )
             return "conflict"
 
         await self._check_chain(site, record, label)
-        if await self.store.insert_session(record, text, signature_ok=signature_ok):
+        stored = await self.store.insert_session(record, text, signature_ok=True)
+        if held is not None:
+            await self.store.release(held.qid)
+            self.stats.released += 1
+        if stored:
             self.stats.stored += 1
             log.info("session_stored", site_id=site, seq=seq, session_id=sid)
             return "stored"
         self.stats.duplicates += 1  # another consumer of the group stored it meanwhile
         return "duplicate"
-
-    def _signature(self, site: str, record: dict[str, Any]) -> bool | None:
-        """True/False when a known key checks it; None when no key of the site is known yet.
-        An unsigned record from a site whose key is known counts as a bad signature."""
-        sig = record.get("signature")
-        if sig is None:
-            return False if any(s == site for s, _ in self._keys) else None
-        public = self._keys.get((site, str(sig.get("key_id"))))
-        if public is None:
-            return None
-        return verify_signature(public, record["hash"], sig)
 
     async def _check_chain(self, site: str, record: dict[str, Any], label: str) -> None:
         seq: int = record["seq"]
@@ -293,6 +536,21 @@ class SessionConsumer:
         self.stats.chain_breaks += 1
         log.error("session_chain_problem", site_id=site, kind=kind, seq=seq, message=detail)
         await self.store.add_problem(site, kind, detail, seq, sid)
+
+
+def _store_failure(exc: BaseException) -> bool:
+    """An exception of the store (the database is down, the disk full): the message must stay
+    unacknowledged. Anything else a message causes is the message's problem, a value the
+    database refuses (DataError: SQLSTATE class 22) included."""
+    if any(cls.__name__ == "DataError" for cls in type(exc).__mro__):
+        return False
+    if isinstance(exc, sqlite3.Error | OSError):
+        return True
+    return any(cls.__module__.split(".")[0] == "psycopg" for cls in type(exc).__mro__)
+
+
+def _label(record: dict[str, Any]) -> str:
+    return f"seq {record.get('seq')} (session {record.get('session_id')})"
 
 
 def _span(first: int, last: int) -> str:
@@ -453,12 +711,20 @@ async def run_consumer(
     group: str | None = None,
     ca_file: str | None = None,
     duration_s: float | None = None,
+    trust_dir: Path | None = None,
 ) -> int:
-    """Consume until cancelled (SIGINT/SIGTERM) or for ``duration_s``; 0 on a clean stop."""
+    """Consume until cancelled (SIGINT/SIGTERM) or for ``duration_s``; 0 on a clean stop.
+    ``trust_dir``: trust only the keys in it (else trust each site's first key)."""
     address = parse_broker_url(broker)
     topics = subscriptions(topic_prefix, sites, group)
+    trusted = None if trust_dir is None else await asyncio.to_thread(load_trust_dir, trust_dir)
+    if trusted is None:
+        log.warning(
+            "consumer_trust_on_first_use",
+            message="no --trust directory: the first key each site publishes is trusted",
+        )
     async with open_cloud_store(db_url) as store:
-        consumer = SessionConsumer(store, topic_prefix)
+        consumer = SessionConsumer(store, topic_prefix, trusted)
         await consumer.load_keys()
         await consumer.report_open_gaps()
         try:
@@ -470,7 +736,7 @@ async def run_consumer(
             "consumer_stopped",
             stored=consumer.stats.stored,
             duplicates=consumer.stats.duplicates,
-            rejected=consumer.stats.rejected,
+            quarantined=consumer.stats.quarantined,
             gaps=consumer.stats.gaps,
         )
     return 0

@@ -201,6 +201,13 @@ def _pieces(
         nodes.append((ms, int(p.energy_wh), bool(p.charging), float(p.power_w)))
     if nodes[-1][0] < end_ms or len(nodes) == 1:
         nodes.append((end_ms, nodes[-1][1], False, 0.0))
+    # Energy never flows backwards: a curve that fell (a counter glitch the session undid) is
+    # capped by what came later, so no period gets negative energy and the total stays.
+    low = nodes[-1][1]
+    for i in range(len(nodes) - 1, -1, -1):
+        low = min(low, nodes[i][1])
+        if nodes[i][1] != low:
+            nodes[i] = (nodes[i][0], low, nodes[i][2], nodes[i][3])
 
     tod_cuts = _local_cuts(tariff, zone, start_ms, end_ms)
     dur_cuts: set[int] = set()

@@ -8,6 +8,11 @@ time zone. Sessions without a cost (no tariff) are counted and listed as unprice
 
 Formats: ``csv`` (one table: ``row`` is ``session`` or ``total``), ``json`` (with usage
 statistics) and ``html`` (a self-contained statement with inline CSS; every value escaped).
+
+``run_report`` bills only records that pass the checks a consumer applies (schema, ranges, hash,
+the gateway's own signature): any other record of the buffer is left out and counted
+(``excluded``). CSV cells are safe from formula injection, and control characters in user ids,
+tags and charger ids are escaped in every format but JSON (``gateway.safeout``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from gateway.model import from_rfc3339
+from gateway.safeout import csv_cell, printable
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -254,10 +260,12 @@ def build_report(
     tz: str,
     fmt: str,
     chargers: Iterable[str] = (),
+    excluded: int = 0,
 ) -> str:
     """Render the report of ``sessions`` (finished records) as ``csv``, ``json`` or ``html``.
 
-    ``chargers`` lists the site's chargers, so that idle ones show in the usage statistics.
+    ``chargers`` lists the site's chargers, so that idle ones show in the usage statistics;
+    ``excluded`` counts the records left out because they failed their checks.
     """
     if by not in ("user", "charger"):
         raise ValueError(f"by must be 'user' or 'charger', not {by!r}")
@@ -268,7 +276,7 @@ def build_report(
     selected = _select(sessions, lo, hi)
     groups, overall = _groups(selected, by, zone)
     if fmt == "csv":
-        return _csv(groups, overall)
+        return _csv(groups, overall, excluded)
     usage = usage_stats([rec for _, rec in selected], chargers, start, end, tz)
     doc = {
         "schema": REPORT_SCHEMA,
@@ -279,6 +287,7 @@ def build_report(
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "groups": [{"key": g.key, **g.totals(), "sessions_list": g.items} for g in groups],
         "totals": overall.totals(),
+        "excluded_records": excluded,
         "usage": usage,
     }
     if fmt == "json":
@@ -288,9 +297,22 @@ def build_report(
     raise ValueError(f"format must be csv, json or html, not {fmt!r}")
 
 
-def _csv(groups: list[_Group], overall: _Group) -> str:
+class _SafeWriter:
+    """A DictWriter whose every cell goes through ``csv_cell``."""
+
+    def __init__(self, buf: io.StringIO) -> None:
+        self._writer = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, lineterminator="\n")
+
+    def writeheader(self) -> None:
+        self._writer.writeheader()
+
+    def writerow(self, row: dict[str, Any]) -> None:
+        self._writer.writerow({k: "" if v is None else csv_cell(v) for k, v in row.items()})
+
+
+def _csv(groups: list[_Group], overall: _Group, excluded: int = 0) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, lineterminator="\n")
+    writer = _SafeWriter(buf)
     writer.writeheader()
     for group in [*groups, overall]:
         if group is not overall:
@@ -317,6 +339,8 @@ def _csv(groups: list[_Group], overall: _Group) -> str:
             writer.writerow(base)
         for cur, money in totals["cost"].items():
             writer.writerow({**base, "currency": cur, **money})
+    if excluded:
+        writer.writerow({"row": "excluded", "key": f"{excluded} record(s) failed their checks"})
     return buf.getvalue()
 
 
@@ -339,7 +363,7 @@ _SESSION_HEAD = (
 
 
 def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+    return html.escape(printable(value), quote=True)
 
 
 def _row(cells: Iterable[Any], *, head: bool = False, css: str = "", raw: bool = False) -> str:
@@ -408,6 +432,11 @@ def _html(doc: dict[str, Any]) -> str:
     cells += [_money_text(cost, k) for k in ("excl_vat", "vat", "incl_vat")]
     out.append(_row([*cells, f"#{totals['unpriced_sessions']}"], css="total", raw=True))
     out.append("</table>")
+    if doc.get("excluded_records"):
+        out.append(
+            f"<p><strong>{_e(doc['excluded_records'])} record(s) left out</strong>: they fail "
+            "their checks (schema, ranges, hash or signature); `evgw verify -c` names them.</p>"
+        )
     usage = doc["usage"]
     out.append("<h2>Usage</h2><table>")
     head = ["Charger", "#Sessions", "#Energy (kWh)", "#Occupied (h)", "#Utilisation"]
@@ -435,14 +464,40 @@ async def run_report(
 
     zone = ZoneInfo(config.site.timezone)
     lo, hi = _period(start, end, zone)
+    from gateway.billing.checks import local_record_problem
+    from gateway.billing.verify import buffer_keys
+
     async with Store.for_site(config, create=False) as store:
         sessions = await store.finished_sessions(since=lo, until=hi)
+    keys = await asyncio.to_thread(
+        buffer_keys, Path(config.storage.path).with_name("evgw-signing.key")
+    )
+    good: list[dict[str, Any]] = []
+    excluded = 0
+    for rec in sessions:
+        problem = local_record_problem(rec, keys)
+        if problem is None:
+            good.append(rec)
+            continue
+        excluded += 1
+        log.warning(
+            "report_record_excluded",
+            session_id=printable(rec.get("session_id") if isinstance(rec, dict) else None),
+            problem=printable(problem),
+        )
     chargers = _charger_ids(config)
-    text = build_report(sessions, by, start, end, config.site.timezone, fmt, chargers=chargers)
+    text = build_report(
+        good, by, start, end, config.site.timezone, fmt, chargers=chargers, excluded=excluded
+    )
     if output is None:
         sys.stdout.write(text)
     else:
         await asyncio.to_thread(output.write_text, text, encoding="utf-8")
+    if excluded:
+        sys.stderr.write(
+            f"evgw report: {excluded} record(s) left out: they fail their checks "
+            "(`evgw verify -c` names them)\n"
+        )
     return 0
 
 
@@ -451,7 +506,11 @@ def _charger_ids(config: GatewayConfig) -> list[str]:
         from gateway.profiles import load_profiles
 
         profiles = load_profiles(config.drivers_path)
-        return [d.id for d in config.devices if str(profiles[d.driver].kind) == "charger"]
+        return [
+            d.id
+            for d in config.devices
+            if d.driver == "ocpp" or str(profiles[d.driver].kind) == "charger"
+        ]
     except Exception as exc:  # without profiles, idle chargers are merely missing from usage
         log.warning("report_profiles_unavailable", error=str(exc))
         return [d.id for d in config.devices if d.tariff is not None or d.meter is not None]

@@ -3,13 +3,20 @@
 A record's ``signature`` is ``{"alg": "ed25519", "key_id": <first 16 hex of SHA-256 of the raw
 public key>, "value": <base64 signature over the ASCII hex of the record's hash>}``. The public key
 is published retained on ``P/S/gateway/key`` so consumers and ``evgw verify`` can check records.
+
+``evgw rotate-key`` replaces the key: the new key goes to the same file, and
+``evgw-signing.history.json`` next to it keeps the public halves of the keys it replaced (the
+buffer's older records stay verifiable) and the rotation statement, signed by the previous key,
+that the gateway publishes with its new key (``gateway.billing.trust``).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from gateway.errors import GatewayError
 
-__all__ = ["Signer", "key_id", "load_public_key", "verify_signature"]
+__all__ = ["Signer", "history_path", "key_id", "load_public_key", "rotate_key", "verify_signature"]
 
 
 def key_id(public: Ed25519PublicKey) -> str:
@@ -27,13 +34,56 @@ def key_id(public: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def history_path(key_path: Path) -> Path:
+    return key_path.with_name(key_path.stem + ".history.json")
+
+
+def _read_history(key_path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(history_path(key_path).read_text("utf-8"))
+    except FileNotFoundError:
+        return {"previous_keys": [], "rotation": None}
+    except (OSError, ValueError) as exc:
+        raise GatewayError(f"cannot read {history_path(key_path)}: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("previous_keys"), list):
+        raise GatewayError(f"{history_path(key_path)}: not a key history")
+    return data
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _private_pem(private: Ed25519PrivateKey) -> bytes:
+    return private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
 class Signer:
-    __slots__ = ("_private", "key_id", "path")
+    __slots__ = ("_private", "key_id", "path", "previous_keys", "rotation")
 
     def __init__(self, private: Ed25519PrivateKey, path: Path | None = None) -> None:
         self._private = private
         self.path = path
         self.key_id = key_id(private.public_key())
+        # the public halves of the keys this one replaced, and the statement that handed over
+        self.previous_keys: list[dict[str, str]] = []
+        self.rotation: dict[str, Any] | None = None
+        if path is not None:
+            history = _read_history(path)
+            self.previous_keys = list(history["previous_keys"])
+            rotation = history.get("rotation")
+            if isinstance(rotation, dict) and rotation.get("key_id") == self.key_id:
+                self.rotation = rotation
 
     @classmethod
     def load_or_create(cls, path: Path) -> Signer:
@@ -42,20 +92,7 @@ class Signer:
             data = path.read_bytes()
         except FileNotFoundError:
             private = Ed25519PrivateKey.generate()
-            pem = private.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, pem)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            _write_atomic(path, _private_pem(private), 0o600)
             return cls(private, path)
         except OSError as exc:
             raise GatewayError(f"cannot read signing key {path}: {exc.strerror}") from None
@@ -86,8 +123,52 @@ class Signer:
         )
 
     def public_key_payload(self) -> dict[str, Any]:
-        """Payload of the retained ``P/S/gateway/key`` message."""
-        return {"alg": "ed25519", "key_id": self.key_id, "public_key_pem": self.public_pem()}
+        """Payload of the retained ``P/S/gateway/key`` message (with the rotation statement
+        when this key replaced another)."""
+        payload: dict[str, Any] = {
+            "alg": "ed25519",
+            "key_id": self.key_id,
+            "public_key_pem": self.public_pem(),
+        }
+        if self.rotation is not None:
+            payload["rotation"] = self.rotation
+        return payload
+
+    def public_keys(self) -> dict[str, Ed25519PublicKey]:
+        """{key_id: public key} of this key and every key it replaced."""
+        keys = {self.key_id: self._private.public_key()}
+        for old in self.previous_keys:
+            try:
+                keys[str(old["key_id"])] = load_public_key(str(old["public_key_pem"]))
+            except (GatewayError, ValueError, KeyError):
+                continue
+        return keys
+
+
+def rotate_key(path: Path, site_id: str, now: float | None = None) -> tuple[str, Signer]:
+    """Replace the signing key at ``path`` with a new one; (the old key id, the new signer).
+
+    The history (the old public key, the rotation statement signed by the old key) is written
+    before the key itself, so a crash in between leaves the old key in place with a statement
+    that names a key nobody has: harmless, and the next rotation overwrites it."""
+    from gateway.billing.trust import sign_rotation
+
+    if not path.exists():
+        raise GatewayError(f"{path}: no signing key to rotate (the gateway makes one at start)")
+    old = Signer.load_or_create(path)
+    new = Ed25519PrivateKey.generate()
+    statement = sign_rotation(
+        site_id, new.public_key(), old._private, time.time() if now is None else now
+    )
+    history = _read_history(path)
+    history["previous_keys"] = [
+        *history["previous_keys"],
+        {"key_id": old.key_id, "public_key_pem": old.public_pem()},
+    ]
+    history["rotation"] = statement
+    _write_atomic(history_path(path), json.dumps(history, indent=2).encode() + b"\n", 0o644)
+    _write_atomic(path, _private_pem(new), 0o600)
+    return old.key_id, Signer(new, path)
 
 
 def load_public_key(text: str) -> Ed25519PublicKey:

@@ -5,6 +5,11 @@ zone, charger, site, energy, duration, the cost lines and the total, and totals 
 that are the exact (Decimal) sums of the sessions' own amounts: never recomputed from prices.
 Formats: ``csv``, ``json`` (``evgw.statement/1``), ``html`` (self-contained, every value
 escaped) and ``ocpi`` (a JSON array of OCPI 2.2.1 CDR objects).
+
+Only trusted records are billed (the consumer keeps the others in quarantine); the statement
+says how many quarantined records name this user in this month, and the command warns on stderr
+when the store holds any. CSV cells are safe from formula injection and every text shown has its
+control characters escaped (``gateway.safeout``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.billing.ocpi import CdrParty, session_to_cdr
 from gateway.errors import GatewayError
+from gateway.safeout import csv_row, printable
 
 __all__ = ["FORMATS", "build_statement", "month_bounds", "render_statement", "run_statement"]
 
@@ -66,9 +72,10 @@ def _line_text(line: dict[str, Any]) -> str:
 
 
 def build_statement(
-    records: list[dict[str, Any]], user: str, month: str, tz: str = "UTC"
+    records: list[dict[str, Any]], user: str, month: str, tz: str = "UTC", quarantined: int = 0
 ) -> dict[str, Any]:
-    """The statement as data (``evgw.statement/1``); sessions in start order."""
+    """The statement as data (``evgw.statement/1``); sessions in start order. ``quarantined``:
+    how many untrusted records of the user's month were left out."""
     zone = _zone(tz)
     sessions: list[dict[str, Any]] = []
     totals: dict[str, dict[str, Decimal]] = {}
@@ -134,6 +141,7 @@ def build_statement(
         },
         "energy_kwh": f"{Decimal(energy_wh) / 1000:.3f}",
         "unpriced_sessions": unpriced,
+        "quarantined_records": quarantined,
     }
 
 
@@ -180,47 +188,55 @@ def _csv(doc: dict[str, Any]) -> str:
     writer.writerow(_CSV_COLUMNS)
     for s in doc["sessions"]:
         writer.writerow(
-            [
-                "session",
-                s["session_id"],
-                s["site_id"],
-                s["charger_id"],
-                s["start"],
-                s["end"],
-                _duration(s["duration_s"]),
-                s["energy_kwh"],
-                s["currency"] or "",
-                s["excl_vat"] or "",
-                s["vat"] or "",
-                s["incl_vat"] or "",
-                "; ".join(_line_text(line) for line in s["lines"]),
-                " ".join(s["flags"]),
-            ]
+            csv_row(
+                [
+                    "session",
+                    s["session_id"],
+                    s["site_id"],
+                    s["charger_id"],
+                    s["start"],
+                    s["end"],
+                    _duration(s["duration_s"]),
+                    s["energy_kwh"],
+                    s["currency"] or "",
+                    s["excl_vat"] or "",
+                    s["vat"] or "",
+                    s["incl_vat"] or "",
+                    "; ".join(_line_text(line) for line in s["lines"]),
+                    " ".join(s["flags"]),
+                ]
+            )
         )
     for currency, t in doc["totals"].items():
         writer.writerow(
-            [
-                "total",
-                f"{t['sessions']} sessions",
-                "",
-                "",
-                "",
-                "",
-                "",
-                "",
-                currency,
-                t["excl_vat"],
-                t["vat"],
-                t["incl_vat"],
-                "",
-                "",
-            ]
+            csv_row(
+                [
+                    "total",
+                    f"{t['sessions']} sessions",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    currency,
+                    t["excl_vat"],
+                    t["vat"],
+                    t["incl_vat"],
+                    "",
+                    "",
+                ]
+            )
         )
+    if doc.get("quarantined_records"):
+        n = doc["quarantined_records"]
+        note = f"{n} quarantined record(s) not billed"
+        writer.writerow(["quarantined", note, *([""] * (len(_CSV_COLUMNS) - 2))])
     return buf.getvalue()
 
 
 def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+    return html.escape(printable(value), quote=True)
 
 
 _CSS = """
@@ -272,6 +288,11 @@ def _html(doc: dict[str, Any]) -> str:
     out.append("</table>")
     if doc["unpriced_sessions"]:
         out.append(f"<p>{_e(doc['unpriced_sessions'])} session(s) without a price.</p>")
+    if doc.get("quarantined_records"):
+        out.append(
+            f"<p><strong>{_e(doc['quarantined_records'])} quarantined record(s)</strong> of this "
+            "user and month are not billed: the consumer could not trust them.</p>"
+        )
     out.append("</body></html>\n")
     return "\n".join(out)
 
@@ -290,13 +311,20 @@ async def run_statement(
     if fmt not in FORMATS:
         raise GatewayError(f"unknown statement format {fmt!r} (one of {', '.join(FORMATS)})")
     lo, hi = month_bounds(month, tz)
-    async with open_cloud_store(db_url) as store:
+    async with open_cloud_store(db_url, create=False) as store:
         texts = await store.user_sessions(user, lo, hi)
+        held = await store.quarantine_count(user, lo, hi)
+        held_all = await store.quarantine_count()
     records = [json.loads(t) for t in texts]
-    doc = build_statement(records, user, month, tz)
+    doc = build_statement(records, user, month, tz, quarantined=held)
     text = render_statement(doc, fmt, records)
     if output is None:
         sys.stdout.write(text)
     else:
         await asyncio.to_thread(Path(output).write_text, text, encoding="utf-8")
+    if held_all:
+        sys.stderr.write(
+            f"evgw statement: {held} quarantined record(s) of {printable(user)} in {month} "
+            f"not billed; {held_all} in the store (`evgw trust quarantine --db ...` lists them)\n"
+        )
     return 0

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, time
 from decimal import Decimal, InvalidOperation
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gateway.errors import CommandError, TariffError
+from gateway.model import MAX_VERSION
 from gateway.records import canonical_json
 
 if TYPE_CHECKING:  # the config module is only needed for the type
@@ -42,19 +43,40 @@ if TYPE_CHECKING:  # the config module is only needed for the type
 
 __all__ = [
     "DAYS",
+    "MAX_ELEMENTS",
+    "MAX_PRICE",
+    "MAX_TARIFFS",
+    "MAX_VERSION",
     "Dimension",
     "PriceComponent",
+    "Resolved",
     "Restrictions",
     "Tariff",
     "TariffBook",
     "TariffElement",
+    "TariffProblem",
+    "check_version",
     "parse_tariff",
+    "tariff_set_problems",
     "tariff_version",
 ]
 
 log = structlog.get_logger(__name__)
 
 DAYS = ("MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY")
+
+# Bounds: what no real tariff needs, so that no pushed or configured one can break pricing
+# (1e30 overflowed every cost into "unpriced") or a comparison (a version of 1e300 made every
+# later push stale). Versions stay exact in every JSON parser (IEEE doubles: 2^53).
+MAX_PRICE = Decimal(10**9)  # per kWh, hour or session, and min/max price: any currency's unit
+MAX_PRICE_PLACES = 6  # decimal places of a price
+MAX_TARIFFS = 100  # tariffs in one set
+MAX_ELEMENTS = 100  # elements in one tariff
+MAX_STEP = {"energy": 1_000_000, "time": 86_400, "parking_time": 86_400}  # Wh, s, s
+MAX_KWH = Decimal(10**6)  # restriction bounds: 1 GWh, 10 MW, a year
+MAX_POWER_KW = Decimal(10**4)
+MAX_DURATION_S = 366 * 86_400
+MAX_DESCRIPTION = 1000
 
 
 class Dimension(StrEnum):
@@ -163,7 +185,13 @@ def _mapping(value: Any, path: str) -> Mapping[str, Any]:
     return value
 
 
-def _decimal(value: Any, path: str, *, minimum: Decimal | None = Decimal(0)) -> Decimal:
+def _decimal(
+    value: Any,
+    path: str,
+    *,
+    minimum: Decimal | None = Decimal(0),
+    maximum: Decimal | None = None,
+) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
         raise TariffError(path, f"expected a decimal number or string, got {type(value).__name__}")
     try:
@@ -174,14 +202,36 @@ def _decimal(value: Any, path: str, *, minimum: Decimal | None = Decimal(0)) -> 
         raise TariffError(path, f"not a finite number: {value!r}")
     if minimum is not None and dec < minimum:
         raise TariffError(path, f"must be >= {minimum}, got {value!r}")
+    if maximum is not None and dec > maximum:
+        raise TariffError(path, f"must be at most {maximum}, got {value!r}")
     return dec
 
 
-def _int(value: Any, path: str, *, minimum: int) -> int:
+def _price(value: Any, path: str) -> Decimal:
+    dec = _decimal(value, path, maximum=MAX_PRICE)
+    exponent = dec.normalize().as_tuple().exponent
+    if isinstance(exponent, int) and -exponent > MAX_PRICE_PLACES:
+        raise TariffError(path, f"at most {MAX_PRICE_PLACES} decimal places, got {value!r}")
+    return dec
+
+
+def _int(value: Any, path: str, *, minimum: int, maximum: int = MAX_VERSION) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TariffError(path, f"expected an integer, got {value!r}")
     if value < minimum:
         raise TariffError(path, f"must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise TariffError(path, f"must be at most {maximum}, got {value}")
+    return value
+
+
+def check_version(value: Any, what: str) -> int:
+    """A version of a pushed list (tariffs, tokens): an integer in 1..2^53. Raises
+    ``CommandError`` ``invalid`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VERSION:
+        raise CommandError(
+            "invalid", f"{what} version must be an integer in 1..{MAX_VERSION}, got {value!r}"
+        )
     return value
 
 
@@ -243,17 +293,17 @@ def _restrictions(data: Any, path: str) -> Restrictions:
                 )
             days.add(DAYS.index(day.upper()))
         kw["day_of_week"] = frozenset(days)
-    for key, attr in (
-        ("min_kwh", "min_kwh"),
-        ("max_kwh", "max_kwh"),
-        ("min_power", "min_power_kw"),
-        ("max_power", "max_power_kw"),
+    for key, attr, top in (
+        ("min_kwh", "min_kwh", MAX_KWH),
+        ("max_kwh", "max_kwh", MAX_KWH),
+        ("min_power", "min_power_kw", MAX_POWER_KW),
+        ("max_power", "max_power_kw", MAX_POWER_KW),
     ):
         if key in m:
-            kw[attr] = _decimal(m[key], _join(path, key))
+            kw[attr] = _decimal(m[key], _join(path, key), maximum=top)
     for key, attr in (("min_duration", "min_duration_s"), ("max_duration", "max_duration_s")):
         if key in m:
-            kw[attr] = _int(m[key], _join(path, key), minimum=0)
+            kw[attr] = _int(m[key], _join(path, key), minimum=0, maximum=MAX_DURATION_S)
     for lo, hi, key in (
         ("min_kwh", "max_kwh", "max_kwh"),
         ("min_power_kw", "max_power_kw", "max_power"),
@@ -277,12 +327,13 @@ def _component(data: Any, path: str) -> PriceComponent:
     dim = Dimension(raw_type.lower())
     if "price" not in m:
         raise TariffError(_join(path, "price"), "missing")
-    price = _decimal(m["price"], _join(path, "price"))
+    price = _price(m["price"], _join(path, "price"))
     step = 1
     if "step_size" in m:
-        step = _int(m["step_size"], _join(path, "step_size"), minimum=1)
-        if dim is Dimension.FLAT and step != 1:
+        if dim is Dimension.FLAT and m["step_size"] != 1:
             raise TariffError(_join(path, "step_size"), "a flat component has no step_size")
+        top = MAX_STEP.get(dim.value, 1)
+        step = _int(m["step_size"], _join(path, "step_size"), minimum=1, maximum=top)
     return PriceComponent(type=dim, price=price, step_size=step)
 
 
@@ -331,23 +382,25 @@ def parse_tariff(data: Any, path: str = "") -> Tariff:
                 _join(path, "vat_percent"), f"must be within 0..100, got {m['vat_percent']!r}"
             )
     min_price = (
-        _decimal(m["min_price"], _join(path, "min_price"))
-        if m.get("min_price") is not None
-        else None
+        _price(m["min_price"], _join(path, "min_price")) if m.get("min_price") is not None else None
     )
     max_price = (
-        _decimal(m["max_price"], _join(path, "max_price"))
-        if m.get("max_price") is not None
-        else None
+        _price(m["max_price"], _join(path, "max_price")) if m.get("max_price") is not None else None
     )
     if min_price is not None and max_price is not None and max_price < min_price:
         raise TariffError(_join(path, "max_price"), "must not be below min_price")
     desc = m.get("description")
     if desc is not None and not isinstance(desc, str):
         raise TariffError(_join(path, "description"), "expected a string")
+    if desc is not None and len(desc) > MAX_DESCRIPTION:
+        raise TariffError(_join(path, "description"), f"longer than {MAX_DESCRIPTION} characters")
     raw = m.get("elements")
     if not isinstance(raw, list) or not raw:
         raise TariffError(_join(path, "elements"), "expected a non-empty list of tariff elements")
+    if len(raw) > MAX_ELEMENTS:
+        raise TariffError(
+            _join(path, "elements"), f"{len(raw)} elements: at most {MAX_ELEMENTS} are allowed"
+        )
     elements = tuple(_element(e, _join(_join(path, "elements"), i)) for i, e in enumerate(raw))
     return Tariff(
         currency=cur,
@@ -375,6 +428,99 @@ def tariff_version(data: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(_jsonable(data))).hexdigest()[:16]
 
 
+# --- a tariff set: the one validation of config and pushes ----------------------------
+
+PathT = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TariffProblem:
+    """One problem of a tariff set, at a key path (``("tariffs", "std", "elements", 0)``)."""
+
+    path: PathT
+    message: str
+    key: bool = False  # the problem is the key itself (an unknown key), not its value
+
+    def __str__(self) -> str:
+        return f"{_dotted(self.path)}: {self.message}"
+
+
+def _dotted(path: PathT) -> str:
+    text = ""
+    for part in path:
+        text = _join(text, part)
+    return text
+
+
+def _tariff_path(text: str) -> PathT:
+    return tuple(
+        int(i) if i else name for i, name in re.findall(r"\[([0-9]+)\]|\.?([^.\[\]]+)", text)
+    )
+
+
+def _unknown_tariff(name: str, known: Iterable[str]) -> str:
+    names = sorted(known)
+    if not names:
+        return f"unknown tariff '{name}' (no tariffs are defined)"
+    return f"unknown tariff '{name}' (defined tariffs: {', '.join(names[:12])})"
+
+
+def tariff_set_problems(
+    tariffs: Any,
+    *,
+    default_tariff: str | None,
+    groups: Mapping[str, str],
+    chargers: Sequence[tuple[PathT, str]] = (),
+    unknown: Callable[[str, Iterable[str]], str] = _unknown_tariff,
+) -> list[TariffProblem]:
+    """Every problem of a set of tariffs together with what refers to them: each tariff valid
+    and within bounds, at most ``MAX_TARIFFS``, and every tariff named by
+    ``billing.default_tariff``, a user group or a charger (``chargers``: (path, tariff id))
+    defined. ``evgw check-config`` and the ``tariffs`` command both validate through here."""
+    if not isinstance(tariffs, Mapping):
+        return [TariffProblem(("tariffs",), "expected a mapping of tariff id -> tariff")]
+    problems: list[TariffProblem] = []
+    if len(tariffs) > MAX_TARIFFS:
+        problems.append(
+            TariffProblem(("tariffs",), f"{len(tariffs)} tariffs: at most {MAX_TARIFFS}")
+        )
+    for tid, data in tariffs.items():
+        try:
+            parse_tariff(data, "")
+        except TariffError as exc:
+            problems.append(
+                TariffProblem(
+                    ("tariffs", str(tid), *_tariff_path(exc.path)),
+                    exc.message,
+                    key=exc.message.startswith("unknown key"),
+                )
+            )
+    known = [str(t) for t in tariffs]
+    if default_tariff is not None and default_tariff not in tariffs:
+        problems.append(
+            TariffProblem(("billing", "default_tariff"), unknown(default_tariff, known))
+        )
+    for group, tid in groups.items():
+        if tid not in tariffs:
+            problems.append(TariffProblem(("billing", "groups", group), unknown(tid, known)))
+    for path, tid in chargers:
+        if tid not in tariffs:
+            problems.append(TariffProblem(path, unknown(tid, known)))
+    return problems
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """The tariff that prices a session: its id, version and a private copy of its data.
+    ``fallback`` names the tariff that was meant but is not defined (or the user group that
+    names none): the session is priced by the next choice and says so (``tariff_fallback``)."""
+
+    tariff_id: str
+    version: str
+    data: dict[str, Any]
+    fallback: str | None = None
+
+
 # --- the tariff book ---------------------------------------------------------------------
 
 
@@ -383,31 +529,41 @@ class TariffBook:
 
     ``resolve`` picks the user's group tariff, else the charger's tariff, else
     ``billing.default_tariff``; each returned ``data`` is a private deep copy, so the session can
-    freeze it. ``replace`` swaps the whole set atomically after validating every tariff.
+    freeze it. ``replace`` swaps the whole set atomically after validating it exactly as
+    ``evgw check-config`` validates the config's: every tariff, and every tariff the chargers,
+    groups and default name.
     """
 
-    __slots__ = ("_billing", "_parsed", "_tariffs", "_version")
+    __slots__ = ("_billing", "_chargers", "_parsed", "_tariffs", "_version")
 
     def __init__(
-        self, tariffs: Mapping[str, Mapping[str, Any]], billing: BillingConfig, version: int = 0
+        self,
+        tariffs: Mapping[str, Mapping[str, Any]],
+        billing: BillingConfig,
+        version: int = 0,
+        chargers: Mapping[str, str] | None = None,
     ) -> None:
         self._billing = billing
-        self._tariffs, self._parsed = self._validate(tariffs, billing)
+        self._chargers = dict(chargers or {})  # charger id -> the tariff it names
+        self._tariffs, self._parsed = self._validate(tariffs)
         self._version = version
 
-    @staticmethod
     def _validate(
-        tariffs: Mapping[str, Mapping[str, Any]], billing: BillingConfig
+        self, tariffs: Mapping[str, Mapping[str, Any]]
     ) -> tuple[dict[str, dict[str, Any]], dict[str, Tariff]]:
-        if not isinstance(tariffs, Mapping):
-            raise TariffError("", "tariffs: expected a mapping of tariff id -> tariff")
-        raw = {str(tid): copy.deepcopy(dict(_mapping(t, str(tid)))) for tid, t in tariffs.items()}
+        problems = tariff_set_problems(
+            tariffs,
+            default_tariff=self._billing.default_tariff,
+            groups=self._billing.groups,
+            chargers=[(("chargers", cid, "tariff"), tid) for cid, tid in self._chargers.items()],
+        )
+        if problems:
+            first, rest = problems[0], problems[1:]
+            raise TariffError(
+                _dotted(first.path), "; ".join([first.message, *(str(p) for p in rest)])
+            )
+        raw = {str(tid): copy.deepcopy(dict(t)) for tid, t in tariffs.items()}
         parsed = {tid: parse_tariff(data, tid) for tid, data in raw.items()}
-        if billing.default_tariff is not None and billing.default_tariff not in raw:
-            raise TariffError(billing.default_tariff, "the billing default tariff is not defined")
-        for group, tid in billing.groups.items():
-            if tid not in raw:
-                raise TariffError(tid, f"tariff of user group {group!r} is not defined")
         return raw, parsed
 
     @property
@@ -425,38 +581,50 @@ class TariffBook:
     def parsed(self, tariff_id: str) -> Tariff | None:
         return self._parsed.get(tariff_id)
 
-    def resolve(
-        self, charger_tariff: str | None, user_group: str | None
-    ) -> tuple[str, str, dict[str, Any]] | None:
-        candidates: list[str | None] = [
-            self._billing.groups.get(user_group) if user_group is not None else None,
-            charger_tariff,
-            self._billing.default_tariff,
-        ]
-        for tid in candidates:
+    def resolve(self, charger_tariff: str | None, user_group: str | None) -> Resolved | None:
+        """The tariff of a session starting now. A group without a tariff in
+        ``billing.groups`` (a cloud-pushed token may carry any group) or a named tariff that is
+        not defined falls back to the next choice, flagged in ``Resolved.fallback``."""
+        fallback: str | None = None
+        group_tariff = None
+        if user_group is not None:
+            group_tariff = self._billing.groups.get(user_group)
+            if group_tariff is None:
+                fallback = f"group:{user_group}"
+        for tid in (group_tariff, charger_tariff, self._billing.default_tariff):
             if tid is None:
                 continue
             data = self._tariffs.get(tid)
             if data is None:
-                log.warning("tariff_unknown", tariff_id=tid, user_group=user_group)
+                fallback = fallback or tid
                 continue
-            return tid, tariff_version(data), copy.deepcopy(data)
+            if fallback is not None:
+                log.warning("tariff_fallback", meant=fallback, tariff_id=tid, user_group=user_group)
+            return Resolved(tid, tariff_version(data), copy.deepcopy(data), fallback)
+        if fallback is not None:
+            log.warning("tariff_fallback", meant=fallback, tariff_id=None, user_group=user_group)
         return None
 
-    def replace(self, version: int, tariffs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-        """Replace every tariff at once (the ``tariffs`` command). Raises ``CommandError``:
-        ``stale_version`` when ``version`` is not newer than the current one, ``invalid_tariff``
-        (message with the key path) when any tariff is invalid; then nothing changes."""
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise CommandError("invalid_tariff", f"version must be an integer, got {version!r}")
+    def check(
+        self, version: int, tariffs: Mapping[str, Mapping[str, Any]]
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, Tariff]]:
+        """Validate a ``tariffs`` push without applying it. Raises ``CommandError``: ``invalid``
+        for a version outside 1..2^53, ``stale_version`` when it is not newer than the current
+        one, ``invalid_tariff`` (every problem with its key path) when the set is invalid."""
+        check_version(version, "tariffs")
         if version <= self._version:
             raise CommandError(
                 "stale_version", f"tariffs version {version} is not newer than {self._version}"
             )
         try:
-            raw, parsed = self._validate(tariffs, self._billing)
+            return self._validate(tariffs)
         except TariffError as exc:
             raise CommandError("invalid_tariff", str(exc)) from exc
+
+    def replace(self, version: int, tariffs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """Replace every tariff at once (the ``tariffs`` command), after :meth:`check`; a
+        refused set changes nothing."""
+        raw, parsed = self.check(version, tariffs)
         self._tariffs, self._parsed, self._version = raw, parsed, version
         log.info("tariffs_replaced", version=version, tariffs=sorted(raw))
         return {

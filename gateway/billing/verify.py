@@ -4,6 +4,11 @@
 bad or missing signature, every hole in a site's ``seq``/``prev_hash`` chain, records out of
 order and duplicates. ``run_verify`` reads the records from a file (JSON lines or a JSON array),
 the consumer's store or the gateway's own buffer and prints one line per problem.
+
+On the consumer's store (``--db``) it also fails (exit 1) while anything is held in quarantine
+(a conflicting duplicate included), and the chain must start at seq 1: a store that bills
+must hold every record of a site. A store that does not exist is a usage error (exit 2) and is
+not created.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from gateway.billing.signing import load_public_key, verify_signature
+from gateway.billing.signing import history_path, load_public_key, verify_signature
 from gateway.errors import GatewayError
 from gateway.records import GENESIS, canonical_json, record_hash
+from gateway.safeout import printable
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -229,14 +235,28 @@ def load_key_file(path: Path) -> Ed25519PublicKey:
         raise GatewayError(f"{path}: not a public key (PEM or 64 hex characters)") from None
 
 
+_LISTED = 20  # quarantined messages named one by one; the rest are counted
+
+
 async def _records_from_db(
     db_url: str, site: str | None
-) -> tuple[list[dict[str, Any]], dict[str, Ed25519PublicKey]]:
+) -> tuple[list[dict[str, Any]], dict[str, Ed25519PublicKey], list[str]]:
+    """The stored records, the keys to check them with, and the store's own problems: the
+    messages held in quarantine (a conflicting duplicate among them, until dismissed)."""
     from gateway.billing.cloudstore import open_cloud_store
 
-    async with open_cloud_store(db_url) as store:
+    async with open_cloud_store(db_url, create=False) as store:
         stored = await store.sessions(site)
         known = await store.site_keys()
+        held = await store.quarantined(site)
+    problems: list[str] = []
+    if held:
+        problems.append(f"{len(held)} record(s) quarantined, never billed:")
+        problems.extend(
+            f"  quarantined ({q.kind}): site {q.site_id}: {q.reason}" for q in held[:_LISTED]
+        )
+        if len(held) > _LISTED:
+            problems.append(f"  ... and {len(held) - _LISTED} more (`evgw trust quarantine`)")
     keys: dict[str, Ed25519PublicKey] = {}
     for (key_site, kid), pem in known.items():
         if site is None or key_site == site:
@@ -244,12 +264,34 @@ async def _records_from_db(
                 keys[kid] = load_public_key(pem)
             except (GatewayError, ValueError):
                 continue
-    return [s.record for s in stored], keys
+    return [s.record for s in stored], keys, problems
+
+
+def buffer_keys(key_path: Path) -> dict[str, Ed25519PublicKey] | None:
+    """{key_id: key} of a gateway's signing key and of the keys it replaced; None without."""
+    if not key_path.exists():
+        return None
+    current = load_key_file(key_path)
+    from gateway.billing.signing import key_id
+
+    keys = {key_id(current): current}
+    try:
+        history = json.loads(history_path(key_path).read_text("utf-8"))
+    except FileNotFoundError:
+        return keys
+    except (OSError, ValueError) as exc:
+        raise GatewayError(f"cannot read {history_path(key_path)}: {exc}") from None
+    for old in history.get("previous_keys", []) if isinstance(history, dict) else []:
+        try:
+            keys[str(old["key_id"])] = load_public_key(str(old["public_key_pem"]))
+        except (GatewayError, ValueError, KeyError, TypeError):
+            raise GatewayError(f"{history_path(key_path)}: unreadable previous key") from None
+    return keys
 
 
 async def _records_from_buffer(
     config: GatewayConfig, site: str | None
-) -> tuple[list[dict[str, Any]], Ed25519PublicKey | None]:
+) -> tuple[list[dict[str, Any]], dict[str, Ed25519PublicKey] | None]:
     from gateway.store import Store
 
     async with Store.for_site(config, create=False) as store:
@@ -257,8 +299,7 @@ async def _records_from_buffer(
     if site is not None:
         records = [r for r in records if r.get("site_id") == site]
     key_path = Path(config.storage.path).with_name("evgw-signing.key")
-    key = await asyncio.to_thread(load_key_file, key_path) if key_path.exists() else None
-    return records, key
+    return records, await asyncio.to_thread(buffer_keys, key_path)
 
 
 async def run_verify(
@@ -271,6 +312,7 @@ async def run_verify(
     """``evgw verify``: 0 when every record checks out, 1 (one line per problem) otherwise."""
     keys: Keys = None
     complete = False
+    store_problems: list[str] = []
     if file is not None:
         try:
             text = await asyncio.to_thread(Path(file).read_text, encoding="utf-8")
@@ -280,8 +322,9 @@ async def run_verify(
         if site is not None:
             records = [r for r in records if r.get("site_id") == site]
     elif db_url is not None:
-        records, site_keys = await _records_from_db(db_url, site)
+        records, site_keys, store_problems = await _records_from_db(db_url, site)
         keys = site_keys or None
+        complete = True  # the store bills: it must hold every record from seq 1
     elif config is not None:
         records, keys = await _records_from_buffer(config, site)
         complete = True  # the gateway keeps every finished session
@@ -290,8 +333,26 @@ async def run_verify(
     if key is not None:
         keys = await asyncio.to_thread(load_key_file, Path(key))
     result = verify_records(records, keys, complete=complete)
+    meter_keys = (
+        {d.id: d.meter_public_key for d in config.devices if d.meter_public_key}
+        if (config is not None)
+        else {}
+    )
+    signed_note = ""
+    if meter_keys:  # OCPP chargers with an OCMF-signing meter: check their signed values too
+        from gateway.ocpp.ocmf import load_meter_key
+        from gateway.ocpp.ocmf import verify_records as verify_signed
+
+        loaded = {d: load_meter_key(k) for d, k in meter_keys.items()}
+        signed_problems, signed_ok = verify_signed(records, loaded)
+        result.problems.extend(signed_problems)
+        result.ok = result.ok and not signed_problems
+        signed_note = f"; {signed_ok} signed meter value(s) valid"
     out = sys.stdout
-    for problem in result.problems:
-        out.write(problem + "\n")
-    out.write(result.summary() + "\n")
+    for problem in [*result.problems, *store_problems]:
+        out.write(printable(problem) + "\n")
+    if store_problems and result.ok:
+        out.write(f"{result.summary()}{signed_note}; but the store has problems (above)\n")
+        return 1
+    out.write(result.summary() + signed_note + "\n")
     return 0 if result.ok else 1

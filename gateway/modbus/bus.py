@@ -558,7 +558,7 @@ class BusPool:
         pool = cls(config.endpoints)
         for bus_cfg in config.buses:
             pool._buses[f"bus:{bus_cfg.id}"] = bus_from_config(bus_cfg)
-        for dev in config.devices:
+        for dev in config.modbus_devices:  # OCPP chargers connect by themselves
             pool._by_device[dev.id] = pool._bus_for_device(dev)
         return pool
 

@@ -369,7 +369,7 @@ def drivers_from_config(
 ) -> dict[str, DeviceDriver]:
     return {
         dev.id: DeviceDriver(dev, profiles[dev.driver], pool.bus_for(dev), clock)
-        for dev in config.devices
+        for dev in config.modbus_devices
     }
 
 
@@ -521,6 +521,11 @@ async def run_read(config: GatewayConfig, device_id: str, *, as_json: bool = Fal
         dev = config.device(device_id)
     except KeyError:
         raise _usage(f"no device {device_id!r} in the config") from None
+    if dev.driver == "ocpp":
+        raise _usage(
+            f"device {device_id} is an OCPP charge point: it reports by itself to `evgw run` "
+            "(its statuses and meter values are in the log and on the status topic)"
+        )
     if dev.driver not in profiles:
         raise _usage(f"device {device_id}: no profile named {dev.driver!r}")
     sample = await read_device_once(config, device_id, profiles)

@@ -8,6 +8,7 @@ A scenario file is a list of steps (or a mapping with ``steps:`` and ``traffic:`
     - {at: 3m, device: cp1, action: resume}
     - {at: 4m, device: m-site, action: fault, fault: no_answer}
     - {at: 5m, device: m-site, action: clear_fault}
+    - {at: 6m, device: m-site, action: override, register: energy_wh, value: 1e33, polls: 3}
     - {at: 10m, device: cp1, action: unplug}
 
 ``at`` is simulated time since the simulator started (``5s``, ``2m``, ``1h30m`` or seconds).
@@ -16,6 +17,7 @@ With the mapping form, ``traffic: true`` also runs the random EV traffic next to
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +38,9 @@ ACTIONS = (
     "unplug",
     "fault",
     "clear_fault",
+    "override",
 )
-_EV_ACTIONS = frozenset(ACTIONS) - {"fault", "clear_fault"}
+_EV_ACTIONS = frozenset(ACTIONS) - {"fault", "clear_fault", "override"}
 _KEYS = {
     "at",
     "device",
@@ -49,6 +52,9 @@ _KEYS = {
     "fault",
     "code",
     "delay",
+    "register",
+    "value",
+    "polls",
 }
 
 
@@ -62,6 +68,10 @@ class ScenarioStep:
     energy_need_wh: float | None = None
     phases: int | None = None
     fault: Fault | None = None
+    # action override: answer ``value`` (in the register's unit) in ``register`` for ``polls``
+    register: str | None = None
+    value: float | None = None
+    polls: int = 1
     line: int = 0
 
 
@@ -228,6 +238,27 @@ def _step(
             fault = Fault(FaultKind(kind), code=code, delay_s=delay_s)
     elif "fault" in item:
         doc.add((*path, "fault"), "only with action: fault", key=True)
+    register, value, polls = item.get("register"), None, item.get("polls", 1)
+    if action == "override":
+        if not isinstance(register, str) or not register:
+            doc.add(path, "action override needs register: a register name of the profile")
+        if "value" not in item:
+            doc.add(path, "action override needs value: what the register answers")
+        else:
+            raw = item["value"]
+            if isinstance(raw, str):  # YAML 1.1 reads 1e33 (no dot) as text
+                with contextlib.suppress(ValueError):
+                    raw = float(raw)
+            if isinstance(raw, bool) or not isinstance(raw, int | float):
+                doc.add((*path, "value"), f"expected a number, got {item['value']!r}")
+            else:
+                value = float(raw)
+        if isinstance(polls, bool) or not isinstance(polls, int) or polls < 1:
+            doc.add((*path, "polls"), f"expected a number of polls >= 1, got {polls!r}")
+    else:
+        for key in ("register", "value", "polls"):
+            if key in item:
+                doc.add((*path, key), "only with action: override", key=True)
     if len(doc.problems) > before:
         return None
     line = doc.where(path)[0]
@@ -240,5 +271,8 @@ def _step(
         energy_need_wh=energy_need_wh,
         phases=phases,
         fault=fault,
+        register=register if action == "override" else None,
+        value=value,
+        polls=polls if action == "override" else 1,
         line=line,
     )

@@ -147,6 +147,18 @@ class Fault:
 
 NO_FAULT = Fault()
 
+
+@dataclass(slots=True)
+class Override:
+    """Words a unit answers at ``table:address`` instead of its own for the next ``polls`` read
+    requests touching them: a meter that answers garbage for a while (1e30 kWh, -5 kWh)."""
+
+    table: Table
+    address: int
+    words: list[int]
+    polls: int
+
+
 # ---------------------------------------------------------------------------------------------
 # PDU handling (shared by every framing)
 
@@ -329,6 +341,7 @@ class SimServer:
         self.stopbits = stopbits
         self.bytesize = bytesize
         self._faults: dict[int, Fault] = {}
+        self._overrides: dict[int, list[Override]] = {}
         self._rng = random.Random(seed)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -435,6 +448,54 @@ class SimServer:
     def clear_fault(self, unit: int) -> None:
         self.set_fault(unit, NO_FAULT)
 
+    def override(
+        self, unit: int, table: Table | str, address: int, words: Iterable[int], polls: int = 1
+    ) -> Override:
+        """Answer ``words`` at ``table:address`` of ``unit`` for the next ``polls`` reads that
+        touch them; the unit's own values come back afterwards."""
+        if polls < 1:
+            raise ValueError(f"polls must be at least 1, got {polls}")
+        entry = Override(Table(table), address, [int(w) for w in words], polls)
+        if not all(0 <= w <= 0xFFFF for w in entry.words):
+            raise ValueError("override words must be in 0..65535")
+        self._overrides.setdefault(unit, []).append(entry)
+        log.info(
+            "sim_override_set",
+            endpoint=self.endpoint,
+            unit=unit,
+            table=entry.table.value,
+            address=address,
+            polls=polls,
+        )
+        return entry
+
+    def _read_overridden(self, unit: int, image: RegisterImage, pdu: bytes) -> bytes | None:
+        """The answer to a read with the unit's active overrides applied, or None."""
+        entries = self._overrides.get(unit)
+        if not entries or len(pdu) < 5 or pdu[0] not in (3, 4):
+            return None
+        table = _READ_TABLES[pdu[0]]
+        start, count = struct.unpack(">HH", pdu[1:5])
+        hit = [
+            o
+            for o in entries
+            if o.table is table and o.address < start + count and start < o.address + len(o.words)
+        ]
+        if not hit:
+            return None
+        saved = [(o, image.get(table, o.address, len(o.words))) for o in hit]
+        for o in hit:
+            image.set(table, o.address, o.words)
+        try:
+            reply = handle_pdu(image, pdu)
+        finally:
+            for o, words in reversed(saved):
+                image.set(table, o.address, words)
+        for o in hit:
+            o.polls -= 1
+        self._overrides[unit] = [o for o in entries if o.polls > 0]
+        return reply
+
     def fault(self, unit: int) -> Fault:
         return self._faults.get(unit, NO_FAULT)
 
@@ -505,7 +566,10 @@ class SimServer:
             return _Reply.GARBAGE, bytes(self._rng.getrandbits(8) for _ in range(size)), 0.0
         if kind is FaultKind.EXCEPTION:
             return _Reply.SEND, _exception(pdu[0] if pdu else 0, fault.code), fault.delay_s
-        return _Reply.SEND, handle_pdu(image, pdu), fault.delay_s
+        reply = self._read_overridden(unit, image, pdu)
+        if reply is None:
+            reply = handle_pdu(image, pdu)
+        return _Reply.SEND, reply, fault.delay_s
 
     # Modbus TCP -------------------------------------------------------------------------------
     async def _pause(self, seconds: float) -> None:

@@ -28,7 +28,7 @@ import itertools
 import random
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -36,6 +36,7 @@ import structlog
 
 from gateway.config import BusConfig, DeviceConfig, GatewayConfig
 from gateway.errors import GatewayError
+from gateway.modbus.codec import encode
 from gateway.model import Clock, DeviceKind, SystemClock, TokenType
 from gateway.profiles import Profile
 from gateway.sim.devices import SimCharger, SimMeter, TruthLog
@@ -106,7 +107,9 @@ class SimSite:
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be > 0")
-        self.config = config
+        # OCPP charge points are not served here: they connect to the gateway themselves
+        # (gateway.ocpp.sim).
+        self.config = replace(config, devices=config.modbus_devices)
         self.profiles = profiles
         self.speed = speed
         self.scenario = scenario
@@ -185,6 +188,17 @@ class SimSite:
 
     def clear_fault(self, device_id: str) -> None:
         self.set_fault(device_id, Fault())
+
+    def override(self, device_id: str, register: str, value: float, polls: int = 1) -> None:
+        """Make ``device_id`` answer ``value`` (in the register's unit, before its scale) in
+        register ``register`` for the next ``polls`` reads of it, e.g. an SDM630 showing
+        1e30 kWh: ``override("m1", "energy_wh", 1e33, polls=3)``."""
+        device = self._chargers.get(device_id) or self._meters.get(device_id)
+        if device is None:
+            raise KeyError(f"no simulated device {device_id!r}")
+        spec = device.profile.register(register)
+        server, unit = self._server_of[device_id]
+        server.override(unit, spec.table, spec.address, encode(spec, value), polls)
 
     async def sleep(self, sim_s: float) -> None:
         """Wait ``sim_s`` simulated seconds."""
@@ -431,6 +445,13 @@ class SimSite:
         if step.action == "clear_fault":
             self.clear_fault(step.device)
             return
+        if step.action == "override":
+            assert step.register is not None and step.value is not None
+            try:
+                self.override(step.device, step.register, step.value, step.polls)
+            except (KeyError, ValueError) as exc:  # no such register, or not encodable
+                log.error("sim_override_failed", device=step.device, error=str(exc))
+            return
         charger = self._chargers[step.device]
         if step.action == "plug_in":
             charger.plug_in(
@@ -553,11 +574,24 @@ async def run_simulator(
         config, profiles, speed=speed, scenario=scenario, truth_path=truth_path, seed=seed
     ) as site:
         _print_served(site, sys.stdout)
+        ocpp_task = None
+        if config.ocpp is not None and config.modbus_devices != config.devices:
+            from gateway.ocpp.sim import simulate_charge_points
+
+            ocpp_task = asyncio.get_running_loop().create_task(
+                simulate_charge_points(config, speed, sys.stdout), name="sim-ocpp"
+            )
         print(f"simulating at {speed:g}x; Ctrl-C to stop", file=sys.stdout, flush=True)
-        if duration_s is not None:
-            await asyncio.sleep(duration_s)
-        else:
-            await asyncio.Event().wait()
+        try:
+            if duration_s is not None:
+                await asyncio.sleep(duration_s)
+            else:
+                await asyncio.Event().wait()
+        finally:
+            if ocpp_task is not None:
+                ocpp_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ocpp_task
     return 0
 
 

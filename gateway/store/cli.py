@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from gateway.config import GatewayConfig
+from gateway.safeout import printable
 from gateway.store.sqlite import Store
 
 __all__ = ["load_session_rows", "render_sessions", "run_sessions"]
@@ -83,7 +84,9 @@ def render_sessions(
         return json.dumps(list(rows), indent=2, ensure_ascii=False, default=str)
     if fmt != "table":
         raise ValueError(f"unknown format {fmt!r}")
-    lines = [_COLUMNS, *(_cells(r) for r in rows)]
+    # user ids and tags are whatever a card or the cloud said: no escape sequence reaches the
+    # terminal raw
+    lines = [_COLUMNS, *(tuple(printable(c) for c in _cells(r)) for r in rows)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(_COLUMNS))]
     right = {5, 6}  # numbers line up on the right
     out = []

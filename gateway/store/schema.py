@@ -93,6 +93,26 @@ _V2 = (
 )
 
 _V3 = (
+    # Cloud commands: the reply sent for each request id (NULL while it runs, or when a signed
+    # command's id is spent before it runs), so a repeated id gets the first answer even after a
+    # restart. The replies older versions kept in kv (the last 256) move here.
+    "ALTER TABLE request_ids ADD COLUMN reply TEXT",
+    # Anything else under that key (not a list of [id, reply] pairs) is dropped: CASE keeps
+    # json_type() away from text that is no JSON.
+    """INSERT OR IGNORE INTO request_ids (request_id, seen_ts, reply)
+        SELECT json_extract(e.value, '$[0]'), kv.updated_ts, json_extract(e.value, '$[1]')
+        FROM kv, json_each(
+            CASE WHEN json_valid(kv.value) AND json_type(kv.value) = 'array'
+                 THEN kv.value ELSE '[]' END) AS e
+        WHERE kv.key = 'uplink.applied_requests'
+          AND CASE WHEN e.type = 'array'
+                   THEN json_type(e.value, '$[0]') = 'text'
+                        AND json_type(e.value, '$[1]') = 'object'
+                   ELSE 0 END""",
+    "DELETE FROM kv WHERE key = 'uplink.applied_requests'",
+)
+
+_V4 = (
     # Readings not yet delivered, by id. Marking a delivered batch is a ranged delete of narrow
     # rows here, instead of rewriting every ~400-byte reading row (and its partial index) to flip
     # a flag: that write cost as much as publishing. ``readings.synced`` is neither written nor
@@ -106,7 +126,7 @@ _V3 = (
     END""",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
 """MIGRATIONS[i] holds the statements that bring the schema to version i + 1."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -775,6 +775,36 @@ class Store:
                 raise StoreError(f"{self.path}: reading for the uplink failed: {exc}") from exc
             return []
 
+    async def reading_values(
+        self,
+        name: str,
+        since: float,
+        until: float,
+        after_id: int = 0,
+        limit: int = 20_000,
+        devices: Sequence[str] | None = None,
+    ) -> list[tuple[int, str, float, Any]]:
+        """One value (``name``, e.g. ``power_w``) of the readings taken in ``since <= ts <
+        until``, in id order (which follows time), one page after ``after_id``: ``(id,
+        device_id, ts, value)``, value None where a reading lacks it. SQLite picks the value out
+        of the stored JSON, so a month of readings is not decoded in Python. Page on with the
+        last id until a page is shorter than ``limit``."""
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"not a value name: {name!r}")
+        path = f"$.{name}"
+        sql = (
+            "SELECT id, device_id, ts, CASE WHEN wire IS NULL THEN json_extract(data, ?) "
+            "ELSE json_extract(CAST(wire AS TEXT), ?) END FROM readings "
+            "WHERE id > ? AND ts >= ? AND ts < ?"
+        )
+        params: list[Any] = [path, path, int(after_id), float(since), float(until)]
+        if devices is not None:
+            sql += f" AND device_id IN ({','.join('?' * len(devices))})"
+            params.extend(devices)
+        sql += " ORDER BY id LIMIT ?"
+        rows = await self._read(sql, [*params, int(limit)])
+        return [(i, d, ts, v) for i, d, ts, v in rows]
+
     async def readings_mark_synced(self, ids: Sequence[int]) -> None:
         if not ids:
             return
@@ -854,6 +884,33 @@ class Store:
             return cursor.rowcount == 1
 
         return await self._durable_session_write(body, "remembering a request id")
+
+    async def request_reply(self, request_id: str) -> tuple[bool, dict[str, Any] | None]:
+        """(seen, reply): whether a command's request id was remembered, and the reply stored
+        for it (None while none was stored)."""
+        rows = await self._read("SELECT reply FROM request_ids WHERE request_id = ?", (request_id,))
+        if not rows:
+            return False, None
+        text = rows[0][0]
+        try:
+            reply = json.loads(text) if text is not None else None
+        except ValueError:
+            reply = None
+        return True, reply if isinstance(reply, dict) else None
+
+    async def save_request_reply(self, request_id: str, reply: dict[str, Any]) -> None:
+        """Remember a request id with the reply sent for it (durably, before the reply goes)."""
+        text = json.dumps(reply, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        now = self._clock.time()
+
+        async def body(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "INSERT INTO request_ids (request_id, seen_ts, reply) VALUES (?, ?, ?) "
+                "ON CONFLICT(request_id) DO UPDATE SET reply=excluded.reply",
+                (request_id, now, text),
+            )
+
+        await self._durable_session_write(body, "remembering a command reply")
 
     # ------------------------------------------------------------------ queries for people
 
@@ -1000,6 +1057,8 @@ class Store:
                 "DELETE FROM outbox WHERE stream != ? AND created_ts < ?", (SESSION_STREAM, cutoff)
             )
             messages = cur.rowcount
+            # Request ids outlive the longest uplink.command_max_age (1 h) by far: the
+            # retention is at least a day, so a replayed signed command is still recognised.
             await db.execute("DELETE FROM request_ids WHERE seen_ts < ?", (cutoff,))
             return readings, messages
 

@@ -1,11 +1,23 @@
-"""Cloud commands: parse, validate, deduplicate, dispatch, reply.
+"""Cloud commands: parse, validate, authenticate, deduplicate, dispatch, reply.
 
 A command arrives on ``P/S/commands/{name}`` and is answered on ``P/S/commands/{name}/reply``
 with ``{"request_id", "ok": true, "result"}`` or ``{"request_id", "ok": false, "error": {"code",
-"message"}}``. Anything wrong with a command (size, JSON, name, schema, types, a refusal by the
-target) yields an error reply and reaches nothing: the target is called only with a payload that
-passed its schema. A ``request_id`` already applied is not applied again: the stored reply is
-sent again instead (the cloud retries when a reply is lost).
+"message"}}``. Anything wrong with a command (size, JSON, name, schema, types, signature, age, a
+refusal by the target) yields an error reply and reaches nothing: the target is called only with a
+payload that passed its schema (and, with a command key, its signature check). An auth response
+(``P/S/auth/response``) gets the same kind of reply on ``P/S/auth/response/reply``.
+
+Without a command key a ``request_id`` already applied is not applied again: the stored reply is
+sent again instead (the cloud retries when a reply is lost); a refused one may be retried.
+
+With a command key (``uplink.command_key``) every message must be signed by the cloud and fresh
+(``gateway.uplink.envelope``), and a request id is spent by the first signed message that
+carries it, whatever its outcome: a second one is refused as ``replayed`` (a refused ``start``
+replayed later, once a car is plugged in, must not charge). Request ids live in the SQLite buffer
+for at least a day, longer than the longest allowed age, so a replay is recognised after a
+restart too; an older one is refused as stale.
+
+Retained messages are never applied: a retained command would run again at every reconnect.
 """
 
 from __future__ import annotations
@@ -20,17 +32,18 @@ import structlog
 
 from gateway.errors import CommandError
 from gateway.model import AuthStatus, Token, TokenType, from_rfc3339
-from gateway.ports import CommandTarget
+from gateway.ports import CommandTarget, RequestLog
+from gateway.uplink.envelope import CommandVerifier
 from gateway.uplink.schemas import validate
 from gateway.uplink.topics import COMMAND_NAMES, Topics
 
-__all__ = ["MAX_COMMAND_BYTES", "CommandHandler", "Reply"]
+__all__ = ["MAX_COMMAND_BYTES", "CommandHandler", "MemoryRequestLog", "Reply"]
 
 log = structlog.get_logger(__name__)
 
 MAX_COMMAND_BYTES = 64 * 1024
-_KV_KEY = "uplink.applied_requests"
 _MAX_MESSAGE_CHARS = 500
+_AUTH_PREFIX = "auth-response:"  # auth responses spend ids apart from the cloud's command ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,61 +55,75 @@ class Reply:
         return json.dumps(self.payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+class MemoryRequestLog:
+    """A RequestLog in memory, for a handler without a buffer: the newest ``limit`` ids."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._limit = limit
+        self._ids: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
+
+    async def request_reply(self, request_id: str) -> tuple[bool, dict[str, Any] | None]:
+        if request_id not in self._ids:
+            return False, None
+        return True, self._ids[request_id]
+
+    async def remember_request_id(self, request_id: str) -> bool:
+        if request_id in self._ids:
+            return False
+        self._put(request_id, None)
+        return True
+
+    async def save_request_reply(self, request_id: str, reply: dict[str, Any]) -> None:
+        self._put(request_id, reply)
+
+    def _put(self, request_id: str, reply: dict[str, Any] | None) -> None:
+        self._ids[request_id] = reply
+        self._ids.move_to_end(request_id)
+        while len(self._ids) > self._limit:
+            self._ids.popitem(last=False)
+
+
 class CommandHandler:
     """Turns raw MQTT messages into calls on a CommandTarget and replies.
 
-    ``store`` is optional: when it has ``kv_get``/``kv_put`` the applied request ids (with their
-    replies) survive a restart; otherwise they are remembered in memory only.
+    ``requests`` remembers request ids and replies (the SQLite buffer, so they survive a
+    restart; in memory when None). ``verifier`` is set when the site has a command key.
     """
 
     def __init__(
         self,
         topics: Topics,
         target: CommandTarget,
-        store: object | None = None,
+        requests: RequestLog | None = None,
         *,
+        verifier: CommandVerifier | None = None,
         max_bytes: int = MAX_COMMAND_BYTES,
-        remember: int = 1024,
-        persist: int = 256,
     ) -> None:
         self._topics = topics
         self._target = target
+        self._requests: RequestLog = requests if requests is not None else MemoryRequestLog()
+        self._verifier = verifier
         self._max_bytes = max_bytes
-        self._remember = remember
-        self._persist = persist
-        self._applied: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        kv_get = getattr(store, "kv_get", None)
-        kv_put = getattr(store, "kv_put", None)
-        self._kv = (kv_get, kv_put) if callable(kv_get) and callable(kv_put) else None
-        self._loaded = self._kv is None
 
-    async def load(self) -> None:
-        """Read the persisted applied request ids (once; also done lazily on first use)."""
-        if self._loaded or self._kv is None:
-            return
-        self._loaded = True
-        raw = await self._kv[0](_KV_KEY)
-        if raw is None:
-            return
-        try:
-            entries = json.loads(raw) if isinstance(raw, str | bytes) else raw
-            for request_id, reply in entries:
-                self._applied[str(request_id)] = dict(reply)
-        except (ValueError, TypeError) as exc:
-            log.warning("applied_requests_unreadable", error=str(exc))
+    @property
+    def authenticated(self) -> bool:
+        return self._verifier is not None
 
-    async def handle(self, topic: str, payload: bytes) -> Reply | None:
-        """Process one message of ``commands/+`` or ``auth/response``; the reply to send, if any."""
-        await self.load()
-        if topic == self._topics.auth_response:
-            await self._auth_response(payload)
+    async def handle(self, topic: str, payload: bytes, *, retained: bool = False) -> Reply | None:
+        """Process one message of ``commands/+`` or ``auth/response``; the reply to send, if any
+        (none for a retained message or a topic that is not ours)."""
+        if retained:
+            log.warning("command_retained_ignored", topic=topic, bytes=len(payload))
             return None
+        if topic == self._topics.auth_response:
+            return await self._auth_response(topic, payload)
         name = self._topics.command_name(topic)
         if name is None:
             log.warning("command_topic_unexpected", topic=topic)
             return None
         reply_topic = self._topics.command_reply(name)
         request_id: str | None = None
+        spent = False  # the request id is used up: remember whatever reply it gets
         try:
             data = self._decode(payload)
             rid = data.get("request_id")
@@ -107,11 +134,15 @@ class CommandHandler:
             if problems:
                 raise CommandError("invalid", _clip("; ".join(problems)))
             assert request_id is not None  # the schema requires it
-            previous = self._applied.get(request_id)
-            if previous is not None:
-                self._applied.move_to_end(request_id)
-                log.info("command_repeated", command=name, request_id=request_id)
-                return Reply(reply_topic, previous)
+            if self._verifier is not None:
+                self._verifier.check(topic, data)
+                await self._spend(request_id, request_id)
+                spent = True
+            else:
+                _, previous = await self._requests.request_reply(request_id)
+                if previous is not None:
+                    log.info("command_repeated", command=name, request_id=request_id)
+                    return Reply(reply_topic, previous)
             result = await self._dispatch(name, data)
         except CommandError as exc:
             log.warning(
@@ -121,17 +152,45 @@ class CommandHandler:
                 code=exc.code,
                 reason=exc.message,
             )
-            return Reply(reply_topic, _error(request_id, exc.code, exc.message))
+            refused = _error(request_id, exc.code, exc.message)
+            if spent and request_id is not None:
+                await self._save(request_id, refused)
+            return Reply(reply_topic, refused)
         except Exception as exc:  # a bug in a target must not take the uplink down
             log.exception("command_failed", command=name, request_id=request_id)
-            return Reply(
-                reply_topic,
-                _error(request_id, "internal_error", _clip(f"{type(exc).__name__}: {exc}")),
-            )
+            failed = _error(request_id, "internal_error", _clip(f"{type(exc).__name__}: {exc}"))
+            if spent and request_id is not None:
+                await self._save(request_id, failed)
+            return Reply(reply_topic, failed)
         reply = {"request_id": request_id, "ok": True, "result": result}
-        await self._remember_applied(request_id, reply)
-        log.info("command_applied", command=name, request_id=request_id)
+        await self._save(request_id, reply)
+        log.info("command_applied", command=name, request_id=request_id, signed=spent)
         return Reply(reply_topic, reply)
+
+    async def _spend(self, key: str, request_id: str) -> None:
+        """Use up a signed message's request id, or refuse it as replayed."""
+        seen, first = await self._requests.request_reply(key)
+        if seen or not await self._requests.remember_request_id(key):
+            outcome = ""
+            if first is not None:
+                error = first.get("error")
+                outcome = (
+                    "; the first one was applied"
+                    if first.get("ok")
+                    else f"; the first one was refused ({error.get('code')})"
+                    if isinstance(error, dict)
+                    else ""
+                )
+            raise CommandError(
+                "replayed",
+                _clip(f"request_id {request_id!r} was used before{outcome}; not applied again"),
+            )
+
+    async def _save(self, request_id: str, reply: dict[str, Any]) -> None:
+        try:
+            await self._requests.save_request_reply(request_id, reply)
+        except Exception:
+            log.exception("command_reply_not_saved", request_id=request_id)
 
     def _decode(self, payload: bytes) -> dict[str, Any]:
         if len(payload) > self._max_bytes:
@@ -161,43 +220,62 @@ class CommandHandler:
             result = await target.update_tokens(
                 data["version"], data["mode"], tokens, list(data.get("remove", []))
             )
+        elif name == "limit":
+            try:
+                expires_at = _timestamp(data.get("expires_at"))
+            except ValueError as exc:
+                raise CommandError("invalid", _clip(f"expires_at: {exc}")) from None
+            result = await target.set_grid_limit(
+                data["request_id"],
+                data["scope"],
+                data.get("max_current_a"),
+                data.get("max_power_w"),
+                expires_at,
+                data.get("reason"),
+            )
+        elif name == "availability":
+            result = await target.change_availability(data["charger_id"], data["available"])
+        elif name == "reset":
+            result = await target.reset(data["charger_id"], data.get("type", "soft") == "hard")
         else:
             result = await target.update_tariffs(data["version"], data["tariffs"])
         return dict(result or {})
 
-    async def _auth_response(self, payload: bytes) -> None:
+    async def _auth_response(self, topic: str, payload: bytes) -> Reply:
+        reply_topic = self._topics.auth_response_reply
+        request_id: str | None = None
         try:
             data = self._decode(payload)
-        except CommandError as exc:
-            log.warning("auth_response_invalid", code=exc.code, reason=exc.message)
-            return
-        problems = validate("auth-response", data)
-        if problems:
-            log.warning("auth_response_invalid", code="invalid", reason=_clip("; ".join(problems)))
-            return
-        try:
+            rid = data.get("request_id")
+            request_id = rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
+            problems = validate("auth-response", data)
+            if problems:
+                raise CommandError("invalid", _clip("; ".join(problems)))
+            assert request_id is not None  # the schema requires it
+            if self._verifier is not None:
+                self._verifier.check(topic, data)
+                await self._spend(_AUTH_PREFIX + request_id, request_id)
             await self._target.auth_response(
-                data["request_id"],
+                request_id,
                 data["status"],
                 data.get("user"),
                 _timestamp(data.get("expires_at")),
             )
         except CommandError as exc:
-            log.warning("auth_response_refused", code=exc.code, reason=exc.message)
-        except Exception:
-            log.exception("auth_response_failed", request_id=data["request_id"])
-
-    async def _remember_applied(self, request_id: str, reply: dict[str, Any]) -> None:
-        self._applied[request_id] = reply
-        while len(self._applied) > self._remember:
-            self._applied.popitem(last=False)
-        if self._kv is None:
-            return
-        recent = list(self._applied.items())[-self._persist :]
-        try:
-            await self._kv[1](_KV_KEY, [list(item) for item in recent])
-        except Exception:
-            log.exception("applied_requests_not_saved", request_id=request_id)
+            log.warning(
+                "auth_response_refused", request_id=request_id, code=exc.code, reason=exc.message
+            )
+            return Reply(reply_topic, _error(request_id, exc.code, exc.message))
+        except Exception as exc:
+            log.exception("auth_response_failed", request_id=request_id)
+            return Reply(
+                reply_topic,
+                _error(request_id, "internal_error", _clip(f"{type(exc).__name__}: {exc}")),
+            )
+        return Reply(
+            reply_topic,
+            {"request_id": request_id, "ok": True, "result": {"status": data["status"]}},
+        )
 
 
 def _token(data: Mapping[str, Any]) -> Token:

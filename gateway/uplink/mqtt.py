@@ -44,6 +44,7 @@ from gateway.errors import UplinkError
 from gateway.model import Clock, SystemClock, rfc3339
 from gateway.ports import CommandTarget, UplinkStore
 from gateway.uplink.commands import CommandHandler
+from gateway.uplink.envelope import CommandVerifier, load_command_key
 from gateway.uplink.lean import Aggregate, LeanReadings
 from gateway.uplink.topics import Topics
 from gateway.wire import encode_reading, readings_batch
@@ -164,7 +165,12 @@ class MqttUplink:
         self._clock = clock or SystemClock()
         self._version = version
         self.topics = Topics(config.topic_prefix, site_id)
-        self._handler = CommandHandler(self.topics, commands, store)
+        verifier = None
+        if config.command_key is not None:
+            verifier = CommandVerifier(
+                load_command_key(config.command_key), config.command_max_age_s, self._clock
+            )
+        self._handler = CommandHandler(self.topics, commands, store, verifier=verifier)
         self._backoff = (backoff_min_s, backoff_max_s)
         self._safety_poll_s = safety_poll_s
         self._publish_timeout_s = publish_timeout_s or max(30.0, 4 * config.keepalive_s)
@@ -178,6 +184,8 @@ class MqttUplink:
         self._ack_ready = asyncio.Event()
         self._statuses: dict[str, bytes] = {}
         self._dirty: set[str] = set()
+        self._retained: dict[str, bytes] = {}  # full topic -> payload, kept and re-published
+        self._dirty_retained: set[str] = set()
         self._key_payload: bytes | None = None
         self._client: aiomqtt.Client | None = None
         self._online = False
@@ -186,7 +194,7 @@ class MqttUplink:
             if config.protocol == "3.1.1"
             else aiomqtt.ProtocolVersion.V5
         )
-        self._inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=1000)
+        self._inbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(maxsize=1000)
         self._inflight: _Inflight | None = None
         self.stats = UplinkStats(protocol="3.1.1" if config.protocol == "3.1.1" else "5")
 
@@ -213,6 +221,14 @@ class MqttUplink:
         self._wake.set()
 
     publish_status_now = publish_status
+
+    def publish_retained(self, topic: str, payload: dict[str, Any] | bytes) -> None:
+        """A retained message on ``topic`` (a full topic, maybe outside ``P/S``), published now
+        (if online) and again after each reconnect; the latest per topic wins. An empty payload
+        deletes the broker's retained message. Kept in memory only, like charger statuses."""
+        self._retained[topic] = payload if isinstance(payload, bytes) else _encode(payload)
+        self._dirty_retained.add(topic)
+        self._wake.set()
 
     def set_public_key(self, payload: dict[str, Any]) -> None:
         """The retained ``gateway/key`` message (published on every connect)."""
@@ -242,6 +258,15 @@ class MqttUplink:
     # -- the loops ----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        if self._handler.authenticated:
+            log.info("commands_authenticated", max_age_s=self._config.command_max_age_s)
+        else:
+            log.warning(
+                "commands_unauthenticated",
+                hint="uplink.command_key is not set: anyone who can publish on "
+                f"{self.topics.commands_filter} or {self.topics.auth_response} can start "
+                "charging or answer auth requests (see docs/security.md)",
+            )
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._command_worker(), name="uplink-commands")
             tg.create_task(self._connection_loop(), name="uplink-connection")
@@ -405,7 +430,7 @@ class MqttUplink:
             elif not isinstance(payload, bytes | bytearray):
                 payload = b"" if payload is None else str(payload).encode()
             try:
-                self._inbox.put_nowait((message.topic.value, bytes(payload)))
+                self._inbox.put_nowait((message.topic.value, bytes(payload), bool(message.retain)))
             except asyncio.QueueFull:
                 log.error("command_queue_full_dropped", topic=message.topic.value)
 
@@ -413,8 +438,8 @@ class MqttUplink:
         """Commands run outside the connection's task group: a dropped link never cancels a
         command half-way; its reply is sent if the uplink is back by then."""
         while True:
-            topic, payload = await self._inbox.get()
-            reply = await self._handler.handle(topic, payload)
+            topic, payload, retained = await self._inbox.get()
+            reply = await self._handler.handle(topic, payload, retained=retained)
             self.stats.commands += 1
             if reply is None:
                 continue
@@ -442,6 +467,7 @@ class MqttUplink:
         if self._key_payload is not None:
             await client.publish(self.topics.gateway_key, self._key_payload, qos=1, retain=True)
         self._dirty.update(self._statuses)
+        self._dirty_retained.update(self._retained)
         cursors = dict.fromkeys((*PRIORITY_STREAMS, SESSION_STREAM), 0)
         share = max(1, inflight.limit // 2)
         self._outbox_pending = True
@@ -492,6 +518,10 @@ class MqttUplink:
                     None,
                     (),
                 )
+                sent += 1
+            for topic in list(self._dirty_retained):
+                self._dirty_retained.discard(topic)
+                await send("retained", topic, self._retained[topic], 1, True, None, ())
                 sent += 1
             if self._outbox_pending or more or loop.time() >= outbox_due:
                 # Outbox rows come with a notify(); while a backlog drains, a stream is asked

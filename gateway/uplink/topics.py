@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 __all__ = ["COMMAND_NAMES", "Topics", "valid_topic_level"]
 
-COMMAND_NAMES = frozenset({"start", "stop", "tokens", "tariffs"})
+COMMAND_NAMES = frozenset(
+    {"start", "stop", "tokens", "tariffs", "limit", "availability", "reset"}
+)
 
 _FORBIDDEN = ("/", "+", "#", "\x00")
 
@@ -54,6 +56,10 @@ class Topics:
     def gateway_key(self) -> str:
         return self.full("gateway/key")
 
+    @property
+    def grid_limit(self) -> str:
+        return self.full("grid/limit")
+
     def charger_status(self, device_id: str) -> str:
         return self.full(f"chargers/{_level(device_id)}/status")
 
@@ -75,6 +81,11 @@ class Topics:
     @property
     def auth_response(self) -> str:
         return self.full("auth/response")
+
+    @property
+    def auth_response_reply(self) -> str:
+        """Where the gateway says whether it took an auth response (an extension)."""
+        return self.full("auth/response/reply")
 
     def command(self, name: str) -> str:
         return self.full(f"commands/{_level(name)}")

@@ -66,7 +66,7 @@ class GatewayMetrics:
         )
         for dev in gw.config.devices:  # every series exists from the first scrape
             self.polls.labels(dev.id)
-            if gw.profiles[dev.driver].kind is DeviceKind.CHARGER:
+            if gw.device_kind(dev.id) is DeviceKind.CHARGER:
                 self.sessions_finished.labels(dev.id)
                 self.session_energy.labels(dev.id)
         self.registry.register(_StateCollector(gw))
@@ -127,7 +127,7 @@ class _StateCollector(Collector):
             counts[session.charger_id] = counts.get(session.charger_id, 0) + 1
             open_energy.add_metric([session.charger_id], round(session.energy()))
         for dev in gw.config.devices:
-            if gw.profiles[dev.driver].kind is DeviceKind.CHARGER:
+            if gw.device_kind(dev.id) is DeviceKind.CHARGER:
                 open_.add_metric([dev.id], float(counts.get(dev.id, 0)))
         yield open_
         yield open_energy
@@ -165,9 +165,24 @@ class _StateCollector(Collector):
 def _load_metrics(gw: Gateway) -> Iterator[Metric]:
     load = gw.load
     settings = load.balancer.settings
+    effective = load.grid_limit
     yield GaugeMetricFamily(
         "evgw_grid_limit_a",
-        "Site connection limit per phase in force, A",
+        "Site limit per phase in force, A (the connection's, or lower when the grid asks)",
+        value=effective.site_a if effective is not None else settings.max_current_a,
+    )
+    source = GaugeMetricFamily(
+        "evgw_grid_limit_source",
+        "Where the limit in force comes from: 1 for the source in force",
+        labels=["source"],
+    )
+    for name in ("connection", "schedule", "signal", "cloud"):
+        current = effective.source if effective is not None else "connection"
+        source.add_metric([name], 1.0 if name == current else 0.0)
+    yield source
+    yield GaugeMetricFamily(
+        "evgw_grid_connection_limit_a",
+        "The connection's own limit per phase (grid.max_current_a), A",
         value=settings.max_current_a,
     )
     limit = GaugeMetricFamily(

@@ -212,7 +212,7 @@ class WebServer:
         self.gw = gw
         self.config = config
         # Other pages the status page links to (name -> URL path), e.g. the statistics page.
-        self.links: dict[str, str] = dict(links or {})
+        self.links: dict[str, str] = dict(links or {"statistics": "/stats"})
         self.metrics = GatewayMetrics(gw)
         self._auth = _Auth(config.users_file) if config.users_file else None
         self._hub = _Hub()
@@ -239,6 +239,7 @@ class WebServer:
         app.router.add_get("/api/events", self._events)
         app.router.add_get("/api/openapi.json", self._openapi)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/stats", self._stats)
         app.on_shutdown.append(self._on_shutdown)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
@@ -378,6 +379,41 @@ class WebServer:
                 ],
             }
         )
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        """``evgw stats`` of the running gateway: ``?from=&to=`` (local dates, default the last
+        7 days) and ``format=html|svg|json|csv``."""
+        from gateway.stats import FORMATS, collect_stats, render_stats
+
+        zone = ZoneInfo(self.gw.config.site.timezone)
+        today = datetime.fromtimestamp(self.gw.clock.time(), zone).date()
+        fmt = request.query.get("format", "html")
+        try:
+            end = date.fromisoformat(request.query.get("to", today.isoformat()))
+            start = date.fromisoformat(
+                request.query.get("from", (end - timedelta(days=6)).isoformat())
+            )
+            if fmt not in FORMATS:
+                raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+            if end < start or (end - start).days > 366:
+                raise ValueError("from..to must be 1 to 367 days, from before to")
+        except ValueError as exc:
+            return _json({"error": str(exc)}, status=400)
+        doc = await collect_stats(self.gw.store, self.gw.config, start, end)
+        # Drawing the charts takes a while on a Pi: not in the gateway's event loop.
+        text = await asyncio.to_thread(render_stats, doc, fmt)
+        types = {
+            "html": "text/html",
+            "svg": "image/svg+xml",
+            "json": "application/json",
+            "csv": "text/csv",
+        }
+        response = web.Response(text=text, content_type=types[fmt], charset="utf-8")
+        # The page is one file with inline styles (its own and each chart's) and no script.
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'"
+        )
+        return response
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = self.metrics.render()

@@ -62,12 +62,12 @@ async def build_status(gw: Gateway, links: dict[str, str] | None = None) -> dict
     decision = load.last if load is not None else None
     chargers = []
     for dev in gw.config.devices:
-        if gw.profiles[dev.driver].kind is not DeviceKind.CHARGER:
+        if gw.device_kind(dev.id) is not DeviceKind.CHARGER:
             continue
         chargers.append(await _charger(gw, dev.id, dev.driver, decision, now))
     meters = []
     for dev in gw.config.devices:
-        if gw.profiles[dev.driver].kind is DeviceKind.CHARGER:
+        if gw.device_kind(dev.id) is DeviceKind.CHARGER:
             continue
         live = gw.live.devices.get(dev.id)
         meters.append(
@@ -100,10 +100,17 @@ def _site(gw: Gateway, links: dict[str, str]) -> dict[str, Any]:
     if gw.load is not None and cfg.grid is not None:
         settings = gw.load.balancer.settings
         d = gw.load.last
+        in_force = gw.load.grid_limit  # gateway/gridlimit.py: None before the first decision
         grid = {
-            "limit_a": settings.max_current_a,
-            # Where the limit in force comes from; only the site config sets it today.
-            "limit_source": "config",
+            "limit_a": round(in_force.site_a, 2) if in_force else settings.max_current_a,
+            # connection (grid.max_current_a), schedule, signal (the grid operator's relay) or
+            # cloud (a limit command)
+            "limit_source": in_force.source if in_force else "connection",
+            "limit_reason": in_force.reason if in_force else None,
+            "limit_expires_at": (
+                rfc3339(in_force.expires_at) if in_force and in_force.expires_at else None
+            ),
+            "connection_limit_a": settings.max_current_a,
             "meter": settings.grid_meter,
             "mode": d.mode if d else None,
             "grid_a": [round(a, 2) for a in d.grid_a] if d and d.grid_a else None,

@@ -126,7 +126,10 @@ function renderSite(site) {
   const g = site.grid;
   let text = "";
   if (g) {
-    text = "· grid limit " + g.limit_a + " A per phase (" + g.limit_source + ")";
+    text = "· grid limit " + g.limit_a + " A per phase (" + g.limit_source;
+    if (g.limit_reason) text += ": " + g.limit_reason;
+    if (g.limit_expires_at) text += ", until " + new Date(g.limit_expires_at).toLocaleTimeString();
+    text += ")";
     if (g.grid_a) text += " · drawing " + g.grid_a.map((a) => a.toFixed(1)).join(" / ") + " A";
     if (g.mode === "failsafe") text += " · grid meter silent: failsafe";
     if (g.over_limit) text += " · OVER LIMIT";
