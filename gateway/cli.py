@@ -206,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="trust only the keys in DIR/<site id>.pem (default: trust each site's first key)",
     )
+    sp.add_argument(
+        "--reserved-site",
+        action="append",
+        metavar="NAME",
+        help="a broker account's name, never trusted on first use as a site "
+        "(repeatable; default: cloud, billing, homeassistant)",
+    )
 
     sp = sub.add_parser("trust", help="site keys and quarantine of the consumer's store")
     tsub = sp.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -435,7 +442,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:
-    from gateway.billing.consumer import run_consumer
+    from gateway.billing.consumer import RESERVED_SITES, run_consumer
 
     return _run_async(
         lambda: run_consumer(
@@ -448,6 +455,7 @@ def _cmd_consume(args: argparse.Namespace) -> int:
             ca_file=args.ca_file,
             duration_s=args.duration,
             trust_dir=args.trust,
+            reserved_sites=args.reserved_site or RESERVED_SITES,
         )
     )
 

@@ -76,11 +76,21 @@ __all__ = [
     "StartSession",
     "StatusChanged",
     "default_periods",
+    "max_power_w",
 ]
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_POWER_W = 100_000.0  # no AC charger on a Modbus gateway delivers more
+# The plausibility bound on counter steps, from a current per phase: three phases at 230 V x
+# POWER_MARGIN (253 V, the EN 50160 +10 % voltage limit, is x 1.1; the rest covers meter class
+# and the time between the meter counting and the gateway stamping its reading).
+POWER_MARGIN = 1.25
+NOMINAL_V = 230.0
+# A profile's current_limit.max_a is what the gateway may command, and not always the hardware
+# maximum (heidelberg-ec, amperfied-connect: 16 A "assumes the 11 kW model"). The bound taken
+# from a profile is therefore never below this: the largest current of a common 22 kW wallbox.
+PROFILE_FLOOR_A = 32.0
 # No energy counter on a charging site shows more: a 1 MW connection needs 114 years to count
 # 1 TWh. Counters whose register could show more (i64, u64, floats) are capped here.
 MAX_COUNTER_WH = 10**12
@@ -1513,10 +1523,18 @@ TariffsResolver = Callable[[str, str | None], tuple[Any, ...] | None]
 EventSink = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 
 
-def _max_power_w(max_current_a: float | None) -> float:
-    if max_current_a is None:
+def max_power_w(max_current_a: float | None, profile_max_a: float | None = None) -> float:
+    """The most a charger can deliver, for the plausibility of its counters: the tightest known
+    bound. The site's ``max_current_a`` for the device (how it is wired), else its profile's
+    ``current_limit.max_a`` (at least ``PROFILE_FLOOR_A``), else ``DEFAULT_MAX_POWER_W``; a
+    current becomes power as three phases x 230 V x ``POWER_MARGIN``."""
+    if max_current_a is not None:
+        amps = max_current_a
+    elif profile_max_a is not None:
+        amps = max(profile_max_a, PROFILE_FLOOR_A)
+    else:
         return DEFAULT_MAX_POWER_W
-    return 3 * 230.0 * max_current_a * 1.25  # three phases, with margin for voltage and meters
+    return 3 * NOMINAL_V * amps * POWER_MARGIN
 
 
 class SessionManager:
@@ -1543,10 +1561,12 @@ class SessionManager:
         prefer_session_counters: Iterable[str] = (),
         transactional: Iterable[str] = (),
         counters: Mapping[str, Mapping[str, Counter]] | None = None,
+        profile_max_a: Mapping[str, float] | None = None,
     ) -> None:
         """``time_scale``: simulated seconds per wall second when the devices are simulated
         faster than real time (``evgw demo``); it widens the plausibility bound on counter
-        steps, which is measured against the gateway's wall clock."""
+        steps, which is measured against the gateway's wall clock. ``profile_max_a``: charger
+        id -> its profile's ``current_limit.max_a`` (see :func:`max_power_w`)."""
         self._config = config
         self._store = store
         self._authorizer = authorizer
@@ -1566,6 +1586,7 @@ class SessionManager:
             else [d for d in devices if d not in meters]
         )
         counters = counters or {}
+        profile_max_a = profile_max_a or {}
         resets = set(plug_reset_counters)  # chargers whose session counter restarts at plug-in
         prefer = set(prefer_session_counters) & resets
         reporting = set(transactional)
@@ -1583,7 +1604,8 @@ class SessionManager:
                     meter_id=dev.meter,
                     poll_interval_s=dev.poll_interval_s,
                     meter_poll_interval_s=meter.poll_interval_s if meter else dev.poll_interval_s,
-                    max_power_w=_max_power_w(dev.max_current_a) * max(1.0, time_scale),
+                    max_power_w=max_power_w(dev.max_current_a, profile_max_a.get(cid))
+                    * max(1.0, time_scale),
                     controllable=chargers is not None and chargers.can_control(cid),
                     session_counter_resets_on_plug=cid in resets,
                     prefer_session_counter=cid in prefer,
@@ -1733,7 +1755,7 @@ class SessionManager:
                 token = session.user.get("token")
                 if token is None or session.user.get("auth") == AuthSource.REMOTE.value:
                     continue
-                status = check(token)
+                status = check(token, session.charger_id)
                 if status in (AuthStatus.BLOCKED, AuthStatus.EXPIRED):
                     log.info("session_deauthorized", session_id=session.session_id, token=token)
                     await self._perform(

@@ -815,9 +815,16 @@ class Harness:
         self.pricer = pricer
         self.meter_wh = 500_000.0
         self.cp2_wh = 80_000.0
+        self.truncated_to: dict[str, int] = {}  # the chargers' tag.truncated_to
 
     async def build(self) -> SessionManager:
-        self.authorizer = Authorizer(self.config.auth, MemoryAuthStore(), self.cloud, self.clock)
+        self.authorizer = Authorizer(
+            self.config.auth,
+            MemoryAuthStore(),
+            self.cloud,
+            self.clock,
+            truncated_to=self.truncated_to,
+        )
         self.cloud.authorizer = self.authorizer
         await self.authorizer.load()
 
@@ -1195,6 +1202,7 @@ def test_plausible_monotonic_counter_gives_exact_difference(steps: list[tuple[fl
 async def test_truncated_tag_session_records_the_full_token() -> None:
     store = MemorySessionStore()
     h = Harness(store)
+    h.truncated_to = {"cp2": 8}  # as if cp2 showed 4 bytes of a UID, as a KEBA does
     manager = await h.build()
     await h.cp("cp2", PREPARING)
     await h.cp("cp2", PREPARING, tag="04a2b3c4")

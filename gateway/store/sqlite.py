@@ -161,6 +161,14 @@ class _Opening:
             await self._store.close()
 
 
+def _finished_rows(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    """(record, synced_at, finished_ts) rows wrapped with their local state."""
+    return [
+        {"state": "finished", "synced_at": synced, "finished_at": fin, "record": json.loads(rec)}
+        for rec, synced, fin in rows
+    ]
+
+
 class Store:
     """The gateway's SQLite buffer. Implements ``SessionStore``, ``UplinkStore`` and ``AuthStore``
     of gateway.ports. Open with ``await Store.open(path, site_id=...)`` or
@@ -925,11 +933,8 @@ class Store:
         """Sealed records, exactly as stored (verifiable with gateway.records.record_hash), in
         ``seq`` order. ``since``/``until`` (Unix seconds) select by start time:
         since <= started_at < until."""
-        where, params = self._session_filter(since, until, user, charger, unsynced_only)
-        rows = await self._read(
-            f"SELECT record FROM finished_sessions{where} ORDER BY site_id, seq", params
-        )
-        return [json.loads(r[0]) for r in rows]
+        rows = await self.finished_session_rows(since, until, user, charger, unsynced_only)
+        return [row["record"] for row in rows]
 
     async def finished_session_rows(
         self,
@@ -947,15 +952,7 @@ class Store:
             "site_id, seq",
             params,
         )
-        return [
-            {
-                "state": "finished",
-                "synced_at": synced,
-                "finished_at": fin,
-                "record": json.loads(rec),
-            }
-            for rec, synced, fin in rows
-        ]
+        return _finished_rows(rows)
 
     async def recent_finished_sessions(self, limit: int) -> list[dict[str, Any]]:
         """The ``limit`` most recently finished sessions, newest first, wrapped like
@@ -965,15 +962,7 @@ class Store:
             "ORDER BY finished_ts DESC, seq DESC LIMIT ?",
             (int(limit),),
         )
-        return [
-            {
-                "state": "finished",
-                "synced_at": synced,
-                "finished_at": fin,
-                "record": json.loads(rec),
-            }
-            for rec, synced, fin in rows
-        ]
+        return _finished_rows(rows)
 
     def _session_filter(
         self,
