@@ -766,7 +766,7 @@ class SessionTracker:
         session_id: str | None = None
         if conn.plugged:
             conn.anchor_ts, conn.anchor_wh = now, self._reading(conn, now)
-            conn.anchor_latched = False
+            conn.anchor_latched = conn.anchor_reconstructed = False
             session_id = self._start(conn, grant, now, effects).session_id
         self._status(conn, now, effects)
         return effects, session_id
@@ -1336,9 +1336,49 @@ class SessionTracker:
             # The start reading is taken when the authorization begins, unless the EV was
             # plugged in at this very sample (a swap keeps its split reading).
             if conn.plugged and (conn.anchor_ts is None or conn.anchor_ts < now):
-                conn.anchor_ts, conn.anchor_wh = now, self._reading(conn, now)
-                conn.anchor_latched = False
+                self._anchor_at_tag(conn, now)
         effects.append(RequestAuth(conn.spec.charger_id, tag, "rfid", conn.attempt))
+
+    def _anchor_at_tag(self, conn: _Connector, now: float) -> None:
+        """Move the start to the beginning of the authorization by a tag first seen at ``now``.
+
+        The tag was shown after the charger's previous sample (which showed none) and by this
+        one. When the counter did not move in between, this sample's reading is the start.
+        When it rose, the charger may have begun charging right after the tag (a late poll
+        sees both at once): the previous sample is the start, or the anchor itself (the
+        plug-in, possibly dated back by the session counter) when that is not older."""
+        source = self._source(conn)
+        reading = self._reading(conn, now, source)
+        before = self._previous(conn, source)
+        if (
+            reading is not None
+            and before is not None
+            and conn.anchor_ts is not None
+            and before[0] < now
+            and before[1] < reading
+            and _rises_plausibly(
+                before[1],
+                before[0],
+                reading,
+                now,
+                conn.spec.poll_interval_s,
+                conn.spec.max_power_w,
+                conn.spec.counter(source).step_wh(reading),
+            )
+        ):
+            if before[0] <= conn.anchor_ts:
+                return  # no sample between the anchor and the tag: the anchor stands
+            log.info(
+                "start_before_tag_sample",
+                charger_id=conn.spec.charger_id,
+                start_wh=before[1],
+                tag_sample_wh=reading,
+            )
+            conn.anchor_ts, conn.anchor_wh = before
+        else:
+            conn.anchor_ts, conn.anchor_wh = now, reading
+        # A start read by the gateway: neither latched late nor dated back.
+        conn.anchor_latched = conn.anchor_reconstructed = False
 
     def _start(
         self, conn: _Connector, grant: Grant, now: float, effects: list[Effect]

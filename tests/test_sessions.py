@@ -1271,3 +1271,52 @@ def test_plug_in_found_still_preparing_is_not_flagged() -> None:
     rig.cp(AVAILABLE)
     (rec,) = rig.records()
     assert rec["energy_wh"] == 30 and rec["flags"] == []
+
+
+def test_tag_seen_after_charging_began_keeps_a_reconstructed_start() -> None:
+    # The kill loop's cp2 (Vestel: Wh session counter reset at plug-in, billed from it): the
+    # gateway came up after the plug-in and before the tag; its next poll came late (machine
+    # loaded) and showed the tag together with the first Wh. Re-reading the start there billed
+    # 126 of 127.314 Wh; the counter dated back to the plug-in holds it all.
+    rig = Rig(session_counter_resets_on_plug=True, prefer_session_counter=True)
+    rig.cp(PREPARING, session_wh=0.0, energy_wh=3_513_200.0)  # first sample after a restart
+    rig.cp(CHARGING, tag="AAA", session_wh=1.0, energy_wh=3_513_200.0, dt=10.0)
+    rig.answer()
+    for wh in (40.0, 80.0, 120.0, 127.0):
+        rig.cp(CHARGING, tag="AAA", session_wh=wh, energy_wh=3_513_300.0, dt=10.0)
+    rig.cp(SUSP_EV, tag="AAA", session_wh=127.0, energy_wh=3_513_400.0)
+    rig.cp(AVAILABLE, session_wh=127.0, energy_wh=3_513_400.0)
+    (rec,) = rig.records()
+    assert (rec["meter_start_wh"], rec["energy_wh"]) == (0, 127)
+    assert rec["flags"] == ["start_reconstructed", "comms_gap"]  # the failure's own flags
+
+
+def test_tag_seen_after_charging_began_bills_from_the_last_sample_without_it() -> None:
+    # Plug-in witnessed, then one late poll shows the tag and energy already flowing: the tag
+    # came after the previous poll, so that poll's reading is the start (not this one's).
+    rig = Rig(session_counter_resets_on_plug=True, prefer_session_counter=True)
+    rig.cp(AVAILABLE, session_wh=0.0)
+    rig.cp(PREPARING, session_wh=0.0)  # plug-in
+    rig.cp(PREPARING, session_wh=0.0)
+    before_tag = rig.t
+    rig.cp(CHARGING, tag="AAA", session_wh=3.0, dt=3.0)
+    rig.answer()
+    rig.cp(CHARGING, tag="AAA", session_wh=20.0, dt=3.0)
+    rig.cp(AVAILABLE, session_wh=20.0)
+    (rec,) = rig.records()
+    assert (rec["meter_start_wh"], rec["energy_wh"], rec["flags"]) == (0, 20, [])
+    assert ts(rec["started_at"]) == pytest.approx(before_tag, abs=0.001)
+
+
+def test_tag_after_a_reconstructed_plug_in_reads_the_start_anew_and_drops_the_flag() -> None:
+    # Found plugged in with 1500 Wh counted while the gateway was down and no tag, not charging:
+    # the tag shown later begins the authorization and the start is read then, as any start
+    # read by the gateway (not dated back: no start_reconstructed).
+    rig = Rig(session_counter_resets_on_plug=True)
+    rig.cp(SUSP_EV, session_wh=1500.0)
+    rig.cp(SUSP_EV, tag="AAA", session_wh=1500.0)
+    rig.answer()
+    rig.cp(CHARGING, tag="AAA", add_wh=10, session_wh=1510.0)
+    rig.cp(AVAILABLE, session_wh=1510.0)
+    (rec,) = rig.records()
+    assert (rec["meter_start_wh"], rec["energy_wh"], rec["flags"]) == (1_203_345, 10, [])
