@@ -15,7 +15,10 @@ Rules (one connector per charger device):
   no tag) gets a session with ``user.id`` null, ``user.auth`` "local" and the flag
   ``unidentified``; a tag accepted later identifies that same session.
 * Its start time and start reading are taken at the later of plug-in and the beginning of the
-  authorization (a self-authorizing charger may start charging while the cloud answers).
+  authorization (a self-authorizing charger may start charging while the cloud answers). A tag
+  is shown at some moment between two polls: when the poll that first shows it also shows
+  energy counted since the poll before, the start is that earlier poll (or the plug-in, when
+  no poll came in between), never the reading taken together with the tag.
 * It ends at unplug (``ev_disconnected``), remote stop (``remote``), deauthorization
   (``deauthorized``, after a token list change blocks its token), a different tag on the same
   connector (``local``), or a car swap within one poll seen as a drop of the charger's session
