@@ -1320,3 +1320,17 @@ def test_tag_after_a_reconstructed_plug_in_reads_the_start_anew_and_drops_the_fl
     rig.cp(AVAILABLE, session_wh=1510.0)
     (rec,) = rig.records()
     assert (rec["meter_start_wh"], rec["energy_wh"], rec["flags"]) == (1_203_345, 10, [])
+
+
+def test_app_start_after_a_reconstructed_plug_in_is_read_at_the_command() -> None:
+    # Found plugged in (1500 Wh counted while the gateway was down), started from the app later:
+    # the start is read at the command, so it is not dated back and says so.
+    rig = Rig(session_counter_resets_on_plug=True)
+    rig.cp(SUSP_EV, session_wh=1500.0)
+    rig.cp(SUSP_EV, session_wh=1500.0)
+    grant = Grant("bob", None, "app", AuthSource.REMOTE, rig.t)
+    rig._take(rig.tracker.remote_start("cp1", grant, rig.t)[0])
+    rig.cp(CHARGING, add_wh=10, session_wh=1510.0)
+    rig.cp(AVAILABLE, session_wh=1510.0)
+    (rec,) = rig.records()
+    assert (rec["meter_start_wh"], rec["energy_wh"], rec["flags"]) == (1_203_345, 10, [])
