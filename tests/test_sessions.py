@@ -1334,3 +1334,44 @@ def test_app_start_after_a_reconstructed_plug_in_is_read_at_the_command() -> Non
     rig.cp(AVAILABLE, session_wh=1510.0)
     (rec,) = rig.records()
     assert (rec["meter_start_wh"], rec["energy_wh"], rec["flags"]) == (1_203_345, 10, [])
+
+
+def test_plug_in_seen_by_a_late_poll_that_shows_energy_bills_it_from_the_session_counter() -> None:
+    # The poll after the plug-in came late (machine loaded): the car is charging already and
+    # its restarted session counter shows 9 Wh. They are this car's (the kill loop billed 118
+    # of 126.67 Wh without a flag).
+    rig = Rig(session_counter_resets_on_plug=True, prefer_session_counter=True)
+    rig.cp(AVAILABLE, session_wh=127.0)  # the previous car's session
+    rig.cp(CHARGING, tag="AAA", session_wh=9.0, dt=3.0)
+    plugged = rig.t
+    rig.answer()
+    rig.cp(CHARGING, tag="AAA", session_wh=40.0, dt=3.0)
+    rig.cp(AVAILABLE, session_wh=40.0)
+    (rec,) = rig.records()
+    assert (rec["meter_start_wh"], rec["energy_wh"], rec["flags"]) == (0, 40, [])
+    assert ts(rec["started_at"]) == pytest.approx(plugged, abs=0.001)
+
+
+def test_plug_in_seen_by_a_late_poll_that_shows_energy_bills_it_from_the_lifetime_counter() -> None:
+    rig = Rig()  # lifetime counter only (Webasto NEXT)
+    rig.cp(AVAILABLE)
+    rig.cp(CHARGING, tag="AAA", add_wh=9, dt=3.0)
+    rig.answer()
+    rig.cp(CHARGING, tag="AAA", add_wh=30, dt=3.0)
+    rig.cp(AVAILABLE)
+    (rec,) = rig.records()
+    assert (rec["meter_start_wh"], rec["energy_wh"], rec["flags"]) == (1_203_345, 39, [])
+
+
+def test_session_counter_not_restarted_at_a_late_plug_poll_is_not_dated_back() -> None:
+    # Still the last car's small value (no visible restart), or more than could have been
+    # counted since the previous poll: the start is the reading, never zero.
+    for old, new in ((5.0, 9.0), (0.0, 500.0)):
+        rig = Rig(session_counter_resets_on_plug=True, prefer_session_counter=True)
+        rig.cp(AVAILABLE, session_wh=old)
+        rig.cp(CHARGING, tag="AAA", session_wh=new)
+        rig.answer()
+        rig.cp(CHARGING, tag="AAA", session_wh=new + 10)
+        rig.cp(AVAILABLE, session_wh=new + 10)
+        (rec,) = rig.records()
+        assert (rec["meter_start_wh"], rec["energy_wh"]) == (new, 10), (old, new)
