@@ -15,7 +15,12 @@ Rules (one connector per charger device):
   no tag) gets a session with ``user.id`` null, ``user.auth`` "local" and the flag
   ``unidentified``; a tag accepted later identifies that same session.
 * Its start time and start reading are taken at the later of plug-in and the beginning of the
-  authorization (a self-authorizing charger may start charging while the cloud answers).
+  authorization (a self-authorizing charger may start charging while the cloud answers). A tag
+  is shown at some moment between two polls: when the poll that first shows it also shows
+  energy counted since the poll before, the start is that earlier poll (or the plug-in, when
+  no poll came in between), never the reading taken together with the tag. Likewise a plug-in
+  first seen by a poll that shows energy already: the start reading is the previous poll's
+  (or zero on a session counter that visibly restarted at the plug-in).
 * It ends at unplug (``ev_disconnected``), remote stop (``remote``), deauthorization
   (``deauthorized``, after a token list change blocks its token), a different tag on the same
   connector (``local``), or a car swap within one poll seen as a drop of the charger's session
@@ -776,7 +781,7 @@ class SessionTracker:
         session_id: str | None = None
         if conn.plugged:
             conn.anchor_ts, conn.anchor_wh = now, self._reading(conn, now)
-            conn.anchor_latched = False
+            conn.anchor_latched = conn.anchor_reconstructed = False
             session_id = self._start(conn, grant, now, effects).session_id
         self._status(conn, now, effects)
         return effects, session_id
@@ -995,7 +1000,7 @@ class SessionTracker:
                 if unwitnessed:
                     self._unwitnessed_plug(conn, now)
                 else:
-                    self._new_plug(conn, now, self._reading(conn, now))
+                    self._witnessed_plug(conn, now)
             elif not plugged and conn.plugged:
                 conn.plugged = False
                 conn.anchor_ts = conn.anchor_wh = None
@@ -1346,9 +1351,87 @@ class SessionTracker:
             # The start reading is taken when the authorization begins, unless the EV was
             # plugged in at this very sample (a swap keeps its split reading).
             if conn.plugged and (conn.anchor_ts is None or conn.anchor_ts < now):
-                conn.anchor_ts, conn.anchor_wh = now, self._reading(conn, now)
-                conn.anchor_latched = False
+                self._anchor_at_tag(conn, now)
         effects.append(RequestAuth(conn.spec.charger_id, tag, "rfid", conn.attempt))
+
+    def _rose_since_previous(
+        self, conn: _Connector, source: str | None, reading: int | None, now: float
+    ) -> tuple[float, int] | None:
+        """The previous reading of counter ``source`` when the counter rose plausibly from it
+        to ``reading`` (read at ``now``): energy flowed in between."""
+        before = self._previous(conn, source)
+        if reading is None or before is None or not before[0] < now or not before[1] < reading:
+            return None
+        step_wh = conn.spec.counter(source).step_wh(reading)
+        interval_s = conn.spec.poll_interval_s
+        if source is not None and source.startswith("meter:"):
+            interval_s = conn.spec.meter_poll_interval_s
+        if not _rises_plausibly(
+            before[1], before[0], reading, now, interval_s, conn.spec.max_power_w, step_wh
+        ):
+            return None
+        return before
+
+    def _witnessed_plug(self, conn: _Connector, now: float) -> None:
+        """An EV plugged in since the previous sample, which showed none. A late poll may find
+        it charging already: what was counted since the previous sample is this car's, so the
+        start reading is the previous sample's; a session counter that restarts at plug-in,
+        visibly restarted and shows no more than could have been counted since then dates it
+        back to zero. The start time stays this sample's (a tag seen in it is no later)."""
+        source = self._source(conn)
+        reading = self._reading(conn, now, source)
+        self._new_plug(conn, now, reading)
+        if reading is None:
+            return
+        if source == "session_energy_wh" and conn.spec.session_counter_resets_on_plug:
+            before = conn.session_prev
+            # It visibly restarted (dropped from the last car's value, or rose from zero).
+            restarted = before is not None and (reading < before[1] or before[1] == 0)
+            if reading > 0 and before is not None and before[0] < now and restarted:
+                elapsed_s = max(now - before[0], conn.spec.poll_interval_s)
+                step_wh = conn.spec.counter(source).step_wh(reading)
+                if reading <= conn.spec.max_power_w * elapsed_s / 3600.0 + step_wh:
+                    conn.anchor_wh = 0
+                    log.info(
+                        "start_before_plug_sample",
+                        charger_id=conn.spec.charger_id,
+                        counted_wh=reading,
+                    )
+            return
+        rose = self._rose_since_previous(conn, source, reading, now)
+        if rose is not None:
+            conn.anchor_wh = rose[1]
+            log.info(
+                "start_before_plug_sample",
+                charger_id=conn.spec.charger_id,
+                counted_wh=reading - rose[1],
+            )
+
+    def _anchor_at_tag(self, conn: _Connector, now: float) -> None:
+        """Move the start to the beginning of the authorization by a tag first seen at ``now``.
+
+        The tag was shown after the charger's previous sample (which showed none) and by this
+        one. When the counter did not move in between, this sample's reading is the start.
+        When it rose, the charger may have begun charging right after the tag (a late poll
+        sees both at once): the previous sample is the start, or the anchor itself (the
+        plug-in, possibly dated back by the session counter) when that is not older."""
+        source = self._source(conn)
+        reading = self._reading(conn, now, source)
+        before = self._rose_since_previous(conn, source, reading, now)
+        if before is not None and conn.anchor_ts is not None:
+            if before[0] <= conn.anchor_ts:
+                return  # no sample between the anchor and the tag: the anchor stands
+            log.info(
+                "start_before_tag_sample",
+                charger_id=conn.spec.charger_id,
+                start_wh=before[1],
+                tag_sample_wh=reading,
+            )
+            conn.anchor_ts, conn.anchor_wh = before
+        else:
+            conn.anchor_ts, conn.anchor_wh = now, reading
+        # A start read by the gateway: neither latched late nor dated back.
+        conn.anchor_latched = conn.anchor_reconstructed = False
 
     def _start(
         self, conn: _Connector, grant: Grant, now: float, effects: list[Effect]
