@@ -260,7 +260,13 @@ class Gateway:
             )
             self.uplink.set_public_key(self.signer.public_key_payload())
         self.homeassistant, self.ha_link = self._homeassistant_parts()
-        self.authorizer = Authorizer(cfg.auth, self.store, self.uplink, self.clock)
+        self.authorizer = Authorizer(
+            cfg.auth,
+            self.store,
+            self.uplink,
+            self.clock,
+            truncated_to=truncated_tags(cfg, self.profiles),
+        )
         await self.authorizer.load()
         from gateway.tokenparts import TokenParts
 
@@ -280,6 +286,7 @@ class Gateway:
             charger_ids=[d for d, kind in self._kinds.items() if kind is DeviceKind.CHARGER],
             time_scale=self.time_scale,
             counters={d.id: _counters(self.profiles[d.driver]) for d in cfg.modbus_devices},
+            profile_max_a=profile_max_currents(cfg, self.profiles),
             plug_reset_counters=[
                 d.id for d in cfg.modbus_devices if _plug_reset_counter(self.profiles[d.driver])
             ],
@@ -531,6 +538,29 @@ def energy_counter(spec: RegisterSpec) -> Counter:
         return Counter(MAX_COUNTER_WH, 1, bits, spec.scale)
     top = min(MAX_COUNTER_WH, math.floor(rng[1]))
     return Counter(max(0, top), max(1, math.ceil(abs(spec.scale))))
+
+
+def truncated_tags(config: GatewayConfig, profiles: Mapping[str, Profile]) -> dict[str, int]:
+    """Device id -> tag length, for devices whose profile says they show only part of a card
+    id (``tag.truncated_to``): the ``Authorizer``'s ``truncated_to``."""
+    out: dict[str, int] = {}
+    for dev in config.modbus_devices:
+        tag = profiles[dev.driver].tag
+        if tag is not None and tag.truncated_to is not None:
+            out[dev.id] = tag.truncated_to
+    return out
+
+
+def profile_max_currents(
+    config: GatewayConfig, profiles: Mapping[str, Profile]
+) -> dict[str, float]:
+    """Device id -> its profile's ``current_limit.max_a``: the ``SessionManager``'s
+    ``profile_max_a`` (the plausibility bound of its counters)."""
+    return {
+        d.id: limit.max_a
+        for d in config.modbus_devices
+        if (limit := profiles[d.driver].current_limit) is not None
+    }
 
 
 def _counters(profile: Profile) -> dict[str, Counter]:

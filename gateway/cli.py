@@ -218,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="trust only the keys in DIR/<site id>.pem (default: trust each site's first key)",
     )
+    sp.add_argument(
+        "--reserved-site",
+        action="append",
+        metavar="NAME",
+        help="a broker account's name, never trusted on first use as a site "
+        "(repeatable; default: cloud, billing, homeassistant)",
+    )
 
     sp = sub.add_parser("trust", help="site keys and quarantine of the consumer's store")
     tsub = sp.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -489,7 +496,7 @@ def _broker_password(args: argparse.Namespace) -> str | None:
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:
-    from gateway.billing.consumer import run_consumer
+    from gateway.billing.consumer import RESERVED_SITES, run_consumer
 
     _no_password_in(
         args.broker, "--broker", f"use --password-file FILE or the {BROKER_PASSWORD_ENV} variable"
@@ -508,6 +515,7 @@ def _cmd_consume(args: argparse.Namespace) -> int:
             duration_s=args.duration,
             trust_dir=args.trust,
             password=password,
+            reserved_sites=args.reserved_site or RESERVED_SITES,
         )
     )
 

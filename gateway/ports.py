@@ -112,6 +112,10 @@ class UplinkStore(RequestLog, Protocol):
 
     async def readings_fetch_unsynced(self, limit: int, after_id: int = 0) -> list[ReadingRow]: ...
 
+    async def readings_fetch_wire(
+        self, limit: int, after_id: int = 0
+    ) -> list[tuple[int, str, bytes]]: ...
+
     async def readings_mark_synced(self, ids: Sequence[int]) -> None: ...
 
 

@@ -83,6 +83,7 @@ class Recorder:
 
     port: int
     client_id: str = "cloud-recorder"
+    topic_filter: str = f"{ROOT}/#"
     messages: list[Received] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -102,7 +103,7 @@ class Recorder:
                     properties=props,
                     timeout=5,
                 ) as client:
-                    await client.subscribe(f"{ROOT}/#", qos=1)
+                    await client.subscribe(self.topic_filter, qos=1)
                     self.client = client
                     self.connected.set()
                     async for m in client.messages:

@@ -28,6 +28,7 @@ import random
 import sqlite3
 import ssl
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,10 @@ def _text(payload: bytes) -> str:
     return text
 
 
+# The service accounts of config/mosquitto/evgw.acl: never a site's name.
+RESERVED_SITES = ("cloud", "billing", "homeassistant")
+
+
 def _safe_str(value: Any) -> str | None:
     if not isinstance(value, str):
         return None
@@ -107,15 +112,20 @@ class SessionConsumer:
     """Checks and stores one message at a time (independent of MQTT, for tests and replays).
 
     ``trusted``: the keys of a trust directory (``--trust``): only the sites named there are
-    accepted, and no key is trusted on first use. None: trust on first use."""
+    accepted, and no key is trusted on first use. None: trust on first use.
+    ``reserved_sites``: names of the broker's service accounts (``--reserved-site``): no key
+    is trusted on first use for a site of that name (docs/security.md: mosquitto's patterns
+    apply to those accounts too)."""
 
     def __init__(
         self,
         store: CloudStore,
         topic_prefix: str = "evgw",
         trusted: dict[str, list[TrustedKey]] | None = None,
+        reserved_sites: Iterable[str] = RESERVED_SITES,
     ) -> None:
         self.store = store
+        self.reserved_sites = frozenset(reserved_sites)
         self.prefix = topic_prefix.strip("/")
         self.trusted = trusted
         self.stats = ConsumerStats()
@@ -324,6 +334,12 @@ class SessionConsumer:
                 reason = (
                     f"key: site {site}: every known key is revoked; a new key needs "
                     "`evgw trust add`"
+                )
+                return await self._refuse_key(site, kid, reason, topic, payload)
+            if site in self.reserved_sites:
+                reason = (
+                    f"key: site {site}: the name of a broker account (--reserved-site) is never "
+                    "trusted on first use; `evgw trust add` if it really is a site"
                 )
                 return await self._refuse_key(site, kid, reason, topic, payload)
             await self.store.put_site_key(
@@ -744,6 +760,7 @@ async def run_consumer(
     duration_s: float | None = None,
     trust_dir: Path | None = None,
     password: str | None = None,
+    reserved_sites: Iterable[str] = RESERVED_SITES,
 ) -> int:
     """Consume until cancelled (SIGINT/SIGTERM) or for ``duration_s``; 0 on a clean stop.
     ``trust_dir``: trust only the keys in it (else trust each site's first key).
@@ -766,7 +783,7 @@ async def run_consumer(
             message="no --trust directory: the first key each site publishes is trusted",
         )
     async with open_cloud_store(db_url) as store:
-        consumer = SessionConsumer(store, topic_prefix, trusted)
+        consumer = SessionConsumer(store, topic_prefix, trusted, reserved_sites)
         await consumer.load_keys()
         await consumer.report_open_gaps()
         try:
