@@ -84,6 +84,17 @@ class SiteCommands:
     ) -> dict[str, Any]:
         return await self._gw.authorizer.update_tokens(version, mode, tokens, remove)
 
+    async def update_token_part(
+        self,
+        version: int,
+        mode: str,
+        index: int,
+        count: int,
+        tokens: Sequence[Token],
+        remove: Sequence[str],
+    ) -> dict[str, Any]:
+        return await self._gw.token_parts.add(version, mode, index, count, tokens, remove)
+
     async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]:
         book = self._gw.tariffs
         book.check(version, dict(tariffs))  # refused: nothing changes, nothing is stored
@@ -160,8 +171,18 @@ class Gateway:
         self.time_scale = time_scale
 
     async def __aenter__(self) -> Gateway:
+        # One exit stack from start to stop: whatever fails half way through starting closes what
+        # was already opened (the store's worker thread would otherwise keep the process alive,
+        # and systemd would never restart it).
+        try:
+            return await self._start()
+        except BaseException:
+            await self._close()
+            raise
+
+    async def _start(self) -> Gateway:
         from gateway.auth import Authorizer
-        from gateway.billing.cost import make_pricer
+        from gateway.billing.cost import make_pricer, off_the_loop
         from gateway.billing.signing import Signer
         from gateway.billing.tariff import TariffBook
         from gateway.modbus.bus import BusPool
@@ -247,12 +268,18 @@ class Gateway:
             truncated_to=truncated_tags(cfg, self.profiles),
         )
         await self.authorizer.load()
+        from gateway.tokenparts import TokenParts
+
+        authorizer = self.authorizer
+        self.token_parts = TokenParts(
+            self.store, lambda: authorizer.cloud_version, authorizer.update_tokens
+        )
         self.sessions = SessionManager(
             cfg,
             self.store,
             self.authorizer,
             control,
-            make_pricer(cfg.site.timezone),
+            off_the_loop(make_pricer(cfg.site.timezone)),
             self._resolve_tariff,
             self.clock,
             self._on_session_event,
@@ -295,10 +322,15 @@ class Gateway:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if hasattr(self, "sessions"):
-            await self.sessions.aclose()
-        await self._flush_readings()
-        await self._stack.aclose()
+        await self._close()
+
+    async def _close(self) -> None:
+        try:
+            if hasattr(self, "sessions"):
+                await self.sessions.aclose()
+            await self._flush_readings()
+        finally:
+            await self._stack.aclose()
 
     def _on_grid_limit(self, effective: Any) -> None:
         """The site limit in force changed: published retained on ``P/S/grid/limit``."""

@@ -173,6 +173,18 @@ class CommandTarget(Protocol):
         self, version: int, mode: str, tokens: Sequence[Token], remove: Sequence[str]
     ) -> dict[str, Any]: ...
 
+    async def update_token_part(
+        self,
+        version: int,
+        mode: str,
+        index: int,
+        count: int,
+        tokens: Sequence[Token],
+        remove: Sequence[str],
+    ) -> dict[str, Any]:
+        """One part of a token list pushed in parts (gateway.tokenparts)."""
+        ...
+
     async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]: ...
 
     async def change_availability(self, charger_id: str, available: bool) -> dict[str, Any]:

@@ -46,6 +46,15 @@ from gateway.model import (
 )
 from gateway.ports import OutboxRow, ReadingRow, Sealer
 from gateway.records import GENESIS, canonical_json, seal
+from gateway.store.salvage import (
+    SESSION_STREAM,
+    SESSION_TOPIC,
+    is_sqlite_file,
+    move_aside,
+    quick_check,
+    salvage,
+    secure_file,
+)
 from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
 from gateway.wire import WireValues, encode_reading
 
@@ -59,8 +68,6 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 Body = Callable[[aiosqlite.Connection], Awaitable[T]]
 
-SESSION_STREAM = "session"
-SESSION_TOPIC = "sessions/finished"
 _DAY_S = 86_400.0
 _MB = 1024 * 1024
 _CHUNK = 500  # ids per IN (...) list: below SQLite's default variable limit everywhere
@@ -70,6 +77,7 @@ _CAP_CHECK_ROWS = 5_000  # check the size cap after this many readings were adde
 _CLOUD_LIST_KEY = "auth.cloud_list"
 _SQLITE_FULL = 13
 _SQLITE_IOERR = 10
+_SQLITE_READONLY = 8
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -79,6 +87,20 @@ def _is_disk_full(exc: BaseException) -> bool:
         return (code & 0xFF) in (_SQLITE_FULL, _SQLITE_IOERR)
     text = str(exc).lower()
     return "disk is full" in text or "disk i/o error" in text
+
+
+def _is_read_only(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return (code & 0xFF) == _SQLITE_READONLY
+    return "readonly database" in str(exc).lower()
+
+
+def _has_content(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 def _token_to_json(token: Token) -> dict[str, Any]:
@@ -278,6 +300,30 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"{path}: cannot create its directory: {exc.strerror or exc}") from exc
+        damaged: Path | None = None
+        if await asyncio.to_thread(_has_content, path):
+            try:
+                if not await asyncio.to_thread(is_sqlite_file, path):
+                    raise StoreError(
+                        f"{path}: not a usable gateway buffer: not an SQLite file (move it away "
+                        "or point storage.path elsewhere)"
+                    )
+                problem = await asyncio.to_thread(quick_check, path)
+            except sqlite3.Error as exc:
+                raise StoreError(f"{path}: cannot open the local buffer: {exc}") from exc
+            if problem is not None:
+                if not create:
+                    raise StoreError(
+                        f"{path}: the local buffer is damaged ({problem}); the gateway moves it "
+                        "aside and salvages what it can at its next start (evgw run)"
+                    )
+                damaged = await asyncio.to_thread(move_aside, path)
+                log.error("store_damaged", path=str(path), problem=problem, moved_to=str(damaged))
+        if create:
+            try:
+                await asyncio.to_thread(secure_file, path)
+            except OSError as exc:
+                raise StoreError(f"{path}: cannot create the local buffer: {exc}") from exc
         try:
             db = await aiosqlite.connect(str(path), isolation_level=None)
         except sqlite3.Error as exc:
@@ -294,10 +340,34 @@ class Store:
         )
         try:
             await store._prepare()
+            if create:
+                # SQLite gave the new WAL and -shm files the database's mode; make sure anyway.
+                await asyncio.to_thread(secure_file, path)
+            if damaged is not None:
+                await store._salvage_from(damaged)
         except BaseException:
             await db.close()
             raise
         return store
+
+    async def _salvage_from(self, damaged: Path) -> None:
+        async with self._lock:
+            try:
+                report = await asyncio.to_thread(salvage, damaged, self.path)
+            except sqlite3.Error as exc:
+                raise StoreError(
+                    f"{self.path}: could not salvage the damaged buffer {damaged}: {exc}"
+                ) from exc
+        log.error(
+            "store_salvaged",
+            path=str(self.path),
+            damaged=str(damaged),
+            copied=report.copied,
+            unreadable=report.unreadable,
+            finished_sessions_lost_seqs=report.seq_gaps[:100],
+            rebuilt_from_outbox=report.rebuilt_from_outbox,
+            requeued=report.requeued,
+        )
 
     async def _prepare(self) -> None:
         db = self._conn()
@@ -647,7 +717,9 @@ class Store:
         try:
             await self._write(body)
         except sqlite3.Error as exc:
-            if not _is_disk_full(exc):
+            # A read-only file system (the kernel's answer to a failing card) is treated like
+            # a full disk: readings give way, and are tried again later.
+            if not (_is_disk_full(exc) or _is_read_only(exc)):
                 raise StoreError(f"{self.path}: storing readings failed: {exc}") from exc
             first = self._readings_blocked_at is None
             self._readings_blocked_at = self._clock.monotonic()

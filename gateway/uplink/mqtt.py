@@ -43,7 +43,7 @@ from gateway.config import UplinkConfig
 from gateway.errors import UplinkError
 from gateway.model import Clock, SystemClock, rfc3339
 from gateway.ports import CommandTarget, UplinkStore
-from gateway.uplink.commands import CommandHandler
+from gateway.uplink.commands import MAX_COMMAND_BYTES, CommandHandler, Reply
 from gateway.uplink.envelope import CommandVerifier, load_command_key
 from gateway.uplink.lean import Aggregate, LeanReadings
 from gateway.uplink.topics import Topics
@@ -54,6 +54,11 @@ __all__ = ["PRIORITY_STREAMS", "MqttUplink", "UplinkStats"]
 log = structlog.get_logger(__name__)
 
 PRIORITY_STREAMS = ("status", "event", "auth")
+INBOX_SIZE = 1000  # commands waiting for the worker; beyond it they are answered ``busy``
+BUSY_REPLIES_SIZE = 100_000
+# Room for a command over its limit (it gets a `too_large` reply); anything larger is dropped
+# by the broker.
+MAX_PACKET_BYTES = 4 * MAX_COMMAND_BYTES
 SESSION_STREAM = "session"
 _UNSUPPORTED_PROTOCOL = frozenset({1, 132})  # v3.1.1 CONNACK 1, MQTT 5 reason 0x84
 _MAX_INFLIGHT_BYTES = 4 * 1024 * 1024
@@ -72,6 +77,8 @@ class UplinkStats:
     synced_readings: int = 0
     abandoned: int = 0  # publishes in flight when a connection dropped
     commands: int = 0
+    commands_busy: int = 0  # found the queue full and were answered ``busy``
+    commands_dropped: int = 0  # found even the busy replies full (never seen in tests)
     protocol: str = "5"
     last_puback_monotonic: float | None = None  # clock.monotonic() of the latest PUBACK
 
@@ -159,6 +166,7 @@ class MqttUplink:
         safety_poll_s: float = 1.5,
         publish_timeout_s: float | None = None,
         connect_timeout_s: float = 10.0,
+        inbox_size: int = INBOX_SIZE,
     ) -> None:
         self._config = config
         self._store = store
@@ -194,7 +202,9 @@ class MqttUplink:
             if config.protocol == "3.1.1"
             else aiomqtt.ProtocolVersion.V5
         )
-        self._inbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(maxsize=1000)
+        self._inbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(maxsize=inbox_size)
+        # ``busy`` replies are ~120 bytes each: a deep queue costs little and loses nothing.
+        self._busy_replies: asyncio.Queue[Reply] = asyncio.Queue(maxsize=BUSY_REPLIES_SIZE)
         self._inflight: _Inflight | None = None
         self.stats = UplinkStats(protocol="3.1.1" if config.protocol == "3.1.1" else "5")
 
@@ -267,6 +277,7 @@ class MqttUplink:
                 f"{self.topics.commands_filter} or {self.topics.auth_response} can start "
                 "charging or answer auth requests (see docs/security.md)",
             )
+        _warn_weak_transport(self._config)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._command_worker(), name="uplink-commands")
             tg.create_task(self._connection_loop(), name="uplink-connection")
@@ -331,6 +342,10 @@ class MqttUplink:
         if v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = int(min(cfg.session_expiry_s, 0xFFFFFFFF))
+            # The broker must not send us anything larger than a command can be: a 10 MB
+            # publish on a command topic is then dropped by the broker, never read into memory
+            # here (MQTT 5 CONNECT property Maximum Packet Size: the server discards larger ones).
+            properties.MaximumPacketSize = MAX_PACKET_BYTES
         offline = {"state": "offline", "version": self._version}
         return aiomqtt.Client(
             cfg.host,
@@ -387,6 +402,7 @@ class MqttUplink:
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._receive(client), name="uplink-receive")
+                    tg.create_task(self._send_busy_replies(client), name="uplink-busy-replies")
                     tg.create_task(self._acker(), name="uplink-acker")
                     tg.create_task(self._watchdog(inflight), name="uplink-watchdog")
                     batches: asyncio.Queue[list[tuple[int, str, bytes]]] = asyncio.Queue(
@@ -429,10 +445,37 @@ class MqttUplink:
                 payload = payload.encode()
             elif not isinstance(payload, bytes | bytearray):
                 payload = b"" if payload is None else str(payload).encode()
+            topic, data, retained = message.topic.value, bytes(payload), bool(message.retain)
             try:
-                self._inbox.put_nowait((message.topic.value, bytes(payload), bool(message.retain)))
+                self._inbox.put_nowait((topic, data, retained))
             except asyncio.QueueFull:
-                log.error("command_queue_full_dropped", topic=message.topic.value)
+                self._refuse_busy(topic, data, retained)
+
+    def _refuse_busy(self, topic: str, payload: bytes, retained: bool) -> None:
+        """The inbox is full: answer ``busy`` rather than drop the command without a word. The
+        replies go out from their own bounded queue, so receiving never waits on a publish."""
+        self.stats.commands_busy += 1
+        reply = self._handler.busy(topic, payload, retained=retained)
+        if reply is None:
+            return
+        try:
+            self._busy_replies.put_nowait(reply)
+        except asyncio.QueueFull:
+            self.stats.commands_dropped += 1
+            if self.stats.commands_dropped == 1 or self.stats.commands_dropped % 1000 == 0:
+                log.error(
+                    "command_queue_full_dropped",
+                    topic=topic,
+                    dropped_total=self.stats.commands_dropped,
+                )
+            return
+        if self.stats.commands_busy == 1 or self.stats.commands_busy % 1000 == 0:
+            log.warning("command_queue_full_busy", topic=topic, busy_total=self.stats.commands_busy)
+
+    async def _send_busy_replies(self, client: aiomqtt.Client) -> None:
+        while True:
+            reply = await self._busy_replies.get()
+            await client.publish(reply.topic, reply.encode(), qos=1, timeout=10.0)
 
     async def _command_worker(self) -> None:
         """Commands run outside the connection's task group: a dropped link never cancels a
@@ -565,8 +608,11 @@ class MqttUplink:
                 # session logic run between rounds
                 await asyncio.sleep(0)
                 continue
+            # asyncio.timeout, not wait_for: wait_for wraps the wait in a task of its own, which
+            # could swallow a cancellation arriving just as the timeout fired.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._safety_poll_s)
+                async with asyncio.timeout(self._safety_poll_s):
+                    await self._wake.wait()
             if not self._wake.is_set():
                 self._outbox_pending = True  # the safety poll: look again anyway
 
@@ -586,7 +632,8 @@ class MqttUplink:
                     self._wake.set()
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._readings_wake.wait(), self._safety_poll_s)
+                async with asyncio.timeout(self._safety_poll_s):
+                    await self._readings_wake.wait()
 
     async def _watchdog(self, inflight: _Inflight) -> None:
         """Drops the connection when a publish has waited longer than the publish timeout for
@@ -715,6 +762,26 @@ def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
         else:
             out.append(exc)
     return out
+
+
+def _warn_weak_transport(cfg: UplinkConfig) -> None:
+    """Loud warnings for settings that hand the link to anyone on the path: they are allowed
+    (a test bench, a broker on the same box) but never silent."""
+    if cfg.tls is not None and cfg.tls.insecure:
+        log.warning(
+            "uplink_tls_insecure",
+            host=cfg.host,
+            hint="uplink.tls.insecure is set: the broker's certificate is NOT checked, so anyone "
+            "on the path can pose as the broker and read the password and every record",
+        )
+    if cfg.password is not None and cfg.scheme != "mqtts":
+        log.warning(
+            "uplink_password_in_clear",
+            host=cfg.host,
+            port=cfg.port,
+            hint="a broker password over plain mqtt:// crosses the network unencrypted: "
+            "use mqtts://",
+        )
 
 
 def _build_tls_context(cfg: UplinkConfig) -> ssl.SSLContext:
