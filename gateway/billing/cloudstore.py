@@ -49,6 +49,8 @@ __all__ = [
 ]
 
 
+_BUSY_S = 30.0  # how long a consumer store connection waits for another's lock
+
 class CloudStoreError(GatewayError):
     """The consumer's store cannot be opened or used (bad URL, missing driver, server down)."""
 
@@ -568,7 +570,9 @@ class _SqliteCloudStore(CloudStore):
         def connect() -> sqlite3.Connection:
             if create:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                conn = sqlite3.connect(
+                    path, isolation_level=None, check_same_thread=False, timeout=_BUSY_S
+                )
             elif not path.is_file():
                 raise NoSuchStoreError(f"{path}: no such consumer store (nothing was created)")
             else:  # mode=rw: never creates the file, even if it vanishes meanwhile
@@ -577,10 +581,13 @@ class _SqliteCloudStore(CloudStore):
                     uri=True,
                     isolation_level=None,
                     check_same_thread=False,
+                    timeout=_BUSY_S,
                 )
+            # A consumer writing (FULL fsyncs) and an operator's `evgw trust` or `statement`
+            # share the file: wait for its lock, from the first statement on.
+            conn.execute(f"PRAGMA busy_timeout={int(_BUSY_S * 1000)}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")  # a stored session is acknowledged upstream
-            conn.execute("PRAGMA busy_timeout=5000")
             return conn
 
         try:
