@@ -103,6 +103,9 @@ MAX_SUSPECT_CHAINS = 8  # glitches and a new counter can interleave: follow this
 SWAP_MIN_WH = 50.0  # session counter must have risen this much before a drop means "new car"
 POINT_EVERY_S = 60.0
 GAP_POLLS = 3  # readings missing for more than this many poll intervals: comms_gap
+# A reading dated this much before the previous one is no late sample (the poll queue never holds
+# one that long): the wall clock was set back (an NTP step after a boot without a real-time clock).
+CLOCK_STEP_BACK_S = 10.0
 CHARGING_POWER_W = 100.0  # status-less chargers: this much power means charging
 # A charger reporting its own transactions sends meter values every few minutes (OCPP
 # MeterValueSampleInterval) and replays them after an outage: comms_gap only beyond 3 x this.
@@ -327,7 +330,9 @@ class OpenSession:
 
         * no start reading yet (meter silent at start): the first plausible reading becomes the
           start (flag ``start_latched``); a lifetime counter is never taken as session energy;
-        * a reading older than the previous one is ignored (late sample);
+        * a reading older than the previous one is ignored (late sample), unless it is older by
+          more than ``CLOCK_STEP_BACK_S`` (or two poll intervals): then the wall clock was set
+          back, and every time the session keeps moves back with it, so the counter counts on;
         * a gap of more than ``GAP_POLLS`` poll intervals: flag ``comms_gap`` (energy stays
           exact: it is the counter difference);
         * a reading that does not continue the counter (a drop, a jump) is *suspect*, not
@@ -341,6 +346,10 @@ class OpenSession:
         * a session that ends while its latest reading was implausible or suspect keeps the
           last plausible reading (flag ``energy_fallback``, added by ``to_record``).
         """
+        if self.last_counter_ts is not None and ts < self.last_counter_ts - max(
+            CLOCK_STEP_BACK_S, 2 * interval_s
+        ):
+            self._shift_clock(ts - interval_s - self.last_counter_ts, ts - interval_s)
         counter = counter or DEFAULT_COUNTER
         value, why = counter.check(reading)
         previous_read_ts = self.read_ts if self.read_ts is not None else self.last_counter_ts
@@ -409,6 +418,26 @@ class OpenSession:
                 reading_wh=value,
             )
         return changed
+
+    def _shift_clock(self, delta_s: float, floor_ts: float) -> None:
+        """The wall clock was set back (an NTP step): move every time the counter checks use by
+        ``delta_s``, as if the last reading came one poll interval before this one."""
+        log.warning("wall_clock_stepped_back", session_id=self.session_id, by_s=round(-delta_s, 1))
+        assert self.last_counter_ts is not None
+        self.last_counter_ts += delta_s
+        if self.read_ts is not None:
+            self.read_ts = min(self.read_ts + delta_s, floor_ts)
+        if self.bound_ts is not None:
+            self.bound_ts += delta_s
+        if self.undo is not None and self.undo[2] is not None:
+            self.undo[2] += delta_s
+        if self.pre_start is not None:
+            self.pre_start[1] += delta_s
+        for chain in self.suspects:
+            chain[1] += delta_s
+            chain[3] += delta_s
+        if self.swap_seen is not None:
+            self.swap_seen[0] += delta_s
 
     def _bounded(
         self, energy_wh: int, ts: float, interval_s: float, max_power_w: float, step_wh: int
@@ -1264,7 +1293,11 @@ class SessionTracker:
                 session.charging_s += dt
             else:
                 session.idle_s += dt
-        if session.last_sample_ts is None or now > session.last_sample_ts:
+        if (
+            session.last_sample_ts is None
+            or now > session.last_sample_ts
+            or now < session.last_sample_ts - CLOCK_STEP_BACK_S  # the wall clock was set back
+        ):
             session.last_sample_ts = now
         if plugged:
             session.last_activity_ts = now

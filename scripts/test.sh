@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything the test suite needs on a fresh machine, then runs it:
 # Debian packages (mosquitto for the broker tests, socat for the RS-485 pseudo-terminals,
+# libfaketime for the fault matrix's clock jumps,
 # dpkg-dev for the .deb test, chromium for the status page in a headless browser), a virtual
 # environment in .venv with the project and its test
 # extras, then lint, type check and pytest. Extra arguments go to pytest.
@@ -12,6 +13,8 @@ missing=()
 command -v socat >/dev/null 2>&1 || missing+=(socat)
 command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the status page test
+# the fault matrix's wall-clock jumps (tests/reliability): the gateway runs under libfaketime
+compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || missing+=(libfaketime)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}"
   if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi

@@ -8,7 +8,8 @@
   certificate, generated with ``cryptography`` at test time.
 - ``FaultProxy``: forwards TCP to a target and on demand drops every connection (FIN), resets
   them (RST), stalls (stops forwarding without closing), throttles bandwidth, refuses new
-  connections, or plays a 3.1.1-only broker refusing MQTT 5 CONNECTs.
+  connections, half-opens them (the broker side gone, the client side open and silent), or plays
+  a 3.1.1-only broker refusing MQTT 5 CONNECTs.
 
 Fixtures: ``mosquitto``, ``fault_proxy`` (in front of ``mosquitto``), ``test_pki``. Import them
 into tests/conftest.py:  ``from mqtt_broker import fault_proxy, mosquitto, test_pki``.
@@ -332,6 +333,9 @@ class FaultProxy:
         self.bytes_per_s: float | None = None
         self.refusing = False
         self.v311_only = False
+        self._held: set[asyncio.StreamWriter] = set()
+        self._released = asyncio.Event()
+        self._released.set()
         self.connections = 0
         self.bytes_forwarded = 0
 
@@ -354,6 +358,7 @@ class FaultProxy:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        self._released.set()
         self.drop_all()
         for task in list(self._tasks):
             task.cancel()
@@ -383,6 +388,18 @@ class FaultProxy:
                         )
                 writer.transport.abort()
         self._links.clear()
+
+    def half_open(self, on: bool = True) -> None:
+        """The broker side of every open connection goes away while the client's side stays open
+        and silent (a NAT or firewall that forgot the flow): the client can learn it only from its
+        keepalive. ``half_open(False)`` finally closes the held client sides."""
+        if not on:
+            self._released.set()
+            return
+        self._released.clear()
+        for client, server in list(self._links):
+            self._held.add(client)
+            server.transport.abort()
 
     def stall(self, on: bool = True) -> None:
         """Stop forwarding in both directions without closing anything (a dead link)."""
@@ -433,12 +450,13 @@ class FaultProxy:
                             await writer.drain()
                             break
                     await self._flowing.wait()
-                    if self.bytes_per_s:
+                    rate = self.bytes_per_s  # may be switched off while a chunk waits
+                    if rate:
                         for i in range(0, len(data), 1024):
                             chunk = data[i : i + 1024]
                             dst.write(chunk)
                             await dst.drain()
-                            await asyncio.sleep(len(chunk) / self.bytes_per_s)
+                            await asyncio.sleep(len(chunk) / rate)
                             await self._flowing.wait()
                     else:
                         dst.write(data)
@@ -456,8 +474,11 @@ class FaultProxy:
                 pass
             finally:
                 self._links.discard(link)
-                for w in (writer, up_writer):
-                    w.close()
+                up_writer.close()
+                if writer in self._held:
+                    await self._released.wait()
+                    self._held.discard(writer)
+                writer.close()
         finally:
             self._tasks.discard(task)
 

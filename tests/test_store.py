@@ -512,6 +512,72 @@ async def test_auth_store_round_trip(tmp_path: Path) -> None:
         ]
 
 
+_TWICE_FULL_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, contextlib, json, os, sys, time
+    from gateway.store import Store
+
+    def rec(i):
+        return {"schema": "evgw.session/1", "session_id": f"s{i}", "charger_id": "cp1",
+                "energy_wh": i, "flags": ["x" * 3000]}
+
+    def fill(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        for size in (1 << 16, 1 << 10, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\\0" * size)
+        os.close(fd)
+
+    async def main(db):
+        out = {}
+        reserve = db + ".reserve"
+        filler = os.path.join(os.path.dirname(db), "filler")
+        async with Store.open(db, site_id="x", reserve_bytes=512 * 1024) as s:
+            await s.finish_session(rec(1))
+            fill(filler)  # another program fills the disk
+            for i in range(2, 6):
+                await s.finish_session(rec(i))
+            out["released"] = not os.path.exists(reserve)
+            os.unlink(filler)  # space comes back
+            time.sleep(1.1)
+            await s.finish_session(rec(6))
+            out["retaken"] = os.path.exists(reserve)
+            fill(filler)  # and the disk fills up again
+            for i in range(7, 11):
+                await s.finish_session(rec(i))
+            os.unlink(filler)
+        async with Store.open(db, site_id="x", reserve_bytes=0) as s:
+            out["seqs"] = [r["seq"] for r in await s.finished_sessions()]
+        print(json.dumps(out))
+
+    asyncio.run(main(sys.argv[1]))
+    """
+)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_a_second_full_disk_finds_the_reserve_retaken(tmp_path: Path) -> None:
+    """The reserve given up on a full disk is taken again as soon as space is back, so a disk
+    that fills up again soon after still lets sessions finish. Found by the fault matrix
+    (tests/reliability): the second full disk ended the gateway with "nothing is left to free"."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = tmp_path / "twice.py"
+    script.write_text(_TWICE_FULL_SCRIPT)
+    repo = Path(__file__).resolve().parents[1]
+    cmd = f"mount -t tmpfs -o size=3m tmpfs {mnt} && exec {sys.executable} {script} {mnt}/b.db"
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", cmd], capture_output=True, env=env, timeout=120, check=False
+    )
+    if done.returncode != 0 and b"mount" in done.stderr and b"Traceback" not in done.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    out = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert out == {"released": True, "retaken": True, "seqs": list(range(1, 11))}
+
+
 async def test_reserve_file_is_preallocated(tmp_path: Path) -> None:
     async with Store.open(tmp_path / "b.db", site_id="x", reserve_bytes=256 * 1024):
         reserve = tmp_path / "b.db.reserve"

@@ -396,3 +396,38 @@ async def test_auth_request_offline_raises(store: Store) -> None:
     assert not uplink.online
     with pytest.raises(UplinkError):
         await uplink.send_auth_request("r", "t", "rfid", "cp1")
+
+
+async def test_a_full_disk_while_marking_deliveries_keeps_the_connection(
+    mosquitto: MosquittoBroker, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while PUBACKs come in: the delivery marks cannot be written. Delivery goes
+    on over the same connection and the marks are written once there is room. Found by the fault
+    matrix (tests/reliability): the failed write ended the connection at every PUBACK, and
+    everything in flight was sent again."""
+    import sqlite3
+
+    real_ack = store.outbox_ack
+    full = {"on": True, "failed": 0}
+
+    async def outbox_ack(ids: list[int]) -> None:
+        if full["on"]:
+            full["failed"] += 1
+            raise sqlite3.OperationalError("database or disk is full")
+        await real_ack(ids)
+
+    monkeypatch.setattr(store, "outbox_ack", outbox_ack)
+    rec = Recorder(mosquitto.port, client_id="cloud-disk-full")
+    uplink = make_uplink(uplink_config(mosquitto.url), store)
+    ids: list[str] = []
+    async with running(rec.run()), running(uplink.run()):
+        await rec.connected.wait()
+        await wait_until(lambda: uplink.online, 5, "connect")
+        await produce(store, uplink, 10, 0.05, ids)
+        await wait_until(lambda: len({r["session_id"] for r in rec.sessions()}) >= 10, 10, "all")
+        assert full["failed"] >= 1 and not await backlog_empty(store)
+        full["on"] = False  # space is back
+        await wait_until(lambda: backlog_empty(store), 10, "marks written")
+        assert uplink.stats.connects == 1
+    figures = check_delivery(rec.sessions(), ids)
+    assert figures["duplicated"] == 0 and figures["lost"] == 0

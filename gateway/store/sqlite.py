@@ -222,6 +222,7 @@ class Store:
         self._sync_reader: sqlite3.Connection | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
         self._readings_blocked_at: float | None = None  # monotonic time readings stopped
+        self._reserve_retry_at = 0.0  # monotonic time the given-up reserve is next retaken
         self._readings_dropped = 0  # since they stopped
         self.readings_dropped_total = 0
         self._rows_since_cap_check = 0
@@ -512,7 +513,7 @@ class Store:
         """A session-side write: FULL sync, and when the disk is full, make room and retry."""
         for attempt in range(3):
             try:
-                return await self._write(body, durable=True)
+                result = await self._write(body, durable=True)
             except sqlite3.Error as exc:
                 if not _is_disk_full(exc):
                     raise StoreError(f"{self.path}: {what} failed: {exc}") from exc
@@ -521,6 +522,9 @@ class Store:
                 )
                 if not await self._make_room():
                     break
+            else:
+                await self._retake_reserve()
+                return result
         raise StoreError(
             f"{self.path}: {what} failed: the disk is full and nothing is left to free"
         )
@@ -1234,6 +1238,29 @@ class Store:
             # Deleting needs WAL space too; with the reserve gone the retry may still succeed.
             log.error("store_make_room_failed", error=str(exc))
         return freed
+
+    async def _retake_reserve(self) -> None:
+        """Once space is back after the reserve was given up, take it again at once (tried at
+        most once a second), so that the next full disk finds it: without it a second full disk
+        soon after the first had nothing left to free and the session write failed."""
+        if self._reserve_bytes <= 0 or self._reserve_path.exists():
+            return
+        now = self._clock.monotonic()
+        if now < self._reserve_retry_at:
+            return
+        self._reserve_retry_at = now + 1.0
+        fd = -1
+        try:  # quietly: while the disk is still full this fails, and that is expected
+            fd = os.open(self._reserve_path, os.O_RDWR | os.O_CREAT, 0o600)
+            await asyncio.to_thread(os.posix_fallocate, fd, 0, self._reserve_bytes)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._reserve_path.unlink()
+            return
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        log.info("store_reserve_retaken", path=str(self._reserve_path))
 
     def _ensure_reserve(self) -> bool:
         """Preallocate the reserve file (real blocks, not a sparse file). False if the disk has

@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import random
+import sqlite3
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ from gateway.wire import encode_reading, readings_batch
 __all__ = ["PRIORITY_STREAMS", "MqttUplink", "UplinkStats"]
 
 log = structlog.get_logger(__name__)
+
+ACK_RETRY_S = 1.0  # while the disk is full, try writing the delivery marks again this often
 
 PRIORITY_STREAMS = ("status", "event", "auth")
 INBOX_SIZE = 1000  # commands waiting for the worker; beyond it they are answered ``busy``
@@ -190,6 +193,7 @@ class MqttUplink:
         self._acked: list[int] = []
         self._synced: list[int] = []
         self._ack_ready = asyncio.Event()
+        self._acks_waiting = False  # the disk is full: PUBACKed rows wait to be marked
         self._statuses: dict[str, bytes] = {}
         self._dirty: set[str] = set()
         self._retained: dict[str, bytes] = {}  # full topic -> payload, kept and re-published
@@ -689,9 +693,28 @@ class MqttUplink:
         self._ack_ready.clear()
         acked, self._acked = self._acked, []
         synced, self._synced = self._synced, []
-        if acked or synced:
+        if not (acked or synced):
+            return
+        try:
             # shielded: a dropped connection cancels the acker, never a write half-way
             await asyncio.shield(self._write_acks(acked, synced))
+        except sqlite3.OperationalError as exc:
+            if not _disk_full(exc):
+                raise
+            # A full disk: delivery goes on and the marks wait here until there is room
+            # (marking a row twice changes nothing). Raising tore the connection down at every
+            # PUBACK and resent everything in flight (found by the fault matrix).
+            self._acked[:0] = acked
+            self._synced[:0] = synced
+            if not self._acks_waiting:
+                log.warning("uplink_acks_waiting_disk_full", rows=len(acked) + len(synced))
+            self._acks_waiting = True
+            await asyncio.sleep(ACK_RETRY_S)
+            self._ack_ready.set()
+            return
+        if self._acks_waiting:
+            log.info("uplink_acks_written_again")
+            self._acks_waiting = False
 
     async def _write_acks(self, acked: list[int], synced: list[int]) -> None:
         if acked:
@@ -735,6 +758,12 @@ def _aggregate_batches(aggregates: Sequence[Aggregate]) -> list[tuple[str, bytes
         wires.setdefault(agg.device_id, []).append(encode_reading(agg.ts, agg.values))
         ids.setdefault(agg.device_id, []).extend(agg.ids)
     return [(dev, readings_batch(dev, group), ids[dev]) for dev, group in wires.items()]
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """SQLITE_FULL, or ENOSPC surfacing as an I/O error (as the store tells them apart)."""
+    text = str(exc).lower()
+    return "disk is full" in text or "disk i/o error" in text
 
 
 def _backoff_delay(attempt: int, low_s: float, high_s: float) -> float:
