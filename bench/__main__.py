@@ -12,6 +12,7 @@ import asyncio
 import datetime
 import importlib
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ SCENARIOS: dict[str, tuple[int, int]] = {
     "memory": (1, 1),
     "restart": (1, 1),
     "rtu": (1, 1),
+    "uplink": (1, 1),
 }
 HERE = Path(__file__).resolve().parent
 FINDINGS = HERE / "findings.md"
@@ -124,12 +126,18 @@ async def main_async(args: argparse.Namespace) -> int:
         runs = args.repeats or (quick_runs if args.quick else full_runs)
         size = Size(quick=args.quick, repeats=runs)
         t0 = time.monotonic()
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
         try:
             result = await run_scenario(name, size)
         except Exception:
             errors[name] = traceback.format_exc()
             print(f"{name}: FAILED\n{errors[name]}", flush=True)
             continue
+        result.notes.append(
+            f"Load average (1/5/15 min) when the scenario started: {load}; after it: "
+            + " ".join(f"{x:.2f}" for x in os.getloadavg())
+            + " (2 cores, shared with other work)."
+        )
         results.append(result)
         print("\n".join(table(result)) + f"\n  ({time.monotonic() - t0:.1f} s)\n", flush=True)
     took_s = time.monotonic() - started

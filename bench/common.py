@@ -258,11 +258,18 @@ class SimProcess:
             cwd=str(REPO),
         )
         assert self.proc.stdout is not None
-        async with asyncio.timeout(60):
-            line = await self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("bench.serve exited before serving")
-        self.ports = json.loads(line)["ports"]
+        try:
+            async with asyncio.timeout(60):
+                line = await self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("bench.serve exited before serving")
+            self.ports = json.loads(line)["ports"]
+        except BaseException:
+            # never leave a simulator behind when the scenario cannot start
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+            raise
         self._watch = asyncio.create_task(self._read_events(), name="sim-events")
         return self
 

@@ -27,7 +27,7 @@ def growth_mb_per_min(samples: list[list[float]]) -> float:
 async def run(size: Size) -> Result:
     devices = size.pick(50, 300)
     rows = size.pick(20_000, 1_000_000)
-    duration_s = size.pick(6.0, 600.0)  # the issue: no growth over a 10-minute run
+    duration_s = size.pick(6.0, 3600.0)  # issue 14: flat over the second half of an hour
     result = Result(
         "memory",
         f"5. Memory ({devices} devices, {rows:,} buffered readings, {duration_s:.0f} s run)",
@@ -41,13 +41,13 @@ async def run(size: Size) -> Result:
     steady = statistics.median(r for _, r in samples[len(samples) // 2 :])
     result.add("gateway peak RSS", gw["rss_peak_mb"], "MB", at_most=80)
     result.add("gateway steady RSS", steady, "MB", at_most=80)
-    result.add("gateway RSS growth (2nd half)", growth_mb_per_min(samples), "MB/min")
-    result.add(
-        "gateway RSS end - middle", samples[-1][1] - samples[len(samples) // 2][1], "MB", at_most=1
-    )
+    per_min = growth_mb_per_min(samples)
+    result.add("gateway RSS growth (2nd half)", per_min, "MB/min")
+    result.add("gateway RSS growth (2nd half), per hour", per_min * 60, "MB/h", at_most=1)
+    result.add("gateway RSS end - middle", samples[-1][1] - samples[len(samples) // 2][1], "MB")
     result.add("raw pymodbus peak RSS", raw["rss_peak_mb"], "MB")
     result.notes.append(
-        f"Growth is judged over the second half of a {duration_s:.0f} s run "
-        "(the issue asks for 10 minutes in the full run; see the duration in the title)."
+        f"Growth is the least-squares slope of RSS over the second half of a {duration_s:.0f} s "
+        "run (issue 14: <= 1 MB/h over the second half of 60 minutes in the full run)."
     )
     return result

@@ -20,6 +20,7 @@ from gateway.profiles import Table, load_profiles
 from gateway.store import Store
 
 TARGET_RATIO = 0.8
+TARGET_CPU_RATIO = 1.25  # issue 14: CPU per poll <= 1.25 x raw
 BATCH = 500
 
 
@@ -165,11 +166,17 @@ async def run(size: Size) -> Result:
     )
     result.add("gateway CPU per poll", gw["cpu_us_per_poll"], "us")
     result.add("raw CPU per poll", raw["cpu_us_per_poll"], "us")
-    result.add("CPU ratio gateway/raw", gw["cpu_us_per_poll"] / raw["cpu_us_per_poll"], "")
+    result.add(
+        "CPU ratio gateway/raw",
+        gw["cpu_us_per_poll"] / raw["cpu_us_per_poll"],
+        "",
+        at_most=TARGET_CPU_RATIO,
+    )
     result.add("offline polls (gateway)", gw["offline"], "", at_most=0)
     result.add("failed polls (raw)", raw["errors"], "")
     result.notes.append(
         "Both sides poll the same simulator process (one Python event loop serving every "
-        "device on the other core); its speed bounds both figures alike."
+        "device on the other core); its speed bounds both figures alike. The gateway's CPU "
+        "includes storing every sample (Store.add_readings); the raw loop stores nothing."
     )
     return result

@@ -24,10 +24,11 @@ from gateway.sim.server import Fault, RegisterImage, SimServer
 class _WatchedImage(RegisterImage):
     """Says when the first read arrives (the gateway's first poll, for the restart figure)."""
 
+    armed = False  # set once serving: the simulated devices read their own images before
     announced = False
 
     def get(self, table: Table | str, address: int, count: int = 1) -> list[int]:
-        if not _WatchedImage.announced:
+        if _WatchedImage.armed and not _WatchedImage.announced:
             _WatchedImage.announced = True
             print(json.dumps({"event": "first_request", "ts": time.time()}), flush=True)
         return super().get(table, address, count)
@@ -45,6 +46,7 @@ async def serve(devices: int, delay_s: float, slug: str) -> None:
             if delay_s > 0:
                 server.set_fault(1, Fault(delay_s=delay_s))
             ports.append(server.port)
+        _WatchedImage.armed = True
         print(json.dumps({"ports": ports}), flush=True)
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()

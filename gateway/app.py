@@ -84,6 +84,17 @@ class SiteCommands:
     ) -> dict[str, Any]:
         return await self._gw.authorizer.update_tokens(version, mode, tokens, remove)
 
+    async def update_token_part(
+        self,
+        version: int,
+        mode: str,
+        index: int,
+        count: int,
+        tokens: Sequence[Token],
+        remove: Sequence[str],
+    ) -> dict[str, Any]:
+        return await self._gw.token_parts.add(version, mode, index, count, tokens, remove)
+
     async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]:
         book = self._gw.tariffs
         book.check(version, dict(tariffs))  # refused: nothing changes, nothing is stored
@@ -160,8 +171,18 @@ class Gateway:
         self.time_scale = time_scale
 
     async def __aenter__(self) -> Gateway:
+        # One exit stack from start to stop: whatever fails half way through starting closes what
+        # was already opened (the store's worker thread would otherwise keep the process alive,
+        # and systemd would never restart it).
+        try:
+            return await self._start()
+        except BaseException:
+            await self._close()
+            raise
+
+    async def _start(self) -> Gateway:
         from gateway.auth import Authorizer
-        from gateway.billing.cost import make_pricer
+        from gateway.billing.cost import make_pricer, off_the_loop
         from gateway.billing.signing import Signer
         from gateway.billing.tariff import TariffBook
         from gateway.modbus.bus import BusPool
@@ -239,20 +260,33 @@ class Gateway:
             )
             self.uplink.set_public_key(self.signer.public_key_payload())
         self.homeassistant, self.ha_link = self._homeassistant_parts()
-        self.authorizer = Authorizer(cfg.auth, self.store, self.uplink, self.clock)
+        self.authorizer = Authorizer(
+            cfg.auth,
+            self.store,
+            self.uplink,
+            self.clock,
+            truncated_to=truncated_tags(cfg, self.profiles),
+        )
         await self.authorizer.load()
+        from gateway.tokenparts import TokenParts
+
+        authorizer = self.authorizer
+        self.token_parts = TokenParts(
+            self.store, lambda: authorizer.cloud_version, authorizer.update_tokens
+        )
         self.sessions = SessionManager(
             cfg,
             self.store,
             self.authorizer,
             control,
-            make_pricer(cfg.site.timezone),
+            off_the_loop(make_pricer(cfg.site.timezone)),
             self._resolve_tariff,
             self.clock,
             self._on_session_event,
             charger_ids=[d for d, kind in self._kinds.items() if kind is DeviceKind.CHARGER],
             time_scale=self.time_scale,
             counters={d.id: _counters(self.profiles[d.driver]) for d in cfg.modbus_devices},
+            profile_max_a=profile_max_currents(cfg, self.profiles),
             plug_reset_counters=[
                 d.id for d in cfg.modbus_devices if _plug_reset_counter(self.profiles[d.driver])
             ],
@@ -288,10 +322,15 @@ class Gateway:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if hasattr(self, "sessions"):
-            await self.sessions.aclose()
-        await self._flush_readings()
-        await self._stack.aclose()
+        await self._close()
+
+    async def _close(self) -> None:
+        try:
+            if hasattr(self, "sessions"):
+                await self.sessions.aclose()
+            await self._flush_readings()
+        finally:
+            await self._stack.aclose()
 
     def _on_grid_limit(self, effective: Any) -> None:
         """The site limit in force changed: published retained on ``P/S/grid/limit``."""
@@ -499,6 +538,29 @@ def energy_counter(spec: RegisterSpec) -> Counter:
         return Counter(MAX_COUNTER_WH, 1, bits, spec.scale)
     top = min(MAX_COUNTER_WH, math.floor(rng[1]))
     return Counter(max(0, top), max(1, math.ceil(abs(spec.scale))))
+
+
+def truncated_tags(config: GatewayConfig, profiles: Mapping[str, Profile]) -> dict[str, int]:
+    """Device id -> tag length, for devices whose profile says they show only part of a card
+    id (``tag.truncated_to``): the ``Authorizer``'s ``truncated_to``."""
+    out: dict[str, int] = {}
+    for dev in config.modbus_devices:
+        tag = profiles[dev.driver].tag
+        if tag is not None and tag.truncated_to is not None:
+            out[dev.id] = tag.truncated_to
+    return out
+
+
+def profile_max_currents(
+    config: GatewayConfig, profiles: Mapping[str, Profile]
+) -> dict[str, float]:
+    """Device id -> its profile's ``current_limit.max_a``: the ``SessionManager``'s
+    ``profile_max_a`` (the plausibility bound of its counters)."""
+    return {
+        d.id: limit.max_a
+        for d in config.modbus_devices
+        if (limit := profiles[d.driver].current_limit) is not None
+    }
 
 
 def _counters(profile: Profile) -> dict[str, Counter]:

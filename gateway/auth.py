@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -38,7 +38,6 @@ __all__ = ["OFFLINE_POLICIES", "AuthDecision", "Authorizer"]
 log = structlog.get_logger(__name__)
 
 OFFLINE_POLICIES = ("allow_known", "allow_all", "deny")
-MIN_PREFIX = 8  # hex characters: 4 bytes of a UID
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +83,18 @@ class Authorizer:
         store: AuthStore,
         requester: AuthRequester | None,
         clock: Clock,
+        truncated_to: Mapping[str, int] | None = None,
     ) -> None:
+        """``truncated_to``: charger id -> how many characters of a card id the charger shows,
+        for chargers whose profile says ``tag.truncated_to`` (KEBA: 8); only there is a tag
+        matched as a prefix of a known token."""
         if auth_config.offline_policy not in OFFLINE_POLICIES:
             raise ValueError(f"offline_policy must be one of {OFFLINE_POLICIES}")
         self._config = auth_config
         self._store = store
         self._requester = requester
         self._clock = clock
+        self._truncated_to = dict(truncated_to or {})
         self._local: dict[str, Token] = {_key(t.id): t for t in auth_config.tokens}
         self._cloud: dict[str, Token] = {}
         self._cloud_version = 0
@@ -134,16 +138,20 @@ class Authorizer:
         self._listeners.append(listener)
 
     # ----------------------------------------------------------- decisions
-    def known(self, token_id: str) -> tuple[Token, AuthSource, bool] | None:
+    def known(
+        self, token_id: str, charger_id: str | None = None
+    ) -> tuple[Token, AuthSource, bool] | None:
         """The entry that answers for ``token_id`` without asking anyone:
         (token, source, fresh) where ``fresh`` is False for a cache entry past its TTL.
 
-        Some chargers show only the first bytes of a card UID (KEBA: 4 bytes): a presented id of
-        at least ``MIN_PREFIX`` characters that is the prefix of exactly one known token id
-        matches that token; two or more candidates are ambiguous and match nothing."""
+        Some chargers show only the first bytes of a card UID (KEBA: 4 bytes, profile key
+        ``tag.truncated_to: 8``): on such a charger, a presented id of exactly that length that
+        is the prefix of exactly one known token id matches that token; two or more candidates
+        are ambiguous and match nothing. Elsewhere an id matches only a whole token id."""
         key = _key(token_id)
         found = self._exact(key)
-        if found is None and len(key) >= MIN_PREFIX:
+        shown = self._truncated_to.get(charger_id) if charger_id is not None else None
+        if found is None and shown is not None and len(key) == shown:
             ids = {
                 k
                 for table in (self._local, self._cloud, self._cache)
@@ -153,7 +161,12 @@ class Authorizer:
             if len(ids) == 1:
                 found = self._exact(ids.pop())
                 if found is not None:
-                    log.info("auth_prefix_match", presented=token_id, token=found[0].id)
+                    log.info(
+                        "auth_prefix_match",
+                        presented=token_id,
+                        token=found[0].id,
+                        charger_id=charger_id,
+                    )
         return found
 
     def _exact(self, key: str) -> tuple[Token, AuthSource, bool] | None:
@@ -168,10 +181,11 @@ class Authorizer:
             return token, AuthSource.CLOUD, fresh
         return None
 
-    def check(self, token_id: str) -> AuthStatus | None:
+    def check(self, token_id: str, charger_id: str | None = None) -> AuthStatus | None:
         """Status of a token known locally (lists or fresh cache) now, None when unknown.
-        Used to re-check running sessions after a list change."""
-        entry = self.known(token_id)
+        Used to re-check running sessions after a list change (``charger_id``: where the tag
+        was shown, for chargers that truncate it)."""
+        entry = self.known(token_id, charger_id)
         if entry is None or not entry[2]:
             return None
         return entry[0].status_at(self._clock.time())
@@ -186,7 +200,7 @@ class Authorizer:
         )
 
     async def authorize(self, token_id: str, token_type: str, charger_id: str) -> AuthDecision:
-        entry = self.known(token_id)
+        entry = self.known(token_id, charger_id)
         if entry is not None and entry[2]:
             decision = self._decide(entry[0], entry[1])
             self._log_decision(decision, token_id, charger_id, "known")

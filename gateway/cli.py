@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import date
@@ -192,8 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(
         "consume", help="reference cloud consumer: store finished sessions idempotently"
     )
-    sp.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
-    sp.add_argument("--db", required=True, help="sqlite:///path.db or postgresql://...")
+    sp.add_argument(
+        "--broker", required=True, help="mqtt[s]://[user@]host[:port] (no password here)"
+    )
+    sp.add_argument(
+        "--db",
+        required=True,
+        help="sqlite:///path.db or postgresql://[user@]host/db (password: PGPASSWORD or .pgpass)",
+    )
+    sp.add_argument(
+        "--password-file",
+        type=Path,
+        help=f"file holding the broker password (or set {BROKER_PASSWORD_ENV})",
+    )
     sp.add_argument("--topic-prefix", default="evgw")
     sp.add_argument("--site", action="append", help="site id(s) to consume (default: all, +)")
     sp.add_argument("--client-id", default="evgw-consumer")
@@ -205,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="trust only the keys in DIR/<site id>.pem (default: trust each site's first key)",
+    )
+    sp.add_argument(
+        "--reserved-site",
+        action="append",
+        metavar="NAME",
+        help="a broker account's name, never trusted on first use as a site "
+        "(repeatable; default: cloud, billing, homeassistant)",
     )
 
     sp = sub.add_parser("trust", help="site keys and quarantine of the consumer's store")
@@ -434,9 +453,56 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     )
 
 
-def _cmd_consume(args: argparse.Namespace) -> int:
-    from gateway.billing.consumer import run_consumer
+BROKER_PASSWORD_ENV = "EVGW_BROKER_PASSWORD"
 
+
+def _no_password_in(url: str | None, flag: str, where: str) -> None:
+    """A password on the command line shows in ``ps``, in the shell history and in process
+    accounting: refused, with the way that works instead."""
+    if url is None:
+        return
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        from gateway.redact import redact_url
+
+        raise UsageError(
+            f"{flag} {redact_url(url)}: a password does not belong on the command line "
+            f"(anyone can read it with ps); {where}"
+        )
+
+
+def _broker_password(args: argparse.Namespace) -> str | None:
+    if args.password_file is not None:
+        try:
+            text = args.password_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(
+                f"--password-file {args.password_file}: cannot read: {exc.strerror}"
+            ) from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--password-file {args.password_file}: not UTF-8 text") from None
+        password = text.strip("\r\n")
+        if not password:
+            raise UsageError(f"--password-file {args.password_file}: empty")
+        return password
+    import os
+
+    return os.environ.get(BROKER_PASSWORD_ENV) or None
+
+
+def _cmd_consume(args: argparse.Namespace) -> int:
+    from gateway.billing.consumer import RESERVED_SITES, run_consumer
+
+    _no_password_in(
+        args.broker, "--broker", f"use --password-file FILE or the {BROKER_PASSWORD_ENV} variable"
+    )
+    _no_password_in(args.db, "--db", "set PGPASSWORD or use ~/.pgpass (both read by libpq)")
+    password = _broker_password(args)
     return _run_async(
         lambda: run_consumer(
             broker=args.broker,
@@ -448,6 +514,8 @@ def _cmd_consume(args: argparse.Namespace) -> int:
             ca_file=args.ca_file,
             duration_s=args.duration,
             trust_dir=args.trust,
+            password=password,
+            reserved_sites=args.reserved_site or RESERVED_SITES,
         )
     )
 
@@ -455,6 +523,9 @@ def _cmd_consume(args: argparse.Namespace) -> int:
 def _cmd_trust(args: argparse.Namespace) -> int:
     from gateway.billing.trustadmin import run_trust
 
+    _no_password_in(
+        getattr(args, "db", None), "--db", "set PGPASSWORD or use ~/.pgpass (both read by libpq)"
+    )
     return _run_async(
         lambda: run_trust(
             args.action,
@@ -488,6 +559,7 @@ def _cmd_rotate_key(args: argparse.Namespace) -> int:
 def _cmd_statement(args: argparse.Namespace) -> int:
     from gateway.billing.statement import run_statement
 
+    _no_password_in(args.db, "--db", "set PGPASSWORD or use ~/.pgpass (both read by libpq)")
     return _run_async(
         lambda: run_statement(
             db_url=args.db,
@@ -543,6 +615,7 @@ def _cmd_sign_command(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from gateway.billing.verify import run_verify
 
+    _no_password_in(args.db, "--db", "set PGPASSWORD or use ~/.pgpass (both read by libpq)")
     config = _load(args) if args.config else None
     return _run_async(
         lambda: run_verify(
@@ -595,6 +668,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"evgw {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except sqlite3.Error as exc:
+        # A buffer damaged while a tool reads it (quick_check at open passed): one line.
+        if args.debug:
+            raise
+        print(
+            f"evgw {args.command}: the local buffer cannot be read (damaged?): {exc}",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -41,6 +41,7 @@ __all__ = [
     "StorageConfig",
     "TlsConfig",
     "UplinkConfig",
+    "UplinkReadingsConfig",
     "WebConfig",
     "check_config",
     "config_json_schema",
@@ -89,6 +90,15 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UplinkReadingsConfig:
+    """What the cloud gets of the readings (the local buffer keeps every one): one reading per
+    device and ``interval_s`` folded by ``mode`` (last | mean | min_max); 0 sends each one."""
+
+    interval_s: float = 60.0
+    mode: str = "last"
+
+
+@dataclass(frozen=True, slots=True)
 class UplinkConfig:
     url: str  # mqtt://host[:port] or mqtts://host[:port]
     client_id: str
@@ -104,6 +114,7 @@ class UplinkConfig:
     protocol: str = "auto"  # auto | 5 | 3.1.1
     command_key: str | None = None  # the cloud's Ed25519 public key (PEM file): signed commands
     command_max_age_s: float = 300.0  # a signed command older than this is refused
+    readings: UplinkReadingsConfig = UplinkReadingsConfig()
 
     @property
     def scheme(self) -> str:
@@ -1038,6 +1049,28 @@ _UPLINK = _Obj(
         "readings_qos": _Enum((0, 1), default=0, description="QoS of readings batches"),
         "readings_batch": _Int(
             default=500, min=1, max=10000, description="readings per message at most"
+        ),
+        "readings": _Obj(
+            {
+                "interval": _Duration(
+                    attr="interval_s",
+                    default=60.0,
+                    min=0.0,
+                    max=86400.0,
+                    description="one reading per device and interval to the cloud "
+                    "(0: every reading); the local buffer keeps every reading",
+                ),
+                "mode": _Enum(
+                    ("last", "mean", "min_max"),
+                    default="last",
+                    description="last reading of the interval, numbers averaged, or the last "
+                    "reading with <name>_min and <name>_max",
+                ),
+            },
+            target=UplinkReadingsConfig,
+            build_when_absent=True,
+            description="readings sent to the cloud (default: one a minute per device, "
+            "~6.5 MB a day for 10 chargers)",
         ),
         "command_key": _Path(
             must_be="file",

@@ -787,9 +787,11 @@ class LoadManager:
         """Run until cancelled."""
         await self._await_first_meter_sample()
         while True:
+            # Cleared before evaluating, never after: a wake-up that arrives while the limit
+            # writes are out (slow on RS-485) makes the next round start at once.
+            self._wake.clear()
             async with self._lock:
                 await self._evaluate()
-            self._wake.clear()
             try:
                 async with asyncio.timeout(self.interval_s):
                     await self._wake.wait()

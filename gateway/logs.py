@@ -63,7 +63,11 @@ def configure_logging(level: str = "info", *, json: bool | None = None, stream: 
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json
-        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+        # Plain tracebacks: the rich formatter structlog picks when rich is installed prints every
+        # frame's local variables, and those hold passwords (paho's, a parsed broker URL's).
+        else structlog.dev.ConsoleRenderer(
+            colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

@@ -112,6 +112,10 @@ class UplinkStore(RequestLog, Protocol):
 
     async def readings_fetch_unsynced(self, limit: int, after_id: int = 0) -> list[ReadingRow]: ...
 
+    async def readings_fetch_wire(
+        self, limit: int, after_id: int = 0
+    ) -> list[tuple[int, str, bytes]]: ...
+
     async def readings_mark_synced(self, ids: Sequence[int]) -> None: ...
 
 
@@ -168,6 +172,18 @@ class CommandTarget(Protocol):
     async def update_tokens(
         self, version: int, mode: str, tokens: Sequence[Token], remove: Sequence[str]
     ) -> dict[str, Any]: ...
+
+    async def update_token_part(
+        self,
+        version: int,
+        mode: str,
+        index: int,
+        count: int,
+        tokens: Sequence[Token],
+        remove: Sequence[str],
+    ) -> dict[str, Any]:
+        """One part of a token list pushed in parts (gateway.tokenparts)."""
+        ...
 
     async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]: ...
 

@@ -232,6 +232,10 @@ class TagSpec:
     # The charger shows a hex UID least significant byte first: reverse its bytes so the card
     # reads as on every other charger. No shipped profile is known to need it.
     reverse_bytes: bool = False
+    # The charger shows only the first characters of a card's id (normal form; KEBA: 4 UID
+    # bytes, 8 hex characters): the authoriser then matches a tag of exactly this length as
+    # the unique prefix of one known token. None: the tag is the whole id, matched exactly.
+    truncated_to: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -866,6 +870,10 @@ _PROFILE = _Obj(
                         _Str(choices=("as_shown", "reversed")),
                         doc="reversed: the charger shows a hex UID least significant byte first",
                     ),
+                    "truncated_to": _Field(
+                        _Int(1, 250),
+                        doc="the charger shows only this many characters of a card id (KEBA: 8)",
+                    ),
                 }
             )
         ),
@@ -1212,6 +1220,7 @@ class _Builder:
                 t for t in (normalise_tag(e) for e in d.get("not_a_user", ())) if t
             ),
             reverse_bytes=d.get("byte_order", "as_shown") == "reversed",
+            truncated_to=d.get("truncated_to"),
         )
 
     def control(

@@ -15,7 +15,12 @@ Rules (one connector per charger device):
   no tag) gets a session with ``user.id`` null, ``user.auth`` "local" and the flag
   ``unidentified``; a tag accepted later identifies that same session.
 * Its start time and start reading are taken at the later of plug-in and the beginning of the
-  authorization (a self-authorizing charger may start charging while the cloud answers).
+  authorization (a self-authorizing charger may start charging while the cloud answers). A tag
+  is shown at some moment between two polls: when the poll that first shows it also shows
+  energy counted since the poll before, the start is that earlier poll (or the plug-in, when
+  no poll came in between), never the reading taken together with the tag. Likewise a plug-in
+  first seen by a poll that shows energy already: the start reading is the previous poll's
+  (or zero on a session counter that visibly restarted at the plug-in).
 * It ends at unplug (``ev_disconnected``), remote stop (``remote``), deauthorization
   (``deauthorized``, after a token list change blocks its token), a different tag on the same
   connector (``local``), or a car swap within one poll seen as a drop of the charger's session
@@ -76,11 +81,21 @@ __all__ = [
     "StartSession",
     "StatusChanged",
     "default_periods",
+    "max_power_w",
 ]
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_POWER_W = 100_000.0  # no AC charger on a Modbus gateway delivers more
+# The plausibility bound on counter steps, from a current per phase: three phases at 230 V x
+# POWER_MARGIN (253 V, the EN 50160 +10 % voltage limit, is x 1.1; the rest covers meter class
+# and the time between the meter counting and the gateway stamping its reading).
+POWER_MARGIN = 1.25
+NOMINAL_V = 230.0
+# A profile's current_limit.max_a is what the gateway may command, and not always the hardware
+# maximum (heidelberg-ec, amperfied-connect: 16 A "assumes the 11 kW model"). The bound taken
+# from a profile is therefore never below this: the largest current of a common 22 kW wallbox.
+PROFILE_FLOOR_A = 32.0
 # No energy counter on a charging site shows more: a 1 MW connection needs 114 years to count
 # 1 TWh. Counters whose register could show more (i64, u64, floats) are capped here.
 MAX_COUNTER_WH = 10**12
@@ -795,7 +810,7 @@ class SessionTracker:
         session_id: str | None = None
         if conn.plugged:
             conn.anchor_ts, conn.anchor_wh = now, self._reading(conn, now)
-            conn.anchor_latched = False
+            conn.anchor_latched = conn.anchor_reconstructed = False
             session_id = self._start(conn, grant, now, effects).session_id
         self._status(conn, now, effects)
         return effects, session_id
@@ -1014,7 +1029,7 @@ class SessionTracker:
                 if unwitnessed:
                     self._unwitnessed_plug(conn, now)
                 else:
-                    self._new_plug(conn, now, self._reading(conn, now))
+                    self._witnessed_plug(conn, now)
             elif not plugged and conn.plugged:
                 conn.plugged = False
                 conn.anchor_ts = conn.anchor_wh = None
@@ -1369,9 +1384,87 @@ class SessionTracker:
             # The start reading is taken when the authorization begins, unless the EV was
             # plugged in at this very sample (a swap keeps its split reading).
             if conn.plugged and (conn.anchor_ts is None or conn.anchor_ts < now):
-                conn.anchor_ts, conn.anchor_wh = now, self._reading(conn, now)
-                conn.anchor_latched = False
+                self._anchor_at_tag(conn, now)
         effects.append(RequestAuth(conn.spec.charger_id, tag, "rfid", conn.attempt))
+
+    def _rose_since_previous(
+        self, conn: _Connector, source: str | None, reading: int | None, now: float
+    ) -> tuple[float, int] | None:
+        """The previous reading of counter ``source`` when the counter rose plausibly from it
+        to ``reading`` (read at ``now``): energy flowed in between."""
+        before = self._previous(conn, source)
+        if reading is None or before is None or not before[0] < now or not before[1] < reading:
+            return None
+        step_wh = conn.spec.counter(source).step_wh(reading)
+        interval_s = conn.spec.poll_interval_s
+        if source is not None and source.startswith("meter:"):
+            interval_s = conn.spec.meter_poll_interval_s
+        if not _rises_plausibly(
+            before[1], before[0], reading, now, interval_s, conn.spec.max_power_w, step_wh
+        ):
+            return None
+        return before
+
+    def _witnessed_plug(self, conn: _Connector, now: float) -> None:
+        """An EV plugged in since the previous sample, which showed none. A late poll may find
+        it charging already: what was counted since the previous sample is this car's, so the
+        start reading is the previous sample's; a session counter that restarts at plug-in,
+        visibly restarted and shows no more than could have been counted since then dates it
+        back to zero. The start time stays this sample's (a tag seen in it is no later)."""
+        source = self._source(conn)
+        reading = self._reading(conn, now, source)
+        self._new_plug(conn, now, reading)
+        if reading is None:
+            return
+        if source == "session_energy_wh" and conn.spec.session_counter_resets_on_plug:
+            before = conn.session_prev
+            # It visibly restarted (dropped from the last car's value, or rose from zero).
+            restarted = before is not None and (reading < before[1] or before[1] == 0)
+            if reading > 0 and before is not None and before[0] < now and restarted:
+                elapsed_s = max(now - before[0], conn.spec.poll_interval_s)
+                step_wh = conn.spec.counter(source).step_wh(reading)
+                if reading <= conn.spec.max_power_w * elapsed_s / 3600.0 + step_wh:
+                    conn.anchor_wh = 0
+                    log.info(
+                        "start_before_plug_sample",
+                        charger_id=conn.spec.charger_id,
+                        counted_wh=reading,
+                    )
+            return
+        rose = self._rose_since_previous(conn, source, reading, now)
+        if rose is not None:
+            conn.anchor_wh = rose[1]
+            log.info(
+                "start_before_plug_sample",
+                charger_id=conn.spec.charger_id,
+                counted_wh=reading - rose[1],
+            )
+
+    def _anchor_at_tag(self, conn: _Connector, now: float) -> None:
+        """Move the start to the beginning of the authorization by a tag first seen at ``now``.
+
+        The tag was shown after the charger's previous sample (which showed none) and by this
+        one. When the counter did not move in between, this sample's reading is the start.
+        When it rose, the charger may have begun charging right after the tag (a late poll
+        sees both at once): the previous sample is the start, or the anchor itself (the
+        plug-in, possibly dated back by the session counter) when that is not older."""
+        source = self._source(conn)
+        reading = self._reading(conn, now, source)
+        before = self._rose_since_previous(conn, source, reading, now)
+        if before is not None and conn.anchor_ts is not None:
+            if before[0] <= conn.anchor_ts:
+                return  # no sample between the anchor and the tag: the anchor stands
+            log.info(
+                "start_before_tag_sample",
+                charger_id=conn.spec.charger_id,
+                start_wh=before[1],
+                tag_sample_wh=reading,
+            )
+            conn.anchor_ts, conn.anchor_wh = before
+        else:
+            conn.anchor_ts, conn.anchor_wh = now, reading
+        # A start read by the gateway: neither latched late nor dated back.
+        conn.anchor_latched = conn.anchor_reconstructed = False
 
     def _start(
         self, conn: _Connector, grant: Grant, now: float, effects: list[Effect]
@@ -1546,10 +1639,18 @@ TariffsResolver = Callable[[str, str | None], tuple[Any, ...] | None]
 EventSink = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 
 
-def _max_power_w(max_current_a: float | None) -> float:
-    if max_current_a is None:
+def max_power_w(max_current_a: float | None, profile_max_a: float | None = None) -> float:
+    """The most a charger can deliver, for the plausibility of its counters: the tightest known
+    bound. The site's ``max_current_a`` for the device (how it is wired), else its profile's
+    ``current_limit.max_a`` (at least ``PROFILE_FLOOR_A``), else ``DEFAULT_MAX_POWER_W``; a
+    current becomes power as three phases x 230 V x ``POWER_MARGIN``."""
+    if max_current_a is not None:
+        amps = max_current_a
+    elif profile_max_a is not None:
+        amps = max(profile_max_a, PROFILE_FLOOR_A)
+    else:
         return DEFAULT_MAX_POWER_W
-    return 3 * 230.0 * max_current_a * 1.25  # three phases, with margin for voltage and meters
+    return 3 * NOMINAL_V * amps * POWER_MARGIN
 
 
 class SessionManager:
@@ -1576,10 +1677,12 @@ class SessionManager:
         prefer_session_counters: Iterable[str] = (),
         transactional: Iterable[str] = (),
         counters: Mapping[str, Mapping[str, Counter]] | None = None,
+        profile_max_a: Mapping[str, float] | None = None,
     ) -> None:
         """``time_scale``: simulated seconds per wall second when the devices are simulated
         faster than real time (``evgw demo``); it widens the plausibility bound on counter
-        steps, which is measured against the gateway's wall clock."""
+        steps, which is measured against the gateway's wall clock. ``profile_max_a``: charger
+        id -> its profile's ``current_limit.max_a`` (see :func:`max_power_w`)."""
         self._config = config
         self._store = store
         self._authorizer = authorizer
@@ -1599,6 +1702,7 @@ class SessionManager:
             else [d for d in devices if d not in meters]
         )
         counters = counters or {}
+        profile_max_a = profile_max_a or {}
         resets = set(plug_reset_counters)  # chargers whose session counter restarts at plug-in
         prefer = set(prefer_session_counters) & resets
         reporting = set(transactional)
@@ -1616,7 +1720,8 @@ class SessionManager:
                     meter_id=dev.meter,
                     poll_interval_s=dev.poll_interval_s,
                     meter_poll_interval_s=meter.poll_interval_s if meter else dev.poll_interval_s,
-                    max_power_w=_max_power_w(dev.max_current_a) * max(1.0, time_scale),
+                    max_power_w=max_power_w(dev.max_current_a, profile_max_a.get(cid))
+                    * max(1.0, time_scale),
                     controllable=chargers is not None and chargers.can_control(cid),
                     session_counter_resets_on_plug=cid in resets,
                     prefer_session_counter=cid in prefer,
@@ -1766,7 +1871,7 @@ class SessionManager:
                 token = session.user.get("token")
                 if token is None or session.user.get("auth") == AuthSource.REMOTE.value:
                     continue
-                status = check(token)
+                status = check(token, session.charger_id)
                 if status in (AuthStatus.BLOCKED, AuthStatus.EXPIRED):
                     log.info("session_deauthorized", session_id=session.session_id, token=token)
                     await self._perform(

@@ -14,8 +14,8 @@ cloud token lists are typed by people, with the same variety. Both sides go thro
 
 Byte order is changed only where a profile says the charger shows a hex UID least significant
 byte first (``tag.byte_order: reversed``, :func:`reverse_hex_bytes`); no shipped profile is known
-to. Truncated UIDs (KEBA shows 4 bytes) stay truncated; the authoriser matches them as a
-unique prefix of a known token.
+to. Truncated UIDs (KEBA shows 4 bytes) stay truncated; on a charger whose profile says
+``tag.truncated_to`` the authoriser matches them as a unique prefix of a known token.
 """
 
 from __future__ import annotations

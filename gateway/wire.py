@@ -14,14 +14,19 @@ from __future__ import annotations
 import json
 import json.encoder
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
+import msgspec
+
 __all__ = ["WireValues", "encode_reading", "readings_batch", "wire_ts"]
 
 _PLAIN = frozenset({int, float, str, bool, type(None)})
+_MSGSPEC: Callable[[Any], bytes] = msgspec.json.Encoder().encode
+_MAYBE_EXPONENT = re.compile(rb"\de|0\.0000").search
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _ENCODE: Callable[[Any], str] = _ENCODER.encode
 # Private parts of the json module (its C accelerator), used when present.
@@ -79,6 +84,17 @@ def encode_reading(ts: float, values: Mapping[str, Any]) -> bytes:
     """The wire form of one reading (see the module docstring)."""
     head = wire_ts(ts)
     if "ts" not in values and _PLAIN.issuperset(map(type, values.values())):
+        # msgspec: the same bytes as the json module for these values at a fifth of the
+        # cost, which is most of the cost of buffering a reading. Both write the shortest
+        # round-trip digits, but outside [1e-4, 1e16) the json module writes ``1e-05`` and
+        # ``1e+16`` where msgspec writes ``0.00001`` and ``1e16``: output that may hold such
+        # a number goes the json module's way (tests/test_store_wire.py compares bytes).
+        try:
+            raw = _MSGSPEC(values)
+        except (TypeError, ValueError):  # a key msgspec refuses; an unpaired surrogate
+            raw = None
+        if raw is not None and _MAYBE_EXPONENT(raw) is None:
+            return head.encode() + (b"}" if len(raw) == 2 else b"," + raw[1:])
         try:
             body = _ENCODE(values)
         except (ValueError, TypeError):  # NaN or infinity; a key JSON cannot hold

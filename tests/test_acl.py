@@ -29,6 +29,7 @@ PASSWORDS = {
     "homeassistant": "ha-pw",
     "site-a": "a-pw",
     "site-b": "b-pw",
+    "observer": "observer-pw",  # the tests' own reader: see acl_broker
 }
 
 
@@ -51,10 +52,13 @@ async def acl_broker(tmp_path: Path) -> Any:
             check=False,
         )
         assert done.returncode == 0, done.stderr
+    # the shipped ACL plus a test account that reads everything, to see what got through
+    acl = tmp_path / "evgw.acl"
+    acl.write_text(ACL.read_text(encoding="utf-8") + "\nuser observer\ntopic read #\n")
     broker = MosquittoBroker(
         tmp_path / "mosquitto",
         allow_anonymous=False,
-        extra_config=f"password_file {pw}\nacl_file {ACL}\n",
+        extra_config=f"password_file {pw}\nacl_file {acl}\n",
     )
     await broker.start()
     try:
@@ -219,3 +223,31 @@ async def test_a_site_publishes_its_grid_limit_and_home_assistant_topics_only(
         "homeassistant/sensor/site-a/cp1_status/config",
     ]
     assert [t for t, _ in operator.received] == ["evgw/site-a/grid/limit"]
+
+
+@pytest.mark.parametrize("account", ["billing", "cloud", "homeassistant"])
+async def test_service_accounts_cannot_publish_as_a_site_named_after_them(
+    acl_broker: MosquittoBroker, account: str
+) -> None:
+    """mosquitto applies ``pattern`` lines to every user: without its deny lines the billing
+    account could publish a gateway key and finished sessions for a "site" called billing, which
+    a trust-on-first-use consumer would bill. The account's deny lines come first."""
+    observer = Client(acl_broker.port, "observer")
+    attacker = Client(acl_broker.port, account)
+    site_a = Client(acl_broker.port, "site-a")
+    async with running(observer.run("#")):
+        await asyncio.wait_for(observer.ready.wait(), 10)
+        for topic in (
+            f"evgw/{account}/gateway/key",
+            f"evgw/{account}/sessions/finished",
+            f"evgw/{account}/gateway/status",
+            f"evgw/{account}/auth/request",
+            f"homeassistant/sensor/{account}/x_status/config",
+        ):
+            await attacker.publish_once(topic, b'{"forged": 1}')
+        async with running(site_a.run()):  # the control: a site's own record goes through
+            await asyncio.wait_for(site_a.ready.wait(), 10)
+            await site_a.publish("evgw/site-a/sessions/finished", b'{"own": 1}')
+            await wait_until(lambda: observer.received, 5, "site-a's record")
+        await asyncio.sleep(0.5)  # anything let through would have arrived by now
+    assert [t for t, _ in observer.received] == ["evgw/site-a/sessions/finished"]

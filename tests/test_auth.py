@@ -91,6 +91,7 @@ async def make(
     cloud: FakeCloud | None = None,
     timeout_s: float = 0.2,
     clock: FakeClock | None = None,
+    truncated_to: dict[str, int] | None = None,
 ) -> tuple[Authorizer, MemoryAuthStore, FakeCloud, FakeClock]:
     store = store or MemoryAuthStore()
     cloud = cloud or FakeCloud()
@@ -98,7 +99,7 @@ async def make(
     config = AuthConfig(
         offline_policy=policy, tokens=tokens, request_timeout_s=timeout_s, cache_ttl_s=3600.0
     )
-    auth = Authorizer(config, store, cloud, clock)
+    auth = Authorizer(config, store, cloud, clock, truncated_to=truncated_to)
     cloud.authorizer = auth
     await auth.load()
     return auth, store, cloud, clock
@@ -376,18 +377,47 @@ async def test_cloud_list_and_cache_survive_a_restart_on_the_real_store(tmp_path
 
 
 async def test_truncated_uid_matches_one_known_token_only() -> None:
-    """KEBA shows 4 bytes of a UID: a unique prefix of >= 8 characters names the token."""
+    """KEBA shows 4 bytes of a UID (tag.truncated_to: 8): there a unique prefix of exactly 8
+    characters names the token."""
     twins = (
         ALICE,
         Token("99887766AA", TokenType.RFID, "x"),
         Token("99887766BB", TokenType.RFID, "y"),
     )
-    auth, _, cloud, _ = await make(tokens=twins)
+    auth, _, cloud, _ = await make(tokens=twins, truncated_to={"cp1": 8})
     cloud.online = False
     d = await auth.authorize("04a2b3c4", "rfid", "cp1")
     assert d.accepted and d.user == "alice" and d.token == ALICE
     assert not (await auth.authorize("99887766", "rfid", "cp1")).accepted  # ambiguous
     assert not (await auth.authorize("04A2B3", "rfid", "cp1")).accepted  # too short
+    assert not (await auth.authorize("04A2B3C4D5", "rfid", "cp1")).accepted  # too long
+
+
+async def test_prefix_matching_only_on_the_charger_that_truncates() -> None:
+    """An unlisted EMP-0001 shown on a charger that shows whole ids is not EMP-000123's user;
+    the same 8 characters on the KEBA (which shows 8 of them) are."""
+    emp = Token("EMP-000123", TokenType.RFID, "emma")
+    auth, _, cloud, _ = await make(tokens=(ALICE, emp), truncated_to={"keba": 8})
+    cloud.online = False
+    wrong = await auth.authorize("EMP-0001", "rfid", "vestel")
+    assert not wrong.accepted and wrong.user is None
+    assert auth.known("EMP-0001", "vestel") is None and auth.known("EMP-0001") is None
+    assert not (await auth.authorize("04A2B3C4", "rfid", "vestel")).accepted
+    assert (await auth.authorize("EMP-0001", "rfid", "keba")).user == "emma"
+    assert (await auth.authorize("04A2B3C4", "rfid", "keba")).user == "alice"
+    # a running session's tag is re-checked where it was shown
+    assert auth.check("04A2B3C4", "keba") is AuthStatus.ACCEPTED
+    assert auth.check("04A2B3C4", "vestel") is None
+
+
+def test_keba_profiles_declare_their_truncated_tag() -> None:
+    from gateway.profiles import load_profiles
+
+    profiles = load_profiles(Path(__file__).resolve().parent.parent / "drivers")
+    truncating = {
+        n: p.tag.truncated_to for n, p in profiles.items() if p.tag and p.tag.truncated_to
+    }
+    assert truncating == {"keba-p30": 8, "keba-p40": 8}
 
 
 @pytest.mark.parametrize("version", [10**300, 2**53 + 1, 0, 1.5, True])

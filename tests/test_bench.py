@@ -15,8 +15,8 @@ async def test_ingest_and_rtu_figures_and_report(monkeypatch) -> None:  # type: 
     result = median_result([await ingest.run(Size(quick=True, repeats=1)) for _ in range(2)])
     assert result.scenario == "ingest" and result.runs == 2
     gw = result.figure("Store.add_readings")
-    assert gw.value is not None and gw.value > 0 and gw.target == ">= 50000"
-    assert gw.ok is (gw.value >= 50_000)
+    assert gw.value is not None and gw.value > 0 and gw.target == ">= 100000"
+    assert gw.ok is (gw.value >= 100_000)
     assert result.figure("ratio gateway/raw").value is not None
 
     paper = rtu.paper_table()

@@ -580,3 +580,28 @@ async def test_verify_db_fails_on_a_gap(tmp_path: Path, capsys: pytest.CaptureFi
         "missing record(s) between seq 2 and seq 4",
         "2 problem(s) in 2 records",
     ]
+
+
+@pytest.mark.parametrize("site", ["billing", "cloud", "homeassistant"])
+async def test_a_site_named_after_a_broker_account_is_never_trusted_on_first_use(
+    db_url: str,  # noqa: F811
+    tmp_path: Path,
+    site: str,
+) -> None:
+    """Defence in depth behind the ACL (docs/security.md): a key and records published for a
+    "site" called billing are held, never billed, until an operator trusts the key."""
+    signer = make_signer(tmp_path)
+    async with open_cloud_store(db_url) as store:
+        consumer = SessionConsumer(store)
+        assert await consumer.handle(*_key_msg(signer, site=site)[:2]) == "quarantined"
+        topic = f"evgw/{site}/sessions/finished"
+        assert await consumer.handle(topic, json.dumps(_forged(1, signer, site=site)).encode()) == (
+            "quarantined"
+        )
+        assert await store.sessions() == []
+        assert await _held(store) == ["key", "no_key"]
+        (key,) = [q for q in await store.quarantined() if q.kind == "key"]
+        assert "--reserved-site" in key.reason
+        # the same name is an ordinary site for a consumer told of other accounts only
+        other = SessionConsumer(store, reserved_sites=["ops"])
+        assert await other.handle(*_key_msg(signer, site=site)[:2]) == "key"

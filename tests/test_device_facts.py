@@ -75,9 +75,40 @@ RAW_CASES: list[tuple[str, str, list[int], object]] = [
     # Phoenix on Wallbe firmware: energy u64 low word first, setpoint in 0.1 A
     ("phoenix-ev-eth-wallbe", "energy_wh", [0x5678, 0x1234, 0x0001, 0x0000], 0x1_1234_5678),
     ("phoenix-ev-eth-wallbe", "current_setpoint_a", [160], 16.0),
-    # KEBA P30 / P40 product codes (scan tells the variants apart)
+    # KEBA P30 / P40: the same map; u32 high word first (evcc keba-modbus.go)
     ("keba-p30", "cp_state", [0, 3], 3),
+    ("keba-p40", "cp_state", [0, 3], 3),
+    ("keba-p40", "energy_wh", [0x0001, 0x86A0], 10_000.0),  # 100,000 x 0.1 Wh
+    ("keba-p40", "session_energy_wh", [0x0000, 0x2710], 1_000.0),
+    ("keba-p40", "power_w", [0x00A8, 0x7BF0], 11_041.776),  # mW on the wire
+    ("keba-p40", "rfid", [0x04A2, 0xB3C4], "04A2B3C4"),
+    # Vestel EVC04: 1006 (fault code) and 1502 (session energy) are u32, unlike Webasto NEXT
+    ("vestel-evc04", "fault_code", [0x0001, 0x0002], 0x1_0002),
+    ("vestel-evc04", "session_energy_wh", [0x0001, 0x0000], 65_536),
+    # Heidelberg: lifetime energy IR 17-18, u32 high word first, Wh
+    ("heidelberg-ec", "energy_wh", [0x0001, 0x0002], 0x1_0002),
 ]
+
+# KEBA product codes (holding 1016, u32): 6 digits from 3 = P30, 7 digits from 4 = P40 (evcc
+# keba-modbus.go kebaRegProduct). Each code is decoded with the profile's identify register and
+# must fall in its own profile's range only: this is how `evgw scan` tells the variants apart.
+PRODUCT_CODES = [
+    ([0x0004, 0xBEE3], 311_011, "keba-p30"),  # KC-P30 product code from the simulator
+    ([0x003E, 0xB71E], 4_110_110, "keba-p40"),
+]
+
+
+@pytest.mark.parametrize(("words", "code", "slug"), PRODUCT_CODES)
+def test_keba_product_code_tells_p30_from_p40(words: list[int], code: int, slug: str) -> None:
+    matches = []
+    for variant in ("keba-p30", "keba-p40"):
+        ident = PROFILES[variant].identify
+        assert ident is not None and ident.min is not None and ident.max is not None
+        value = decode(ident.register, words)
+        assert value == code
+        if ident.min <= value <= ident.max:
+            matches.append(variant)
+    assert matches == [slug]
 
 
 @pytest.mark.parametrize(("slug", "name", "words", "expected"), RAW_CASES)
@@ -392,6 +423,26 @@ async def test_keba_p40_pauses_through_5004() -> None:
         assert sim.status is ChargerStatus.SUSPENDED_EVSE
 
 
+async def test_keba_p40_ignores_the_p30_pause_through_5014() -> None:
+    """The old behaviour (keba-p30's enable register 5014 used on a P40) does not pause it."""
+    profile = PROFILES["keba-p40"]
+    p30 = PROFILES["keba-p30"]
+    assert p30.enable is not None and p30.enable.register.address == 5014
+    image = RegisterImage()
+    sim = SimCharger(profile, image, seed=1, enforce_heartbeat=False)
+    sim.plug_in()
+    sim.start_charging()
+    sim.step(1.0)
+    assert sim.status is ChargerStatus.CHARGING
+    as_p30 = old(profile, enable=p30.enable, pause="enable")
+    async with served(profile, image, driver_profile=as_p30) as driver:
+        await driver.set_enabled(False)
+        assert image.writes == 1  # the write to 5014 went out
+        assert image.get(Table.HOLDING, 5004) != [0]  # the limit was not touched
+        sim.step(1.0)
+        assert sim.status is ChargerStatus.CHARGING  # still charging: 5014 means nothing here
+
+
 async def test_heidelberg_write_failure_is_retried_at_the_next_poll() -> None:
     profile = PROFILES["heidelberg-ec"]
     image = RegisterImage()
@@ -432,7 +483,16 @@ async def test_the_same_card_on_every_tag_reading_charger_is_the_same_user() -> 
     card = "04A2B3C4D5E6F7"
     # Typed into the local list by a person, lower case with separators.
     token = Token(id="04:a2:b3:c4:d5:e6:f7", type=TokenType.RFID, user="alice")
-    auth = Authorizer(AuthConfig(tokens=(token,)), MemoryAuthStore(), None, FakeClock())
+    # each charger id is its profile's slug; truncating profiles say so, as the app passes it
+    truncated = {
+        slug: tag.truncated_to
+        for slug in TAG_PROFILES
+        if (tag := PROFILES[slug].tag) is not None and tag.truncated_to is not None
+    }
+    assert set(truncated) == {"keba-p30", "keba-p40"} & set(TAG_PROFILES)
+    auth = Authorizer(
+        AuthConfig(tokens=(token,)), MemoryAuthStore(), None, FakeClock(), truncated_to=truncated
+    )
     await auth.load()
     seen: dict[str, str | None] = {}
     for slug in TAG_PROFILES:

@@ -27,7 +27,8 @@ SITE_YAML = """
 site: {{id: {site}, timezone: Europe/Berlin}}
 storage: {{path: ./buffer.db}}
 uplink:
-  {{url: "mqtt://127.0.0.1:{broker}", client_id: evgw-e2e, topic_prefix: {prefix}, keepalive: 5s}}
+  {{url: "mqtt://127.0.0.1:{broker}", client_id: evgw-e2e, topic_prefix: {prefix}, keepalive: 5s,
+    readings: {{interval: 1s, mode: mean}}}}
 buses:
   - {{id: gw, type: rtu-over-tcp, host: 127.0.0.1, tcp_port: {p_bus}}}
 devices:

@@ -497,6 +497,37 @@ async def test_over_limit_wakes_the_loop_at_once() -> None:
             await task
 
 
+class SlowRecorder(Recorder):
+    """Limit writes that take a while, as on a busy RS-485 line."""
+
+    async def set_current_limit(self, device_id: str, current_a: float) -> None:
+        await asyncio.sleep(0.2)
+        await super().set_current_limit(device_id, current_a)
+
+
+async def test_wake_up_during_slow_writes_is_not_lost() -> None:
+    """The loop used to clear its wake-up after evaluating: an over-limit sample that arrived
+    while the limit writes were out was forgotten until the next interval (30 s here)."""
+    b = LoadBalancer(LoadSettings(32.0, "grid"), [ChargerSpec("cp1", step_a=1)])
+    rec, clock = SlowRecorder(), FakeClock()
+    load = LoadManager(None, b, rec, clock, interval_s=30.0)
+    load.on_sample(charger("cp1", C, (31, 31, 31), ts=clock.now))
+    load.on_sample(grid(31, 31, 31, ts=clock.now))
+    task = asyncio.create_task(load.run())
+    try:
+        await asyncio.sleep(0.1)  # the first write (31 A) is under way
+        assert rec.calls == []
+        load.on_sample(grid(40, 40, 40, ts=clock.now))  # the building took 9 A more
+        async with asyncio.timeout(2.0):
+            while not rec.calls or rec.calls[-1] != ("limit", "cp1", 22.0):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert rec.calls == [("limit", "cp1", 31.0), ("limit", "cp1", 22.0)]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 async def test_session_disable_is_forwarded_and_never_undone() -> None:
     load, rec, clock = manager(specs=[ChargerSpec(d, step_a=1) for d in ("cp1", "cp2")])
     load.on_sample(charger("cp1", C, ts=clock.now))

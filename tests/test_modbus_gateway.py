@@ -11,15 +11,13 @@ from typing import Any
 
 import pytest
 from mqtt_broker import free_port
+from sessions_support import modbus_sessions
 
-from gateway.auth import Authorizer
 from gateway.config import check_config, load_config
 from gateway.errors import DeviceError
 from gateway.modbus.bus import BusPool, TcpBus
-from gateway.modbus.engine import Chargers, DeviceDriver, DevicePoller
-from gateway.model import SystemClock
+from gateway.modbus.engine import DeviceDriver
 from gateway.profiles import Profile, Table
-from gateway.sessions import SessionManager
 from gateway.sim.devices import SimMeter
 from gateway.sim.server import FaultKind, LineTransaction, RegisterImage, SimServer
 from gateway.sim.site import SimSite
@@ -80,26 +78,9 @@ async def test_charger_and_billing_meter_behind_one_converter_bill_exactly(
         bus = pool.bus_for("cp1")
         assert bus is pool.bus_for("m1") and isinstance(bus, TcpBus)
         assert bus.frame_gap_s == pytest.approx(0.02)
-        clock = SystemClock()
-        drivers = {
-            d.id: DeviceDriver(d, shipped_profiles[d.driver], pool.for_device(d), clock)
-            for d in config.devices
-        }
-        authorizer = Authorizer(config.auth, store, None, clock)
-        await authorizer.load()
-        manager = SessionManager(
-            config,
-            store,
-            authorizer,
-            Chargers(drivers),
-            None,
-            None,
-            clock,
-            on_event,
-            charger_ids=["cp1"],
-            time_scale=SPEED,
+        manager, poller = await modbus_sessions(
+            config, shipped_profiles, pool, store, on_event, charger_ids=["cp1"], time_scale=SPEED
         )
-        poller = DevicePoller(list(drivers.values()), manager.on_sample)
         async with asyncio.TaskGroup() as tg:
             polling = tg.create_task(poller.run())
             await asyncio.sleep(1.0)

@@ -852,9 +852,16 @@ class Harness:
         self.pricer = pricer
         self.meter_wh = 500_000.0
         self.cp2_wh = 80_000.0
+        self.truncated_to: dict[str, int] = {}  # the chargers' tag.truncated_to
 
     async def build(self) -> SessionManager:
-        self.authorizer = Authorizer(self.config.auth, MemoryAuthStore(), self.cloud, self.clock)
+        self.authorizer = Authorizer(
+            self.config.auth,
+            MemoryAuthStore(),
+            self.cloud,
+            self.clock,
+            truncated_to=self.truncated_to,
+        )
         self.cloud.authorizer = self.authorizer
         await self.authorizer.load()
 
@@ -1232,6 +1239,7 @@ def test_plausible_monotonic_counter_gives_exact_difference(steps: list[tuple[fl
 async def test_truncated_tag_session_records_the_full_token() -> None:
     store = MemorySessionStore()
     h = Harness(store)
+    h.truncated_to = {"cp2": 8}  # as if cp2 showed 4 bytes of a UID, as a KEBA does
     manager = await h.build()
     await h.cp("cp2", PREPARING)
     await h.cp("cp2", PREPARING, tag="04a2b3c4")
@@ -1308,3 +1316,107 @@ def test_plug_in_found_still_preparing_is_not_flagged() -> None:
     rig.cp(AVAILABLE)
     (rec,) = rig.records()
     assert rec["energy_wh"] == 30 and rec["flags"] == []
+
+
+def test_tag_seen_after_charging_began_keeps_a_reconstructed_start() -> None:
+    # The kill loop's cp2 (Vestel: Wh session counter reset at plug-in, billed from it): the
+    # gateway came up after the plug-in and before the tag; its next poll came late (machine
+    # loaded) and showed the tag together with the first Wh. Re-reading the start there billed
+    # 126 of 127.314 Wh; the counter dated back to the plug-in holds it all.
+    rig = Rig(session_counter_resets_on_plug=True, prefer_session_counter=True)
+    rig.cp(PREPARING, session_wh=0.0, energy_wh=3_513_200.0)  # first sample after a restart
+    rig.cp(CHARGING, tag="AAA", session_wh=1.0, energy_wh=3_513_200.0, dt=10.0)
+    rig.answer()
+    for wh in (40.0, 80.0, 120.0, 127.0):
+        rig.cp(CHARGING, tag="AAA", session_wh=wh, energy_wh=3_513_300.0, dt=10.0)
+    rig.cp(SUSP_EV, tag="AAA", session_wh=127.0, energy_wh=3_513_400.0)
+    rig.cp(AVAILABLE, session_wh=127.0, energy_wh=3_513_400.0)
+    (rec,) = rig.records()
+    assert (rec["meter_start_wh"], rec["energy_wh"]) == (0, 127)
+    assert rec["flags"] == ["start_reconstructed", "comms_gap"]  # the failure's own flags
+
+
+def test_tag_seen_after_charging_began_bills_from_the_last_sample_without_it() -> None:
+    # Plug-in witnessed, then one late poll shows the tag and energy already flowing: the tag
+    # came after the previous poll, so that poll's reading is the start (not this one's).
+    rig = Rig(session_counter_resets_on_plug=True, prefer_session_counter=True)
+    rig.cp(AVAILABLE, session_wh=0.0)
+    rig.cp(PREPARING, session_wh=0.0)  # plug-in
+    rig.cp(PREPARING, session_wh=0.0)
+    before_tag = rig.t
+    rig.cp(CHARGING, tag="AAA", session_wh=3.0, dt=3.0)
+    rig.answer()
+    rig.cp(CHARGING, tag="AAA", session_wh=20.0, dt=3.0)
+    rig.cp(AVAILABLE, session_wh=20.0)
+    (rec,) = rig.records()
+    assert (rec["meter_start_wh"], rec["energy_wh"], rec["flags"]) == (0, 20, [])
+    assert ts(rec["started_at"]) == pytest.approx(before_tag, abs=0.001)
+
+
+def test_tag_after_a_reconstructed_plug_in_reads_the_start_anew_and_drops_the_flag() -> None:
+    # Found plugged in with 1500 Wh counted while the gateway was down and no tag, not charging:
+    # the tag shown later begins the authorization and the start is read then, as any start
+    # read by the gateway (not dated back: no start_reconstructed).
+    rig = Rig(session_counter_resets_on_plug=True)
+    rig.cp(SUSP_EV, session_wh=1500.0)
+    rig.cp(SUSP_EV, tag="AAA", session_wh=1500.0)
+    rig.answer()
+    rig.cp(CHARGING, tag="AAA", add_wh=10, session_wh=1510.0)
+    rig.cp(AVAILABLE, session_wh=1510.0)
+    (rec,) = rig.records()
+    assert (rec["meter_start_wh"], rec["energy_wh"], rec["flags"]) == (1_203_345, 10, [])
+
+
+def test_app_start_after_a_reconstructed_plug_in_is_read_at_the_command() -> None:
+    # Found plugged in (1500 Wh counted while the gateway was down), started from the app later:
+    # the start is read at the command, so it is not dated back and says so.
+    rig = Rig(session_counter_resets_on_plug=True)
+    rig.cp(SUSP_EV, session_wh=1500.0)
+    rig.cp(SUSP_EV, session_wh=1500.0)
+    grant = Grant("bob", None, "app", AuthSource.REMOTE, rig.t)
+    rig._take(rig.tracker.remote_start("cp1", grant, rig.t)[0])
+    rig.cp(CHARGING, add_wh=10, session_wh=1510.0)
+    rig.cp(AVAILABLE, session_wh=1510.0)
+    (rec,) = rig.records()
+    assert (rec["meter_start_wh"], rec["energy_wh"], rec["flags"]) == (1_203_345, 10, [])
+
+
+def test_plug_in_seen_by_a_late_poll_that_shows_energy_bills_it_from_the_session_counter() -> None:
+    # The poll after the plug-in came late (machine loaded): the car is charging already and
+    # its restarted session counter shows 9 Wh. They are this car's (the kill loop billed 118
+    # of 126.67 Wh without a flag).
+    rig = Rig(session_counter_resets_on_plug=True, prefer_session_counter=True)
+    rig.cp(AVAILABLE, session_wh=127.0)  # the previous car's session
+    rig.cp(CHARGING, tag="AAA", session_wh=9.0, dt=3.0)
+    plugged = rig.t
+    rig.answer()
+    rig.cp(CHARGING, tag="AAA", session_wh=40.0, dt=3.0)
+    rig.cp(AVAILABLE, session_wh=40.0)
+    (rec,) = rig.records()
+    assert (rec["meter_start_wh"], rec["energy_wh"], rec["flags"]) == (0, 40, [])
+    assert ts(rec["started_at"]) == pytest.approx(plugged, abs=0.001)
+
+
+def test_plug_in_seen_by_a_late_poll_that_shows_energy_bills_it_from_the_lifetime_counter() -> None:
+    rig = Rig()  # lifetime counter only (Webasto NEXT)
+    rig.cp(AVAILABLE)
+    rig.cp(CHARGING, tag="AAA", add_wh=9, dt=3.0)
+    rig.answer()
+    rig.cp(CHARGING, tag="AAA", add_wh=30, dt=3.0)
+    rig.cp(AVAILABLE)
+    (rec,) = rig.records()
+    assert (rec["meter_start_wh"], rec["energy_wh"], rec["flags"]) == (1_203_345, 39, [])
+
+
+def test_session_counter_not_restarted_at_a_late_plug_poll_is_not_dated_back() -> None:
+    # Still the last car's small value (no visible restart), or more than could have been
+    # counted since the previous poll: the start is the reading, never zero.
+    for old, new in ((5.0, 9.0), (0.0, 500.0)):
+        rig = Rig(session_counter_resets_on_plug=True, prefer_session_counter=True)
+        rig.cp(AVAILABLE, session_wh=old)
+        rig.cp(CHARGING, tag="AAA", session_wh=new)
+        rig.answer()
+        rig.cp(CHARGING, tag="AAA", session_wh=new + 10)
+        rig.cp(AVAILABLE, session_wh=new + 10)
+        (rec,) = rig.records()
+        assert (rec["meter_start_wh"], rec["energy_wh"]) == (new, 10), (old, new)

@@ -4,17 +4,13 @@ polling them, the SessionManager, the SQLite Store. Energy must match the simula
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 from typing import Any
 
-from gateway.auth import Authorizer
-from gateway.config import AuthConfig, DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
+from sessions_support import modbus_sessions, sim_site_config
+
 from gateway.modbus.bus import BusPool
-from gateway.modbus.engine import Chargers, DeviceDriver, DevicePoller
-from gateway.model import SystemClock, Token, TokenType
 from gateway.profiles import load_profiles
-from gateway.sessions import SessionManager
 from gateway.sim.site import SimSite
 from gateway.store import Store
 
@@ -22,29 +18,8 @@ PROFILES = load_profiles()
 SPEED = 60.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _config(tmp_path: Path) -> GatewayConfig:
-    port = _free_port()
-    tcp: dict[str, Any] = {"host": "127.0.0.1", "port": port, "poll_interval_s": 0.2}
-    return GatewayConfig(
-        site=SiteConfig("sim-site"),
-        storage=StorageConfig(str(tmp_path / "buffer.db")),
-        devices=(
-            DeviceConfig("cp1", "keba-p30", unit=255, meter="m1", **tcp),
-            DeviceConfig("m1", "eastron-sdm630", unit=2, **tcp),
-            DeviceConfig("cp2", "abb-terra-ac", unit=1, **tcp),
-        ),
-        auth=AuthConfig(tokens=(Token("04A2B3C4D5E6F7", TokenType.RFID, "alice"),)),
-    )
-
-
 async def test_sessions_over_modbus_match_the_simulator(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+    config = sim_site_config(tmp_path, "abb-terra-ac")
     events: list[tuple[str, dict[str, Any]]] = []
     cp1_started, both_finished = asyncio.Event(), asyncio.Event()
 
@@ -65,26 +40,9 @@ async def test_sessions_over_modbus_match_the_simulator(tmp_path: Path) -> None:
         Store.open(config.storage.path, site_id="sim-site", reserve_bytes=0) as store,
         BusPool.from_config(config) as pool,
     ):
-        clock = SystemClock()
-        drivers = {
-            d.id: DeviceDriver(d, PROFILES[d.driver], pool.for_device(d), clock)
-            for d in config.devices
-        }
-        authorizer = Authorizer(config.auth, store, None, clock)
-        await authorizer.load()
-        manager = SessionManager(
-            config,
-            store,
-            authorizer,
-            Chargers(drivers),
-            None,
-            None,
-            clock,
-            on_event,
-            charger_ids=["cp1", "cp2"],
-            time_scale=SPEED,
+        manager, poller = await modbus_sessions(
+            config, PROFILES, pool, store, on_event, charger_ids=["cp1", "cp2"], time_scale=SPEED
         )
-        poller = DevicePoller(list(drivers.values()), manager.on_sample)
         async with asyncio.TaskGroup() as tg:
             polling = tg.create_task(poller.run())
             await asyncio.sleep(0.5)

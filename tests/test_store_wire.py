@@ -6,11 +6,14 @@ from __future__ import annotations
 import datetime
 import decimal
 import json
+import math
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_uplink_support import ROOT, check_payload
 
 from gateway.model import rfc3339
@@ -119,7 +122,7 @@ async def test_version_1_rows_still_drain(tmp_path: Path) -> None:
         assert len(rows) == 7 and all(r.wire is not None for r in rows)
         assert rows[0].values == {"power_w": 0.0, "energy_wh": 0, "label": "é"}
         assert rows[-1].values == {"power_w": None, "energy_wh": 10}  # decoded on demand
-        batches = _reading_batches(rows)
+        batches = _reading_batches(await s.readings_fetch_wire(100))
         assert [(dev, ids) for dev, _, ids in batches] == [
             ("m1", [rows[i].id for i in (0, 1, 2, 3, 4, 6)]),
             ("m2", [rows[5].id]),
@@ -134,7 +137,9 @@ async def test_version_1_rows_still_drain(tmp_path: Path) -> None:
     try:
         assert db.execute("SELECT MAX(version) FROM schema_version").fetchone() == (SCHEMA_VERSION,)
         indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        assert "readings_by_ts" not in indexes and "readings_unsynced" in indexes
+        assert "readings_by_ts" not in indexes and "readings_unsynced" not in indexes
+        # every reading of the old buffer (and the new one) is still pending delivery
+        assert db.execute("SELECT COUNT(*) FROM readings_pending").fetchone() == (7,)
     finally:
         db.close()
 
@@ -159,3 +164,89 @@ async def test_prune_by_age_walks_ids_and_skips_future_stamps(tmp_path: Path) ->
         counts = await s.prune()
         assert counts["readings_by_age"] == 11
         assert [r.values["p"] for r in await s.readings_fetch_unsynced(1000)] == ["future"]
+
+
+def _reference_wire(ts: float, values: dict[Any, Any]) -> bytes:
+    """The wire form as the json module alone wrote it before msgspec (the definition the fast
+    path must keep, byte for byte)."""
+    head = wire_ts(ts)
+    plain = {int, float, str, bool, type(None)}
+    if "ts" not in values and all(type(v) in plain for v in values.values()):
+        try:
+            body = json.dumps(values, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except (ValueError, TypeError):
+            body = None
+        if body is not None:
+            return (head + ("}" if body == "{}" else "," + body[1:])).encode()
+    clean = {
+        str(k): (None if isinstance(v, float) and not math.isfinite(v) else v)
+        for k, v in values.items()
+        if k != "ts"
+    }
+    body = json.dumps(clean, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return (head + ("}" if body == "{}" else "," + body[1:])).encode()
+
+
+_PLAIN_VALUES = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=-1e20, max_value=1e20),
+    st.sampled_from([1e-4, 9.99999999999999e-05, 1e16, 9999999999999998.0, -0.0, 0.0, 1e-5]),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.booleans(),
+    st.none(),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12),
+)
+
+
+_KEYS = st.one_of(
+    st.text(max_size=8),
+    st.integers(min_value=-(2**65), max_value=2**65),
+    st.floats(allow_nan=False),
+    st.booleans(),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(values=st.dictionaries(_KEYS, _PLAIN_VALUES, max_size=20))
+def test_fast_encoder_writes_the_same_bytes_as_the_json_module(values: dict[Any, Any]) -> None:
+    assert encode_reading(T0 + 0.125, values) == _reference_wire(T0 + 0.125, values)
+
+
+def test_fast_encoder_same_bytes_for_the_benchmark_reading() -> None:
+    values = {f"v{i}": 230.0 + i * 0.37 for i in range(12)} | {"n": 7, "s": "é", "b": True}
+    assert encode_reading(T0, values) == _reference_wire(T0, values)
+
+
+async def test_version_2_synced_flags_become_pending_marks(tmp_path: Path) -> None:
+    """Schema 3 keeps undelivered readings as ids in readings_pending: a version-2 buffer's
+    unsynced rows are pending after the upgrade, its synced ones are not, and pruning a reading
+    drops its mark."""
+    path = tmp_path / "v2.db"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(
+        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_ts REAL NOT NULL)"
+    )
+    for statement in (*MIGRATIONS[0], *MIGRATIONS[1]):
+        db.execute(statement)
+    db.executemany("INSERT INTO schema_version VALUES (?, ?)", [(1, T0), (2, T0)])
+    db.executemany(
+        "INSERT INTO readings (device_id, ts, data, wire, synced) VALUES (?, ?, '', ?, ?)",
+        [("m1", T0 + i, encode_reading(T0 + i, {"p": i}), int(i < 3)) for i in range(6)],
+    )
+    db.commit()
+    db.close()
+    async with Store.open(path, site_id="x", reserve_bytes=0, clock=Clock(T0 + 10)) as s:
+        assert [r.values["p"] for r in await s.readings_fetch_unsynced(100)] == [3, 4, 5]
+        assert [w for _, _, w in await s.readings_fetch_wire(100)] == [
+            encode_reading(T0 + i, {"p": i}) for i in (3, 4, 5)
+        ]
+        assert (await s.outbox_backlog())["readings"] == 3
+        await s.readings_mark_synced([4, 6])  # ids 4 and 6: the readings p=3 and p=5
+        assert [r.values["p"] for r in await s.readings_fetch_unsynced(100)] == [4]
+    db = sqlite3.connect(path)
+    try:
+        db.execute("DELETE FROM readings WHERE id = 5")  # pruned: its mark goes too
+        assert db.execute("SELECT COUNT(*) FROM readings_pending").fetchone() == (0,)
+    finally:
+        db.close()

@@ -83,11 +83,11 @@ class Recorder:
 
     port: int
     client_id: str = "cloud-recorder"
+    topic_filter: str = f"{ROOT}/#"
     messages: list[Received] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     client: aiomqtt.Client | None = None
-    topic: str = f"{ROOT}/#"
 
     async def run(self) -> None:
         props = Properties(PacketTypes.CONNECT)
@@ -103,7 +103,7 @@ class Recorder:
                     properties=props,
                     timeout=5,
                 ) as client:
-                    await client.subscribe(self.topic, qos=1)
+                    await client.subscribe(self.topic_filter, qos=1)
                     self.client = client
                     self.connected.set()
                     async for m in client.messages:

@@ -30,10 +30,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from gateway.errors import GatewayError
 from gateway.model import from_rfc3339
+from gateway.redact import redact_url
 
 __all__ = [
     "CloudStore",
@@ -47,6 +48,8 @@ __all__ = [
     "open_cloud_store",
 ]
 
+
+_BUSY_S = 30.0  # how long a consumer store connection waits for another's lock
 
 class CloudStoreError(GatewayError):
     """The consumer's store cannot be opened or used (bad URL, missing driver, server down)."""
@@ -567,7 +570,9 @@ class _SqliteCloudStore(CloudStore):
         def connect() -> sqlite3.Connection:
             if create:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                conn = sqlite3.connect(
+                    path, isolation_level=None, check_same_thread=False, timeout=_BUSY_S
+                )
             elif not path.is_file():
                 raise NoSuchStoreError(f"{path}: no such consumer store (nothing was created)")
             else:  # mode=rw: never creates the file, even if it vanishes meanwhile
@@ -576,10 +581,13 @@ class _SqliteCloudStore(CloudStore):
                     uri=True,
                     isolation_level=None,
                     check_same_thread=False,
+                    timeout=_BUSY_S,
                 )
+            # A consumer writing (FULL fsyncs) and an operator's `evgw trust` or `statement`
+            # share the file: wait for its lock, from the first statement on.
+            conn.execute(f"PRAGMA busy_timeout={int(_BUSY_S * 1000)}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")  # a stored session is acknowledged upstream
-            conn.execute("PRAGMA busy_timeout=5000")
             return conn
 
         try:
@@ -637,7 +645,7 @@ class _PostgresCloudStore(CloudStore):
             conn = await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CloudStoreError(f"cannot connect to {_redact(url)}: {first}") from None
+            raise CloudStoreError(f"cannot connect to {_redact(url)}: {_redact(first)}") from None
         return cls(url, conn)
 
     async def migrate(self) -> None:
@@ -684,18 +692,14 @@ class _PostgresCloudStore(CloudStore):
 
 
 def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()
+    return redact_url(url)
 
 
 def sqlite_path(url: str) -> Path:
     """``sqlite:///rel.db`` -> rel.db, ``sqlite:////abs/x.db`` -> /abs/x.db."""
     rest = url[len("sqlite://") :]
     if not rest.startswith("/") or len(rest) < 2:
-        raise StoreUrlError(f"{url}: expected sqlite:///path.db")
+        raise StoreUrlError(f"{_redact(url)}: expected sqlite:///path.db")
     return Path(unquote(rest[1:]))
 
 
@@ -713,7 +717,7 @@ async def open_cloud_store(url: str, *, create: bool = True) -> AsyncIterator[Cl
         store = await _PostgresCloudStore.open(url)
     else:
         raise StoreUrlError(
-            f"{url!r}: unsupported store URL (use sqlite:///path.db or postgresql://...)"
+            f"{_redact(url)!r}: unsupported store URL (use sqlite:///path.db or postgresql://...)"
         )
     try:
         if not create and not await store.has_tables():

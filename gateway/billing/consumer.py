@@ -21,12 +21,14 @@ records (gaps, a broken link, a seq used twice) go to ``chain_problems``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import random
 import sqlite3
 import ssl
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ from gateway.billing.trust import TrustedKey, check_rotation, load_trust_dir
 from gateway.errors import GatewayError
 from gateway.model import from_rfc3339
 from gateway.records import GENESIS, canonical_json, record_hash
+from gateway.redact import redact_url
 from gateway.uplink.schemas import validate
 
 __all__ = [
@@ -94,6 +97,10 @@ def _text(payload: bytes) -> str:
     return text
 
 
+# The service accounts of config/mosquitto/evgw.acl: never a site's name.
+RESERVED_SITES = ("cloud", "billing", "homeassistant")
+
+
 def _safe_str(value: Any) -> str | None:
     if not isinstance(value, str):
         return None
@@ -105,15 +112,20 @@ class SessionConsumer:
     """Checks and stores one message at a time (independent of MQTT, for tests and replays).
 
     ``trusted``: the keys of a trust directory (``--trust``): only the sites named there are
-    accepted, and no key is trusted on first use. None: trust on first use."""
+    accepted, and no key is trusted on first use. None: trust on first use.
+    ``reserved_sites``: names of the broker's service accounts (``--reserved-site``): no key
+    is trusted on first use for a site of that name (docs/security.md: mosquitto's patterns
+    apply to those accounts too)."""
 
     def __init__(
         self,
         store: CloudStore,
         topic_prefix: str = "evgw",
         trusted: dict[str, list[TrustedKey]] | None = None,
+        reserved_sites: Iterable[str] = RESERVED_SITES,
     ) -> None:
         self.store = store
+        self.reserved_sites = frozenset(reserved_sites)
         self.prefix = topic_prefix.strip("/")
         self.trusted = trusted
         self.stats = ConsumerStats()
@@ -322,6 +334,12 @@ class SessionConsumer:
                 reason = (
                     f"key: site {site}: every known key is revoked; a new key needs "
                     "`evgw trust add`"
+                )
+                return await self._refuse_key(site, kid, reason, topic, payload)
+            if site in self.reserved_sites:
+                reason = (
+                    f"key: site {site}: the name of a broker account (--reserved-site) is never "
+                    "trusted on first use; `evgw trust add` if it really is a site"
                 )
                 return await self._refuse_key(site, kid, reason, topic, payload)
             await self.store.put_site_key(
@@ -576,12 +594,13 @@ class BrokerAddress:
 def parse_broker_url(url: str) -> BrokerAddress:
     """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...`` (ports 1883 / 8883)."""
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    shown = redact_url(url)
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise BrokerUrlError(f"{url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
+        raise BrokerUrlError(f"{shown!r}: expected mqtt://host[:port] or mqtts://host[:port]")
     try:
         port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
     except ValueError:
-        raise BrokerUrlError(f"{url!r}: bad port") from None
+        raise BrokerUrlError(f"{shown!r}: bad port") from None
     return BrokerAddress(
         host=parts.hostname,
         port=port,
@@ -591,7 +610,32 @@ def parse_broker_url(url: str) -> BrokerAddress:
     )
 
 
+def _topic_level(value: str, what: str, *, multi: bool = False) -> None:
+    """A site id, group or prefix goes into a topic filter: a wildcard or an empty level there
+    makes the subscription invalid (the broker drops the connection, every retry)."""
+    levels = value.split("/") if multi else [value]
+    if (
+        not value
+        or any(not lv or "+" in lv or "#" in lv for lv in levels)
+        or (not multi and "/" in value)
+    ):
+        raise BrokerUrlError(
+            f"{what} {value!r}: must be a plain topic level (no '+', '#'"
+            + (", '/'" if not multi else "")
+            + " or empty level); leave --site out to consume every site"
+        )
+    if "\x00" in value:
+        raise BrokerUrlError(f"{what} {value!r}: must not contain NUL")
+
+
 def subscriptions(topic_prefix: str, sites: list[str] | None, group: str | None) -> list[str]:
+    """The topic filters to subscribe; raises BrokerUrlError (a usage error) for a site, group
+    or prefix that is no plain topic level."""
+    _topic_level(topic_prefix.strip("/"), "--topic-prefix", multi=True)
+    for site in sites or []:
+        _topic_level(site, "--site")
+    if group is not None:
+        _topic_level(group, "--group")
     prefix = topic_prefix.strip("/")
     share = f"$share/{group}/" if group else ""
     topics: list[str] = []
@@ -689,7 +733,10 @@ async def _connection_loop(
         except aiomqtt.MqttError as exc:
             error = str(exc) or type(exc).__name__
         except Exception as exc:  # the store failed: the message stays unacked, retry later
-            log.exception("consumer_connection_failed")
+            # One line, no traceback: a traceback's locals would show the broker password.
+            log.error(
+                "consumer_connection_failed", error=redact_url(f"{type(exc).__name__}: {exc}")
+            )
             error = f"{type(exc).__name__}: {exc}"
         if loop.time() - started > 60:
             failures = 0
@@ -712,10 +759,22 @@ async def run_consumer(
     ca_file: str | None = None,
     duration_s: float | None = None,
     trust_dir: Path | None = None,
+    password: str | None = None,
+    reserved_sites: Iterable[str] = RESERVED_SITES,
 ) -> int:
     """Consume until cancelled (SIGINT/SIGTERM) or for ``duration_s``; 0 on a clean stop.
-    ``trust_dir``: trust only the keys in it (else trust each site's first key)."""
+    ``trust_dir``: trust only the keys in it (else trust each site's first key).
+    ``password`` (from a file or the environment) overrides one in the broker URL."""
     address = parse_broker_url(broker)
+    if password is not None:
+        address = dataclasses.replace(address, password=password)
+    if address.password and not address.tls:
+        log.warning(
+            "mqtt_password_in_clear",
+            host=address.host,
+            port=address.port,
+            hint="the broker password crosses the network unencrypted: use mqtts://",
+        )
     topics = subscriptions(topic_prefix, sites, group)
     trusted = None if trust_dir is None else await asyncio.to_thread(load_trust_dir, trust_dir)
     if trusted is None:
@@ -724,7 +783,7 @@ async def run_consumer(
             message="no --trust directory: the first key each site publishes is trusted",
         )
     async with open_cloud_store(db_url) as store:
-        consumer = SessionConsumer(store, topic_prefix, trusted)
+        consumer = SessionConsumer(store, topic_prefix, trusted, reserved_sites)
         await consumer.load_keys()
         await consumer.report_open_gaps()
         try:

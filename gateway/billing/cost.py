@@ -33,10 +33,11 @@ Rounding rule (also in docs/billing.md):
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -46,7 +47,16 @@ from zoneinfo import ZoneInfo
 from gateway.billing.tariff import Dimension, Restrictions, Tariff, parse_tariff, tariff_version
 from gateway.model import MeterPoint, rfc3339
 
-__all__ = ["MINOR_UNITS", "PricedSession", "Pricer", "make_pricer", "minor_unit", "price_session"]
+__all__ = [
+    "MINOR_UNITS",
+    "AsyncPricer",
+    "PricedSession",
+    "Pricer",
+    "make_pricer",
+    "minor_unit",
+    "off_the_loop",
+    "price_session",
+]
 
 # ISO 4217 exponents that are not 2 (the default).
 MINOR_UNITS: dict[str, int] = {
@@ -447,6 +457,10 @@ Pricer = Callable[
     [dict[str, Any] | None, Sequence[MeterPoint], float, float],
     tuple[list[dict[str, Any]], dict[str, Any] | None],
 ]
+AsyncPricer = Callable[
+    [dict[str, Any] | None, Sequence[MeterPoint], float, float],
+    Awaitable[tuple[list[dict[str, Any]], dict[str, Any] | None]],
+]
 
 
 def make_pricer(tz: str) -> Pricer:
@@ -474,3 +488,20 @@ def make_pricer(tz: str) -> Pricer:
         return priced.charging_periods, priced.cost
 
     return pricer
+
+
+def off_the_loop(pricer: Pricer) -> AsyncPricer:
+    """``pricer`` run in a worker thread. Pricing a long session against a tariff with many
+    time-restricted elements is pure CPU (a day of one-minute points against 100 elements: about
+    a second on a small board); in a thread the event loop keeps polling devices and serving the
+    uplink meanwhile (the interpreter hands it the GIL every few milliseconds)."""
+
+    async def priced(
+        tariff_data: dict[str, Any] | None,
+        points: Sequence[MeterPoint],
+        started_at: float,
+        ended_at: float,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        return await asyncio.to_thread(pricer, tariff_data, list(points), started_at, ended_at)
+
+    return priced

@@ -111,6 +111,7 @@ _READERS = {
     Table.COIL: "read_coils",
     Table.DISCRETE: "read_discrete_inputs",
 }
+_READ_FC = {Table.COIL: 1, Table.DISCRETE: 2, Table.HOLDING: 3, Table.INPUT: 4}
 _WRITERS = {5: "write_coil", 6: "write_register", 15: "write_coils", 16: "write_registers"}
 
 
@@ -428,6 +429,15 @@ class ModbusBus(ABC):
             code = int(getattr(rr, "exception_code", 0) or 0)
             what = _what(table, address, arg, function)
             raise self._fail(unit, "exception_response", f"{what}: exception code {code}", code)
+        # pymodbus matches a reply to its request by transaction id only (TCP) and decodes
+        # whatever function code it carries: an FC04 answer to an FC03 request came back as
+        # data. A reply with another function code is a frame we cannot use.
+        expected = function or _READ_FC[table]
+        got = getattr(rr, "function_code", None)
+        if got != expected:
+            self._after_bad_frame()
+            what = _what(table, address, arg, function)
+            raise self._fail(unit, "bad_frame", f"{what}: reply has function code {got}")
         return rr
 
 

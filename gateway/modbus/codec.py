@@ -36,8 +36,9 @@ def words_to_bytes(words: Sequence[int], order: WordOrder = WordOrder.ABCD) -> b
     if order is WordOrder.CDAB:
         words = list(reversed(words))
     try:
-        return b"".join(w.to_bytes(2, "big") for w in words)
-    except OverflowError as exc:
+        # one pack for all words (a text register is 10-20 of them, read every poll)
+        return struct.pack(f">{len(words)}H", *words)
+    except struct.error as exc:
         raise CodecError(f"register value out of 0..65535: {list(words)}") from exc
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-import ipaddress
 import itertools
 import random
 import sys
@@ -34,7 +33,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from gateway.config import BusConfig, DeviceConfig, GatewayConfig
+from gateway.config import BusConfig, DeviceConfig, GatewayConfig, is_loopback
 from gateway.errors import GatewayError
 from gateway.modbus.codec import encode
 from gateway.model import Clock, DeviceKind, SystemClock, TokenType
@@ -76,15 +75,6 @@ class _Sleeper:
     wake_s: float
     seq: int
     future: asyncio.Future[None] = field(compare=False)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class SimSite:
@@ -267,7 +257,7 @@ class SimSite:
             if dev.bus is not None:
                 bus_groups.setdefault(dev.bus, []).append(dev)
             elif dev.host is not None:
-                if not _is_loopback(dev.host):
+                if not is_loopback(dev.host):
                     self._skip(dev.id, f"host {dev.host} is not a loopback address")
                     continue
                 tcp_groups.setdefault((dev.host, dev.port), []).append(dev)
@@ -309,7 +299,7 @@ class SimSite:
         self, stack: contextlib.AsyncExitStack, bus: BusConfig, devs: list[DeviceConfig]
     ) -> None:
         if bus.type == "rtu-over-tcp":
-            if bus.host is None or not _is_loopback(bus.host):
+            if bus.host is None or not is_loopback(bus.host):
                 for dev in devs:
                     self._skip(dev.id, f"bus {bus.id} host {bus.host} is not a loopback address")
                 return

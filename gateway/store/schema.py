@@ -112,7 +112,21 @@ _V3 = (
     "DELETE FROM kv WHERE key = 'uplink.applied_requests'",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
+_V4 = (
+    # Readings not yet delivered, by id. Marking a delivered batch is a ranged delete of narrow
+    # rows here, instead of rewriting every ~400-byte reading row (and its partial index) to flip
+    # a flag: that write cost as much as publishing. ``readings.synced`` is neither written nor
+    # read from this version on.
+    "CREATE TABLE readings_pending (id INTEGER PRIMARY KEY)",
+    "INSERT INTO readings_pending (id) SELECT id FROM readings WHERE synced = 0",
+    "DROP INDEX readings_unsynced",
+    # Pruning deletes readings (rarely, in bulk); their pending marks go with them.
+    """CREATE TRIGGER readings_pending_gone AFTER DELETE ON readings BEGIN
+        DELETE FROM readings_pending WHERE id = old.id;
+    END""",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
 """MIGRATIONS[i] holds the statements that bring the schema to version i + 1."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -46,6 +46,15 @@ from gateway.model import (
 )
 from gateway.ports import OutboxRow, ReadingRow, Sealer
 from gateway.records import GENESIS, canonical_json, seal
+from gateway.store.salvage import (
+    SESSION_STREAM,
+    SESSION_TOPIC,
+    is_sqlite_file,
+    move_aside,
+    quick_check,
+    salvage,
+    secure_file,
+)
 from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
 from gateway.wire import WireValues, encode_reading
 
@@ -59,8 +68,6 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 Body = Callable[[aiosqlite.Connection], Awaitable[T]]
 
-SESSION_STREAM = "session"
-SESSION_TOPIC = "sessions/finished"
 _DAY_S = 86_400.0
 _MB = 1024 * 1024
 _CHUNK = 500  # ids per IN (...) list: below SQLite's default variable limit everywhere
@@ -70,6 +77,7 @@ _CAP_CHECK_ROWS = 5_000  # check the size cap after this many readings were adde
 _CLOUD_LIST_KEY = "auth.cloud_list"
 _SQLITE_FULL = 13
 _SQLITE_IOERR = 10
+_SQLITE_READONLY = 8
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -79,6 +87,20 @@ def _is_disk_full(exc: BaseException) -> bool:
         return (code & 0xFF) in (_SQLITE_FULL, _SQLITE_IOERR)
     text = str(exc).lower()
     return "disk is full" in text or "disk i/o error" in text
+
+
+def _is_read_only(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return (code & 0xFF) == _SQLITE_READONLY
+    return "readonly database" in str(exc).lower()
+
+
+def _has_content(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 def _token_to_json(token: Token) -> dict[str, Any]:
@@ -119,6 +141,22 @@ def _chunks(ids: Sequence[int]) -> Generator[list[int], None, None]:
         yield [int(x) for x in ids[i : i + _CHUNK]]
 
 
+def _runs(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """``ids`` as (first, last) runs of consecutive integers, ascending."""
+    runs: list[tuple[int, int]] = []
+    first = last = None
+    for i in sorted(set(ids)):
+        if last is not None and i == last + 1:
+            last = i
+            continue
+        if first is not None and last is not None:
+            runs.append((first, last))
+        first = last = i
+    if first is not None and last is not None:
+        runs.append((first, last))
+    return runs
+
+
 class _Opening:
     """What ``Store.open`` returns: await it for a Store, or use it as ``async with``."""
 
@@ -143,6 +181,14 @@ class _Opening:
     ) -> None:
         if self._store is not None:
             await self._store.close()
+
+
+def _finished_rows(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+    """(record, synced_at, finished_ts) rows wrapped with their local state."""
+    return [
+        {"state": "finished", "synced_at": synced, "finished_at": fin, "record": json.loads(rec)}
+        for rec, synced, fin in rows
+    ]
 
 
 class Store:
@@ -172,6 +218,8 @@ class Store:
         self._reserve_path = path.with_name(path.name + ".reserve")
         self._reserve_bytes = reserve_bytes
         self._lock = asyncio.Lock()
+        # The uplink's reads run on a connection of their own (``_read_now``).
+        self._sync_reader: sqlite3.Connection | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
         self._readings_blocked_at: float | None = None  # monotonic time readings stopped
         self._reserve_retry_at = 0.0  # monotonic time the given-up reserve is next retaken
@@ -253,6 +301,30 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"{path}: cannot create its directory: {exc.strerror or exc}") from exc
+        damaged: Path | None = None
+        if await asyncio.to_thread(_has_content, path):
+            try:
+                if not await asyncio.to_thread(is_sqlite_file, path):
+                    raise StoreError(
+                        f"{path}: not a usable gateway buffer: not an SQLite file (move it away "
+                        "or point storage.path elsewhere)"
+                    )
+                problem = await asyncio.to_thread(quick_check, path)
+            except sqlite3.Error as exc:
+                raise StoreError(f"{path}: cannot open the local buffer: {exc}") from exc
+            if problem is not None:
+                if not create:
+                    raise StoreError(
+                        f"{path}: the local buffer is damaged ({problem}); the gateway moves it "
+                        "aside and salvages what it can at its next start (evgw run)"
+                    )
+                damaged = await asyncio.to_thread(move_aside, path)
+                log.error("store_damaged", path=str(path), problem=problem, moved_to=str(damaged))
+        if create:
+            try:
+                await asyncio.to_thread(secure_file, path)
+            except OSError as exc:
+                raise StoreError(f"{path}: cannot create the local buffer: {exc}") from exc
         try:
             db = await aiosqlite.connect(str(path), isolation_level=None)
         except sqlite3.Error as exc:
@@ -269,10 +341,34 @@ class Store:
         )
         try:
             await store._prepare()
+            if create:
+                # SQLite gave the new WAL and -shm files the database's mode; make sure anyway.
+                await asyncio.to_thread(secure_file, path)
+            if damaged is not None:
+                await store._salvage_from(damaged)
         except BaseException:
             await db.close()
             raise
         return store
+
+    async def _salvage_from(self, damaged: Path) -> None:
+        async with self._lock:
+            try:
+                report = await asyncio.to_thread(salvage, damaged, self.path)
+            except sqlite3.Error as exc:
+                raise StoreError(
+                    f"{self.path}: could not salvage the damaged buffer {damaged}: {exc}"
+                ) from exc
+        log.error(
+            "store_salvaged",
+            path=str(self.path),
+            damaged=str(damaged),
+            copied=report.copied,
+            unreadable=report.unreadable,
+            finished_sessions_lost_seqs=report.seq_gaps[:100],
+            rebuilt_from_outbox=report.rebuilt_from_outbox,
+            requeued=report.requeued,
+        )
 
     async def _prepare(self) -> None:
         db = self._conn()
@@ -336,6 +432,9 @@ class Store:
             return
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        if self._sync_reader is not None:
+            self._sync_reader.close()
+            self._sync_reader = None
         async with self._lock:
             db, self._db = self._db, None
             if db is None:
@@ -408,9 +507,7 @@ class Store:
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         async with self._lock:
-            db = self._conn()
-            async with db.execute(sql, params) as cur:
-                return list(await cur.fetchall())
+            return list(await self._conn().execute_fetchall(sql, params))  # one thread hop
 
     async def _durable_session_write(self, body: Body[T], what: str) -> T:
         """A session-side write: FULL sync, and when the disk is full, make room and retry."""
@@ -614,11 +711,19 @@ class Store:
             await db.executemany(
                 "INSERT INTO readings (device_id, ts, data, wire) VALUES (?, ?, '', ?)", params
             )
+            # One writer at a time (BEGIN IMMEDIATE): the newest ids are the rows just added.
+            await db.execute(
+                "INSERT INTO readings_pending (id) SELECT id FROM readings ORDER BY id DESC "
+                "LIMIT ?",
+                (len(params),),
+            )
 
         try:
             await self._write(body)
         except sqlite3.Error as exc:
-            if not _is_disk_full(exc):
+            # A read-only file system (the kernel's answer to a failing card) is treated like
+            # a full disk: readings give way, and are tried again later.
+            if not (_is_disk_full(exc) or _is_read_only(exc)):
                 raise StoreError(f"{self.path}: storing readings failed: {exc}") from exc
             first = self._readings_blocked_at is None
             self._readings_blocked_at = self._clock.monotonic()
@@ -658,7 +763,7 @@ class Store:
     # ------------------------------------------------------------------ UplinkStore
 
     async def outbox_fetch(self, stream: str, limit: int, after_id: int = 0) -> list[OutboxRow]:
-        rows = await self._read(
+        rows = self._read_now(
             "SELECT id, stream, topic, payload, qos, retain, created_ts FROM outbox "
             "WHERE stream = ? AND id > ? ORDER BY id LIMIT ?",
             (stream, int(after_id), int(limit)),
@@ -691,14 +796,14 @@ class Store:
     async def outbox_backlog(self) -> dict[str, int]:
         rows = await self._read("SELECT stream, COUNT(*) FROM outbox GROUP BY stream")
         backlog = {str(s): int(n) for s, n in rows}
-        rows = await self._read("SELECT COUNT(*) FROM readings WHERE synced = 0")
+        rows = await self._read("SELECT COUNT(*) FROM readings_pending")
         backlog["readings"] = int(rows[0][0]) if rows else 0
         return backlog
 
     async def readings_fetch_unsynced(self, limit: int, after_id: int = 0) -> list[ReadingRow]:
         rows = await self._read(
-            "SELECT id, device_id, ts, data, wire FROM readings WHERE synced = 0 AND id > ? "
-            "ORDER BY id LIMIT ?",
+            "SELECT r.id, r.device_id, r.ts, r.data, r.wire FROM readings_pending p "
+            "JOIN readings r ON r.id = p.id WHERE p.id > ? ORDER BY p.id LIMIT ?",
             (int(after_id), int(limit)),
         )
         out = []
@@ -709,6 +814,50 @@ class Store:
             else:
                 out.append(ReadingRow(i, d, ts, WireValues(wire), wire))
         return out
+
+    async def readings_fetch_wire(
+        self, limit: int, after_id: int = 0
+    ) -> list[tuple[int, str, bytes]]:
+        """(id, device_id, wire form) of undelivered readings in id order: what the uplink
+        splices into batches, with no per-row objects (read as ``_read_now`` says)."""
+        rows: list[tuple[int, str, bytes]] = self._read_now(
+            "SELECT r.id, r.device_id, r.wire FROM readings_pending p "
+            "JOIN readings r ON r.id = p.id WHERE p.id > ? ORDER BY p.id LIMIT ?",
+            (int(after_id), int(limit)),
+        )
+        if all(row[2] is not None for row in rows):
+            return rows
+        return [
+            (row.id, row.device_id, row.wire or b"")
+            for row in await self.readings_fetch_unsynced(limit, after_id)
+        ]
+
+    def _read_now(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """The uplink's reads, on the event loop's thread from a read-only WAL connection of
+        their own (a WAL reader never waits for the writer). A thread hop looked cheaper but is
+        not: sqlite3 releases the GIL around every row step, so a fetch on a worker thread
+        trades the GIL with the busy loop once per row (13 ms for 2000 readings against 2 ms
+        here), and each hop's latency stalled the drain between pages. The callers bound the
+        rows a call, hence the time the loop is held. A busy database reads as empty: the
+        uplink asks again on its next round."""
+        self._conn()  # refuse when closed
+        if self._sync_reader is None:
+            try:
+                reader = sqlite3.connect(
+                    str(self.path), isolation_level=None, check_same_thread=False
+                )
+                # short: this runs on the loop's thread (a WAL reader is rarely ever busy)
+                reader.execute("PRAGMA busy_timeout=50")
+                reader.execute("PRAGMA query_only=ON")
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: cannot open a reader: {exc}") from exc
+            self._sync_reader = reader
+        try:
+            return self._sync_reader.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise StoreError(f"{self.path}: reading for the uplink failed: {exc}") from exc
+            return []
 
     async def reading_values(
         self,
@@ -744,10 +893,12 @@ class Store:
         if not ids:
             return
 
+        # PUBACKs come back in order, so the ids form few runs of consecutive ids: one ranged
+        # UPDATE a run instead of hundreds of bound ids each.
+        runs = _runs(ids)
+
         async def body(db: aiosqlite.Connection) -> None:
-            for chunk in _chunks(ids):
-                marks = ",".join("?" * len(chunk))
-                await db.execute(f"UPDATE readings SET synced = 1 WHERE id IN ({marks})", chunk)
+            await db.executemany("DELETE FROM readings_pending WHERE id BETWEEN ? AND ?", runs)
 
         await self._write(body)
 
@@ -858,11 +1009,8 @@ class Store:
         """Sealed records, exactly as stored (verifiable with gateway.records.record_hash), in
         ``seq`` order. ``since``/``until`` (Unix seconds) select by start time:
         since <= started_at < until."""
-        where, params = self._session_filter(since, until, user, charger, unsynced_only)
-        rows = await self._read(
-            f"SELECT record FROM finished_sessions{where} ORDER BY site_id, seq", params
-        )
-        return [json.loads(r[0]) for r in rows]
+        rows = await self.finished_session_rows(since, until, user, charger, unsynced_only)
+        return [row["record"] for row in rows]
 
     async def finished_session_rows(
         self,
@@ -880,15 +1028,7 @@ class Store:
             "site_id, seq",
             params,
         )
-        return [
-            {
-                "state": "finished",
-                "synced_at": synced,
-                "finished_at": fin,
-                "record": json.loads(rec),
-            }
-            for rec, synced, fin in rows
-        ]
+        return _finished_rows(rows)
 
     async def recent_finished_sessions(self, limit: int) -> list[dict[str, Any]]:
         """The ``limit`` most recently finished sessions, newest first, wrapped like
@@ -898,15 +1038,7 @@ class Store:
             "ORDER BY finished_ts DESC, seq DESC LIMIT ?",
             (int(limit),),
         )
-        return [
-            {
-                "state": "finished",
-                "synced_at": synced,
-                "finished_at": fin,
-                "record": json.loads(rec),
-            }
-            for rec, synced, fin in rows
-        ]
+        return _finished_rows(rows)
 
     def _session_filter(
         self,
@@ -1050,15 +1182,15 @@ class Store:
     async def _delete_oldest_readings(self, n: int) -> int:
         async def body(db: aiosqlite.Connection) -> int:
             cur = await db.execute(
-                "DELETE FROM readings WHERE id IN (SELECT id FROM readings WHERE synced = 1 ORDER "
-                "BY id LIMIT ?)",
+                "DELETE FROM readings WHERE id IN (SELECT id FROM readings r WHERE NOT EXISTS "
+                "(SELECT 1 FROM readings_pending p WHERE p.id = r.id) ORDER BY id LIMIT ?)",
                 (n,),
             )
             deleted = cur.rowcount
             if deleted < n:
                 cur = await db.execute(
                     "DELETE FROM readings WHERE id IN "
-                    "(SELECT id FROM readings WHERE synced = 0 ORDER BY id LIMIT ?)",
+                    "(SELECT id FROM readings_pending ORDER BY id LIMIT ?)",
                     (n - deleted,),
                 )
                 deleted += cur.rowcount

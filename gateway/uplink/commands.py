@@ -109,6 +109,31 @@ class CommandHandler:
     def authenticated(self) -> bool:
         return self._verifier is not None
 
+    def busy(self, topic: str, payload: bytes, *, retained: bool = False) -> Reply | None:
+        """The reply to a command that found the queue full: ``busy``, with its request id when
+        one can be read cheaply, so the cloud knows to retry. Nothing is applied or remembered:
+        a retry with the same request id (even a signed one) is taken as new."""
+        if retained:
+            return None
+        if topic == self._topics.auth_response:
+            reply_topic = self._topics.auth_response_reply
+        else:
+            name = self._topics.command_name(topic)
+            if name is None:
+                return None
+            reply_topic = self._topics.command_reply(name)
+        request_id: str | None = None
+        if len(payload) <= self._max_bytes:
+            try:
+                rid = json.loads(payload.decode("utf-8")).get("request_id")
+                request_id = rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
+            except (UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+                request_id = None
+        return Reply(
+            reply_topic,
+            _error(request_id, "busy", "the gateway's command queue is full; retry later"),
+        )
+
     async def handle(self, topic: str, payload: bytes, *, retained: bool = False) -> Reply | None:
         """Process one message of ``commands/+`` or ``auth/response``; the reply to send, if any
         (none for a retained message or a topic that is not ours)."""
@@ -217,9 +242,20 @@ class CommandHandler:
             if data["mode"] == "replace" and data.get("remove"):
                 raise CommandError("invalid", "remove is only allowed with mode patch")
             tokens = [_token(t) for t in data.get("tokens", [])]
-            result = await target.update_tokens(
-                data["version"], data["mode"], tokens, list(data.get("remove", []))
-            )
+            part = data.get("part")
+            if part is not None:
+                result = await target.update_token_part(
+                    data["version"],
+                    data["mode"],
+                    part["index"],
+                    part["count"],
+                    tokens,
+                    list(data.get("remove", [])),
+                )
+            else:
+                result = await target.update_tokens(
+                    data["version"], data["mode"], tokens, list(data.get("remove", []))
+                )
         elif name == "limit":
             try:
                 expires_at = _timestamp(data.get("expires_at"))

@@ -7,18 +7,22 @@ outbox anyway. So a dropped connection abandons its in-flight publishes; they st
 the store and go out again, in order, on the next connection (at-least-once; consumers
 deduplicate finished sessions by ``session_id``).
 
-Draining: a bounded window of awaited QoS 1 publishes (aiomqtt returns after PUBACK); rows are
-acknowledged to the store in batches by a group-commit task, only after their PUBACK. Each round
-publishes changed charger statuses and the status/event/auth streams first, then a share of
-finished sessions (id order = seq order) and a batch of readings, so live status never waits
-behind a backlog.
+Draining: a bounded window of QoS 1 publishes tracked by packet id. The drain hands each message
+to paho (the client under aiomqtt) and goes on; paho's PUBACK callback takes the packet id out of
+the window and queues the rows' ids, which a group-commit task acknowledges to the store in
+batches, only after their PUBACK. No future or task per message: aiomqtt's awaited ``publish``
+costs a future, a ``wait_for`` timer and a task of ours per message, which kept a backlog drain at
+a fifth of what paho itself does. A watchdog drops the connection when the oldest publish waits
+longer than the publish timeout. Readings batches are fetched by a prefetch task while the
+previous batch is being published. Each round publishes changed charger statuses and the
+status/event/auth streams first, then a share of finished sessions (id order = seq order) and a
+batch of readings, so live status never waits behind a backlog.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import random
@@ -31,7 +35,7 @@ from typing import Any
 import aiomqtt
 import structlog
 from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY, MQTT_ERR_SUCCESS
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -39,9 +43,10 @@ from gateway import __version__
 from gateway.config import UplinkConfig
 from gateway.errors import UplinkError
 from gateway.model import Clock, SystemClock, rfc3339
-from gateway.ports import CommandTarget, ReadingRow, UplinkStore
-from gateway.uplink.commands import CommandHandler
+from gateway.ports import CommandTarget, UplinkStore
+from gateway.uplink.commands import MAX_COMMAND_BYTES, CommandHandler, Reply
 from gateway.uplink.envelope import CommandVerifier, load_command_key
+from gateway.uplink.lean import Aggregate, LeanReadings
 from gateway.uplink.topics import Topics
 from gateway.wire import encode_reading, readings_batch
 
@@ -52,9 +57,16 @@ log = structlog.get_logger(__name__)
 ACK_RETRY_S = 1.0  # while the disk is full, try writing the delivery marks again this often
 
 PRIORITY_STREAMS = ("status", "event", "auth")
+INBOX_SIZE = 1000  # commands waiting for the worker; beyond it they are answered ``busy``
+BUSY_REPLIES_SIZE = 100_000
+# Room for a command over its limit (it gets a `too_large` reply); anything larger is dropped
+# by the broker.
+MAX_PACKET_BYTES = 4 * MAX_COMMAND_BYTES
 SESSION_STREAM = "session"
 _UNSUPPORTED_PROTOCOL = frozenset({1, 132})  # v3.1.1 CONNACK 1, MQTT 5 reason 0x84
 _MAX_INFLIGHT_BYTES = 4 * 1024 * 1024
+_BATCHES_PER_FETCH = 2  # readings batches read from the store at once while draining
+_MAX_FETCH_ROWS = 5000
 
 
 @dataclass(slots=True)
@@ -68,46 +80,72 @@ class UplinkStats:
     synced_readings: int = 0
     abandoned: int = 0  # publishes in flight when a connection dropped
     commands: int = 0
+    commands_busy: int = 0  # found the queue full and were answered ``busy``
+    commands_dropped: int = 0  # found even the busy replies full (never seen in tests)
     protocol: str = "5"
     last_puback_monotonic: float | None = None  # clock.monotonic() of the latest PUBACK
 
 
-class _Window:
-    """At most ``limit`` publishes (and ``max_bytes`` of payload) awaiting PUBACK at once."""
+_ACK = 0  # outbox rows: acknowledged (deleted) on PUBACK
+_SYNC = 1  # readings rows: marked synced on PUBACK
 
-    __slots__ = ("_bytes", "_cond", "_count", "limit", "max_bytes")
+
+class _Inflight:
+    """Publishes awaiting PUBACK, by packet id: at most ``limit`` of them and ``max_bytes`` of
+    payload (one message may exceed it alone)."""
+
+    __slots__ = ("_low", "_room", "bytes", "entries", "limit", "max_bytes")
 
     def __init__(self, limit: int, max_bytes: int) -> None:
         self.limit = max(1, limit)
         self.max_bytes = max_bytes
-        self._count = 0
-        self._bytes = 0
-        self._cond = asyncio.Condition()
+        self.bytes = 0
+        # mid -> (sent at (loop time), size, stream, _ACK/_SYNC/None, row ids, qos); insertion
+        # order is send order, so the first entry is the oldest
+        self.entries: dict[int, tuple[float, int, str, int | None, Sequence[int], int]] = {}
+        self._room = asyncio.Event()
+        self._low = self.limit - max(1, self.limit // 10)
 
-    async def acquire(self, size: int) -> None:
-        async with self._cond:
-            await self._cond.wait_for(
-                lambda: (
-                    self._count < self.limit
-                    and (self._count == 0 or self._bytes + size <= self.max_bytes)
-                )
-            )
-            self._count += 1
-            self._bytes += size
+    def full(self, size: int) -> bool:
+        n = len(self.entries)
+        return n >= self.limit or (n > 0 and self.bytes + size > self.max_bytes)
 
-    async def release(self, size: int) -> None:
-        async with self._cond:
-            self._count -= 1
-            self._bytes -= size
-            self._cond.notify_all()
+    async def wait_room(self, size: int) -> None:
+        """Once full, wait until a tenth of the window is free again: the drain then sends a
+        few messages a wake-up instead of one a PUBACK."""
+        while len(self.entries) > self._low or self.full(size):
+            self._room.clear()
+            await self._room.wait()
 
-    async def wait_empty(self) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: self._count == 0)
+    def add(
+        self,
+        mid: int,
+        now: float,
+        size: int,
+        stream: str,
+        kind: int | None,
+        ids: Sequence[int],
+        qos: int,
+    ) -> None:
+        self.entries[mid] = (now, size, stream, kind, ids, qos)
+        self.bytes += size
+
+    def pop(self, mid: int) -> tuple[float, int, str, int | None, Sequence[int], int] | None:
+        entry = self.entries.pop(mid, None)
+        if entry is not None:
+            self.bytes -= entry[1]
+            if len(self.entries) <= self._low:
+                self._room.set()
+        return entry
+
+    def oldest(self) -> float | None:
+        for entry in self.entries.values():
+            return entry[0]
+        return None
 
     @property
     def count(self) -> int:
-        return self._count
+        return len(self.entries)
 
 
 class MqttUplink:
@@ -131,6 +169,7 @@ class MqttUplink:
         safety_poll_s: float = 1.5,
         publish_timeout_s: float | None = None,
         connect_timeout_s: float = 10.0,
+        inbox_size: int = INBOX_SIZE,
     ) -> None:
         self._config = config
         self._store = store
@@ -149,6 +188,8 @@ class MqttUplink:
         self._connect_timeout_s = connect_timeout_s
         self._connect_phase = False  # True until the broker's CONNACK arrives
         self._wake = asyncio.Event()
+        self._readings_wake = asyncio.Event()
+        self._outbox_pending = True
         self._acked: list[int] = []
         self._synced: list[int] = []
         self._ack_ready = asyncio.Event()
@@ -165,8 +206,10 @@ class MqttUplink:
             if config.protocol == "3.1.1"
             else aiomqtt.ProtocolVersion.V5
         )
-        self._inbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(maxsize=1000)
-        self._window: _Window | None = None
+        self._inbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(maxsize=inbox_size)
+        # ``busy`` replies are ~120 bytes each: a deep queue costs little and loses nothing.
+        self._busy_replies: asyncio.Queue[Reply] = asyncio.Queue(maxsize=BUSY_REPLIES_SIZE)
+        self._inflight: _Inflight | None = None
         self.stats = UplinkStats(protocol="3.1.1" if config.protocol == "3.1.1" else "5")
 
     # -- what the rest of the gateway calls -------------------------------------------------
@@ -177,6 +220,8 @@ class MqttUplink:
 
     def notify(self) -> None:
         """New rows in the outbox or readings: wake the drain."""
+        self._outbox_pending = True
+        self._readings_wake.set()
         self._wake.set()
 
     def publish_status(self, device_id: str, payload: dict[str, Any]) -> None:
@@ -236,6 +281,7 @@ class MqttUplink:
                 f"{self.topics.commands_filter} or {self.topics.auth_response} can start "
                 "charging or answer auth requests (see docs/security.md)",
             )
+        _warn_weak_transport(self._config)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._command_worker(), name="uplink-commands")
             tg.create_task(self._connection_loop(), name="uplink-connection")
@@ -300,6 +346,10 @@ class MqttUplink:
         if v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = int(min(cfg.session_expiry_s, 0xFFFFFFFF))
+            # The broker must not send us anything larger than a command can be: a 10 MB
+            # publish on a command topic is then dropped by the broker, never read into memory
+            # here (MQTT 5 CONNECT property Maximum Packet Size: the server discards larger ones).
+            properties.MaximumPacketSize = MAX_PACKET_BYTES
         offline = {"state": "offline", "version": self._version}
         return aiomqtt.Client(
             cfg.host,
@@ -315,7 +365,7 @@ class MqttUplink:
             timeout=self._connect_timeout_s,
             properties=properties,
             tls_context=tls,
-            max_inflight_messages=max(1, cfg.inflight_window),
+            max_inflight_messages=max(1, cfg.inflight_window) + 16,  # + replies, auth requests
             logger=_PAHO_LOGGER,
         )
 
@@ -326,14 +376,12 @@ class MqttUplink:
 
     async def _connection(self) -> None:
         client = self._make_client(await self._tls_context())
-        # our window bounds pending publishes; aiomqtt would warn above 10
-        client.pending_calls_threshold = self._config.inflight_window + 16
-        window = _Window(self._config.inflight_window, _MAX_INFLIGHT_BYTES)
+        inflight = _Inflight(self._config.inflight_window, _MAX_INFLIGHT_BYTES)
         self._connect_phase = True
         async with client:
             self._connect_phase = False
             self._client = client
-            self._window = window
+            self._inflight = inflight
             self._online = True
             self.stats.connects += 1
             log.info(
@@ -342,25 +390,48 @@ class MqttUplink:
                 port=self._config.port,
                 protocol=self.stats.protocol,
             )
+            paho_client = client._client  # the drain publishes through paho (module docstring)
+            # aiomqtt's own callback: wakes its awaited publishes (replies, auth requests)
+            forward: Callable[..., None] | None = paho_client.on_publish
+
+            def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+                entry = inflight.pop(mid)
+                if entry is None:
+                    if forward is not None:
+                        forward(c, userdata, mid, reason, props)
+                else:
+                    self._delivered(entry[2], entry[3], entry[4], entry[5])
+
+            paho_client.on_publish = on_publish
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._receive(client), name="uplink-receive")
+                    tg.create_task(self._send_busy_replies(client), name="uplink-busy-replies")
                     tg.create_task(self._acker(), name="uplink-acker")
-                    tg.create_task(self._drain(client, window, tg), name="uplink-drain")
+                    tg.create_task(self._watchdog(inflight), name="uplink-watchdog")
+                    batches: asyncio.Queue[list[tuple[int, str, bytes]]] = asyncio.Queue(
+                        maxsize=_BATCHES_PER_FETCH
+                    )
+                    tg.create_task(self._prefetch(batches), name="uplink-prefetch")
+                    tg.create_task(
+                        self._drain(client, paho_client, inflight, batches), name="uplink-drain"
+                    )
             except BaseExceptionGroup as group:
                 self._online = False
                 self.stats.disconnects += 1
+                self.stats.abandoned += inflight.count  # their rows stay unacked
                 await self._flush_acks()
                 raise _first_mqtt_error(group) from None
             except asyncio.CancelledError:
                 self._online = False
+                self.stats.abandoned += inflight.count
                 await self._flush_acks()
                 await self._say_goodbye(client)
                 raise
             finally:
                 self._online = False
                 self._client = None
-                self._window = None
+                self._inflight = None
 
     async def _say_goodbye(self, client: aiomqtt.Client) -> None:
         offline = {"state": "offline", "version": self._version, "ts": rfc3339(self._clock.time())}
@@ -378,10 +449,37 @@ class MqttUplink:
                 payload = payload.encode()
             elif not isinstance(payload, bytes | bytearray):
                 payload = b"" if payload is None else str(payload).encode()
+            topic, data, retained = message.topic.value, bytes(payload), bool(message.retain)
             try:
-                self._inbox.put_nowait((message.topic.value, bytes(payload), bool(message.retain)))
+                self._inbox.put_nowait((topic, data, retained))
             except asyncio.QueueFull:
-                log.error("command_queue_full_dropped", topic=message.topic.value)
+                self._refuse_busy(topic, data, retained)
+
+    def _refuse_busy(self, topic: str, payload: bytes, retained: bool) -> None:
+        """The inbox is full: answer ``busy`` rather than drop the command without a word. The
+        replies go out from their own bounded queue, so receiving never waits on a publish."""
+        self.stats.commands_busy += 1
+        reply = self._handler.busy(topic, payload, retained=retained)
+        if reply is None:
+            return
+        try:
+            self._busy_replies.put_nowait(reply)
+        except asyncio.QueueFull:
+            self.stats.commands_dropped += 1
+            if self.stats.commands_dropped == 1 or self.stats.commands_dropped % 1000 == 0:
+                log.error(
+                    "command_queue_full_dropped",
+                    topic=topic,
+                    dropped_total=self.stats.commands_dropped,
+                )
+            return
+        if self.stats.commands_busy == 1 or self.stats.commands_busy % 1000 == 0:
+            log.warning("command_queue_full_busy", topic=topic, busy_total=self.stats.commands_busy)
+
+    async def _send_busy_replies(self, client: aiomqtt.Client) -> None:
+        while True:
+            reply = await self._busy_replies.get()
+            await client.publish(reply.topic, reply.encode(), qos=1, timeout=10.0)
 
     async def _command_worker(self) -> None:
         """Commands run outside the connection's task group: a dropped link never cancels a
@@ -403,7 +501,13 @@ class MqttUplink:
 
     # -- draining -------------------------------------------------------------------------------
 
-    async def _drain(self, client: aiomqtt.Client, window: _Window, tg: asyncio.TaskGroup) -> None:
+    async def _drain(
+        self,
+        client: aiomqtt.Client,
+        paho_client: Any,
+        inflight: _Inflight,
+        batches: asyncio.Queue[list[tuple[int, str, bytes]]],
+    ) -> None:
         cfg = self._config
         online = {"state": "online", "version": self._version, "ts": rfc3339(self._clock.time())}
         await client.publish(self.topics.gateway_status, _encode(online), qos=1, retain=True)
@@ -412,125 +516,171 @@ class MqttUplink:
         self._dirty.update(self._statuses)
         self._dirty_retained.update(self._retained)
         cursors = dict.fromkeys((*PRIORITY_STREAMS, SESSION_STREAM), 0)
-        readings_cursor = 0
-        share = max(1, window.limit // 2)
+        share = max(1, inflight.limit // 2)
+        self._outbox_pending = True
+        loop = asyncio.get_running_loop()
+        outbox_due = loop.time()
+        streams = [
+            *((stream, inflight.limit) for stream in PRIORITY_STREAMS),
+            (SESSION_STREAM, share),
+        ]
+        more: set[str] = set()  # streams whose last page was full
+        lean = (
+            LeanReadings(cfg.readings.interval_s, cfg.readings.mode)
+            if cfg.readings.interval_s > 0
+            else None
+        )
 
-        def submit(
+        async def send(
             stream: str,
             topic: str,
             payload: bytes,
             qos: int,
             retain: bool,
-            done: Callable[[], None] | None,
-        ) -> Any:
-            return self._submit(client, window, tg, stream, topic, payload, qos, retain, done)
+            kind: int | None,
+            ids: Sequence[int],
+        ) -> None:
+            size = len(payload)
+            if inflight.full(size):
+                await inflight.wait_room(size)
+            info = paho_client.publish(topic, payload, qos, retain)
+            if info.rc != MQTT_ERR_SUCCESS:
+                raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+            if info.is_published():  # QoS 0 already written
+                self._delivered(stream, kind, ids, qos)
+            else:
+                inflight.add(info.mid, loop.time(), size, stream, kind, ids, qos)
 
         while True:
             self._wake.clear()
             sent = 0
             for device_id in list(self._dirty):
                 self._dirty.discard(device_id)
-                await submit(
+                await send(
                     "charger_status",
                     self.topics.charger_status(device_id),
                     self._statuses[device_id],
                     1,
                     True,
                     None,
+                    (),
                 )
                 sent += 1
             for topic in list(self._dirty_retained):
                 self._dirty_retained.discard(topic)
-                await submit("retained", topic, self._retained[topic], 1, True, None)
+                await send("retained", topic, self._retained[topic], 1, True, None, ())
                 sent += 1
-            for stream in PRIORITY_STREAMS:
-                sent += await self._drain_stream(submit, stream, cursors, window.limit)
-            sent += await self._drain_stream(submit, SESSION_STREAM, cursors, share)
-            rows = await self._store.readings_fetch_unsynced(cfg.readings_batch, readings_cursor)
-            if rows:
-                readings_cursor = rows[-1].id
-                for device_id, payload, ids in _reading_batches(rows):
-                    await submit(
+            if self._outbox_pending or more or loop.time() >= outbox_due:
+                # Outbox rows come with a notify(); while a backlog drains, a stream is asked
+                # again only if its last page was full, after a notify, or after a safety
+                # interval, not every round.
+                everything = self._outbox_pending or loop.time() >= outbox_due
+                self._outbox_pending = False
+                if everything:
+                    outbox_due = loop.time() + self._safety_poll_s
+                asked, more = more, set()
+                for stream, limit in streams:
+                    if not everything and stream not in asked:
+                        continue
+                    n = await self._drain_stream(send, stream, cursors, limit)
+                    if n >= limit:
+                        more.add(stream)
+                    sent += n
+            messages: list[tuple[str, bytes, list[int]]] = []
+            if not batches.empty():
+                rows = batches.get_nowait()
+                if lean is None:
+                    messages = _reading_batches(rows)
+                else:
+                    messages = _aggregate_batches(lean.add_wire(rows))
+            if lean is not None and lean.held:
+                messages += _aggregate_batches(lean.due(self._clock.time()))
+            if messages:
+                for device_id, payload, ids in messages:
+                    await send(
                         "readings",
                         self.topics.readings(device_id),
                         payload,
                         cfg.readings_qos,
                         False,
-                        functools.partial(self._on_delivered, self._synced_ids, ids),
+                        _SYNC,
+                        ids,
                     )
                     sent += 1
             if sent:
+                # the drain awaits only when the window is full: let the pollers and the
+                # session logic run between rounds
+                await asyncio.sleep(0)
+                continue
+            # asyncio.timeout, not wait_for: wait_for wraps the wait in a task of its own, which
+            # could swallow a cancellation arriving just as the timeout fired.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._safety_poll_s):
+                    await self._wake.wait()
+            if not self._wake.is_set():
+                self._outbox_pending = True  # the safety poll: look again anyway
+
+    async def _prefetch(self, batches: asyncio.Queue[list[tuple[int, str, bytes]]]) -> None:
+        """Reads the next readings while the drain publishes the previous ones: a few batches a
+        read (each thread hop costs more than the rows), queued one batch at a time."""
+        cursor = 0
+        batch = self._config.readings_batch
+        fetch = max(batch, min(batch * _BATCHES_PER_FETCH, _MAX_FETCH_ROWS))
+        while True:
+            self._readings_wake.clear()
+            rows = await self._store.readings_fetch_wire(fetch, cursor)
+            if rows:
+                cursor = rows[-1][0]
+                for i in range(0, len(rows), batch):
+                    await batches.put(rows[i : i + batch])
+                    self._wake.set()
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._safety_poll_s)
+                async with asyncio.timeout(self._safety_poll_s):
+                    await self._readings_wake.wait()
+
+    async def _watchdog(self, inflight: _Inflight) -> None:
+        """Drops the connection when a publish has waited longer than the publish timeout for
+        its PUBACK (a stalled broker or link); its rows go out again on the next one."""
+        loop = asyncio.get_running_loop()
+        timeout_s = self._publish_timeout_s
+        while True:
+            oldest = inflight.oldest()
+            now = loop.time()
+            if oldest is not None and now - oldest >= timeout_s:
+                raise aiomqtt.MqttError(f"no PUBACK within {timeout_s:g} s")
+            await asyncio.sleep(timeout_s if oldest is None else oldest + timeout_s - now)
 
     async def _drain_stream(
-        self, submit: Any, stream: str, cursors: dict[str, int], limit: int
+        self, send: Any, stream: str, cursors: dict[str, int], limit: int
     ) -> int:
         rows = await self._store.outbox_fetch(stream, limit, cursors[stream])
         for row in rows:
             cursors[stream] = row.id
-            await submit(
+            await send(
                 stream,
                 self.topics.full(row.topic),
                 row.payload,
                 row.qos,
                 row.retain,
-                functools.partial(self._on_delivered, self._acked_ids, (row.id,)),
+                _ACK,
+                (row.id,),
             )
         return len(rows)
 
-    async def _submit(
-        self,
-        client: aiomqtt.Client,
-        window: _Window,
-        tg: asyncio.TaskGroup,
-        stream: str,
-        topic: str,
-        payload: bytes,
-        qos: int,
-        retain: bool,
-        done: Callable[[], None] | None,
-    ) -> None:
-        size = len(payload)
-        await window.acquire(size)
-        tg.create_task(self._publish(client, window, stream, topic, payload, qos, retain, done))
-
-    async def _publish(
-        self,
-        client: aiomqtt.Client,
-        window: _Window,
-        stream: str,
-        topic: str,
-        payload: bytes,
-        qos: int,
-        retain: bool,
-        done: Callable[[], None] | None,
-    ) -> None:
-        try:
-            await client.publish(
-                topic, payload, qos=qos, retain=retain, timeout=self._publish_timeout_s
-            )
-        except asyncio.CancelledError:
-            self.stats.abandoned += 1  # the connection dropped: the row stays unacked
-            raise
-        finally:
-            await window.release(len(payload))
-        self.stats.published[stream] = self.stats.published.get(stream, 0) + 1
+    def _delivered(self, stream: str, kind: int | None, ids: Sequence[int], qos: int) -> None:
+        """A publish was acknowledged (QoS 1) or written (QoS 0): queue its rows' ids for the
+        group commit."""
+        published = self.stats.published
+        published[stream] = published.get(stream, 0) + 1
         if qos > 0:
             self.stats.last_puback_monotonic = self._clock.monotonic()
-        if done is not None:
-            done()
-
-    def _acked_ids(self) -> list[int]:
-        return self._acked
-
-    def _synced_ids(self) -> list[int]:
-        return self._synced
-
-    def _on_delivered(self, pending: Callable[[], list[int]], ids: Sequence[int]) -> None:
-        # look the list up now: _flush_acks swaps in a fresh one for each write
-        pending().extend(ids)
+        if kind == _ACK:
+            self._acked.extend(ids)
+        elif kind == _SYNC:
+            self._synced.extend(ids)
+        else:
+            return
         self._ack_ready.set()
 
     async def _acker(self) -> None:
@@ -584,19 +734,29 @@ def _encode(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-def _reading_batches(rows: Sequence[ReadingRow]) -> list[tuple[str, bytes, list[int]]]:
-    """One ``evgw.readings/1`` message per device, readings in id order: the stored wire texts
-    spliced together (a store without them gets its readings encoded here)."""
+def _reading_batches(rows: Sequence[tuple[int, str, bytes]]) -> list[tuple[str, bytes, list[int]]]:
+    """One ``evgw.readings/1`` message per device from (id, device_id, wire form) rows, readings
+    in id order: the stored wire texts spliced together, nothing decoded or re-encoded."""
     wires: dict[str, list[bytes]] = {}
     ids: dict[str, list[int]] = {}
-    for row in rows:
-        wire = row.wire if row.wire is not None else encode_reading(row.ts, row.values)
-        if (group := wires.get(row.device_id)) is None:
-            wires[row.device_id] = [wire]
-            ids[row.device_id] = [row.id]
+    for row_id, device_id, wire in rows:
+        if (group := wires.get(device_id)) is None:
+            wires[device_id] = [wire]
+            ids[device_id] = [row_id]
         else:
             group.append(wire)
-            ids[row.device_id].append(row.id)
+            ids[device_id].append(row_id)
+    return [(dev, readings_batch(dev, group), ids[dev]) for dev, group in wires.items()]
+
+
+def _aggregate_batches(aggregates: Sequence[Aggregate]) -> list[tuple[str, bytes, list[int]]]:
+    """One ``evgw.readings/1`` message per device from folded readings (``uplink.readings``);
+    each carries the ids of every buffered reading it stands for."""
+    wires: dict[str, list[bytes]] = {}
+    ids: dict[str, list[int]] = {}
+    for agg in aggregates:
+        wires.setdefault(agg.device_id, []).append(encode_reading(agg.ts, agg.values))
+        ids.setdefault(agg.device_id, []).extend(agg.ids)
     return [(dev, readings_batch(dev, group), ids[dev]) for dev, group in wires.items()]
 
 
@@ -631,6 +791,26 @@ def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
         else:
             out.append(exc)
     return out
+
+
+def _warn_weak_transport(cfg: UplinkConfig) -> None:
+    """Loud warnings for settings that hand the link to anyone on the path: they are allowed
+    (a test bench, a broker on the same box) but never silent."""
+    if cfg.tls is not None and cfg.tls.insecure:
+        log.warning(
+            "uplink_tls_insecure",
+            host=cfg.host,
+            hint="uplink.tls.insecure is set: the broker's certificate is NOT checked, so anyone "
+            "on the path can pose as the broker and read the password and every record",
+        )
+    if cfg.password is not None and cfg.scheme != "mqtts":
+        log.warning(
+            "uplink_password_in_clear",
+            host=cfg.host,
+            port=cfg.port,
+            hint="a broker password over plain mqtt:// crosses the network unencrypted: "
+            "use mqtts://",
+        )
 
 
 def _build_tls_context(cfg: UplinkConfig) -> ssl.SSLContext:

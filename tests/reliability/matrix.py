@@ -244,7 +244,7 @@ class Site:
         self._stack.push_async_callback(self.proxy.close)
         self.recorder = Recorder(self.broker.port, client_id=f"cloud-reliability-{self.seed}")
         if len(self.chargers) > 10:  # a soak: the sessions only, not every reading
-            self.recorder.topic = f"{ROOT}/sessions/#"
+            self.recorder.topic_filter = f"{ROOT}/sessions/#"
         self._spawn_task(self.recorder.run(), "recorder")
         await _until(self.recorder.connected.is_set, 10, "the cloud subscriber")
         config_path = self.dir / "site.yaml"

@@ -1,0 +1,73 @@
+"""The gateway's session pipeline over real Modbus, wired the way ``gateway.app`` wires it:
+drivers on a bus pool, the authoriser (with the profiles' truncated tags), the session manager
+(with the profiles' current limits) and a poller. Shared by the tests that run sessions
+against the simulator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mqtt_broker import free_port
+
+from gateway.app import profile_max_currents, truncated_tags
+from gateway.auth import Authorizer
+from gateway.config import AuthConfig, DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
+from gateway.modbus.bus import BusPool
+from gateway.modbus.engine import Chargers, DeviceDriver, DevicePoller
+from gateway.model import SystemClock, Token, TokenType
+from gateway.profiles import Profile
+from gateway.sessions import Counter, EventSink, SessionManager
+
+
+def sim_site_config(tmp_path: Path, cp2_driver: str) -> GatewayConfig:
+    """One simulated site on a free port: cp1 a KEBA P30 billed by meter m1, cp2 a charger of
+    ``cp2_driver``; alice's card in the local list."""
+    tcp: dict[str, Any] = {"host": "127.0.0.1", "port": free_port(), "poll_interval_s": 0.2}
+    return GatewayConfig(
+        site=SiteConfig("sim-site"),
+        storage=StorageConfig(str(tmp_path / "buffer.db")),
+        devices=(
+            DeviceConfig("cp1", "keba-p30", unit=255, meter="m1", **tcp),
+            DeviceConfig("m1", "eastron-sdm630", unit=2, **tcp),
+            DeviceConfig("cp2", cp2_driver, unit=1, **tcp),
+        ),
+        auth=AuthConfig(tokens=(Token("04A2B3C4D5E6F7", TokenType.RFID, "alice"),)),
+    )
+
+
+async def modbus_sessions(
+    config: GatewayConfig,
+    profiles: Mapping[str, Profile],
+    pool: BusPool,
+    store: Any,
+    on_event: EventSink,
+    *,
+    charger_ids: Iterable[str],
+    time_scale: float,
+    counters: Mapping[str, Mapping[str, Counter]] | None = None,
+) -> tuple[SessionManager, DevicePoller]:
+    clock = SystemClock()
+    drivers = {
+        d.id: DeviceDriver(d, profiles[d.driver], pool.for_device(d), clock) for d in config.devices
+    }
+    authorizer = Authorizer(
+        config.auth, store, None, clock, truncated_to=truncated_tags(config, profiles)
+    )
+    await authorizer.load()
+    manager = SessionManager(
+        config,
+        store,
+        authorizer,
+        Chargers(drivers),
+        None,
+        None,
+        clock,
+        on_event,
+        charger_ids=list(charger_ids),
+        time_scale=time_scale,
+        counters=counters,
+        profile_max_a=profile_max_currents(config, profiles),
+    )
+    return manager, DevicePoller(list(drivers.values()), manager.on_sample)
