@@ -578,6 +578,66 @@ def test_a_second_full_disk_finds_the_reserve_retaken(tmp_path: Path) -> None:
     assert out == {"released": True, "retaken": True, "seqs": list(range(1, 11))}
 
 
+_RESERVE_KEPT_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, contextlib, json, os, sys
+    from gateway.store import Store
+
+    def rec(i):
+        return {"schema": "evgw.session/1", "session_id": f"s{i}", "charger_id": "cp1",
+                "energy_wh": i, "flags": ["x" * 3000]}
+
+    async def main(db):
+        out = {}
+        filler = os.path.join(os.path.dirname(db), "filler")
+        async with Store.open(db, site_id="x", reserve_bytes=512 * 1024) as s:
+            await s.finish_session(rec(1))
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+            for size in (1 << 16, 1 << 10, 1):
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, b"\\0" * size)
+            os.close(fd)
+            await s.finish_session(rec(2))  # the disk is full: the reserve is given up
+            out["released"] = not os.path.exists(db + ".reserve")
+            for n in range(20):  # the next readings must not eat what sessions need
+                await s.add_readings([("m1", float(n * 100 + i), {"pad": "y" * 300})
+                                      for i in range(100)])
+            out["readings_blocked"] = s.readings_blocked
+            for i in range(3, 25):
+                await s.finish_session(rec(i))
+            os.unlink(filler)
+        async with Store.open(db, site_id="x", reserve_bytes=0) as s:
+            out["seqs"] = [r["seq"] for r in await s.finished_sessions()]
+        print(json.dumps(out))
+
+    asyncio.run(main(sys.argv[1]))
+    """
+)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_readings_never_eat_the_released_reserve(tmp_path: Path) -> None:
+    """The reserve given up for a session on a full disk is for sessions: readings stop until it
+    can be taken again. Found by the soak (tests/reliability): readings took the freed space,
+    the next session write had nothing left to free, and the gateway could not even start."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = tmp_path / "kept.py"
+    script.write_text(_RESERVE_KEPT_SCRIPT)
+    repo = Path(__file__).resolve().parents[1]
+    cmd = f"mount -t tmpfs -o size=3m tmpfs {mnt} && exec {sys.executable} {script} {mnt}/b.db"
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", cmd], capture_output=True, env=env, timeout=120, check=False
+    )
+    if done.returncode != 0 and b"mount" in done.stderr and b"Traceback" not in done.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    out = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert out == {"released": True, "readings_blocked": True, "seqs": list(range(1, 25))}
+
+
 async def test_reserve_file_is_preallocated(tmp_path: Path) -> None:
     async with Store.open(tmp_path / "b.db", site_id="x", reserve_bytes=256 * 1024):
         reserve = tmp_path / "b.db.reserve"

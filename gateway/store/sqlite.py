@@ -1218,6 +1218,12 @@ class Store:
                 self._reserve_path.unlink()
                 freed = True
                 log.warning("store_reserve_released", path=str(self._reserve_path))
+        if self._readings_blocked_at is None:
+            # The space just given up is for sessions: readings stop until the reserve can be
+            # taken again (add_readings checks). Without this the next readings batches ate it,
+            # and the disk full after that had nothing left to free (found by the soak).
+            self._readings_blocked_at = self._clock.monotonic()
+            log.warning("readings_paused_for_sessions")
         async with self._lock:
             db = self._conn()
             try:

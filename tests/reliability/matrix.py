@@ -174,6 +174,7 @@ class Site:
         self.truths: list[Truth] = []
         self.phase = "start"
         self.healthy_since: float | None = None
+        self._polls_at: dict[str, int] | None = None  # reads per charger when a fault ended
         self.stop_traffic = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._stack = contextlib.AsyncExitStack()
@@ -210,7 +211,8 @@ class Site:
                 )
         return (
             f"site: {{id: {SITE}, timezone: UTC}}\n"
-            f"storage: {{path: {self.data_dir}/buffer.db}}\n"
+            # the size cap below the 96 MB file system, as an operator sets it (readings pruned)
+            f"storage: {{path: {self.data_dir}/buffer.db, max_size_mb: 48}}\n"
             f'uplink: {{url: "mqtt://127.0.0.1:{self.proxy.port}", client_id: evgw-reliability, '
             f"topic_prefix: {PREFIX}, keepalive: 5s}}\n"
             + bus
@@ -378,14 +380,27 @@ class Site:
     # ---------------------------------------------------------------------------- EV traffic
     def blind(self) -> None:
         self.healthy_since = None
+        self._polls_at = None
 
     def seeing(self) -> None:
-        if self.healthy_since is None:
-            self.healthy_since = time.monotonic()
+        """The fault is over; the gateway sees the site again once it has read every charger
+        anew (a logged start is not enough: under load the first poll came seconds later)."""
+        if self.healthy_since is None and self._polls_at is None and self.sim is not None:
+            self._polls_at = {cid: self.sim.image(cid).reads for cid in self.chargers}
+
+    def _polled_again(self) -> None:
+        if (
+            self.healthy_since is None
+            and self._polls_at is not None
+            and self.sim is not None
+            and all(self.sim.image(c).reads > n for c, n in self._polls_at.items())
+        ):
+            self.healthy_since, self._polls_at = time.monotonic(), None
 
     async def _wait_seen(self, since: float) -> None:
         """Until the gateway has watched the site, undisturbed, for a second after ``since``."""
         while True:
+            self._polled_again()
             hs = self.healthy_since
             if hs is not None and time.monotonic() - max(hs, since) >= 1.0:
                 return
