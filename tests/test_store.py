@@ -557,14 +557,16 @@ _TWICE_FULL_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
-def test_a_second_full_disk_finds_the_reserve_retaken(tmp_path: Path) -> None:
-    """The reserve given up on a full disk is taken again as soon as space is back, so a disk
-    that fills up again soon after still lets sessions finish. Found by the fault matrix
-    (tests/reliability): the second full disk ended the gateway with "nothing is left to free"."""
+
+
+def _run_on_a_3mb_tmpfs(tmp_path: Path, script_text: str) -> Any:
+    """Run ``script_text`` (given the buffer path as its argument) in a private mount namespace
+    with a 3 MB tmpfs, so a full disk is real; its last stdout line is JSON. Skips where no
+    tmpfs can be mounted."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    script = tmp_path / "twice.py"
-    script.write_text(_TWICE_FULL_SCRIPT)
+    script = tmp_path / "full_disk.py"
+    script.write_text(script_text)
     repo = Path(__file__).resolve().parents[1]
     cmd = f"mount -t tmpfs -o size=3m tmpfs {mnt} && exec {sys.executable} {script} {mnt}/b.db"
     env = {**os.environ, "PYTHONPATH": str(repo)}
@@ -574,7 +576,14 @@ def test_a_second_full_disk_finds_the_reserve_retaken(tmp_path: Path) -> None:
     if done.returncode != 0 and b"mount" in done.stderr and b"Traceback" not in done.stderr:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     assert done.returncode == 0, done.stderr.decode()[-3000:]
-    out = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
+def test_a_second_full_disk_finds_the_reserve_retaken(tmp_path: Path) -> None:
+    """The reserve given up on a full disk is taken again as soon as space is back, so a disk
+    that fills up again soon after still lets sessions finish. Found by the fault matrix
+    (tests/reliability): the second full disk ended the gateway with "nothing is left to free"."""
+    out = _run_on_a_3mb_tmpfs(tmp_path, _TWICE_FULL_SCRIPT)
     assert out == {"released": True, "retaken": True, "seqs": list(range(1, 11))}
 
 
@@ -621,20 +630,7 @@ def test_readings_never_eat_the_released_reserve(tmp_path: Path) -> None:
     """The reserve given up for a session on a full disk is for sessions: readings stop until it
     can be taken again. Found by the soak (tests/reliability): readings took the freed space,
     the next session write had nothing left to free, and the gateway could not even start."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    script = tmp_path / "kept.py"
-    script.write_text(_RESERVE_KEPT_SCRIPT)
-    repo = Path(__file__).resolve().parents[1]
-    cmd = f"mount -t tmpfs -o size=3m tmpfs {mnt} && exec {sys.executable} {script} {mnt}/b.db"
-    env = {**os.environ, "PYTHONPATH": str(repo)}
-    done = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", cmd], capture_output=True, env=env, timeout=120, check=False
-    )
-    if done.returncode != 0 and b"mount" in done.stderr and b"Traceback" not in done.stderr:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    out = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    out = _run_on_a_3mb_tmpfs(tmp_path, _RESERVE_KEPT_SCRIPT)
     assert out == {"released": True, "readings_blocked": True, "seqs": list(range(1, 25))}
 
 
