@@ -1,7 +1,7 @@
 """One validation layer for every YAML file the gateway reads (config, profiles, tariffs,
 simulator scenarios), on pydantic v2.
 
-- ``Model``: the base class (strict, unknown keys refused, frozen, empty sections = absent).
+- ``Model``: the base (strict, unknown keys refused, frozen, empty sections = absent).
 - Types: ``Duration`` (the one duration syntax), ``Range``, ``Text``, ``Choice``, ``AsTuple``.
 - ``validate_doc`` / ``validate_value`` / ``load_and_validate``: a document or value as a model,
   every problem added to the document as ``FILE:LINE:COL: path: message``.
@@ -10,7 +10,14 @@ simulator scenarios), on pydantic v2.
 """
 
 from gateway.schema.jsonschema import json_schema
-from gateway.schema.model import Model, Problems, container_fields, unwrap
+from gateway.schema.model import (
+    STRICT,
+    Model,
+    Problems,
+    container_fields,
+    fields_of,
+    unwrap,
+)
 from gateway.schema.types import (
     DURATION_PATTERN,
     AsTuple,
@@ -24,10 +31,17 @@ from gateway.schema.types import (
     parse_duration,
     suggest,
 )
-from gateway.schema.validate import load_and_validate, problems_of, validate_doc, validate_value
+from gateway.schema.validate import (
+    adapter,
+    load_and_validate,
+    problems_of,
+    validate_doc,
+    validate_value,
+)
 
 __all__ = [
     "DURATION_PATTERN",
+    "STRICT",
     "AsTuple",
     "Choice",
     "Duration",
@@ -35,9 +49,11 @@ __all__ = [
     "Problems",
     "Range",
     "Text",
+    "adapter",
     "container_fields",
     "describe",
     "fail",
+    "fields_of",
     "format_duration",
     "json_schema",
     "load_and_validate",

@@ -3,6 +3,11 @@ person reads, choices that never take a boolean for a number, lists read into tu
 
 Each is an ``Annotated`` marker (``Annotated[float, Range(0, 60)]``) that checks the value itself
 and writes its own JSON Schema, so a key's type, range and description live in one place.
+
+Ranges, patterns and choices are what a person writes into a file: they are checked when a
+document is validated (``gateway.schema.validate_*`` always passes a validation context) and not
+when code builds an object itself (tests and the simulator use port 0, short timeouts); types are
+checked either way.
 """
 
 from __future__ import annotations
@@ -180,7 +185,9 @@ class Range:
             show = format_duration
         lo, hi = self.lo, self.hi
 
-        def check(value: Any) -> Any:
+        def check(value: Any, info: core_schema.ValidationInfo) -> Any:
+            if info.context is None:  # built by code, not read from a file
+                return value
             if lo is not None and hi is not None and not lo <= value <= hi:
                 raise fail(f"must be between {show(lo)} and {show(hi)}, got {show(value)}")
             if lo is not None and value < lo:
@@ -189,7 +196,7 @@ class Range:
                 raise fail(f"must be at most {show(hi)}, got {show(value)}")
             return value
 
-        return core_schema.no_info_after_validator_function(check, inner)
+        return core_schema.with_info_after_validator_function(check, inner)
 
     def __get_pydantic_json_schema__(
         self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
@@ -232,7 +239,9 @@ class Text:
         self.check = check
         self.secret = secret
 
-    def validate(self, value: Any) -> str:
+    def validate(self, value: Any, info: core_schema.ValidationInfo) -> str:
+        if info.context is None and isinstance(value, str):  # built by code
+            return value
         if isinstance(value, int | float) and not isinstance(value, bool):
             raise fail("expected a string, got a number: quote the value")
         if not isinstance(value, str):
@@ -253,7 +262,7 @@ class Text:
     def __get_pydantic_core_schema__(
         self, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(
+        return core_schema.with_info_plain_validator_function(
             self.validate, json_schema_input_schema=core_schema.str_schema()
         )
 
@@ -280,7 +289,9 @@ class Choice:
         self.values: Sequence[str | int] = values
         self.convert = convert
 
-    def validate(self, value: Any) -> Any:
+    def validate(self, value: Any, info: core_schema.ValidationInfo) -> Any:
+        if info.context is None:  # built by code
+            return value
         if not any(type(value) is type(v) and value == v for v in self.values):
             choices = ", ".join(str(v) for v in self.values)
             hint = suggest(value, [v for v in self.values if isinstance(v, str)])
@@ -290,7 +301,7 @@ class Choice:
     def __get_pydantic_core_schema__(
         self, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(self.validate)
+        return core_schema.with_info_plain_validator_function(self.validate)
 
     def __get_pydantic_json_schema__(
         self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler

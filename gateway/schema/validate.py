@@ -7,20 +7,21 @@ Every error pydantic finds is reported, not just the first; positions come from
 
 from __future__ import annotations
 
+import functools
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from gateway.errors import ConfigProblem
-from gateway.schema.model import PathT, unwrap
+from gateway.schema.model import PathT, fields_of, unwrap
 from gateway.schema.types import ERROR_TYPE, describe, suggest
 from gateway.yamlpos import YamlDoc, load_yaml
 
-__all__ = ["load_and_validate", "problems_of", "validate_doc", "validate_value"]
+__all__ = ["adapter", "load_and_validate", "problems_of", "validate_doc", "validate_value"]
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M")
 
 _EXPECTED = {
     "int_type": "an integer",
@@ -43,10 +44,14 @@ def validate_value(
     *,
     context: dict[str, Any] | None = None,
 ) -> M | None:
-    """``data`` (found at ``path`` in ``doc``) as a ``model``; None after adding every problem
-    to ``doc.problems``. ``context`` reaches validators as ``info.context``."""
+    """``data`` (found at ``path`` in ``doc``) as a ``model`` (a model, pydantic dataclass or any
+    type pydantic validates); None after adding every problem to ``doc.problems``. ``context``
+    reaches validators as ``info.context``. Only the keys a file may use are accepted (aliases,
+    not the attribute names code uses)."""
     try:
-        return model.model_validate(data, context=context)
+        return adapter(model).validate_python(  # type: ignore[arg-type]
+            data, context=context if context is not None else {}, by_alias=True, by_name=False
+        )
     except ValidationError as exc:
         doc.problems.extend(problems_of(exc, model, doc, path))
         return None
@@ -70,8 +75,14 @@ def load_and_validate(
     return validate_doc(model, doc, context=context), doc
 
 
+@functools.cache
+def adapter(model: Any) -> TypeAdapter[Any]:
+    """The (cached) validator of any type pydantic knows."""
+    return TypeAdapter(model)
+
+
 def problems_of(
-    exc: ValidationError, model: type[BaseModel], doc: YamlDoc, path: PathT = ()
+    exc: ValidationError, model: Any, doc: YamlDoc, path: PathT = ()
 ) -> list[ConfigProblem]:
     """Every error of ``exc`` as a positioned problem in today's wording."""
     out: list[ConfigProblem] = []
@@ -94,7 +105,7 @@ def problems_of(
     return out
 
 
-def _word(err: Any, model: type[BaseModel], loc: PathT) -> tuple[str, bool]:
+def _word(err: Any, model: Any, loc: PathT) -> tuple[str, bool]:
     kind = err["type"]
     value = err.get("input")
     ctx = err.get("ctx") or {}
@@ -125,15 +136,15 @@ def _word(err: Any, model: type[BaseModel], loc: PathT) -> tuple[str, bool]:
     return str(err["msg"]), False
 
 
-def _fields_at(model: type[BaseModel], loc: PathT) -> list[str]:
+def _fields_at(model: Any, loc: PathT) -> list[str]:
     """The keys the model at ``loc`` (below ``model``) accepts, for "did you mean"."""
     t: Any = model
     for part in loc:
         t = unwrap(t)
         origin = typing.get_origin(t)
-        if isinstance(t, type) and issubclass(t, BaseModel):
-            fields = {(f.alias or n): f for n, f in t.model_fields.items()}
-            if part not in fields:
+        fields = fields_of(t)
+        if fields is not None:
+            if not isinstance(part, str) or part not in fields:
                 return []
             t = fields[part].annotation
         elif origin in (tuple, list):
@@ -142,7 +153,4 @@ def _fields_at(model: type[BaseModel], loc: PathT) -> list[str]:
             t = typing.get_args(t)[1]
         else:
             return []
-    t = unwrap(t)
-    if isinstance(t, type) and issubclass(t, BaseModel):
-        return [f.alias or n for n, f in t.model_fields.items()]
-    return []
+    return list(fields_of(unwrap(t)) or ())
