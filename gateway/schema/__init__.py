@@ -33,9 +33,11 @@ from gateway.schema.types import (
 )
 from gateway.schema.validate import (
     adapter,
+    file_view,
     load_and_validate,
     problems_of,
     validate_doc,
+    validate_parts,
     validate_value,
 )
 
@@ -54,6 +56,7 @@ __all__ = [
     "describe",
     "fail",
     "fields_of",
+    "file_view",
     "format_duration",
     "json_schema",
     "load_and_validate",
@@ -62,5 +65,6 @@ __all__ = [
     "suggest",
     "unwrap",
     "validate_doc",
+    "validate_parts",
     "validate_value",
 ]

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import types
 import typing
-from typing import Any, NoReturn, Union
+from typing import Any, ClassVar, NoReturn, Union
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, model_validator
 from pydantic.fields import FieldInfo
 
 from gateway.schema.types import fail
@@ -48,9 +48,16 @@ def _drop_empty(cls: type, data: Any) -> Any:
 class Model(BaseModel):
     model_config = STRICT
 
+    # Fields code sets but a file may not (hide them from the JSON Schema with SkipJsonSchema).
+    code_only: ClassVar[tuple[str, ...]] = ()
+
     @model_validator(mode="before")
     @classmethod
-    def _empty_sections(cls, data: Any) -> Any:
+    def _empty_sections(cls, data: Any, info: ValidationInfo) -> Any:
+        if info.context is not None and isinstance(data, dict):
+            for name in cls.code_only:
+                if name in data:
+                    raise fail(f"unknown key '{name}'", at=(name,), key=True)
         return _drop_empty(cls, data)
 
 

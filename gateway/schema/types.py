@@ -78,9 +78,10 @@ def suggest(word: object, choices: Iterable[str]) -> str:
 
 
 # --- durations ---------------------------------------------------------------------------
-# The one syntax (config, profiles, tariffs, scenarios): a number of seconds (``30``, ``0.5``)
-# or one or more number-unit parts without spaces, units ms, s, m, h, d (``500ms``, ``2m``,
-# ``1h30m``, ``1d``). Nothing else: no spaces, no signs, no exponents.
+# The one syntax (config, profiles, tariffs, scenarios), the config's since its first release: a
+# number of seconds (``30``, ``0.5``) or one or more number-unit parts, units ms, s, m, h, d
+# (``500ms``, ``2m``, ``1h30m``, ``1d``); spaces around the whole are ignored, none inside
+# (``" 10 s"`` is refused). Nothing else: no signs, no exponents, no other units.
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h|d))+")
@@ -99,11 +100,12 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
-        if _NUMBER_RE.fullmatch(value):
-            seconds = float(value)
-        elif _DURATION_RE.fullmatch(value):
+        text = value.strip()
+        if _NUMBER_RE.fullmatch(text):
+            seconds = float(text)
+        elif _DURATION_RE.fullmatch(text):
             seconds = sum(
-                float(num) * _DURATION_UNITS[unit] for num, unit in _DURATION_PART_RE.findall(value)
+                float(num) * _DURATION_UNITS[unit] for num, unit in _DURATION_PART_RE.findall(text)
             )
         else:
             raise ValueError(
