@@ -79,7 +79,7 @@ def image(profile: Profile, power_w: int) -> RegisterImage:
 
 
 def dev(dev_id: str, unit: int, timeout_s: float = 0.15) -> DeviceConfig:
-    return DeviceConfig(dev_id, "rtu-charger", bus="line", unit=unit, timeout_s=timeout_s)
+    return DeviceConfig(id=dev_id, driver="rtu-charger", bus="line", unit=unit, timeout_s=timeout_s)
 
 
 @asynccontextmanager
