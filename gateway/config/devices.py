@@ -206,6 +206,8 @@ def check_devices(
             if bus_id and bus is None and buses_known:
                 ctx.add((*path, "bus"), unknown("bus", bus_id, buses, "buses"))
             transport = bus.get("type", "rtu") if bus else "rtu"
+            if bus is not None and "timeout" in bus and "timeout" not in present:
+                dev["timeout"] = bus["timeout"]  # the bus's answer timeout; a device's own wins
             if unit == 0:
                 ctx.add(
                     (*path, "unit"),

@@ -213,7 +213,9 @@ class BusConfig(Model):
     stopbits: Annotated[Literal[1, 2], Choice(1, 2)] = 1
     bytesize: Annotated[Literal[7, 8], Choice(7, 8)] = 8
     timeout_s: Annotated[Duration, Range(0.01, 60.0)] = Field(
-        default=1.0, validation_alias="timeout", description="answer timeout"
+        default=1.0,
+        validation_alias="timeout",
+        description="answer timeout of the devices on it (a device's own timeout wins)",
     )
 
 
@@ -270,8 +272,8 @@ class DeviceConfig(Model):
     timeout_s: Annotated[Duration, Range(0.01, 60.0)] = Field(
         default=1.0,
         validation_alias="timeout",
-        description="answer timeout; behind a Modbus TCP gateway the default is the endpoint's, "
-        "or sized for the serial line",
+        description="answer timeout; on a bus the default is the bus's, behind a Modbus TCP "
+        "gateway the endpoint's, or sized for the serial line",
     )
     meter: Annotated[str, ID] | None = Field(
         default=None,
