@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.billing.cost import make_pricer, price_session
+from gateway.billing.policy import BillingConfig
 from gateway.billing.tariff import (
     MAX_ELEMENTS,
     MAX_TARIFFS,
@@ -26,7 +27,6 @@ from gateway.billing.tariff import (
     tariff_set_problems,
     tariff_version,
 )
-from gateway.config import BillingConfig
 from gateway.errors import CommandError, TariffError
 from gateway.model import MAX_VERSION, MeterPoint
 

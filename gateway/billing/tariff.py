@@ -30,16 +30,14 @@ from dataclasses import dataclass
 from datetime import date, time
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
+from gateway.billing.policy import BillingConfig
 from gateway.errors import CommandError, TariffError
 from gateway.model import MAX_VERSION
 from gateway.records import canonical_json
-
-if TYPE_CHECKING:  # the config module is only needed for the type
-    from gateway.config import BillingConfig
 
 __all__ = [
     "DAYS",

@@ -6,6 +6,7 @@ The typed models are what the rest of the gateway sees. Field names follow CONTR
 durations are seconds (``*_s``), sizes carry their unit.
 """
 
+from gateway.billing.policy import BillingConfig
 from gateway.config.load import (
     UNAUTHENTICATED_WARNING,
     check_config,
@@ -15,7 +16,6 @@ from gateway.config.load import (
 )
 from gateway.config.models import (
     AuthConfig,
-    BillingConfig,
     BusConfig,
     DeviceConfig,
     EndpointConfig,

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from gateway.billing.tariff import tariff_set_problems
 from gateway.config.context import Ctx, choices_hint, ids, keys_at, unknown
 from gateway.config.devices import check_buses, check_devices
 from gateway.config.values import CP_ID_RE, Secret, is_loopback, split_listen
@@ -211,7 +212,6 @@ def _check_ocpp(ctx: Ctx, raw: dict[str, Any]) -> None:
 
 def _check_tariffs(ctx: Ctx, raw: dict[str, Any]) -> None:
     """Through the same function as a ``tariffs`` push (gateway.billing.tariff)."""
-    from gateway.billing.tariff import tariff_set_problems  # the tariff module imports this one
 
     tariffs = raw.get("tariffs") or {}
     if not isinstance(tariffs, dict):

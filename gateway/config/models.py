@@ -13,6 +13,7 @@ from pydantic import Field, GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue, SkipJsonSchema
 from pydantic_core import core_schema
 
+from gateway.billing.policy import BillingConfig
 from gateway.config.values import (
     BAUDRATES,
     CP_ID,
@@ -36,7 +37,7 @@ from gateway.schema import AsTuple, Choice, Duration, Model, Range, Text
 
 __all__ = [
     "AuthConfig",
-    "BillingConfig",
+    "BillingConfig",  # from gateway.billing.policy
     "BusConfig",
     "DeviceConfig",
     "EndpointConfig",
@@ -362,17 +363,6 @@ class AuthConfig(Model):
     )
     cache_ttl_s: Annotated[Duration, Range(0.0)] = Field(
         default=30 * 24 * 3600.0, validation_alias="cache_ttl", description="keep cloud answers"
-    )
-
-
-class BillingConfig(Model):
-    """Which tariff prices a session: the user's group, else the charger's, else ``default``."""
-
-    default_tariff: Annotated[str, ID] | None = Field(
-        default=None, description="tariff when neither group nor charger names one"
-    )
-    groups: dict[Annotated[str, ID], Annotated[str, ID]] = Field(
-        default_factory=dict, description="user group -> tariff id (wins over the charger's tariff)"
     )
 
 
