@@ -4,6 +4,7 @@ line, column and key path."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import struct
@@ -15,9 +16,10 @@ import yaml
 
 from gateway.errors import ProfileError
 from gateway.modbus.codec import decode, encode
+from gateway.modbus.types import DataType
 from gateway.model import ChargerStatus, DeviceKind, IecState
 from gateway.profiles import (
-    DataType,
+    SCHEMA_FILE,
     Profile,
     describe_profile,
     load_profile,
@@ -25,6 +27,7 @@ from gateway.profiles import (
     profile_json_schema,
     shipped_drivers_dir,
 )
+from gateway.profiles.load import schema_text
 
 EXPECTED_SLUGS = {
     "eastron-sdm630", "eastron-sdm120", "carlo-gavazzi-em24", "abb-b23", "abb-terra-ac",
@@ -287,18 +290,18 @@ state:
 
 BROKEN: list[tuple[str, str, str, list[str]]] = [
     ("unknown top-level key", "demo", METER + "colour: red\n",
-     ["demo.yaml:7:1: colour: unknown key"]),
+     ["demo.yaml:7:1: colour: unknown key 'colour'"]),
     ("misspelt key with hint", "demo",
      METER.replace("address: 0", "adress: 0"),
-     ["demo.yaml:6:5: registers[0].address: missing required key",
-      "demo.yaml:6:35: registers[0].adress: unknown key (did you mean 'address'?)"]),
+     ["demo.yaml:6:5: registers[0].address: missing required key 'address'",
+      "demo.yaml:6:35: registers[0].adress: unknown key 'adress' (did you mean 'address'?)"]),
     ("wrong type", "demo", METER.replace("address: 0", "address: twelve"),
-     ["demo.yaml:6:44: registers[0].address: expected an integer, got string 'twelve'"]),
+     ["demo.yaml:6:44: registers[0].address: expected an integer, got 'twelve'"]),
     ("missing required", "demo", METER.replace("model: M1\n", ""),
-     ["demo.yaml:1:1: model: missing required key"]),
+     ["demo.yaml:1:1: model: missing required key 'model'"]),
     ("bad enum", "demo", METER.replace("table: input", "table: inputs"),
-     ["demo.yaml:6:28: registers[0].table: 'inputs' is not one of "
-      "holding, input, coil, discrete"]),
+     ["demo.yaml:6:28: registers[0].table: must be one of holding, input, coil, discrete; "
+      "got 'inputs' (did you mean 'input'?)"]),
     ("slug mismatch", "other", METER,
      ["other.yaml:1:7: slug: slug 'demo' does not match the file name 'other'.yaml"]),
     ("count on a numeric type", "demo", METER.replace("type: f32", "type: f32, count: 2"),
@@ -327,25 +330,25 @@ BROKEN: list[tuple[str, str, str, list[str]]] = [
      METER + "state:\n  rules:\n    - {when: {power_w: 1}, iec: A, status: available}\n",
      ["demo.yaml:7:1: state: not for kind meter"]),
     ("bad duration", "demo", METER.replace("type: f32}", "type: f32, every: 10 parsecs}"),
-     ["demo.yaml:6:65: registers[0].every: expected a duration like 10s, 500ms, 2m; "
-      "got string '10 parsecs'"]),
+     ["demo.yaml:6:65: registers[0].every: invalid duration '10 parsecs': use a number of "
+      "seconds or a number with a unit (ms, s, m, h, d), e.g. 500ms or 2m"]),
     ("too many registers per read", "demo",
      METER + "connection: {max_registers_per_read: 200}\n",
-     ["demo.yaml:7:38: connection.max_registers_per_read: 200 is out of range 1..125"]),
+     ["demo.yaml:7:38: connection.max_registers_per_read: must be between 1 and 125, got 200"]),
     ("byte neither high nor low", "demo",
      METER + "  - {name: code, table: input, address: 9, type: u16, byte: middle}\n",
-     ["demo.yaml:7:61: registers[1].byte: 'middle' is not one of high, low"]),
+     ["demo.yaml:7:61: registers[1].byte: must be one of high, low; got 'middle'"]),
     ("sentinel not an integer", "demo",
      METER.replace("type: f32}", "type: f32, sentinels: [none]}"),
-     ["demo.yaml:6:70: registers[0].sentinels[0]: expected an integer, got string 'none'"]),
+     ["demo.yaml:6:70: registers[0].sentinels[0]: expected an integer, got 'none'"]),
     ("simulated state that classifies elsewhere", "demo",
      CHARGER + "simulate:\n  states:\n    charging: {cp_state: 1}\n",
      ["demo.yaml:18:15: simulate.states.charging: these values classify as available (IEC A), "
       "not charging"]),
     ("simulated state with an unknown status word", "demo",
      CHARGER + "simulate:\n  states:\n    idle: {cp_state: 1}\n",
-     ["demo.yaml:18:11: simulate.states.idle: 'idle' is not one of available, preparing, "
-      "charging, suspended_ev, suspended_evse, finishing, faulted, unavailable"]),
+     ["demo.yaml:18:5: simulate.states.idle: key must be one of available, preparing, "
+      "charging, suspended_ev, suspended_evse, finishing, faulted, unavailable; got 'idle'"]),
     ("simulated state naming a missing register", "demo",
      CHARGER + "simulate:\n  states:\n    charging: {cp_state: 3, cp_mode: 2}\n",
      ["demo.yaml:18:38: simulate.states.charging.cp_mode: no register named 'cp_mode' in "
@@ -452,6 +455,13 @@ def test_json_schema_is_valid_and_accepts_every_shipped_profile() -> None:
         data = yaml.safe_load(path.read_text())
         errors = [e.message for e in validator.iter_errors(data)]
         assert errors == [], path.name
+
+
+def test_checked_in_json_schema_is_the_generated_one() -> None:
+    # Regenerate with: python -c "from gateway.profiles.load import SCHEMA_FILE, schema_text;
+    # SCHEMA_FILE.write_text(schema_text())"
+    assert SCHEMA_FILE.read_text() == schema_text()
+    assert json.loads(SCHEMA_FILE.read_text()) == profile_json_schema()
 
 
 @pytest.mark.parametrize(
