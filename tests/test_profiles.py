@@ -372,6 +372,77 @@ BROKEN: list[tuple[str, str, str, list[str]]] = [
 ]
 
 
+# Rules inside one section (the models' validators) and between sections (the builder).
+LIMIT = "current_limit: {table: holding, address: 300, type: u16, unit: A}\n"
+BROKEN += [
+    ("heartbeat without a register", "demo", CHARGER + "heartbeat: {period: 10s, timeout: 30s}\n",
+     [f"demo.yaml:16:12: heartbeat.{k}: missing required key (or use rewrite: current_limit)"
+      for k in ("address", "table", "type", "value")]),
+    ("heartbeat rewrite with a value", "demo",
+     CHARGER + LIMIT + "heartbeat: {rewrite: current_limit, value: 1, period: 10s, timeout: 30s}\n",
+     ["demo.yaml:17:37: heartbeat.value: not with rewrite: current_limit"]),
+    ("heartbeat rewrite without a limit", "demo",
+     CHARGER + "heartbeat: {rewrite: current_limit, period: 10s, timeout: 30s}\n",
+     ["demo.yaml:16:22: heartbeat.rewrite: needs a current_limit section"]),
+    ("limit minimum above maximum", "demo",
+     CHARGER + LIMIT.replace("unit: A}", "unit: A, min_a: 20, max_a: 10}"),
+     ["demo.yaml:16:74: current_limit.min_a: min_a 20 is above max_a 10"]),
+    ("float limit in mA", "demo", CHARGER + LIMIT.replace("u16, unit: A", "f32, unit: mA"),
+     ["demo.yaml:16:64: current_limit.unit: type f32 carries amps: unit must be A"]),
+    ("limit maximum does not fit", "demo",
+     CHARGER + LIMIT.replace("unit: A}", "unit: mA, max_a: 80}"),
+     ["demo.yaml:16:75: current_limit.max_a: 80 A in mA does not fit u16"]),
+    ("on-connect value does not fit", "demo",
+     CHARGER + "on_connect:\n  - {table: holding, address: 258, type: u16, value: 70000}\n",
+     ["demo.yaml:17:54: on_connect[0].value: 70000 does not fit u16"]),
+    ("identify pattern not a regex", "demo",
+     METER + "identify: {table: input, address: 9, type: ascii, count: 2, pattern: '('}\n",
+     ["demo.yaml:7:70: identify.pattern: not a regular expression: missing ), unterminated "
+      "subpattern at position 0"]),
+    ("byte of a float", "demo", METER.replace("type: f32}", "type: f32, byte: high}"),
+     ["demo.yaml:6:58: registers[0].byte: only for integer types, not f32"]),
+    ("canonical quantity in another unit", "demo",
+     METER.replace("type: f32}", "type: f32, unit: kW}"),
+     ["demo.yaml:6:64: registers[0].unit: power_w is in W after scaling, not 'kW'"]),
+    ("condition without a test", "demo", CHARGER.replace("{cp_state: 1}", "{cp_state: {}}"),
+     ["demo.yaml:13:24: state.rules[1].when.cp_state: needs at least one of equals, min, max, "
+      "bits_all, bits_any"]),
+    ("condition on a boolean", "demo", CHARGER.replace("{cp_state: 1}", "{cp_state: true}"),
+     ["demo.yaml:13:24: state.rules[1].when.cp_state: expected a value, a list of values or a "
+      "mapping of tests, got true"]),
+    ("text register compared with a number", "demo",
+     CHARGER.replace("{cp_state: 1}", "{rfid: 1}"),
+     ["demo.yaml:13:20: state.rules[1].when.rfid: register 'rfid' is text (ascii): compare "
+      "with strings"]),
+    ("duplicate register name", "demo",
+     METER + "  - {name: power_w, table: input, address: 4, type: f32}\n",
+     ["demo.yaml:7:12: registers[1].name: duplicate register name 'power_w'"]),
+    ("duplicate sentinel", "demo", METER.replace("type: f32}", "type: f32, sentinels: [1, 1]}"),
+     ["demo.yaml:6:73: registers[0].sentinels[1]: duplicate 1"]),
+    ("scale 0", "demo", METER.replace("type: f32}", "type: f32, scale: 0}"),
+     ["demo.yaml:6:65: registers[0].scale: must not be 0"]),
+    ("poll period 0", "demo", METER.replace("type: f32}", "type: f32, every: 0}"),
+     ["demo.yaml:6:65: registers[0].every: must be more than 0s, got 0s"]),
+    ("negative mask", "demo",
+     METER + "  - {name: code, table: input, address: 9, type: u16, mask: -1}\n",
+     ["demo.yaml:7:61: registers[1].mask: must be at least 0, got -1"]),
+    ("pause by a missing enable control", "demo", CHARGER + "pause: enable\n",
+     ["demo.yaml:16:8: pause: pause: enable needs an enable section"]),
+    ("simulated states on a meter", "demo",
+     METER + "simulate:\n  states:\n    charging: {power_w: 1}\n",
+     ["demo.yaml:8:3: simulate.states: not for kind meter"]),
+    ("coil written with function 6", "demo",
+     CHARGER + "enable: {table: coil, address: 1, type: bool, function: 6}\n",
+     ["demo.yaml:16:57: enable.function: coil is written with function 5 or 15"]),
+    ("duplicate transport", "demo", METER + "connection: {transports: [tcp, tcp]}\n",
+     ["demo.yaml:7:32: connection.transports[1]: duplicate 'tcp'"]),
+    ("simulated text for a number register", "demo",
+     CHARGER + "simulate:\n  states:\n    charging: {cp_state: '3'}\n",
+     ["demo.yaml:18:26: simulate.states.charging.cp_state: register 'cp_state' is u16: give a "
+      "number"]),
+]
+
+
 @pytest.mark.parametrize(("case", "stem", "text", "expected"), BROKEN, ids=[b[0] for b in BROKEN])
 def test_broken_profile_reports_every_problem(
     tmp_path: Path, case: str, stem: str, text: str, expected: list[str]
@@ -396,7 +467,7 @@ def test_the_valid_snippets_load(tmp_path: Path) -> None:
 def test_durations(tmp_path: Path) -> None:
     path = tmp_path / "demo.yaml"
     for text, seconds in (("500ms", 0.5), ("10s", 10.0), ("2m", 120.0), ("1h", 3600.0),
-                          ("1.5s", 1.5), ("3", 3.0)):
+                          ("1.5s", 1.5), ("3", 3.0), ("1h30m", 5400.0), ("1d", 86400.0)):
         path.write_text(METER.replace("f32}", f"f32, every: {text}}}"))
         assert load_profile(path).register("power_w").every_s == pytest.approx(seconds)
 
