@@ -436,6 +436,14 @@ BROKEN += [
      ["demo.yaml:16:57: enable.function: coil is written with function 5 or 15"]),
     ("duplicate transport", "demo", METER + "connection: {transports: [tcp, tcp]}\n",
      ["demo.yaml:7:32: connection.transports[1]: duplicate 'tcp'"]),
+    ("problems of shape and between sections at once", "demo",
+     CHARGER.replace("{cp_state: 1}", "{cp_stat: 1}") + "colour: red\n",
+     ["demo.yaml:13:23: state.rules[1].when.cp_stat: no register named 'cp_stat' in registers",
+      "demo.yaml:16:1: colour: unknown key 'colour'"]),
+    ("a broken register has no follow-on problems", "demo",
+     CHARGER.replace("type: u16}", "type: u17}") + "tag: {register: rfid}\n",
+     ["demo.yaml:6:58: registers[0].type: must be one of u16, i16, u32, i32, u64, i64, f32, "
+      "f64, ascii, ascii1, hex, bool; got 'u17'"]),
     ("simulated text for a number register", "demo",
      CHARGER + "simulate:\n  states:\n    charging: {cp_state: '3'}\n",
      ["demo.yaml:18:26: simulate.states.charging.cp_state: register 'cp_state' is u16: give a "

@@ -6,12 +6,15 @@ problem is added to the document with its position."""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Annotated, Any
+
+from pydantic import TypeAdapter, ValidationError
 
 from gateway.modbus.codec import CodecError, decode, encode
 from gateway.modbus.types import RegisterSpec, Table
 from gateway.model import ChargerStatus, DeviceKind
-from gateway.profiles.fields import ConditionIn, ControlIn, ProfileFile
+from gateway.profiles.fields import ConditionIn, ControlIn, ProfileFile, RegisterIn
 from gateway.profiles.spec import (
     Condition,
     ConnectionSpec,
@@ -28,7 +31,7 @@ from gateway.profiles.spec import (
 from gateway.tags import normalise_tag
 from gateway.yamlpos import YamlDoc
 
-__all__ = ["build_profile"]
+__all__ = ["build_profile", "check_valid_parts"]
 
 PathT = tuple[str | int, ...]
 Values = dict[str, int | float | str]
@@ -37,6 +40,52 @@ Values = dict[str, int | float | str]
 def build_profile(doc: YamlDoc, data: ProfileFile, stem: str) -> Profile | None:
     """The profile, or None after adding its problems to ``doc``."""
     return _Builder(doc, data, stem).profile()
+
+
+def check_valid_parts(doc: YamlDoc, stem: str) -> None:
+    """After the file failed its models: the rules between the sections that did validate,
+    so that every problem is reported at once. Sections and registers that failed count as
+    present (no follow-on problems about them)."""
+    raw = doc.data
+    if not isinstance(raw, dict):
+        return
+    parts: dict[str, Any] = {}
+    broken: set[str] = set()
+    for key, value in raw.items():
+        field = ProfileFile.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            continue
+        if key == "registers" and isinstance(value, list):
+            parts[key] = tuple(_valid_registers(value, broken))
+            continue
+        try:
+            parts[key] = _adapter(key).validate_python(value)
+        except ValidationError:
+            broken.add(key)
+    broken |= {k for k, f in ProfileFile.model_fields.items() if f.is_required() and k not in raw}
+    builder = _Builder(doc, ProfileFile.model_construct(**parts), stem, frozenset(broken))
+    builder.profile()
+
+
+def _valid_registers(items: list[Any], broken: set[str]) -> list[RegisterIn]:
+    out = []
+    for item in items:
+        try:
+            out.append(RegisterIn.model_validate(item))
+        except ValidationError:
+            name = item.get("name") if isinstance(item, dict) else None
+            broken.add(f"registers.{name}" if isinstance(name, str) else "registers")
+    return out
+
+
+@functools.cache
+def _adapter(key: str) -> TypeAdapter[Any]:
+    """Checks one top-level key alone (its type and the markers on it)."""
+    field = ProfileFile.model_fields[key]
+    annotation: Any = field.annotation
+    if field.metadata:
+        annotation = Annotated[(annotation, *field.metadata)]
+    return TypeAdapter(annotation)
 
 
 def _control(c: ControlIn, name: str, *, on: Any = None, off: Any = None) -> ControlSpec:
@@ -50,9 +99,13 @@ def _overlaps(a: RegisterSpec, b: RegisterSpec) -> bool:
 
 
 class _Builder:
-    def __init__(self, doc: YamlDoc, data: ProfileFile, stem: str) -> None:
+    def __init__(
+        self, doc: YamlDoc, data: ProfileFile, stem: str, broken: frozenset[str] = frozenset()
+    ) -> None:
         self.doc, self.data, self.stem = doc, data, stem
-        self.given = data.model_fields_set
+        # Sections ("state") and registers ("registers.cp_state") that failed their models.
+        self.broken = broken
+        self.given = data.model_fields_set | broken
         self.regs: dict[str, RegisterSpec] = {}
         self.ok = True
 
@@ -74,7 +127,7 @@ class _Builder:
     def ref(self, path: PathT, name: str) -> RegisterSpec | None:
         """A register by name; a problem at ``path`` when it is not defined."""
         spec = self.regs.get(name)
-        if spec is None:
+        if spec is None and not {f"registers.{name}", "registers"} & self.broken:
             self.add(path, f"no register named {name!r} in registers")
         return spec
 
@@ -167,7 +220,8 @@ class _Builder:
         failsafe = float(d.failsafe_current_a)
         if d.rewrite is not None:
             if limit is None:
-                self.add(("heartbeat", "rewrite"), "needs a current_limit section")
+                if "current_limit" not in self.given:
+                    self.add(("heartbeat", "rewrite"), "needs a current_limit section")
                 return None
             return HeartbeatSpec(
                 control=limit.control,
@@ -188,9 +242,9 @@ class _Builder:
 
     def pause(self, limit: CurrentLimitSpec | None) -> str | None:
         d = self.data.pause
-        if d == "enable" and self.data.enable is None:
+        if d == "enable" and "enable" not in self.given:
             self.add(("pause",), "pause: enable needs an enable section")
-        if d == "current_limit" and limit is None:
+        if d == "current_limit" and "current_limit" not in self.given:
             self.add(("pause",), "pause: current_limit needs a current_limit section")
         elif d == "current_limit" and limit is not None and limit.disable is None:
             self.add(("pause",), "pause: current_limit needs current_limit.disable")
@@ -272,18 +326,17 @@ class _Builder:
     # the whole profile ------------------------------------------------------------------------
     def sections(self) -> None:
         """Which sections the kind of device may (or must) have."""
-        data, kind = self.data, self.data.kind
-        if data.slug != self.stem:
-            self.add(
-                ("slug",), f"slug {data.slug!r} does not match the file name {self.stem!r}.yaml"
-            )
+        slug, kind = getattr(self.data, "slug", None), getattr(self.data, "kind", None)
+        if slug is not None and slug != self.stem:
+            self.add(("slug",), f"slug {slug!r} does not match the file name {self.stem!r}.yaml")
         if kind is DeviceKind.METER:
             for key in ("state", "tag", "enable", "current_limit", "heartbeat", "phases"):
                 if key in self.given:
                     self.add((key,), "not for kind meter", key=True)
-            if not (self.regs.keys() & {"power_w", "energy_wh"}):
+            names = {*self.regs, *(b.removeprefix("registers.") for b in self.broken)}
+            if not names & {"power_w", "energy_wh", "registers"}:
                 self.add(("registers",), "a meter needs power_w or energy_wh")
-        elif data.state is None:
+        elif kind is DeviceKind.CHARGER and "state" not in self.given:
             self.add(("state",), "missing required key (every charger needs state rules)")
 
     def profile(self) -> Profile | None:
@@ -322,8 +375,9 @@ class _Builder:
             if c
         ]
         controls += [w.control for w in on_connect]
-        sim_states, sim_identity = self.simulate(data.kind, state, identify, controls)
-        if not self.ok:
+        kind = getattr(data, "kind", None) or DeviceKind.CHARGER
+        sim_states, sim_identity = self.simulate(kind, state, identify, controls)
+        if not self.ok or self.broken:
             return None
         return Profile(
             slug=data.slug,

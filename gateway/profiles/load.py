@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigProblem, ProfileError
-from gateway.profiles.build import build_profile
+from gateway.profiles.build import build_profile, check_valid_parts
 from gateway.profiles.fields import ProfileFile
 from gateway.profiles.spec import Profile
 from gateway.schema import json_schema, validate_doc
@@ -56,6 +56,8 @@ def load_profile(path: str | Path) -> Profile:
     if doc.data is None:
         raise ProfileError([ConfigProblem(str(path), 1, 1, "", "empty profile file")])
     data = validate_doc(ProfileFile, doc)
+    if data is None:
+        check_valid_parts(doc, p.stem)
     profile = build_profile(doc, data, p.stem) if data is not None else None
     if doc.problems or profile is None:
         raise ProfileError(doc.problems)
