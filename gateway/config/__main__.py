@@ -4,4 +4,5 @@ import json
 
 from gateway.config import config_json_schema
 
-print(json.dumps(config_json_schema(), indent=2))
+if __name__ == "__main__":
+    print(json.dumps(config_json_schema(), indent=2))

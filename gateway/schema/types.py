@@ -292,9 +292,10 @@ class Choice:
         self.convert = convert
 
     def validate(self, value: Any, info: core_schema.ValidationInfo) -> Any:
-        if info.context is None:  # built by code
+        valid = any(type(value) is type(v) and value == v for v in self.values)
+        if not valid and info.context is None:  # built by code (an enum member, say)
             return value
-        if not any(type(value) is type(v) and value == v for v in self.values):
+        if not valid:
             choices = ", ".join(str(v) for v in self.values)
             hint = suggest(value, [v for v in self.values if isinstance(v, str)])
             raise fail(f"must be one of {choices}; got {describe(value)}{hint}")
