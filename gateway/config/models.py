@@ -7,6 +7,7 @@ Checks between keys (references, duplicates, addressing) are in ``gateway.config
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, GetCoreSchemaHandler, GetJsonSchemaHandler
@@ -325,22 +326,28 @@ class _TokenEntry(Model):
     )
 
 
-class _AsToken:
-    """A token of the local list: a ``Token`` (gateway.model) read from a ``_TokenEntry``."""
+class _ReadFrom:
+    """A value read from a model's keys: the model checks the file's mapping (its problems at
+    their positions; ``file_model`` lets ``validate_parts`` walk it), ``build`` makes the value
+    the gateway uses. Code may pass a value of type ``built`` as it is."""
 
-    file_model = _TokenEntry
+    def __init__(
+        self, model: type[Model], build: Callable[[Any], Any], built: type | None = None
+    ) -> None:
+        self.file_model = model
+        self.build = build
+        self.built = built
 
     def __get_pydantic_core_schema__(
         self, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
-        def build(value: Any, inner: core_schema.ValidatorFunctionWrapHandler) -> Token:
-            if isinstance(value, Token):
+        def read(value: Any, inner: core_schema.ValidatorFunctionWrapHandler) -> Any:
+            if self.built is not None and isinstance(value, self.built):
                 return value
-            entry: _TokenEntry = inner(value)
-            return Token(**dict(entry))
+            return self.build(inner(value))
 
         return core_schema.no_info_wrap_validator_function(
-            build, handler.generate_schema(_TokenEntry)
+            read, handler.generate_schema(self.file_model)
         )
 
     def __get_pydantic_json_schema__(
@@ -349,11 +356,15 @@ class _AsToken:
         return handler(schema)
 
 
+# A token of the local list: a ``Token`` (gateway.model) read from a ``_TokenEntry``.
+_AS_TOKEN = _ReadFrom(_TokenEntry, lambda entry: Token(**dict(entry)), Token)
+
+
 class AuthConfig(Model):
     offline_policy: Annotated[
         Literal["allow_known", "allow_all", "deny"], Choice("allow_known", "allow_all", "deny")
     ] = Field(default="allow_known", description="unknown tokens while the cloud is unreachable")
-    tokens: Annotated[tuple[Annotated[Token, _AsToken()], ...], AsTuple] = Field(
+    tokens: Annotated[tuple[Annotated[Token, _AS_TOKEN], ...], AsTuple] = Field(
         default=(), description="local authorization list"
     )
     request_timeout_s: Annotated[Duration, Range(0.1, 300.0)] = Field(
@@ -419,28 +430,10 @@ class _Signal(_Limit):
     )
 
 
-class _AsMapping:
-    """A section validated by ``model`` and kept as the mapping of the keys the file set
-    (gateway/gridlimit.py reads them)."""
-
-    def __init__(self, model: type[Model]) -> None:
-        self.model = self.file_model = model
-
-    def __get_pydantic_core_schema__(
-        self, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        def dump(value: Any, inner: core_schema.ValidatorFunctionWrapHandler) -> dict[str, Any]:
-            checked: Model = inner(value)
-            return checked.model_dump(exclude_unset=True)
-
-        return core_schema.no_info_wrap_validator_function(
-            dump, handler.generate_schema(self.model)
-        )
-
-    def __get_pydantic_json_schema__(
-        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
-        return handler(schema)
+def _set_keys(checked: Model) -> dict[str, Any]:
+    """A grid limit kept as the mapping of the keys the file set (gateway/gridlimit.py reads
+    them)."""
+    return checked.model_dump(exclude_unset=True)
 
 
 class GridConfig(Model):
@@ -454,11 +447,11 @@ class GridConfig(Model):
     )
     # Lower limits the grid can set (gateway/gridlimit.py): validated mappings.
     schedule: Annotated[
-        tuple[Annotated[dict[str, Any], _AsMapping(_ScheduleRule)], ...], AsTuple
+        tuple[Annotated[dict[str, Any], _ReadFrom(_ScheduleRule, _set_keys)], ...], AsTuple
     ] = Field(
         default=(), description="lower site limits by weekday and time of day (site time zone)"
     )
-    signal: Annotated[dict[str, Any], _AsMapping(_Signal)] | None = None
+    signal: Annotated[dict[str, Any], _ReadFrom(_Signal, _set_keys)] | None = None
 
 
 class HomeAssistantConfig(Model):

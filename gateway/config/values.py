@@ -10,11 +10,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
-from pydantic.json_schema import JsonSchemaValue
+from pydantic import GetCoreSchemaHandler
 from pydantic_core import core_schema
 
-from gateway.schema import Text, describe, fail, suggest
+from gateway.schema import Check, Text, describe, fail, suggest
 
 __all__ = [
     "BAUDRATES",
@@ -169,7 +168,7 @@ def _check_host(host: str) -> str | None:
 Host = Text(check=_check_host)
 
 
-class FilePath:
+class FilePath(Check):
     """A file system path; relative paths are relative to the config file's directory (the
     validation context's ``base_dir``). ``must_be``: None, ``"file"`` (readable) or ``"dir"``."""
 
@@ -193,18 +192,11 @@ class FilePath:
             raise fail(f"{what}: {resolved}")
         return str(resolved)
 
-    def __get_pydantic_core_schema__(
-        self, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.with_info_plain_validator_function(self.validate)
-
-    def __get_pydantic_json_schema__(
-        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
+    def json_schema(self) -> dict[str, Any]:
         return {"type": "string", "minLength": 1}
 
 
-class SecretRef:
+class SecretRef(Check):
     """A password given as ``"${ENV_VAR}"`` in the file (resolved by the loader), or a
     ``Secret`` that code or the loader put there."""
 
@@ -225,14 +217,7 @@ class SecretRef:
             return value
         return Secret(self.text.validate(value, info))
 
-    def __get_pydantic_core_schema__(
-        self, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.with_info_plain_validator_function(self.validate)
-
-    def __get_pydantic_json_schema__(
-        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
+    def json_schema(self) -> dict[str, Any]:
         return {"type": "string", "minLength": 1, "pattern": f"^(?:{ENV_REF})$"}
 
 
@@ -243,11 +228,10 @@ _RFC3339_RE = re.compile(
 _TIMESTAMP_WHAT = 'an RFC 3339 timestamp with a time zone like "2026-12-31T23:59:59Z"'
 
 
-class _Timestamp:
+class _Timestamp(Check):
     """Seconds since the epoch, from an RFC 3339 timestamp with a time zone."""
 
-    @staticmethod
-    def validate(value: Any, info: core_schema.ValidationInfo) -> float:
+    def validate(self, value: Any, info: core_schema.ValidationInfo) -> float:
         if info.context is None and isinstance(value, float):  # built by code
             return value
         if isinstance(value, datetime):  # YAML reads unquoted timestamps itself
@@ -261,14 +245,7 @@ class _Timestamp:
         except ValueError as exc:
             raise fail(f"invalid timestamp {value!r}: {exc}") from None
 
-    def __get_pydantic_core_schema__(
-        self, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.with_info_plain_validator_function(self.validate)
-
-    def __get_pydantic_json_schema__(
-        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
+    def json_schema(self) -> dict[str, Any]:
         return {"type": "string", "format": "date-time"}
 
 

@@ -21,6 +21,7 @@ from gateway.schema.model import (
 from gateway.schema.types import (
     DURATION_PATTERN,
     AsTuple,
+    Check,
     Choice,
     Duration,
     Range,
@@ -45,6 +46,7 @@ __all__ = [
     "DURATION_PATTERN",
     "STRICT",
     "AsTuple",
+    "Check",
     "Choice",
     "Duration",
     "Model",

@@ -26,6 +26,7 @@ from pydantic_core import PydanticCustomError, core_schema
 __all__ = [
     "DURATION_PATTERN",
     "AsTuple",
+    "Check",
     "Choice",
     "Duration",
     "Range",
@@ -166,6 +167,27 @@ Duration = Annotated[float, _Duration()]
 # --- ranges, strings, choices ------------------------------------------------------------
 
 
+class Check:
+    """Base of a marker that checks a value itself: a subclass gives ``validate(value, info)``
+    (``info.context`` is None when code builds the object) and ``json_schema()``."""
+
+    def validate(self, value: Any, info: core_schema.ValidationInfo) -> Any:
+        raise NotImplementedError
+
+    def json_schema(self) -> dict[str, Any]:
+        return {}
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.with_info_plain_validator_function(self.validate)
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return self.json_schema()
+
+
 def _show_number(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -219,7 +241,7 @@ def _is_duration(schema: core_schema.CoreSchema) -> bool:
     )
 
 
-class Text:
+class Text(Check):
     """A string: not empty (unless ``min_len=0``), at most ``max_len`` characters, matching
     ``pattern`` (worded "must be {hint}, got 'x'"), passing ``check`` (returns a message or
     None). ``secret``: messages never show the value."""
@@ -261,16 +283,7 @@ class Text:
                 raise fail(message)
         return value
 
-    def __get_pydantic_core_schema__(
-        self, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.with_info_plain_validator_function(
-            self.validate, json_schema_input_schema=core_schema.str_schema()
-        )
-
-    def __get_pydantic_json_schema__(
-        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
+    def json_schema(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "string"}
         if self.min_len:
             out["minLength"] = self.min_len
@@ -281,7 +294,7 @@ class Text:
         return out
 
 
-class Choice:
+class Choice(Check):
     """One of ``values`` (strings or integers; ``True`` is never taken for 1), worded
     "must be one of a, b; got 'c' (did you mean 'a'?)". Use with ``Literal`` for the type:
     ``Annotated[Literal["N", "E", "O"], Choice("N", "E", "O")]``; or alone on ``str``/``int``
@@ -301,14 +314,7 @@ class Choice:
             raise fail(f"must be one of {choices}; got {describe(value)}{hint}")
         return self.convert(value) if self.convert else value
 
-    def __get_pydantic_core_schema__(
-        self, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.with_info_plain_validator_function(self.validate)
-
-    def __get_pydantic_json_schema__(
-        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
+    def json_schema(self) -> dict[str, Any]:
         return {"enum": list(self.values)}
 
 
