@@ -36,23 +36,6 @@ from gateway.config.values import (
 from gateway.model import AuthStatus, Token, TokenType
 from gateway.schema import AsTuple, Choice, Duration, Model, Range, Text
 
-__all__ = [
-    "AuthConfig",
-    "BillingConfig",  # from gateway.billing.policy
-    "BusConfig",
-    "DeviceConfig",
-    "EndpointConfig",
-    "GatewayConfig",
-    "GridConfig",
-    "HomeAssistantConfig",
-    "OcppConfig",
-    "SiteConfig",
-    "StorageConfig",
-    "TlsConfig",
-    "UplinkConfig",
-    "UplinkReadingsConfig",
-    "WebConfig",
-]
 
 Port = Annotated[int, Range(1, 65535)]
 
