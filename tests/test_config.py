@@ -322,6 +322,11 @@ BROKEN: list[tuple[str, str, list[str]]] = [
         [
             "7:44: tariffs.big.elements[0].components[0].price: must be at most 1000000000, "
             "got '1e30'",
+            # every problem of a tariff at once, not only its first
+            "8:42: tariffs.big.elements[1].components[0].price: at most 6 decimal places, "
+            "got '0.1234567'",
+            "9:58: tariffs.big.elements[2].components[0].step_size: must be at most 86400, "
+            "got 86401",
             "10:35: tariffs.cap.max_price: must be at most 1000000000, got 2000000000",
         ],
     ),
@@ -336,7 +341,7 @@ BROKEN: list[tuple[str, str, list[str]]] = [
         "    - {id: 1234, type: card, user: bob}\n",
         [
             "7:52: tariffs.standard.elements[0].components[0].stepsize: unknown key "
-            "(allowed: price, step_size, type)",
+            "'stepsize' (did you mean 'step_size'?)",
             "9:19: billing.default_tariff: unknown tariff 'standrd' (did you mean 'standard'?)",
             "10:19: billing.groups.staff: unknown tariff 'free' (defined tariffs: standard)",
             "13:50: auth.tokens[0].group: group 'staf' has no tariff in billing.groups "

@@ -36,7 +36,6 @@ from gateway.config.values import (
 from gateway.model import AuthStatus, Token, TokenType
 from gateway.schema import AsTuple, Choice, Duration, Model, Range, Text
 
-
 Port = Annotated[int, Range(1, 65535)]
 
 
