@@ -19,7 +19,7 @@ from test_uplink_support import ROOT, check_payload, pending_readings
 from gateway.model import rfc3339
 from gateway.store import Store
 from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
-from gateway.uplink.mqtt import _reading_batches
+from gateway.uplink.drain import reading_batches
 from gateway.wire import encode_reading, readings_batch, wire_ts
 
 T0 = 1_790_000_000.0  # 2026-09-21
@@ -122,7 +122,7 @@ async def test_version_1_rows_still_drain(tmp_path: Path) -> None:
         assert len(rows) == 7 and all(r.wire for r in rows)
         assert rows[0].values == {"power_w": 0.0, "energy_wh": 0, "label": "é"}
         assert rows[-1].values == {"power_w": None, "energy_wh": 10}
-        batches = _reading_batches(await s.readings_fetch_wire(100))
+        batches = reading_batches(await s.readings_fetch_wire(100))
         assert [(dev, ids) for dev, _, ids in batches] == [
             ("m1", [rows[i].id for i in (0, 1, 2, 3, 4, 6)]),
             ("m2", [rows[5].id]),
