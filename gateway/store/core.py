@@ -134,8 +134,6 @@ class StoreCore:
         self.readings_dropped_total = 0
         self._rows_since_cap_check = 0
 
-    # ------------------------------------------------------------------ opening and closing
-
     @classmethod
     def for_site(cls, config: GatewayConfig, **kwargs: Any) -> _Opening[Self]:
         """The buffer a site config names, with its size and retention settings; read-only
@@ -399,8 +397,6 @@ class StoreCore:
         if self._db is None:
             raise StoreError(f"{self.path}: the store is closed")
         return self._db
-
-    # ------------------------------------------------------------------ transactions
 
     async def _write(self, body: Body[T], *, durable: bool = False) -> T:
         """Run ``body`` in one write transaction, in its own shielded task so that a cancelled

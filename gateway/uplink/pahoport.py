@@ -13,8 +13,8 @@ What the rest of the code then uses is paho's public API (``Client.publish`` and
 ``MQTTMessageInfo``: ``rc``, ``mid``, ``is_published()``; ``Client.ack``; the VERSION2
 ``on_publish`` signature ``(client, userdata, mid, reason_code, properties)`` that aiomqtt
 selects). tests/test_uplink_pahoport.py checks all of it against a real broker: an upgrade of
-aiomqtt or paho that moves any of it fails there, by name, not in a drain at a site. This module
-is the reason for the upper bounds of both pins in pyproject.toml.
+aiomqtt or paho that moves any of it fails there, by name, not in a drain at a site. Widening
+the aiomqtt or paho-mqtt pin in pyproject.toml starts with that test.
 """
 
 from __future__ import annotations
