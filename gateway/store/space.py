@@ -15,17 +15,20 @@ import contextlib
 import math
 import os
 import sqlite3
+from typing import TypeVar
 
 import aiosqlite
 import structlog
 
 from gateway.errors import StoreError
 from gateway.outgoing import SESSION_STREAM
-from gateway.store.core import DAY_S, Body, StoreCore, T, is_disk_full
+from gateway.store.core import DAY_S, Body, StoreCore, is_disk_full
 
 __all__ = ["SpaceManaged"]
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 class SpaceManaged(StoreCore):
