@@ -23,6 +23,7 @@ from gateway.config import OCPP_DRIVER, GatewayConfig
 from gateway.live import LiveState
 from gateway.modbus.types import DataType, RegisterSpec, value_range
 from gateway.model import Clock, DeviceKind, DeviceSample, SystemClock, Token
+from gateway.outgoing import EVENT_STREAM, STARTED_TOPIC
 from gateway.profiles import Profile, load_profiles
 from gateway.sessions import MAX_COUNTER_WH, Counter
 
@@ -432,7 +433,7 @@ class Gateway:
             if self.uplink is not None:
                 self.uplink.publish_status(device, payload)
         elif kind == "session_started":
-            await self.store.enqueue("event", "sessions/started", _json(payload))
+            await self.store.enqueue(EVENT_STREAM, STARTED_TOPIC, _json(payload))
         if self.uplink is not None:
             self.uplink.notify()
 
