@@ -14,7 +14,8 @@ from gateway.config import DeviceConfig
 from gateway.errors import DeviceError
 from gateway.modbus.bus import ModbusBus, RtuOverTcpBus, SerialBus
 from gateway.modbus.codec import encode
-from gateway.modbus.engine import DeviceDriver, scan
+from gateway.modbus.driver import DeviceDriver
+from gateway.modbus.scan import scan
 from gateway.model import DeviceKind
 from gateway.profiles import (
     ConnectionSpec,

@@ -16,7 +16,7 @@ import gateway.sim.server as sim_server
 from gateway.config import DeviceConfig
 from gateway.modbus.bus import TcpBus
 from gateway.modbus.codec import decode, encode
-from gateway.modbus.engine import DeviceDriver
+from gateway.modbus.driver import DeviceDriver
 from gateway.model import ChargerStatus, DeviceKind, IecState
 from gateway.profiles import KNOWN_FROM, DataType, Profile, RegisterSpec, Table, load_profiles
 from gateway.sim.devices import SimCharger, SimMeter

@@ -596,8 +596,6 @@ class BusPool:
         self._by_device[device.id] = bus
         return bus
 
-    for_device = bus_for
-
     @property
     def buses(self) -> list[ModbusBus]:
         return list(self._buses.values())
