@@ -51,17 +51,6 @@ TracePacket = Callable[[bool, bytes], bytes]
 TraceConnect = Callable[[bool], None]
 
 
-def _common(trace_packet: TracePacket, trace_connect: TraceConnect) -> dict[str, Any]:
-    """No retries, no auto-reconnect (the bus reopens with its own backoff), our trace hooks."""
-    return {
-        "timeout": CLIENT_TIMEOUT_S,
-        "retries": 0,
-        "reconnect_delay": 0,
-        "trace_packet": trace_packet,
-        "trace_connect": trace_connect,
-    }
-
-
 def tcp_client(
     host: str,
     port: int,
@@ -70,10 +59,20 @@ def tcp_client(
     trace_packet: TracePacket,
     trace_connect: TraceConnect,
 ) -> Any:
-    """A Modbus TCP client (MBAP framing), or RTU frames over TCP with ``rtu_framing``."""
-    framer = {"framer": FramerType.RTU} if rtu_framing else {}
+    """A Modbus TCP client (MBAP framing), or RTU frames over TCP with ``rtu_framing``; like
+    every client here: no retries, no auto-reconnect (the bus reopens with its own backoff), our
+    trace hooks, the client's own answer timer off."""
     return one_timer(
-        AsyncModbusTcpClient(host, port=port, **framer, **_common(trace_packet, trace_connect))
+        AsyncModbusTcpClient(
+            host,
+            port=port,
+            framer=FramerType.RTU if rtu_framing else FramerType.SOCKET,
+            timeout=CLIENT_TIMEOUT_S,
+            retries=0,
+            reconnect_delay=0,
+            trace_packet=trace_packet,
+            trace_connect=trace_connect,
+        )
     )
 
 
@@ -96,7 +95,11 @@ def serial_client(
             parity=parity,
             stopbits=stopbits,
             bytesize=bytesize,
-            **_common(trace_packet, trace_connect),
+            timeout=CLIENT_TIMEOUT_S,
+            retries=0,
+            reconnect_delay=0,
+            trace_packet=trace_packet,
+            trace_connect=trace_connect,
         )
     )
 
