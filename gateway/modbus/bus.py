@@ -31,7 +31,7 @@ import structlog
 from gateway.errors import DeviceError
 from gateway.modbus import adapter
 from gateway.modbus.adapter import ConnectionException, ModbusException
-from gateway.profiles import Table
+from gateway.modbus.types import Table
 
 if TYPE_CHECKING:
     from gateway.config import BusConfig, DeviceConfig, EndpointConfig, GatewayConfig
