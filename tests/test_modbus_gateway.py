@@ -145,8 +145,7 @@ async def test_shared_endpoint_serialises_requests_and_keeps_the_delays(
     async with SimServer.tcp_gateway("127.0.0.1", port, units, baudrate=9600) as converter:
         async with BusPool.from_config(config) as pool:
             drivers = [
-                DeviceDriver(d, shipped_profiles[d.driver], pool.bus_for(d))
-                for d in config.devices
+                DeviceDriver(d, shipped_profiles[d.driver], pool.bus_for(d)) for d in config.devices
             ]
             assert len({id(d.bus) for d in drivers}) == 1
 
