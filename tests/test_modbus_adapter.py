@@ -7,6 +7,7 @@ the messages name the pin.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import struct
 import tomllib
@@ -91,6 +92,23 @@ def client_for(port: int, trace_connect: Callable[[bool], None] | None = None) -
 
 
 # -- the tests -----------------------------------------------------------------------------------
+def test_only_the_adapter_imports_pymodbus() -> None:
+    root = PYPROJECT.parent
+    importers = set()
+    for path in (root / "gateway").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            if any(n == "pymodbus" or n.startswith("pymodbus.") for n in names):
+                importers.add(path.relative_to(root).as_posix())
+    assert importers == {"gateway/modbus/adapter.py"}
+
+
 def test_installed_pymodbus_is_the_pinned_one() -> None:
     assert PIN.specifier.contains(INSTALLED), (
         f"pymodbus {INSTALLED} is installed but pyproject.toml pins pymodbus{PIN.specifier}"
