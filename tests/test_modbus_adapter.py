@@ -81,14 +81,20 @@ async def silent(header: bytes, pdu: bytes, writer: asyncio.StreamWriter) -> Non
     return None
 
 
+class Hooks:
+    def __init__(self, on_connect: Callable[[bool], None] | None = None) -> None:
+        self.on_connect = on_connect
+
+    def trace_packet(self, sending: bool, data: bytes) -> bytes:
+        return data
+
+    def trace_connect(self, connected: bool) -> None:
+        if self.on_connect is not None:
+            self.on_connect(connected)
+
+
 def client_for(port: int, trace_connect: Callable[[bool], None] | None = None) -> Any:
-    return adapter.tcp_client(
-        "127.0.0.1",
-        port,
-        rtu_framing=False,
-        trace_packet=lambda sending, data: data,
-        trace_connect=trace_connect or (lambda connected: None),
-    )
+    return adapter.tcp_client("127.0.0.1", port, Hooks(trace_connect))
 
 
 # -- the tests -----------------------------------------------------------------------------------

@@ -22,8 +22,7 @@ raise: a bus then still works, with the client's far timeout instead of ours.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
@@ -32,6 +31,7 @@ from pymodbus.pdu import ExceptionResponse
 
 __all__ = [
     "CLIENT_TIMEOUT_S",
+    "ClientHooks",
     "ConnectionException",
     "ModbusException",
     "fail_pending",
@@ -47,18 +47,20 @@ __all__ = [
 # is switched off altogether (``one_timer``).
 CLIENT_TIMEOUT_S = 3600.0
 
-TracePacket = Callable[[bool, bytes], bytes]
-TraceConnect = Callable[[bool], None]
+
+class ClientHooks(Protocol):
+    """What a client reports to its bus (pymodbus' ``trace_packet``/``trace_connect``)."""
+
+    def trace_packet(self, sending: bool, data: bytes) -> bytes:
+        """Every frame sent or received; returns it unchanged."""
+        ...
+
+    def trace_connect(self, connected: bool) -> None:
+        """The link opened or dropped."""
+        ...
 
 
-def tcp_client(
-    host: str,
-    port: int,
-    *,
-    rtu_framing: bool,
-    trace_packet: TracePacket,
-    trace_connect: TraceConnect,
-) -> Any:
+def tcp_client(host: str, port: int, hooks: ClientHooks, *, rtu_framing: bool = False) -> Any:
     """A Modbus TCP client (MBAP framing), or RTU frames over TCP with ``rtu_framing``; like
     every client here: no retries, no auto-reconnect (the bus reopens with its own backoff), our
     trace hooks, the client's own answer timer off."""
@@ -70,21 +72,20 @@ def tcp_client(
             timeout=CLIENT_TIMEOUT_S,
             retries=0,
             reconnect_delay=0,
-            trace_packet=trace_packet,
-            trace_connect=trace_connect,
+            trace_packet=hooks.trace_packet,
+            trace_connect=hooks.trace_connect,
         )
     )
 
 
 def serial_client(
     port: str,
+    hooks: ClientHooks,
     *,
     baudrate: int,
     parity: str,
     stopbits: int,
     bytesize: int,
-    trace_packet: TracePacket,
-    trace_connect: TraceConnect,
 ) -> Any:
     """An RTU client on a serial port."""
     return one_timer(
@@ -98,8 +99,8 @@ def serial_client(
             timeout=CLIENT_TIMEOUT_S,
             retries=0,
             reconnect_delay=0,
-            trace_packet=trace_packet,
-            trace_connect=trace_connect,
+            trace_packet=hooks.trace_packet,
+            trace_connect=hooks.trace_connect,
         )
     )
 

@@ -237,6 +237,20 @@ class ModbusBus(ABC):
         async with self._lock:
             self._drop_client()
 
+    # -- client hooks (adapter.ClientHooks): pymodbus calls these ---------------------
+    def trace_packet(self, sending: bool, data: bytes) -> bytes:
+        """Notes that bytes arrived during the request (a timeout then means a bad frame)."""
+        if not sending and data:
+            self._rx_seen = True
+        return data
+
+    def trace_connect(self, connected: bool) -> None:
+        """A dropped link ends the pending request at once."""
+        if connected:
+            return
+        # pymodbus leaves a request waiting out its timeout when the link drops: fail it now.
+        adapter.fail_pending(self._client, ConnectionException("connection lost"))
+
     # -- internals ------------------------------------------------------------------------
     def _silence_s(self, gap_s: float) -> float:
         """Silence before the next request: on a serial line t3.5, then the device's own gap."""
@@ -246,17 +260,6 @@ class ModbusBus(ABC):
         _raise_swallowed_cancel()
         self.stats.errors += 1
         return DeviceError(f"{self.endpoint}#{unit}", reason, detail, exception_code=code)
-
-    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
-        if not sending and data:
-            self._rx_seen = True
-        return data
-
-    def _trace_connect(self, connected: bool) -> None:
-        if connected:
-            return
-        # pymodbus leaves a request waiting out its timeout when the link drops: fail it now.
-        adapter.fail_pending(self._client, ConnectionException("connection lost"))
 
     async def _ready(self, timeout_s: float, gap_s: float) -> Any:
         """Connected client, after the silence the line needs. Holds the lock."""
@@ -433,13 +436,7 @@ class TcpBus(ModbusBus):
         return max(self.frame_gap_s, gap_s)
 
     def _make_client(self) -> Any:
-        return adapter.tcp_client(
-            self.host,
-            self.port,
-            rtu_framing=False,
-            trace_packet=self._trace_packet,
-            trace_connect=self._trace_connect,
-        )
+        return adapter.tcp_client(self.host, self.port, self)
 
 
 class RtuOverTcpBus(ModbusBus):
@@ -453,13 +450,7 @@ class RtuOverTcpBus(ModbusBus):
         self.frame_gap_s = frame_gap_s
 
     def _make_client(self) -> Any:
-        return adapter.tcp_client(
-            self.host,
-            self.port,
-            rtu_framing=True,
-            trace_packet=self._trace_packet,
-            trace_connect=self._trace_connect,
-        )
+        return adapter.tcp_client(self.host, self.port, self, rtu_framing=True)
 
 
 class SerialBus(ModbusBus):
@@ -493,12 +484,11 @@ class SerialBus(ModbusBus):
             parity, bytesize = "N", 8
         return adapter.serial_client(
             self.port,
+            self,
             baudrate=self.baudrate,
             parity=parity,
             stopbits=self.stopbits,
             bytesize=bytesize,
-            trace_packet=self._trace_packet,
-            trace_connect=self._trace_connect,
         )
 
 
