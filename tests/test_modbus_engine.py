@@ -21,20 +21,18 @@ from gateway.modbus.commands import read_device_once
 from gateway.modbus.driver import Chargers, DeviceDriver
 from gateway.modbus.poller import DevicePoller
 from gateway.modbus.scan import parse_units, scan
+from gateway.modbus.types import DataType, RegisterSpec, Table
 from gateway.model import ChargerStatus, DeviceKind, DeviceSample, IecState
 from gateway.profiles import (
     Condition,
     ConnectionSpec,
     ControlSpec,
     CurrentLimitSpec,
-    DataType,
     HeartbeatSpec,
     IdentifySpec,
     Profile,
-    RegisterSpec,
     StateRule,
     StateSpec,
-    Table,
     TagSpec,
 )
 from gateway.sim.server import Fault, FaultKind, RegisterImage, SimServer

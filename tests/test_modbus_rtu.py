@@ -18,17 +18,9 @@ from gateway.modbus.codec import encode
 from gateway.modbus.commands import read_device_once
 from gateway.modbus.driver import DeviceDriver
 from gateway.modbus.scan import scan
+from gateway.modbus.types import DataType, RegisterSpec, Table, WordOrder
 from gateway.model import DeviceKind
-from gateway.profiles import (
-    ConnectionSpec,
-    ControlSpec,
-    CurrentLimitSpec,
-    DataType,
-    Profile,
-    RegisterSpec,
-    Table,
-    WordOrder,
-)
+from gateway.profiles import ConnectionSpec, ControlSpec, CurrentLimitSpec, Profile
 from gateway.sim.server import Fault, FaultKind, RegisterImage, SimServer, pty_pair
 
 pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed")

@@ -50,6 +50,7 @@ from gateway.errors import GatewayError
 from gateway.model import from_rfc3339
 from gateway.records import GENESIS, canonical_json, record_hash
 from gateway.redact import redact_url
+from gateway.uplink.pahoport import manual_acks
 from gateway.uplink.schemas import validate
 
 __all__ = [
@@ -680,8 +681,7 @@ async def _connection(
         tls_context=tls,
     )
     # PUBACK only once the store has the message (aiomqtt has no switch for this; paho has)
-    paho = client._client
-    paho.manual_ack_set(True)
+    ack = manual_acks(client)
     async with client:
         consumer.stats.connects += 1
         for topic in topics:
@@ -702,7 +702,7 @@ async def _connection(
             else:
                 data = b"" if payload is None else str(payload).encode()
             await consumer.handle(str(message.topic), data)
-            paho.ack(message.mid, message.qos)
+            ack(message.mid, message.qos)
 
 
 async def _connection_loop(
