@@ -363,7 +363,7 @@ class SimChargePoint:
 
 
 def call_subprotocol() -> Any:
-    from gateway.ocpp.server import SUBPROTOCOL
+    from gateway.ocpp.admission import SUBPROTOCOL
 
     return SUBPROTOCOL
 
