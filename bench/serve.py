@@ -18,7 +18,8 @@ import time
 from bench.common import HOST, PROFILE, raise_fd_limit
 from gateway.profiles import Table, load_profiles
 from gateway.sim.devices import SimCharger
-from gateway.sim.server import Fault, RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import Fault, SimServer
 
 
 class _WatchedImage(RegisterImage):

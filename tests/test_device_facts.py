@@ -31,7 +31,8 @@ from gateway.profiles import (
     load_profiles,
 )
 from gateway.sim.devices import SimCharger, SimMeter
-from gateway.sim.server import RegisterImage, SimServer, SimWriteRejected
+from gateway.sim.registers import RegisterImage, SimWriteRejected
+from gateway.sim.server import SimServer
 from gateway.tags import normalise_tag
 from tests.test_auth import FakeClock, MemoryAuthStore
 

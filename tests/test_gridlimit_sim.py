@@ -26,7 +26,8 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.model import rfc3339
 from gateway.profiles import Profile, Table
-from gateway.sim.server import FaultKind, RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import FaultKind, SimServer
 from gateway.sim.site import SimSite
 
 POLL_S = 0.5

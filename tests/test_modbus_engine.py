@@ -41,7 +41,8 @@ from gateway.profiles import (
     Table,
     TagSpec,
 )
-from gateway.sim.server import Fault, FaultKind, RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import Fault, FaultKind, SimServer
 
 H, IN, COIL = Table.HOLDING, Table.INPUT, Table.COIL
 

@@ -19,7 +19,8 @@ from gateway.modbus.bus import BusPool, TcpBus
 from gateway.modbus.engine import DeviceDriver
 from gateway.profiles import Profile, Table
 from gateway.sim.devices import SimMeter
-from gateway.sim.server import FaultKind, LineTransaction, RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import FaultKind, LineTransaction, SimServer
 from gateway.sim.site import SimSite
 from gateway.store import Store
 

@@ -26,7 +26,9 @@ from gateway.profiles import (
     Table,
     WordOrder,
 )
-from gateway.sim.server import FaultKind, RegisterImage, SimServer, pty_pair
+from gateway.sim.pty import pty_pair
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import FaultKind, SimServer
 
 pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed")
 

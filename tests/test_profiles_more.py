@@ -20,7 +20,8 @@ from gateway.modbus.engine import DeviceDriver
 from gateway.model import ChargerStatus, DeviceKind, IecState
 from gateway.profiles import KNOWN_FROM, DataType, Profile, RegisterSpec, Table, load_profiles
 from gateway.sim.devices import SimCharger, SimMeter
-from gateway.sim.server import RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import SimServer
 
 NEW_SLUGS = {
     "victron-evcs",

@@ -30,7 +30,7 @@ from gateway.modbus.codec import CodecError, decode, encode
 from gateway.model import ChargerStatus, Clock, SystemClock, Value
 from gateway.profiles import DataType, Profile, RegisterSpec, Table
 from gateway.sim.quirks import quirks_for
-from gateway.sim.server import RegisterImage
+from gateway.sim.registers import RegisterImage
 
 __all__ = ["SimCharger", "SimEv", "SimMeter", "TruthLog", "fit_tag"]
 

@@ -39,8 +39,10 @@ from gateway.modbus.codec import encode
 from gateway.model import Clock, DeviceKind, SystemClock, TokenType
 from gateway.profiles import Profile
 from gateway.sim.devices import SimCharger, SimMeter, TruthLog
+from gateway.sim.pty import pty_pair
+from gateway.sim.registers import RegisterImage
 from gateway.sim.scenario import Scenario, ScenarioStep, load_scenario
-from gateway.sim.server import Fault, FaultKind, RegisterImage, SimServer, pty_pair
+from gateway.sim.server import Fault, FaultKind, SimServer
 
 __all__ = ["ServedDevice", "SimSite", "TrafficProfile", "run_simulator"]
 
