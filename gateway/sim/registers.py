@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable
 
-from gateway.profiles import Table
+from gateway.modbus.types import Table
 
 __all__ = [
     "EXC_GATEWAY_TARGET",

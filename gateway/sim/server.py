@@ -40,7 +40,7 @@ from typing import Any
 
 import structlog
 
-from gateway.profiles import Table
+from gateway.modbus.types import Table
 from gateway.sim.registers import (
     EXC_GATEWAY_TARGET,
     READ_TABLES,
