@@ -56,14 +56,11 @@ KEY_RELOAD_S = 5.0  # how soon a running consumer sees `evgw trust add|revoke`
 class ConsumerStats:
     stored: int = 0
     duplicates: int = 0
-    conflicts: int = 0
     quarantined: int = 0
     released: int = 0
     gaps: int = 0
     out_of_order: int = 0
-    chain_breaks: int = 0
     keys: int = 0
-    keys_refused: int = 0
     connects: int = 0
     protocol: str = "5"
 
@@ -356,7 +353,6 @@ class SessionConsumer:
     async def _refuse_key(
         self, site: str, kid: str, reason: str, topic: str, payload: bytes
     ) -> str:
-        self.stats.keys_refused += 1
         log.error("site_key_refused", site_id=site, key_id=kid, message=reason)
         return await self._quarantine("key", reason, topic, payload, site)
 
@@ -444,7 +440,6 @@ class SessionConsumer:
                 if held is not None:
                     await self.store.release(held.qid)
                 return "duplicate"
-            self.stats.conflicts += 1
             detail = f"site {site}: {label}: session delivered again with different content"
             log.error("session_conflicting_duplicate", site_id=site, seq=seq, session_id=sid)
             await self.store.add_problem(site, "conflict", detail, seq, sid)
@@ -530,7 +525,6 @@ class SessionConsumer:
         await self.store.add_problem(site, "gap", detail, seq, sid)
 
     async def _chain_problem(self, site: str, kind: str, detail: str, seq: int, sid: str) -> None:
-        self.stats.chain_breaks += 1
         log.error("session_chain_problem", site_id=site, kind=kind, seq=seq, message=detail)
         await self.store.add_problem(site, kind, detail, seq, sid)
 
