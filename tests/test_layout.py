@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -74,25 +75,58 @@ def _top_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
     return found
 
 
-def test_the_edge_runtime_never_loads_the_cloud_side() -> None:
+_RUN_AND_IMPORT = """
+import asyncio, contextlib, importlib, json, sys
+from pathlib import Path
+import gateway.cli
+from gateway.app import Gateway
+from gateway.config import load_config
+
+async def run(path):
+    async with Gateway(load_config(Path(path))) as gw:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await gw.run()
+
+asyncio.run(run(sys.argv[1]))
+ran = sorted(sys.modules)
+for name in json.loads(sys.argv[2]):
+    importlib.import_module(name)
+print(json.dumps({"ran": ran, "all": sorted(sys.modules)}))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_the_edge_runtime_never_loads_the_cloud_side(tmp_path: Path) -> None:
+    """A fresh interpreter imports the CLI, runs a gateway (store, web, session manager) for a
+    second, then imports every other edge module: no gateway.cloud module gets loaded."""
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "site: {id: t1, timezone: Europe/Berlin}\n"
+        f"storage: {{path: {tmp_path / 'buffer.db'}}}\n"
+        f'web: {{listen: "127.0.0.1:{_free_port()}"}}\n'
+    )
     edge = sorted(
         name
         for name in _modules()
         if not _is_cloud(name) and name not in {"gateway.__main__", "gateway.cli"}
     )
-    script = (
-        "import importlib, json, sys\n"
-        "import gateway.app, gateway.cli\n"
-        f"for name in {edge!r}:\n"
-        "    importlib.import_module(name)\n"
-        "print(json.dumps(sorted(sys.modules)))\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN_AND_IMPORT, str(site), json.dumps(edge)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
-    ).stdout
-    loaded = json.loads(out)
-    assert "gateway.app" in loaded and "gateway.sessions" in loaded
-    assert [name for name in loaded if _is_cloud(name)] == []
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"gateway.app", "gateway.sessions", "gateway.web.server"} <= set(loaded["ran"])
+    assert set(edge) <= set(loaded["all"])
+    assert [name for name in loaded["all"] if _is_cloud(name)] == []
 
 
 def test_no_edge_module_imports_the_cloud_side() -> None:
