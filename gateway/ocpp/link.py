@@ -24,6 +24,7 @@ from gateway.config import OcppConfig
 from gateway.errors import DeviceError
 from gateway.model import AuthStatus
 from gateway.ocpp.mapping import id_tag_status, timestamp
+from gateway.ocpp.transactions import TransactionBook
 from gateway.sessions import Grant
 
 __all__ = ["WIRE_LOG", "ChargePointLink", "LinkHost"]
@@ -35,8 +36,9 @@ WIRE_LOG = logging.getLogger("gateway.ocpp.wire")
 
 
 class LinkHost(Protocol):
-    """What a link asks of the server: the answers it gave, the charger's clock, and the
-    handling of each call (``gateway.ocpp.server.OcppServer``)."""
+    """What a link asks of the server (``gateway.ocpp.server.OcppServer``): the answers it gave,
+    the charger's clock, and the calls that touch connectors; a StopTransaction goes straight to
+    the ``TransactionBook``."""
 
     @property
     def config(self) -> OcppConfig: ...
@@ -69,25 +71,21 @@ class LinkHost(Protocol):
         entries: Sequence[Mapping[str, Any]],
     ) -> None: ...
 
-    async def stop_transaction(
-        self,
-        cp_id: str,
-        transaction_id: int,
-        meter_stop: int,
-        ts_text: str,
-        reason: str | None,
-        id_tag: str | None,
-        transaction_data: Sequence[Mapping[str, Any]] | None,
-    ) -> None: ...
-
 
 class ChargePointLink(_OcppChargePoint):
     """One charge point's websocket: the library routes calls to the handlers below."""
 
-    def __init__(self, cp_id: str, ws: ServerConnection, server: LinkHost) -> None:
+    def __init__(
+        self,
+        cp_id: str,
+        ws: ServerConnection,
+        server: LinkHost,
+        transactions: TransactionBook,
+    ) -> None:
         super().__init__(cp_id, ws, response_timeout=server.config.call_timeout_s, logger=WIRE_LOG)
         self.ws = ws
         self._srv = server
+        self._tx = transactions
 
     async def route_message(self, raw_msg: str) -> None:
         unique_id = _call_id(raw_msg)
@@ -178,7 +176,7 @@ class ChargePointLink(_OcppChargePoint):
     async def on_stop_transaction(
         self, meter_stop: int, timestamp: str, transaction_id: int, **extra: Any
     ) -> call_result.StopTransaction:
-        await self._srv.stop_transaction(
+        await self._tx.stop_transaction(
             self.id,
             transaction_id,
             meter_stop,

@@ -215,7 +215,7 @@ class OcppServer:
             await ws.close(1002, "ocpp1.6 only")
             return
         old = self._links.get(cp_id)
-        link = ChargePointLink(cp_id, ws, self)
+        link = ChargePointLink(cp_id, ws, self, self._tx)
         self._clocks.forget(cp_id)  # measured anew on every connection
         self._links[cp_id] = link
         if old is not None:
@@ -411,20 +411,6 @@ class OcppServer:
             await self._emit(conn)
         await self._tx.meter_values(
             cp_id, conn.device.id if conn is not None else None, transaction_id, samples
-        )
-
-    async def stop_transaction(
-        self,
-        cp_id: str,
-        transaction_id: int,
-        meter_stop: int,
-        ts_text: str,
-        reason: str | None,
-        id_tag: str | None,
-        transaction_data: Sequence[Mapping[str, Any]] | None,
-    ) -> None:
-        await self._tx.stop_transaction(
-            cp_id, transaction_id, meter_stop, ts_text, reason, id_tag, transaction_data
         )
 
     async def status_notification(
