@@ -4,19 +4,25 @@ the ``WebServer``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
     from gateway.live import LiveState
     from gateway.loadmgmt import LoadManager
-    from gateway.modbus.engine import DevicePoller
-    from gateway.model import Clock, DeviceKind
+    from gateway.model import Clock, DeviceKind, DeviceSample
     from gateway.sessions import SessionManager
     from gateway.store import Store
     from gateway.uplink.mqtt import UplinkStats
 
-__all__ = ["SiteView", "UplinkView"]
+__all__ = ["PollerView", "SiteView", "UplinkView"]
+
+
+class PollerView(Protocol):
+    """The poller's hook, told every poll (its sample and how long it took, s)."""
+
+    on_poll: Callable[[DeviceSample, float], None] | None
 
 
 class UplinkView(Protocol):
@@ -47,7 +53,7 @@ class SiteView(Protocol):
     def sessions(self) -> SessionManager: ...
 
     @property
-    def poller(self) -> DevicePoller: ...
+    def poller(self) -> PollerView: ...
 
     @property
     def load(self) -> LoadManager | None: ...
