@@ -327,11 +327,6 @@ class SimCharger(_Device):
         """In standby (silent until an EV is plugged in)."""
         return self.powered and self.image.silent
 
-    def set_faulted(self, faulted: bool) -> None:
-        """An internal device error (status faulted, no power)."""
-        self.faulted = faulted
-        self._refresh()
-
     # time -----------------------------------------------------------------------------------
     def step(self, dt_s: float) -> None:
         """Advance ``dt_s`` simulated seconds."""

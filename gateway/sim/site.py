@@ -26,7 +26,6 @@ import heapq
 import itertools
 import random
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -585,12 +584,3 @@ async def run_simulator(
                 with contextlib.suppress(asyncio.CancelledError):
                     await ocpp_task
     return 0
-
-
-@contextlib.asynccontextmanager
-async def serve_site(
-    config: GatewayConfig, profiles: dict[str, Profile], **kwargs: Any
-) -> AsyncIterator[SimSite]:
-    """Convenience for ``evgw demo`` and tests: ``async with serve_site(cfg, profiles) as site``."""
-    async with SimSite.from_config(config, profiles, **kwargs) as site:
-        yield site
