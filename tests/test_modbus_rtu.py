@@ -21,7 +21,9 @@ from gateway.modbus.scan import scan
 from gateway.modbus.types import DataType, RegisterSpec, Table, WordOrder
 from gateway.model import DeviceKind
 from gateway.profiles import ConnectionSpec, ControlSpec, CurrentLimitSpec, Profile
-from gateway.sim.server import Fault, FaultKind, RegisterImage, SimServer, pty_pair
+from gateway.sim.pty import pty_pair
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import Fault, FaultKind, SimServer
 
 pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed")
 
