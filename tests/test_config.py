@@ -893,41 +893,23 @@ def test_a_transport_that_does_not_fit_explains_the_three_ways(tmp_path: Path) -
     ]
 
 
-# --- buses[].timeout --------------------------------------------------------------------------
+# --- buses[].timeout ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("delay_s", "online"), [(0.05, True), (0.6, False)])
-async def test_bus_timeout_is_the_answer_timeout_of_its_devices(
-    tmp_path: Path, delay_s: float, online: bool
-) -> None:
-    """A meter on an rtu-over-tcp bus with ``timeout: 300ms`` (and none of its own), served by
-    a real pymodbus-framed RTU server: answering in 50 ms it is online, in 600 ms offline
-    (the device default of 1 s would have waited for it)."""
-    from gateway.modbus.bus import BusPool
-    from gateway.modbus.engine import DeviceDriver
-    from gateway.profiles import load_profiles
-    from gateway.sim.devices import SimMeter
-    from gateway.sim.server import Fault, FaultKind, RegisterImage, SimServer
-
-    profile = load_profiles()["eastron-sdm630"]
-    meter = RegisterImage()
-    SimMeter(profile, meter, seed=1)
-    async with SimServer.rtu_over_tcp("127.0.0.1", 0, {2: meter}) as srv:
-        file = tmp_path / "site.yaml"
-        file.write_text(
-            "site: {id: s1}\nstorage: {path: b.db}\n"
-            f"buses:\n  - {{id: line, type: rtu-over-tcp, host: 127.0.0.1, tcp_port: {srv.port},"
-            " timeout: 300ms}\n"
-            "devices:\n  - {id: m1, driver: eastron-sdm630, bus: line, unit: 2}\n"
-            "  - {id: m2, driver: eastron-sdm630, bus: line, unit: 3, timeout: 2s}\n"
-        )
-        config = load_config(file)
-        assert config.device("m1").timeout_s == 0.3  # the bus's
-        assert config.device("m2").timeout_s == 2.0  # its own wins
-        srv.set_fault(2, Fault(FaultKind.NONE, delay_s=delay_s))
-        async with BusPool.from_config(config) as pool:
-            dev = config.device("m1")
-            snapshot = await DeviceDriver(dev, profile, pool.for_device(dev)).poll()
-    assert snapshot.online is online
-    if not online:
-        assert snapshot.error == "timeout"
+def test_bus_timeout_is_the_answer_timeout_of_its_devices(tmp_path: Path) -> None:
+    """A device on a bus without a timeout of its own gets the bus's; its own wins. On the wire
+    (a real RTU-over-TCP server answering slower and faster): test_modbus_rtu.py,
+    test_buses_timeout_is_the_answer_timeout_of_its_devices."""
+    file = tmp_path / "site.yaml"
+    file.write_text(
+        "site: {id: s1}\nstorage: {path: b.db}\n"
+        "buses:\n  - {id: line, type: rtu-over-tcp, host: 127.0.0.1, timeout: 300ms}\n"
+        "  - {id: plain, type: rtu-over-tcp, host: 127.0.0.2}\n"
+        "devices:\n  - {id: m1, driver: eastron-sdm630, bus: line, unit: 2}\n"
+        "  - {id: m2, driver: eastron-sdm630, bus: line, unit: 3, timeout: 2s}\n"
+        "  - {id: m3, driver: eastron-sdm630, bus: plain, unit: 2}\n"
+    )
+    config = load_config(file)
+    assert config.device("m1").timeout_s == 0.3  # the bus's
+    assert config.device("m2").timeout_s == 2.0  # its own wins
+    assert config.device("m3").timeout_s == 1.0  # neither: the usual default
