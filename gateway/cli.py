@@ -18,13 +18,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from gateway import __version__
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, GatewayError, UsageError
 
 __all__ = ["main"]
-
-
-class UsageError(GatewayError):
-    exit_code = 2
 
 
 class _Parser(argparse.ArgumentParser):

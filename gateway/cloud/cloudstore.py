@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from gateway.cloud.schema import ADDED_COLUMNS, MIGRATION_LOCK, SCHEMA, UNTRUSTED_SESSIONS
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UsageError
 from gateway.model import from_rfc3339
 from gateway.redact import redact_url
 
@@ -57,17 +57,13 @@ class CloudStoreError(GatewayError):
     """The consumer's store cannot be opened or used (bad URL, missing driver, server down)."""
 
 
-class StoreUrlError(CloudStoreError):
+class StoreUrlError(CloudStoreError, UsageError):
     """A store URL that names no supported store: a usage error."""
 
-    exit_code = 2
 
-
-class NoSuchStoreError(CloudStoreError):
+class NoSuchStoreError(CloudStoreError, UsageError):
     """A reading command named a store that does not exist (a mistyped path): nothing is
     created, exit 2."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,14 +21,14 @@ from gateway.billing.verify import load_key_file
 from gateway.cloud.cloudstore import open_cloud_store
 from gateway.cloud.consumer import KEY_RELOAD_S, SessionConsumer
 from gateway.cloud.trust import public_pem
-from gateway.errors import GatewayError
+from gateway.errors import UsageError
 from gateway.safeout import printable
 
 __all__ = ["KEY_RELOAD_S", "run_trust"]
 
 
-class TrustUsageError(GatewayError):
-    exit_code = 2
+class TrustUsageError(UsageError):
+    """A bad argument to ``evgw trust``."""
 
 
 def _when(ts: float | None) -> str:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 import aiosqlite
 import structlog
 
+from gateway.closing import AsyncClosing
 from gateway.errors import StoreError
 from gateway.model import Clock, SystemClock
 from gateway.ports import Sealer
@@ -34,7 +35,7 @@ from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
 
-__all__ = ["DAY_S", "MB", "Body", "StoreCore", "is_disk_full", "is_read_only"]
+__all__ = ["DAY_S", "MB", "Body", "StoreCore"]
 
 log = structlog.get_logger(__name__)
 
@@ -45,25 +46,6 @@ Body = Callable[[aiosqlite.Connection], Awaitable[T]]
 DAY_S = 86_400.0
 MB = 1024 * 1024
 _DEFAULT_RESERVE_BYTES = 4 * MB
-_SQLITE_FULL = 13
-_SQLITE_IOERR = 10
-_SQLITE_READONLY = 8
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """SQLITE_FULL, or an I/O error (ENOSPC can surface as SQLITE_IOERR_WRITE)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if isinstance(code, int):
-        return (code & 0xFF) in (_SQLITE_FULL, _SQLITE_IOERR)
-    text = str(exc).lower()
-    return "disk is full" in text or "disk i/o error" in text
-
-
-def is_read_only(exc: BaseException) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if isinstance(code, int):
-        return (code & 0xFF) == _SQLITE_READONLY
-    return "readonly database" in str(exc).lower()
 
 
 def _has_content(path: Path) -> bool:
@@ -99,7 +81,7 @@ class _Opening(Generic[S]):
             await self._store.close()
 
 
-class StoreCore:
+class StoreCore(AsyncClosing):
     """The connection and its transactions; ``gateway.store.Store`` adds the tables' methods.
     Open with ``await Store.open(path, site_id=...)`` or ``async with Store.open(...) as store``."""
 
@@ -381,17 +363,6 @@ class StoreCore:
                 dropped_total=self.readings_dropped_total,
                 still_full=True,
             )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def _conn(self) -> aiosqlite.Connection:
         if self._db is None:

@@ -23,12 +23,12 @@ from pathlib import Path
 
 from gateway.model import from_rfc3339
 from gateway.outgoing import SESSION_STREAM, SESSION_TOPIC
+from gateway.store.failures import is_damage
 
 __all__ = [
     "SALVAGED_TABLES",
     "SalvageReport",
     "companion_files",
-    "is_damage",
     "is_sqlite_file",
     "move_aside",
     "quick_check",
@@ -64,19 +64,6 @@ def secure_file(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             if p.stat().st_mode & 0o077:
                 os.chmod(p, 0o600)
-
-
-_SQLITE_CORRUPT = 11
-_SQLITE_NOTADB = 26
-
-
-def is_damage(exc: BaseException) -> bool:
-    """SQLITE_CORRUPT or SQLITE_NOTADB: the file itself is bad (not locked, not missing)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if isinstance(code, int):
-        return (code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
-    text = str(exc).lower()
-    return "malformed" in text or "not a database" in text
 
 
 def is_sqlite_file(path: Path) -> bool:
