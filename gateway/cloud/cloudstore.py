@@ -177,6 +177,12 @@ class CloudStore(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
+    async def _of_site(self, select: str, site_id: str | None, order: str) -> list[tuple[Any, ...]]:
+        """The rows of ``select`` (``SELECT ... FROM table``) of one site, or of all."""
+        if site_id is None:
+            return await self._fetch(f"{select} ORDER BY {order}")
+        return await self._fetch(f"{select} WHERE site_id = ? ORDER BY {order}", (site_id,))
+
     @abstractmethod
     async def _columns(self, table: str) -> set[str]:
         """The column names of a table; empty when there is no such table."""
@@ -266,10 +272,8 @@ class CloudStore(ABC):
 
     async def sessions(self, site_id: str | None = None) -> list[StoredSession]:
         """Every stored session (of one site), ordered by site and seq."""
-        where, params = ("WHERE site_id = ? ", (site_id,)) if site_id is not None else ("", ())
-        rows = await self._fetch(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions {where}ORDER BY site_id, seq, session_id",
-            params,
+        rows = await self._of_site(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions", site_id, "site_id, seq, session_id"
         )
         return [_stored(r) for r in rows]
 
@@ -334,11 +338,11 @@ class CloudStore(ABC):
         return changed > 0
 
     async def key_rows(self, site_id: str | None = None) -> list[SiteKey]:
-        where, params = ("WHERE site_id = ? ", (site_id,)) if site_id is not None else ("", ())
-        rows = await self._fetch(
+        rows = await self._of_site(
             "SELECT site_id, key_id, alg, public_key_pem, status, source, received_at, note "
-            f"FROM site_keys {where}ORDER BY site_id, received_at, key_id",
-            params,
+            "FROM site_keys",
+            site_id,
+            "site_id, received_at, key_id",
         )
         return [
             SiteKey(si, k, a, pem, st, src, float(at), note)
@@ -369,11 +373,10 @@ class CloudStore(ABC):
         )
 
     async def problems(self, site_id: str | None = None) -> list[Problem]:
-        where, params = ("WHERE site_id = ? ", (site_id,)) if site_id is not None else ("", ())
-        rows = await self._fetch(
-            "SELECT site_id, kind, seq, session_id, detail, found_at FROM chain_problems "
-            f"{where}ORDER BY found_at",
-            params,
+        rows = await self._of_site(
+            "SELECT site_id, kind, seq, session_id, detail, found_at FROM chain_problems",
+            site_id,
+            "found_at",
         )
         return [
             Problem(s, k, None if q is None else int(q), sid, d, float(f))
