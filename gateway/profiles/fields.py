@@ -20,18 +20,8 @@ from pydantic_core import core_schema
 from gateway.modbus.types import CURRENT_UNITS, TYPES, DataType, RegisterSpec, Table, WordOrder
 from gateway.model import ChargerStatus, DeviceKind, IecState
 from gateway.profiles.spec import CANONICAL_QUANTITIES, KNOWN_FROM
-from gateway.schema import (
-    AsTuple,
-    Choice,
-    Duration,
-    Model,
-    Problems,
-    Range,
-    Text,
-    describe,
-    fail,
-    to_spec,
-)
+from gateway.schema import AsTuple, Choice, Duration, Model, Problems, Range, Text, describe, fail
+from gateway.schema.model import to_spec
 
 __all__ = [
     "ConditionIn",
