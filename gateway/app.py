@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import structlog
 
@@ -285,19 +285,9 @@ class Gateway:
             self._on_session_event,
             charger_ids=[d for d, kind in self._kinds.items() if kind is DeviceKind.CHARGER],
             time_scale=self.time_scale,
-            counters={d.id: _counters(self.profiles[d.driver]) for d in cfg.modbus_devices},
             profile_max_a=profile_max_currents(cfg, self.profiles),
-            plug_reset_counters=[
-                d.id for d in cfg.modbus_devices if _plug_reset_counter(self.profiles[d.driver])
-            ],
             transactional=[d.id for d in ocpp_devices],
-            prefer_session_counters=[
-                d.id
-                for d in cfg.modbus_devices
-                if _plug_reset_counter(self.profiles[d.driver])
-                and self.profiles[d.driver].has("energy_wh")
-                and self.profiles[d.driver].register("energy_wh").scale > 1.0
-            ],
+            **counter_facts(cfg, self.profiles),
         )
         self.poller = DevicePoller(list(self.drivers.values()), self._on_sample)
         if ocpp_route is not None:
@@ -560,6 +550,36 @@ def profile_max_currents(
         d.id: limit.max_a
         for d in config.modbus_devices
         if (limit := profiles[d.driver].current_limit) is not None
+    }
+
+
+class CounterFacts(TypedDict):
+    """The ``SessionManager``'s keyword arguments on counters (see :func:`counter_facts`)."""
+
+    counters: dict[str, dict[str, Counter]]
+    plug_reset_counters: list[str]
+    prefer_session_counters: list[str]
+
+
+def counter_facts(
+    config: GatewayConfig, profiles: Mapping[str, Profile]
+) -> CounterFacts:
+    """What the Modbus devices' profiles say of their energy counters, as the
+    ``SessionManager`` takes it: range and resolution of each counter, the chargers whose
+    session counter restarts at every plug-in, and those of them billed from that session
+    counter rather than a coarse lifetime counter (scale above 1 Wh)."""
+    devices = [(d.id, profiles[d.driver]) for d in config.modbus_devices]
+    plug_reset = [cid for cid, profile in devices if _plug_reset_counter(profile)]
+    return {
+        "counters": {cid: _counters(profile) for cid, profile in devices},
+        "plug_reset_counters": plug_reset,
+        "prefer_session_counters": [
+            cid
+            for cid, profile in devices
+            if cid in plug_reset
+            and profile.has("energy_wh")
+            and profile.register("energy_wh").scale > 1.0
+        ],
     }
 
 

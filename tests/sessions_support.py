@@ -11,14 +11,14 @@ from typing import Any
 
 from mqtt_broker import free_port
 
-from gateway.app import profile_max_currents, truncated_tags
+from gateway.app import counter_facts, profile_max_currents, truncated_tags
 from gateway.auth import Authorizer
 from gateway.config import AuthConfig, DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
 from gateway.modbus.bus import BusPool
 from gateway.modbus.engine import Chargers, DeviceDriver, DevicePoller
 from gateway.model import SystemClock, Token, TokenType
 from gateway.profiles import Profile
-from gateway.sessions import Counter, EventSink, SessionManager
+from gateway.sessions import EventSink, SessionManager
 
 
 def sim_site_config(tmp_path: Path, cp2_driver: str) -> GatewayConfig:
@@ -46,7 +46,6 @@ async def modbus_sessions(
     *,
     charger_ids: Iterable[str],
     time_scale: float,
-    counters: Mapping[str, Mapping[str, Counter]] | None = None,
 ) -> tuple[SessionManager, DevicePoller]:
     clock = SystemClock()
     drivers = {
@@ -67,7 +66,7 @@ async def modbus_sessions(
         on_event,
         charger_ids=list(charger_ids),
         time_scale=time_scale,
-        counters=counters,
         profile_max_a=profile_max_currents(config, profiles),
+        **counter_facts(config, profiles),
     )
     return manager, DevicePoller(list(drivers.values()), manager.on_sample)

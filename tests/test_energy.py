@@ -423,14 +423,6 @@ async def test_glitches_answered_over_modbus_are_never_billed(
         Store.open(config.storage.path, site_id="sim-site", reserve_bytes=0) as store,
         BusPool.from_config(config) as pool,
     ):
-        counters = {
-            d.id: {
-                name: energy_counter(PROFILES[d.driver].register(name))
-                for name in ("energy_wh", "session_energy_wh")
-                if PROFILES[d.driver].has(name)
-            }
-            for d in config.devices
-        }
         manager, poller = await modbus_sessions(
             config,
             PROFILES,
@@ -439,7 +431,6 @@ async def test_glitches_answered_over_modbus_are_never_billed(
             on_event,
             charger_ids=["cp1", "cp2"],
             time_scale=speed,
-            counters=counters,
         )
         with capture_logs() as logs:
             truth = await _drive(site, charger, device, value, poller, started, done)
