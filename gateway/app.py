@@ -23,6 +23,7 @@ from gateway import __version__
 from gateway.config import OCPP_DRIVER, GatewayConfig
 from gateway.live import LiveState
 from gateway.model import Clock, DeviceKind, DeviceSample, SystemClock, Token
+from gateway.ports import JsonObject
 from gateway.profiles import DataType, Profile, RegisterSpec, load_profiles, value_range
 from gateway.sessions import MAX_COUNTER_WH, Counter
 
@@ -282,7 +283,7 @@ class Gateway:
             off_the_loop(make_pricer(cfg.site.timezone)),
             self._resolve_tariff,
             self.clock,
-            self._on_session_event,
+            self,
             charger_ids=[d for d, kind in self._kinds.items() if kind is DeviceKind.CHARGER],
             time_scale=self.time_scale,
             profile_max_a=profile_max_currents(cfg, self.profiles),
@@ -415,14 +416,25 @@ class Gateway:
         except asyncio.QueueFull:
             log.error("sample_queue_full", device_id=sample.device_id)
 
-    async def _on_session_event(self, kind: str, payload: dict[str, Any]) -> None:
-        self.live.on_session_event(kind, payload)
-        if kind == "status":
-            device = payload.pop("device_id", None) or payload.get("charger_id")
-            if self.uplink is not None:
-                self.uplink.publish_status(device, payload)
-        elif kind == "session_started":
-            await self.store.enqueue("event", "sessions/started", _json(payload))
+    # ------------------------------------------- gateway.ports.SessionEvents (the sessions)
+    async def charger_status(self, charger_id: str, status: JsonObject) -> None:
+        self.live.on_session_event("status", status)
+        if self.uplink is not None:
+            # The CONTRACT status payload names no device: the topic does.
+            self.uplink.publish_status(
+                charger_id, {k: v for k, v in status.items() if k != "device_id"}
+            )
+            self.uplink.notify()
+
+    async def session_started(self, started: JsonObject) -> None:
+        self.live.on_session_event("session_started", started)
+        await self.store.enqueue("event", "sessions/started", _json(started))
+        if self.uplink is not None:
+            self.uplink.notify()
+
+    async def session_finished(self, record: JsonObject) -> None:
+        # Stored and queued on the outbox by the store already: the uplink is woken for it.
+        self.live.on_session_event("session_finished", record)
         if self.uplink is not None:
             self.uplink.notify()
 
@@ -561,9 +573,7 @@ class CounterFacts(TypedDict):
     prefer_session_counters: list[str]
 
 
-def counter_facts(
-    config: GatewayConfig, profiles: Mapping[str, Profile]
-) -> CounterFacts:
+def counter_facts(config: GatewayConfig, profiles: Mapping[str, Profile]) -> CounterFacts:
     """What the Modbus devices' profiles say of their energy counters, as the
     ``SessionManager`` takes it: range and resolution of each counter, the chargers whose
     session counter restarts at every plug-in, and those of them billed from that session

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sessions_support import EventLog
 
 from gateway.auth import Authorizer
 from gateway.config import AuthConfig, DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
@@ -882,7 +883,7 @@ class Harness:
             self.pricer,
             resolver,
             self.clock,
-            on_event,
+            EventLog(on_event),
         )
         return self.manager
 

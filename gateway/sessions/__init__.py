@@ -57,7 +57,7 @@ from gateway.sessions.ledger import (
     build_record,
     max_power_w,
 )
-from gateway.sessions.manager import EventSink, SessionManager, default_periods
+from gateway.sessions.manager import SessionManager, default_periods
 from gateway.sessions.tracker import SessionTracker
 
 __all__ = [
@@ -67,7 +67,6 @@ __all__ = [
     "ChargerSpec",
     "Counter",
     "Effect",
-    "EventSink",
     "FinishSession",
     "Grant",
     "OpenSession",

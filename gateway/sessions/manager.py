@@ -25,7 +25,13 @@ from gateway.model import (
     SystemClock,
     rfc3339,
 )
-from gateway.ports import ChargerControl, SessionStore
+from gateway.ports import (
+    ChargerControl,
+    JsonObject,
+    SessionAuthorizer,
+    SessionEvents,
+    SessionStore,
+)
 from gateway.sessions.connector import ChargerSpec, Grant
 from gateway.sessions.effects import (
     AddPoint,
@@ -40,7 +46,7 @@ from gateway.sessions.effects import (
 from gateway.sessions.ledger import Counter, OpenSession, build_record, max_power_w
 from gateway.sessions.tracker import SessionTracker
 
-__all__ = ["EventSink", "Pricer", "SessionManager", "TariffsResolver", "default_periods"]
+__all__ = ["Pricer", "SessionManager", "TariffsResolver", "default_periods"]
 
 log = structlog.get_logger(__name__)
 
@@ -53,7 +59,6 @@ Pricer = Callable[
 ]
 # (charger id, user group) -> (tariff id, version, data[, what was meant if it fell back])
 TariffsResolver = Callable[[str, str | None], tuple[Any, ...] | None]
-EventSink = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 
 
 def default_periods(
@@ -90,12 +95,12 @@ class SessionManager:
         self,
         config: GatewayConfig,
         store: SessionStore,
-        authorizer: Any,
+        authorizer: SessionAuthorizer | None,
         chargers: ChargerControl | None,
         pricer: Pricer | None = None,
         tariffs_resolver: TariffsResolver | None = None,
         clock: Clock | None = None,
-        on_event: EventSink | None = None,
+        events: SessionEvents | None = None,
         *,
         charger_ids: Iterable[str] | None = None,
         grace_s: float = 120.0,
@@ -118,7 +123,7 @@ class SessionManager:
         self._pricer = pricer
         self._resolver = tariffs_resolver
         self._clock = clock or SystemClock()
-        self._on_event = on_event
+        self._events = events
         devices = {d.id: d for d in config.devices}
         meters = {d.meter for d in config.devices if d.meter}
         if config.grid is not None and config.grid.meter:
@@ -166,9 +171,8 @@ class SessionManager:
         self._points: dict[str, list[MeterPoint]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        add_listener = getattr(authorizer, "add_listener", None)
-        if add_listener is not None:
-            add_listener(self.revalidate)
+        if authorizer is not None:
+            authorizer.add_listener(self.revalidate)
 
     # ------------------------------------------------------------- lifecycle
     async def run(self) -> None:
@@ -209,15 +213,16 @@ class SessionManager:
         """Reload open sessions after a restart; each continues (same id, energy from the
         counters) or is closed as ``end_estimated`` on its charger's first sample."""
         rows = await self._store.load_open_sessions()
-        by_charger: dict[str, list[dict[str, Any]]] = {}
+        by_charger: dict[str, list[JsonObject]] = {}
         for row in rows:
-            state = row.get("state", row) if isinstance(row.get("state"), dict) else row
+            nested = row.get("state")
+            state = nested if isinstance(nested, dict) else row
             by_charger.setdefault(str(state["charger_id"]), []).append(state)
         count = 0
         effects: list[Effect] = []
         async with self._lock:
             for states in by_charger.values():
-                states.sort(key=lambda st: st.get("started_at", 0.0))
+                states.sort(key=_started_at)
                 for state in states[:-1]:  # never two open sessions on one connector
                     stale = OpenSession.from_state(state)
                     stale.flag(Flag.END_ESTIMATED)
@@ -235,12 +240,7 @@ class SessionManager:
         return count
 
     async def _load_points(self, session_id: str) -> None:
-        getter = getattr(self._store, "session_points", None)
-        points: list[MeterPoint] = []
-        if getter is not None:
-            for p in await getter(session_id):
-                points.append(p if isinstance(p, MeterPoint) else MeterPoint(**p))
-        self._points[session_id] = points
+        self._points[session_id] = list(await self._store.session_points(session_id))
 
     # ---------------------------------------------------------------- inputs
     async def on_sample(self, sample: DeviceSample) -> None:
@@ -291,15 +291,15 @@ class SessionManager:
 
     async def revalidate(self) -> None:
         """After a token list change: end sessions whose token is now blocked or expired."""
-        check = getattr(self._authorizer, "check", None)
-        if check is None:
+        authorizer = self._authorizer
+        if authorizer is None:
             return
         async with self._lock:
             for session in self.tracker.sessions():
                 token = session.user.get("token")
                 if token is None or session.user.get("auth") == AuthSource.REMOTE.value:
                     continue
-                status = check(token, session.charger_id)
+                status = authorizer.check(str(token), session.charger_id)
                 if status in (AuthStatus.BLOCKED, AuthStatus.EXPIRED):
                     log.info("session_deauthorized", session_id=session.session_id, token=token)
                     await self._perform(
@@ -386,9 +386,7 @@ class SessionManager:
                 await self._save(effect.session)
             elif isinstance(effect, AddPoint):
                 self._points.setdefault(effect.session_id, []).append(effect.point)
-                adder = getattr(self._store, "add_session_point", None)
-                if adder is not None:
-                    await adder(effect.session_id, effect.point)
+                await self._store.add_session_point(effect.session_id, effect.point)
             elif isinstance(effect, FinishSession):
                 await self._finish(effect)
             elif isinstance(effect, RequestAuth):
@@ -396,8 +394,8 @@ class SessionManager:
             elif isinstance(effect, SetEnabled):
                 if self._chargers is not None and self._chargers.can_control(effect.charger_id):
                     self._spawn(self._set_enabled(effect), f"enable-{effect.charger_id}")
-            elif isinstance(effect, StatusChanged):
-                await self._emit("status", dict(effect.payload))
+            elif isinstance(effect, StatusChanged) and self._events is not None:
+                await self._events.charger_status(effect.charger_id, dict(effect.payload))
 
     async def _save(self, session: OpenSession) -> None:
         if session.ended_at is None:
@@ -419,8 +417,9 @@ class SessionManager:
                     # Priced by another tariff than the one meant: never silently.
                     session.flag(Flag.TARIFF_FALLBACK)
         await self._save(session)  # on disk before anything is published
-        await self._emit(
-            "session_started",
+        if self._events is None:
+            return
+        await self._events.session_started(
             {
                 "schema": SESSION_STARTED_SCHEMA,
                 "session_id": session.session_id,
@@ -460,10 +459,13 @@ class SessionManager:
         record["charging_periods"] = periods
         record["cost"] = cost
         sealed = await self._store.finish_session(record)
-        await self._emit("session_finished", sealed)
+        if self._events is not None:
+            await self._events.session_finished(sealed)
 
     async def _authorize(self, req: RequestAuth) -> None:
         try:
+            if self._authorizer is None:
+                raise LookupError("no authorizer")
             decision = await self._authorizer.authorize(
                 req.token_id, req.token_type, req.charger_id
             )
@@ -504,9 +506,7 @@ class SessionManager:
                     error=str(exc),
                 )
 
-    async def _emit(self, kind: str, payload: dict[str, Any]) -> None:
-        if self._on_event is None:
-            return
-        res = self._on_event(kind, payload)
-        if res is not None:
-            await res
+
+def _started_at(state: JsonObject) -> float:
+    value = state.get("started_at")
+    return float(value) if isinstance(value, int | float) else 0.0
