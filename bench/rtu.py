@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.common import Result, Size
 from gateway.modbus.bus import SerialBus, rtu_frame_gap_s
-from gateway.profiles import Table
+from gateway.modbus.types import Table
 from gateway.sim.server import Fault, RegisterImage, SimServer, pty_pair
 
 BAUDRATES = (9600, 19200, 115200)

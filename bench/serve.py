@@ -16,7 +16,8 @@ import sys
 import time
 
 from bench.common import HOST, PROFILE, raise_fd_limit
-from gateway.profiles import Table, load_profiles
+from gateway.modbus.types import Table
+from gateway.profiles import load_profiles
 from gateway.sim.devices import SimCharger
 from gateway.sim.server import Fault, RegisterImage, SimServer
 

@@ -22,9 +22,10 @@ import structlog
 from gateway import __version__
 from gateway.config import OCPP_DRIVER, GatewayConfig
 from gateway.live import LiveState
+from gateway.modbus.types import DataType, RegisterSpec, value_range
 from gateway.model import Clock, DeviceKind, DeviceSample, SystemClock, Token
 from gateway.ports import JsonObject
-from gateway.profiles import DataType, Profile, RegisterSpec, load_profiles, value_range
+from gateway.profiles import Profile, load_profiles
 from gateway.sessions import MAX_COUNTER_WH, Counter
 
 __all__ = ["Gateway", "SiteCommands", "run_gateway"]

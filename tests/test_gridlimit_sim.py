@@ -24,8 +24,9 @@ from test_uplink_support import PREFIX, SITE, Recorder, running, wait_until
 
 from gateway.app import Gateway
 from gateway.config import load_config
+from gateway.modbus.types import Table
 from gateway.model import rfc3339
-from gateway.profiles import Profile, Table
+from gateway.profiles import Profile
 from gateway.sim.server import FaultKind, RegisterImage, SimServer
 from gateway.sim.site import SimSite
 

@@ -25,20 +25,18 @@ from gateway.modbus.engine import (
     read_device_once,
     scan,
 )
+from gateway.modbus.types import DataType, RegisterSpec, Table
 from gateway.model import ChargerStatus, DeviceKind, DeviceSample, IecState
 from gateway.profiles import (
     Condition,
     ConnectionSpec,
     ControlSpec,
     CurrentLimitSpec,
-    DataType,
     HeartbeatSpec,
     IdentifySpec,
     Profile,
-    RegisterSpec,
     StateRule,
     StateSpec,
-    Table,
     TagSpec,
 )
 from gateway.sim.server import Fault, FaultKind, RegisterImage, SimServer

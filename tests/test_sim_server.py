@@ -13,7 +13,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 
-from gateway.profiles import Table
+from gateway.modbus.types import Table
 from gateway.sim.server import (
     Fault,
     FaultKind,

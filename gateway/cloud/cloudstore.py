@@ -51,6 +51,7 @@ __all__ = [
 
 _BUSY_S = 30.0  # how long a consumer store connection waits for another's lock
 
+
 class CloudStoreError(GatewayError):
     """The consumer's store cannot be opened or used (bad URL, missing driver, server down)."""
 
