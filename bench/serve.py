@@ -19,7 +19,8 @@ from bench.common import HOST, PROFILE, raise_fd_limit
 from gateway.modbus.types import Table
 from gateway.profiles import load_profiles
 from gateway.sim.devices import SimCharger
-from gateway.sim.server import Fault, RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import Fault, SimServer
 
 
 class _WatchedImage(RegisterImage):

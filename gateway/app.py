@@ -24,6 +24,7 @@ from gateway.config import OCPP_DRIVER, GatewayConfig
 from gateway.live import LiveState
 from gateway.modbus.types import DataType, RegisterSpec, value_range
 from gateway.model import Clock, DeviceKind, DeviceSample, SystemClock, Token
+from gateway.outgoing import EVENT_STREAM, STARTED_TOPIC
 from gateway.ports import JsonObject
 from gateway.profiles import Profile, load_profiles
 from gateway.sessions import MAX_COUNTER_WH, Counter
@@ -429,7 +430,7 @@ class Gateway:
 
     async def session_started(self, started: JsonObject) -> None:
         self.live.on_session_event("session_started", started)
-        await self.store.enqueue("event", "sessions/started", _json(started))
+        await self.store.enqueue(EVENT_STREAM, STARTED_TOPIC, _json(started))
         if self.uplink is not None:
             self.uplink.notify()
 

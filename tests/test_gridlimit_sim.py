@@ -27,7 +27,8 @@ from gateway.config import load_config
 from gateway.modbus.types import Table
 from gateway.model import rfc3339
 from gateway.profiles import Profile
-from gateway.sim.server import FaultKind, RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import FaultKind, SimServer
 from gateway.sim.site import SimSite
 
 POLL_S = 0.5

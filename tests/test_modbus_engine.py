@@ -39,7 +39,8 @@ from gateway.profiles import (
     StateSpec,
     TagSpec,
 )
-from gateway.sim.server import Fault, FaultKind, RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import Fault, FaultKind, SimServer
 
 H, IN, COIL = Table.HOLDING, Table.INPUT, Table.COIL
 

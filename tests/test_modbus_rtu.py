@@ -18,7 +18,9 @@ from gateway.modbus.engine import DeviceDriver, scan
 from gateway.modbus.types import DataType, RegisterSpec, Table, WordOrder
 from gateway.model import DeviceKind
 from gateway.profiles import ConnectionSpec, ControlSpec, CurrentLimitSpec, Profile
-from gateway.sim.server import FaultKind, RegisterImage, SimServer, pty_pair
+from gateway.sim.pty import pty_pair
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import FaultKind, SimServer
 
 pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed")
 

@@ -14,7 +14,8 @@ from gateway.modbus.types import Table
 from gateway.model import ChargerStatus, DeviceKind, Value
 from gateway.profiles import Profile, load_profiles
 from gateway.sim.devices import SimCharger, SimMeter, TruthLog, fit_tag
-from gateway.sim.server import RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import SimServer
 
 PROFILES = load_profiles()
 CHARGERS = sorted(s for s, p in PROFILES.items() if p.kind is DeviceKind.CHARGER)
