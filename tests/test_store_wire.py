@@ -230,6 +230,28 @@ def test_fast_encoder_exponent_hints(values: dict[Any, Any]) -> None:
     assert encode_reading(T0, values) == _reference_wire(T0, values)
 
 
+async def test_batches_of_any_size_keep_order_and_pending_marks(tmp_path: Path) -> None:
+    """Readings go in several rows a statement plus single rows for the rest: every batch size
+    around the statement's row count stores each reading once, in order, marked pending."""
+    sizes = [1, 49, 50, 51, 99, 100, 101, 137, 500]
+    async with Store.open(tmp_path / "b.db", site_id="s1", clock=Clock(), reserve_bytes=0) as s:
+        expected: list[tuple[str, bytes]] = []
+        n = 0
+        for size in sizes:
+            batch = [(f"cp{i % 3}", T0 + n + i, {"p": n + i, "q": 0.5}) for i in range(size)]
+            n += size
+            await s.add_readings(batch)
+            expected += [(d, encode_reading(ts, v)) for d, ts, v in batch]
+        rows = await s.readings_fetch_wire(10_000)
+        assert [(d, w) for _, d, w in rows] == expected
+        assert [i for i, _, _ in rows] == list(range(1, n + 1))
+        await s.readings_mark_synced(list(range(1, 200)))
+        assert len(await s.readings_fetch_wire(10_000)) == n - 199
+    db = sqlite3.connect(tmp_path / "b.db")
+    assert db.execute("SELECT COUNT(*), MAX(id) FROM readings").fetchone() == (n, n)
+    db.close()
+
+
 def test_fast_encoder_same_bytes_for_the_benchmark_reading() -> None:
     values = {f"v{i}": 230.0 + i * 0.37 for i in range(12)} | {"n": 7, "s": "é", "b": True}
     assert encode_reading(T0, values) == _reference_wire(T0, values)
