@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 from test_uplink_support import PREFIX, ROOT, SITE, Target, session_record
 
-from gateway.records import GENESIS, seal
+from gateway.records import GENESIS, SessionRecord, canonical_json, record_hash, seal
 from gateway.uplink.commands import MAX_COMMAND_BYTES, CommandHandler
 from gateway.uplink.payloads import PAYLOAD_MODELS
 from gateway.uplink.schemas import SCHEMA_NAMES, load_schema, schema_text, validate
@@ -268,6 +268,47 @@ def test_validator_messages_name_the_path() -> None:
     assert validate(
         "command-start", {"request_id": "r", "charger_id": "cp1", "user": "u", "x": 1}
     ) == ["$: unexpected key 'x'"]
+
+
+# -- the session record -----------------------------------------------------------------------
+
+
+def _full_record() -> dict:
+    rec = dict(_sealed(3), meter_start_wh=None, max_power_w=None, tariff_id=None)
+    rec["user"] = {"id": None, "auth": "offline_unknown"}  # token keys absent: stay absent
+    rec["charging_periods"] = [
+        {"start": rec["started_at"], "tariff_element": None, "energy_wh": 0, "idle_s": 0.25}
+    ]
+    rec["ocpp"] = {
+        "charge_point_id": "CP-Ü",
+        "transaction_id": 12,
+        "clock_skew_s": -1.5,
+        "signed_meter_values": {"start": "OCMF|{}|{}"},
+    }
+    rec["signature"] = {"alg": "ed25519", "key_id": "k1", "value": "c2ln"}
+    return seal(rec)
+
+
+@pytest.mark.parametrize("make", [lambda: _sealed(0), _full_record])
+def test_a_session_record_read_into_the_model_dumps_to_the_same_bytes(make) -> None:
+    raw = make()
+    assert validate("session", raw) == []
+    record = SessionRecord.from_dict(json.loads(json.dumps(raw)))
+    assert record.to_dict() == raw
+    assert record.canonical() == canonical_json(raw)
+    assert record.body_hash() == record_hash(raw) == raw["hash"]
+    assert isinstance(record.to_dict()["max_power_w"], type(raw["max_power_w"]))
+    with pytest.raises(ValueError, match="frozen"):
+        record.seq = 9  # type: ignore[misc]
+
+
+def test_session_records_keep_int_and_float_as_they_came() -> None:
+    """The hash covers ``5400`` and ``5400.0`` as different bytes: a record read into the model
+    must give back the one it was signed with."""
+    for value in (5400, 5400.0, 0.5):
+        raw = seal(dict(_sealed(1), charging_s=value, max_power_w=value))
+        dumped = SessionRecord.from_dict(raw).to_dict()
+        assert canonical_json(dumped) == canonical_json(raw), value
 
 
 # -- command handler ------------------------------------------------------------------------

@@ -1,18 +1,32 @@
 """Every MQTT payload as a pydantic model: the one description of the wire form.
 
 The JSON Schemas in ``gateway/uplink/schemas/`` are generated from these models
-(:func:`gateway.uplink.schemas.generate`) and checked in; a test keeps the two equal. A key
-that may be absent but never ``null`` is typed ``X | SkipJsonSchema[None] = None``: the model
-reads it as None, the schema does not accept ``null``. Numbers the cloud hashes (a session record)
-keep the int or float they came as, so a record read into a model dumps to the same bytes.
+(:func:`gateway.uplink.schemas.generate`) and checked in; a test keeps the two equal. The
+finished session record is :class:`gateway.records.SessionRecord`; the field types shared with
+it are in :mod:`gateway.jsontypes`. Payloads are validated against the generated schemas; a model
+reads what its schema accepts (and, laxer, an explicit null for a key that may only be absent).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, WithJsonSchema, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 from pydantic.json_schema import SkipJsonSchema
+
+from gateway.jsontypes import (
+    SNAKE,
+    Hex64,
+    Ident,
+    NonNegative,
+    Number,
+    RecordSignature,
+    TokenTypeName,
+    UtcTime,
+    Version,
+    WireModel,
+)
+from gateway.records import SessionRecord
 
 __all__ = [
     "PAYLOAD_MODELS",
@@ -27,62 +41,20 @@ __all__ = [
     "CommandStop",
     "CommandTariffs",
     "CommandTokens",
-    "Cost",
-    "CostLine",
     "GatewayKey",
     "GatewayStatus",
     "GridLimit",
-    "OcppTransaction",
-    "Payload",
     "Readings",
-    "RecordSignature",
-    "SessionPeriod",
-    "SessionRecordBody",
     "SessionStarted",
-    "SessionUser",
 ]
-
-UTC_TIME = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$"
-DECIMAL = r"^-?[0-9]+(\.[0-9]+)?$"
-SNAKE = r"^[a-z][a-z0-9_]*$"
-HEX64 = r"^[0-9a-f]{64}$"
-MAX_SAFE_VERSION = 2**53  # a version number every JSON reader holds exactly
-
-UtcTime = Annotated[str, Field(pattern=UTC_TIME)]
-Ident = Annotated[str, Field(min_length=1, max_length=128)]
-Decimal = Annotated[str, Field(pattern=DECIMAL)]
-Hex64 = Annotated[str, Field(pattern=HEX64)]
-Version = Annotated[int, Field(ge=1, le=MAX_SAFE_VERSION)]
-TokenTypeName = Literal["rfid", "keyfob", "app"]
-# A JSON number as it came (int or float): the schema says "number", the model keeps the type.
-Number = Annotated[int | float, WithJsonSchema({"type": "number"})]
-NonNegative = Annotated[
-    Annotated[int, Field(ge=0)] | Annotated[float, Field(ge=0)],
-    WithJsonSchema({"type": "number", "minimum": 0}),
-]
-
-
-class Payload(BaseModel):
-    """A payload: unknown keys refused, strict JSON types, immutable."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
-
 
 # -- signatures ------------------------------------------------------------------------------
 
 
-class CommandSignature(Payload):
+class CommandSignature(WireModel):
     alg: Literal["ed25519"]
     key_id: Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")] | SkipJsonSchema[None] = None
     value: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9+/]+={0,2}$")]
-
-
-class RecordSignature(Payload):
-    """Ed25519 over the ASCII hex of a hash (session records, key rotations)."""
-
-    alg: Literal["ed25519"]
-    key_id: Ident
-    value: Annotated[str, Field(min_length=1)]
 
 
 _ISSUED_AT = (
@@ -104,7 +76,7 @@ of each command; ``gateway.uplink.envelope`` checks them)."""
 # -- gateway -> cloud ------------------------------------------------------------------------
 
 
-class GatewayStatus(Payload):
+class GatewayStatus(WireModel):
     model_config = ConfigDict(title="P/S/gateway/status (retained; the will sets offline)")
 
     state: Literal["online", "offline"]
@@ -112,7 +84,7 @@ class GatewayStatus(Payload):
     ts: UtcTime | SkipJsonSchema[None] = None
 
 
-class KeyRotation(Payload):
+class KeyRotation(WireModel):
     schema_: Literal["evgw.key-rotation/1"] = Field(alias="schema")
     site_id: Ident
     key_id: Ident
@@ -122,7 +94,7 @@ class KeyRotation(Payload):
     signature: RecordSignature
 
 
-class GatewayKey(Payload):
+class GatewayKey(WireModel):
     model_config = ConfigDict(
         title="P/S/gateway/key (retained): the public key that verifies session signatures"
     )
@@ -143,7 +115,7 @@ class GatewayKey(Payload):
     ) = None
 
 
-class ChargerStatus(Payload):
+class ChargerStatus(WireModel):
     model_config = ConfigDict(title="P/S/chargers/{device}/status (retained)", extra="allow")
 
     status: Literal[
@@ -162,7 +134,7 @@ class ChargerStatus(Payload):
     ts: UtcTime
 
 
-class Reading(Payload):
+class Reading(WireModel):
     """One reading: its time and any number of scalar values."""
 
     model_config = ConfigDict(extra="allow")
@@ -171,7 +143,7 @@ class Reading(Payload):
     ts: UtcTime
 
 
-class Readings(Payload):
+class Readings(WireModel):
     model_config = ConfigDict(title="P/S/readings/{device}: a batch of readings")
 
     schema_: Literal["evgw.readings/1"] = Field(alias="schema")
@@ -179,7 +151,7 @@ class Readings(Payload):
     readings: Annotated[list[Reading], Field(min_length=1)]
 
 
-class GridLimit(Payload):
+class GridLimit(WireModel):
     model_config = ConfigDict(
         title="P/S/grid/limit (retained): the site limit in force and where it comes from",
         extra="allow",
@@ -195,7 +167,7 @@ class GridLimit(Payload):
     ts: UtcTime
 
 
-class AuthRequest(Payload):
+class AuthRequest(WireModel):
     model_config = ConfigDict(title="P/S/auth/request: an unknown token seen while online")
 
     request_id: Ident
@@ -204,7 +176,7 @@ class AuthRequest(Payload):
     charger_id: Ident
 
 
-class SessionStarted(Payload):
+class SessionStarted(WireModel):
     model_config = ConfigDict(title="P/S/sessions/started")
 
     schema_: Literal["evgw.session-started/1"] = Field(alias="schema")
@@ -215,126 +187,10 @@ class SessionStarted(Payload):
     meter_start_wh: int | None
 
 
-# -- the finished session record (evgw.session/1) ---------------------------------------------
-
-
-class SessionUser(Payload):
-    id: str | None
-    token: str | None = None
-    token_type: TokenTypeName | None = None
-    auth: Literal["local", "cloud", "remote", "offline_unknown"]
-
-
-class SessionPeriod(Payload):
-    start: UtcTime
-    tariff_element: Annotated[int, Field(ge=0)] | None = None
-    energy_wh: Annotated[int, Field(ge=0)]
-    charging_s: NonNegative | SkipJsonSchema[None] = None
-    idle_s: NonNegative | SkipJsonSchema[None] = None
-
-
-class CostLine(Payload):
-    type: Literal["energy", "time", "parking_time", "flat"]
-    quantity: Decimal
-    unit: str
-    unit_price: Decimal
-    amount: Decimal
-    tariff_element: int | SkipJsonSchema[None] = None
-
-
-class Cost(Payload):
-    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
-    excl_vat: Decimal
-    vat: Decimal
-    incl_vat: Decimal
-    vat_percent: Decimal | SkipJsonSchema[None] = None
-    lines: list[CostLine]
-
-
-class SignedMeterValues(Payload):
-    start: str | SkipJsonSchema[None] = None
-    stop: str | SkipJsonSchema[None] = None
-
-
-class OcppTransaction(Payload):
-    charge_point_id: Annotated[str, Field(min_length=1, max_length=48)]
-    connector_id: int | SkipJsonSchema[None] = None
-    transaction_id: int
-    id_tag: Annotated[str, Field(max_length=20)] | SkipJsonSchema[None] = None
-    clock_skew_s: (
-        Annotated[
-            Number,
-            Field(
-                description="the charger's clock minus the gateway's when the session started; "
-                "its timestamps were corrected by it"
-            ),
-        ]
-        | SkipJsonSchema[None]
-    ) = None
-    stop_id_tag: Annotated[str, Field(max_length=20)] | SkipJsonSchema[None] = None
-    signed_meter_values: (
-        Annotated[
-            SignedMeterValues,
-            Field(description="signed meter value documents (e.g. OCMF) as the charger sent them"),
-        ]
-        | SkipJsonSchema[None]
-    ) = None
-
-
-_FLAGS = (
-    "What a bill reader must know: end_estimated, meter_reset, comms_gap, offline_authorized, "
-    "start_latched, start_reconstructed, not_billable, no_meter, unidentified, unpriced, "
-    "energy_fallback (the session ended on an implausible meter reading; energy up to the last "
-    "plausible one), tariff_fallback (the tariff meant did not exist at the start; tariff_id "
-    "names the one applied). Consumers must accept flags they do not know."
-)
-_OCPP = (
-    "sessions of OCPP chargers: what the charger's protocol knows of the transaction (optional; "
-    "absent for Modbus chargers)"
-)
-
-
-class SessionRecordBody(Payload):
-    """The finished session record ``evgw.session/1`` as published on ``P/S/sessions/finished``.
-
-    :class:`gateway.records.SessionRecord` adds its behaviour (canonical JSON, hash, seal).
-    """
-
-    model_config = ConfigDict(title="P/S/sessions/finished: finished session record evgw.session/1")
-
-    schema_: Literal["evgw.session/1"] = Field(alias="schema")
-    session_id: Ident
-    seq: Annotated[int, Field(ge=1)]
-    site_id: Ident
-    charger_id: Ident
-    connector: Annotated[int, Field(ge=1)]
-    user: SessionUser
-    started_at: UtcTime
-    ended_at: UtcTime
-    charging_s: NonNegative
-    idle_s: NonNegative
-    meter_start_wh: int | None
-    meter_stop_wh: int | None
-    energy_wh: Annotated[int, Field(ge=0)]
-    max_power_w: NonNegative | None
-    stop_reason: Literal[
-        "ev_disconnected", "remote", "local", "deauthorized", "power_loss", "unknown"
-    ]
-    tariff_id: str | None
-    tariff_version: str | None
-    charging_periods: list[SessionPeriod]
-    cost: Cost | None
-    flags: Annotated[list[Annotated[str, Field(pattern=SNAKE)]], Field(description=_FLAGS)]
-    prev_hash: Hex64
-    hash: Hex64
-    ocpp: Annotated[OcppTransaction, Field(description=_OCPP)] | SkipJsonSchema[None] = None
-    signature: RecordSignature | SkipJsonSchema[None] = None
-
-
 # -- cloud -> gateway ------------------------------------------------------------------------
 
 
-class CommandStart(Payload):
+class CommandStart(WireModel):
     model_config = ConfigDict(
         title="P/S/commands/start: remote authorization of a user on a charger"
     )
@@ -347,7 +203,7 @@ class CommandStart(Payload):
     signature: Envelope = None
 
 
-class CommandStop(Payload):
+class CommandStop(WireModel):
     model_config = ConfigDict(
         title="P/S/commands/stop: stop by charger or by session",
         json_schema_extra={"anyOf": [{"required": ["charger_id"]}, {"required": ["session_id"]}]},
@@ -366,7 +222,7 @@ class CommandStop(Payload):
         return self
 
 
-class CommandAvailability(Payload):
+class CommandAvailability(WireModel):
     model_config = ConfigDict(
         title="P/S/commands/availability: take an OCPP charger out of service or back "
         "(ChangeAvailability)"
@@ -379,7 +235,7 @@ class CommandAvailability(Payload):
     signature: Envelope = None
 
 
-class CommandReset(Payload):
+class CommandReset(WireModel):
     model_config = ConfigDict(
         title="P/S/commands/reset: restart an OCPP charger (Reset: soft ends transactions first)"
     )
@@ -394,7 +250,7 @@ class CommandReset(Payload):
 _LIMIT_FORMS = ("max_current_a", "max_power_w", "clear")
 
 
-class CommandLimit(Payload):
+class CommandLimit(WireModel):
     model_config = ConfigDict(
         title="P/S/commands/limit: a lower limit set by the grid operator, for the site or one "
         "charger",
@@ -430,7 +286,7 @@ class CommandLimit(Payload):
         return self
 
 
-class CommandTariffs(Payload):
+class CommandTariffs(WireModel):
     model_config = ConfigDict(title="P/S/commands/tariffs: replace the tariffs (versioned)")
 
     request_id: Ident
@@ -440,7 +296,7 @@ class CommandTariffs(Payload):
     signature: Envelope = None
 
 
-class CloudToken(Payload):
+class CloudToken(WireModel):
     id: Annotated[str, Field(min_length=1, max_length=256)]
     type: TokenTypeName
     user: Annotated[str, Field(min_length=1, max_length=256)]
@@ -449,7 +305,7 @@ class CloudToken(Payload):
     group: Annotated[str, Field(max_length=64)] | None = None
 
 
-class TokenListPart(Payload):
+class TokenListPart(WireModel):
     index: Annotated[int, Field(ge=1, le=1000)]
     count: Annotated[int, Field(ge=1, le=1000)]
 
@@ -461,7 +317,7 @@ _PART = (
 )
 
 
-class CommandTokens(Payload):
+class CommandTokens(WireModel):
     model_config = ConfigDict(
         title="P/S/commands/tokens: replace or patch the cloud token list (versioned)"
     )
@@ -476,7 +332,7 @@ class CommandTokens(Payload):
     signature: Envelope = None
 
 
-class AuthResponse(Payload):
+class AuthResponse(WireModel):
     model_config = ConfigDict(title="P/S/auth/response: the cloud's answer to an auth request")
 
     request_id: Ident
@@ -487,18 +343,18 @@ class AuthResponse(Payload):
     signature: Envelope = None
 
 
-class ReplyError(Payload):
+class ReplyError(WireModel):
     code: Annotated[str, Field(pattern=SNAKE)]
     message: str
 
 
-class CommandReplyOk(Payload):
+class CommandReplyOk(WireModel):
     request_id: str | None
     ok: Literal[True]
     result: dict[str, Any]
 
 
-class CommandReplyError(Payload):
+class CommandReplyError(WireModel):
     request_id: str | None
     ok: Literal[False]
     error: ReplyError
@@ -524,7 +380,7 @@ PAYLOAD_MODELS: dict[str, type[BaseModel]] = {
     "gateway-status": GatewayStatus,
     "grid-limit": GridLimit,
     "readings": Readings,
-    "session": SessionRecordBody,
+    "session": SessionRecord,
     "session-started": SessionStarted,
 }
 """Each payload schema's name (``gateway/uplink/schemas/{name}.json``) and its model."""
