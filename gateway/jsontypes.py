@@ -50,9 +50,11 @@ NonNegative = Annotated[
 
 
 class WireModel(BaseModel):
-    """A payload: unknown keys refused, strict JSON types, immutable."""
+    """A payload: unknown keys refused, strict JSON types, finite numbers, immutable."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class RecordSignature(WireModel):

@@ -7,13 +7,20 @@ import random
 from pathlib import Path
 
 import jsonschema
+import pydantic
 import pytest
 from test_uplink_support import PREFIX, ROOT, SITE, Target, session_record
 
 from gateway.records import GENESIS, SessionRecord, canonical_json, record_hash, seal
 from gateway.uplink.commands import MAX_COMMAND_BYTES, CommandHandler
 from gateway.uplink.payloads import PAYLOAD_MODELS
-from gateway.uplink.schemas import SCHEMA_NAMES, load_schema, schema_text, validate
+from gateway.uplink.schemas import (
+    SCHEMA_NAMES,
+    load_schema,
+    model_problems,
+    schema_text,
+    validate,
+)
 from gateway.uplink.topics import Topics
 
 TOPICS = Topics(PREFIX, SITE)
@@ -241,6 +248,17 @@ REJECTED = [
         ["$.error.message: expected string, got number"],
     ),
     (
+        "charger-status",
+        {
+            "status": "charging",
+            "online": True,
+            "session_id": None,
+            "power_w": float("nan"),
+            "ts": "2026-11-26T08:13:20Z",
+        },
+        ["$.power_w: expected number or null, got nan"],
+    ),
+    (
         "readings",
         {"schema": "evgw.readings/1", "device_id": "m", "readings": []},
         ["$.readings: fewer than 1 items"],
@@ -300,6 +318,16 @@ def test_a_session_record_read_into_the_model_dumps_to_the_same_bytes(make) -> N
     assert isinstance(record.to_dict()["max_power_w"], type(raw["max_power_w"]))
     with pytest.raises(ValueError, match="frozen"):
         record.seq = 9  # type: ignore[misc]
+
+
+def test_an_integer_written_as_a_float_passes_the_schema_but_not_the_model() -> None:
+    """JSON Schema's integer takes 1.0; the record model does not (its dump would say 1 and the
+    hash would no longer match): the consumer holds such a record as a schema problem."""
+    raw = seal(dict(_sealed(0), seq=1.0))
+    assert validate("session", raw) == []
+    with pytest.raises(pydantic.ValidationError) as caught:
+        SessionRecord.from_dict(raw)
+    assert model_problems(caught.value) == ["$.seq: Input should be a valid integer"]
 
 
 def test_session_records_keep_int_and_float_as_they_came() -> None:

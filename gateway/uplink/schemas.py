@@ -3,27 +3,36 @@
 The models in :mod:`gateway.uplink.payloads` are the source; :func:`generate` turns one into its
 JSON Schema, and ``python -m gateway.uplink.schemas`` writes them all to ``schemas/*.json``, the
 files checked in for cloud developers (a test keeps them equal to the generation). Payloads are
-validated by ``jsonschema``'s Draft 2020-12 validator against those files; its errors are told
-as ``$.path: problem``, one line each.
+validated by ``jsonschema``'s Draft 2020-12 validator against those files (a number must also be
+finite); its errors are told as ``$.path: problem``, one line each.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator, ValidationError
+import pydantic
+from jsonschema import Draft202012Validator, TypeChecker, ValidationError, validators
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
 from gateway.uplink.payloads import PAYLOAD_MODELS
 
-__all__ = ["SCHEMA_NAMES", "generate", "load_schema", "validate", "write_schemas"]
+__all__ = [
+    "SCHEMA_NAMES",
+    "generate",
+    "load_schema",
+    "model_problems",
+    "validate",
+    "write_schemas",
+]
 
 SCHEMA_NAMES = tuple(sorted(PAYLOAD_MODELS))
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -77,9 +86,21 @@ def load_schema(name: str) -> dict[str, Any]:
     return result
 
 
+def _finite_number(checker: TypeChecker, instance: Any) -> bool:
+    return Draft202012Validator.TYPE_CHECKER.is_type(instance, "number") and math.isfinite(instance)
+
+
+# Python's json reads NaN and Infinity, which JSON has not: no number of ours is either.
+_Validator = validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("number", _finite_number),
+)
+
+
 @functools.cache
 def _validator(name: str) -> Draft202012Validator:
-    return Draft202012Validator(json.loads(_text(name)))
+    validator: Draft202012Validator = _Validator(json.loads(_text(name)))
+    return validator
 
 
 def validate(name: str, payload: Any) -> list[str]:
@@ -97,6 +118,17 @@ def validate(name: str, payload: Any) -> list[str]:
     return list(dict.fromkeys(lines))  # a key missing is one error per key, each naming all
 
 
+def model_problems(exc: pydantic.ValidationError) -> list[str]:
+    """A model's refusal of a payload its schema accepts (an integer written 1.0) in the same
+    form as :func:`validate`'s problems."""
+    return [
+        "$"
+        + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"])
+        + f": {e['msg']}"
+        for e in exc.errors()
+    ]
+
+
 # -- errors as lines ---------------------------------------------------------------------------
 
 
@@ -109,6 +141,8 @@ def _describe(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "boolean"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # nan, inf
     if isinstance(value, int | float):
         return "number"
     if isinstance(value, str):
