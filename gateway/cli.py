@@ -496,7 +496,7 @@ def _broker_password(args: argparse.Namespace) -> str | None:
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:
-    from gateway.billing.consumer import RESERVED_SITES, run_consumer
+    from gateway.cloud.consumer import RESERVED_SITES, run_consumer
 
     _no_password_in(
         args.broker, "--broker", f"use --password-file FILE or the {BROKER_PASSWORD_ENV} variable"
@@ -521,7 +521,7 @@ def _cmd_consume(args: argparse.Namespace) -> int:
 
 
 def _cmd_trust(args: argparse.Namespace) -> int:
-    from gateway.billing.trustadmin import run_trust
+    from gateway.cloud.trustadmin import run_trust
 
     _no_password_in(
         getattr(args, "db", None), "--db", "set PGPASSWORD or use ~/.pgpass (both read by libpq)"
@@ -557,7 +557,7 @@ def _cmd_rotate_key(args: argparse.Namespace) -> int:
 
 
 def _cmd_statement(args: argparse.Namespace) -> int:
-    from gateway.billing.statement import run_statement
+    from gateway.cloud.statement import run_statement
 
     _no_password_in(args.db, "--db", "set PGPASSWORD or use ~/.pgpass (both read by libpq)")
     return _run_async(

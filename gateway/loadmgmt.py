@@ -66,9 +66,6 @@ _DEMANDING = frozenset(
 # resume, and the first to be paused when there is not enough for everyone.
 _STANDBY = frozenset({ChargerStatus.SUSPENDED_EV, ChargerStatus.FINISHING})
 
-# Raw steps of a limit register per ampere (engine and profiles use the same unit names).
-_STEP_A = {"A": 1.0, "0.1A": 0.1, "mA": 0.001}
-
 
 class Mode:
     """How the available current was found."""
@@ -116,15 +113,12 @@ class ChargerSpec:
         if cl is None:
             top = 32.0 if site_max_a is None else site_max_a
             return cls(device_id, max_a=top, controllable=False)
-        from gateway.profiles import DataType
-
         top = cl.max_a if site_max_a is None else min(cl.max_a, site_max_a)
-        floats = cl.control.register.type in (DataType.F32, DataType.F64)
         return cls(
             device_id,
             min_a=cl.min_a,
             max_a=top,
-            step_a=0.1 if floats else _STEP_A.get(cl.unit, 1.0),
+            step_a=cl.step_a,
             controllable=controllable,
             # A limit of 0 pauses it: the engine writes the disable value, or switches the
             # enable control off where that is the profile's pause method.

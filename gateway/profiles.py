@@ -11,11 +11,23 @@ import difflib
 import math
 import re
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigProblem, ProfileError
+from gateway.modbus.codec import CodecError, decode, encode
+from gateway.modbus.types import (
+    CURRENT_UNITS,
+    TYPES,
+    DataType,
+    RegisterSpec,
+    Table,
+    WordOrder,
+    current_step_a,
+    current_to_raw,
+    raw_to_current,
+    value_range,
+)
 from gateway.model import ChargerStatus, DeviceKind, IecState
 from gateway.tags import normalise_tag
 from gateway.yamlpos import YamlDoc, load_yaml
@@ -67,96 +79,7 @@ CANONICAL_QUANTITIES: dict[str, str] = {
 }
 
 
-class Table(StrEnum):
-    HOLDING = "holding"  # read FC03, write FC06/FC16
-    INPUT = "input"  # read FC04
-    COIL = "coil"  # read FC01, write FC05/FC15
-    DISCRETE = "discrete"  # read FC02
-
-    @property
-    def read_function(self) -> int:
-        return {"holding": 3, "input": 4, "coil": 1, "discrete": 2}[self.value]
-
-    @property
-    def is_bits(self) -> bool:
-        return self in (Table.COIL, Table.DISCRETE)
-
-
-class DataType(StrEnum):
-    U16 = "u16"
-    I16 = "i16"
-    U32 = "u32"
-    I32 = "i32"
-    U64 = "u64"
-    I64 = "i64"
-    F32 = "f32"
-    F64 = "f64"
-    ASCII = "ascii"  # two characters per register, high byte first, NUL/space padded
-    ASCII1 = "ascii1"  # one character per register (UTF-16BE code unit)
-    HEX = "hex"  # raw bytes shown as upper-case hex
-    BOOL = "bool"  # one coil / discrete input
-
-    @property
-    def is_text(self) -> bool:
-        return self in (DataType.ASCII, DataType.ASCII1, DataType.HEX)
-
-    @property
-    def fixed_count(self) -> int | None:
-        """Registers one value occupies, or None where ``count`` says (text types)."""
-        return _FIXED_COUNT.get(self)
-
-
-_FIXED_COUNT = {
-    DataType.U16: 1,
-    DataType.I16: 1,
-    DataType.U32: 2,
-    DataType.I32: 2,
-    DataType.U64: 4,
-    DataType.I64: 4,
-    DataType.F32: 2,
-    DataType.F64: 4,
-    DataType.BOOL: 1,
-}
-
-
-class WordOrder(StrEnum):
-    ABCD = "ABCD"  # high word first (big-endian)
-    CDAB = "CDAB"  # low word first
-
-
 KNOWN_FROM = ("hardware", "code", "document")
-
-
-@dataclass(frozen=True, slots=True)
-class RegisterSpec:
-    """Where a value lives and how its raw words become a value in the named unit.
-
-    ``value = raw * scale + offset`` for numbers; ``byte`` and ``mask`` are applied to the raw
-    integer before scaling; raw values in ``sentinels`` (and NaN floats) mean "not available".
-    """
-
-    name: str
-    table: Table
-    address: int
-    type: DataType
-    count: int  # registers (or bits) occupied
-    word_order: WordOrder = WordOrder.ABCD
-    byte: str | None = None  # "high" | "low": take one byte of a u16
-    mask: int | None = None
-    scale: float = 1.0
-    offset: float = 0.0
-    unit: str = ""
-    sentinels: frozenset[int] = frozenset()
-    every_s: float | None = None  # poll less often than the device interval
-    note: str = ""
-    # Provenance: where this fact was found (document, driver file, issue) and how it is known:
-    # "hardware" (checked on a real device), "code" (public driver code), "document" (vendor doc).
-    source: str = ""
-    known: str = ""
-
-    @property
-    def end(self) -> int:
-        return self.address + self.count
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +173,7 @@ class ControlSpec:
 
 @dataclass(frozen=True, slots=True)
 class CurrentLimitSpec:
-    """Current setpoint. ``unit`` is how the device counts: "A", "0.1A", "mA" or "W" (float
+    """Current setpoint. ``unit`` is how the device counts: "A", "0.1A" or "mA" (float
     types carry amps as floats). ``disable`` is the raw value that stops charging."""
 
     control: ControlSpec
@@ -258,6 +181,18 @@ class CurrentLimitSpec:
     min_a: float = 6.0
     max_a: float = 32.0
     disable: int | float | None = 0
+
+    def to_raw(self, current_a: float) -> int | float:
+        """Amperes in the device's own steps (A, 0.1 A, mA; float registers carry amps)."""
+        return current_to_raw(current_a, self.unit, self.control.register.type)
+
+    def to_amps(self, raw: float) -> float:
+        return raw_to_current(raw, self.unit)
+
+    @property
+    def step_a(self) -> float:
+        """Resolution of the limit register: limits are rounded down to it."""
+        return current_step_a(self.unit, self.control.register.type)
 
 
 @dataclass(frozen=True, slots=True)
@@ -890,7 +825,7 @@ _PROFILE = _Obj(
             _Obj(
                 {
                     **_CONTROL_FIELDS,
-                    "unit": _Field(_Str(choices=("A", "0.1A", "mA")), True,
+                    "unit": _Field(_Str(choices=tuple(CURRENT_UNITS)), True,
                                    "what one raw step means"),
                     "min_a": _Field(_Num(0, 100)),
                     "max_a": _Field(_Num(0, 1000)),
@@ -973,9 +908,6 @@ _PROFILE = _Obj(
 
 # ---- from checked data to dataclasses, with the cross-field checks ---------------------------
 
-_CURRENT_UNIT_RAW_PER_A = {"A": 1.0, "0.1A": 10.0, "mA": 1000.0}
-
-
 def _bad(*values: Any) -> bool:
     """Whether any value (or anything inside a list or mapping) failed its check."""
     for v in values:
@@ -986,33 +918,6 @@ def _bad(*values: Any) -> bool:
         if isinstance(v, dict) and _bad(*v.values()):
             return True
     return False
-
-
-def _type_range(t: DataType, count: int) -> tuple[int, int] | None:
-    """Raw integer range of an integer type (None for floats, text, bool)."""
-    bits = {
-        DataType.U16: (16, False), DataType.I16: (16, True), DataType.U32: (32, False),
-        DataType.I32: (32, True), DataType.U64: (64, False), DataType.I64: (64, True),
-    }.get(t)
-    if bits is None:
-        return None
-    n, signed = bits
-    return (-(1 << (n - 1)), (1 << (n - 1)) - 1) if signed else (0, (1 << n) - 1)
-
-
-def value_range(spec: RegisterSpec) -> tuple[float, float] | None:
-    """The decoded values an integer register can deliver (``raw * scale + offset`` over its
-    raw range, after ``byte``/``mask``); None for floats and text."""
-    rng = _type_range(spec.type, spec.count)
-    if rng is None:
-        return None
-    lo, hi = rng
-    if spec.byte is not None:
-        lo, hi = 0, 0xFF
-    if spec.mask is not None:
-        lo, hi = 0, spec.mask
-    a, b = lo * spec.scale + spec.offset, hi * spec.scale + spec.offset
-    return (min(a, b), max(a, b))
 
 
 class _Builder:
@@ -1073,7 +978,7 @@ class _Builder:
         if base is None or _bad(*d.values()):
             return None
         t = base.type
-        integer = _type_range(t, base.count) is not None
+        integer = TYPES[t].raw_range is not None
         numeric = not t.is_text and t is not DataType.BOOL
         ok = True
         for key in ("byte", "mask"):
@@ -1264,11 +1169,11 @@ class _Builder:
         if min_a > max_a:
             self.add(("current_limit", "min_a"), f"min_a {min_a:g} is above max_a {max_a:g}")
             return None
-        if t in (DataType.F32, DataType.F64) and unit != "A":
+        if t.is_float and unit != "A":
             self.add(("current_limit", "unit"), f"type {t} carries amps: unit must be A")
             return None
-        rng = _type_range(t, control.register.count)
-        if rng is not None and max_a * _CURRENT_UNIT_RAW_PER_A[unit] > rng[1]:
+        rng = TYPES[t].raw_range
+        if rng is not None and max_a * CURRENT_UNITS[unit] > rng[1]:
             self.add(("current_limit", "max_a"), f"{max_a:g} A in {unit} does not fit {t}")
             return None
         return CurrentLimitSpec(
@@ -1345,7 +1250,7 @@ class _Builder:
             control = self.control(("on_connect", i), d)
             if control is None:
                 continue
-            rng = _type_range(control.register.type, control.register.count)
+            rng = TYPES[control.register.type].raw_range
             value = d["value"]
             if rng is not None and not (
                 float(value).is_integer() and rng[0] <= value <= rng[1]
@@ -1377,8 +1282,6 @@ class _Builder:
 
     # simulate ---------------------------------------------------------------------------------
     def sim_value(self, path: PathT, spec: RegisterSpec, value: Any) -> bool:
-        from gateway.modbus.codec import CodecError, encode  # codec imports this module
-
         if spec.type.is_text != isinstance(value, str):
             kind = "a string" if spec.type.is_text else "a number"
             self.add(path, f"register {spec.name!r} is {spec.type}: give {kind}")
@@ -1394,8 +1297,6 @@ class _Builder:
         self, kind: DeviceKind, state: StateSpec | None, identify: IdentifySpec | None,
         controls: list[ControlSpec],
     ) -> tuple[dict[ChargerStatus, dict[str, int | float | str]], dict[str, int | float | str]]:
-        from gateway.modbus.codec import decode, encode
-
         d = self.data.get("simulate")
         if d is None or d is _INVALID:
             return {}, {}

@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_consumer_support import make_chain, make_signer
 
-from gateway.billing.cloudstore import open_cloud_store
-from gateway.billing.consumer import SessionConsumer
 from gateway.cli import main
+from gateway.cloud.cloudstore import open_cloud_store
+from gateway.cloud.consumer import SessionConsumer
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError, DeviceError
 from gateway.modbus.bus import REASONS, TcpBus

@@ -16,10 +16,10 @@ import pytest
 from test_billing_report import sealed_record
 from test_consumer_support import make_signer, record_body
 
-from gateway.billing.cloudstore import open_cloud_store
-from gateway.billing.consumer import SessionConsumer
 from gateway.billing.report import build_report
 from gateway.cli import main
+from gateway.cloud.cloudstore import open_cloud_store
+from gateway.cloud.consumer import SessionConsumer
 from gateway.records import GENESIS, seal
 from gateway.safeout import csv_cell, printable
 

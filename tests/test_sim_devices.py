@@ -211,7 +211,7 @@ def test_missed_heartbeat_falls_back_to_failsafe(slug: str) -> None:
     spec = hb.control.register
     if hb.rewrites_current_limit:
         assert profile.current_limit is not None
-        value = charger._limit_raw(charger.limit_a)
+        value = profile.current_limit.to_raw(charger.limit_a)
     else:
         value = hb.value
     _write(image, spec.table, spec.address, encode(spec, value))

@@ -33,7 +33,7 @@ from pymodbus.framer import FramerType
 from pymodbus.pdu import ExceptionResponse
 
 from gateway.errors import DeviceError
-from gateway.profiles import Table
+from gateway.modbus.types import Table
 
 if TYPE_CHECKING:
     from gateway.config import BusConfig, DeviceConfig, EndpointConfig, GatewayConfig

@@ -27,7 +27,7 @@ from gateway.modbus.bus import BusPool, ModbusBus, SerialBus, TcpBus
 from gateway.modbus.codec import CodecError, decode, encode_raw
 from gateway.modbus.plan import BlockDecoder, ReadBlock, plan_reads
 from gateway.model import DeviceSample, SystemClock, Value
-from gateway.profiles import ControlSpec, DataType, Profile
+from gateway.profiles import ControlSpec, Profile
 from gateway.tags import normalise_tag, reverse_hex_bytes
 
 if TYPE_CHECKING:
@@ -52,9 +52,6 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 Sink = Callable[[DeviceSample], Awaitable[None] | None]
-
-# Raw steps per ampere for each current-limit unit a profile may name.
-_STEPS_PER_A = {"A": 1.0, "0.1A": 10.0, "mA": 1000.0}
 
 
 class DeviceDriver:
@@ -321,20 +318,8 @@ class DeviceDriver:
         if current_a > top:
             self._log.info("current_limit_capped", asked_a=current_a, max_a=top)
             current_a = top
-        await self._write(cl.control, self.amps_to_raw(current_a))
+        await self._write(cl.control, cl.to_raw(current_a))
         self._log.info("current_limit_set", current_a=current_a)
-
-    def amps_to_raw(self, current_a: float) -> int | float:
-        """Amperes in the device's own steps (A, 0.1 A, mA; float registers carry amps)."""
-        cl = self.profile.current_limit
-        assert cl is not None
-        steps = _STEPS_PER_A.get(cl.unit)
-        if steps is None:
-            raise DeviceError(self.device_id, "not_supported", f"current limit unit {cl.unit!r}")
-        raw = current_a * steps
-        if cl.control.register.type in (DataType.F32, DataType.F64):
-            return raw
-        return round(raw)
 
     async def heartbeat(self) -> None:
         """Write the profile's heartbeat value once. Raises DeviceError on failure."""
@@ -348,9 +333,7 @@ class DeviceDriver:
             # gateway never set one: what the charger would allow without the gateway).
             control = cl.control
             value = (
-                self._limit_raw
-                if self._limit_raw is not None
-                else self.amps_to_raw(self.max_current_a)
+                self._limit_raw if self._limit_raw is not None else cl.to_raw(self.max_current_a)
             )
         try:
             await self._write(control, value)

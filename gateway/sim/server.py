@@ -43,7 +43,7 @@ from typing import Any
 
 import structlog
 
-from gateway.profiles import Table
+from gateway.modbus.types import Table
 
 __all__ = [
     "Fault",

@@ -11,7 +11,7 @@ It bills only what it can trust. A record is stored only when it is JSON of the
 ``evgw.session/1`` schema with every field in range, its hash matches, and it is signed by a
 trusted, unrevoked key of its site. Site keys come from ``--trust DIR`` or are trusted on first
 use; a known site's key is replaced only by a rotation statement signed by the key it replaces
-(see ``gateway.billing.trust``) or by the operator (``evgw trust``). Anything else goes to the
+(see ``gateway.cloud.trust``) or by the operator (``evgw trust``). Anything else goes to the
 ``quarantine`` table with its raw payload and the reason, and is acknowledged: nothing a message
 contains stops the consumer or blocks the messages behind it. Records held only because their
 site's key was not known yet are checked again when it becomes known. Chain problems of trusted
@@ -44,9 +44,9 @@ from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from gateway.billing.checks import out_of_range
-from gateway.billing.cloudstore import CloudStore, Quarantined, SiteKey, open_cloud_store
-from gateway.billing.signing import key_id, load_public_key, verify_signature
-from gateway.billing.trust import TrustedKey, check_rotation, load_trust_dir
+from gateway.billing.signing import check_rotation, key_id, load_public_key, verify_signature
+from gateway.cloud.cloudstore import CloudStore, Quarantined, SiteKey, open_cloud_store
+from gateway.cloud.trust import TrustedKey, load_trust_dir
 from gateway.errors import GatewayError
 from gateway.model import from_rfc3339
 from gateway.records import GENESIS, SessionRecord, canonical_json, record_hash
