@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
@@ -36,9 +36,11 @@ __all__ = [
     "Cost",
     "CostLine",
     "OcppTransaction",
+    "SessionFacts",
     "SessionPeriod",
     "SessionRecord",
     "SessionUser",
+    "UnsealedRecord",
     "canonical_json",
     "record_hash",
     "seal",
@@ -146,18 +148,27 @@ _OCPP = (
 )
 
 
-class SessionRecord(WireModel):
-    """A finished session record, sealed: what the gateway keeps, publishes and signs, and what
-    the cloud bills. Its hash covers the canonical JSON of every key but hash and signature."""
-
+class _Record(WireModel):
     # to_dict() dumps the keys the record was made (or read) with, numbers as int or float as
     # given: the JSON object it was read from, so existing hashes and signatures still verify.
 
-    model_config = ConfigDict(title="P/S/sessions/finished: finished session record evgw.session/1")
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """The record of a JSON object (pydantic ``ValidationError`` when it is not one)."""
+        return cls.model_validate(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: the keys it was made with, numbers as int or float as given."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+class SessionFacts(_Record):
+    """What the session tracker knows of a finished session: the record without its price
+    (``charging_periods``, ``cost``: the pricer's) and its place in the site's chain (``seq``,
+    hashes, signature: the store's)."""
 
     schema_: Literal["evgw.session/1"] = Field(alias="schema")
     session_id: Ident
-    seq: Annotated[int, Field(ge=1)]
     site_id: Ident
     charger_id: Ident
     connector: Annotated[int, Field(ge=1)]
@@ -175,22 +186,36 @@ class SessionRecord(WireModel):
     ]
     tariff_id: str | None
     tariff_version: str | None
+    flags: Annotated[list[Annotated[str, Field(pattern=SNAKE)]], Field(description=_FLAGS)]
+    ocpp: Annotated[OcppTransaction, Field(description=_OCPP)] | SkipJsonSchema[None] = None
+
+    def priced(
+        self, charging_periods: Sequence[Mapping[str, Any]], cost: Mapping[str, Any] | None
+    ) -> UnsealedRecord:
+        """The record with its price (pydantic ``ValidationError`` when the price is no
+        record's)."""
+        return UnsealedRecord.from_dict(
+            {**self.to_dict(), "charging_periods": list(charging_periods), "cost": cost}
+        )
+
+
+class UnsealedRecord(SessionFacts):
+    """A finished session, priced: what the store seals into a :class:`SessionRecord`."""
+
     charging_periods: list[SessionPeriod]
     cost: Cost | None
-    flags: Annotated[list[Annotated[str, Field(pattern=SNAKE)]], Field(description=_FLAGS)]
+
+
+class SessionRecord(UnsealedRecord):
+    """A finished session record, sealed: what the gateway keeps, publishes and signs, and what
+    the cloud bills. Its hash covers the canonical JSON of every key but hash and signature."""
+
+    model_config = ConfigDict(title="P/S/sessions/finished: finished session record evgw.session/1")
+
+    seq: Annotated[int, Field(ge=1)]
     prev_hash: Hex64
     hash: Hex64
-    ocpp: Annotated[OcppTransaction, Field(description=_OCPP)] | SkipJsonSchema[None] = None
     signature: RecordSignature | SkipJsonSchema[None] = None
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SessionRecord:
-        """The record of a JSON object (pydantic ``ValidationError`` when it is not one)."""
-        return cls.model_validate(data)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON object: the keys it was made with, numbers as int or float as given."""
-        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
     def canonical(self) -> bytes:
         return canonical_json(self.to_dict())
@@ -198,7 +223,3 @@ class SessionRecord(WireModel):
     def body_hash(self) -> str:
         """The hash its content has (``hash`` holds the one it claims)."""
         return record_hash(self.to_dict())
-
-    @property
-    def user_id(self) -> str | None:
-        return self.user.id
