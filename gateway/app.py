@@ -22,8 +22,10 @@ import structlog
 from gateway import __version__
 from gateway.config import OCPP_DRIVER, GatewayConfig
 from gateway.live import LiveState
+from gateway.modbus.types import DataType, RegisterSpec, value_range
 from gateway.model import Clock, DeviceKind, DeviceSample, SystemClock, Token
-from gateway.profiles import DataType, Profile, RegisterSpec, load_profiles, value_range
+from gateway.outgoing import EVENT_STREAM, STARTED_TOPIC
+from gateway.profiles import Profile, load_profiles
 from gateway.sessions import MAX_COUNTER_WH, Counter
 
 __all__ = ["Gateway", "SiteCommands", "run_gateway"]
@@ -432,7 +434,7 @@ class Gateway:
             if self.uplink is not None:
                 self.uplink.publish_status(device, payload)
         elif kind == "session_started":
-            await self.store.enqueue("event", "sessions/started", _json(payload))
+            await self.store.enqueue(EVENT_STREAM, STARTED_TOPIC, _json(payload))
         if self.uplink is not None:
             self.uplink.notify()
 

@@ -496,7 +496,8 @@ def _broker_password(args: argparse.Namespace) -> str | None:
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:
-    from gateway.cloud.consumer import RESERVED_SITES, run_consumer
+    from gateway.cloud.consumer import RESERVED_SITES
+    from gateway.cloud.subscriber import run_consumer
 
     _no_password_in(
         args.broker, "--broker", f"use --password-file FILE or the {BROKER_PASSWORD_ENV} variable"

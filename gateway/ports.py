@@ -20,7 +20,6 @@ __all__ = [
     "ChargerControl",
     "CommandTarget",
     "OutboxRow",
-    "ReadingRow",
     "RequestLog",
     "Sealer",
     "SessionStore",
@@ -35,23 +34,12 @@ signature where a key is configured). See gateway/records.py."""
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
     id: int
-    stream: str  # "session" | "event" | "status" | "auth"
+    stream: str  # "session" | "event" (gateway/outgoing.py)
     topic: str  # suffix below P/S/, e.g. "sessions/finished"
     payload: bytes
     qos: int
     retain: bool
     created_ts: float
-
-
-@dataclass(frozen=True, slots=True)
-class ReadingRow:
-    id: int
-    device_id: str
-    ts: float
-    values: Mapping[str, Any]
-    wire: bytes | None = None
-    """The reading as one JSON object of an ``evgw.readings/1`` batch (``gateway.wire``), when
-    the store has it: the uplink splices it as is."""
 
 
 class SessionStore(Protocol):
@@ -109,8 +97,6 @@ class UplinkStore(RequestLog, Protocol):
     async def outbox_ack(self, ids: Sequence[int]) -> None: ...
 
     async def outbox_backlog(self) -> dict[str, int]: ...
-
-    async def readings_fetch_unsynced(self, limit: int, after_id: int = 0) -> list[ReadingRow]: ...
 
     async def readings_fetch_wire(
         self, limit: int, after_id: int = 0

@@ -19,8 +19,8 @@ from test_consumer_support import make_chain, make_signer, tampered
 
 from gateway.billing.verify import run_verify
 from gateway.cloud.cloudstore import CloudStore, CloudStoreError, open_cloud_store
-from gateway.cloud.consumer import (
-    SessionConsumer,
+from gateway.cloud.consumer import SessionConsumer
+from gateway.cloud.subscriber import (
     _connection_loop,
     parse_broker_url,
     run_consumer,

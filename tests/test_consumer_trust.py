@@ -22,7 +22,8 @@ from gateway.billing.signing import Signer, check_rotation, raw_hex, sign_rotati
 from gateway.cli import main
 from gateway.cloud import consumer as consumer_module
 from gateway.cloud.cloudstore import CloudStore, open_cloud_store
-from gateway.cloud.consumer import SessionConsumer, _connection_loop, parse_broker_url
+from gateway.cloud.consumer import SessionConsumer
+from gateway.cloud.subscriber import _connection_loop, parse_broker_url
 from gateway.cloud.trust import TrustDirError, load_trust_dir
 from gateway.records import GENESIS, seal
 

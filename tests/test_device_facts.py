@@ -20,18 +20,12 @@ from gateway.config import AuthConfig, DeviceConfig
 from gateway.modbus.bus import TcpBus
 from gateway.modbus.codec import decode
 from gateway.modbus.engine import DeviceDriver
+from gateway.modbus.types import DataType, RegisterSpec, Table
 from gateway.model import AuthStatus, ChargerStatus, IecState, Token, TokenType
-from gateway.profiles import (
-    KNOWN_FROM,
-    ControlSpec,
-    DataType,
-    Profile,
-    RegisterSpec,
-    Table,
-    load_profiles,
-)
+from gateway.profiles import KNOWN_FROM, ControlSpec, Profile, load_profiles
 from gateway.sim.devices import SimCharger, SimMeter
-from gateway.sim.server import RegisterImage, SimServer, SimWriteRejected
+from gateway.sim.registers import RegisterImage, SimWriteRejected
+from gateway.sim.server import SimServer
 from gateway.tags import normalise_tag
 from tests.test_auth import FakeClock, MemoryAuthStore
 

@@ -35,7 +35,8 @@ from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError, DeviceError
 from gateway.modbus.bus import REASONS, TcpBus
 from gateway.modbus.codec import CodecError, decode
-from gateway.profiles import Profile, Table, load_profile
+from gateway.modbus.types import Table
+from gateway.profiles import Profile, load_profile
 from gateway.uplink.commands import CommandHandler, MemoryRequestLog
 from gateway.uplink.topics import Topics
 from gateway.yamlpos import parse_yaml

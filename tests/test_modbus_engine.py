@@ -25,23 +25,22 @@ from gateway.modbus.engine import (
     read_device_once,
     scan,
 )
+from gateway.modbus.types import DataType, RegisterSpec, Table
 from gateway.model import ChargerStatus, DeviceKind, DeviceSample, IecState
 from gateway.profiles import (
     Condition,
     ConnectionSpec,
     ControlSpec,
     CurrentLimitSpec,
-    DataType,
     HeartbeatSpec,
     IdentifySpec,
     Profile,
-    RegisterSpec,
     StateRule,
     StateSpec,
-    Table,
     TagSpec,
 )
-from gateway.sim.server import Fault, FaultKind, RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import Fault, FaultKind, SimServer
 
 H, IN, COIL = Table.HOLDING, Table.INPUT, Table.COIL
 

@@ -17,9 +17,11 @@ from gateway.config import check_config, load_config
 from gateway.errors import DeviceError
 from gateway.modbus.bus import BusPool, TcpBus
 from gateway.modbus.engine import DeviceDriver
-from gateway.profiles import Profile, Table
+from gateway.modbus.types import Table
+from gateway.profiles import Profile
 from gateway.sim.devices import SimMeter
-from gateway.sim.server import FaultKind, LineTransaction, RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import FaultKind, LineTransaction, SimServer
 from gateway.sim.site import SimSite
 from gateway.store import Store
 

@@ -15,7 +15,8 @@ from gateway.modbus.engine import DeviceDriver, scan
 from gateway.model import ChargerStatus, DeviceKind
 from gateway.profiles import Profile, load_profiles
 from gateway.sim.devices import SimCharger, SimMeter, fit_tag
-from gateway.sim.server import RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import SimServer
 
 PROFILES = load_profiles()
 CHARGERS = sorted(s for s, p in PROFILES.items() if p.kind is DeviceKind.CHARGER)

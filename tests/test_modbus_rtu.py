@@ -15,18 +15,12 @@ from gateway.errors import DeviceError
 from gateway.modbus.bus import ModbusBus, RtuOverTcpBus, SerialBus
 from gateway.modbus.codec import encode
 from gateway.modbus.engine import DeviceDriver, scan
+from gateway.modbus.types import DataType, RegisterSpec, Table, WordOrder
 from gateway.model import DeviceKind
-from gateway.profiles import (
-    ConnectionSpec,
-    ControlSpec,
-    CurrentLimitSpec,
-    DataType,
-    Profile,
-    RegisterSpec,
-    Table,
-    WordOrder,
-)
-from gateway.sim.server import FaultKind, RegisterImage, SimServer, pty_pair
+from gateway.profiles import ConnectionSpec, ControlSpec, CurrentLimitSpec, Profile
+from gateway.sim.pty import pty_pair
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import FaultKind, SimServer
 
 pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed")
 

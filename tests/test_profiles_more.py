@@ -17,10 +17,12 @@ from gateway.config import DeviceConfig
 from gateway.modbus.bus import TcpBus
 from gateway.modbus.codec import decode, encode
 from gateway.modbus.engine import DeviceDriver
+from gateway.modbus.types import DataType, RegisterSpec, Table
 from gateway.model import ChargerStatus, DeviceKind, IecState
-from gateway.profiles import KNOWN_FROM, DataType, Profile, RegisterSpec, Table, load_profiles
+from gateway.profiles import KNOWN_FROM, Profile, load_profiles
 from gateway.sim.devices import SimCharger, SimMeter
-from gateway.sim.server import RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import SimServer
 
 NEW_SLUGS = {
     "victron-evcs",

@@ -23,8 +23,9 @@ from gateway.config import (
 )
 from gateway.errors import ConfigError
 from gateway.modbus.codec import decode
+from gateway.modbus.types import Table
 from gateway.model import ChargerStatus, Token, TokenType
-from gateway.profiles import Profile, Table, load_profiles
+from gateway.profiles import Profile, load_profiles
 from gateway.sim.scenario import parse_scenario
 from gateway.sim.server import Fault, FaultKind
 from gateway.sim.site import SimSite, TrafficProfile

@@ -31,7 +31,7 @@ from gateway.modbus.types import DataType, RegisterSpec, Table
 from gateway.model import ChargerStatus, Clock, SystemClock, Value
 from gateway.profiles import Profile
 from gateway.sim.quirks import quirks_for
-from gateway.sim.server import RegisterImage
+from gateway.sim.registers import RegisterImage
 
 __all__ = ["SimCharger", "SimEv", "SimMeter", "TruthLog", "fit_tag"]
 
@@ -326,11 +326,6 @@ class SimCharger(_Device):
     def standby(self) -> bool:
         """In standby (silent until an EV is plugged in)."""
         return self.powered and self.image.silent
-
-    def set_faulted(self, faulted: bool) -> None:
-        """An internal device error (status faulted, no power)."""
-        self.faulted = faulted
-        self._refresh()
 
     # time -----------------------------------------------------------------------------------
     def step(self, dt_s: float) -> None:

@@ -14,7 +14,7 @@ from gateway.model import DeviceKind, rfc3339
 from gateway.records import SessionRecord
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.web.view import SiteView
 
 __all__ = ["RECENT_SESSIONS", "build_status", "session_summary"]
 
@@ -62,7 +62,7 @@ def _cost(cost: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: cost[k] for k in ("currency", "excl_vat", "vat", "incl_vat") if k in cost}
 
 
-async def build_status(gw: Gateway, links: dict[str, str] | None = None) -> dict[str, Any]:
+async def build_status(gw: SiteView, links: dict[str, str] | None = None) -> dict[str, Any]:
     """The site now, as the ``Status`` schema describes it."""
     now = gw.clock.time()
     load = gw.load
@@ -103,7 +103,7 @@ async def build_status(gw: Gateway, links: dict[str, str] | None = None) -> dict
     }
 
 
-def _site(gw: Gateway, links: dict[str, str]) -> dict[str, Any]:
+def _site(gw: SiteView, links: dict[str, str]) -> dict[str, Any]:
     cfg = gw.config
     grid: dict[str, Any] | None = None
     if gw.load is not None and cfg.grid is not None:
@@ -137,7 +137,7 @@ def _site(gw: Gateway, links: dict[str, str]) -> dict[str, Any]:
 
 
 async def _charger(
-    gw: Gateway, device_id: str, driver: str, decision: Any, now: float
+    gw: SiteView, device_id: str, driver: str, decision: Any, now: float
 ) -> dict[str, Any]:
     live = gw.live.devices.get(device_id)
     load = gw.load
@@ -181,7 +181,7 @@ async def _charger(
     }
 
 
-def _uplink(gw: Gateway) -> dict[str, Any]:
+def _uplink(gw: SiteView) -> dict[str, Any]:
     cfg = gw.config.uplink
     if cfg is None or gw.uplink is None:
         return {"configured": False, "connected": None, "broker": None}
@@ -198,7 +198,7 @@ def _uplink(gw: Gateway) -> dict[str, Any]:
     }
 
 
-async def _buffer(gw: Gateway) -> dict[str, Any]:
+async def _buffer(gw: SiteView) -> dict[str, Any]:
     backlog = gw.live.backlog  # counted by the app once a second; counting here would repeat it
     return {
         "path": gw.config.storage.path,
