@@ -27,7 +27,7 @@ from pymodbus.exceptions import ModbusException
 
 from bench.common import HOST, cpu_seconds, raise_fd_limit, rss_mb
 from bench.poll import make_drivers, raw_blocks
-from gateway.modbus.engine import DevicePoller
+from gateway.modbus.poller import DevicePoller
 from gateway.modbus.types import Table
 from gateway.model import DeviceSample
 from gateway.store import Store

@@ -188,7 +188,8 @@ class Gateway:
         from gateway.billing.signing import Signer
         from gateway.billing.tariff import TariffBook
         from gateway.modbus.bus import BusPool
-        from gateway.modbus.engine import Chargers, DeviceDriver, DevicePoller
+        from gateway.modbus.driver import Chargers, DeviceDriver
+        from gateway.modbus.poller import DevicePoller
         from gateway.records import seal
         from gateway.sessions import SessionManager
         from gateway.store import Store
@@ -215,7 +216,7 @@ class Gateway:
         buses = await self._stack.enter_async_context(BusPool.from_config(modbus_cfg))
         self.buses = buses
         self.drivers = {
-            dev.id: DeviceDriver(dev, self.profiles[dev.driver], buses.for_device(dev), self.clock)
+            dev.id: DeviceDriver(dev, self.profiles[dev.driver], buses.bus_for(dev), self.clock)
             for dev in cfg.modbus_devices
         }
         self.chargers = Chargers(self.drivers)

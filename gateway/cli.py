@@ -398,7 +398,7 @@ def _cmd_drivers(args: argparse.Namespace) -> int:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
-    from gateway.modbus.engine import run_scan
+    from gateway.modbus.commands import run_scan
 
     return _run_async(
         lambda: run_scan(
@@ -412,7 +412,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
 
 def _cmd_read(args: argparse.Namespace) -> int:
-    from gateway.modbus.engine import run_read
+    from gateway.modbus.commands import run_read
 
     config = _load(args)
     return _run_async(lambda: run_read(config, args.device, as_json=args.json))

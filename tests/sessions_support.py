@@ -15,7 +15,8 @@ from gateway.app import profile_max_currents, truncated_tags
 from gateway.auth import Authorizer
 from gateway.config import AuthConfig, DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
 from gateway.modbus.bus import BusPool
-from gateway.modbus.engine import Chargers, DeviceDriver, DevicePoller
+from gateway.modbus.driver import Chargers, DeviceDriver
+from gateway.modbus.poller import DevicePoller
 from gateway.model import SystemClock, Token, TokenType
 from gateway.profiles import Profile
 from gateway.sessions import Counter, EventSink, SessionManager
@@ -50,7 +51,7 @@ async def modbus_sessions(
 ) -> tuple[SessionManager, DevicePoller]:
     clock = SystemClock()
     drivers = {
-        d.id: DeviceDriver(d, profiles[d.driver], pool.for_device(d), clock) for d in config.devices
+        d.id: DeviceDriver(d, profiles[d.driver], pool.bus_for(d), clock) for d in config.devices
     }
     authorizer = Authorizer(
         config.auth, store, None, clock, truncated_to=truncated_tags(config, profiles)

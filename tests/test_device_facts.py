@@ -19,7 +19,7 @@ from gateway.auth import Authorizer
 from gateway.config import AuthConfig, DeviceConfig
 from gateway.modbus.bus import TcpBus
 from gateway.modbus.codec import decode
-from gateway.modbus.engine import DeviceDriver
+from gateway.modbus.driver import DeviceDriver
 from gateway.modbus.types import DataType, RegisterSpec, Table
 from gateway.model import AuthStatus, ChargerStatus, IecState, Token, TokenType
 from gateway.profiles import KNOWN_FROM, ControlSpec, Profile, load_profiles

@@ -23,7 +23,7 @@ from test_sessions import AVAILABLE, CHARGING, PREPARING, SUSP_EV, T0, Rig
 
 from gateway.app import energy_counter
 from gateway.modbus.bus import BusPool
-from gateway.modbus.engine import DevicePoller
+from gateway.modbus.poller import DevicePoller
 from gateway.profiles import load_profiles
 from gateway.sessions import (
     MAX_COUNTER_WH,

@@ -17,14 +17,10 @@ from gateway.config import BusConfig, DeviceConfig, GatewayConfig, SiteConfig, S
 from gateway.errors import DeviceError
 from gateway.modbus.bus import Backoff, BusPool, TcpBus, rtu_frame_gap_s
 from gateway.modbus.codec import encode
-from gateway.modbus.engine import (
-    Chargers,
-    DeviceDriver,
-    DevicePoller,
-    parse_units,
-    read_device_once,
-    scan,
-)
+from gateway.modbus.commands import read_device_once
+from gateway.modbus.driver import Chargers, DeviceDriver
+from gateway.modbus.poller import DevicePoller
+from gateway.modbus.scan import parse_units, scan
 from gateway.modbus.types import DataType, RegisterSpec, Table
 from gateway.model import ChargerStatus, DeviceKind, DeviceSample, IecState
 from gateway.profiles import (
@@ -563,7 +559,7 @@ async def test_bus_pool_shares_one_bus_per_endpoint_and_bus_id() -> None:
         ),
     )
     async with BusPool.from_config(cfg) as pool:
-        assert pool.bus_for("a") is pool.bus_for("b") is pool.for_device(cfg.device("a"))
+        assert pool.bus_for("a") is pool.bus_for("b") is pool.bus_for(cfg.device("a"))
         assert pool.bus_for("a") is not pool.bus_for("c")
         assert pool.bus_for("d") is pool.bus_for("e")
         assert [b.endpoint for b in pool.buses] == [
@@ -614,7 +610,7 @@ async def test_scan_tcp_names_the_profiles_and_writes_a_snippet() -> None:
 def test_scan_snippet_has_one_device_per_unit_and_passes_check_config(tmp_path: Path) -> None:
     # SDM120 and SDM630 answer the same identification register: one device, one alternative.
     from gateway.config import load_config
-    from gateway.modbus.engine import ScanMatch, ScanResult
+    from gateway.modbus.scan import ScanMatch, ScanResult
 
     result = ScanResult(
         "serial:///dev/ttyUSB0",

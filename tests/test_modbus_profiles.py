@@ -11,7 +11,8 @@ import pytest
 
 from gateway.config import DeviceConfig
 from gateway.modbus.bus import TcpBus
-from gateway.modbus.engine import DeviceDriver, scan
+from gateway.modbus.driver import DeviceDriver
+from gateway.modbus.scan import scan
 from gateway.model import ChargerStatus, DeviceKind
 from gateway.profiles import Profile, load_profiles
 from gateway.sim.devices import SimCharger, SimMeter, fit_tag

@@ -16,7 +16,7 @@ import gateway.sim.server as sim_server
 from gateway.config import DeviceConfig
 from gateway.modbus.bus import TcpBus
 from gateway.modbus.codec import decode, encode
-from gateway.modbus.engine import DeviceDriver
+from gateway.modbus.driver import DeviceDriver
 from gateway.modbus.types import DataType, RegisterSpec, Table
 from gateway.model import ChargerStatus, DeviceKind, IecState
 from gateway.profiles import KNOWN_FROM, Profile, load_profiles
