@@ -98,7 +98,7 @@ async def run(size: Size) -> Result:
     result.add("full resolution: messages", full["messages_day"], "1/day")
     result.add("full resolution: with TCP/IP + TLS framing", full["framed_mb_day"], "MB/day")
     for mode in ("mean", "min_max"):
-        other = simulate(min(seconds, 3600), UplinkReadingsConfig(60, mode))
+        other = simulate(min(seconds, 3600), UplinkReadingsConfig(interval_s=60, mode=mode))
         result.add(f"60 s, {mode}: MQTT bytes", other["mqtt_mb_day"], "MB/day")
     result.add("ratio defaults/full resolution", lean["mqtt_mb_day"] / full["mqtt_mb_day"], "")
     result.notes.append(

@@ -13,7 +13,6 @@ import json
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -211,7 +210,7 @@ class Gateway:
                 self.tariffs.replace(saved["version"], saved["tariffs"])
             except Exception as exc:  # a stored push that no longer validates is not fatal
                 log.error("stored_tariffs_invalid", error=str(exc))
-        modbus_cfg = replace(cfg, devices=cfg.modbus_devices)
+        modbus_cfg = cfg.model_copy(update={"devices": cfg.modbus_devices})
         ocpp_devices = [d for d in cfg.devices if d.driver == OCPP_DRIVER]
         buses = await self._stack.enter_async_context(BusPool.from_config(modbus_cfg))
         self.buses = buses

@@ -27,12 +27,12 @@ def sim_site_config(tmp_path: Path, cp2_driver: str) -> GatewayConfig:
     ``cp2_driver``; alice's card in the local list."""
     tcp: dict[str, Any] = {"host": "127.0.0.1", "port": free_port(), "poll_interval_s": 0.2}
     return GatewayConfig(
-        site=SiteConfig("sim-site"),
-        storage=StorageConfig(str(tmp_path / "buffer.db")),
+        site=SiteConfig(id="sim-site"),
+        storage=StorageConfig(path=str(tmp_path / "buffer.db")),
         devices=(
-            DeviceConfig("cp1", "keba-p30", unit=255, meter="m1", **tcp),
-            DeviceConfig("m1", "eastron-sdm630", unit=2, **tcp),
-            DeviceConfig("cp2", cp2_driver, unit=1, **tcp),
+            DeviceConfig(id="cp1", driver="keba-p30", unit=255, meter="m1", **tcp),
+            DeviceConfig(id="m1", driver="eastron-sdm630", unit=2, **tcp),
+            DeviceConfig(id="cp2", driver=cp2_driver, unit=1, **tcp),
         ),
         auth=AuthConfig(tokens=(Token("04A2B3C4D5E6F7", TokenType.RFID, "alice"),)),
     )

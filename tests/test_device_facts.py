@@ -215,7 +215,7 @@ async def served(
     async with SimServer.tcp("127.0.0.1", 0, {unit: image}) as srv:
         bus = TcpBus("127.0.0.1", srv.port)
         cfg = DeviceConfig(
-            "dev", profile.slug, host="127.0.0.1", port=srv.port, unit=unit, timeout_s=0.5
+            id="dev", driver=profile.slug, host="127.0.0.1", port=srv.port, unit=unit, timeout_s=0.5
         )
         try:
             yield DeviceDriver(cfg, driver_profile or profile, bus)

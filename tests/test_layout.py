@@ -15,8 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import gateway
 
 GATEWAY = Path(gateway.__file__).parent
@@ -227,9 +225,5 @@ def test_the_cycle_finder_finds_cycles() -> None:
     assert _cycles({"x": {"y"}, "y": set()}) == []
 
 
-@pytest.mark.xfail(
-    reason="config <-> billing.tariff: another branch of issue 12 (i12-config)",
-    strict=True,
-)
 def test_no_import_cycle_in_gateway() -> None:
     assert _cycles(_import_graph()) == []

@@ -76,7 +76,7 @@ def image(profile: Profile, power_w: int) -> RegisterImage:
 
 
 def dev(dev_id: str, unit: int, timeout_s: float = 0.15) -> DeviceConfig:
-    return DeviceConfig(dev_id, "rtu-charger", bus="line", unit=unit, timeout_s=timeout_s)
+    return DeviceConfig(id=dev_id, driver="rtu-charger", bus="line", unit=unit, timeout_s=timeout_s)
 
 
 @asynccontextmanager
@@ -214,15 +214,7 @@ async def test_a_bus_waits_for_an_answer_as_long_as_its_timeout(
 @pytest.mark.parametrize(
     ("bus_timeout", "device_timeout", "online"),
     [
-        pytest.param(
-            "200ms",
-            None,
-            False,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="config does not give a bus's timeout to its devices yet (i12-config)",
-            ),
-        ),
+        ("200ms", None, False),
         ("1s", None, True),
         ("200ms", "1s", True),
         ("1s", "200ms", False),

@@ -309,7 +309,7 @@ async def served(profile: Profile, image: RegisterImage) -> AsyncIterator[Device
     async with SimServer.tcp("127.0.0.1", 0, {unit: image}) as srv:
         bus = TcpBus("127.0.0.1", srv.port)
         cfg = DeviceConfig(
-            "dev", profile.slug, host="127.0.0.1", port=srv.port, unit=unit, timeout_s=1.0
+            id="dev", driver=profile.slug, host="127.0.0.1", port=srv.port, unit=unit, timeout_s=1.0
         )
         try:
             yield DeviceDriver(cfg, profile, bus)

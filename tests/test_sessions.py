@@ -816,12 +816,14 @@ class FakeClock:
 
 def site(path: str = ":memory:") -> GatewayConfig:
     return GatewayConfig(
-        site=SiteConfig("site"),
-        storage=StorageConfig(path),
+        site=SiteConfig(id="site"),
+        storage=StorageConfig(path=path),
         devices=(
-            DeviceConfig("cp1", "abb-terra-ac", host="127.0.0.1", meter="m1", tariff="standard"),
-            DeviceConfig("cp2", "abb-terra-ac", host="127.0.0.1", tariff="standard"),
-            DeviceConfig("m1", "eastron-sdm630", host="127.0.0.1"),
+            DeviceConfig(
+                id="cp1", driver="abb-terra-ac", host="127.0.0.1", meter="m1", tariff="standard"
+            ),
+            DeviceConfig(id="cp2", driver="abb-terra-ac", host="127.0.0.1", tariff="standard"),
+            DeviceConfig(id="m1", driver="eastron-sdm630", host="127.0.0.1"),
         ),
         auth=AuthConfig(
             tokens=(
@@ -1176,7 +1178,7 @@ async def test_guessed_chargers_ignore_plain_meters() -> None:
     config = GatewayConfig(
         site=base.site,
         storage=base.storage,
-        devices=(*base.devices, DeviceConfig("grid", "eastron-sdm630", host="127.0.0.1")),
+        devices=(*base.devices, DeviceConfig(id="grid", driver="eastron-sdm630", host="127.0.0.1")),
         auth=base.auth,
     )
     store = MemorySessionStore()

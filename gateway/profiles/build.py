@@ -59,7 +59,7 @@ def check_valid_parts(doc: YamlDoc, stem: str) -> None:
             parts[key] = tuple(_valid_registers(value, broken))
             continue
         try:
-            parts[key] = _adapter(key).validate_python(value)
+            parts[key] = _adapter(key).validate_python(value, context={})
         except ValidationError:
             broken.add(key)
     broken |= {k for k, f in ProfileFile.model_fields.items() if f.is_required() and k not in raw}
@@ -71,7 +71,7 @@ def _valid_registers(items: list[Any], broken: set[str]) -> list[RegisterIn]:
     out = []
     for item in items:
         try:
-            out.append(RegisterIn.model_validate(item))
+            out.append(RegisterIn.model_validate(item, context={}))
         except ValidationError:
             name = item.get("name") if isinstance(item, dict) else None
             broken.add(f"registers.{name}" if isinstance(name, str) else "registers")

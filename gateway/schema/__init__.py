@@ -1,7 +1,7 @@
 """One validation layer for every YAML file the gateway reads (config, profiles, tariffs,
 simulator scenarios), on pydantic v2.
 
-- ``Model``: the base class (strict, unknown keys refused, frozen, empty sections = absent).
+- ``Model``: the base (strict, unknown keys refused, frozen, empty sections = absent).
 - Types: ``Duration`` (the one duration syntax), ``Range``, ``Text``, ``Choice``, ``AsTuple``.
 - ``validate_doc`` / ``validate_value`` / ``load_and_validate``: a document or value as a model,
   every problem added to the document as ``FILE:LINE:COL: path: message``.
@@ -10,10 +10,18 @@ simulator scenarios), on pydantic v2.
 """
 
 from gateway.schema.jsonschema import json_schema
-from gateway.schema.model import Model, Problems, container_fields, unwrap
+from gateway.schema.model import (
+    STRICT,
+    Model,
+    Problems,
+    container_fields,
+    fields_of,
+    unwrap,
+)
 from gateway.schema.types import (
     DURATION_PATTERN,
     AsTuple,
+    Check,
     Choice,
     Duration,
     Range,
@@ -24,20 +32,33 @@ from gateway.schema.types import (
     parse_duration,
     suggest,
 )
-from gateway.schema.validate import load_and_validate, problems_of, validate_doc, validate_value
+from gateway.schema.validate import (
+    adapter,
+    file_view,
+    load_and_validate,
+    problems_of,
+    validate_doc,
+    validate_parts,
+    validate_value,
+)
 
 __all__ = [
     "DURATION_PATTERN",
+    "STRICT",
     "AsTuple",
+    "Check",
     "Choice",
     "Duration",
     "Model",
     "Problems",
     "Range",
     "Text",
+    "adapter",
     "container_fields",
     "describe",
     "fail",
+    "fields_of",
+    "file_view",
     "format_duration",
     "json_schema",
     "load_and_validate",
@@ -46,5 +67,6 @@ __all__ = [
     "suggest",
     "unwrap",
     "validate_doc",
+    "validate_parts",
     "validate_value",
 ]

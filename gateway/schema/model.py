@@ -1,4 +1,11 @@
-"""The base of every model, and the checks that need positions in the YAML document."""
+"""The base of every model, and the checks that need positions in the YAML document.
+
+``Model``: strict (no coercion: ``"5"`` is not 5, ``true`` is not 1), unknown keys refused,
+frozen (hashable, ``model_copy(update=...)`` for a changed copy), and an optional section or list
+left empty in YAML (``devices:`` with every entry commented out) read as if it were absent. A YAML
+key that differs from the attribute is declared as ``Field(validation_alias="timeout")`` on
+``timeout_s``: files use the key (``gateway.schema.validate_*``), code the attribute name.
+"""
 
 from __future__ import annotations
 
@@ -6,38 +13,52 @@ import types
 import typing
 from typing import Any, ClassVar, NoReturn, Union
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, model_validator
+from pydantic.fields import FieldInfo
 
 from gateway.schema.types import fail
 
-__all__ = ["Model", "Problems", "container_fields", "unwrap"]
+__all__ = ["STRICT", "Model", "Problems", "container_fields", "fields_of", "unwrap"]
 
 PathT = tuple[str | int, ...]
 
+STRICT = ConfigDict(
+    strict=True,
+    extra="forbid",
+    frozen=True,
+    allow_inf_nan=False,
+    validate_by_name=True,
+    validate_by_alias=True,
+)
+
+_containers: dict[type, frozenset[str]] = {}
+
+
+def _drop_empty(cls: type, data: Any) -> Any:
+    if not isinstance(data, dict):
+        return data
+    keys = _containers.get(cls)
+    if keys is None:
+        keys = _containers[cls] = frozenset(container_fields(cls))
+    if any(data.get(k, 0) is None for k in keys):
+        return {k: v for k, v in data.items() if not (v is None and k in keys)}
+    return data
+
 
 class Model(BaseModel):
-    """Strict (no coercion: ``"5"`` is not 5, ``true`` is not 1), unknown keys refused, frozen.
+    model_config = STRICT
 
-    An optional section or list left empty in YAML (``devices:`` with every entry commented out)
-    reads as if it were absent."""
-
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
-
-    _containers: ClassVar[frozenset[str]] = frozenset()
-
-    @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
-        super().__pydantic_init_subclass__(**kwargs)
-        cls._containers = frozenset(container_fields(cls))
+    # Fields code sets but a file may not (hide them from the JSON Schema with SkipJsonSchema).
+    code_only: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="before")
     @classmethod
-    def _empty_sections(cls, data: Any) -> Any:
-        if isinstance(data, dict) and any(
-            data.get(k, 0) is None for k in cls._containers if isinstance(k, str)
-        ):
-            return {k: v for k, v in data.items() if not (v is None and k in cls._containers)}
-        return data
+    def _empty_sections(cls, data: Any, info: ValidationInfo) -> Any:
+        if info.context is not None and isinstance(data, dict):
+            for name in cls.code_only:
+                if name in data:
+                    raise fail(f"unknown key '{name}'", at=(name,), key=True)
+        return _drop_empty(cls, data)
 
 
 def unwrap(annotation: Any) -> Any:
@@ -51,16 +72,31 @@ def unwrap(annotation: Any) -> Any:
     return annotation
 
 
-def container_fields(model: type[BaseModel]) -> list[str]:
+def fields_of(t: Any) -> dict[str, FieldInfo] | None:
+    """Input key -> field of a model or pydantic dataclass; None for anything else."""
+    if isinstance(t, type) and issubclass(t, BaseModel):
+        fields = t.model_fields
+    elif isinstance(t, type) and hasattr(t, "__pydantic_fields__"):
+        fields = t.__pydantic_fields__
+    else:
+        return None
+    out = {}
+    for name, info in fields.items():
+        alias = info.validation_alias if isinstance(info.validation_alias, str) else info.alias
+        out[alias or name] = info
+    return out
+
+
+def container_fields(model: type) -> list[str]:
     """Optional fields holding a mapping, list or model: YAML null there means absent."""
     out = []
-    for name, info in model.model_fields.items():
+    for key, info in (fields_of(model) or {}).items():
         if info.is_required():
             continue
         t = unwrap(info.annotation)
         origin = typing.get_origin(t) or t
-        if origin in (tuple, list, dict) or (isinstance(t, type) and issubclass(t, BaseModel)):
-            out.append(info.alias or name)
+        if origin in (tuple, list, dict) or fields_of(t) is not None:
+            out.append(key)
     return out
 
 

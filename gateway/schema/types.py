@@ -3,6 +3,11 @@ person reads, choices that never take a boolean for a number, lists read into tu
 
 Each is an ``Annotated`` marker (``Annotated[float, Range(0, 60)]``) that checks the value itself
 and writes its own JSON Schema, so a key's type, range and description live in one place.
+
+Ranges, patterns and choices are what a person writes into a file: they are checked when a
+document is validated (``gateway.schema.validate_*`` always passes a validation context) and not
+when code builds an object itself (tests and the simulator use port 0, short timeouts); types are
+checked either way.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pydantic_core import PydanticCustomError, core_schema
 __all__ = [
     "DURATION_PATTERN",
     "AsTuple",
+    "Check",
     "Choice",
     "Duration",
     "Range",
@@ -73,9 +79,10 @@ def suggest(word: object, choices: Iterable[str]) -> str:
 
 
 # --- durations ---------------------------------------------------------------------------
-# The one syntax (config, profiles, tariffs, scenarios): a number of seconds (``30``, ``0.5``)
-# or one or more number-unit parts without spaces, units ms, s, m, h, d (``500ms``, ``2m``,
-# ``1h30m``, ``1d``). Nothing else: no spaces, no signs, no exponents.
+# The one syntax (config, profiles, tariffs, scenarios), the config's since its first release: a
+# number of seconds (``30``, ``0.5``) or one or more number-unit parts, units ms, s, m, h, d
+# (``500ms``, ``2m``, ``1h30m``, ``1d``); spaces around the whole are ignored, none inside
+# (``" 10 s"`` is refused). Nothing else: no signs, no exponents, no other units.
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h|d))+")
@@ -94,11 +101,12 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
-        if _NUMBER_RE.fullmatch(value):
-            seconds = float(value)
-        elif _DURATION_RE.fullmatch(value):
+        text = value.strip()
+        if _NUMBER_RE.fullmatch(text):
+            seconds = float(text)
+        elif _DURATION_RE.fullmatch(text):
             seconds = sum(
-                float(num) * _DURATION_UNITS[unit] for num, unit in _DURATION_PART_RE.findall(value)
+                float(num) * _DURATION_UNITS[unit] for num, unit in _DURATION_PART_RE.findall(text)
             )
         else:
             raise ValueError(
@@ -159,6 +167,27 @@ Duration = Annotated[float, _Duration()]
 # --- ranges, strings, choices ------------------------------------------------------------
 
 
+class Check:
+    """Base of a marker that checks a value itself: a subclass gives ``validate(value, info)``
+    (``info.context`` is None when code builds the object) and ``json_schema()``."""
+
+    def validate(self, value: Any, info: core_schema.ValidationInfo) -> Any:
+        raise NotImplementedError
+
+    def json_schema(self) -> dict[str, Any]:
+        return {}
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.with_info_plain_validator_function(self.validate)
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return self.json_schema()
+
+
 def _show_number(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -180,7 +209,9 @@ class Range:
             show = format_duration
         lo, hi = self.lo, self.hi
 
-        def check(value: Any) -> Any:
+        def check(value: Any, info: core_schema.ValidationInfo) -> Any:
+            if info.context is None:  # built by code, not read from a file
+                return value
             if lo is not None and hi is not None and not lo <= value <= hi:
                 raise fail(f"must be between {show(lo)} and {show(hi)}, got {show(value)}")
             if lo is not None and value < lo:
@@ -189,7 +220,7 @@ class Range:
                 raise fail(f"must be at most {show(hi)}, got {show(value)}")
             return value
 
-        return core_schema.no_info_after_validator_function(check, inner)
+        return core_schema.with_info_after_validator_function(check, inner)
 
     def __get_pydantic_json_schema__(
         self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
@@ -210,7 +241,7 @@ def _is_duration(schema: core_schema.CoreSchema) -> bool:
     )
 
 
-class Text:
+class Text(Check):
     """A string: not empty (unless ``min_len=0``), at most ``max_len`` characters, matching
     ``pattern`` (worded "must be {hint}, got 'x'"), passing ``check`` (returns a message or
     None). ``secret``: messages never show the value."""
@@ -232,7 +263,9 @@ class Text:
         self.check = check
         self.secret = secret
 
-    def validate(self, value: Any) -> str:
+    def validate(self, value: Any, info: core_schema.ValidationInfo) -> str:
+        if info.context is None and isinstance(value, str):  # built by code
+            return value
         if isinstance(value, int | float) and not isinstance(value, bool):
             raise fail("expected a string, got a number: quote the value")
         if not isinstance(value, str):
@@ -250,16 +283,7 @@ class Text:
                 raise fail(message)
         return value
 
-    def __get_pydantic_core_schema__(
-        self, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(
-            self.validate, json_schema_input_schema=core_schema.str_schema()
-        )
-
-    def __get_pydantic_json_schema__(
-        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
+    def json_schema(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "string"}
         if self.min_len:
             out["minLength"] = self.min_len
@@ -270,7 +294,7 @@ class Text:
         return out
 
 
-class Choice:
+class Choice(Check):
     """One of ``values`` (strings or integers; ``True`` is never taken for 1), worded
     "must be one of a, b; got 'c' (did you mean 'a'?)". Use with ``Literal`` for the type:
     ``Annotated[Literal["N", "E", "O"], Choice("N", "E", "O")]``; or alone on ``str``/``int``
@@ -280,21 +304,17 @@ class Choice:
         self.values: Sequence[str | int] = values
         self.convert = convert
 
-    def validate(self, value: Any) -> Any:
-        if not any(type(value) is type(v) and value == v for v in self.values):
+    def validate(self, value: Any, info: core_schema.ValidationInfo) -> Any:
+        valid = any(type(value) is type(v) and value == v for v in self.values)
+        if not valid and info.context is None:  # built by code (an enum member, say)
+            return value
+        if not valid:
             choices = ", ".join(str(v) for v in self.values)
             hint = suggest(value, [v for v in self.values if isinstance(v, str)])
             raise fail(f"must be one of {choices}; got {describe(value)}{hint}")
         return self.convert(value) if self.convert else value
 
-    def __get_pydantic_core_schema__(
-        self, source: Any, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.no_info_plain_validator_function(self.validate)
-
-    def __get_pydantic_json_schema__(
-        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
+    def json_schema(self) -> dict[str, Any]:
         return {"enum": list(self.values)}
 
 

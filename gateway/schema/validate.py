@@ -7,20 +7,30 @@ Every error pydantic finds is reported, not just the first; positions come from
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from gateway.errors import ConfigProblem
-from gateway.schema.model import PathT, unwrap
+from gateway.schema.model import PathT, container_fields, fields_of, unwrap
 from gateway.schema.types import ERROR_TYPE, describe, suggest
 from gateway.yamlpos import YamlDoc, load_yaml
 
-__all__ = ["load_and_validate", "problems_of", "validate_doc", "validate_value"]
+__all__ = [
+    "adapter",
+    "file_view",
+    "load_and_validate",
+    "problems_of",
+    "validate_doc",
+    "validate_parts",
+    "validate_value",
+]
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M")
 
 _EXPECTED = {
     "int_type": "an integer",
@@ -43,10 +53,14 @@ def validate_value(
     *,
     context: dict[str, Any] | None = None,
 ) -> M | None:
-    """``data`` (found at ``path`` in ``doc``) as a ``model``; None after adding every problem
-    to ``doc.problems``. ``context`` reaches validators as ``info.context``."""
+    """``data`` (found at ``path`` in ``doc``) as a ``model`` (a model, pydantic dataclass or any
+    type pydantic validates); None after adding every problem to ``doc.problems``. ``context``
+    reaches validators as ``info.context``. Only the keys a file may use are accepted (aliases,
+    not the attribute names code uses)."""
     try:
-        return model.model_validate(data, context=context)
+        return adapter(model).validate_python(  # type: ignore[arg-type]
+            data, context=context if context is not None else {}, by_alias=True, by_name=False
+        )
     except ValidationError as exc:
         doc.problems.extend(problems_of(exc, model, doc, path))
         return None
@@ -70,8 +84,100 @@ def load_and_validate(
     return validate_doc(model, doc, context=context), doc
 
 
+def validate_parts(
+    model: Any, data: Any, doc: YamlDoc, path: PathT = (), *, context: dict[str, Any]
+) -> Any:
+    """``data`` validated key by key, so that one bad value does not hide the rest: the valid
+    parts as plain data keyed like the file (``file_view``), a bad list item as None, a bad key
+    left out; every problem added to ``doc`` once. A model whose keys are all valid is validated
+    whole (its model validators run). For files whose checks between keys must see every valid
+    part (the site config); code builds the result with ``adapter(model).validate_python``."""
+    t = unwrap(model)
+    if fields_of(t) is None:
+        t = _file_model(model) or t
+    fields = fields_of(t)
+    if fields is None or not isinstance(data, dict):
+        if typing.get_origin(t) is tuple and isinstance(data, list):
+            item = typing.get_args(t)[0]
+            return [
+                validate_parts(item, v, doc, (*path, i), context=context)
+                for i, v in enumerate(data)
+            ]
+        return file_view(validate_value(model, data, doc, path, context=context))
+    before = len(doc.problems)
+    code_only = getattr(t, "code_only", ())
+    empty = set(container_fields(t))
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        info = fields.get(key) if isinstance(key, str) else None
+        if info is None or key in code_only:
+            hint = suggest(key, [k for k in fields if k not in code_only])
+            doc.add((*path, key), f"unknown key '{key}'{hint}", key=True)
+            continue
+        if value is None and key in empty:
+            continue
+        annotation = (
+            Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        )
+        checked = validate_parts(annotation, value, doc, (*path, key), context=context)
+        if checked is not None:
+            out[key] = checked
+    for key, info in fields.items():
+        if info.is_required() and key not in data:
+            doc.add((*path, key), f"missing required key '{key}'")
+    if len(doc.problems) == before:
+        return file_view(validate_value(model, data, doc, path, context=context))
+    return out
+
+
+def _file_model(annotation: Any) -> Any:
+    """The model a type is read from (a marker with ``file_model``, e.g. a ``Token`` read from
+    its entry model), looking through ``Optional``; None for any other type."""
+    for part in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(part) is Annotated:
+            for marker in part.__metadata__:
+                if hasattr(marker, "file_model"):
+                    return marker.file_model
+    return None
+
+
+def file_view(value: Any) -> Any:
+    """A validated model as plain data: the keys its file set (YAML keys, not attribute names)
+    with their validated values; lists as lists. Other values as they are."""
+    if isinstance(value, BaseModel):
+        keys = {
+            info.validation_alias if isinstance(info.validation_alias, str) else name: name
+            for name, info in type(value).model_fields.items()
+        }
+        return {
+            key: file_view(getattr(value, name))
+            for key, name in keys.items()
+            if name in value.model_fields_set
+        }
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [file_view(v) for v in value]
+    if isinstance(value, dict):
+        return {k: file_view(v) for k, v in value.items()}
+    return value
+
+
+@functools.cache
+def adapter(model: Any) -> TypeAdapter[Any]:
+    """The (cached) validator of any type pydantic knows; a bare type (a key's type on its own)
+    gets the models' rules (strict, finite numbers)."""
+    t = unwrap(model)
+    if fields_of(t) is not None or (isinstance(t, type) and dataclasses.is_dataclass(t)):
+        return TypeAdapter(model)  # a model or dataclass carries its own configuration
+    return TypeAdapter(model, config=_LEAF)
+
+
+_LEAF = ConfigDict(strict=True, allow_inf_nan=False)
+
+
 def problems_of(
-    exc: ValidationError, model: type[BaseModel], doc: YamlDoc, path: PathT = ()
+    exc: ValidationError, model: Any, doc: YamlDoc, path: PathT = ()
 ) -> list[ConfigProblem]:
     """Every error of ``exc`` as a positioned problem in today's wording."""
     out: list[ConfigProblem] = []
@@ -94,7 +200,7 @@ def problems_of(
     return out
 
 
-def _word(err: Any, model: type[BaseModel], loc: PathT) -> tuple[str, bool]:
+def _word(err: Any, model: Any, loc: PathT) -> tuple[str, bool]:
     kind = err["type"]
     value = err.get("input")
     ctx = err.get("ctx") or {}
@@ -125,15 +231,15 @@ def _word(err: Any, model: type[BaseModel], loc: PathT) -> tuple[str, bool]:
     return str(err["msg"]), False
 
 
-def _fields_at(model: type[BaseModel], loc: PathT) -> list[str]:
+def _fields_at(model: Any, loc: PathT) -> list[str]:
     """The keys the model at ``loc`` (below ``model``) accepts, for "did you mean"."""
     t: Any = model
     for part in loc:
         t = unwrap(t)
         origin = typing.get_origin(t)
-        if isinstance(t, type) and issubclass(t, BaseModel):
-            fields = {(f.alias or n): f for n, f in t.model_fields.items()}
-            if part not in fields:
+        fields = fields_of(t)
+        if fields is not None:
+            if not isinstance(part, str) or part not in fields:
                 return []
             t = fields[part].annotation
         elif origin in (tuple, list):
@@ -142,7 +248,4 @@ def _fields_at(model: type[BaseModel], loc: PathT) -> list[str]:
             t = typing.get_args(t)[1]
         else:
             return []
-    t = unwrap(t)
-    if isinstance(t, type) and issubclass(t, BaseModel):
-        return [f.alias or n for n, f in t.model_fields.items()]
-    return []
+    return list(fields_of(unwrap(t)) or ())

@@ -26,7 +26,7 @@ import heapq
 import itertools
 import random
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -100,7 +100,7 @@ class SimSite:
             raise ValueError("speed must be > 0")
         # OCPP charge points are not served here: they connect to the gateway themselves
         # (gateway.ocpp.sim).
-        self.config = replace(config, devices=config.modbus_devices)
+        self.config = config.model_copy(update={"devices": config.modbus_devices})
         self.profiles = profiles
         self.speed = speed
         self.scenario = scenario
