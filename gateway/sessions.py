@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 from gateway.config import GatewayConfig
 from gateway.errors import CommandError
@@ -63,6 +64,7 @@ from gateway.model import (
     rfc3339,
 )
 from gateway.ports import ChargerControl, SessionStore
+from gateway.records import SessionFacts
 from gateway.tags import normalise_tag
 
 __all__ = [
@@ -534,7 +536,7 @@ class OpenSession:
         return True
 
     # ----------------------------------------------------------- record
-    def to_record(self, site_id: str) -> dict[str, Any]:
+    def to_record(self, site_id: str) -> SessionFacts:
         assert self.ended_at is not None and self.stop_reason is not None
         flags = list(self.flags)
         if self.meter_start_wh is None:
@@ -554,7 +556,7 @@ class OpenSession:
                 )
             if self.energy() == 0 and Flag.NOT_BILLABLE not in flags:
                 flags.append(Flag.NOT_BILLABLE)
-        return {
+        facts = {
             "schema": SESSION_SCHEMA,
             "session_id": self.session_id,
             "site_id": site_id,
@@ -574,6 +576,7 @@ class OpenSession:
             "tariff_version": self.tariff_version,
             "flags": [str(f) for f in flags],
         } | ({"ocpp": dict(self.ocpp)} if self.ocpp is not None else {})
+        return SessionFacts.from_dict(facts)
 
 
 # --------------------------------------------------------------------------- effects
@@ -592,7 +595,7 @@ class StartSession:
 @dataclass(frozen=True, slots=True)
 class FinishSession:
     session: OpenSession
-    record: dict[str, Any]  # without charging_periods/cost (pricer) and seq/hashes (store)
+    record: SessionFacts
 
 
 @dataclass(frozen=True, slots=True)
@@ -1543,8 +1546,8 @@ class SessionTracker:
             session_id=session.session_id,
             charger_id=session.charger_id,
             stop_reason=reason.value,
-            energy_wh=record["energy_wh"],
-            flags=record["flags"],
+            energy_wh=record.energy_wh,
+            flags=record.flags,
         )
         effects.append(FinishSession(session, record))
         conn.session = None
@@ -2006,7 +2009,7 @@ class SessionManager:
         )
 
     async def _finish(self, effect: FinishSession) -> None:
-        session, record = effect.session, dict(effect.record)
+        session, facts = effect.session, effect.record
         points = self._points.pop(session.session_id, [])
         assert session.ended_at is not None
         periods: list[dict[str, Any]] | None = None
@@ -2021,17 +2024,20 @@ class SessionManager:
                 periods, cost = result
             except Exception as exc:  # pricing must never lose a session
                 log.error("session_pricing_failed", session_id=session.session_id, error=str(exc))
-                record["flags"] = [*record["flags"], UNPRICED]
-        if cost is not None and Flag.NOT_BILLABLE.value in record["flags"]:
+                facts = facts.model_copy(update={"flags": [*facts.flags, UNPRICED]})
+        if cost is not None and Flag.NOT_BILLABLE.value in facts.flags:
             # Plugged in but never charged: on record, priced at nothing.
             places = len(str(cost["excl_vat"]).partition(".")[2])  # the currency's minor unit
             zero = f"{0:.{places}f}"
             cost = {**cost, "excl_vat": zero, "vat": zero, "incl_vat": zero, "lines": []}
-        if periods is None:
-            periods = default_periods(points, session.started_at, session.ended_at)
-        record["charging_periods"] = periods
-        record["cost"] = cost
-        sealed = await self._store.finish_session(record)
+        default = default_periods(points, session.started_at, session.ended_at)
+        try:
+            record = facts.priced(default if periods is None else periods, cost)
+        except ValidationError as exc:  # a price no record can carry must not lose a session
+            log.error("session_price_invalid", session_id=session.session_id, error=str(exc))
+            facts = facts.model_copy(update={"flags": [*facts.flags, UNPRICED]})
+            record = facts.priced(default, None)
+        sealed = await self._store.finish_session(record.to_dict())
         await self._emit("session_finished", sealed)
 
     async def _authorize(self, req: RequestAuth) -> None:
