@@ -5,21 +5,51 @@ against the simulator."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from mqtt_broker import free_port
 
-from gateway.app import profile_max_currents, truncated_tags
+from gateway.app import counter_facts, profile_max_currents, truncated_tags
 from gateway.auth import Authorizer
 from gateway.config import AuthConfig, DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
 from gateway.modbus.bus import BusPool
 from gateway.modbus.driver import Chargers, DeviceDriver
 from gateway.modbus.poller import DevicePoller
 from gateway.model import SystemClock, Token, TokenType
+from gateway.ports import JsonObject
 from gateway.profiles import Profile
-from gateway.sessions import Counter, EventSink, SessionManager
+from gateway.sessions import SessionManager
+
+EventCallback = Callable[[str, dict[str, Any]], Awaitable[None] | None]
+
+
+class EventLog:
+    """A ``gateway.ports.SessionEvents`` for tests: each event kept as (kind, payload) in order,
+    kind "status", "session_started" or "session_finished", and handed to ``on_event`` (plain
+    or async) when one is given."""
+
+    def __init__(self, on_event: EventCallback | None = None) -> None:
+        self.events: list[tuple[str, JsonObject]] = []
+        self._on_event = on_event
+
+    async def _add(self, kind: str, payload: JsonObject) -> None:
+        self.events.append((kind, payload))
+        if self._on_event is not None:
+            res = self._on_event(kind, payload)
+            if res is not None:
+                await res
+
+    async def charger_status(self, charger_id: str, status: JsonObject) -> None:
+        assert status["device_id"] == charger_id
+        await self._add("status", status)
+
+    async def session_started(self, started: JsonObject) -> None:
+        await self._add("session_started", started)
+
+    async def session_finished(self, record: JsonObject) -> None:
+        await self._add("session_finished", record)
 
 
 def sim_site_config(tmp_path: Path, cp2_driver: str) -> GatewayConfig:
@@ -43,11 +73,10 @@ async def modbus_sessions(
     profiles: Mapping[str, Profile],
     pool: BusPool,
     store: Any,
-    on_event: EventSink,
+    on_event: EventCallback,
     *,
     charger_ids: Iterable[str],
     time_scale: float,
-    counters: Mapping[str, Mapping[str, Counter]] | None = None,
 ) -> tuple[SessionManager, DevicePoller]:
     clock = SystemClock()
     drivers = {
@@ -65,10 +94,10 @@ async def modbus_sessions(
         None,
         None,
         clock,
-        on_event,
+        EventLog(on_event),
         charger_ids=list(charger_ids),
         time_scale=time_scale,
-        counters=counters,
         profile_max_a=profile_max_currents(config, profiles),
+        **counter_facts(config, profiles),
     )
     return manager, DevicePoller(list(drivers.values()), manager.on_sample)
