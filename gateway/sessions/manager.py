@@ -33,6 +33,7 @@ from gateway.ports import (
     SessionEvents,
     SessionStore,
 )
+from gateway.records import SessionRecord
 from gateway.sessions.connector import ChargerSpec, Grant
 from gateway.sessions.effects import (
     AddPoint,
@@ -464,7 +465,7 @@ class SessionManager:
             record = facts.priced(default, None)
         sealed = await self._store.finish_session(record.to_dict())
         if self._events is not None:
-            await self._events.session_finished(sealed)
+            await self._events.session_finished(SessionRecord.from_dict(sealed))
 
     async def _authorize(self, req: RequestAuth) -> None:
         try:
