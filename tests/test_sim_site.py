@@ -4,6 +4,7 @@ configured path, scenarios (with line-numbered errors), random traffic and the t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from pathlib import Path
 
@@ -207,6 +208,18 @@ async def test_random_traffic_uses_configured_tokens(tmp_path: Path) -> None:
         if r["device"] in ("cp2", "cp4"):  # no tag register: app starts
             assert r["tag"] == "app-7f3c9a" and r["tag_seen"] is None
     assert any(r["energy_wh"] > 0 for r in done)
+    # a connector stays free for a while between two visits: a gateway polling a sped-up site
+    # must see it free, or two drivers' visits would read as one session
+    by_device: dict[str, list[dict[str, float]]] = {}
+    for r in sorted(done, key=lambda r: r["plugged_at"]):
+        by_device.setdefault(r["device"], []).append(r)
+    gaps = [
+        b["plugged_at"] - a["unplugged_at"]
+        for visits in by_device.values()
+        for a, b in itertools.pairwise(visits)
+    ]
+    # (truth times are wall-clock: at speed 2000 a simulated second is half a millisecond)
+    assert gaps and min(gaps) * 2000.0 >= fast.min_idle_s * 0.95, gaps
 
 
 def test_scenario_errors_carry_lines() -> None:

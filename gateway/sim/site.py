@@ -61,6 +61,9 @@ class TrafficProfile:
     """Random EV traffic, in simulated seconds."""
 
     mean_idle_s: float = 600.0  # between an EV leaving and the next arriving
+    # ... and never less: a gateway polling a sped-up site once a (real) second must see the
+    # connector free, as it would at any real driver's pace, or two visits read as one.
+    min_idle_s: float = 120.0
     tag_delay_s: tuple[float, float] = (3.0, 20.0)
     energy_need_wh: tuple[float, float] = (3_000.0, 30_000.0)
     power_w: tuple[float, ...] = (3_700.0, 7_400.0, 11_000.0, 22_000.0)
@@ -458,10 +461,12 @@ class SimSite:
         rng = random.Random(f"{self.seed}:{device_id}")
         await self.sleep(rng.uniform(1.0, tp.mean_idle_s / 2))
         while True:
-            while charger.ev is not None:  # someone else (a scenario, a test) has the connector
-                await self.sleep(60.0)
-            await self._one_visit(charger, rng)
-            await self.sleep(rng.expovariate(1.0 / tp.mean_idle_s))
+            if charger.ev is not None:  # someone else (a scenario, a test) has the connector
+                while charger.ev is not None:
+                    await self.sleep(60.0)
+            else:
+                await self._one_visit(charger, rng)
+            await self.sleep(max(tp.min_idle_s, rng.expovariate(1.0 / tp.mean_idle_s)))
 
     async def _one_visit(self, charger: SimCharger, rng: random.Random) -> None:
         """One EV: arrive, identify, charge (maybe pause), leave. Gives up quietly if another
