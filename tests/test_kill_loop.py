@@ -24,7 +24,7 @@ from test_uplink_support import PREFIX, SITE, Recorder, running, wait_until
 from gateway.records import GENESIS, record_hash
 from gateway.store import Store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SPEED = 50.0
 # The gateway runs in real time and checks every counter step against the charger's maximum

@@ -28,7 +28,10 @@ from gateway.profiles import (
 )
 from gateway.sim.server import FaultKind, RegisterImage, SimServer, pty_pair
 
-pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed")
+pytestmark = [
+    pytest.mark.e2e,  # socat makes the pseudo-terminal pairs
+    pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed"),
+]
 
 BAUD = 19200
 # The pty pair refuses parity and character-size changes (tcsetattr EINVAL) here, and a pty

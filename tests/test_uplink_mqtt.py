@@ -309,6 +309,7 @@ async def _tls_case(
         broker.kill()
 
 
+@pytest.mark.e2e
 async def test_tls_with_generated_ca(tmp_path: Path, test_pki: Pki, store: Store) -> None:
     delivered, _ = await _tls_case(
         tmp_path / "b1", test_pki, TlsConfig(ca_file=test_pki.ca_file), store
@@ -316,6 +317,7 @@ async def test_tls_with_generated_ca(tmp_path: Path, test_pki: Pki, store: Store
     assert delivered
 
 
+@pytest.mark.e2e
 async def test_tls_wrong_ca_is_refused(tmp_path: Path, test_pki: Pki, store: Store) -> None:
     delivered, logs = await _tls_case(
         tmp_path / "b2", test_pki, TlsConfig(ca_file=test_pki.other_ca_file), store
@@ -325,6 +327,7 @@ async def test_tls_wrong_ca_is_refused(tmp_path: Path, test_pki: Pki, store: Sto
     assert errors and "CERTIFICATE_VERIFY_FAILED" in errors[0]["error"]
 
 
+@pytest.mark.e2e
 async def test_tls_client_certificate(tmp_path: Path, test_pki: Pki, store: Store) -> None:
     tls = TlsConfig(
         ca_file=test_pki.ca_file, cert_file=test_pki.client_cert, key_file=test_pki.client_key
@@ -333,6 +336,7 @@ async def test_tls_client_certificate(tmp_path: Path, test_pki: Pki, store: Stor
     assert delivered
 
 
+@pytest.mark.e2e
 async def test_tls_client_certificate_missing_is_refused(
     tmp_path: Path, test_pki: Pki, store: Store
 ) -> None:

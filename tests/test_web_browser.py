@@ -193,6 +193,7 @@ def _card(charger: str, part: str = "dataset.state") -> str:
     return f"document.querySelector('[data-charger=\"{charger}\"]')?.{part}"
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 async def test_page_shows_chargers_and_updates_when_an_ev_starts(
     tmp_path: Path, mosquitto: MosquittoBroker, shipped_profiles: dict[str, Profile]
