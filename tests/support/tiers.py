@@ -1,25 +1,35 @@
-"""The test tiers (README, Development): the inner loop ``pytest -m "not e2e and not slow"`` runs
-in-process and in under a minute; ``e2e`` tests run whole paths (a real broker, the gateway or
-the simulator as a subprocess, a browser); ``slow`` tests are long runs.
+"""The test tiers (README, Development), as a pytest plugin that tests/conftest.py loads.
 
-tests/conftest.py marks every test that uses a broker fixture as ``e2e`` at collection, and runs
-every test that is not marked ``e2e`` under ``SpawnGuard``: starting any process there fails the
-test, so a test that starts a broker, a gateway, socat or a browser itself cannot stay in the
-inner loop unmarked. The guard is an audit hook (PEP 578), so it sees every way Python starts a
-process (``subprocess``, ``asyncio.create_subprocess_*``, ``os.fork``, ``os.posix_spawn``,
-``os.system``) and refuses before anything is started.
+- ``e2e``: whole paths: a real broker, the gateway or the simulator as a subprocess, socat, a
+  browser, any other process.
+- ``slow``: long runs (seconds to minutes).
+- the inner loop, ``pytest -m "not e2e and not slow"``: in-process, under a minute.
+
+Marking cannot rot: a test that uses a broker fixture (``E2E_FIXTURES``) is marked ``e2e`` at
+collection, and every test that is not marked ``e2e`` runs under ``SpawnGuard``, which refuses to
+start a process and fails the test. So a test that starts a broker, a gateway, socat or a
+browser itself fails until it is marked. The guard is an audit hook (PEP 578): it sees every way
+Python starts a process (``subprocess``, ``asyncio.create_subprocess_*``, ``os.fork``,
+``os.posix_spawn``, ``os.system``, ``os.exec*``) and refuses before anything is started.
 """
 
 from __future__ import annotations
 
+import os
+import platform
+import sys
+from collections.abc import Generator
 from typing import Any
 
-__all__ = ["E2E_FIXTURES", "SPAWN_EVENTS", "SpawnGuard", "UnmarkedSpawnError"]
+import pytest
+
+__all__ = ["E2E_FIXTURES", "GUARD", "SPAWN_EVENTS", "SpawnGuard", "UnmarkedSpawnError"]
 
 # A test using one of these fixtures talks to a real mosquitto (fault_proxy stands in front of it).
 E2E_FIXTURES = frozenset({"mosquitto", "fault_proxy"})
 
-# The audit events raised before a process is started (docs.python.org: audit events table).
+# The audit events raised before a process is started (the "Audit events table" of the Python
+# documentation).
 SPAWN_EVENTS = frozenset(
     {
         "subprocess.Popen",
@@ -40,7 +50,7 @@ class UnmarkedSpawnError(Exception):
 class SpawnGuard:
     """An audit hook that refuses to start a process while it watches a test.
 
-    Installed once per pytest run (audit hooks cannot be removed); ``watch(nodeid)`` and
+    Audit hooks cannot be removed, so there is one per pytest run; ``watch(nodeid)`` and
     ``stop()`` bracket each test that is not marked ``e2e``. ``refused`` keeps what was refused
     for the test being watched, so a test that swallows the error still fails afterwards.
     """
@@ -67,15 +77,60 @@ class SpawnGuard:
         self.refused.append(what)
         raise UnmarkedSpawnError(
             f"{nodeid} starts a process ({what}) but is not marked e2e: mark it "
-            "@pytest.mark.e2e (or the module with pytestmark) so the inner loop stays in-process"
+            "@pytest.mark.e2e (or its module with pytestmark) so the inner loop stays in-process"
         )
 
 
 def _describe(event: str, args: tuple[Any, ...]) -> str:
-    if event in ("subprocess.Popen", "os.posix_spawn", "os.spawn", "os.exec") and len(args) >= 2:
-        argv = args[1]
-        words = [str(a) for a in argv] if isinstance(argv, list | tuple) else [str(argv)]
-        return f"{event}: {' '.join(words)[:120]}"
-    if event == "os.system" and args:
-        return f"{event}: {str(args[0])[:120]}"
-    return event
+    """The command line, as far as the event tells it."""
+    if event in ("subprocess.Popen", "os.posix_spawn", "os.exec") and len(args) >= 2:
+        command = args[1]  # argv (Popen: a string too, with shell=True)
+    elif event == "os.spawn" and len(args) >= 3:
+        command = args[2]
+    elif event == "os.system" and args:
+        command = args[0]
+    else:
+        return event
+    words = command if isinstance(command, list | tuple) else [command]
+    text = " ".join(os.fsdecode(w) if isinstance(w, bytes) else str(w) for w in words)
+    return f"{event}: {text[:120]}"
+
+
+GUARD = pytest.StashKey[SpawnGuard]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # platform caches what `uname -p` says on first use (the benchmark report asks): ask before
+    # any test is watched, so the answer never counts as a test's process
+    platform.processor()
+    guard = SpawnGuard()
+    config.stash[GUARD] = guard
+    sys.addaudithook(guard)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    if item.get_closest_marker("e2e") is not None:
+        return (yield)
+    guard = item.config.stash[GUARD]
+    guard.watch(item.nodeid)
+    try:
+        return (yield)
+    finally:
+        guard.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    result = yield
+    refused = item.config.stash[GUARD].refused
+    if refused:  # the test caught the guard's error and went on
+        pytest.fail(f"{item.nodeid} is not marked e2e but tried to start: {'; '.join(refused)}")
+    return result
