@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_uplink_support import wait_until
 
@@ -15,6 +16,8 @@ from gateway.cli import main
 from gateway.config import load_config
 from gateway.demo import run_demo
 from gateway.store import Store
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # the whole demo, broker included, for seconds
 
 
 async def test_demo_finishes_priced_sessions_and_delivers_them(tmp_path: Path) -> None:

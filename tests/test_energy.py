@@ -334,6 +334,7 @@ def _sessions(
     return times, truth, readings, glitch
 
 
+@pytest.mark.slow
 @settings(max_examples=600, deadline=None)
 @given(_sessions())
 def test_energy_is_bounded_and_exact_whatever_the_glitches(data: Any) -> None:
@@ -390,6 +391,7 @@ def test_energy_never_exceeds_max_power_times_duration(
 
 
 # ----------------------------------------------------------------------------- over Modbus
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("device", "driver", "value", "label"),
     [

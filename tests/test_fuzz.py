@@ -124,6 +124,7 @@ _EXAMPLE = _example_config()
 _EXAMPLE_PATHS = list(_paths(_EXAMPLE))
 
 
+@pytest.mark.slow
 @fuzz(60)
 @given(
     path=st.sampled_from(_EXAMPLE_PATHS),
@@ -163,6 +164,7 @@ _PROFILES = {p.name: yaml.safe_load(p.read_text()) for p in _shipped_profile_fil
 _PROFILE_PATHS = [(name, path) for name, data in _PROFILES.items() for path in _paths(data)]
 
 
+@pytest.mark.slow
 @fuzz(60)
 @given(
     target=st.sampled_from(_PROFILE_PATHS),
@@ -429,6 +431,7 @@ def _records(draw: st.DrawFn) -> bytes:
     return json.dumps(rec).encode()
 
 
+@pytest.mark.slow
 @fuzz(40)
 @given(payloads=st.lists(_records(), min_size=1, max_size=4))
 def test_consumer_takes_any_record_without_an_exception(payloads: list[bytes]) -> None:

@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from mqtt_broker import free_port
 from test_uplink_support import running, wait_until
 
@@ -95,6 +96,7 @@ class Watch:
             await asyncio.sleep(0.05)
 
 
+@pytest.mark.slow
 async def test_three_evs_are_held_under_the_grid_limit(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:
@@ -159,6 +161,7 @@ async def test_three_evs_are_held_under_the_grid_limit(
         assert watch.peak_a <= MAX_A
 
 
+@pytest.mark.slow
 async def test_a_silent_charger_counts_as_base_load(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:

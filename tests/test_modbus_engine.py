@@ -326,6 +326,7 @@ async def run_for(poller: DevicePoller, seconds: float) -> None:
         await task
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind", [FaultKind.NO_ANSWER, FaultKind.EXCEPTION, FaultKind.GARBAGE, FaultKind.DROP]
 )

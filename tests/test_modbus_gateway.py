@@ -47,6 +47,7 @@ def _gaps(transactions: list[LineTransaction]) -> list[tuple[int, float]]:
     ]
 
 
+@pytest.mark.slow
 async def test_charger_and_billing_meter_behind_one_converter_bill_exactly(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:
@@ -119,6 +120,7 @@ def _meter_unit(profile: Profile, seed: int) -> RegisterImage:
     return image
 
 
+@pytest.mark.slow
 async def test_shared_endpoint_serialises_requests_and_keeps_the_delays(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:
@@ -210,6 +212,7 @@ async def test_a_silent_unit_behind_the_converter_costs_its_timeout_not_the_othe
             await bus.close()
 
 
+@pytest.mark.slow
 async def test_scan_through_a_converter_names_its_serial_units_and_the_snippet_checks(
     tmp_path: Path, shipped_profiles: dict[str, Profile], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -567,6 +567,7 @@ def test_meter_values_units_locations_and_signed_data() -> None:
     assert parse_timestamp("2026-12-02T09:00:00") == parse_timestamp("2026-12-02T09:00:00Z")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("skew_s", [-3600.0, 5400.0])
 async def test_charger_clock_skew_is_measured_and_taken_off(
     tmp_path: Path, shipped_profiles: dict[str, Profile], skew_s: float
@@ -724,6 +725,7 @@ async def test_meter_values_without_transaction_id_and_from_another_register(
     assert two["energy_wh"] == 2_345 and two["flags"] == []
 
 
+@pytest.mark.slow
 async def test_transaction_whose_stop_never_comes_is_closed_as_estimated(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:
@@ -773,6 +775,7 @@ def call_stop(transaction_id: int | None, meter_stop: int) -> Any:
     )
 
 
+@pytest.mark.slow
 async def test_evgw_simulate_drives_the_sites_ocpp_chargers(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:

@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sessions_support import modbus_sessions, sim_site_config
 
 from gateway.modbus.bus import BusPool
@@ -18,6 +19,7 @@ PROFILES = load_profiles()
 SPEED = 60.0
 
 
+@pytest.mark.slow
 async def test_sessions_over_modbus_match_the_simulator(tmp_path: Path) -> None:
     config = sim_site_config(tmp_path, "abb-terra-ac")
     events: list[tuple[str, dict[str, Any]]] = []

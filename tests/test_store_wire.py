@@ -206,6 +206,7 @@ _KEYS = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=600, deadline=None)
 @given(values=st.dictionaries(_KEYS, _PLAIN_VALUES, max_size=20))
 def test_fast_encoder_writes_the_same_bytes_as_the_json_module(values: dict[Any, Any]) -> None:

@@ -10,6 +10,7 @@ import asyncio
 from pathlib import Path
 
 import aiomqtt
+import pytest
 from mqtt_broker import free_port
 from test_uplink_support import Target, running, wait_until
 
@@ -17,6 +18,8 @@ from gateway.config import UplinkConfig
 from gateway.demo import embedded_broker
 from gateway.store import Store
 from gateway.uplink.mqtt import MqttUplink
+
+pytestmark = pytest.mark.e2e  # a real broker, if in-process
 
 
 async def test_uplink_switches_to_v311_when_an_mqtt5_connect_goes_unanswered(

@@ -10,12 +10,14 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import aiohttp
+import pytest
 from test_uplink_support import wait_until
 from test_web_support import get_json, start_charging, validate, web_site
 
 from gateway.profiles import Profile
 
 
+@pytest.mark.slow
 async def test_limit_in_force_and_statistics_page(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:
