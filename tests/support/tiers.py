@@ -16,7 +16,6 @@ Python starts a process (``subprocess``, ``asyncio.create_subprocess_*``, ``os.f
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from collections.abc import Generator
 from typing import Any
@@ -100,9 +99,6 @@ GUARD = pytest.StashKey[SpawnGuard]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # platform caches what `uname -p` says on first use (the benchmark report asks): ask before
-    # any test is watched, so the answer never counts as a test's process
-    platform.processor()
     guard = SpawnGuard()
     config.stash[GUARD] = guard
     sys.addaudithook(guard)
