@@ -12,6 +12,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from mqtt_broker import MosquittoBroker, free_port
 from test_uplink_support import PREFIX, SITE, Recorder, running, wait_until
 
@@ -74,6 +75,7 @@ def expected_cost(energy_wh: int) -> str:
     return str(excl + vat)
 
 
+@pytest.mark.slow
 async def test_site_lifecycle_end_to_end(
     tmp_path: Path, mosquitto: MosquittoBroker, shipped_profiles: dict[str, Profile]
 ) -> None:
@@ -173,6 +175,7 @@ async def _count(coro: Any, n: int) -> bool:
     return len(await coro) >= n
 
 
+@pytest.mark.slow
 async def test_tariffs_command_reprices_only_new_sessions_and_survives_a_restart(
     tmp_path: Path, mosquitto: MosquittoBroker, shipped_profiles: dict[str, Profile]
 ) -> None:

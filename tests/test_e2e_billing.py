@@ -11,6 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from mqtt_broker import MosquittoBroker
 from test_e2e import SPEED, _count, write_site
 from test_uplink_support import PREFIX, running, wait_until
@@ -25,6 +26,7 @@ from gateway.profiles import Profile
 from gateway.sim.site import SimSite
 
 
+@pytest.mark.slow
 async def test_site_to_statement_and_verify(
     tmp_path: Path,
     mosquitto: MosquittoBroker,

@@ -93,7 +93,6 @@ async def both_charging(site: SimSite, gw: Gateway) -> None:
     await wait_until(lambda: max(grid_phase_a(site)) <= CONNECTION_A, 10, "under the connection")
 
 
-@pytest.mark.slow
 async def test_a_limit_command_lowers_the_draw_within_two_polls_and_expires(
     tmp_path: Path, mosquitto: MosquittoBroker, shipped_profiles: dict[str, Profile]
 ) -> None:
@@ -241,7 +240,6 @@ async def test_a_relay_on_a_modbus_io_module_and_a_schedule(
             await wait_until(lambda: max(grid_phase_a(site)) <= 12.0, 5, "12 A while unknown")
 
 
-@pytest.mark.slow
 async def test_a_limit_command_must_be_signed_where_the_site_requires_it(
     tmp_path: Path, mosquitto: MosquittoBroker, shipped_profiles: dict[str, Profile]
 ) -> None:

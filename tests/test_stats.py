@@ -280,7 +280,6 @@ ARTEFACTS = Path(__file__).resolve().parent.parent / "test-artefacts"
 
 
 @pytest.mark.e2e
-@pytest.mark.slow
 async def test_html_and_svg_render_in_headless_chromium(
     buffer: GatewayConfig, tmp_path: Path
 ) -> None:

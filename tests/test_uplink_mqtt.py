@@ -95,7 +95,6 @@ def final_status_ok(rec: Recorder, payload_power: float) -> None:
     assert gw[-1].json()["state"] == "online"
 
 
-@pytest.mark.slow
 async def test_long_backlog_drained_after_outage(mosquitto: MosquittoBroker, store: Store) -> None:
     """Broker down while 2000 sessions and 20000 readings pile up; then it comes back."""
     await mosquitto.stop()
@@ -190,7 +189,9 @@ async def test_broker_killed_and_restarted_mid_stream(
     assert rec.problems == []
 
 
-@pytest.mark.parametrize("fault", ["drop", "reset", "stall", "throttle", "refuse"])
+@pytest.mark.parametrize(
+    "fault", ["drop", "reset", "stall", "throttle", pytest.param("refuse", marks=pytest.mark.slow)]
+)
 async def test_proxy_faults(
     mosquitto: MosquittoBroker, fault_proxy: FaultProxy, store: Store, fault: str
 ) -> None:

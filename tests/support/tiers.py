@@ -1,8 +1,9 @@
 """The test tiers (README, Development), as a pytest plugin that tests/conftest.py loads.
 
-- ``e2e``: whole paths: a real broker, the gateway or the simulator as a subprocess, socat, a
-  browser, any other process.
-- ``slow``: long runs (seconds to minutes).
+- ``e2e``: whole paths: a real broker (mosquitto, or the demo's embedded one), the gateway or the
+  simulator as a subprocess, socat, a browser, any other process.
+- ``slow``: long runs: an in-process test that needs a second or more on an idle core, an e2e
+  test that needs ten seconds or more.
 - the inner loop, ``pytest -m "not e2e and not slow"``: in-process, under a minute.
 
 Marking cannot rot: a test that uses a broker fixture (``E2E_FIXTURES``) is marked ``e2e`` at
