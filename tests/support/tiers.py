@@ -11,7 +11,9 @@ collection, and every test that is not marked ``e2e`` runs under ``SpawnGuard``,
 start a process and fails the test. So a test that starts a broker, a gateway, socat or a
 browser itself fails until it is marked. The guard is an audit hook (PEP 578): it sees every way
 Python starts a process (``subprocess``, ``asyncio.create_subprocess_*``, ``os.fork``,
-``os.posix_spawn``, ``os.system``, ``os.exec*``) and refuses before anything is started.
+``os.posix_spawn``, ``os.system``, ``os.exec*``) and refuses before anything is started. The one
+way past it is multiprocessing's "spawn" and "forkserver" start methods, which raise no audit
+event; nothing in the project uses multiprocessing.
 """
 
 from __future__ import annotations
