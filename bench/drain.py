@@ -21,7 +21,8 @@ from gateway.config import UplinkConfig, UplinkReadingsConfig
 from gateway.errors import CommandError
 from gateway.model import Token, new_session_id, rfc3339
 from gateway.store import Store
-from gateway.uplink.mqtt import MqttUplink, _reading_batches
+from gateway.uplink.drain import reading_batches
+from gateway.uplink.mqtt import MqttUplink
 from gateway.uplink.topics import Topics
 
 SITE = "bench"
@@ -100,7 +101,7 @@ async def messages(store: Store, topics: Topics) -> list[tuple[str, bytes]]:
     after = 0
     while rows2 := await store.readings_fetch_wire(READINGS_BATCH, after):
         after = rows2[-1][0]
-        out += [(topics.readings(dev), body) for dev, body, _ in _reading_batches(rows2)]
+        out += [(topics.readings(dev), body) for dev, body, _ in reading_batches(rows2)]
     return out
 
 

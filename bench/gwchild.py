@@ -27,9 +27,9 @@ from pymodbus.exceptions import ModbusException
 
 from bench.common import HOST, cpu_seconds, raise_fd_limit, rss_mb
 from bench.poll import make_drivers, raw_blocks
-from gateway.modbus.engine import DevicePoller
+from gateway.modbus.poller import DevicePoller
+from gateway.modbus.types import Table
 from gateway.model import DeviceSample
-from gateway.profiles import Table
 from gateway.store import Store
 
 WARMUP_S = 2.0

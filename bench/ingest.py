@@ -11,7 +11,8 @@ import time
 from typing import Any
 
 from bench.common import PROFILE, Result, Size, tempdir
-from gateway.profiles import DataType, load_profiles
+from gateway.modbus.types import DataType
+from gateway.profiles import load_profiles
 from gateway.store import Store
 from gateway.wire import encode_reading
 

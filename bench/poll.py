@@ -15,8 +15,9 @@ from pymodbus.exceptions import ModbusException
 from bench.common import HOST, PROFILE, Result, SimProcess, Size, cpu_seconds, tempdir
 from gateway.config import DeviceConfig
 from gateway.modbus.bus import TcpBus
-from gateway.modbus.engine import DeviceDriver
-from gateway.profiles import Table, load_profiles
+from gateway.modbus.driver import DeviceDriver
+from gateway.modbus.types import Table
+from gateway.profiles import load_profiles
 from gateway.store import Store
 
 TARGET_RATIO = 0.8

@@ -19,8 +19,10 @@ from typing import Any
 
 from bench.common import Result, Size
 from gateway.modbus.bus import SerialBus, rtu_frame_gap_s
-from gateway.profiles import Table
-from gateway.sim.server import Fault, RegisterImage, SimServer, pty_pair
+from gateway.modbus.types import Table
+from gateway.sim.pty import pty_pair
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import Fault, SimServer
 
 BAUDRATES = (9600, 19200, 115200)
 TURNAROUND_S = 0.020

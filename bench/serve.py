@@ -16,9 +16,11 @@ import sys
 import time
 
 from bench.common import HOST, PROFILE, raise_fd_limit
-from gateway.profiles import Table, load_profiles
+from gateway.modbus.types import Table
+from gateway.profiles import load_profiles
 from gateway.sim.devices import SimCharger
-from gateway.sim.server import Fault, RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import Fault, SimServer
 
 
 class _WatchedImage(RegisterImage):

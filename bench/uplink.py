@@ -4,7 +4,7 @@ A 10-charger site polled once a second (the default ``poll_interval``), 17 value
 benchmark profile), values changing every second. The readings go through the uplink's own code
 at its live cadence (the buffer is flushed and drained once a second): at full resolution
 (``uplink.readings.interval: 0``: one message per charger a second, spliced by
-``_reading_batches``) and with the defaults (``LeanReadings`` + ``_aggregate_batches``). Bytes are
+``reading_batches``) and with the defaults (``LeanReadings`` + ``aggregate_batches``). Bytes are
 MQTT 5 PUBLISH packets as sent at the default readings QoS 0 (fixed header, topic, properties
 length, payload); TCP/IP and TLS framing come on top and are estimated separately.
 
@@ -19,8 +19,8 @@ from typing import Any
 from bench.common import Result, Size
 from bench.ingest import sample_values
 from gateway.config import UplinkReadingsConfig
+from gateway.uplink.drain import aggregate_batches, reading_batches
 from gateway.uplink.lean import LeanReadings
-from gateway.uplink.mqtt import _aggregate_batches, _reading_batches
 from gateway.uplink.topics import Topics
 from gateway.wire import encode_reading
 
@@ -60,9 +60,9 @@ def simulate(seconds: int, readings: UplinkReadingsConfig) -> dict[str, float]:
             row_id += 1
             rows.append((row_id, f"cp{k + 1}", encode_reading(now, _values(base, second, k))))
         if lean is None:
-            batches = _reading_batches(rows)
+            batches = reading_batches(rows)
         else:
-            batches = _aggregate_batches(lean.add_wire(rows) + lean.due(now + 1))
+            batches = aggregate_batches(lean.add_wire(rows) + lean.due(now + 1))
         for device_id, payload, _ids in batches:
             total += publish_bytes(topics.readings(device_id), payload)
             messages += 1
@@ -98,7 +98,7 @@ async def run(size: Size) -> Result:
     result.add("full resolution: messages", full["messages_day"], "1/day")
     result.add("full resolution: with TCP/IP + TLS framing", full["framed_mb_day"], "MB/day")
     for mode in ("mean", "min_max"):
-        other = simulate(min(seconds, 3600), UplinkReadingsConfig(60, mode))
+        other = simulate(min(seconds, 3600), UplinkReadingsConfig(interval_s=60, mode=mode))
         result.add(f"60 s, {mode}: MQTT bytes", other["mqtt_mb_day"], "MB/day")
     result.add("ratio defaults/full resolution", lean["mqtt_mb_day"] / full["mqtt_mb_day"], "")
     result.notes.append(

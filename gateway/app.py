@@ -13,17 +13,19 @@ import json
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import structlog
 
 from gateway import __version__
 from gateway.config import OCPP_DRIVER, GatewayConfig
 from gateway.live import LiveState
+from gateway.modbus.types import DataType, RegisterSpec, value_range
 from gateway.model import Clock, DeviceKind, DeviceSample, SystemClock, Token
-from gateway.profiles import DataType, Profile, RegisterSpec, load_profiles, value_range
+from gateway.outgoing import EVENT_STREAM, STARTED_TOPIC
+from gateway.ports import JsonObject
+from gateway.profiles import Profile, load_profiles
 from gateway.sessions import MAX_COUNTER_WH, Counter
 
 __all__ = ["Gateway", "SiteCommands", "run_gateway"]
@@ -186,7 +188,8 @@ class Gateway:
         from gateway.billing.signing import Signer
         from gateway.billing.tariff import TariffBook
         from gateway.modbus.bus import BusPool
-        from gateway.modbus.engine import Chargers, DeviceDriver, DevicePoller
+        from gateway.modbus.driver import Chargers, DeviceDriver
+        from gateway.modbus.poller import DevicePoller
         from gateway.records import seal
         from gateway.sessions import SessionManager
         from gateway.store import Store
@@ -208,12 +211,12 @@ class Gateway:
                 self.tariffs.replace(saved["version"], saved["tariffs"])
             except Exception as exc:  # a stored push that no longer validates is not fatal
                 log.error("stored_tariffs_invalid", error=str(exc))
-        modbus_cfg = replace(cfg, devices=cfg.modbus_devices)
+        modbus_cfg = cfg.model_copy(update={"devices": cfg.modbus_devices})
         ocpp_devices = [d for d in cfg.devices if d.driver == OCPP_DRIVER]
         buses = await self._stack.enter_async_context(BusPool.from_config(modbus_cfg))
         self.buses = buses
         self.drivers = {
-            dev.id: DeviceDriver(dev, self.profiles[dev.driver], buses.for_device(dev), self.clock)
+            dev.id: DeviceDriver(dev, self.profiles[dev.driver], buses.bus_for(dev), self.clock)
             for dev in cfg.modbus_devices
         }
         self.chargers = Chargers(self.drivers)
@@ -282,22 +285,12 @@ class Gateway:
             off_the_loop(make_pricer(cfg.site.timezone)),
             self._resolve_tariff,
             self.clock,
-            self._on_session_event,
+            self,
             charger_ids=[d for d, kind in self._kinds.items() if kind is DeviceKind.CHARGER],
             time_scale=self.time_scale,
-            counters={d.id: _counters(self.profiles[d.driver]) for d in cfg.modbus_devices},
             profile_max_a=profile_max_currents(cfg, self.profiles),
-            plug_reset_counters=[
-                d.id for d in cfg.modbus_devices if _plug_reset_counter(self.profiles[d.driver])
-            ],
             transactional=[d.id for d in ocpp_devices],
-            prefer_session_counters=[
-                d.id
-                for d in cfg.modbus_devices
-                if _plug_reset_counter(self.profiles[d.driver])
-                and self.profiles[d.driver].has("energy_wh")
-                and self.profiles[d.driver].register("energy_wh").scale > 1.0
-            ],
+            **counter_facts(cfg, self.profiles),
         )
         self.poller = DevicePoller(list(self.drivers.values()), self._on_sample)
         if ocpp_route is not None:
@@ -425,14 +418,25 @@ class Gateway:
         except asyncio.QueueFull:
             log.error("sample_queue_full", device_id=sample.device_id)
 
-    async def _on_session_event(self, kind: str, payload: dict[str, Any]) -> None:
-        self.live.on_session_event(kind, payload)
-        if kind == "status":
-            device = payload.pop("device_id", None) or payload.get("charger_id")
-            if self.uplink is not None:
-                self.uplink.publish_status(device, payload)
-        elif kind == "session_started":
-            await self.store.enqueue("event", "sessions/started", _json(payload))
+    # ------------------------------------------- gateway.ports.SessionEvents (the sessions)
+    async def charger_status(self, charger_id: str, status: JsonObject) -> None:
+        self.live.on_session_event("status", status)
+        if self.uplink is not None:
+            # The CONTRACT status payload names no device: the topic does.
+            self.uplink.publish_status(
+                charger_id, {k: v for k, v in status.items() if k != "device_id"}
+            )
+            self.uplink.notify()
+
+    async def session_started(self, started: JsonObject) -> None:
+        self.live.on_session_event("session_started", started)
+        await self.store.enqueue(EVENT_STREAM, STARTED_TOPIC, _json(started))
+        if self.uplink is not None:
+            self.uplink.notify()
+
+    async def session_finished(self, record: JsonObject) -> None:
+        # Stored and queued on the outbox by the store already: the uplink is woken for it.
+        self.live.on_session_event("session_finished", record)
         if self.uplink is not None:
             self.uplink.notify()
 
@@ -560,6 +564,34 @@ def profile_max_currents(
         d.id: limit.max_a
         for d in config.modbus_devices
         if (limit := profiles[d.driver].current_limit) is not None
+    }
+
+
+class CounterFacts(TypedDict):
+    """The ``SessionManager``'s keyword arguments on counters (see :func:`counter_facts`)."""
+
+    counters: dict[str, dict[str, Counter]]
+    plug_reset_counters: list[str]
+    prefer_session_counters: list[str]
+
+
+def counter_facts(config: GatewayConfig, profiles: Mapping[str, Profile]) -> CounterFacts:
+    """What the Modbus devices' profiles say of their energy counters, as the
+    ``SessionManager`` takes it: range and resolution of each counter, the chargers whose
+    session counter restarts at every plug-in, and those of them billed from that session
+    counter rather than a coarse lifetime counter (scale above 1 Wh)."""
+    devices = [(d.id, profiles[d.driver]) for d in config.modbus_devices]
+    plug_reset = [cid for cid, profile in devices if _plug_reset_counter(profile)]
+    return {
+        "counters": {cid: _counters(profile) for cid, profile in devices},
+        "plug_reset_counters": plug_reset,
+        "prefer_session_counters": [
+            cid
+            for cid, profile in devices
+            if cid in plug_reset
+            and profile.has("energy_wh")
+            and profile.register("energy_wh").scale > 1.0
+        ],
     }
 
 

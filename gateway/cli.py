@@ -398,7 +398,7 @@ def _cmd_drivers(args: argparse.Namespace) -> int:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
-    from gateway.modbus.engine import run_scan
+    from gateway.modbus.commands import run_scan
 
     return _run_async(
         lambda: run_scan(
@@ -412,7 +412,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
 
 def _cmd_read(args: argparse.Namespace) -> int:
-    from gateway.modbus.engine import run_read
+    from gateway.modbus.commands import run_read
 
     config = _load(args)
     return _run_async(lambda: run_read(config, args.device, as_json=args.json))
@@ -496,7 +496,8 @@ def _broker_password(args: argparse.Namespace) -> str | None:
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:
-    from gateway.billing.consumer import RESERVED_SITES, run_consumer
+    from gateway.cloud.consumer import RESERVED_SITES
+    from gateway.cloud.subscriber import run_consumer
 
     _no_password_in(
         args.broker, "--broker", f"use --password-file FILE or the {BROKER_PASSWORD_ENV} variable"
@@ -521,7 +522,7 @@ def _cmd_consume(args: argparse.Namespace) -> int:
 
 
 def _cmd_trust(args: argparse.Namespace) -> int:
-    from gateway.billing.trustadmin import run_trust
+    from gateway.cloud.trustadmin import run_trust
 
     _no_password_in(
         getattr(args, "db", None), "--db", "set PGPASSWORD or use ~/.pgpass (both read by libpq)"
@@ -557,7 +558,7 @@ def _cmd_rotate_key(args: argparse.Namespace) -> int:
 
 
 def _cmd_statement(args: argparse.Namespace) -> int:
-    from gateway.billing.statement import run_statement
+    from gateway.cloud.statement import run_statement
 
     _no_password_in(args.db, "--db", "set PGPASSWORD or use ~/.pgpass (both read by libpq)")
     return _run_async(

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import structlog
 
 from gateway.errors import DeviceError
-from gateway.profiles import Table
+from gateway.modbus.types import Table
 
 __all__ = ["SignalPoller"]
 

@@ -8,24 +8,32 @@ part cannot run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
-from gateway.model import MeterPoint, Token
+from gateway.model import AuthSource, AuthStatus, MeterPoint, Token
 
 __all__ = [
+    "AuthAnswer",
     "AuthRequester",
     "AuthStore",
     "ChargerControl",
     "CommandTarget",
+    "JsonObject",
+    "JsonValue",
     "OutboxRow",
-    "ReadingRow",
     "RequestLog",
     "Sealer",
+    "SessionAuthorizer",
+    "SessionEvents",
     "SessionStore",
     "UplinkStore",
 ]
+
+JsonValue: TypeAlias = "bool | int | float | str | list[JsonValue] | dict[str, JsonValue] | None"
+JsonObject: TypeAlias = "dict[str, JsonValue]"
+"""A JSON document as Python values: a session's persisted state, a record, a payload."""
 
 Sealer = Callable[[dict[str, Any]], dict[str, Any]]
 """Completes a finished record whose ``seq`` and ``prev_hash`` are set: adds ``hash`` (and a
@@ -35,7 +43,7 @@ signature where a key is configured). See gateway/records.py."""
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
     id: int
-    stream: str  # "session" | "event" | "status" | "auth"
+    stream: str  # "session" | "event" (gateway/outgoing.py)
     topic: str  # suffix below P/S/, e.g. "sessions/finished"
     payload: bytes
     qos: int
@@ -43,28 +51,17 @@ class OutboxRow:
     created_ts: float
 
 
-@dataclass(frozen=True, slots=True)
-class ReadingRow:
-    id: int
-    device_id: str
-    ts: float
-    values: Mapping[str, Any]
-    wire: bytes | None = None
-    """The reading as one JSON object of an ``evgw.readings/1`` batch (``gateway.wire``), when
-    the store has it: the uplink splices it as is."""
-
-
 class SessionStore(Protocol):
     """Durable session state. Every method commits before it returns (synchronous=FULL for
     session transitions)."""
 
-    async def load_open_sessions(self) -> list[dict[str, Any]]: ...
+    async def load_open_sessions(self) -> list[JsonObject]: ...
 
     async def save_open_session(
-        self, session_id: str, charger_id: str, state: dict[str, Any]
+        self, session_id: str, charger_id: str, state: JsonObject
     ) -> None: ...
 
-    async def finish_session(self, record: dict[str, Any]) -> dict[str, Any]:
+    async def finish_session(self, record: JsonObject) -> JsonObject:
         """In one transaction: give the record the next ``seq`` of the site and the previous
         record's hash as ``prev_hash``, seal it, store it, drop the open session row, and queue it
         on the outbox (topic ``sessions/finished``). Returns the sealed record. Idempotent on
@@ -75,7 +72,9 @@ class SessionStore(Protocol):
         self, stream: str, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
     ) -> int: ...
 
-    async def add_readings(self, rows: Sequence[tuple[str, float, Mapping[str, Any]]]) -> None:
+    async def add_readings(
+        self, rows: Sequence[tuple[str, float, Mapping[str, JsonValue]]]
+    ) -> None:
         """Buffer readings (device_id, ts, values) in one batch; dropped (and said so once) while
         the disk cap is reached."""
         ...
@@ -86,6 +85,67 @@ class SessionStore(Protocol):
 
     async def session_points(self, session_id: str) -> list[MeterPoint]:
         """The curve of an open session, oldest first (to continue it after a restart)."""
+        ...
+
+
+class SessionEvents(Protocol):
+    """What the session manager reports to the rest of the gateway, one method per kind of
+    event, each called once what it reports is on disk. ``gateway.app.Gateway`` implements it
+    (live view, charger statuses to the uplink, ``sessions/started`` through the outbox)."""
+
+    async def charger_status(self, charger_id: str, status: JsonObject) -> None:
+        """A charger's status, online state or session changed: the CONTRACT ``status/<id>``
+        payload plus ``device_id``."""
+        ...
+
+    async def session_started(self, started: JsonObject) -> None:
+        """A session started and is persisted: the CONTRACT ``sessions/started`` payload."""
+        ...
+
+    async def session_finished(self, record: JsonObject) -> None:
+        """A session's record is sealed, stored and queued (``SessionStore.finish_session``)."""
+        ...
+
+
+class AuthAnswer(Protocol):
+    """The answer for one presented token (``gateway.auth.AuthDecision``)."""
+
+    @property
+    def status(self) -> AuthStatus: ...
+
+    @property
+    def user(self) -> str | None: ...
+
+    @property
+    def source(self) -> AuthSource: ...
+
+    @property
+    def token(self) -> Token | None: ...
+
+    @property
+    def offline_unknown(self) -> bool: ...
+
+    @property
+    def accepted(self) -> bool: ...
+
+
+class SessionAuthorizer(Protocol):
+    """What the session manager asks of authorization (``gateway.auth.Authorizer``)."""
+
+    async def authorize(self, token_id: str, token_type: str, charger_id: str) -> AuthAnswer:
+        """Decide on a presented token (local list, cache, cloud, offline policy)."""
+        ...
+
+    def check(self, token_id: str, charger_id: str | None = None) -> AuthStatus | None:
+        """The token's status by the lists alone (None when no list knows it)."""
+        ...
+
+    def lookup_user(self, user: str) -> Token | None:
+        """The token of a user the lists know (a remote start names a user)."""
+        ...
+
+    def add_listener(self, listener: Callable[[], Awaitable[None] | None]) -> None:
+        """Call ``listener`` after each change of the token lists."""
         ...
 
 
@@ -109,8 +169,6 @@ class UplinkStore(RequestLog, Protocol):
     async def outbox_ack(self, ids: Sequence[int]) -> None: ...
 
     async def outbox_backlog(self) -> dict[str, int]: ...
-
-    async def readings_fetch_unsynced(self, limit: int, after_id: int = 0) -> list[ReadingRow]: ...
 
     async def readings_fetch_wire(
         self, limit: int, after_id: int = 0

@@ -15,14 +15,14 @@ import json
 import json.encoder
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
 import msgspec
 
-__all__ = ["WireValues", "encode_reading", "readings_batch", "wire_ts"]
+__all__ = ["encode_reading", "readings_batch", "wire_ts"]
 
 _PLAIN = frozenset({int, float, str, bool, type(None)})
 _MSGSPEC: Callable[[Any], bytes] = msgspec.json.Encoder().encode
@@ -118,32 +118,3 @@ def _batch_head(device_id: str) -> bytes:
 def readings_batch(device_id: str, wires: Iterable[bytes]) -> bytes:
     """An ``evgw.readings/1`` message: the readings' wire texts spliced, nothing re-encoded."""
     return _batch_head(device_id) + b",".join(wires) + b"]}"
-
-
-class WireValues(Mapping[str, Any]):
-    """The values of a stored wire form, decoded only if someone looks (the uplink never does)."""
-
-    __slots__ = ("_decoded", "_wire")
-
-    def __init__(self, wire: bytes) -> None:
-        self._wire = wire
-        self._decoded: dict[str, Any] | None = None
-
-    def _values(self) -> dict[str, Any]:
-        if self._decoded is None:
-            decoded = json.loads(self._wire)
-            decoded.pop("ts", None)
-            self._decoded = decoded
-        return self._decoded
-
-    def __getitem__(self, key: str) -> Any:
-        return self._values()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values())
-
-    def __len__(self) -> int:
-        return len(self._values())
-
-    def __repr__(self) -> str:
-        return f"WireValues({self._values()!r})"

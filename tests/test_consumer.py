@@ -17,15 +17,15 @@ from mqtt_broker import FaultProxy, MosquittoBroker, fault_proxy, mosquitto  # n
 from structlog.testing import capture_logs
 from test_consumer_support import make_chain, make_signer, tampered
 
-from gateway.billing.cloudstore import CloudStore, CloudStoreError, open_cloud_store
-from gateway.billing.consumer import (
-    SessionConsumer,
+from gateway.billing.verify import run_verify
+from gateway.cloud.cloudstore import CloudStore, CloudStoreError, open_cloud_store
+from gateway.cloud.consumer import SessionConsumer
+from gateway.cloud.subscriber import (
     _connection_loop,
     parse_broker_url,
     run_consumer,
     subscriptions,
 )
-from gateway.billing.verify import run_verify
 from gateway.records import seal
 
 SITE = "depot-7"

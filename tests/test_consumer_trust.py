@@ -18,18 +18,13 @@ from mqtt_broker import MosquittoBroker, mosquitto  # noqa: F401
 from test_consumer import _consumer, _publish, _session_msg, _until, db_url  # noqa: F401
 from test_consumer_support import make_chain, make_signer, record_body
 
-from gateway.billing import consumer as consumer_module
-from gateway.billing.cloudstore import CloudStore, open_cloud_store
-from gateway.billing.consumer import SessionConsumer, _connection_loop, parse_broker_url
-from gateway.billing.signing import Signer
-from gateway.billing.trust import (
-    TrustDirError,
-    check_rotation,
-    load_trust_dir,
-    raw_hex,
-    sign_rotation,
-)
+from gateway.billing.signing import Signer, check_rotation, raw_hex, sign_rotation
 from gateway.cli import main
+from gateway.cloud import consumer as consumer_module
+from gateway.cloud.cloudstore import CloudStore, open_cloud_store
+from gateway.cloud.consumer import SessionConsumer
+from gateway.cloud.subscriber import _connection_loop, parse_broker_url
+from gateway.cloud.trust import TrustDirError, load_trust_dir
 from gateway.records import GENESIS, seal
 
 SITE = "depot-7"

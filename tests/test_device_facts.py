@@ -19,19 +19,13 @@ from gateway.auth import Authorizer
 from gateway.config import AuthConfig, DeviceConfig
 from gateway.modbus.bus import TcpBus
 from gateway.modbus.codec import decode
-from gateway.modbus.engine import DeviceDriver
+from gateway.modbus.driver import DeviceDriver
+from gateway.modbus.types import DataType, RegisterSpec, Table
 from gateway.model import AuthStatus, ChargerStatus, IecState, Token, TokenType
-from gateway.profiles import (
-    KNOWN_FROM,
-    ControlSpec,
-    DataType,
-    Profile,
-    RegisterSpec,
-    Table,
-    load_profiles,
-)
+from gateway.profiles import KNOWN_FROM, ControlSpec, Profile, load_profiles
 from gateway.sim.devices import SimCharger, SimMeter
-from gateway.sim.server import RegisterImage, SimServer, SimWriteRejected
+from gateway.sim.registers import RegisterImage, SimWriteRejected
+from gateway.sim.server import SimServer
 from gateway.tags import normalise_tag
 from tests.test_auth import FakeClock, MemoryAuthStore
 
@@ -221,7 +215,7 @@ async def served(
     async with SimServer.tcp("127.0.0.1", 0, {unit: image}) as srv:
         bus = TcpBus("127.0.0.1", srv.port)
         cfg = DeviceConfig(
-            "dev", profile.slug, host="127.0.0.1", port=srv.port, unit=unit, timeout_s=0.5
+            id="dev", driver=profile.slug, host="127.0.0.1", port=srv.port, unit=unit, timeout_s=0.5
         )
         try:
             yield DeviceDriver(cfg, driver_profile or profile, bus)

@@ -17,10 +17,10 @@ from test_e2e import SPEED, _count, write_site
 from test_uplink_support import PREFIX, running, wait_until
 
 from gateway.app import Gateway
-from gateway.billing.cloudstore import open_cloud_store
-from gateway.billing.consumer import run_consumer
-from gateway.billing.statement import run_statement
 from gateway.billing.verify import run_verify
+from gateway.cloud.cloudstore import open_cloud_store
+from gateway.cloud.statement import run_statement
+from gateway.cloud.subscriber import run_consumer
 from gateway.config import load_config
 from gateway.profiles import Profile
 from gateway.sim.site import SimSite

@@ -28,14 +28,15 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_consumer_support import make_chain, make_signer
 
-from gateway.billing.cloudstore import open_cloud_store
-from gateway.billing.consumer import SessionConsumer
 from gateway.cli import main
+from gateway.cloud.cloudstore import open_cloud_store
+from gateway.cloud.consumer import SessionConsumer
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError, DeviceError
 from gateway.modbus.bus import REASONS, TcpBus
 from gateway.modbus.codec import CodecError, decode
-from gateway.profiles import Profile, Table, load_profile
+from gateway.modbus.types import Table
+from gateway.profiles import Profile, load_profile
 from gateway.uplink.commands import CommandHandler, MemoryRequestLog
 from gateway.uplink.topics import Topics
 from gateway.yamlpos import parse_yaml

@@ -24,9 +24,11 @@ from test_uplink_support import PREFIX, SITE, Recorder, running, wait_until
 
 from gateway.app import Gateway
 from gateway.config import load_config
+from gateway.modbus.types import Table
 from gateway.model import rfc3339
-from gateway.profiles import Profile, Table
-from gateway.sim.server import FaultKind, RegisterImage, SimServer
+from gateway.profiles import Profile
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import FaultKind, SimServer
 from gateway.sim.site import SimSite
 
 POLL_S = 0.5

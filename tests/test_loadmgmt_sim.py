@@ -15,7 +15,8 @@ from test_uplink_support import running, wait_until
 from gateway.config import GatewayConfig, load_config
 from gateway.loadmgmt import LoadBalancer, LoadManager, Mode
 from gateway.modbus.bus import BusPool
-from gateway.modbus.engine import Chargers, DeviceDriver, DevicePoller
+from gateway.modbus.driver import Chargers, DeviceDriver
+from gateway.modbus.poller import DevicePoller
 from gateway.profiles import Profile
 from gateway.sim.devices import VOLTAGE_V
 from gateway.sim.site import SimSite
@@ -68,7 +69,7 @@ async def gateway_side(
 ) -> AsyncIterator[LoadManager]:
     async with BusPool.from_config(config) as pool:
         drivers = {
-            dev.id: DeviceDriver(dev, profiles[dev.driver], pool.for_device(dev))
+            dev.id: DeviceDriver(dev, profiles[dev.driver], pool.bus_for(dev))
             for dev in config.devices
         }
         chargers = Chargers(drivers)

@@ -9,8 +9,20 @@ import pytest
 
 from gateway.modbus.codec import CodecError, decode, encode
 from gateway.modbus.plan import BlockDecoder, ReadBlock, plan_reads
+from gateway.modbus.types import (
+    TYPES,
+    DataType,
+    RegisterSpec,
+    Table,
+    WordOrder,
+    current_step_a,
+    current_to_raw,
+    raw_to_current,
+    unsigned_format,
+    value_range,
+)
 from gateway.model import Value
-from gateway.profiles import DataType, Profile, RegisterSpec, Table, WordOrder, load_profiles
+from gateway.profiles import Profile, load_profiles
 
 H = Table.HOLDING
 # Words that hit edges: zero, sign bits, all ones, NaN/inf halves, ASCII, a common sentinel.
@@ -195,3 +207,61 @@ def test_short_word_list_is_refused() -> None:
     (block,) = plan_reads([spec(DataType.U32, 0), spec(DataType.U16, 2)], 125, 8, False)
     with pytest.raises(ValueError, match="needs 3 words"):
         BlockDecoder(block).decode_into([1, 2], {})
+
+
+# -- the one table of types ----------------------------------------------------------------------
+def test_every_type_is_in_the_table_and_its_format_fills_its_registers() -> None:
+    assert set(TYPES) == set(DataType)
+    for t, info in TYPES.items():
+        if info.format is not None:
+            assert info.count is not None and struct.calcsize(info.format) == 2 * info.count, t
+            (top,) = struct.unpack(info.format, b"\xff" * (2 * info.count))
+            assert (top < 0 or info.is_float) == info.signed, t
+    assert [t for t in DataType if t.is_text] == [DataType.ASCII, DataType.ASCII1, DataType.HEX]
+    assert DataType.BOOL.fixed_count == 1 and DataType.F64.fixed_count == 4
+
+
+def test_raw_ranges_are_the_struct_limits() -> None:
+    for t, info in TYPES.items():
+        rng = info.raw_range
+        if rng is None:
+            assert info.is_float or info.format is None, t
+            continue
+        assert info.format is not None
+        struct.pack(info.format, rng[0])
+        struct.pack(info.format, rng[1])
+        for outside in (rng[0] - 1, rng[1] + 1):
+            with pytest.raises(struct.error):
+                struct.pack(info.format, outside)
+
+
+def test_unsigned_formats_read_sentinels_per_register_count() -> None:
+    assert [unsigned_format(n) for n in (1, 2, 4)] == [">H", ">I", ">Q"]
+    with pytest.raises(ValueError):
+        unsigned_format(3)
+
+
+def test_value_range_follows_byte_mask_scale_and_offset() -> None:
+    spec = RegisterSpec("x", H, 0, DataType.I16, 1, scale=0.1)
+    assert value_range(spec) == pytest.approx((-3276.8, 3276.7))
+    assert value_range(RegisterSpec("x", H, 0, DataType.U16, 1, byte="high")) == (0, 255)
+    assert value_range(RegisterSpec("x", H, 0, DataType.U32, 2, mask=0x0F, offset=-1)) == (-1, 14)
+    assert value_range(RegisterSpec("x", H, 0, DataType.F32, 2)) is None
+
+
+@pytest.mark.parametrize(
+    ("unit", "type_", "amps", "raw", "step"),
+    [
+        ("A", DataType.U16, 16.4, 16, 1.0),
+        ("0.1A", DataType.U16, 16.44, 164, 0.1),
+        ("mA", DataType.U32, 6.5, 6500, 0.001),
+        ("A", DataType.F32, 13.25, 13.25, 0.1),
+    ],
+)
+def test_one_current_limit_conversion(
+    unit: str, type_: DataType, amps: float, raw: float, step: float
+) -> None:
+    got = current_to_raw(amps, unit, type_)
+    assert got == pytest.approx(raw) and isinstance(got, float) == type_.is_float
+    assert raw_to_current(got, unit) == pytest.approx(amps, abs=step)
+    assert current_step_a(unit, type_) == pytest.approx(step)

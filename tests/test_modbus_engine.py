@@ -17,31 +17,26 @@ from gateway.config import BusConfig, DeviceConfig, GatewayConfig, SiteConfig, S
 from gateway.errors import DeviceError
 from gateway.modbus.bus import Backoff, BusPool, TcpBus, rtu_frame_gap_s
 from gateway.modbus.codec import encode
-from gateway.modbus.engine import (
-    Chargers,
-    DeviceDriver,
-    DevicePoller,
-    parse_units,
-    read_device_once,
-    scan,
-)
+from gateway.modbus.commands import read_device_once
+from gateway.modbus.driver import Chargers, DeviceDriver
+from gateway.modbus.poller import DevicePoller
+from gateway.modbus.scan import parse_units, scan
+from gateway.modbus.types import DataType, RegisterSpec, Table
 from gateway.model import ChargerStatus, DeviceKind, DeviceSample, IecState
 from gateway.profiles import (
     Condition,
     ConnectionSpec,
     ControlSpec,
     CurrentLimitSpec,
-    DataType,
     HeartbeatSpec,
     IdentifySpec,
     Profile,
-    RegisterSpec,
     StateRule,
     StateSpec,
-    Table,
     TagSpec,
 )
-from gateway.sim.server import Fault, FaultKind, RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import Fault, FaultKind, SimServer
 
 H, IN, COIL = Table.HOLDING, Table.INPUT, Table.COIL
 
@@ -127,7 +122,9 @@ CHARGER_VALUES = {
 def device(dev_id: str, unit: int, port: int, **kw: object) -> DeviceConfig:
     base: dict[str, object] = {"poll_interval_s": 0.1, "timeout_s": 0.05}
     base.update(kw)
-    return DeviceConfig(dev_id, "test-charger", host="127.0.0.1", port=port, unit=unit, **base)  # type: ignore[arg-type]
+    return DeviceConfig(
+        id=dev_id, driver="test-charger", host="127.0.0.1", port=port, unit=unit, **base
+    )  # type: ignore[arg-type]
 
 
 @asynccontextmanager
@@ -200,7 +197,7 @@ async def test_meter_floats_and_missing_tag() -> None:
     )
     async with SimServer.tcp("127.0.0.1", 0, {2: img}) as srv:
         bus = TcpBus("127.0.0.1", srv.port)
-        dev = DeviceConfig("m1", "test-meter", host="127.0.0.1", port=srv.port, unit=2)
+        dev = DeviceConfig(id="m1", driver="test-meter", host="127.0.0.1", port=srv.port, unit=2)
         sample = await DeviceDriver(dev, prof, bus).poll()
         await bus.close()
     assert sample.online and sample.iec is None and sample.status is None and sample.tag is None
@@ -534,7 +531,7 @@ async def test_enable_coil_is_written_with_fc5() -> None:
 async def test_no_control_is_refused() -> None:
     prof = meter_profile()
     bus = TcpBus("127.0.0.1", 1)
-    driver = DeviceDriver(DeviceConfig("m1", "test-meter", host="127.0.0.1"), prof, bus)
+    driver = DeviceDriver(DeviceConfig(id="m1", driver="test-meter", host="127.0.0.1"), prof, bus)
     assert not driver.can_control
     with pytest.raises(DeviceError, match="not_supported"):
         await driver.set_enabled(True)
@@ -545,27 +542,30 @@ async def test_no_control_is_refused() -> None:
 # -- pool, one-shot read, scan -----------------------------------------------------------------
 def site(devices: tuple[DeviceConfig, ...], buses: tuple[BusConfig, ...] = ()) -> GatewayConfig:
     return GatewayConfig(
-        SiteConfig("t"), StorageConfig("/nonexistent/x.db"), buses=buses, devices=devices
+        site=SiteConfig(id="t"),
+        storage=StorageConfig(path="/nonexistent/x.db"),
+        buses=buses,
+        devices=devices,
     )
 
 
 async def test_bus_pool_shares_one_bus_per_endpoint_and_bus_id() -> None:
     cfg = site(
         (
-            DeviceConfig("a", "x", host="10.0.0.1", port=502, unit=1),
-            DeviceConfig("b", "x", host="10.0.0.1", port=502, unit=2),
-            DeviceConfig("c", "x", host="10.0.0.1", port=503, unit=1),
-            DeviceConfig("d", "x", bus="line", unit=1),
-            DeviceConfig("e", "x", bus="line", unit=2),
-            DeviceConfig("f", "x", bus="gw", unit=3),
+            DeviceConfig(id="a", driver="x", host="10.0.0.1", port=502, unit=1),
+            DeviceConfig(id="b", driver="x", host="10.0.0.1", port=502, unit=2),
+            DeviceConfig(id="c", driver="x", host="10.0.0.1", port=503, unit=1),
+            DeviceConfig(id="d", driver="x", bus="line", unit=1),
+            DeviceConfig(id="e", driver="x", bus="line", unit=2),
+            DeviceConfig(id="f", driver="x", bus="gw", unit=3),
         ),
         (
-            BusConfig("line", "rtu", port="/dev/ttyUSB9", baudrate=19200, parity="E"),
-            BusConfig("gw", "rtu-over-tcp", host="10.0.0.9", tcp_port=4001),
+            BusConfig(id="line", type="rtu", port="/dev/ttyUSB9", baudrate=19200, parity="E"),
+            BusConfig(id="gw", type="rtu-over-tcp", host="10.0.0.9", tcp_port=4001),
         ),
     )
     async with BusPool.from_config(cfg) as pool:
-        assert pool.bus_for("a") is pool.bus_for("b") is pool.for_device(cfg.device("a"))
+        assert pool.bus_for("a") is pool.bus_for("b") is pool.bus_for(cfg.device("a"))
         assert pool.bus_for("a") is not pool.bus_for("c")
         assert pool.bus_for("d") is pool.bus_for("e")
         assert [b.endpoint for b in pool.buses] == [
@@ -616,7 +616,7 @@ async def test_scan_tcp_names_the_profiles_and_writes_a_snippet() -> None:
 def test_scan_snippet_has_one_device_per_unit_and_passes_check_config(tmp_path: Path) -> None:
     # SDM120 and SDM630 answer the same identification register: one device, one alternative.
     from gateway.config import load_config
-    from gateway.modbus.engine import ScanMatch, ScanResult
+    from gateway.modbus.scan import ScanMatch, ScanResult
 
     result = ScanResult(
         "serial:///dev/ttyUSB0",

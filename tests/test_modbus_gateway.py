@@ -16,10 +16,12 @@ from sessions_support import modbus_sessions
 from gateway.config import check_config, load_config
 from gateway.errors import DeviceError
 from gateway.modbus.bus import BusPool, TcpBus
-from gateway.modbus.engine import DeviceDriver
-from gateway.profiles import Profile, Table
+from gateway.modbus.driver import DeviceDriver
+from gateway.modbus.types import Table
+from gateway.profiles import Profile
 from gateway.sim.devices import SimMeter
-from gateway.sim.server import FaultKind, LineTransaction, RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import FaultKind, LineTransaction, SimServer
 from gateway.sim.site import SimSite
 from gateway.store import Store
 
@@ -147,8 +149,7 @@ async def test_shared_endpoint_serialises_requests_and_keeps_the_delays(
     async with SimServer.tcp_gateway("127.0.0.1", port, units, baudrate=9600) as converter:
         async with BusPool.from_config(config) as pool:
             drivers = [
-                DeviceDriver(d, shipped_profiles[d.driver], pool.for_device(d))
-                for d in config.devices
+                DeviceDriver(d, shipped_profiles[d.driver], pool.bus_for(d)) for d in config.devices
             ]
             assert len({id(d.bus) for d in drivers}) == 1
 
@@ -216,7 +217,7 @@ async def test_a_silent_unit_behind_the_converter_costs_its_timeout_not_the_othe
 async def test_scan_through_a_converter_names_its_serial_units_and_the_snippet_checks(
     tmp_path: Path, shipped_profiles: dict[str, Profile], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from gateway.modbus.engine import run_scan
+    from gateway.modbus.commands import run_scan
 
     em24 = shipped_profiles["carlo-gavazzi-em24"]
     units = {1: _meter_unit(shipped_profiles["eastron-sdm630"], 1), 7: _meter_unit(em24, 7)}
@@ -249,7 +250,7 @@ async def test_the_example_site_is_served_behind_a_simulated_converter(
 ) -> None:
     """``evgw simulate -c config/example-gateway-site.yaml`` serves the converter; ``evgw read``
     reaches both serial devices through it."""
-    from gateway.modbus.engine import read_device_once
+    from gateway.modbus.commands import read_device_once
 
     config = load_config(EXAMPLE)
     async with SimSite.from_config(config, shipped_profiles, traffic=False, seed=1) as site:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.modbus.plan import ReadBlock, plan_reads
-from gateway.profiles import DataType, RegisterSpec, Table
+from gateway.modbus.types import DataType, RegisterSpec, Table
 
 H, IN, C = Table.HOLDING, Table.INPUT, Table.COIL
 

@@ -11,11 +11,13 @@ import pytest
 
 from gateway.config import DeviceConfig
 from gateway.modbus.bus import TcpBus
-from gateway.modbus.engine import DeviceDriver, scan
+from gateway.modbus.driver import DeviceDriver
+from gateway.modbus.scan import scan
 from gateway.model import ChargerStatus, DeviceKind
 from gateway.profiles import Profile, load_profiles
 from gateway.sim.devices import SimCharger, SimMeter, fit_tag
-from gateway.sim.server import RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import SimServer
 
 PROFILES = load_profiles()
 CHARGERS = sorted(s for s, p in PROFILES.items() if p.kind is DeviceKind.CHARGER)
@@ -36,7 +38,7 @@ async def served(profile: Profile, image: RegisterImage) -> AsyncIterator[Device
     async with SimServer.tcp("127.0.0.1", 0, units) as srv:
         bus = TcpBus("127.0.0.1", srv.port)
         cfg = DeviceConfig(
-            "dev", profile.slug, host="127.0.0.1", port=srv.port, unit=unit, timeout_s=1.0
+            id="dev", driver=profile.slug, host="127.0.0.1", port=srv.port, unit=unit, timeout_s=1.0
         )
         try:
             yield DeviceDriver(cfg, profile, bus)

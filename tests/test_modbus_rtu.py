@@ -7,26 +7,23 @@ import asyncio
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
-from gateway.config import DeviceConfig
+from gateway.config import DeviceConfig, load_config
 from gateway.errors import DeviceError
 from gateway.modbus.bus import ModbusBus, RtuOverTcpBus, SerialBus
 from gateway.modbus.codec import encode
-from gateway.modbus.engine import DeviceDriver, scan
+from gateway.modbus.commands import read_device_once
+from gateway.modbus.driver import DeviceDriver
+from gateway.modbus.scan import scan
+from gateway.modbus.types import DataType, RegisterSpec, Table, WordOrder
 from gateway.model import DeviceKind
-from gateway.profiles import (
-    ConnectionSpec,
-    ControlSpec,
-    CurrentLimitSpec,
-    DataType,
-    Profile,
-    RegisterSpec,
-    Table,
-    WordOrder,
-)
-from gateway.sim.server import FaultKind, RegisterImage, SimServer, pty_pair
+from gateway.profiles import ConnectionSpec, ControlSpec, CurrentLimitSpec, Profile
+from gateway.sim.pty import pty_pair
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import Fault, FaultKind, SimServer
 
 pytestmark = [
     pytest.mark.e2e,  # socat makes the pseudo-terminal pairs
@@ -82,7 +79,7 @@ def image(profile: Profile, power_w: int) -> RegisterImage:
 
 
 def dev(dev_id: str, unit: int, timeout_s: float = 0.15) -> DeviceConfig:
-    return DeviceConfig(dev_id, "rtu-charger", bus="line", unit=unit, timeout_s=timeout_s)
+    return DeviceConfig(id=dev_id, driver="rtu-charger", bus="line", unit=unit, timeout_s=timeout_s)
 
 
 @asynccontextmanager
@@ -187,6 +184,68 @@ async def test_rtu_over_tcp_serial_server() -> None:
     assert a.online and a.values["energy_wh"] == 98765
     assert (b.online, b.error) == (False, "bad_frame")
     assert a2.online and a2.values["power_w"] == 1000
+
+
+@pytest.mark.parametrize(
+    ("timeout_s", "delay_s", "online"),
+    [(0.2, 0.5, False), (0.2, 0.05, True), (1.0, 0.5, True)],
+)
+async def test_a_bus_waits_for_an_answer_as_long_as_its_timeout(
+    timeout_s: float, delay_s: float, online: bool
+) -> None:
+    """The timeout a request is given is the one the bus waits (not a fixed one): a device
+    slower than it is offline with ``timeout``, a faster one online."""
+    prof = heidelberg_like()
+    async with SimServer.rtu_over_tcp("127.0.0.1", 0, {1: image(prof, 1000)}) as srv:
+        srv.set_fault(1, Fault(delay_s=delay_s))
+        bus = RtuOverTcpBus("127.0.0.1", srv.port)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            sample = await DeviceDriver(dev("a", 1, timeout_s), prof, bus).poll()
+            took_s = loop.time() - started
+        finally:
+            await bus.close()
+    assert sample.online is online
+    if online:
+        assert sample.values["power_w"] == 1000
+    else:
+        assert sample.error == "timeout"
+        assert timeout_s <= took_s < delay_s
+
+
+@pytest.mark.parametrize(
+    ("bus_timeout", "device_timeout", "online"),
+    [
+        ("200ms", None, False),
+        ("1s", None, True),
+        ("200ms", "1s", True),
+        ("1s", "200ms", False),
+    ],
+)
+async def test_buses_timeout_is_the_answer_timeout_of_its_devices(
+    tmp_path: Path, bus_timeout: str, device_timeout: str | None, online: bool
+) -> None:
+    """``buses[].timeout`` from a config file reaches the bus; a device's own timeout wins.
+    The meter answers after 0.5 s."""
+    from gateway.profiles import load_profiles
+    from gateway.sim.devices import SimMeter
+
+    profiles = load_profiles()
+    img = RegisterImage()
+    SimMeter(profiles["eastron-sdm630"], img, seed=1)
+    own = f", timeout: {device_timeout}" if device_timeout else ""
+    async with SimServer.rtu_over_tcp("127.0.0.1", 0, {2: img}) as srv:
+        srv.set_fault(2, Fault(delay_s=0.5))
+        site = tmp_path / "site.yaml"
+        site.write_text(
+            "site: {id: s1}\nstorage: {path: ./b.db}\n"
+            "buses:\n  - {id: line, type: rtu-over-tcp, host: 127.0.0.1, "
+            f"tcp_port: {srv.port}, timeout: {bus_timeout}}}\n"
+            f"devices:\n  - {{id: m1, driver: eastron-sdm630, bus: line, unit: 2{own}}}\n"
+        )
+        sample = await read_device_once(load_config(site), "m1", profiles)
+    assert (sample.online, sample.error) == (online, None if online else "timeout")
 
 
 async def test_scan_a_serial_line_skips_silent_units_after_one_probe() -> None:

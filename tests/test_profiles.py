@@ -4,6 +4,7 @@ line, column and key path."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import struct
@@ -15,9 +16,10 @@ import yaml
 
 from gateway.errors import ProfileError
 from gateway.modbus.codec import decode, encode
+from gateway.modbus.types import DataType
 from gateway.model import ChargerStatus, DeviceKind, IecState
 from gateway.profiles import (
-    DataType,
+    SCHEMA_FILE,
     Profile,
     describe_profile,
     load_profile,
@@ -25,6 +27,7 @@ from gateway.profiles import (
     profile_json_schema,
     shipped_drivers_dir,
 )
+from gateway.profiles.load import schema_text
 
 EXPECTED_SLUGS = {
     "eastron-sdm630", "eastron-sdm120", "carlo-gavazzi-em24", "abb-b23", "abb-terra-ac",
@@ -287,18 +290,18 @@ state:
 
 BROKEN: list[tuple[str, str, str, list[str]]] = [
     ("unknown top-level key", "demo", METER + "colour: red\n",
-     ["demo.yaml:7:1: colour: unknown key"]),
+     ["demo.yaml:7:1: colour: unknown key 'colour'"]),
     ("misspelt key with hint", "demo",
      METER.replace("address: 0", "adress: 0"),
-     ["demo.yaml:6:5: registers[0].address: missing required key",
-      "demo.yaml:6:35: registers[0].adress: unknown key (did you mean 'address'?)"]),
+     ["demo.yaml:6:5: registers[0].address: missing required key 'address'",
+      "demo.yaml:6:35: registers[0].adress: unknown key 'adress' (did you mean 'address'?)"]),
     ("wrong type", "demo", METER.replace("address: 0", "address: twelve"),
-     ["demo.yaml:6:44: registers[0].address: expected an integer, got string 'twelve'"]),
+     ["demo.yaml:6:44: registers[0].address: expected an integer, got 'twelve'"]),
     ("missing required", "demo", METER.replace("model: M1\n", ""),
-     ["demo.yaml:1:1: model: missing required key"]),
+     ["demo.yaml:1:1: model: missing required key 'model'"]),
     ("bad enum", "demo", METER.replace("table: input", "table: inputs"),
-     ["demo.yaml:6:28: registers[0].table: 'inputs' is not one of "
-      "holding, input, coil, discrete"]),
+     ["demo.yaml:6:28: registers[0].table: must be one of holding, input, coil, discrete; "
+      "got 'inputs' (did you mean 'input'?)"]),
     ("slug mismatch", "other", METER,
      ["other.yaml:1:7: slug: slug 'demo' does not match the file name 'other'.yaml"]),
     ("count on a numeric type", "demo", METER.replace("type: f32", "type: f32, count: 2"),
@@ -327,25 +330,25 @@ BROKEN: list[tuple[str, str, str, list[str]]] = [
      METER + "state:\n  rules:\n    - {when: {power_w: 1}, iec: A, status: available}\n",
      ["demo.yaml:7:1: state: not for kind meter"]),
     ("bad duration", "demo", METER.replace("type: f32}", "type: f32, every: 10 parsecs}"),
-     ["demo.yaml:6:65: registers[0].every: expected a duration like 10s, 500ms, 2m; "
-      "got string '10 parsecs'"]),
+     ["demo.yaml:6:65: registers[0].every: invalid duration '10 parsecs': use a number of "
+      "seconds or a number with a unit (ms, s, m, h, d), e.g. 500ms or 2m"]),
     ("too many registers per read", "demo",
      METER + "connection: {max_registers_per_read: 200}\n",
-     ["demo.yaml:7:38: connection.max_registers_per_read: 200 is out of range 1..125"]),
+     ["demo.yaml:7:38: connection.max_registers_per_read: must be between 1 and 125, got 200"]),
     ("byte neither high nor low", "demo",
      METER + "  - {name: code, table: input, address: 9, type: u16, byte: middle}\n",
-     ["demo.yaml:7:61: registers[1].byte: 'middle' is not one of high, low"]),
+     ["demo.yaml:7:61: registers[1].byte: must be one of high, low; got 'middle'"]),
     ("sentinel not an integer", "demo",
      METER.replace("type: f32}", "type: f32, sentinels: [none]}"),
-     ["demo.yaml:6:70: registers[0].sentinels[0]: expected an integer, got string 'none'"]),
+     ["demo.yaml:6:70: registers[0].sentinels[0]: expected an integer, got 'none'"]),
     ("simulated state that classifies elsewhere", "demo",
      CHARGER + "simulate:\n  states:\n    charging: {cp_state: 1}\n",
      ["demo.yaml:18:15: simulate.states.charging: these values classify as available (IEC A), "
       "not charging"]),
     ("simulated state with an unknown status word", "demo",
      CHARGER + "simulate:\n  states:\n    idle: {cp_state: 1}\n",
-     ["demo.yaml:18:11: simulate.states.idle: 'idle' is not one of available, preparing, "
-      "charging, suspended_ev, suspended_evse, finishing, faulted, unavailable"]),
+     ["demo.yaml:18:5: simulate.states.idle: key must be one of available, preparing, "
+      "charging, suspended_ev, suspended_evse, finishing, faulted, unavailable; got 'idle'"]),
     ("simulated state naming a missing register", "demo",
      CHARGER + "simulate:\n  states:\n    charging: {cp_state: 3, cp_mode: 2}\n",
      ["demo.yaml:18:38: simulate.states.charging.cp_mode: no register named 'cp_mode' in "
@@ -366,6 +369,85 @@ BROKEN: list[tuple[str, str, str, list[str]]] = [
     ("YAML syntax error", "demo", METER + "  - {name: x, table: [\n",
      ["demo.yaml:8:1: <root>: YAML syntax error: "
       "expected the node content, but found '<stream end>'"]),
+]
+
+
+# Rules inside one section (the models' validators) and between sections (the builder).
+LIMIT = "current_limit: {table: holding, address: 300, type: u16, unit: A}\n"
+BROKEN += [
+    ("heartbeat without a register", "demo", CHARGER + "heartbeat: {period: 10s, timeout: 30s}\n",
+     [f"demo.yaml:16:12: heartbeat.{k}: missing required key (or use rewrite: current_limit)"
+      for k in ("address", "table", "type", "value")]),
+    ("heartbeat rewrite with a value", "demo",
+     CHARGER + LIMIT + "heartbeat: {rewrite: current_limit, value: 1, period: 10s, timeout: 30s}\n",
+     ["demo.yaml:17:37: heartbeat.value: not with rewrite: current_limit"]),
+    ("heartbeat rewrite without a limit", "demo",
+     CHARGER + "heartbeat: {rewrite: current_limit, period: 10s, timeout: 30s}\n",
+     ["demo.yaml:16:22: heartbeat.rewrite: needs a current_limit section"]),
+    ("limit minimum above maximum", "demo",
+     CHARGER + LIMIT.replace("unit: A}", "unit: A, min_a: 20, max_a: 10}"),
+     ["demo.yaml:16:74: current_limit.min_a: min_a 20 is above max_a 10"]),
+    ("float limit in mA", "demo", CHARGER + LIMIT.replace("u16, unit: A", "f32, unit: mA"),
+     ["demo.yaml:16:64: current_limit.unit: type f32 carries amps: unit must be A"]),
+    ("limit maximum does not fit", "demo",
+     CHARGER + LIMIT.replace("unit: A}", "unit: mA, max_a: 80}"),
+     ["demo.yaml:16:75: current_limit.max_a: 80 A in mA does not fit u16"]),
+    ("on-connect value does not fit", "demo",
+     CHARGER + "on_connect:\n  - {table: holding, address: 258, type: u16, value: 70000}\n",
+     ["demo.yaml:17:54: on_connect[0].value: 70000 does not fit u16"]),
+    ("identify pattern not a regex", "demo",
+     METER + "identify: {table: input, address: 9, type: ascii, count: 2, pattern: '('}\n",
+     ["demo.yaml:7:70: identify.pattern: not a regular expression: missing ), unterminated "
+      "subpattern at position 0"]),
+    ("byte of a float", "demo", METER.replace("type: f32}", "type: f32, byte: high}"),
+     ["demo.yaml:6:58: registers[0].byte: only for integer types, not f32"]),
+    ("canonical quantity in another unit", "demo",
+     METER.replace("type: f32}", "type: f32, unit: kW}"),
+     ["demo.yaml:6:64: registers[0].unit: power_w is in W after scaling, not 'kW'"]),
+    ("condition without a test", "demo", CHARGER.replace("{cp_state: 1}", "{cp_state: {}}"),
+     ["demo.yaml:13:24: state.rules[1].when.cp_state: needs at least one of equals, min, max, "
+      "bits_all, bits_any"]),
+    ("condition on a boolean", "demo", CHARGER.replace("{cp_state: 1}", "{cp_state: true}"),
+     ["demo.yaml:13:24: state.rules[1].when.cp_state: expected a value, a list of values or a "
+      "mapping of tests, got true"]),
+    ("text register compared with a number", "demo",
+     CHARGER.replace("{cp_state: 1}", "{rfid: 1}"),
+     ["demo.yaml:13:20: state.rules[1].when.rfid: register 'rfid' is text (ascii): compare "
+      "with strings"]),
+    ("duplicate register name", "demo",
+     METER + "  - {name: power_w, table: input, address: 4, type: f32}\n",
+     ["demo.yaml:7:12: registers[1].name: duplicate register name 'power_w'"]),
+    ("duplicate sentinel", "demo", METER.replace("type: f32}", "type: f32, sentinels: [1, 1]}"),
+     ["demo.yaml:6:73: registers[0].sentinels[1]: duplicate 1"]),
+    ("scale 0", "demo", METER.replace("type: f32}", "type: f32, scale: 0}"),
+     ["demo.yaml:6:65: registers[0].scale: must not be 0"]),
+    ("poll period 0", "demo", METER.replace("type: f32}", "type: f32, every: 0}"),
+     ["demo.yaml:6:65: registers[0].every: must be more than 0s, got 0s"]),
+    ("negative mask", "demo",
+     METER + "  - {name: code, table: input, address: 9, type: u16, mask: -1}\n",
+     ["demo.yaml:7:61: registers[1].mask: must be at least 0, got -1"]),
+    ("pause by a missing enable control", "demo", CHARGER + "pause: enable\n",
+     ["demo.yaml:16:8: pause: pause: enable needs an enable section"]),
+    ("simulated states on a meter", "demo",
+     METER + "simulate:\n  states:\n    charging: {power_w: 1}\n",
+     ["demo.yaml:8:3: simulate.states: not for kind meter"]),
+    ("coil written with function 6", "demo",
+     CHARGER + "enable: {table: coil, address: 1, type: bool, function: 6}\n",
+     ["demo.yaml:16:57: enable.function: coil is written with function 5 or 15"]),
+    ("duplicate transport", "demo", METER + "connection: {transports: [tcp, tcp]}\n",
+     ["demo.yaml:7:32: connection.transports[1]: duplicate 'tcp'"]),
+    ("problems of shape and between sections at once", "demo",
+     CHARGER.replace("{cp_state: 1}", "{cp_stat: 1}") + "colour: red\n",
+     ["demo.yaml:13:23: state.rules[1].when.cp_stat: no register named 'cp_stat' in registers",
+      "demo.yaml:16:1: colour: unknown key 'colour'"]),
+    ("a broken register has no follow-on problems", "demo",
+     CHARGER.replace("type: u16}", "type: u17}") + "tag: {register: rfid}\n",
+     ["demo.yaml:6:58: registers[0].type: must be one of u16, i16, u32, i32, u64, i64, f32, "
+      "f64, ascii, ascii1, hex, bool; got 'u17'"]),
+    ("simulated text for a number register", "demo",
+     CHARGER + "simulate:\n  states:\n    charging: {cp_state: '3'}\n",
+     ["demo.yaml:18:26: simulate.states.charging.cp_state: register 'cp_state' is u16: give a "
+      "number"]),
 ]
 
 
@@ -393,7 +475,7 @@ def test_the_valid_snippets_load(tmp_path: Path) -> None:
 def test_durations(tmp_path: Path) -> None:
     path = tmp_path / "demo.yaml"
     for text, seconds in (("500ms", 0.5), ("10s", 10.0), ("2m", 120.0), ("1h", 3600.0),
-                          ("1.5s", 1.5), ("3", 3.0)):
+                          ("1.5s", 1.5), ("3", 3.0), ("1h30m", 5400.0), ("1d", 86400.0)):
         path.write_text(METER.replace("f32}", f"f32, every: {text}}}"))
         assert load_profile(path).register("power_w").every_s == pytest.approx(seconds)
 
@@ -452,6 +534,13 @@ def test_json_schema_is_valid_and_accepts_every_shipped_profile() -> None:
         data = yaml.safe_load(path.read_text())
         errors = [e.message for e in validator.iter_errors(data)]
         assert errors == [], path.name
+
+
+def test_checked_in_json_schema_is_the_generated_one() -> None:
+    # Regenerate with: python -c "from gateway.profiles.load import SCHEMA_FILE, schema_text;
+    # SCHEMA_FILE.write_text(schema_text())"
+    assert SCHEMA_FILE.read_text() == schema_text()
+    assert json.loads(SCHEMA_FILE.read_text()) == profile_json_schema()
 
 
 @pytest.mark.parametrize(

@@ -16,11 +16,13 @@ import gateway.sim.server as sim_server
 from gateway.config import DeviceConfig
 from gateway.modbus.bus import TcpBus
 from gateway.modbus.codec import decode, encode
-from gateway.modbus.engine import DeviceDriver
+from gateway.modbus.driver import DeviceDriver
+from gateway.modbus.types import DataType, RegisterSpec, Table
 from gateway.model import ChargerStatus, DeviceKind, IecState
-from gateway.profiles import KNOWN_FROM, DataType, Profile, RegisterSpec, Table, load_profiles
+from gateway.profiles import KNOWN_FROM, Profile, load_profiles
 from gateway.sim.devices import SimCharger, SimMeter
-from gateway.sim.server import RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import SimServer
 
 NEW_SLUGS = {
     "victron-evcs",
@@ -307,7 +309,7 @@ async def served(profile: Profile, image: RegisterImage) -> AsyncIterator[Device
     async with SimServer.tcp("127.0.0.1", 0, {unit: image}) as srv:
         bus = TcpBus("127.0.0.1", srv.port)
         cfg = DeviceConfig(
-            "dev", profile.slug, host="127.0.0.1", port=srv.port, unit=unit, timeout_s=1.0
+            id="dev", driver=profile.slug, host="127.0.0.1", port=srv.port, unit=unit, timeout_s=1.0
         )
         try:
             yield DeviceDriver(cfg, profile, bus)

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from test_consumer_support import make_signer, record_body
 
-from gateway.billing.cloudstore import open_cloud_store
-from gateway.billing.consumer import SessionConsumer
 from gateway.billing.report import build_report
 from gateway.cli import main
+from gateway.cloud.cloudstore import open_cloud_store
+from gateway.cloud.consumer import SessionConsumer
 from gateway.records import GENESIS, seal
 from gateway.safeout import csv_cell, printable
 

@@ -80,3 +80,58 @@ async def test_sessions_over_modbus_match_the_simulator(tmp_path: Path) -> None:
             assert "meter_reset" not in rec["flags"] and "comms_gap" not in rec["flags"]
         stored = await store.finished_sessions()
         assert sorted(r["session_id"] for r in stored) == sorted(r["session_id"] for r in (r1, r2))
+
+
+async def test_abb_car_drawing_before_the_first_plugged_poll_matches_the_simulator(
+    tmp_path: Path,
+) -> None:
+    # The soak's finding on the simulated ABB Terra AC (docs/RELIABILITY.md): a car that begins
+    # to draw within one poll of its plug-in. The plug-in and the start of charging happen
+    # together, so the first poll that shows the car plugged shows it charging with energy on
+    # the restarted session counter; no tag, no app start (the charger authorizes by itself).
+    config = sim_site_config(tmp_path, "abb-terra-ac")
+    finished: list[dict[str, Any]] = []
+    done = asyncio.Event()
+
+    def on_event(kind: str, payload: dict[str, Any]) -> None:
+        if kind == "session_finished":
+            finished.append(payload)
+            done.set()
+
+    async with (
+        SimSite.from_config(
+            config, PROFILES, speed=SPEED, traffic=False, seed=5, enforce_heartbeat=False
+        ) as site,
+        Store.open(config.storage.path, site_id="sim-site", reserve_bytes=0) as store,
+        BusPool.from_config(config) as pool,
+    ):
+        manager, poller = await modbus_sessions(
+            config, PROFILES, pool, store, on_event, charger_ids=["cp1", "cp2"], time_scale=SPEED
+        )
+        async with asyncio.TaskGroup() as tg:
+            polling = tg.create_task(poller.run())
+            await asyncio.sleep(0.5)
+            cp2 = site.charger("cp2")
+            # A previous car leaves its energy on the session counter (a visible restart).
+            cp2.plug_in(power_w=7_400)
+            cp2.start_charging()
+            await asyncio.sleep(1.0)
+            cp2.unplug()
+            async with asyncio.timeout(10):
+                await done.wait()
+            done.clear()
+            await asyncio.sleep(0.5)
+            cp2.plug_in(power_w=7_400)
+            cp2.start_charging()
+            await asyncio.sleep(2.0)
+            truth = cp2.unplug()
+            async with asyncio.timeout(10):
+                await done.wait()
+            polling.cancel()
+        await manager.wait_idle()
+    assert truth is not None and truth["energy_wh"] > 100
+    rec = finished[-1]
+    assert rec["charger_id"] == "cp2" and rec["meter_start_wh"] == 0
+    # The register counts whole Wh: the record is the truth to within that step.
+    assert abs(rec["energy_wh"] - truth["energy_wh"]) < 1.0, (rec, truth)
+    assert rec["flags"] == ["unidentified"]

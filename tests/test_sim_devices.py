@@ -10,10 +10,12 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
 from gateway.modbus.codec import decode, encode
+from gateway.modbus.types import Table
 from gateway.model import ChargerStatus, DeviceKind, Value
-from gateway.profiles import Profile, Table, load_profiles
+from gateway.profiles import Profile, load_profiles
 from gateway.sim.devices import SimCharger, SimMeter, TruthLog, fit_tag
-from gateway.sim.server import RegisterImage, SimServer
+from gateway.sim.registers import RegisterImage
+from gateway.sim.server import SimServer
 
 PROFILES = load_profiles()
 CHARGERS = sorted(s for s, p in PROFILES.items() if p.kind is DeviceKind.CHARGER)
@@ -211,7 +213,7 @@ def test_missed_heartbeat_falls_back_to_failsafe(slug: str) -> None:
     spec = hb.control.register
     if hb.rewrites_current_limit:
         assert profile.current_limit is not None
-        value = charger._limit_raw(charger.limit_a)
+        value = profile.current_limit.to_raw(charger.limit_a)
     else:
         value = hb.value
     _write(image, spec.table, spec.address, encode(spec, value))

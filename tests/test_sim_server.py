@@ -13,16 +13,10 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 
-from gateway.profiles import Table
-from gateway.sim.server import (
-    Fault,
-    FaultKind,
-    RegisterImage,
-    SimServer,
-    SimWriteRejected,
-    crc16,
-    pty_pair,
-)
+from gateway.modbus.types import Table
+from gateway.sim.pty import pty_pair
+from gateway.sim.registers import RegisterImage, SimWriteRejected
+from gateway.sim.server import Fault, FaultKind, SimServer, crc16
 
 TIMEOUT_S = 0.3
 

@@ -23,8 +23,9 @@ from gateway.config import (
 )
 from gateway.errors import ConfigError
 from gateway.modbus.codec import decode
+from gateway.modbus.types import Table
 from gateway.model import ChargerStatus, Token, TokenType
-from gateway.profiles import Profile, Table, load_profiles
+from gateway.profiles import Profile, load_profiles
 from gateway.sim.scenario import parse_scenario
 from gateway.sim.server import Fault, FaultKind
 from gateway.sim.site import SimSite, TrafficProfile
@@ -39,16 +40,18 @@ TOKENS = (
 
 def _config(tmp_path: Path) -> GatewayConfig:
     return GatewayConfig(
-        site=SiteConfig("sim-test"),
-        storage=StorageConfig(str(tmp_path / "buffer.db")),
-        buses=(BusConfig("rs485", "rtu", port=str(tmp_path / "ttyEVGW"), baudrate=19200),),
+        site=SiteConfig(id="sim-test"),
+        storage=StorageConfig(path=str(tmp_path / "buffer.db")),
+        buses=(BusConfig(id="rs485", type="rtu", port=str(tmp_path / "ttyEVGW"), baudrate=19200),),
         devices=(
-            DeviceConfig("cp1", "keba-p30", host="127.0.0.1", port=0, unit=255, meter="m-cp1"),
-            DeviceConfig("cp2", "abb-terra-ac", host="127.0.0.1", port=0, unit=1),
-            DeviceConfig("cp4", "heidelberg-ec", bus="rs485", unit=1),
-            DeviceConfig("m-site", "eastron-sdm630", bus="rs485", unit=2),
-            DeviceConfig("m-cp1", "eastron-sdm630", bus="rs485", unit=3),
-            DeviceConfig("far", "keba-p30", host="192.0.2.10", port=502, unit=255),
+            DeviceConfig(
+                id="cp1", driver="keba-p30", host="127.0.0.1", port=0, unit=255, meter="m-cp1"
+            ),
+            DeviceConfig(id="cp2", driver="abb-terra-ac", host="127.0.0.1", port=0, unit=1),
+            DeviceConfig(id="cp4", driver="heidelberg-ec", bus="rs485", unit=1),
+            DeviceConfig(id="m-site", driver="eastron-sdm630", bus="rs485", unit=2),
+            DeviceConfig(id="m-cp1", driver="eastron-sdm630", bus="rs485", unit=3),
+            DeviceConfig(id="far", driver="keba-p30", host="192.0.2.10", port=502, unit=255),
         ),
         auth=AuthConfig(tokens=TOKENS),
         grid=GridConfig(max_current_a=63, meter="m-site"),
@@ -252,9 +255,9 @@ def test_scenario_mapping_form_sorted_steps() -> None:
 async def test_scenario_override_answers_garbage_for_n_polls(tmp_path: Path) -> None:
     # What a glitching meter looks like on the wire: an SDM630 answering 1e30 kWh for two reads.
     config = GatewayConfig(
-        site=SiteConfig("sim-test"),
-        storage=StorageConfig(str(tmp_path / "buffer.db")),
-        devices=(DeviceConfig("m1", "eastron-sdm630", host="127.0.0.1", port=0, unit=2),),
+        site=SiteConfig(id="sim-test"),
+        storage=StorageConfig(path=str(tmp_path / "buffer.db")),
+        devices=(DeviceConfig(id="m1", driver="eastron-sdm630", host="127.0.0.1", port=0, unit=2),),
     )
     scenario = parse_scenario(
         "- {at: 1s, device: m1, action: override, register: energy_wh, value: 1e33, polls: 2}\n",

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.billing.cloudstore import open_cloud_store
-from gateway.billing.consumer import SessionConsumer
-from gateway.billing.ocpi import CdrParty, session_to_cdr
 from gateway.billing.signing import Signer
-from gateway.billing.statement import month_bounds
 from gateway.cli import main
+from gateway.cloud.cloudstore import open_cloud_store
+from gateway.cloud.consumer import SessionConsumer
+from gateway.cloud.ocpi import CdrParty, session_to_cdr
+from gateway.cloud.statement import month_bounds
 from gateway.records import GENESIS, seal
 
 SITE = "depot-7"
@@ -194,7 +194,7 @@ async def test_html_escapes_everything(tmp_path: Path, capsys: pytest.CaptureFix
             == "stored"
         )
     month = rec["started_at"][:7]
-    from gateway.billing.statement import run_statement
+    from gateway.cloud.statement import run_statement
 
     assert await run_statement(url, evil, month, "html") == 0
     page = capsys.readouterr().out

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
+from test_uplink_support import pending_readings
 
 from gateway.errors import StoreError
 from gateway.model import AuthStatus, MeterPoint, Token, TokenType
@@ -224,7 +225,7 @@ async def test_open_sessions_and_points_round_trip(store: Store, tmp_path: Path)
         {"started_at": T0 + 5, "session_id": "s2", "charger_id": "cp2"},
     ]
     assert await store.session_points("s1") == points
-    await store.drop_open_session("s2")
+    await store.finish_session(record("s2", charger_id="cp2"))  # takes its open row and points
     assert await store.session_points("s2") == []
     assert [r["session_id"] for r in await store.open_sessions_rows()] == ["s1"]
 
@@ -254,16 +255,15 @@ async def test_outbox_streams_in_id_order_and_ack_marks_synced(
 ) -> None:
     e1 = await store.enqueue("event", "sessions/started", b'{"n":1}')
     s1 = await store.finish_session(record("s1"))
-    e2 = await store.enqueue("status", "chargers/cp1/status", b"{}", qos=1, retain=True)
+    e2 = await store.enqueue("event", "sessions/started", b"{}", qos=1, retain=True)
     s2 = await store.finish_session(record("s2"))
     e3 = await store.enqueue("event", "sessions/started", b'{"n":2}', qos=0)
-    assert await store.outbox_backlog() == {"event": 2, "session": 2, "status": 1, "readings": 0}
+    assert await store.outbox_backlog() == {"event": 3, "session": 2, "readings": 0}
 
     events = await store.outbox_fetch("event", 10)
-    assert [r.id for r in events] == [e1, e3] and events[1].qos == 0
-    assert [r.payload for r in await store.outbox_fetch("event", 10, after_id=e1)] == [b'{"n":2}']
-    status = await store.outbox_fetch("status", 10)
-    assert status[0].id == e2 and status[0].retain
+    assert [r.id for r in events] == [e1, e2, e3]
+    assert events[1].retain and not events[0].retain and events[2].qos == 0
+    assert [r.payload for r in await store.outbox_fetch("event", 10, after_id=e2)] == [b'{"n":2}']
     sessions = await store.outbox_fetch("session", 1)
     assert [json.loads(r.payload)["seq"] for r in sessions] == [1]
     sessions += await store.outbox_fetch("session", 1, after_id=sessions[0].id)
@@ -271,7 +271,7 @@ async def test_outbox_streams_in_id_order_and_ack_marks_synced(
 
     clock.advance(10)
     await store.outbox_ack([sessions[0].id, e1])
-    assert await store.outbox_backlog() == {"event": 1, "session": 1, "status": 1, "readings": 0}
+    assert await store.outbox_backlog() == {"event": 2, "session": 1, "readings": 0}
     assert [r["session_id"] for r in await store.finished_sessions(unsynced_only=True)] == ["s2"]
     rows = await store.finished_session_rows()
     assert [(r["record"]["session_id"], r["synced_at"]) for r in rows] == [
@@ -300,13 +300,13 @@ async def test_readings_batches_page_and_sync(store: Store) -> None:
         await store.add_readings(
             [("m1", T0 + b * 500 + i, {"power_w": i, "energy_wh": 1000 + i}) for i in range(500)]
         )
-    first = await store.readings_fetch_unsynced(400)
+    first = await pending_readings(store, 400)
     assert len(first) == 400 and first[0].values == {"power_w": 0, "energy_wh": 1000}
-    rest = await store.readings_fetch_unsynced(5000, after_id=first[-1].id)
+    rest = await pending_readings(store, 5000, after_id=first[-1].id)
     assert len(rest) == 1100
     assert [r.id for r in first + rest] == sorted(r.id for r in first + rest)
     await store.readings_mark_synced([r.id for r in first] + [r.id for r in rest[:600]])
-    left = await store.readings_fetch_unsynced(5000)
+    left = await pending_readings(store, 5000)
     assert [r.id for r in left] == [r.id for r in rest[600:]]
     assert (await store.outbox_backlog())["readings"] == 500
 
@@ -324,7 +324,7 @@ async def test_prune_by_age_keeps_sessions_and_recent_readings(
     await store.add_readings([("m1", clock.now, {"p": 0})])
     counts = await store.prune()
     assert counts["readings_by_age"] == 200 and counts["messages_by_age"] == 1
-    assert [r.ts for r in await store.readings_fetch_unsynced(1000)] == [clock.now]
+    assert [r.ts for r in await pending_readings(store, 1000)] == [clock.now]
     assert [r["session_id"] for r in await store.finished_sessions()] == ["s1"]
     assert (await store.outbox_backlog())["session"] == 1
     assert await store.remember_request_id("r-old") is True  # forgotten after the retention
@@ -345,14 +345,14 @@ async def test_size_cap_deletes_oldest_synced_readings_first(
         for i in range(20):
             await s.finish_session(record(f"s{i}"))
         await _fill(s, 6000, T0)  # ~3 MB, three times the cap
-        all_ids = [r.id for r in await s.readings_fetch_unsynced(10_000)]
+        all_ids = [r.id for r in await pending_readings(s, 10_000)]
         await s.readings_mark_synced(all_ids[:5000])  # the oldest 5000 are delivered
         assert s.size_bytes() > 1024 * 1024
         counts = await s.prune()
         assert s.size_bytes() <= 1024 * 1024
         assert counts["readings_by_size"] > 0
         # Unsynced readings were not touched; of the synced ones the newest remain.
-        unsynced = [r.id for r in await s.readings_fetch_unsynced(10_000)]
+        unsynced = [r.id for r in await pending_readings(s, 10_000)]
         assert unsynced == all_ids[5000:]
         assert len(await s.finished_sessions()) == 20
         assert (await s.outbox_backlog())["session"] == 20
@@ -364,10 +364,10 @@ async def test_size_cap_then_deletes_oldest_unsynced(tmp_path: Path, clock: Fake
     ) as s:
         await s.finish_session(record("s1"))
         await _fill(s, 6000, T0)
-        all_ids = [r.id for r in await s.readings_fetch_unsynced(10_000)]
+        all_ids = [r.id for r in await pending_readings(s, 10_000)]
         await s.prune()
         assert s.size_bytes() <= 1024 * 1024
-        left = [r.id for r in await s.readings_fetch_unsynced(10_000)]
+        left = [r.id for r in await pending_readings(s, 10_000)]
         assert 0 < len(left) < 3000
         assert left == all_ids[-len(left) :]  # the newest survive
         verify_chain(await s.finished_sessions())
@@ -401,9 +401,9 @@ async def test_disk_full_drops_readings_but_sessions_finish(
         assert await s.load_open_sessions() == []
         # Space comes back: after the retry interval readings are stored again.
         await raw.execute("PRAGMA max_page_count=1073741823")
-        before = len(await s.readings_fetch_unsynced(100_000))
+        before = len(await pending_readings(s, 100_000))
         await s.add_readings([("m1", clock.now, {"p": 1})])
-        assert len(await s.readings_fetch_unsynced(100_000)) == before  # still backing off
+        assert len(await pending_readings(s, 100_000)) == before  # still backing off
         clock.advance(60)
         with capture_logs() as logs:
             await s.add_readings([("m1", clock.now, {"p": 2})])
@@ -411,7 +411,7 @@ async def test_disk_full_drops_readings_but_sessions_finish(
         assert [e["event"] for e in logs if e["event"].startswith("readings_")] == [
             "readings_resumed"
         ]
-        assert (await s.readings_fetch_unsynced(100_000))[-1].values == {"p": 2}
+        assert (await pending_readings(s, 100_000))[-1].values == {"p": 2}
 
 
 _TMPFS_SCRIPT = textwrap.dedent(
@@ -683,7 +683,7 @@ async def test_size_cap_is_enforced_while_adding_readings(tmp_path: Path, clock:
         await s.finish_session(record("s1"))
         await _fill(s, 10_000, T0, width=200)  # ~2.5 MB offered, no prune() call
         assert s.size_bytes() <= 1024 * 1024 + 512 * 1024
-        left = await s.readings_fetch_unsynced(20_000)
+        left = await pending_readings(s, 20_000)
         assert 0 < len(left) < 10_000 and left[-1].ts == T0 + 9_999
         assert len(await s.finished_sessions()) == 1
 

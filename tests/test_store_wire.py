@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_uplink_support import ROOT, check_payload
+from test_uplink_support import ROOT, check_payload, pending_readings
 
 from gateway.model import rfc3339
 from gateway.store import Store
 from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
-from gateway.uplink.mqtt import _reading_batches
+from gateway.uplink.drain import reading_batches
 from gateway.wire import encode_reading, readings_batch, wire_ts
 
 T0 = 1_790_000_000.0  # 2026-09-21
@@ -118,11 +118,11 @@ async def test_version_1_rows_still_drain(tmp_path: Path) -> None:
     _make_v1_buffer(path, old)
     async with Store.open(path, site_id="site-1", reserve_bytes=0, clock=Clock()) as s:
         await s.add_readings([("m1", T0 + 10, {"power_w": float("nan"), "energy_wh": 10})])
-        rows = await s.readings_fetch_unsynced(100)
-        assert len(rows) == 7 and all(r.wire is not None for r in rows)
+        rows = await pending_readings(s, 100)
+        assert len(rows) == 7 and all(r.wire for r in rows)
         assert rows[0].values == {"power_w": 0.0, "energy_wh": 0, "label": "é"}
-        assert rows[-1].values == {"power_w": None, "energy_wh": 10}  # decoded on demand
-        batches = _reading_batches(await s.readings_fetch_wire(100))
+        assert rows[-1].values == {"power_w": None, "energy_wh": 10}
+        batches = reading_batches(await s.readings_fetch_wire(100))
         assert [(dev, ids) for dev, _, ids in batches] == [
             ("m1", [rows[i].id for i in (0, 1, 2, 3, 4, 6)]),
             ("m2", [rows[5].id]),
@@ -157,13 +157,13 @@ async def test_prune_by_age_walks_ids_and_skips_future_stamps(tmp_path: Path) ->
         await s.add_readings([("m1", T0 - 50 * day, {"p": "stepped back"})])
         counts = await s.prune()
         assert counts["readings_by_age"] == 100
-        left = [r.values["p"] for r in await s.readings_fetch_unsynced(1000)]
+        left = [r.values["p"] for r in await pending_readings(s, 1000)]
         # the old reading after a recent one waits for a later prune
         assert left == ["future", *range(10), "stepped back"]
         clock.now += 30 * day  # now the 10 recent ones are past the retention too
         counts = await s.prune()
         assert counts["readings_by_age"] == 11
-        assert [r.values["p"] for r in await s.readings_fetch_unsynced(1000)] == ["future"]
+        assert [r.values["p"] for r in await pending_readings(s, 1000)] == ["future"]
 
 
 def _reference_wire(ts: float, values: dict[Any, Any]) -> bytes:
@@ -238,13 +238,13 @@ async def test_version_2_synced_flags_become_pending_marks(tmp_path: Path) -> No
     db.commit()
     db.close()
     async with Store.open(path, site_id="x", reserve_bytes=0, clock=Clock(T0 + 10)) as s:
-        assert [r.values["p"] for r in await s.readings_fetch_unsynced(100)] == [3, 4, 5]
+        assert [r.values["p"] for r in await pending_readings(s, 100)] == [3, 4, 5]
         assert [w for _, _, w in await s.readings_fetch_wire(100)] == [
             encode_reading(T0 + i, {"p": i}) for i in (3, 4, 5)
         ]
         assert (await s.outbox_backlog())["readings"] == 3
         await s.readings_mark_synced([4, 6])  # ids 4 and 6: the readings p=3 and p=5
-        assert [r.values["p"] for r in await s.readings_fetch_unsynced(100)] == [4]
+        assert [r.values["p"] for r in await pending_readings(s, 100)] == [4]
     db = sqlite3.connect(path)
     try:
         db.execute("DELETE FROM readings WHERE id = 5")  # pruned: its mark goes too

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.billing.cost import make_pricer, price_session
+from gateway.billing.policy import BillingConfig
 from gateway.billing.tariff import (
     MAX_ELEMENTS,
     MAX_TARIFFS,
@@ -26,7 +27,6 @@ from gateway.billing.tariff import (
     tariff_set_problems,
     tariff_version,
 )
-from gateway.config import BillingConfig
 from gateway.errors import CommandError, TariffError
 from gateway.model import MAX_VERSION, MeterPoint
 
@@ -1029,3 +1029,25 @@ async def test_a_push_that_cannot_be_stored_changes_nothing() -> None:
     with pytest.raises(OSError):
         await commands.update_tariffs(2, new)
     assert book.version == 0 and book.get("fast") == TARIFFS["fast"]
+
+
+def test_every_problem_of_a_tariff_at_once() -> None:
+    """A tariff set reports each tariff's problems together, each at its key path."""
+    from gateway.billing.tariff import tariff_set_problems
+
+    bad = {
+        "currency": "euro",
+        "vat_percent": 120,
+        "elements": [
+            {"components": [{"type": "energy", "price": "lots"}, {"type": "flat", "price": -1}]},
+            {"components": [{"type": "time", "price": 1}], "restrictions": {"min_current": 6}},
+        ],
+    }
+    problems = tariff_set_problems({"std": bad}, default_tariff=None, groups={})
+    assert [str(p) for p in problems] == [
+        "tariffs.std.currency: expected an ISO 4217 code of 3 capital letters, got 'euro'",
+        "tariffs.std.elements[0].components[0].price: not a decimal number: 'lots'",
+        "tariffs.std.elements[0].components[1].price: must be >= 0, got -1",
+        "tariffs.std.elements[1].restrictions.min_current: not supported: meter points carry "
+        "power, not current; use min_power/max_power",
+    ]

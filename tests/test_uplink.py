@@ -332,13 +332,13 @@ async def test_auth_response_reaches_the_target_only_when_valid() -> None:
 
 async def test_prune_keeps_request_ids_longer_than_the_largest_command_age(tmp_path) -> None:
     """uplink.command_max_age is at most 1 h; the shortest retention (1 day) keeps ids longer."""
-    from gateway.config import CONFIG_SCHEMA
+    from gateway.config import config_json_schema
     from gateway.store import Store
 
-    uplink = CONFIG_SCHEMA.fields["uplink"].fields  # type: ignore[attr-defined]
-    storage = CONFIG_SCHEMA.fields["storage"].fields  # type: ignore[attr-defined]
-    max_age_s = uplink["command_max_age"].max
-    shortest_retention_s = storage["readings_retention_days"].min * 86400
+    models = config_json_schema()["$defs"]
+    max_age_s = models["UplinkConfig"]["properties"]["command_max_age"]["anyOf"][0]["maximum"]
+    retention = models["StorageConfig"]["properties"]["readings_retention_days"]
+    shortest_retention_s = retention["minimum"] * 86400
 
     class Clock:
         t = 1_796_000_000.0
@@ -354,7 +354,7 @@ async def test_prune_keeps_request_ids_longer_than_the_largest_command_age(tmp_p
         tmp_path / "b.db",
         site_id=SITE,
         reserve_bytes=0,
-        readings_retention_days=storage["readings_retention_days"].min,
+        readings_retention_days=retention["minimum"],
         clock=clock,
     ) as store:
         await store.save_request_reply("r1", {"request_id": "r1", "ok": True, "result": {}})

@@ -1,5 +1,6 @@
 """Shared pieces of the uplink tests (no tests here): a recording cloud subscriber, a
-CommandTarget with visible state, session records, delivery checks."""
+CommandTarget with visible state, session records, delivery checks, the buffer's undelivered
+readings as the uplink reads them."""
 
 from __future__ import annotations
 
@@ -17,12 +18,34 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.errors import CommandError
-from gateway.model import Token, new_session_id, rfc3339
+from gateway.model import Token, from_rfc3339, new_session_id, rfc3339
+from gateway.ports import UplinkStore
 from gateway.uplink.schemas import load_schema, validate
 
 SITE = "depot-7"
 PREFIX = "evgw"
 ROOT = f"{PREFIX}/{SITE}"
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An undelivered reading, decoded from its wire form."""
+
+    id: int
+    device_id: str
+    ts: float
+    values: dict[str, Any]
+    wire: bytes
+
+
+async def pending_readings(store: UplinkStore, limit: int, after_id: int = 0) -> list[Pending]:
+    """The undelivered readings as the uplink reads them (``readings_fetch_wire``), decoded."""
+    out = []
+    for row_id, device_id, wire in await store.readings_fetch_wire(limit, after_id):
+        values = json.loads(wire)
+        ts = from_rfc3339(values.pop("ts"))
+        out.append(Pending(row_id, device_id, ts, values, wire))
+    return out
 
 
 def schema_for(topic: str) -> str | None:

@@ -7,7 +7,15 @@ is published retained on ``P/S/gateway/key`` so consumers and ``evgw verify`` ca
 ``evgw rotate-key`` replaces the key: the new key goes to the same file, and
 ``evgw-signing.history.json`` next to it keeps the public halves of the keys it replaced (the
 buffer's older records stay verifiable) and the rotation statement, signed by the previous key,
-that the gateway publishes with its new key (``gateway.billing.trust``).
+that the gateway publishes with its new key.
+
+A **rotation statement** (``evgw.key-rotation/1``) travels inside the new ``P/S/gateway/key``
+message, signed by the key it replaces: ``{"schema", "site_id", "key_id", "public_key",
+"previous_key_id", "issued_at", "signature": {"alg", "key_id", "value"}}``, where ``public_key``
+is the new key's 32 raw bytes as hex and the signature is Ed25519 by the previous key over the
+canonical JSON of the statement without ``signature``. The gateway writes it
+(``sign_rotation``), the consumer checks it (``check_rotation``); both halves live here so the
+format has one owner.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +34,23 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gateway.errors import GatewayError
+from gateway.model import rfc3339
+from gateway.records import canonical_json
 
-__all__ = ["Signer", "history_path", "key_id", "load_public_key", "rotate_key", "verify_signature"]
+__all__ = [
+    "ROTATION_SCHEMA",
+    "Signer",
+    "check_rotation",
+    "history_path",
+    "key_id",
+    "load_public_key",
+    "raw_hex",
+    "rotate_key",
+    "sign_rotation",
+    "verify_signature",
+]
+
+ROTATION_SCHEMA = "evgw.key-rotation/1"
 
 
 def key_id(public: Ed25519PublicKey) -> str:
@@ -151,8 +175,6 @@ def rotate_key(path: Path, site_id: str, now: float | None = None) -> tuple[str,
     The history (the old public key, the rotation statement signed by the old key) is written
     before the key itself, so a crash in between leaves the old key in place with a statement
     that names a key nobody has: harmless, and the next rotation overwrites it."""
-    from gateway.billing.trust import sign_rotation
-
     if not path.exists():
         raise GatewayError(f"{path}: no signing key to rotate (the gateway makes one at start)")
     old = Signer.load_or_create(path)
@@ -195,3 +217,56 @@ def verify_signature(public: Ed25519PublicKey, record_hash: str, signature: dict
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def raw_hex(public: Ed25519PublicKey) -> str:
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
+def _body(statement: Mapping[str, Any]) -> bytes:
+    return canonical_json({k: v for k, v in statement.items() if k != "signature"})
+
+
+def sign_rotation(
+    site_id: str, new: Ed25519PublicKey, previous: Ed25519PrivateKey, issued_at: float
+) -> dict[str, Any]:
+    """The statement by which ``previous`` hands the site over to ``new``."""
+    old_id = key_id(previous.public_key())
+    statement: dict[str, Any] = {
+        "schema": ROTATION_SCHEMA,
+        "site_id": site_id,
+        "key_id": key_id(new),
+        "public_key": raw_hex(new),
+        "previous_key_id": old_id,
+        "issued_at": rfc3339(issued_at),
+    }
+    value = base64.b64encode(previous.sign(_body(statement))).decode("ascii")
+    statement["signature"] = {"alg": "ed25519", "key_id": old_id, "value": value}
+    return statement
+
+
+def check_rotation(
+    statement: Any, site_id: str, new: Ed25519PublicKey, trusted: Mapping[str, Ed25519PublicKey]
+) -> tuple[str | None, str]:
+    """(the previous key id, "") when ``statement`` hands ``site_id`` to ``new`` with the
+    signature of one of the ``trusted`` keys; (None, why not) otherwise."""
+    if not isinstance(statement, dict) or statement.get("schema") != ROTATION_SCHEMA:
+        return None, f"the rotation statement is not {ROTATION_SCHEMA}"
+    if statement.get("site_id") != site_id:
+        return None, f"the rotation statement is for site {statement.get('site_id')!r}"
+    if statement.get("public_key") != raw_hex(new) or statement.get("key_id") != key_id(new):
+        return None, "the rotation statement names another key"
+    previous = statement.get("previous_key_id")
+    signature = statement.get("signature")
+    if not isinstance(signature, dict) or signature.get("alg") != "ed25519":
+        return None, "the rotation statement has no ed25519 signature"
+    if signature.get("key_id") != previous:
+        return None, "the rotation statement is not signed by the key it replaces"
+    old = trusted.get(str(previous))
+    if old is None:
+        return None, f"the rotation statement is signed by {previous!r}, not a trusted key"
+    try:
+        old.verify(base64.b64decode(str(signature.get("value")), validate=True), _body(statement))
+    except (InvalidSignature, ValueError):
+        return None, f"the rotation statement's signature by {previous} does not verify"
+    return str(previous), ""

@@ -28,18 +28,23 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, time
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
+from gateway.billing.policy import BillingConfig
+from gateway.billing.tariff_schema import (
+    DAYS,
+    MAX_ELEMENTS,
+    MAX_PRICE,
+    ElementIn,
+    tariff_problems,
+)
 from gateway.errors import CommandError, TariffError
 from gateway.model import MAX_VERSION
 from gateway.records import canonical_json
-
-if TYPE_CHECKING:  # the config module is only needed for the type
-    from gateway.config import BillingConfig
 
 __all__ = [
     "DAYS",
@@ -63,20 +68,7 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-DAYS = ("MONDAY", "TUESDAY", "WEDNESDAY", "THURSDAY", "FRIDAY", "SATURDAY", "SUNDAY")
-
-# Bounds: what no real tariff needs, so that no pushed or configured one can break pricing
-# (1e30 overflowed every cost into "unpriced") or a comparison (a version of 1e300 made every
-# later push stale). Versions stay exact in every JSON parser (IEEE doubles: 2^53).
-MAX_PRICE = Decimal(10**9)  # per kWh, hour or session, and min/max price: any currency's unit
-MAX_PRICE_PLACES = 6  # decimal places of a price
 MAX_TARIFFS = 100  # tariffs in one set
-MAX_ELEMENTS = 100  # elements in one tariff
-MAX_STEP = {"energy": 1_000_000, "time": 86_400, "parking_time": 86_400}  # Wh, s, s
-MAX_KWH = Decimal(10**6)  # restriction bounds: 1 GWh, 10 MW, a year
-MAX_POWER_KW = Decimal(10**4)
-MAX_DURATION_S = 366 * 86_400
-MAX_DESCRIPTION = 1000
 
 
 class Dimension(StrEnum):
@@ -137,30 +129,7 @@ class Tariff:
     description: str | None = None
 
 
-# --- parsing -----------------------------------------------------------------------------
-
-_TIME_RE = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
-_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-_CURRENCY_RE = re.compile(r"[A-Z]{3}")
-
-_TARIFF_KEYS = {"currency", "vat_percent", "elements", "min_price", "max_price", "description"}
-_ELEMENT_KEYS = {"components", "restrictions"}
-_COMPONENT_KEYS = {"type", "price", "step_size"}
-_RESTRICTION_KEYS = {
-    "start_time",
-    "end_time",
-    "start_date",
-    "end_date",
-    "day_of_week",
-    "min_kwh",
-    "max_kwh",
-    "min_current",
-    "max_current",
-    "min_power",
-    "max_power",
-    "min_duration",
-    "max_duration",
-}
+# --- parsing: the models are in gateway.billing.tariff_schema ---------------------------
 
 
 def _join(path: str, key: str | int) -> str:
@@ -169,60 +138,11 @@ def _join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _check_keys(data: Mapping[str, Any], allowed: set[str], path: str) -> None:
-    for key in data:
-        if not isinstance(key, str):
-            raise TariffError(path, f"keys must be strings, got {key!r}")
-        if key not in allowed:
-            raise TariffError(
-                _join(path, key), f"unknown key (allowed: {', '.join(sorted(allowed))})"
-            )
-
-
-def _mapping(value: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise TariffError(path, f"expected a mapping, got {type(value).__name__}")
-    return value
-
-
-def _decimal(
-    value: Any,
-    path: str,
-    *,
-    minimum: Decimal | None = Decimal(0),
-    maximum: Decimal | None = None,
-) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
-        raise TariffError(path, f"expected a decimal number or string, got {type(value).__name__}")
-    try:
-        dec = Decimal(str(value).strip())
-    except InvalidOperation:
-        raise TariffError(path, f"not a decimal number: {value!r}") from None
-    if not dec.is_finite():
-        raise TariffError(path, f"not a finite number: {value!r}")
-    if minimum is not None and dec < minimum:
-        raise TariffError(path, f"must be >= {minimum}, got {value!r}")
-    if maximum is not None and dec > maximum:
-        raise TariffError(path, f"must be at most {maximum}, got {value!r}")
-    return dec
-
-
-def _price(value: Any, path: str) -> Decimal:
-    dec = _decimal(value, path, maximum=MAX_PRICE)
-    exponent = dec.normalize().as_tuple().exponent
-    if isinstance(exponent, int) and -exponent > MAX_PRICE_PLACES:
-        raise TariffError(path, f"at most {MAX_PRICE_PLACES} decimal places, got {value!r}")
-    return dec
-
-
-def _int(value: Any, path: str, *, minimum: int, maximum: int = MAX_VERSION) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TariffError(path, f"expected an integer, got {value!r}")
-    if value < minimum:
-        raise TariffError(path, f"must be >= {minimum}, got {value}")
-    if value > maximum:
-        raise TariffError(path, f"must be at most {maximum}, got {value}")
-    return value
+def _under(path: str, inner: str) -> str:
+    """``inner`` (a key path inside a tariff) below ``path``."""
+    if not inner or not path:
+        return inner or path
+    return f"{path}{inner}" if inner.startswith("[") else f"{path}.{inner}"
 
 
 def check_version(value: Any, what: str) -> int:
@@ -235,180 +155,48 @@ def check_version(value: Any, what: str) -> int:
     return value
 
 
-def _time(value: Any, path: str) -> time:
-    if not isinstance(value, str) or not _TIME_RE.fullmatch(value):
-        raise TariffError(path, f'expected a local time "HH:MM" (00:00..23:59), got {value!r}')
-    return time(int(value[:2]), int(value[3:]))
-
-
-def _date(value: Any, path: str) -> date:
-    if isinstance(value, date):  # YAML turns an unquoted 2026-03-29 into a date
-        return value
-    if not isinstance(value, str) or not _DATE_RE.fullmatch(value):
-        raise TariffError(path, f'expected a date "YYYY-MM-DD", got {value!r}')
-    try:
-        return date.fromisoformat(value)
-    except ValueError as exc:
-        raise TariffError(path, f"invalid date {value!r}: {exc}") from None
-
-
-def _restrictions(data: Any, path: str) -> Restrictions:
-    m = _mapping(data, path)
-    _check_keys(m, _RESTRICTION_KEYS, path)
-    for key in ("min_current", "max_current"):
-        if key in m:
-            raise TariffError(
-                _join(path, key),
-                "not supported: meter points carry power, not current; use min_power/max_power",
-            )
-    kw: dict[str, Any] = {}
-    if "start_time" in m:
-        kw["start_time"] = _time(m["start_time"], _join(path, "start_time"))
-    if "end_time" in m:
-        kw["end_time"] = _time(m["end_time"], _join(path, "end_time"))
-    if kw.get("start_time") is not None and kw.get("start_time") == kw.get("end_time"):
-        raise TariffError(
-            _join(path, "end_time"), "equals start_time: an empty (or whole-day?) window"
-        )
-    if "start_date" in m:
-        kw["start_date"] = _date(m["start_date"], _join(path, "start_date"))
-    if "end_date" in m:
-        kw["end_date"] = _date(m["end_date"], _join(path, "end_date"))
-    if "start_date" in kw and "end_date" in kw and kw["end_date"] <= kw["start_date"]:
-        raise TariffError(
-            _join(path, "end_date"), "must be after start_date (end_date is exclusive)"
-        )
-    if "day_of_week" in m:
-        days_path = _join(path, "day_of_week")
-        raw = m["day_of_week"]
-        if isinstance(raw, str):
-            raw = [raw]
-        if not isinstance(raw, list) or not raw:
-            raise TariffError(days_path, "expected a non-empty list of MONDAY..SUNDAY")
-        days: set[int] = set()
-        for i, day in enumerate(raw):
-            if not isinstance(day, str) or day.upper() not in DAYS:
-                raise TariffError(
-                    _join(days_path, i), f"expected one of MONDAY..SUNDAY, got {day!r}"
-                )
-            days.add(DAYS.index(day.upper()))
-        kw["day_of_week"] = frozenset(days)
-    for key, attr, top in (
-        ("min_kwh", "min_kwh", MAX_KWH),
-        ("max_kwh", "max_kwh", MAX_KWH),
-        ("min_power", "min_power_kw", MAX_POWER_KW),
-        ("max_power", "max_power_kw", MAX_POWER_KW),
-    ):
-        if key in m:
-            kw[attr] = _decimal(m[key], _join(path, key), maximum=top)
-    for key, attr in (("min_duration", "min_duration_s"), ("max_duration", "max_duration_s")):
-        if key in m:
-            kw[attr] = _int(m[key], _join(path, key), minimum=0, maximum=MAX_DURATION_S)
-    for lo, hi, key in (
-        ("min_kwh", "max_kwh", "max_kwh"),
-        ("min_power_kw", "max_power_kw", "max_power"),
-        ("min_duration_s", "max_duration_s", "max_duration"),
-    ):
-        if kw.get(lo) is not None and kw.get(hi) is not None and kw[hi] <= kw[lo]:
-            raise TariffError(_join(path, key), f"must be greater than {key.replace('max', 'min')}")
-    return Restrictions(**kw)
-
-
-def _component(data: Any, path: str) -> PriceComponent:
-    m = _mapping(data, path)
-    _check_keys(m, _COMPONENT_KEYS, path)
-    if "type" not in m:
-        raise TariffError(_join(path, "type"), "missing (energy | time | parking_time | flat)")
-    raw_type = m["type"]
-    if not isinstance(raw_type, str) or raw_type.lower() not in {d.value for d in Dimension}:
-        raise TariffError(
-            _join(path, "type"), f"expected energy | time | parking_time | flat, got {raw_type!r}"
-        )
-    dim = Dimension(raw_type.lower())
-    if "price" not in m:
-        raise TariffError(_join(path, "price"), "missing")
-    price = _price(m["price"], _join(path, "price"))
-    step = 1
-    if "step_size" in m:
-        if dim is Dimension.FLAT and m["step_size"] != 1:
-            raise TariffError(_join(path, "step_size"), "a flat component has no step_size")
-        top = MAX_STEP.get(dim.value, 1)
-        step = _int(m["step_size"], _join(path, "step_size"), minimum=1, maximum=top)
-    return PriceComponent(type=dim, price=price, step_size=step)
-
-
-def _element(data: Any, path: str) -> TariffElement:
-    m = _mapping(data, path)
-    _check_keys(m, _ELEMENT_KEYS, path)
-    comps_path = _join(path, "components")
-    raw = m.get("components")
-    if not isinstance(raw, list) or not raw:
-        raise TariffError(comps_path, "expected a non-empty list of price components")
-    comps = tuple(_component(c, _join(comps_path, i)) for i, c in enumerate(raw))
-    seen: set[Dimension] = set()
-    for i, comp in enumerate(comps):
-        if comp.type in seen:
-            raise TariffError(
-                _join(_join(comps_path, i), "type"),
-                f"a second {comp.type} component in one element",
-            )
-        seen.add(comp.type)
-    restr = (
-        _restrictions(m["restrictions"], _join(path, "restrictions"))
-        if m.get("restrictions") is not None
-        else Restrictions()
-    )
-    return TariffElement(components=comps, restrictions=restr)
-
-
 def parse_tariff(data: Any, path: str = "") -> Tariff:
     """Validate raw tariff data (from YAML or a ``tariffs`` command) into a :class:`Tariff`.
 
-    Raises :class:`gateway.errors.TariffError` at the first problem; its ``path`` is ``path``
-    joined with the key path inside the tariff (``elements[1].components[0].price``).
+    Raises :class:`gateway.errors.TariffError` with the first problem (``tariff_set_problems``
+    gives them all); its ``path`` is ``path`` joined with the key path inside the tariff
+    (``elements[1].components[0].price``).
     """
-    m = _mapping(data, path)
-    _check_keys(m, _TARIFF_KEYS, path)
-    cur = m.get("currency")
-    if not isinstance(cur, str) or not _CURRENCY_RE.fullmatch(cur):
-        raise TariffError(
-            _join(path, "currency"), f"expected an ISO 4217 code of 3 capital letters, got {cur!r}"
-        )
-    vat: Decimal | None = None
-    if m.get("vat_percent") is not None:
-        vat = _decimal(m["vat_percent"], _join(path, "vat_percent"))
-        if vat > 100:
-            raise TariffError(
-                _join(path, "vat_percent"), f"must be within 0..100, got {m['vat_percent']!r}"
-            )
-    min_price = (
-        _price(m["min_price"], _join(path, "min_price")) if m.get("min_price") is not None else None
-    )
-    max_price = (
-        _price(m["max_price"], _join(path, "max_price")) if m.get("max_price") is not None else None
-    )
-    if min_price is not None and max_price is not None and max_price < min_price:
-        raise TariffError(_join(path, "max_price"), "must not be below min_price")
-    desc = m.get("description")
-    if desc is not None and not isinstance(desc, str):
-        raise TariffError(_join(path, "description"), "expected a string")
-    if desc is not None and len(desc) > MAX_DESCRIPTION:
-        raise TariffError(_join(path, "description"), f"longer than {MAX_DESCRIPTION} characters")
-    raw = m.get("elements")
-    if not isinstance(raw, list) or not raw:
-        raise TariffError(_join(path, "elements"), "expected a non-empty list of tariff elements")
-    if len(raw) > MAX_ELEMENTS:
-        raise TariffError(
-            _join(path, "elements"), f"{len(raw)} elements: at most {MAX_ELEMENTS} are allowed"
-        )
-    elements = tuple(_element(e, _join(_join(path, "elements"), i)) for i, e in enumerate(raw))
+    model, problems = tariff_problems(data)
+    if model is None:
+        where, message, _ = problems[0]
+        raise TariffError(_under(path, where), message)
     return Tariff(
-        currency=cur,
-        elements=elements,
-        vat_percent=vat,
-        min_price=min_price,
-        max_price=max_price,
-        description=desc,
+        currency=model.currency,
+        elements=tuple(_element(e) for e in model.elements),
+        vat_percent=model.vat_percent,
+        min_price=model.min_price,
+        max_price=model.max_price,
+        description=model.description,
+    )
+
+
+def _element(element: ElementIn) -> TariffElement:
+    r = element.restrictions
+    return TariffElement(
+        components=tuple(
+            PriceComponent(Dimension(c.type), c.price, c.step_size) for c in element.components
+        ),
+        restrictions=Restrictions()
+        if r is None
+        else Restrictions(
+            start_time=r.start_time,
+            end_time=r.end_time,
+            start_date=r.start_date,
+            end_date=r.end_date,
+            day_of_week=r.day_of_week,
+            min_kwh=r.min_kwh,
+            max_kwh=r.max_kwh,
+            min_power_kw=r.min_power,
+            max_power_kw=r.max_power,
+            min_duration_s=r.min_duration,
+            max_duration_s=r.max_duration,
+        ),
     )
 
 
@@ -485,15 +273,9 @@ def tariff_set_problems(
             TariffProblem(("tariffs",), f"{len(tariffs)} tariffs: at most {MAX_TARIFFS}")
         )
     for tid, data in tariffs.items():
-        try:
-            parse_tariff(data, "")
-        except TariffError as exc:
+        for where, message, key in tariff_problems(data)[1]:
             problems.append(
-                TariffProblem(
-                    ("tariffs", str(tid), *_tariff_path(exc.path)),
-                    exc.message,
-                    key=exc.message.startswith("unknown key"),
-                )
+                TariffProblem(("tariffs", str(tid), *_tariff_path(where)), message, key)
             )
     known = [str(t) for t in tariffs]
     if default_tariff is not None and default_tariff not in tariffs:

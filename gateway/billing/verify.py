@@ -243,7 +243,7 @@ async def _records_from_db(
 ) -> tuple[list[dict[str, Any]], dict[str, Ed25519PublicKey], list[str]]:
     """The stored records, the keys to check them with, and the store's own problems: the
     messages held in quarantine (a conflicting duplicate among them, until dismissed)."""
-    from gateway.billing.cloudstore import open_cloud_store
+    from gateway.cloud.cloudstore import open_cloud_store
 
     async with open_cloud_store(db_url, create=False) as store:
         stored = await store.sessions(site)

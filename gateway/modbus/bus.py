@@ -27,13 +27,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusException
-from pymodbus.framer import FramerType
-from pymodbus.pdu import ExceptionResponse
 
 from gateway.errors import DeviceError
-from gateway.profiles import Table
+from gateway.modbus import adapter
+from gateway.modbus.adapter import ConnectionException, ModbusException
+from gateway.modbus.types import Table
 
 if TYPE_CHECKING:
     from gateway.config import BusConfig, DeviceConfig, EndpointConfig, GatewayConfig
@@ -56,10 +54,6 @@ REASONS = frozenset(
     {"timeout", "exception_response", "bad_frame", "connection_lost", "connect_failed"}
 )
 
-# The client's own timeout must never fire before ours: ours is per request, its is per client.
-# Connects run under our own ``asyncio.timeout``; once the client exists its response wait is
-# switched off altogether (see ``_one_timer``).
-_CLIENT_TIMEOUT_S = 3600.0
 # After this many timeouts in a row with no answer from any unit, a TCP link is presumed
 # half-open and reopened (a single silent unit behind a gateway does not reset the link).
 _TCP_SILENT_LIMIT = 3
@@ -90,18 +84,6 @@ def _raise_swallowed_cancel() -> None:
 class _Expired(Exception):
     """Our request timer fired: set on the client's response future (not a TimeoutError, which
     pymodbus would catch and count towards closing the link on its own)."""
-
-
-def _one_timer(client: Any) -> Any:
-    """Switch off the client's own response timer: ``wait_for(fut, None)`` is a plain await.
-
-    Our per-request timer (``ModbusBus._expire``) fails the response future instead, so each
-    request arms exactly one timer. A client without the attribute keeps its (far) timeout.
-    """
-    params = getattr(getattr(client, "ctx", None), "comm_params", None)
-    if params is not None and hasattr(params, "timeout_connect"):
-        params.timeout_connect = None
-    return client
 
 
 # Read method of the pymodbus client for each table.
@@ -172,16 +154,7 @@ class ModbusBus(ABC):
     # -- subclass hooks -------------------------------------------------------------------
     @abstractmethod
     def _make_client(self) -> Any:
-        """A fresh pymodbus async client with retries=0, no auto-reconnect, our trace hooks."""
-
-    def _client_kwargs(self) -> dict[str, Any]:
-        return {
-            "timeout": _CLIENT_TIMEOUT_S,
-            "retries": 0,
-            "reconnect_delay": 0,
-            "trace_packet": self._trace_packet,
-            "trace_connect": self._trace_connect,
-        }
+        """A fresh pymodbus async client (``gateway.modbus.adapter``) with our trace hooks."""
 
     # -- public API -----------------------------------------------------------------------
     @property
@@ -264,6 +237,20 @@ class ModbusBus(ABC):
         async with self._lock:
             self._drop_client()
 
+    # -- client hooks (adapter.ClientHooks): pymodbus calls these ---------------------
+    def trace_packet(self, sending: bool, data: bytes) -> bytes:
+        """Notes that bytes arrived during the request (a timeout then means a bad frame)."""
+        if not sending and data:
+            self._rx_seen = True
+        return data
+
+    def trace_connect(self, connected: bool) -> None:
+        """A dropped link ends the pending request at once."""
+        if connected:
+            return
+        # pymodbus leaves a request waiting out its timeout when the link drops: fail it now.
+        adapter.fail_pending(self._client, ConnectionException("connection lost"))
+
     # -- internals ------------------------------------------------------------------------
     def _silence_s(self, gap_s: float) -> float:
         """Silence before the next request: on a serial line t3.5, then the device's own gap."""
@@ -273,20 +260,6 @@ class ModbusBus(ABC):
         _raise_swallowed_cancel()
         self.stats.errors += 1
         return DeviceError(f"{self.endpoint}#{unit}", reason, detail, exception_code=code)
-
-    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
-        if not sending and data:
-            self._rx_seen = True
-        return data
-
-    def _trace_connect(self, connected: bool) -> None:
-        if connected:
-            return
-        # pymodbus leaves a request waiting out its timeout when the link drops: fail it now.
-        ctx = getattr(self._client, "ctx", None)
-        fut = getattr(ctx, "response_future", None)
-        if fut is not None and not fut.done():
-            fut.set_exception(ConnectionException("connection lost"))
 
     async def _ready(self, timeout_s: float, gap_s: float) -> Any:
         """Connected client, after the silence the line needs. Holds the lock."""
@@ -351,19 +324,11 @@ class ModbusBus(ABC):
 
     def _flush(self) -> None:
         """Forget buffered bytes so a garbled answer cannot bleed into the next one."""
-        ctx = getattr(self._client, "ctx", None)
-        if ctx is not None:
-            ctx.recv_buffer = b""
-            transport = getattr(ctx, "transport", None)
-            flush = getattr(transport, "flush", None)
-            if callable(flush):
-                flush()
+        adapter.flush_input(self._client)
 
     def _expire(self) -> None:
         """The request timer: fail the pending response (the await returns at once)."""
-        fut = getattr(getattr(self._client, "ctx", None), "response_future", None)
-        if fut is not None and not fut.done():
-            fut.set_exception(_Expired())
+        adapter.fail_pending(self._client, _Expired())
 
     async def _transact(
         self,
@@ -425,7 +390,7 @@ class ModbusBus(ABC):
             self._last_io_end = loop.time()
         _raise_swallowed_cancel()
         self._silent = 0
-        if rr is not None and (isinstance(rr, ExceptionResponse) or rr.isError()):
+        if rr is not None and adapter.is_error_response(rr):
             code = int(getattr(rr, "exception_code", 0) or 0)
             what = _what(table, address, arg, function)
             raise self._fail(unit, "exception_response", f"{what}: exception code {code}", code)
@@ -471,7 +436,7 @@ class TcpBus(ModbusBus):
         return max(self.frame_gap_s, gap_s)
 
     def _make_client(self) -> Any:
-        return _one_timer(AsyncModbusTcpClient(self.host, port=self.port, **self._client_kwargs()))
+        return adapter.tcp_client(self.host, self.port, self)
 
 
 class RtuOverTcpBus(ModbusBus):
@@ -485,11 +450,7 @@ class RtuOverTcpBus(ModbusBus):
         self.frame_gap_s = frame_gap_s
 
     def _make_client(self) -> Any:
-        return _one_timer(
-            AsyncModbusTcpClient(
-                self.host, port=self.port, framer=FramerType.RTU, **self._client_kwargs()
-            )
-        )
+        return adapter.tcp_client(self.host, self.port, self, rtu_framing=True)
 
 
 class SerialBus(ModbusBus):
@@ -521,16 +482,13 @@ class SerialBus(ModbusBus):
             # parity, and Linux refuses to set one on it (EINVAL). Real lines keep theirs.
             log.info("serial_pty_line_settings_ignored", port=self.port, parity=parity)
             parity, bytesize = "N", 8
-        return _one_timer(
-            AsyncModbusSerialClient(
-                self.port,
-                framer=FramerType.RTU,
-                baudrate=self.baudrate,
-                parity=parity,
-                stopbits=self.stopbits,
-                bytesize=bytesize,
-                **self._client_kwargs(),
-            )
+        return adapter.serial_client(
+            self.port,
+            self,
+            baudrate=self.baudrate,
+            parity=parity,
+            stopbits=self.stopbits,
+            bytesize=bytesize,
         )
 
 
@@ -595,8 +553,6 @@ class BusPool:
         bus = self._bus_for_device(device)
         self._by_device[device.id] = bus
         return bus
-
-    for_device = bus_for
 
     @property
     def buses(self) -> list[ModbusBus]:

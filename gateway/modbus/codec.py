@@ -11,21 +11,12 @@ import math
 import struct
 from collections.abc import Sequence
 
+from gateway.modbus.types import TYPES, DataType, RegisterSpec, WordOrder
 from gateway.model import Value
-from gateway.profiles import DataType, RegisterSpec, WordOrder
 
 __all__ = ["CodecError", "decode", "encode", "encode_raw", "words_to_bytes"]
 
-_STRUCT = {
-    DataType.U16: ">H",
-    DataType.I16: ">h",
-    DataType.U32: ">I",
-    DataType.I32: ">i",
-    DataType.U64: ">Q",
-    DataType.I64: ">q",
-    DataType.F32: ">f",
-    DataType.F64: ">d",
-}
+_STRUCT = {t: info.format for t, info in TYPES.items() if info.format is not None}
 
 
 class CodecError(ValueError):
@@ -95,7 +86,7 @@ def encode_raw(spec: RegisterSpec, raw: int | float) -> list[int]:
     fmt = _STRUCT.get(t)
     if fmt is None:
         raise CodecError(f"{spec.name}: {t} is not numeric")
-    if t in (DataType.F32, DataType.F64):
+    if t.is_float:
         data = struct.pack(fmt, float(raw))
     else:
         try:
@@ -116,7 +107,7 @@ def encode(spec: RegisterSpec, value: Value) -> list[int]:
         if spec.sentinels:
             top = min(spec.sentinels)
             return _bytes_to_words(top.to_bytes(spec.count * 2, "big"), spec.word_order)
-        if t in (DataType.F32, DataType.F64):
+        if t.is_float:
             return encode_raw(spec, math.nan)
         raise CodecError(f"{spec.name}: no way to encode 'not available'")
     if t is DataType.ASCII:
@@ -139,7 +130,7 @@ def encode(spec: RegisterSpec, value: Value) -> list[int]:
     if isinstance(value, str):
         raise CodecError(f"{spec.name}: {value!r} is not a number")
     raw: float = (float(value) - spec.offset) / spec.scale
-    if t not in (DataType.F32, DataType.F64):
+    if not t.is_float:
         raw = round(raw)
         if spec.byte == "high":
             raw = int(raw) << 8

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.modbus.codec import CodecError, decode
+from gateway.modbus.types import TYPES, RegisterSpec, Table, WordOrder, unsigned_format
 from gateway.model import Value
-from gateway.profiles import DataType, RegisterSpec, Table, WordOrder
 
 __all__ = [
     "MAX_BITS_PER_READ",
@@ -137,19 +137,6 @@ def _merged(
 
 
 # -- block decoding ---------------------------------------------------------------------------
-# Same formats as gateway.modbus.codec (typed and, for the sentinel check, unsigned).
-_TYPED = {
-    DataType.U16: ">H",
-    DataType.I16: ">h",
-    DataType.U32: ">I",
-    DataType.I32: ">i",
-    DataType.U64: ">Q",
-    DataType.I64: ">q",
-    DataType.F32: ">f",
-    DataType.F64: ">d",
-}
-_UNSIGNED = {1: ">H", 2: ">I", 4: ">Q"}
-_FLOATS = (DataType.F32, DataType.F64)
 _NO_ERRORS: tuple[tuple[RegisterSpec, CodecError], ...] = ()
 
 
@@ -180,18 +167,20 @@ class BlockDecoder:
                 raise ValueError(
                     f"{spec.name} is not inside block {block.table}:{block.address}+{block.count}"
                 )
-            fmt = _TYPED.get(spec.type)
+            fmt = TYPES[spec.type].format
             if block.table.is_bits or fmt is None or spec.count != spec.type.fixed_count:
                 self._slow.append((spec, start))
                 continue
-            sentinel = struct.Struct(_UNSIGNED[spec.count]).unpack_from if spec.sentinels else None
+            sentinel = (
+                struct.Struct(unsigned_format(spec.count)).unpack_from if spec.sentinels else None
+            )
             cdab = spec.count if spec.word_order is WordOrder.CDAB and spec.count > 1 else 0
             self._fast.append(
                 (
                     spec.name,
                     struct.Struct(fmt).unpack_from,
                     0 if cdab else start * 2,
-                    spec.type in _FLOATS,
+                    spec.type.is_float,
                     sentinel,
                     spec.sentinels,
                     spec.byte,

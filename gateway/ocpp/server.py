@@ -18,33 +18,29 @@ transactionId; a StopTransaction for a finished transaction is acknowledged and 
 Towards the chargers it is a ``ChargerControl`` (current limits as SetChargingProfile with
 purpose TxDefaultProfile) and the target of cloud start/stop (RemoteStart/RemoteStopTransaction),
 availability and reset commands.
+
+Its parts: ``admission`` (the handshake's checks), ``link`` (one charge point's connection and
+the library's routing), ``clocks`` (each charger's clock offset), ``transactions`` (transaction
+ids, replays and the session manager's calls), ``mapping`` (OCPP values to ours).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import functools
 import hashlib
-import hmac
 import json
 import logging
 import ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Any, Protocol
 
 import structlog
-from ocpp.routing import on
-from ocpp.v16 import ChargePoint as _OcppChargePoint
-from ocpp.v16 import call, call_result
-from ocpp.v16.enums import Action
+from ocpp.v16 import call
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
-from websockets.typing import Subprotocol
 
 from gateway.config import DeviceConfig, OcppConfig
 from gateway.errors import CommandError, DeviceError
@@ -55,77 +51,36 @@ from gateway.model import (
     Clock,
     DeviceSample,
     Flag,
-    StopReason,
     SystemClock,
 )
+from gateway.ocpp.admission import SUBPROTOCOL, charge_point_id, check_request, peer
+from gateway.ocpp.clocks import ChargePointClocks
+from gateway.ocpp.link import WIRE_LOG, ChargePointLink
 from gateway.ocpp.mapping import (
     id_tag_status,
     parse_meter_values,
-    parse_timestamp,
-    signed_documents,
     status_of,
-    stop_reason_of,
     timestamp,
 )
+from gateway.ocpp.transactions import KeyValueStore, TransactionBook, TransactionSink
 from gateway.sessions import Grant
 
-__all__ = ["SUBPROTOCOL", "OcppServer", "TransactionSink"]
+__all__ = ["AuthorizerPort", "OcppServer"]
 
 log = structlog.get_logger(__name__)
 
-SUBPROTOCOL = Subprotocol("ocpp1.6")
 PROFILE_ID_BASE = 1000  # our TxDefaultProfile per connector: id 1000 + connector, stack level 0
 REMOTE_START_TIMEOUT_S = 120.0  # a remote start waits this long for the StartTransaction
 UNIQUE_IDS_KEPT = 512  # answers remembered per charge point for resent calls
-FUTURE_SLACK_S = 5.0  # a charger's timestamp ahead of ours by more is its clock, not the event
 # No AC session delivers more (22 kW for 9 hours): a MeterValues register further from
 # meterStart than this is another register (lifetime vs per session), not this transaction's.
 MAX_SESSION_WH = 200_000.0
-SKEW_TOLERANCE_S = 2.0  # clock offsets up to this are latency and jitter: not corrected
 ABANDON_AFTER_S = 900.0  # Available this long while connected, no StopTransaction: estimated end
 
-# The library logs every frame at INFO; frames are ours to log (without secrets, at debug).
-_wire_logger = logging.getLogger("gateway.ocpp.wire")
 # websockets logs every handshake header at DEBUG, the charger's Authorization (its password)
 # among them: never below INFO, whatever the gateway's log level.
 _ws_logger = logging.getLogger("gateway.ocpp.websockets")
 _ws_logger.setLevel(logging.INFO)
-
-
-class TransactionSink(Protocol):
-    """What the server needs of the session manager (gateway.sessions.SessionManager)."""
-
-    async def begin_transaction(
-        self,
-        charger_id: str,
-        grant: Grant,
-        ts: float,
-        meter_start_wh: float,
-        ocpp: Mapping[str, Any],
-    ) -> str: ...
-
-    async def transaction_meter(
-        self, session_id: str, ts: float, energy_wh: float, power_w: float | None = None
-    ) -> None: ...
-
-    async def end_transaction(
-        self,
-        session_id: str,
-        ts: float,
-        meter_stop_wh: float,
-        reason: StopReason,
-        ocpp: Mapping[str, Any] | None = None,
-        *,
-        estimated: bool = False,
-    ) -> bool: ...
-
-    def open_sessions(self) -> list[dict[str, Any]]: ...
-
-
-class KeyValueStore(Protocol):
-    async def kv_get(self, key: str, default: Any = None) -> Any: ...
-
-    async def kv_put(self, key: str, value: Any) -> None: ...
 
 
 class AuthorizerPort(Protocol):
@@ -170,18 +125,19 @@ class OcppServer:
             self._connectors[(dev.charge_point_id, dev.connector)] = conn
             self._by_device[dev.id] = conn
         self._charge_points = {cp for cp, _ in self._connectors}
-        self._links: dict[str, _Link] = {}
-        self._skew: dict[str, float] = {}  # charge point -> its clock minus ours, seconds
+        self._links: dict[str, ChargePointLink] = {}
+        self._clocks = ChargePointClocks(self._clock)
+        self._tx = TransactionBook(sessions, store, self._clocks, self._clock.time)
         self._idle_since: dict[str, float] = {}  # device -> monotonic time it showed no EV
         self.abandon_after_s = ABANDON_AFTER_S
         self._answers: dict[str, OrderedDict[str, str]] = {}
-        self._tx_lock = asyncio.Lock()
+        self._tx.lock = asyncio.Lock()
         self._server: Server | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> OcppServer:
         if not logging.getLogger().isEnabledFor(logging.DEBUG):
-            _wire_logger.setLevel(logging.WARNING)  # the library logs every frame at INFO
+            WIRE_LOG.setLevel(logging.WARNING)  # the library logs every frame at INFO
         ssl_ctx = None
         if self.config.security_profile == 2:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -192,7 +148,7 @@ class OcppServer:
             self.config.host,
             self.config.port,
             subprotocols=[SUBPROTOCOL],
-            process_request=self._check_request,
+            process_request=functools.partial(check_request, self.config, self._charge_points),
             ssl=ssl_ctx,
             ping_interval=60,
             ping_timeout=60,
@@ -231,30 +187,7 @@ class OcppServer:
             if now - since < self.abandon_after_s or conn.device.charge_point_id not in self._links:
                 continue
             del self._idle_since[device_id]
-            async with self._tx_lock:
-                state = self._connector_session(device_id)
-                if state is None:
-                    continue
-                ocpp = dict(state.get("ocpp") or {})
-                cp_id, transaction_id = str(ocpp.get("charge_point_id")), ocpp.get("transaction_id")
-                log.warning(
-                    "ocpp_transaction_abandoned",
-                    charge_point_id=cp_id,
-                    transaction_id=transaction_id,
-                    session_id=state["session_id"],
-                )
-                last_wh = state.get("last_wh")
-                await self._sessions.end_transaction(
-                    str(state["session_id"]),
-                    float(state.get("last_activity_ts") or state["started_at"]),
-                    float(last_wh if last_wh is not None else state.get("meter_start_wh") or 0),
-                    StopReason.UNKNOWN,
-                    estimated=True,
-                )
-                await self._store.kv_put(
-                    f"ocpp.tx/{cp_id}/{transaction_id}",
-                    {"session_id": state["session_id"], "open": False, "estimated": True},
-                )
+            await self._tx.end_abandoned(device_id)
 
     @property
     def listening(self) -> bool:
@@ -276,68 +209,19 @@ class OcppServer:
         return conn is not None and conn.device.charge_point_id in self._links
 
     # ------------------------------------------------------------------ handshake
-    def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        cp_id = _charge_point_id(request.path)
-        peer = _peer(connection)
-        offered = request.headers.get("Sec-WebSocket-Protocol", "")
-        if SUBPROTOCOL not in [p.strip() for p in offered.split(",")]:
-            # OCPP-J 1.6 section 3.1.2: the version is named in Sec-WebSocket-Protocol.
-            log.warning(
-                "ocpp_no_subprotocol",
-                charge_point_id=cp_id[:64],
-                offered=offered[:64] or None,
-                peer=peer,
-            )
-            return connection.respond(HTTPStatus.BAD_REQUEST, "subprotocol ocpp1.6 needed\n")
-        if cp_id not in self._charge_points:
-            log.warning("ocpp_unknown_charge_point", charge_point_id=cp_id[:64], peer=peer)
-            return connection.respond(HTTPStatus.NOT_FOUND, "unknown charge point\n")
-        if self.config.security_profile >= 1 and not self._password_ok(cp_id, request.headers):
-            log.warning("ocpp_auth_failed", charge_point_id=cp_id, peer=peer)
-            response = connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
-            response.headers["WWW-Authenticate"] = 'Basic realm="ocpp"'
-            return response
-        return None
-
-    def _password_ok(self, cp_id: str, headers: Headers) -> bool:
-        """HTTP basic auth with the charge point id as user. The 1.6 security whitepaper's
-        AuthorizationKey is 16-20 bytes, possibly not text: a password file entry
-        ``hex:...`` gives those bytes; the hex text itself is accepted too (some chargers
-        send the key as configured instead of decoded)."""
-        expected = self.config.passwords.get(cp_id)
-        header = headers.get("Authorization", "")
-        if expected is None or not header.startswith("Basic "):
-            return False
-        try:
-            credentials = base64.b64decode(header[6:].strip(), validate=True)
-        except ValueError:
-            return False
-        user, _, password = credentials.partition(b":")
-        secret = expected.reveal()
-        accepted = [secret.encode()]
-        if secret.startswith("hex:"):
-            try:
-                accepted = [bytes.fromhex(secret[4:]), secret[4:].encode()]
-            except ValueError:
-                return False
-        good = False
-        for candidate in accepted:  # compared with each, in constant time
-            good |= hmac.compare_digest(password, candidate)
-        return user == cp_id.encode() and good
-
     async def _serve_link(self, ws: ServerConnection) -> None:
-        cp_id = _charge_point_id(ws.request.path) if ws.request else ""
+        cp_id = charge_point_id(ws.request.path) if ws.request else ""
         if ws.subprotocol != SUBPROTOCOL:  # websockets refuses a client offering none of ours
             await ws.close(1002, "ocpp1.6 only")
             return
         old = self._links.get(cp_id)
-        link = _Link(cp_id, ws, self)
-        self._skew.pop(cp_id, None)  # measured anew on every connection
+        link = ChargePointLink(cp_id, ws, self, self._tx)
+        self._clocks.forget(cp_id)  # measured anew on every connection
         self._links[cp_id] = link
         if old is not None:
             log.warning("ocpp_replaced_connection", charge_point_id=cp_id)
             await old.ws.close(1000, "replaced by a new connection")
-        log.info("ocpp_connected", charge_point_id=cp_id, peer=_peer(ws))
+        log.info("ocpp_connected", charge_point_id=cp_id, peer=peer(ws))
         await self._emit_all(cp_id, online=True)
         try:
             await link.start()
@@ -387,44 +271,11 @@ class OcppServer:
             answers.popitem(last=False)
 
     # ------------------------------------------------------------------ time
+    def now(self) -> float:
+        return self._clock.time()
+
     def observe_clock(self, cp_id: str, text: str | None) -> None:
-        """A StatusNotification's timestamp, sent live (chargers do not queue them): its offset
-        from our clock. The largest offset of a connection wins: a status a charger replays
-        late would look like a clock running behind."""
-        if not text:
-            return
-        try:
-            skew = parse_timestamp(text) - self._clock.time()
-        except ValueError:
-            return
-        before = self._skew.get(cp_id)
-        if before is not None and skew <= before:
-            return
-        self._skew[cp_id] = skew
-        if abs(skew) > SKEW_TOLERANCE_S and (before is None or abs(skew - before) > 1.0):
-            log.warning("ocpp_clock_skew", charge_point_id=cp_id, skew_s=round(skew, 1))
-
-    def clock_skew_s(self, cp_id: str) -> float:
-        skew = self._skew.get(cp_id, 0.0)
-        return skew if abs(skew) > SKEW_TOLERANCE_S else 0.0
-
-    def event_time(self, text: str | None, cp_id: str | None = None) -> float:
-        """A charger's timestamp on our clock (its measured skew taken off); never later than
-        now (a clock running ahead), now when it is missing or unreadable."""
-        now = self._clock.time()
-        if not text:
-            return now
-        try:
-            ts = parse_timestamp(text)
-        except ValueError:
-            log.warning("ocpp_bad_timestamp", value=text[:40])
-            return now
-        if cp_id is not None:
-            ts -= self.clock_skew_s(cp_id)
-        if ts > now + FUTURE_SLACK_S:
-            log.warning("ocpp_clock_ahead", ahead_s=round(ts - now, 1))
-            return now
-        return ts
+        self._clocks.observe(cp_id, text)
 
     # ------------------------------------------------------------------ authorization
     async def authorize(
@@ -458,16 +309,6 @@ class OcppServer:
         return decision.status, grant, token.expires_at if token is not None else None
 
     # ------------------------------------------------------------------ transactions
-    def _open_session(self, cp_id: str, transaction_id: int) -> str | None:
-        for state in self._sessions.open_sessions():
-            ocpp = state.get("ocpp") or {}
-            if (
-                ocpp.get("charge_point_id") == cp_id
-                and ocpp.get("transaction_id") == transaction_id
-            ):
-                return str(state["session_id"])
-        return None
-
     async def start_transaction(
         self, cp_id: str, connector_id: int, id_tag: str, meter_start: int, ts_text: str
     ) -> tuple[int, dict[str, Any]]:
@@ -480,7 +321,7 @@ class OcppServer:
         seen = await self._store.kv_get(key)
         if seen is None:  # authorized outside the lock: a slow cloud answer holds up no one
             status, grant, expires = await self.authorize(cp_id, connector_id, id_tag)
-        async with self._tx_lock:
+        async with self._tx.lock:
             seen = await self._store.kv_get(key)
             conn = self.connector(cp_id, connector_id)
             if seen is not None:
@@ -494,9 +335,9 @@ class OcppServer:
                     return transaction_id, info
                 # Given out, but the gateway stopped before the session was written (or
                 # after, before this entry was completed): finish what was begun.
-                session_id = self._open_session(cp_id, transaction_id)
+                session_id = self._tx.open_session(cp_id, transaction_id)
                 if session_id is not None:
-                    await self._started(key, cp_id, transaction_id, info, session_id)
+                    await self._tx.started(key, cp_id, transaction_id, info, session_id)
                     return transaction_id, info
                 status, grant, _ = await self.authorize(cp_id, connector_id, id_tag)
             else:
@@ -543,27 +384,17 @@ class OcppServer:
                 "transaction_id": transaction_id,
                 "id_tag": id_tag,
             }
-            if self.clock_skew_s(cp_id):
-                attrs["clock_skew_s"] = round(self.clock_skew_s(cp_id), 1)
+            if self._clocks.skew_s(cp_id):
+                attrs["clock_skew_s"] = round(self._clocks.skew_s(cp_id), 1)
             session_id = await self._sessions.begin_transaction(
                 conn.device.id,
                 grant,
-                self.event_time(ts_text, cp_id),
+                self._clocks.event_time(ts_text, cp_id),
                 float(meter_start),
                 attrs,
             )
-            await self._started(key, cp_id, transaction_id, info, session_id)
+            await self._tx.started(key, cp_id, transaction_id, info, session_id)
         return transaction_id, info
-
-    async def _started(
-        self, key: str, cp_id: str, transaction_id: int, info: dict[str, Any], session_id: str
-    ) -> None:
-        await self._store.kv_put(
-            key, {"transaction_id": transaction_id, "id_tag_info": info, "session_id": session_id}
-        )
-        await self._store.kv_put(
-            f"ocpp.tx/{cp_id}/{transaction_id}", {"session_id": session_id, "open": True}
-        )
 
     async def meter_values(
         self,
@@ -578,129 +409,9 @@ class OcppServer:
             newest = samples[-1]
             conn.values.update(newest.values)
             await self._emit(conn)
-        async with self._tx_lock:
-            session_id = None
-            if transaction_id is not None:
-                session_id = self._open_session(cp_id, transaction_id)
-                if session_id is None:
-                    known = await self._store.kv_get(f"ocpp.tx/{cp_id}/{transaction_id}")
-                    if known is not None:  # closing values sent after StopTransaction
-                        log.info(
-                            "ocpp_meter_values_after_stop",
-                            charge_point_id=cp_id,
-                            transaction_id=transaction_id,
-                        )
-                        return
-            if session_id is None and conn is not None:
-                # Clock-aligned values often come without transactionId, and some chargers
-                # send a wrong one (0): they belong to the connector's running transaction.
-                state = self._connector_session(conn.device.id)
-                if state is not None:
-                    session_id = str(state["session_id"])
-                    transaction_id = int((state.get("ocpp") or {})["transaction_id"])
-            if session_id is None or transaction_id is None:
-                return
-            await self._feed(cp_id, transaction_id, session_id, samples)
-
-    def _connector_session(self, device_id: str) -> dict[str, Any] | None:
-        return next(
-            (s for s in self._sessions.open_sessions() if s.get("charger_id") == device_id), None
+        await self._tx.meter_values(
+            cp_id, conn.device.id if conn is not None else None, transaction_id, samples
         )
-
-    async def _feed(
-        self, cp_id: str, transaction_id: int, session_id: str, samples: Sequence[Any]
-    ) -> None:
-        now = self._clock.time()
-        skew = self.clock_skew_s(cp_id)
-        state = next(
-            (s for s in self._sessions.open_sessions() if s["session_id"] == session_id), {}
-        )
-        start_wh = state.get("meter_start_wh")
-        last_ts = state.get("last_counter_ts")
-        for sample in samples:
-            if sample.energy_wh is None:
-                continue
-            ts = min(sample.ts - skew, now)
-            if last_ts is not None and ts <= last_ts:
-                continue  # replayed out of order (or the same instant): nothing new
-            last_ts = ts
-            if start_wh is not None and not 0 <= sample.energy_wh - start_wh <= MAX_SESSION_WH:
-                # Some chargers count meterStart/meterStop per session from 0 and report their
-                # lifetime register in MeterValues (or the other way round): not the register
-                # of this transaction. Its energy comes from meterStop.
-                log.warning(
-                    "ocpp_meter_values_other_register",
-                    charge_point_id=cp_id,
-                    transaction_id=transaction_id,
-                    meter_start_wh=start_wh,
-                    value_wh=sample.energy_wh,
-                )
-                continue
-            await self._sessions.transaction_meter(session_id, ts, sample.energy_wh, sample.power_w)
-        docs = signed_documents(samples)
-        if docs:
-            key = f"ocpp.signed/{cp_id}/{transaction_id}"
-            kept = dict(await self._store.kv_get(key, {}) or {})
-            if "start" in docs and "start" not in kept:
-                kept["start"] = docs["start"]
-            if "stop" in docs:
-                kept["stop"] = docs["stop"]
-            await self._store.kv_put(key, kept)
-
-    async def stop_transaction(
-        self,
-        cp_id: str,
-        transaction_id: int,
-        meter_stop: int,
-        ts_text: str,
-        reason: str | None,
-        id_tag: str | None,
-        transaction_data: Sequence[Mapping[str, Any]] | None,
-    ) -> None:
-        async with self._tx_lock:
-            session_id = self._open_session(cp_id, transaction_id)
-            if session_id is None:
-                known = await self._store.kv_get(f"ocpp.tx/{cp_id}/{transaction_id}")
-                if known is not None and known.get("estimated"):
-                    log.error(  # the record is sealed: an operator must know the difference
-                        "ocpp_stop_after_estimated_end",
-                        charge_point_id=cp_id,
-                        transaction_id=transaction_id,
-                        session_id=known.get("session_id"),
-                        meter_stop_wh=meter_stop,
-                    )
-                elif known is not None and not known.get("open", True):
-                    log.info(
-                        "ocpp_stop_transaction_repeated",
-                        charge_point_id=cp_id,
-                        transaction_id=transaction_id,
-                    )
-                else:
-                    log.error(
-                        "ocpp_stop_unknown_transaction",
-                        charge_point_id=cp_id,
-                        transaction_id=transaction_id,
-                        meter_stop_wh=meter_stop,
-                    )
-                return
-            samples = parse_meter_values(transaction_data or ())
-            await self._feed(cp_id, transaction_id, session_id, samples)
-            extra: dict[str, Any] = {}
-            signed = await self._store.kv_get(f"ocpp.signed/{cp_id}/{transaction_id}")
-            if signed:
-                extra["signed_meter_values"] = dict(signed)
-            if id_tag is not None:
-                extra["stop_id_tag"] = id_tag
-            await self._sessions.end_transaction(
-                session_id,
-                self.event_time(ts_text, cp_id),
-                float(meter_stop),
-                stop_reason_of(reason),
-                extra,
-            )
-            await self._store.kv_put(
-                f"ocpp.tx/{cp_id}/{transaction_id}", {"session_id": session_id, "open": False}
-            )
 
     async def status_notification(
         self, cp_id: str, connector_id: int, status: str, error_code: str
@@ -762,7 +473,7 @@ class OcppServer:
             raise DeviceError(device_id, "limit_rejected", f"SetChargingProfile {result.status}")
         log.debug("ocpp_limit_set", device_id=device_id, limit_a=limit)
 
-    def _link_of(self, device_id: str) -> tuple[_Connector, _Link]:
+    def _link_of(self, device_id: str) -> tuple[_Connector, ChargePointLink]:
         conn = self._by_device.get(device_id)
         if conn is None:
             raise DeviceError(device_id, "not_ocpp", "not an OCPP charger")
@@ -842,172 +553,3 @@ class OcppServer:
         if result.status != "Accepted":
             raise CommandError("rejected", f"charge point answered {result.status}")
         return {"charger_id": device_id, "status": str(result.status)}
-
-
-def _charge_point_id(path: str) -> str:
-    """The last path segment of ``/{charge_point_id}`` (a prefix path is allowed)."""
-    from urllib.parse import unquote
-
-    return unquote(path.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1])
-
-
-def _peer(ws: ServerConnection) -> str | None:
-    addr = ws.remote_address
-    return f"{addr[0]}:{addr[1]}" if addr else None
-
-
-class _Link(_OcppChargePoint):
-    """One charge point's websocket: the library routes calls to the handlers below."""
-
-    def __init__(self, cp_id: str, ws: ServerConnection, server: OcppServer) -> None:
-        super().__init__(
-            cp_id, ws, response_timeout=server.config.call_timeout_s, logger=_wire_logger
-        )
-        self.ws = ws
-        self._srv = server
-
-    async def route_message(self, raw_msg: str) -> None:
-        unique_id = _call_id(raw_msg)
-        if unique_id is not None:
-            frame = self._srv.answered(self.id, unique_id)
-            if frame is not None:
-                log.info("ocpp_call_repeated", charge_point_id=self.id, unique_id=unique_id[:36])
-                await self._connection.send(frame)
-                return
-        await super().route_message(raw_msg)
-
-    async def _send(self, message: str) -> None:
-        reply_id = _reply_id(message)
-        if reply_id is not None:
-            self._srv.remember_answer(self.id, reply_id, message)
-        _wire_logger.debug("%s: send %s", self.id, message)
-        await self._connection.send(message)
-
-    async def request(self, device_id: str, payload: Any) -> Any:
-        try:
-            result = await self.call(payload, suppress=False)
-        except TimeoutError:
-            what = type(payload).__name__
-            raise DeviceError(device_id, "timeout", f"no answer to {what}") from None
-        except ConnectionClosed:
-            raise DeviceError(device_id, "offline", "the charge point disconnected") from None
-        except Exception as exc:  # a CallError from the charger
-            raise DeviceError(device_id, "call_error", str(exc)[:200]) from None
-        return result
-
-    # ---- calls from the charge point
-    @on(Action.boot_notification)
-    async def on_boot_notification(
-        self, charge_point_vendor: str, charge_point_model: str, **extra: Any
-    ) -> call_result.BootNotification:
-        log.info(
-            "ocpp_boot",
-            charge_point_id=self.id,
-            vendor=charge_point_vendor,
-            model=charge_point_model,
-            firmware=extra.get("firmware_version"),
-        )
-        return call_result.BootNotification(
-            current_time=timestamp(self._srv._clock.time()),
-            interval=int(self._srv.config.heartbeat_interval_s),
-            status="Accepted",
-        )
-
-    @on(Action.heartbeat)
-    async def on_heartbeat(self) -> call_result.Heartbeat:
-        return call_result.Heartbeat(current_time=timestamp(self._srv._clock.time()))
-
-    @on(Action.status_notification)
-    async def on_status_notification(
-        self, connector_id: int, error_code: str, status: str, **extra: Any
-    ) -> call_result.StatusNotification:
-        self._srv.observe_clock(self.id, extra.get("timestamp"))
-        await self._srv.status_notification(self.id, connector_id, status, error_code)
-        return call_result.StatusNotification()
-
-    @on(Action.authorize)
-    async def on_authorize(self, id_tag: str) -> call_result.Authorize:
-        status, _, expires = await self._srv.authorize(self.id, None, id_tag)
-        info: dict[str, Any] = {"status": id_tag_status(status)}
-        if expires is not None:
-            info["expiryDate"] = timestamp(expires)
-        return call_result.Authorize(id_tag_info=info)
-
-    @on(Action.start_transaction)
-    async def on_start_transaction(
-        self, connector_id: int, id_tag: str, meter_start: int, timestamp: str, **extra: Any
-    ) -> call_result.StartTransaction:
-        transaction_id, info = await self._srv.start_transaction(
-            self.id, connector_id, id_tag, meter_start, timestamp
-        )
-        return call_result.StartTransaction(transaction_id=transaction_id, id_tag_info=info)
-
-    @on(Action.meter_values)
-    async def on_meter_values(
-        self, connector_id: int, meter_value: list[dict[str, Any]], **extra: Any
-    ) -> call_result.MeterValues:
-        await self._srv.meter_values(
-            self.id, connector_id, extra.get("transaction_id"), _camel_entries(meter_value)
-        )
-        return call_result.MeterValues()
-
-    @on(Action.stop_transaction)
-    async def on_stop_transaction(
-        self, meter_stop: int, timestamp: str, transaction_id: int, **extra: Any
-    ) -> call_result.StopTransaction:
-        await self._srv.stop_transaction(
-            self.id,
-            transaction_id,
-            meter_stop,
-            timestamp,
-            extra.get("reason"),
-            extra.get("id_tag"),
-            _camel_entries(extra.get("transaction_data") or []),
-        )
-        if extra.get("id_tag") is not None:
-            return call_result.StopTransaction(id_tag_info={"status": "Accepted"})
-        return call_result.StopTransaction()
-
-    @on(Action.data_transfer)
-    async def on_data_transfer(self, vendor_id: str, **extra: Any) -> call_result.DataTransfer:
-        log.info("ocpp_data_transfer", charge_point_id=self.id, vendor_id=vendor_id[:255])
-        return call_result.DataTransfer(status="UnknownVendorId")
-
-    @on(Action.firmware_status_notification)
-    async def on_firmware_status(self, status: str) -> call_result.FirmwareStatusNotification:
-        log.info("ocpp_firmware_status", charge_point_id=self.id, status=status)
-        return call_result.FirmwareStatusNotification()
-
-    @on(Action.diagnostics_status_notification)
-    async def on_diagnostics_status(self, status: str) -> call_result.DiagnosticsStatusNotification:
-        log.info("ocpp_diagnostics_status", charge_point_id=self.id, status=status)
-        return call_result.DiagnosticsStatusNotification()
-
-
-def _call_id(raw: str) -> str | None:
-    """The uniqueId of a CALL frame ``[2, id, action, payload]``, else None."""
-    try:
-        msg = json.loads(raw)
-    except ValueError:
-        return None
-    if isinstance(msg, list) and len(msg) == 4 and msg[0] == 2 and isinstance(msg[1], str):
-        return msg[1]
-    return None
-
-
-def _reply_id(frame: str) -> str | None:
-    """The uniqueId of a CALLRESULT or CALLERROR frame we send."""
-    try:
-        msg = json.loads(frame)
-    except ValueError:
-        return None
-    if isinstance(msg, list) and msg and msg[0] in (3, 4) and isinstance(msg[1], str):
-        return msg[1]
-    return None
-
-
-def _camel_entries(entries: list[Any]) -> list[dict[str, Any]]:
-    """The library hands payloads over in snake_case; the mapping reads the wire's camelCase."""
-    from ocpp.charge_point import snake_to_camel_case
-
-    return [snake_to_camel_case(e) for e in entries if isinstance(e, dict)]

@@ -84,7 +84,6 @@ class SimChargePoint:
     _ws: ClientConnection | None = None
     _recv: asyncio.Task[None] | None = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    _limit_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     # ----------------------------------------------------------------- link
     @property
@@ -349,13 +348,6 @@ class SimChargePoint:
             await self.stop("EVDisconnected")
         await self.set_status("Available")
 
-    async def wait_limit(self, timeout_s: float) -> float | None:
-        """Wait for the next SetChargingProfile; its limit in A."""
-        self._limit_event.clear()
-        async with asyncio.timeout(timeout_s):
-            await self._limit_event.wait()
-        return self.limit_a
-
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -363,7 +355,7 @@ class SimChargePoint:
 
 
 def call_subprotocol() -> Any:
-    from gateway.ocpp.server import SUBPROTOCOL
+    from gateway.ocpp.admission import SUBPROTOCOL
 
     return SUBPROTOCOL
 
@@ -400,7 +392,6 @@ class _Client(_OcppChargePoint):
         sim.profiles.append(cs_charging_profiles)
         periods = cs_charging_profiles["charging_schedule"]["charging_schedule_period"]
         sim.limit_a = float(periods[0]["limit"])
-        sim._limit_event.set()
         return call_result.SetChargingProfile(status="Accepted")
 
     @on(Action.change_availability)

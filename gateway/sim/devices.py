@@ -27,10 +27,11 @@ from typing import Any
 import structlog
 
 from gateway.modbus.codec import CodecError, decode, encode
+from gateway.modbus.types import DataType, RegisterSpec, Table
 from gateway.model import ChargerStatus, Clock, SystemClock, Value
-from gateway.profiles import DataType, Profile, RegisterSpec, Table
+from gateway.profiles import Profile
 from gateway.sim.quirks import quirks_for
-from gateway.sim.server import RegisterImage
+from gateway.sim.registers import RegisterImage
 
 __all__ = ["SimCharger", "SimEv", "SimMeter", "TruthLog", "fit_tag"]
 
@@ -326,11 +327,6 @@ class SimCharger(_Device):
         """In standby (silent until an EV is plugged in)."""
         return self.powered and self.image.silent
 
-    def set_faulted(self, faulted: bool) -> None:
-        """An internal device error (status faulted, no power)."""
-        self.faulted = faulted
-        self._refresh()
-
     # time -----------------------------------------------------------------------------------
     def step(self, dt_s: float) -> None:
         """Advance ``dt_s`` simulated seconds."""
@@ -486,17 +482,7 @@ class SimCharger(_Device):
         if p.enable is not None and p.enable.on is not None:
             self._put(p.enable.register, p.enable.on)
         if p.current_limit is not None:
-            self._put(p.current_limit.control.register, self._limit_raw(self.limit_a))
-
-    def _limit_raw(self, amps: float) -> float:
-        unit = self.profile.current_limit.unit if self.profile.current_limit else "A"
-        return {"A": amps, "0.1A": amps * 10, "mA": amps * 1000}.get(unit, amps * VOLTAGE_V * 3)
-
-    def _limit_amps(self, raw: float) -> float:
-        unit = self.profile.current_limit.unit if self.profile.current_limit else "A"
-        if unit == "W":
-            return raw / (VOLTAGE_V * (self.ev.phases if self.ev else 3))
-        return raw / {"A": 1.0, "0.1A": 10.0, "mA": 1000.0}.get(unit, 1.0)
+            self._put(p.current_limit.control.register, p.current_limit.to_raw(self.limit_a))
 
     def _written(self, spec: RegisterSpec, table: Table, address: int, words: list[int]) -> Value:
         """The value of ``spec`` after a write of ``words`` at ``address``, or a sentinel object
@@ -537,7 +523,7 @@ class SimCharger(_Device):
                 raw = float(value) if isinstance(value, int | float) else 0.0
                 disable = p.current_limit.disable
                 self.limit_a = (
-                    0.0 if disable is not None and raw == disable else self._limit_amps(raw)
+                    0.0 if disable is not None and raw == disable else p.current_limit.to_amps(raw)
                 )
                 touched.append("current_limit")
                 if p.heartbeat is not None and p.heartbeat.rewrites_current_limit:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.profiles import DataType, RegisterSpec, Table, WordOrder
+from gateway.modbus.types import DataType, RegisterSpec, Table, WordOrder
 
 __all__ = ["QUIRKS", "Quirks", "quirks_for"]
 

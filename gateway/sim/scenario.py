@@ -17,13 +17,25 @@ With the mapping form, ``traffic: true`` also runs the random EV traffic next to
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BeforeValidator, Field, ValidationInfo, model_validator
 
 from gateway.errors import ConfigError
+from gateway.schema import (
+    AsTuple,
+    Choice,
+    Duration,
+    Model,
+    Problems,
+    Range,
+    Text,
+    suggest,
+    validate_value,
+)
 from gateway.sim.server import Fault, FaultKind
 from gateway.yamlpos import YamlDoc, load_yaml, parse_yaml
 
@@ -41,21 +53,91 @@ ACTIONS = (
     "override",
 )
 _EV_ACTIONS = frozenset(ACTIONS) - {"fault", "clear_fault", "override"}
-_KEYS = {
-    "at",
-    "device",
-    "action",
-    "tag",
-    "power_w",
-    "energy_need_wh",
-    "phases",
-    "fault",
-    "code",
-    "delay",
-    "register",
-    "value",
-    "polls",
-}
+_FAULTS = tuple(k.value for k in FaultKind if k is not FaultKind.NONE)
+
+
+def _tag_text(value: Any) -> Any:
+    """UIDs written without quotes (``tag: 1234``) are text all the same."""
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+def _number_text(value: Any) -> Any:
+    """YAML 1.1 reads ``1e33`` (no dot) as text: read it as the number it is."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+class _StepIn(Model):
+    """One step as written in the file."""
+
+    at: Duration = Field(description="simulated time since the start: 5s, 2m, 1h30m or seconds")
+    device: Annotated[str, Text()]
+    action: Annotated[Literal[ACTIONS], Choice(*ACTIONS)]  # type: ignore[valid-type]
+    tag: Annotated[str, Text(), BeforeValidator(_tag_text)] | None = None
+    power_w: float | None = None
+    energy_need_wh: float | None = None
+    phases: Annotated[Literal[1, 3], Choice(1, 3)] | None = None
+    fault: Annotated[str, Choice(*_FAULTS)] | None = None
+    code: Annotated[int, Range(1, 255)] = 4
+    delay: Duration = 0.0
+    register_name: Annotated[str, Text()] | None = Field(default=None, validation_alias="register")
+    value: Annotated[float, BeforeValidator(_number_text)] | None = None
+    polls: Annotated[int, Range(lo=1)] = 1
+
+    @model_validator(mode="after")
+    def _between_keys(self, info: ValidationInfo) -> Self:
+        problems = Problems()
+        devices, chargers = (
+            (info.context or {}).get("devices"),
+            (info.context or {}).get("chargers"),
+        )
+        known = devices is None or self.device in devices
+        if not known:
+            hint = suggest(self.device, devices or ())
+            problems.add(("device",), f"unknown device {self.device!r}{hint}")
+        not_charger = chargers is not None and known and self.device not in chargers
+        if self.action in _EV_ACTIONS and not_charger:
+            message = f"{self.action} needs a charger; {self.device!r} is not one"
+            problems.add(("action",), message)
+        if self.action == "tag" and self.tag is None:
+            problems.add((), "action tag needs a tag")
+        for key in ("power_w", "energy_need_wh"):
+            amount = getattr(self, key)
+            if amount is not None and amount <= 0:
+                problems.add((key,), f"must be greater than 0, got {amount:g}")
+        if self.action == "fault" and self.fault is None:
+            problems.add((), "action fault needs fault: " + " | ".join(_FAULTS))
+        elif self.action != "fault" and "fault" in self.model_fields_set:
+            problems.add(("fault",), "only with action: fault", key=True)
+        if self.action == "override":
+            if self.register_name is None:
+                problems.add((), "action override needs register: a register name of the profile")
+            if self.value is None:
+                problems.add((), "action override needs value: what the register answers")
+        else:
+            for key, name in (
+                ("register", "register_name"),
+                ("value", "value"),
+                ("polls", "polls"),
+            ):
+                if name in self.model_fields_set:
+                    problems.add((key,), "only with action: override", key=True)
+        problems.raise_any()
+        return self
+
+
+_Steps = Annotated[tuple[_StepIn, ...], AsTuple]
+
+
+class _ScenarioIn(Model):
+    """The mapping form: steps and whether random EV traffic runs next to them."""
+
+    steps: _Steps = ()
+    traffic: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,175 +186,49 @@ def parse_scenario(
     return _build(parse_yaml(text, file), device_ids, charger_ids)
 
 
-def _duration(value: Any) -> float:
-    from gateway.config import parse_duration  # the config's one duration syntax
-
-    return parse_duration(value)
-
-
-def _number(
-    doc: YamlDoc, path: tuple[str | int, ...], value: Any, *, positive: bool
-) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        doc.add(path, f"expected a number, got {value!r}")
-        return None
-    if positive and value <= 0:
-        doc.add(path, f"must be greater than 0, got {value!r}")
-        return None
-    return float(value)
-
-
 def _build(
     doc: YamlDoc, device_ids: Iterable[str] | None, charger_ids: Iterable[str] | None
 ) -> Scenario:
-    devices = set(device_ids) if device_ids is not None else None
-    chargers = set(charger_ids) if charger_ids is not None else None
-    data = doc.data
-    traffic = False
-    items: Any = data
+    if doc.problems:
+        raise ConfigError(doc.problems)
+    context = {
+        "devices": set(device_ids) if device_ids is not None else None,
+        "chargers": set(charger_ids) if charger_ids is not None else None,
+    }
     base: tuple[str | int, ...] = ()
-    if doc.problems:
-        raise ConfigError(doc.problems)
-    if isinstance(data, dict):
-        for key in data:
-            if key not in ("steps", "traffic"):
-                doc.add((key,), "unknown key (expected steps, traffic)", key=True)
-        traffic_value = data.get("traffic", False)
-        if not isinstance(traffic_value, bool):
-            doc.add(("traffic",), f"expected true or false, got {traffic_value!r}")
-        else:
-            traffic = traffic_value
-        items = data.get("steps", [])
+    if isinstance(doc.data, dict):
+        read = validate_value(_ScenarioIn, doc.data, doc, context=context)
         base = ("steps",)
-    if not isinstance(items, list):
-        doc.add(base, "expected a list of steps")
-        raise ConfigError(doc.problems)
-    steps: list[ScenarioStep] = []
-    for i, item in enumerate(items):
-        path: tuple[str | int, ...] = (*base, i)
-        step = _step(doc, path, item, devices, chargers)
-        if step is not None:
-            steps.append(step)
+        steps, traffic = (read.steps, read.traffic) if read is not None else ((), False)
+    else:
+        if not isinstance(doc.data, list):
+            doc.add((), "expected a list of steps (or a mapping with steps and traffic)")
+        steps = validate_value(_Steps, doc.data, doc, context=context) or ()
+        traffic = False
     if doc.problems:
         raise ConfigError(doc.problems)
-    steps.sort(key=lambda s: s.at_s)  # stable: same-time steps keep file order
-    return Scenario(steps=tuple(steps), traffic=traffic, source=doc.file)
+    built = [_step(s, doc.where((*base, i))[0]) for i, s in enumerate(steps)]
+    built.sort(key=lambda s: s.at_s)  # stable: same-time steps keep file order
+    return Scenario(steps=tuple(built), traffic=traffic, source=doc.file)
 
 
-def _step(
-    doc: YamlDoc,
-    path: tuple[str | int, ...],
-    item: Any,
-    devices: set[str] | None,
-    chargers: set[str] | None,
-) -> ScenarioStep | None:
-    if not isinstance(item, dict):
-        doc.add(path, "expected a mapping like {at: 5s, device: cp1, action: plug_in}")
-        return None
-    before = len(doc.problems)
-    for key in item:
-        if key not in _KEYS:
-            doc.add(
-                (*path, key), f"unknown key (expected one of {', '.join(sorted(_KEYS))})", key=True
-            )
-    for key in ("at", "device", "action"):
-        if key not in item:
-            doc.add(path, f"missing required key {key!r}")
-    at_s = 0.0
-    if "at" in item:
-        try:
-            at_s = _duration(item["at"])
-        except ValueError as exc:
-            doc.add((*path, "at"), str(exc))
-    device = item.get("device")
-    if "device" in item:
-        if not isinstance(device, str):
-            doc.add((*path, "device"), f"expected a device id, got {device!r}")
-        elif devices is not None and device not in devices:
-            doc.add((*path, "device"), f"unknown device {device!r}")
-    action = item.get("action")
-    if "action" in item and action not in ACTIONS:
-        doc.add((*path, "action"), f"unknown action {action!r} (expected {', '.join(ACTIONS)})")
-    elif (
-        action in _EV_ACTIONS
-        and chargers is not None
-        and isinstance(device, str)
-        and (devices is None or device in devices)
-        and device not in chargers
-    ):
-        doc.add((*path, "action"), f"{action} needs a charger; {device!r} is not one")
-    tag = item.get("tag")
-    if tag is not None and not isinstance(tag, str):
-        tag = str(tag)  # UIDs written without quotes, e.g. 1234
-    if action == "tag" and tag is None:
-        doc.add(path, "action tag needs a tag")
-    power_w = energy_need_wh = None
-    if "power_w" in item:
-        power_w = _number(doc, (*path, "power_w"), item["power_w"], positive=True)
-    if "energy_need_wh" in item:
-        energy_need_wh = _number(
-            doc, (*path, "energy_need_wh"), item["energy_need_wh"], positive=True
-        )
-    phases = item.get("phases")
-    if phases is not None and phases not in (1, 3):
-        doc.add((*path, "phases"), f"expected 1 or 3, got {phases!r}")
-    fault: Fault | None = None
-    if action == "fault":
-        kind = item.get("fault")
-        kinds = [k.value for k in FaultKind if k is not FaultKind.NONE]
-        if kind is None:
-            doc.add(path, "action fault needs fault: " + " | ".join(kinds))
-        elif kind not in kinds:
-            doc.add((*path, "fault"), f"unknown fault {kind!r} (expected {', '.join(kinds)})")
-        else:
-            code = item.get("code", 4)
-            if isinstance(code, bool) or not isinstance(code, int) or not 1 <= code <= 255:
-                doc.add((*path, "code"), f"expected an exception code 1..255, got {code!r}")
-                code = 4
-            delay_s = 0.0
-            if "delay" in item:
-                try:
-                    delay_s = _duration(item["delay"])
-                except ValueError as exc:
-                    doc.add((*path, "delay"), str(exc))
-            fault = Fault(FaultKind(kind), code=code, delay_s=delay_s)
-    elif "fault" in item:
-        doc.add((*path, "fault"), "only with action: fault", key=True)
-    register, value, polls = item.get("register"), None, item.get("polls", 1)
-    if action == "override":
-        if not isinstance(register, str) or not register:
-            doc.add(path, "action override needs register: a register name of the profile")
-        if "value" not in item:
-            doc.add(path, "action override needs value: what the register answers")
-        else:
-            raw = item["value"]
-            if isinstance(raw, str):  # YAML 1.1 reads 1e33 (no dot) as text
-                with contextlib.suppress(ValueError):
-                    raw = float(raw)
-            if isinstance(raw, bool) or not isinstance(raw, int | float):
-                doc.add((*path, "value"), f"expected a number, got {item['value']!r}")
-            else:
-                value = float(raw)
-        if isinstance(polls, bool) or not isinstance(polls, int) or polls < 1:
-            doc.add((*path, "polls"), f"expected a number of polls >= 1, got {polls!r}")
-    else:
-        for key in ("register", "value", "polls"):
-            if key in item:
-                doc.add((*path, key), "only with action: override", key=True)
-    if len(doc.problems) > before:
-        return None
-    line = doc.where(path)[0]
+def _step(step: _StepIn, line: int) -> ScenarioStep:
+    override = step.action == "override"
     return ScenarioStep(
-        at_s=at_s,
-        device=str(device),
-        action=str(action),
-        tag=tag,
-        power_w=power_w,
-        energy_need_wh=energy_need_wh,
-        phases=phases,
-        fault=fault,
-        register=register if action == "override" else None,
-        value=value,
-        polls=polls if action == "override" else 1,
+        at_s=step.at,
+        device=step.device,
+        action=step.action,
+        tag=step.tag,
+        power_w=step.power_w,
+        energy_need_wh=step.energy_need_wh,
+        phases=step.phases,
+        fault=(
+            Fault(FaultKind(step.fault), code=step.code, delay_s=step.delay)
+            if step.action == "fault" and step.fault is not None
+            else None
+        ),
+        register=step.register_name if override else None,
+        value=step.value,
+        polls=step.polls if override else 1,
         line=line,
     )

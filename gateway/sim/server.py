@@ -6,7 +6,7 @@ Why our own framing and not pymodbus' server: pymodbus 3.16 deprecates its datas
 A Modbus server is small (eight function codes, MBAP or CRC framing), and owning the frame loop
 makes every fault trivial and exact: stay silent, answer an exception, send garbage, hang up. The
 gateway's client side is the real pymodbus client, and the tests drive this server with it. So
-this module imports no pymodbus at all and nothing else in the project depends on a pymodbus
+the simulator imports no pymodbus at all and nothing else in the project depends on a pymodbus
 server API.
 
 Unknown unit ids: on RTU (and RTU-over-TCP) the line stays silent, as a real RS-485 bus does when
@@ -30,90 +30,34 @@ import collections
 import contextlib
 import os
 import random
-import shutil
 import struct
-import tempfile
 import termios
 import tty
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 import structlog
 
-from gateway.profiles import Table
+from gateway.modbus.types import Table
+from gateway.sim.registers import (
+    EXC_GATEWAY_TARGET,
+    READ_TABLES,
+    RegisterImage,
+    exception_pdu,
+    handle_pdu,
+)
 
 __all__ = [
     "Fault",
     "FaultKind",
     "LineTransaction",
-    "RegisterImage",
     "SimServer",
-    "SimWriteRejected",
     "crc16",
-    "pty_pair",
 ]
 
 log = structlog.get_logger(__name__)
-
-WriteHook = Callable[[Table, int, list[int]], None]
-
-
-class SimWriteRejected(Exception):
-    """Raised by an ``on_write`` hook to answer a client write with a Modbus exception code."""
-
-    def __init__(self, code: int = 3) -> None:
-        self.code = code
-        super().__init__(f"write rejected with exception {code}")
-
-
-class RegisterImage:
-    """Sparse values of the four Modbus tables of one unit. Unset addresses read as 0.
-
-    ``set`` is for the simulated device itself; client writes arrive through the server, are
-    stored, then passed to ``on_write(table, address, words)`` (which may raise
-    :class:`SimWriteRejected` to answer with an exception; the values are then not stored).
-    Coils and discrete inputs hold 0/1 per address.
-    """
-
-    def __init__(self, on_write: WriteHook | None = None) -> None:
-        self._tables: dict[Table, dict[int, int]] = {t: {} for t in Table}
-        self.on_write: WriteHook | None = on_write
-        # Device quirks the simulated models switch on (gateway.sim.quirks):
-        # addresses the device does not define: a read that touches one answers exception 2
-        self.undefined: dict[Table, frozenset[int]] = {}
-        # the unit does not answer at all (Heidelberg in standby, a power cut)
-        self.silent = False
-        self.reads = 0  # requests served for this unit (reads only), for tests and stats
-        self.writes = 0
-
-    def get(self, table: Table | str, address: int, count: int = 1) -> list[int]:
-        values = self._tables[Table(table)]
-        return [values.get(a, 0) for a in range(address, address + count)]
-
-    def set(self, table: Table | str, address: int, words: Iterable[int]) -> None:
-        t = Table(table)
-        values = self._tables[t]
-        for i, word in enumerate(words):
-            w = int(word)
-            if t.is_bits:
-                w = 1 if w else 0
-            elif not 0 <= w <= 0xFFFF:
-                raise ValueError(f"register value out of 0..65535 at {t}:{address + i}: {w}")
-            values[address + i] = w
-
-    def client_write(self, table: Table | str, address: int, words: list[int]) -> None:
-        """A write from a Modbus client: hook first (it may reject), then store."""
-        t = Table(table)
-        if self.on_write is not None:
-            self.on_write(t, address, list(words))
-        self.set(t, address, words)
-        self.writes += 1
-
-    def snapshot(self, table: Table | str) -> dict[int, int]:
-        return dict(self._tables[Table(table)])
 
 
 class FaultKind(StrEnum):
@@ -159,17 +103,6 @@ class Override:
     polls: int
 
 
-# ---------------------------------------------------------------------------------------------
-# PDU handling (shared by every framing)
-
-_EXC_ILLEGAL_FUNCTION = 1
-_EXC_ILLEGAL_ADDRESS = 2
-_EXC_ILLEGAL_VALUE = 3
-_EXC_GATEWAY_TARGET = 0x0B
-
-_READ_TABLES = {1: Table.COIL, 2: Table.DISCRETE, 3: Table.HOLDING, 4: Table.INPUT}
-
-
 class _ServerClosing(Exception):
     """The server is closing: a connection handler ends instead of waiting out a delay."""
 
@@ -179,78 +112,6 @@ class _Reply(StrEnum):
     SILENT = "silent"
     GARBAGE = "garbage"
     DROP = "drop"
-
-
-def _exception(function: int, code: int) -> bytes:
-    return bytes([function | 0x80, code])
-
-
-def _pack_bits(bits: list[int]) -> bytes:
-    out = bytearray((len(bits) + 7) // 8)
-    for i, bit in enumerate(bits):
-        if bit:
-            out[i // 8] |= 1 << (i % 8)
-    return bytes(out)
-
-
-def _unpack_bits(data: bytes, count: int) -> list[int]:
-    return [(data[i // 8] >> (i % 8)) & 1 for i in range(count)]
-
-
-def handle_pdu(image: RegisterImage, pdu: bytes) -> bytes:
-    """Execute one request PDU against ``image``; returns the response PDU (maybe an exception)."""
-    if not pdu:
-        return _exception(0, _EXC_ILLEGAL_FUNCTION)
-    fc = pdu[0]
-    try:
-        if fc in _READ_TABLES:
-            address, count = struct.unpack(">HH", pdu[1:5])
-            table = _READ_TABLES[fc]
-            limit = 2000 if table.is_bits else 125
-            if not 1 <= count <= limit:
-                return _exception(fc, _EXC_ILLEGAL_VALUE)
-            if address + count > 0x10000:
-                return _exception(fc, _EXC_ILLEGAL_ADDRESS)
-            holes = image.undefined.get(table)
-            if holes and any(a in holes for a in range(address, address + count)):
-                return _exception(fc, _EXC_ILLEGAL_ADDRESS)
-            values = image.get(table, address, count)
-            image.reads += 1
-            if table.is_bits:
-                data = _pack_bits(values)
-            else:
-                data = b"".join(v.to_bytes(2, "big") for v in values)
-            return bytes([fc, len(data)]) + data
-        if fc == 5:
-            address, value = struct.unpack(">HH", pdu[1:5])
-            if value not in (0x0000, 0xFF00):
-                return _exception(fc, _EXC_ILLEGAL_VALUE)
-            image.client_write(Table.COIL, address, [1 if value else 0])
-            return pdu[:5]
-        if fc == 6:
-            address, value = struct.unpack(">HH", pdu[1:5])
-            image.client_write(Table.HOLDING, address, [value])
-            return pdu[:5]
-        if fc in (15, 16):
-            address, count, nbytes = struct.unpack(">HHB", pdu[1:6])
-            data = pdu[6 : 6 + nbytes]
-            limit = 1968 if fc == 15 else 123
-            expect = (count + 7) // 8 if fc == 15 else count * 2
-            if not 1 <= count <= limit or nbytes != expect or len(data) != nbytes:
-                return _exception(fc, _EXC_ILLEGAL_VALUE)
-            if address + count > 0x10000:
-                return _exception(fc, _EXC_ILLEGAL_ADDRESS)
-            if fc == 15:
-                image.client_write(Table.COIL, address, _unpack_bits(data, count))
-            else:
-                words = [int.from_bytes(data[i : i + 2], "big") for i in range(0, nbytes, 2)]
-                image.client_write(Table.HOLDING, address, words)
-            return pdu[:5]
-    except struct.error:
-        return _exception(fc, _EXC_ILLEGAL_VALUE)
-    except SimWriteRejected as exc:
-        return _exception(fc, exc.code)
-    return _exception(fc, _EXC_ILLEGAL_FUNCTION)
 
 
 def crc16(data: bytes) -> int:
@@ -297,10 +158,6 @@ class LineTransaction:
     line_start_s: float  # the converter put it on the serial line
     answered_s: float  # the answer (or the 0x0B timeout exception) was sent back
     pending: int  # MBAP requests waiting at the converter when this one arrived (itself included)
-
-
-# ---------------------------------------------------------------------------------------------
-# The server
 
 
 class SimServer:
@@ -474,7 +331,7 @@ class SimServer:
         entries = self._overrides.get(unit)
         if not entries or len(pdu) < 5 or pdu[0] not in (3, 4):
             return None
-        table = _READ_TABLES[pdu[0]]
+        table = READ_TABLES[pdu[0]]
         start, count = struct.unpack(">HH", pdu[1:5])
         hit = [
             o
@@ -553,7 +410,7 @@ class SimServer:
         image = self.units.get(unit)
         if image is None:
             if tcp:
-                return _Reply.SEND, _exception(pdu[0] if pdu else 0, _EXC_GATEWAY_TARGET), 0.0
+                return _Reply.SEND, exception_pdu(pdu[0] if pdu else 0, EXC_GATEWAY_TARGET), 0.0
             return _Reply.SILENT, b"", 0.0
         fault = self._faults.get(unit, NO_FAULT)
         kind = fault.kind
@@ -565,7 +422,7 @@ class SimServer:
             size = self._rng.randint(1, 5)
             return _Reply.GARBAGE, bytes(self._rng.getrandbits(8) for _ in range(size)), 0.0
         if kind is FaultKind.EXCEPTION:
-            return _Reply.SEND, _exception(pdu[0] if pdu else 0, fault.code), fault.delay_s
+            return _Reply.SEND, exception_pdu(pdu[0] if pdu else 0, fault.code), fault.delay_s
         reply = self._read_overridden(unit, image, pdu)
         if reply is None:
             reply = handle_pdu(image, pdu)
@@ -635,7 +492,7 @@ class SimServer:
             async with self._line:
                 start = loop.time()
                 request = _rtu_frame(unit, pdu)
-                timed_out = (_exception(pdu[0] if pdu else 0, _EXC_GATEWAY_TARGET), 0.0)
+                timed_out = (exception_pdu(pdu[0] if pdu else 0, EXC_GATEWAY_TARGET), 0.0)
                 # t3.5 of silence, then the request's characters
                 await self._pause(self.wire_s(len(request)) + self.wire_s(1) * 3.5)
                 replies = self._rtu_frames(bytearray(request))
@@ -803,85 +660,3 @@ class SimServer:
             os.write(self._fd, data)
         except OSError as exc:  # the reader went away; the request is lost like on a real line
             log.debug("sim_serial_write_failed", path=self.path, error=str(exc))
-
-
-# ---------------------------------------------------------------------------------------------
-# pty pairs
-
-
-@contextlib.asynccontextmanager
-async def pty_pair(
-    gateway_link: str | os.PathLike[str] | None = None,
-    sim_link: str | os.PathLike[str] | None = None,
-    *,
-    timeout_s: float = 5.0,
-) -> AsyncIterator[tuple[str, str]]:
-    """Two connected pseudo-terminals made by socat; yields ``(gateway_path, sim_path)``.
-
-    ``gateway_link`` is where the gateway-side symlink is created (``evgw simulate`` puts it at
-    the bus ``port:`` path from the site config); default: a temporary directory. An existing
-    symlink there (a leftover of a killed run) is replaced; any other existing file is an error.
-    The links exist when the block is entered; socat is terminated when it ends.
-    """
-    socat = shutil.which("socat")
-    if socat is None:
-        raise RuntimeError("socat is not installed (needed for simulated serial lines)")
-    with tempfile.TemporaryDirectory(prefix="evgw-pty-") as tmp:
-        gw = Path(gateway_link) if gateway_link is not None else Path(tmp) / "gateway"
-        sim = Path(sim_link) if sim_link is not None else Path(tmp) / "sim"
-        for link in (gw, sim):
-            if link.is_symlink():
-                link.unlink()
-            elif link.exists():
-                raise FileExistsError(f"{link} exists and is not a symlink; not replacing it")
-            if not link.parent.is_dir():
-                raise FileNotFoundError(f"directory {link.parent} does not exist")
-        proc = await asyncio.create_subprocess_exec(
-            socat,
-            "-d",
-            "-d",
-            f"pty,raw,echo=0,link={gw}",
-            f"pty,raw,echo=0,link={sim}",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            assert proc.stderr is not None
-            # socat announces each pty, creates the links, then says it starts its loop.
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    line = await proc.stderr.readline()
-                    if not line:
-                        raise RuntimeError("socat exited before creating the pty pair")
-                    if b"starting data transfer loop" in line:
-                        break
-            if not (gw.is_symlink() and sim.is_symlink()):
-                raise RuntimeError(f"socat did not create {gw} and {sim}")
-            # Keep draining socat's stderr so it can never block on a full pipe.
-            drain = asyncio.create_task(_drain(proc.stderr), name="socat_stderr")
-            log.info("sim_pty_pair", gateway=str(gw), sim=str(sim))
-            try:
-                yield str(gw), str(sim)
-            finally:
-                drain.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await drain
-        finally:
-            if proc.returncode is None:
-                proc.terminate()
-                try:
-                    async with asyncio.timeout(2):
-                        await proc.wait()
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
-            for link in (gw, sim):
-                if link.is_symlink():
-                    with contextlib.suppress(OSError):
-                        link.unlink()
-
-
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.read(4096):
-        pass

@@ -26,8 +26,7 @@ import heapq
 import itertools
 import random
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -39,8 +38,10 @@ from gateway.modbus.codec import encode
 from gateway.model import Clock, DeviceKind, SystemClock, TokenType
 from gateway.profiles import Profile
 from gateway.sim.devices import SimCharger, SimMeter, TruthLog
+from gateway.sim.pty import pty_pair
+from gateway.sim.registers import RegisterImage
 from gateway.sim.scenario import Scenario, ScenarioStep, load_scenario
-from gateway.sim.server import Fault, FaultKind, RegisterImage, SimServer, pty_pair
+from gateway.sim.server import Fault, FaultKind, SimServer
 
 __all__ = ["ServedDevice", "SimSite", "TrafficProfile", "run_simulator"]
 
@@ -99,7 +100,7 @@ class SimSite:
             raise ValueError("speed must be > 0")
         # OCPP charge points are not served here: they connect to the gateway themselves
         # (gateway.ocpp.sim).
-        self.config = replace(config, devices=config.modbus_devices)
+        self.config = config.model_copy(update={"devices": config.modbus_devices})
         self.profiles = profiles
         self.speed = speed
         self.scenario = scenario
@@ -583,12 +584,3 @@ async def run_simulator(
                 with contextlib.suppress(asyncio.CancelledError):
                     await ocpp_task
     return 0
-
-
-@contextlib.asynccontextmanager
-async def serve_site(
-    config: GatewayConfig, profiles: dict[str, Profile], **kwargs: Any
-) -> AsyncIterator[SimSite]:
-    """Convenience for ``evgw demo`` and tests: ``async with serve_site(cfg, profiles) as site``."""
-    async with SimSite.from_config(config, profiles, **kwargs) as site:
-        yield site

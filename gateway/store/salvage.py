@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.model import from_rfc3339
+from gateway.outgoing import SESSION_STREAM, SESSION_TOPIC
 
 __all__ = [
     "SALVAGED_TABLES",
@@ -46,9 +47,6 @@ SALVAGED_TABLES = (
     "auth_cache",
 )
 _SUFFIXES = ("", "-wal", "-shm", "-journal")
-# The outbox stream and topic of finished sessions (gateway.store.sqlite imports this module).
-SESSION_STREAM = "session"
-SESSION_TOPIC = "sessions/finished"
 
 
 def companion_files(path: Path) -> list[Path]:

@@ -20,7 +20,7 @@ import structlog
 from gateway import __version__
 from gateway.config import HomeAssistantConfig
 from gateway.model import Clock, SystemClock, rfc3339
-from gateway.uplink.mqtt import _backoff_delay
+from gateway.uplink.mqtt import backoff_delay
 
 __all__ = ["LocalRetainedLink"]
 
@@ -98,7 +98,7 @@ class LocalRetainedLink:
             except aiomqtt.MqttError as exc:
                 error = str(exc)
                 failures += 1
-                delay = _backoff_delay(failures, *self.backoff)
+                delay = backoff_delay(failures, *self.backoff)
                 level = log.debug if error == last_error else log.warning
                 level("ha_broker_disconnected", error=error, retry_in_s=round(delay, 2))
                 last_error = error

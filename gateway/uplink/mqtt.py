@@ -1,41 +1,29 @@
-"""Store-and-forward MQTT uplink (aiomqtt 2.5 over paho-mqtt 2.2).
+"""Store-and-forward MQTT uplink (aiomqtt 2.5 over paho-mqtt 2.2): the connection and commands.
 
-The SQLite outbox is the only source of truth. One connection at a time, each with a fresh
+The SQLite outbox is the only source of truth for what must arrive (which messages go through it
+and which do not: gateway/outgoing.py). One connection at a time, each with a fresh
 ``aiomqtt.Client``: paho keeps unacknowledged publishes in memory and resends its whole queue
 when the same client reconnects (paho #492), which would duplicate what we resend from the
 outbox anyway. So a dropped connection abandons its in-flight publishes; they stay unacked in
 the store and go out again, in order, on the next connection (at-least-once; consumers
-deduplicate finished sessions by ``session_id``).
-
-Draining: a bounded window of QoS 1 publishes tracked by packet id. The drain hands each message
-to paho (the client under aiomqtt) and goes on; paho's PUBACK callback takes the packet id out of
-the window and queues the rows' ids, which a group-commit task acknowledges to the store in
-batches, only after their PUBACK. No future or task per message: aiomqtt's awaited ``publish``
-costs a future, a ``wait_for`` timer and a task of ours per message, which kept a backlog drain at
-a fifth of what paho itself does. A watchdog drops the connection when the oldest publish waits
-longer than the publish timeout. Readings batches are fetched by a prefetch task while the
-previous batch is being published. Each round publishes changed charger statuses and the
-status/event/auth streams first, then a share of finished sessions (id order = seq order) and a
-batch of readings, so live status never waits behind a backlog.
+deduplicate finished sessions by ``session_id``). What a connection publishes is the drain's
+business (gateway/uplink/drain.py); this module connects, reconnects with backoff, falls back
+from MQTT 5 to 3.1.1, receives commands and sends their replies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
-import sqlite3
 import ssl
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
 import structlog
 from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY, MQTT_ERR_SUCCESS
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -45,107 +33,21 @@ from gateway.errors import UplinkError
 from gateway.model import Clock, SystemClock, rfc3339
 from gateway.ports import CommandTarget, UplinkStore
 from gateway.uplink.commands import MAX_COMMAND_BYTES, CommandHandler, Reply
+from gateway.uplink.drain import Drain, Inflight, UplinkStats, encode
 from gateway.uplink.envelope import CommandVerifier, load_command_key
-from gateway.uplink.lean import Aggregate, LeanReadings
 from gateway.uplink.topics import Topics
-from gateway.wire import encode_reading, readings_batch
 
-__all__ = ["PRIORITY_STREAMS", "MqttUplink", "UplinkStats"]
+__all__ = ["MAX_PACKET_BYTES", "MqttUplink", "backoff_delay"]
 
 log = structlog.get_logger(__name__)
 
-ACK_RETRY_S = 1.0  # while the disk is full, try writing the delivery marks again this often
-
-PRIORITY_STREAMS = ("status", "event", "auth")
 INBOX_SIZE = 1000  # commands waiting for the worker; beyond it they are answered ``busy``
 BUSY_REPLIES_SIZE = 100_000
 # Room for a command over its limit (it gets a `too_large` reply); anything larger is dropped
 # by the broker.
 MAX_PACKET_BYTES = 4 * MAX_COMMAND_BYTES
-SESSION_STREAM = "session"
 _UNSUPPORTED_PROTOCOL = frozenset({1, 132})  # v3.1.1 CONNACK 1, MQTT 5 reason 0x84
 _MAX_INFLIGHT_BYTES = 4 * 1024 * 1024
-_BATCHES_PER_FETCH = 2  # readings batches read from the store at once while draining
-_MAX_FETCH_ROWS = 5000
-
-
-@dataclass(slots=True)
-class UplinkStats:
-    """Counters since start (for tests, the live view and figures)."""
-
-    connects: int = 0
-    disconnects: int = 0
-    published: dict[str, int] = field(default_factory=dict)  # messages PUBACKed, per stream
-    acked_rows: int = 0  # outbox rows acknowledged to the store
-    synced_readings: int = 0
-    abandoned: int = 0  # publishes in flight when a connection dropped
-    commands: int = 0
-    commands_busy: int = 0  # found the queue full and were answered ``busy``
-    commands_dropped: int = 0  # found even the busy replies full (never seen in tests)
-    protocol: str = "5"
-    last_puback_monotonic: float | None = None  # clock.monotonic() of the latest PUBACK
-
-
-_ACK = 0  # outbox rows: acknowledged (deleted) on PUBACK
-_SYNC = 1  # readings rows: marked synced on PUBACK
-
-
-class _Inflight:
-    """Publishes awaiting PUBACK, by packet id: at most ``limit`` of them and ``max_bytes`` of
-    payload (one message may exceed it alone)."""
-
-    __slots__ = ("_low", "_room", "bytes", "entries", "limit", "max_bytes")
-
-    def __init__(self, limit: int, max_bytes: int) -> None:
-        self.limit = max(1, limit)
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        # mid -> (sent at (loop time), size, stream, _ACK/_SYNC/None, row ids, qos); insertion
-        # order is send order, so the first entry is the oldest
-        self.entries: dict[int, tuple[float, int, str, int | None, Sequence[int], int]] = {}
-        self._room = asyncio.Event()
-        self._low = self.limit - max(1, self.limit // 10)
-
-    def full(self, size: int) -> bool:
-        n = len(self.entries)
-        return n >= self.limit or (n > 0 and self.bytes + size > self.max_bytes)
-
-    async def wait_room(self, size: int) -> None:
-        """Once full, wait until a tenth of the window is free again: the drain then sends a
-        few messages a wake-up instead of one a PUBACK."""
-        while len(self.entries) > self._low or self.full(size):
-            self._room.clear()
-            await self._room.wait()
-
-    def add(
-        self,
-        mid: int,
-        now: float,
-        size: int,
-        stream: str,
-        kind: int | None,
-        ids: Sequence[int],
-        qos: int,
-    ) -> None:
-        self.entries[mid] = (now, size, stream, kind, ids, qos)
-        self.bytes += size
-
-    def pop(self, mid: int) -> tuple[float, int, str, int | None, Sequence[int], int] | None:
-        entry = self.entries.pop(mid, None)
-        if entry is not None:
-            self.bytes -= entry[1]
-            if len(self.entries) <= self._low:
-                self._room.set()
-        return entry
-
-    def oldest(self) -> float | None:
-        for entry in self.entries.values():
-            return entry[0]
-        return None
-
-    @property
-    def count(self) -> int:
-        return len(self.entries)
 
 
 class MqttUplink:
@@ -183,22 +85,21 @@ class MqttUplink:
             )
         self._handler = CommandHandler(self.topics, commands, store, verifier=verifier)
         self._backoff = (backoff_min_s, backoff_max_s)
-        self._safety_poll_s = safety_poll_s
-        self._publish_timeout_s = publish_timeout_s or max(30.0, 4 * config.keepalive_s)
+        publish_timeout_s = publish_timeout_s or max(30.0, 4 * config.keepalive_s)
+        self._publish_timeout_s = publish_timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._connect_phase = False  # True until the broker's CONNACK arrives
-        self._wake = asyncio.Event()
-        self._readings_wake = asyncio.Event()
-        self._outbox_pending = True
-        self._acked: list[int] = []
-        self._synced: list[int] = []
-        self._ack_ready = asyncio.Event()
-        self._acks_waiting = False  # the disk is full: PUBACKed rows wait to be marked
-        self._statuses: dict[str, bytes] = {}
-        self._dirty: set[str] = set()
-        self._retained: dict[str, bytes] = {}  # full topic -> payload, kept and re-published
-        self._dirty_retained: set[str] = set()
-        self._key_payload: bytes | None = None
+        self.stats = UplinkStats(protocol="3.1.1" if config.protocol == "3.1.1" else "5")
+        self._drain = Drain(
+            config,
+            store,
+            self.topics,
+            self._clock,
+            self.stats,
+            version,
+            safety_poll_s=safety_poll_s,
+            publish_timeout_s=publish_timeout_s,
+        )
         self._client: aiomqtt.Client | None = None
         self._online = False
         self._protocol = (
@@ -209,8 +110,6 @@ class MqttUplink:
         self._inbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(maxsize=inbox_size)
         # ``busy`` replies are ~120 bytes each: a deep queue costs little and loses nothing.
         self._busy_replies: asyncio.Queue[Reply] = asyncio.Queue(maxsize=BUSY_REPLIES_SIZE)
-        self._inflight: _Inflight | None = None
-        self.stats = UplinkStats(protocol="3.1.1" if config.protocol == "3.1.1" else "5")
 
     # -- what the rest of the gateway calls -------------------------------------------------
 
@@ -220,9 +119,7 @@ class MqttUplink:
 
     def notify(self) -> None:
         """New rows in the outbox or readings: wake the drain."""
-        self._outbox_pending = True
-        self._readings_wake.set()
-        self._wake.set()
+        self._drain.notify()
 
     def publish_status(self, device_id: str, payload: dict[str, Any]) -> None:
         """Latest status of a charger, published retained now (if online) and again after each
@@ -230,24 +127,17 @@ class MqttUplink:
         body = dict(payload)
         body.setdefault("ts", rfc3339(self._clock.time()))
         self.topics.charger_status(device_id)  # refuse a device id that is no topic level
-        self._statuses[device_id] = _encode(body)
-        self._dirty.add(device_id)
-        self._wake.set()
-
-    publish_status_now = publish_status
+        self._drain.put_status(device_id, encode(body))
 
     def publish_retained(self, topic: str, payload: dict[str, Any] | bytes) -> None:
         """A retained message on ``topic`` (a full topic, maybe outside ``P/S``), published now
         (if online) and again after each reconnect; the latest per topic wins. An empty payload
         deletes the broker's retained message. Kept in memory only, like charger statuses."""
-        self._retained[topic] = payload if isinstance(payload, bytes) else _encode(payload)
-        self._dirty_retained.add(topic)
-        self._wake.set()
+        self._drain.put_retained(topic, payload if isinstance(payload, bytes) else encode(payload))
 
     def set_public_key(self, payload: dict[str, Any]) -> None:
         """The retained ``gateway/key`` message (published on every connect)."""
-        self._key_payload = _encode(payload)
-        self._wake.set()
+        self._drain.set_key(encode(payload))
 
     async def send_auth_request(
         self, request_id: str, token: str, token_type: str, charger_id: str
@@ -264,7 +154,7 @@ class MqttUplink:
         }
         try:
             await client.publish(
-                self.topics.auth_request, _encode(payload), qos=1, timeout=self._publish_timeout_s
+                self.topics.auth_request, encode(payload), qos=1, timeout=self._publish_timeout_s
             )
         except aiomqtt.MqttError as exc:
             raise UplinkError(f"auth request not sent: {exc}") from exc
@@ -332,7 +222,7 @@ class MqttUplink:
             if self._clock.monotonic() - started > 60:
                 failures = 0  # it was up for a while: start backing off from the bottom again
             failures += 1
-            delay = _backoff_delay(failures, *self._backoff)
+            delay = backoff_delay(failures, *self._backoff)
             # first occurrence of an error at WARNING, repeats at DEBUG
             level = log.debug if error == last_error else log.warning
             level("mqtt_disconnected", error=error, retry_in_s=round(delay, 2), attempt=failures)
@@ -358,7 +248,7 @@ class MqttUplink:
             password=cfg.password.reveal() if cfg.password is not None else None,
             identifier=cfg.client_id,
             protocol=self._protocol,
-            will=aiomqtt.Will(self.topics.gateway_status, _encode(offline), qos=1, retain=True),
+            will=aiomqtt.Will(self.topics.gateway_status, encode(offline), qos=1, retain=True),
             clean_session=None if v5 else False,
             clean_start=False if v5 else MQTT_CLEAN_START_FIRST_ONLY,
             keepalive=max(1, int(cfg.keepalive_s)),
@@ -376,12 +266,11 @@ class MqttUplink:
 
     async def _connection(self) -> None:
         client = self._make_client(await self._tls_context())
-        inflight = _Inflight(self._config.inflight_window, _MAX_INFLIGHT_BYTES)
+        inflight = Inflight(self._config.inflight_window, _MAX_INFLIGHT_BYTES)
         self._connect_phase = True
         async with client:
             self._connect_phase = False
             self._client = client
-            self._inflight = inflight
             self._online = True
             self.stats.connects += 1
             log.info(
@@ -390,54 +279,32 @@ class MqttUplink:
                 port=self._config.port,
                 protocol=self.stats.protocol,
             )
-            paho_client = client._client  # the drain publishes through paho (module docstring)
-            # aiomqtt's own callback: wakes its awaited publishes (replies, auth requests)
-            forward: Callable[..., None] | None = paho_client.on_publish
-
-            def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-                entry = inflight.pop(mid)
-                if entry is None:
-                    if forward is not None:
-                        forward(c, userdata, mid, reason, props)
-                else:
-                    self._delivered(entry[2], entry[3], entry[4], entry[5])
-
-            paho_client.on_publish = on_publish
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._receive(client), name="uplink-receive")
                     tg.create_task(self._send_busy_replies(client), name="uplink-busy-replies")
-                    tg.create_task(self._acker(), name="uplink-acker")
-                    tg.create_task(self._watchdog(inflight), name="uplink-watchdog")
-                    batches: asyncio.Queue[list[tuple[int, str, bytes]]] = asyncio.Queue(
-                        maxsize=_BATCHES_PER_FETCH
-                    )
-                    tg.create_task(self._prefetch(batches), name="uplink-prefetch")
-                    tg.create_task(
-                        self._drain(client, paho_client, inflight, batches), name="uplink-drain"
-                    )
+                    tg.create_task(self._drain.run(client, inflight), name="uplink-drain")
             except BaseExceptionGroup as group:
                 self._online = False
                 self.stats.disconnects += 1
                 self.stats.abandoned += inflight.count  # their rows stay unacked
-                await self._flush_acks()
+                await self._drain.flush_acks()
                 raise _first_mqtt_error(group) from None
             except asyncio.CancelledError:
                 self._online = False
                 self.stats.abandoned += inflight.count
-                await self._flush_acks()
+                await self._drain.flush_acks()
                 await self._say_goodbye(client)
                 raise
             finally:
                 self._online = False
                 self._client = None
-                self._inflight = None
 
     async def _say_goodbye(self, client: aiomqtt.Client) -> None:
         offline = {"state": "offline", "version": self._version, "ts": rfc3339(self._clock.time())}
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             await client.publish(
-                self.topics.gateway_status, _encode(offline), qos=1, retain=True, timeout=2.0
+                self.topics.gateway_status, encode(offline), qos=1, retain=True, timeout=2.0
             )
 
     async def _receive(self, client: aiomqtt.Client) -> None:
@@ -499,274 +366,13 @@ class MqttUplink:
             except aiomqtt.MqttError as exc:
                 log.warning("command_reply_failed", topic=reply.topic, error=str(exc))
 
-    # -- draining -------------------------------------------------------------------------------
-
-    async def _drain(
-        self,
-        client: aiomqtt.Client,
-        paho_client: Any,
-        inflight: _Inflight,
-        batches: asyncio.Queue[list[tuple[int, str, bytes]]],
-    ) -> None:
-        cfg = self._config
-        online = {"state": "online", "version": self._version, "ts": rfc3339(self._clock.time())}
-        await client.publish(self.topics.gateway_status, _encode(online), qos=1, retain=True)
-        if self._key_payload is not None:
-            await client.publish(self.topics.gateway_key, self._key_payload, qos=1, retain=True)
-        self._dirty.update(self._statuses)
-        self._dirty_retained.update(self._retained)
-        cursors = dict.fromkeys((*PRIORITY_STREAMS, SESSION_STREAM), 0)
-        share = max(1, inflight.limit // 2)
-        self._outbox_pending = True
-        loop = asyncio.get_running_loop()
-        outbox_due = loop.time()
-        streams = [
-            *((stream, inflight.limit) for stream in PRIORITY_STREAMS),
-            (SESSION_STREAM, share),
-        ]
-        more: set[str] = set()  # streams whose last page was full
-        lean = (
-            LeanReadings(cfg.readings.interval_s, cfg.readings.mode)
-            if cfg.readings.interval_s > 0
-            else None
-        )
-
-        async def send(
-            stream: str,
-            topic: str,
-            payload: bytes,
-            qos: int,
-            retain: bool,
-            kind: int | None,
-            ids: Sequence[int],
-        ) -> None:
-            size = len(payload)
-            if inflight.full(size):
-                await inflight.wait_room(size)
-            info = paho_client.publish(topic, payload, qos, retain)
-            if info.rc != MQTT_ERR_SUCCESS:
-                raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
-            if info.is_published():  # QoS 0 already written
-                self._delivered(stream, kind, ids, qos)
-            else:
-                inflight.add(info.mid, loop.time(), size, stream, kind, ids, qos)
-
-        while True:
-            self._wake.clear()
-            sent = 0
-            for device_id in list(self._dirty):
-                self._dirty.discard(device_id)
-                await send(
-                    "charger_status",
-                    self.topics.charger_status(device_id),
-                    self._statuses[device_id],
-                    1,
-                    True,
-                    None,
-                    (),
-                )
-                sent += 1
-            for topic in list(self._dirty_retained):
-                self._dirty_retained.discard(topic)
-                await send("retained", topic, self._retained[topic], 1, True, None, ())
-                sent += 1
-            if self._outbox_pending or more or loop.time() >= outbox_due:
-                # Outbox rows come with a notify(); while a backlog drains, a stream is asked
-                # again only if its last page was full, after a notify, or after a safety
-                # interval, not every round.
-                everything = self._outbox_pending or loop.time() >= outbox_due
-                self._outbox_pending = False
-                if everything:
-                    outbox_due = loop.time() + self._safety_poll_s
-                asked, more = more, set()
-                for stream, limit in streams:
-                    if not everything and stream not in asked:
-                        continue
-                    n = await self._drain_stream(send, stream, cursors, limit)
-                    if n >= limit:
-                        more.add(stream)
-                    sent += n
-            messages: list[tuple[str, bytes, list[int]]] = []
-            if not batches.empty():
-                rows = batches.get_nowait()
-                if lean is None:
-                    messages = _reading_batches(rows)
-                else:
-                    messages = _aggregate_batches(lean.add_wire(rows))
-            if lean is not None and lean.held:
-                messages += _aggregate_batches(lean.due(self._clock.time()))
-            if messages:
-                for device_id, payload, ids in messages:
-                    await send(
-                        "readings",
-                        self.topics.readings(device_id),
-                        payload,
-                        cfg.readings_qos,
-                        False,
-                        _SYNC,
-                        ids,
-                    )
-                    sent += 1
-            if sent:
-                # the drain awaits only when the window is full: let the pollers and the
-                # session logic run between rounds
-                await asyncio.sleep(0)
-                continue
-            # asyncio.timeout, not wait_for: wait_for wraps the wait in a task of its own, which
-            # could swallow a cancellation arriving just as the timeout fired.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._safety_poll_s):
-                    await self._wake.wait()
-            if not self._wake.is_set():
-                self._outbox_pending = True  # the safety poll: look again anyway
-
-    async def _prefetch(self, batches: asyncio.Queue[list[tuple[int, str, bytes]]]) -> None:
-        """Reads the next readings while the drain publishes the previous ones: a few batches a
-        read (each thread hop costs more than the rows), queued one batch at a time."""
-        cursor = 0
-        batch = self._config.readings_batch
-        fetch = max(batch, min(batch * _BATCHES_PER_FETCH, _MAX_FETCH_ROWS))
-        while True:
-            self._readings_wake.clear()
-            rows = await self._store.readings_fetch_wire(fetch, cursor)
-            if rows:
-                cursor = rows[-1][0]
-                for i in range(0, len(rows), batch):
-                    await batches.put(rows[i : i + batch])
-                    self._wake.set()
-                continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._safety_poll_s):
-                    await self._readings_wake.wait()
-
-    async def _watchdog(self, inflight: _Inflight) -> None:
-        """Drops the connection when a publish has waited longer than the publish timeout for
-        its PUBACK (a stalled broker or link); its rows go out again on the next one."""
-        loop = asyncio.get_running_loop()
-        timeout_s = self._publish_timeout_s
-        while True:
-            oldest = inflight.oldest()
-            now = loop.time()
-            if oldest is not None and now - oldest >= timeout_s:
-                raise aiomqtt.MqttError(f"no PUBACK within {timeout_s:g} s")
-            await asyncio.sleep(timeout_s if oldest is None else oldest + timeout_s - now)
-
-    async def _drain_stream(
-        self, send: Any, stream: str, cursors: dict[str, int], limit: int
-    ) -> int:
-        rows = await self._store.outbox_fetch(stream, limit, cursors[stream])
-        for row in rows:
-            cursors[stream] = row.id
-            await send(
-                stream,
-                self.topics.full(row.topic),
-                row.payload,
-                row.qos,
-                row.retain,
-                _ACK,
-                (row.id,),
-            )
-        return len(rows)
-
-    def _delivered(self, stream: str, kind: int | None, ids: Sequence[int], qos: int) -> None:
-        """A publish was acknowledged (QoS 1) or written (QoS 0): queue its rows' ids for the
-        group commit."""
-        published = self.stats.published
-        published[stream] = published.get(stream, 0) + 1
-        if qos > 0:
-            self.stats.last_puback_monotonic = self._clock.monotonic()
-        if kind == _ACK:
-            self._acked.extend(ids)
-        elif kind == _SYNC:
-            self._synced.extend(ids)
-        else:
-            return
-        self._ack_ready.set()
-
-    async def _acker(self) -> None:
-        """Group commit: whatever PUBACKs arrived while the previous write ran go in one write."""
-        while True:
-            await self._ack_ready.wait()
-            await self._flush_acks()
-
-    async def _flush_acks(self) -> None:
-        self._ack_ready.clear()
-        acked, self._acked = self._acked, []
-        synced, self._synced = self._synced, []
-        if not (acked or synced):
-            return
-        try:
-            # shielded: a dropped connection cancels the acker, never a write half-way
-            await asyncio.shield(self._write_acks(acked, synced))
-        except sqlite3.OperationalError as exc:
-            if not _disk_full(exc):
-                raise
-            # A full disk: delivery goes on and the marks wait here until there is room
-            # (marking a row twice changes nothing). Raising tore the connection down at every
-            # PUBACK and resent everything in flight (found by the fault matrix).
-            self._acked[:0] = acked
-            self._synced[:0] = synced
-            if not self._acks_waiting:
-                log.warning("uplink_acks_waiting_disk_full", rows=len(acked) + len(synced))
-            self._acks_waiting = True
-            await asyncio.sleep(ACK_RETRY_S)
-            self._ack_ready.set()
-            return
-        if self._acks_waiting:
-            log.info("uplink_acks_written_again")
-            self._acks_waiting = False
-
-    async def _write_acks(self, acked: list[int], synced: list[int]) -> None:
-        if acked:
-            await self._store.outbox_ack(acked)
-            self.stats.acked_rows += len(acked)
-        if synced:
-            await self._store.readings_mark_synced(synced)
-            self.stats.synced_readings += len(synced)
-
 
 # -- helpers --------------------------------------------------------------------------------------
 
 _PAHO_LOGGER = logging.getLogger("gateway.uplink.paho")
 
 
-def _encode(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
-def _reading_batches(rows: Sequence[tuple[int, str, bytes]]) -> list[tuple[str, bytes, list[int]]]:
-    """One ``evgw.readings/1`` message per device from (id, device_id, wire form) rows, readings
-    in id order: the stored wire texts spliced together, nothing decoded or re-encoded."""
-    wires: dict[str, list[bytes]] = {}
-    ids: dict[str, list[int]] = {}
-    for row_id, device_id, wire in rows:
-        if (group := wires.get(device_id)) is None:
-            wires[device_id] = [wire]
-            ids[device_id] = [row_id]
-        else:
-            group.append(wire)
-            ids[device_id].append(row_id)
-    return [(dev, readings_batch(dev, group), ids[dev]) for dev, group in wires.items()]
-
-
-def _aggregate_batches(aggregates: Sequence[Aggregate]) -> list[tuple[str, bytes, list[int]]]:
-    """One ``evgw.readings/1`` message per device from folded readings (``uplink.readings``);
-    each carries the ids of every buffered reading it stands for."""
-    wires: dict[str, list[bytes]] = {}
-    ids: dict[str, list[int]] = {}
-    for agg in aggregates:
-        wires.setdefault(agg.device_id, []).append(encode_reading(agg.ts, agg.values))
-        ids.setdefault(agg.device_id, []).extend(agg.ids)
-    return [(dev, readings_batch(dev, group), ids[dev]) for dev, group in wires.items()]
-
-
-def _disk_full(exc: BaseException) -> bool:
-    """SQLITE_FULL, or ENOSPC surfacing as an I/O error (as the store tells them apart)."""
-    text = str(exc).lower()
-    return "disk is full" in text or "disk i/o error" in text
-
-
-def _backoff_delay(attempt: int, low_s: float, high_s: float) -> float:
+def backoff_delay(attempt: int, low_s: float, high_s: float) -> float:
     """Capped exponential backoff with full jitter over the upper half."""
     ceiling = min(high_s, low_s * (2 ** min(attempt - 1, 30)))
     return random.uniform(ceiling / 2, ceiling)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.outgoing import SESSION_TOPIC, STARTED_TOPIC
+
 __all__ = ["COMMAND_NAMES", "Topics", "valid_topic_level"]
 
-COMMAND_NAMES = frozenset(
-    {"start", "stop", "tokens", "tariffs", "limit", "availability", "reset"}
-)
+COMMAND_NAMES = frozenset({"start", "stop", "tokens", "tariffs", "limit", "availability", "reset"})
 
 _FORBIDDEN = ("/", "+", "#", "\x00")
 
@@ -65,11 +65,11 @@ class Topics:
 
     @property
     def sessions_started(self) -> str:
-        return self.full("sessions/started")
+        return self.full(STARTED_TOPIC)
 
     @property
     def sessions_finished(self) -> str:
-        return self.full("sessions/finished")
+        return self.full(SESSION_TOPIC)
 
     def readings(self, device_id: str) -> str:
         return self.full(f"readings/{_level(device_id)}")

@@ -19,7 +19,8 @@ from prometheus_client.registry import Collector
 from gateway.model import DeviceKind, DeviceSample
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.loadmgmt import LoadManager
+    from gateway.web.view import SiteView
 
 __all__ = ["CONTENT_TYPE", "GatewayMetrics"]
 
@@ -34,7 +35,7 @@ class GatewayMetrics:
     """The gateway's metrics: ``observe_poll`` for the poller, ``on_session_event`` for the
     session events, ``render()`` for a scrape."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: SiteView) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.polls = Counter(
             "evgw_device_polls", "Polls of a device", ["device"], registry=self.registry
@@ -91,7 +92,7 @@ class GatewayMetrics:
 class _StateCollector(Collector):
     """Gauges read from the gateway's parts at each scrape."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: SiteView) -> None:
         self._gw = gw
 
     def describe(self) -> list[Metric]:
@@ -159,11 +160,10 @@ class _StateCollector(Collector):
                 )
 
         if gw.load is not None:
-            yield from _load_metrics(gw)
+            yield from _load_metrics(gw.load)
 
 
-def _load_metrics(gw: Gateway) -> Iterator[Metric]:
-    load = gw.load
+def _load_metrics(load: LoadManager) -> Iterator[Metric]:
     settings = load.balancer.settings
     effective = load.grid_limit
     yield GaugeMetricFamily(

@@ -38,7 +38,7 @@ from gateway.web.status import build_status, session_summary
 from gateway.web.users import UsersFileError, load_users, verify_password
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.web.view import SiteView
 
 __all__ = ["PUSH_MIN_INTERVAL_S", "SessionsQueryError", "WebServer", "parse_sessions_query"]
 
@@ -204,7 +204,7 @@ class WebServer:
 
     def __init__(
         self,
-        gw: Gateway,
+        gw: SiteView,
         config: WebConfig,
         *,
         links: dict[str, str] | None = None,

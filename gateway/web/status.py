@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.model import DeviceKind, rfc3339
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.web.view import SiteView
 
 __all__ = ["RECENT_SESSIONS", "build_status", "session_summary"]
 
@@ -55,7 +55,7 @@ def _cost(cost: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: cost[k] for k in ("currency", "excl_vat", "vat", "incl_vat") if k in cost}
 
 
-async def build_status(gw: Gateway, links: dict[str, str] | None = None) -> dict[str, Any]:
+async def build_status(gw: SiteView, links: dict[str, str] | None = None) -> dict[str, Any]:
     """The site now, as the ``Status`` schema describes it."""
     now = gw.clock.time()
     load = gw.load
@@ -94,7 +94,7 @@ async def build_status(gw: Gateway, links: dict[str, str] | None = None) -> dict
     }
 
 
-def _site(gw: Gateway, links: dict[str, str]) -> dict[str, Any]:
+def _site(gw: SiteView, links: dict[str, str]) -> dict[str, Any]:
     cfg = gw.config
     grid: dict[str, Any] | None = None
     if gw.load is not None and cfg.grid is not None:
@@ -128,7 +128,7 @@ def _site(gw: Gateway, links: dict[str, str]) -> dict[str, Any]:
 
 
 async def _charger(
-    gw: Gateway, device_id: str, driver: str, decision: Any, now: float
+    gw: SiteView, device_id: str, driver: str, decision: Any, now: float
 ) -> dict[str, Any]:
     live = gw.live.devices.get(device_id)
     load = gw.load
@@ -172,7 +172,7 @@ async def _charger(
     }
 
 
-def _uplink(gw: Gateway) -> dict[str, Any]:
+def _uplink(gw: SiteView) -> dict[str, Any]:
     cfg = gw.config.uplink
     if cfg is None or gw.uplink is None:
         return {"configured": False, "connected": None, "broker": None}
@@ -189,7 +189,7 @@ def _uplink(gw: Gateway) -> dict[str, Any]:
     }
 
 
-async def _buffer(gw: Gateway) -> dict[str, Any]:
+async def _buffer(gw: SiteView) -> dict[str, Any]:
     backlog = gw.live.backlog  # counted by the app once a second; counting here would repeat it
     return {
         "path": gw.config.storage.path,

@@ -1,7 +1,8 @@
-"""``evgw consume``: the reference cloud consumer of finished session records.
+"""The reference cloud consumer of finished session records: what it checks and files.
 
-It subscribes (QoS 1, persistent session, fixed client id) to ``P/+/sessions/finished`` and
-``P/+/gateway/key`` and stores each session once. A message is acknowledged (PUBACK) only after
+``gateway.cloud.subscriber`` runs it on the broker (``evgw consume``): it subscribes (QoS 1,
+persistent session, fixed client id) to ``P/+/sessions/finished`` and ``P/+/gateway/key``, and
+this module stores each session once. A message is acknowledged (PUBACK) only after
 the store has it: paho's manual acks, so a consumer killed between receipt and commit gets the
 message again from the broker instead of losing it. Delivery is at-least-once, so duplicates
 are normal: an identical one is ignored, a different record under a known ``session_id`` is
@@ -11,7 +12,7 @@ It bills only what it can trust. A record is stored only when it is JSON of the
 ``evgw.session/1`` schema with every field in range, its hash matches, and it is signed by a
 trusted, unrevoked key of its site. Site keys come from ``--trust DIR`` or are trusted on first
 use; a known site's key is replaced only by a rotation statement signed by the key it replaces
-(see ``gateway.billing.trust``) or by the operator (``evgw trust``). Anything else goes to the
+(see ``gateway.cloud.trust``) or by the operator (``evgw trust``). Anything else goes to the
 ``quarantine`` table with its raw payload and the reason, and is acknowledged: nothing a message
 contains stops the consumer or blocks the messages behind it. Records held only because their
 site's key was not known yet are checked again when it becomes known. Chain problems of trusted
@@ -20,52 +21,30 @@ records (gaps, a broken link, a seq used twice) go to ``chain_problems``.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
 import math
-import random
 import sqlite3
-import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-import aiomqtt
 import structlog
-from aiomqtt.exceptions import MqttConnectError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from gateway.billing.checks import out_of_range
-from gateway.billing.cloudstore import CloudStore, Quarantined, SiteKey, open_cloud_store
-from gateway.billing.signing import key_id, load_public_key, verify_signature
-from gateway.billing.trust import TrustedKey, check_rotation, load_trust_dir
+from gateway.billing.signing import check_rotation, key_id, load_public_key, verify_signature
+from gateway.cloud.cloudstore import CloudStore, Quarantined, SiteKey
+from gateway.cloud.trust import TrustedKey
 from gateway.errors import GatewayError
 from gateway.model import from_rfc3339
 from gateway.records import GENESIS, canonical_json, record_hash
-from gateway.redact import redact_url
 from gateway.uplink.schemas import validate
 
-__all__ = [
-    "KEY_RELOAD_S",
-    "BrokerAddress",
-    "BrokerUrlError",
-    "ConsumerStats",
-    "SessionConsumer",
-    "parse_broker_url",
-    "run_consumer",
-]
+__all__ = ["KEY_RELOAD_S", "RESERVED_SITES", "ConsumerStats", "SessionConsumer"]
 
 log = structlog.get_logger(__name__)
 
-SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our queue for a week of consumer downtime
-_UNSUPPORTED_PROTOCOL = frozenset({1, 132})  # v3.1.1 CONNACK 1, MQTT 5 reason 0x84
 _MAX_STORED_PAYLOAD = 1024 * 1024  # of a quarantined payload: records are a few kB
 # Held only for want of a key: checked again when the site's keys change.
 _WAITING_FOR_KEY = ("no_key", "unknown_key", "unknown_site")
@@ -77,14 +56,11 @@ KEY_RELOAD_S = 5.0  # how soon a running consumer sees `evgw trust add|revoke`
 class ConsumerStats:
     stored: int = 0
     duplicates: int = 0
-    conflicts: int = 0
     quarantined: int = 0
     released: int = 0
     gaps: int = 0
     out_of_order: int = 0
-    chain_breaks: int = 0
     keys: int = 0
-    keys_refused: int = 0
     connects: int = 0
     protocol: str = "5"
 
@@ -377,7 +353,6 @@ class SessionConsumer:
     async def _refuse_key(
         self, site: str, kid: str, reason: str, topic: str, payload: bytes
     ) -> str:
-        self.stats.keys_refused += 1
         log.error("site_key_refused", site_id=site, key_id=kid, message=reason)
         return await self._quarantine("key", reason, topic, payload, site)
 
@@ -465,7 +440,6 @@ class SessionConsumer:
                 if held is not None:
                     await self.store.release(held.qid)
                 return "duplicate"
-            self.stats.conflicts += 1
             detail = f"site {site}: {label}: session delivered again with different content"
             log.error("session_conflicting_duplicate", site_id=site, seq=seq, session_id=sid)
             await self.store.add_problem(site, "conflict", detail, seq, sid)
@@ -551,7 +525,6 @@ class SessionConsumer:
         await self.store.add_problem(site, "gap", detail, seq, sid)
 
     async def _chain_problem(self, site: str, kind: str, detail: str, seq: int, sid: str) -> None:
-        self.stats.chain_breaks += 1
         log.error("session_chain_problem", site_id=site, kind=kind, seq=seq, message=detail)
         await self.store.add_problem(site, kind, detail, seq, sid)
 
@@ -573,229 +546,3 @@ def _label(record: dict[str, Any]) -> str:
 
 def _span(first: int, last: int) -> str:
     return str(first) if first == last else f"{first}..{last}"
-
-
-# ---------------------------------------------------------------------------------- MQTT
-
-
-class BrokerUrlError(GatewayError):
-    exit_code = 2  # a usage error
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-    username: str | None = None
-    password: str | None = None
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...`` (ports 1883 / 8883)."""
-    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-    shown = redact_url(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise BrokerUrlError(f"{shown!r}: expected mqtt://host[:port] or mqtts://host[:port]")
-    try:
-        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-    except ValueError:
-        raise BrokerUrlError(f"{shown!r}: bad port") from None
-    return BrokerAddress(
-        host=parts.hostname,
-        port=port,
-        tls=parts.scheme == "mqtts",
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-    )
-
-
-def _topic_level(value: str, what: str, *, multi: bool = False) -> None:
-    """A site id, group or prefix goes into a topic filter: a wildcard or an empty level there
-    makes the subscription invalid (the broker drops the connection, every retry)."""
-    levels = value.split("/") if multi else [value]
-    if (
-        not value
-        or any(not lv or "+" in lv or "#" in lv for lv in levels)
-        or (not multi and "/" in value)
-    ):
-        raise BrokerUrlError(
-            f"{what} {value!r}: must be a plain topic level (no '+', '#'"
-            + (", '/'" if not multi else "")
-            + " or empty level); leave --site out to consume every site"
-        )
-    if "\x00" in value:
-        raise BrokerUrlError(f"{what} {value!r}: must not contain NUL")
-
-
-def subscriptions(topic_prefix: str, sites: list[str] | None, group: str | None) -> list[str]:
-    """The topic filters to subscribe; raises BrokerUrlError (a usage error) for a site, group
-    or prefix that is no plain topic level."""
-    _topic_level(topic_prefix.strip("/"), "--topic-prefix", multi=True)
-    for site in sites or []:
-        _topic_level(site, "--site")
-    if group is not None:
-        _topic_level(group, "--group")
-    prefix = topic_prefix.strip("/")
-    share = f"$share/{group}/" if group else ""
-    topics: list[str] = []
-    for site in sites or ["+"]:
-        topics.append(f"{share}{prefix}/{site}/sessions/finished")
-        # keys are retained: every member of a group needs them, so never shared
-        topics.append(f"{prefix}/{site}/gateway/key")
-    return topics
-
-
-def _tls_context(address: BrokerAddress, ca_file: str | None) -> ssl.SSLContext | None:
-    if not address.tls and ca_file is None:
-        return None
-    return ssl.create_default_context(cafile=ca_file)
-
-
-async def _connection(
-    consumer: SessionConsumer,
-    address: BrokerAddress,
-    topics: list[str],
-    client_id: str,
-    protocol: aiomqtt.ProtocolVersion,
-    tls: ssl.SSLContext | None,
-) -> None:
-    v5 = protocol is aiomqtt.ProtocolVersion.V5
-    properties: Properties | None = None
-    if v5:
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = SESSION_EXPIRY_S
-    client = aiomqtt.Client(
-        address.host,
-        address.port,
-        username=address.username,
-        password=address.password,
-        identifier=client_id,
-        protocol=protocol,
-        clean_session=None if v5 else False,
-        # resume the broker's queue for us, also after a restart of ours (3.1.1: clean_session)
-        clean_start=False if v5 else MQTT_CLEAN_START_FIRST_ONLY,
-        properties=properties,
-        keepalive=30,
-        tls_context=tls,
-    )
-    # PUBACK only once the store has the message (aiomqtt has no switch for this; paho has)
-    paho = client._client
-    paho.manual_ack_set(True)
-    async with client:
-        consumer.stats.connects += 1
-        for topic in topics:
-            await client.subscribe(topic, qos=1)
-        log.info(
-            "consumer_connected",
-            host=address.host,
-            port=address.port,
-            protocol=consumer.stats.protocol,
-            topics=topics,
-        )
-        async for message in client.messages:
-            payload = message.payload
-            if isinstance(payload, str):
-                data = payload.encode()
-            elif isinstance(payload, bytes | bytearray):
-                data = bytes(payload)
-            else:
-                data = b"" if payload is None else str(payload).encode()
-            await consumer.handle(str(message.topic), data)
-            paho.ack(message.mid, message.qos)
-
-
-async def _connection_loop(
-    consumer: SessionConsumer,
-    address: BrokerAddress,
-    topics: list[str],
-    client_id: str,
-    ca_file: str | None,
-) -> None:
-    protocol = aiomqtt.ProtocolVersion.V5
-    tls = await asyncio.to_thread(_tls_context, address, ca_file)
-    failures = 0
-    last_error = ""
-    loop = asyncio.get_running_loop()
-    while True:
-        started = loop.time()
-        try:
-            await _connection(consumer, address, topics, client_id, protocol, tls)
-            error = "closed"
-        except MqttConnectError as exc:
-            error = f"connect refused: {exc}"
-            code = getattr(exc.rc, "value", exc.rc)
-            if code in _UNSUPPORTED_PROTOCOL and protocol is aiomqtt.ProtocolVersion.V5:
-                log.warning("mqtt_v5_refused_falling_back_to_v311")
-                protocol = aiomqtt.ProtocolVersion.V311
-                consumer.stats.protocol = "3.1.1"
-                continue
-        except aiomqtt.MqttError as exc:
-            error = str(exc) or type(exc).__name__
-        except Exception as exc:  # the store failed: the message stays unacked, retry later
-            # One line, no traceback: a traceback's locals would show the broker password.
-            log.error(
-                "consumer_connection_failed", error=redact_url(f"{type(exc).__name__}: {exc}")
-            )
-            error = f"{type(exc).__name__}: {exc}"
-        if loop.time() - started > 60:
-            failures = 0
-        failures += 1
-        delay = min(30.0, 0.5 * 2 ** min(failures - 1, 6)) * random.uniform(0.8, 1.2)
-        (log.debug if error == last_error else log.warning)(
-            "consumer_disconnected", error=error, retry_in_s=round(delay, 2), attempt=failures
-        )
-        last_error = error
-        await asyncio.sleep(delay)
-
-
-async def run_consumer(
-    broker: str,
-    db_url: str,
-    topic_prefix: str = "evgw",
-    sites: list[str] | None = None,
-    client_id: str = "evgw-consumer",
-    group: str | None = None,
-    ca_file: str | None = None,
-    duration_s: float | None = None,
-    trust_dir: Path | None = None,
-    password: str | None = None,
-    reserved_sites: Iterable[str] = RESERVED_SITES,
-) -> int:
-    """Consume until cancelled (SIGINT/SIGTERM) or for ``duration_s``; 0 on a clean stop.
-    ``trust_dir``: trust only the keys in it (else trust each site's first key).
-    ``password`` (from a file or the environment) overrides one in the broker URL."""
-    address = parse_broker_url(broker)
-    if password is not None:
-        address = dataclasses.replace(address, password=password)
-    if address.password and not address.tls:
-        log.warning(
-            "mqtt_password_in_clear",
-            host=address.host,
-            port=address.port,
-            hint="the broker password crosses the network unencrypted: use mqtts://",
-        )
-    topics = subscriptions(topic_prefix, sites, group)
-    trusted = None if trust_dir is None else await asyncio.to_thread(load_trust_dir, trust_dir)
-    if trusted is None:
-        log.warning(
-            "consumer_trust_on_first_use",
-            message="no --trust directory: the first key each site publishes is trusted",
-        )
-    async with open_cloud_store(db_url) as store:
-        consumer = SessionConsumer(store, topic_prefix, trusted, reserved_sites)
-        await consumer.load_keys()
-        await consumer.report_open_gaps()
-        try:
-            async with asyncio.timeout(duration_s):
-                await _connection_loop(consumer, address, topics, client_id, ca_file)
-        except TimeoutError:
-            pass
-        log.info(
-            "consumer_stopped",
-            stored=consumer.stats.stored,
-            duplicates=consumer.stats.duplicates,
-            quarantined=consumer.stats.quarantined,
-            gaps=consumer.stats.gaps,
-        )
-    return 0

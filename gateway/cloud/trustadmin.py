@@ -16,11 +16,11 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.billing.cloudstore import open_cloud_store
-from gateway.billing.consumer import KEY_RELOAD_S, SessionConsumer
 from gateway.billing.signing import key_id
-from gateway.billing.trust import public_pem
 from gateway.billing.verify import load_key_file
+from gateway.cloud.cloudstore import open_cloud_store
+from gateway.cloud.consumer import KEY_RELOAD_S, SessionConsumer
+from gateway.cloud.trust import public_pem
 from gateway.errors import GatewayError
 from gateway.safeout import printable
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from gateway.billing.ocpi import CdrParty, session_to_cdr
+from gateway.cloud.ocpi import CdrParty, session_to_cdr
 from gateway.errors import GatewayError
 from gateway.safeout import csv_row, printable
 
@@ -306,7 +306,7 @@ async def run_statement(
     output: Path | None = None,
 ) -> int:
     """``evgw statement``: print (or write to ``output``) the user's statement for the month."""
-    from gateway.billing.cloudstore import open_cloud_store
+    from gateway.cloud.cloudstore import open_cloud_store
 
     if fmt not in FORMATS:
         raise GatewayError(f"unknown statement format {fmt!r} (one of {', '.join(FORMATS)})")

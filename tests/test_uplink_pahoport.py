@@ -1,0 +1,116 @@
+"""gateway/uplink/pahoport.py against a real mosquitto: what the drain and the consumer rely on
+beneath aiomqtt. An aiomqtt or paho-mqtt upgrade that moves any of it fails here, by name."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+import pytest
+from mqtt_broker import MosquittoBroker
+from test_uplink_support import wait_until
+
+from gateway.uplink.pahoport import direct_publisher, manual_acks
+
+
+def _client(broker: MosquittoBroker, identifier: str, **kw: Any) -> aiomqtt.Client:
+    return aiomqtt.Client("127.0.0.1", broker.port, identifier=identifier, timeout=5.0, **kw)
+
+
+async def test_direct_publish_reports_pubacks_and_keeps_aiomqtt_publishes_working(
+    mosquitto: MosquittoBroker,
+) -> None:
+    received: list[tuple[str, bytes, int]] = []
+    acked: list[int] = []
+    async with _client(mosquitto, "pahoport-sub") as sub:
+        await sub.subscribe("t/#", qos=1)
+
+        async def receive() -> None:
+            async for m in sub.messages:
+                assert isinstance(m.payload, bytes)
+                received.append((m.topic.value, m.payload, m.qos))
+
+        reader = asyncio.create_task(receive())
+        try:
+            async with _client(mosquitto, "pahoport-pub") as pub:
+                mine: set[int] = set()
+                forwarded: list[int] = []
+
+                def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+                    if mid in mine:
+                        acked.append(mid)
+                    else:
+                        forwarded.append(mid)
+                        forward(c, userdata, mid, reason, props)
+
+                publish, forward = direct_publisher(pub, on_publish)
+                infos = [publish(f"t/{i}", b"%d" % i, 1, False) for i in range(20)]
+                assert all(info.rc == paho.MQTT_ERR_SUCCESS for info in infos)
+                mine.update(info.mid for info in infos)
+                await wait_until(lambda: len(acked) == 20, 5, "20 PUBACKs")
+                assert sorted(acked) == sorted(mine) and all(info.is_published() for info in infos)
+                # aiomqtt's own awaited publish still completes: its PUBACK is passed on
+                await pub.publish("t/awaited", b"a", qos=1, timeout=5)
+                assert len(forwarded) == 1
+                qos0 = publish("t/qos0", b"z", 0, False)
+                assert qos0.rc == paho.MQTT_ERR_SUCCESS
+                await wait_until(qos0.is_published, 5, "the QoS 0 publish written")
+            await wait_until(lambda: len(received) == 22, 5, "every message at the subscriber")
+        finally:
+            reader.cancel()
+    assert [t for t, _, _ in received[:20]] == [f"t/{i}" for i in range(20)]
+    assert received[20][0] == "t/awaited" and received[21] == ("t/qos0", b"z", 0)
+
+
+async def test_manual_acks_hold_the_puback_until_acked(mosquitto: MosquittoBroker) -> None:
+    """Unacked, a QoS 1 message comes again when the persistent session resumes; acked, not."""
+
+    def consumer() -> aiomqtt.Client:
+        return _client(
+            mosquitto,
+            "pahoport-consumer",
+            protocol=aiomqtt.ProtocolVersion.V311,
+            clean_session=False,
+        )
+
+    async def first_message(client: aiomqtt.Client) -> aiomqtt.Message | None:
+        try:
+            async with asyncio.timeout(1.5):
+                async for m in client.messages:
+                    return m
+        except TimeoutError:
+            return None
+        return None
+
+    c = consumer()
+    manual_acks(c)
+    async with c:
+        await c.subscribe("q/#", qos=1)
+    async with _client(mosquitto, "pahoport-producer") as producer:
+        await producer.publish("q/1", b"one", qos=1)
+    c = consumer()
+    manual_acks(c)
+    async with c:
+        m = await first_message(c)
+        assert m is not None and m.payload == b"one"  # not acked: kept by the broker
+    c = consumer()
+    ack = manual_acks(c)
+    async with c:
+        m = await first_message(c)
+        assert m is not None and m.payload == b"one"  # came again
+        ack(m.mid, m.qos)
+        await asyncio.sleep(0.2)  # let the PUBACK leave before disconnecting
+    c = consumer()
+    manual_acks(c)
+    async with c:
+        assert await first_message(c) is None
+
+
+def test_an_aiomqtt_without_its_paho_client_is_refused_by_name() -> None:
+    class Moved:
+        pass
+
+    with pytest.raises(RuntimeError, match=r"pahoport\.py needs updating"):
+        manual_acks(Moved())  # type: ignore[arg-type]
