@@ -14,12 +14,12 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from mqtt_broker import MOSQUITTO, MosquittoBroker
 from test_uplink_mqtt import uplink_config
-from test_uplink_support import Target, running, wait_until
 
 from gateway.config import Secret
 from gateway.store import Store
+from tests.support.mqtt_broker import MOSQUITTO, MosquittoBroker
+from tests.support.uplink import Target, running, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 ACL = REPO / "config" / "mosquitto" / "evgw.acl"

@@ -10,12 +10,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_uplink_support import wait_until
 
 from gateway.cli import main
 from gateway.config import load_config
 from gateway.demo import run_demo
 from gateway.store import Store
+from tests.support.uplink import wait_until
 
 pytestmark = pytest.mark.e2e  # the whole demo, its embedded broker included
 

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_broker import MosquittoBroker, free_port
-from test_uplink_support import PREFIX, SITE, Recorder, running, wait_until
 
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.profiles import Profile
 from gateway.records import record_hash
 from gateway.sim.site import SimSite
+from tests.support.mqtt_broker import MosquittoBroker, free_port
+from tests.support.uplink import PREFIX, SITE, Recorder, running, wait_until
 
 SPEED = 60.0  # simulated seconds per second
 

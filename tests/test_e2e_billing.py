@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_broker import MosquittoBroker
 from test_e2e import SPEED, _count, write_site
-from test_uplink_support import PREFIX, running, wait_until
 
 from gateway.app import Gateway
 from gateway.billing.verify import run_verify
@@ -24,6 +22,8 @@ from gateway.cloud.subscriber import run_consumer
 from gateway.config import load_config
 from gateway.profiles import Profile
 from gateway.sim.site import SimSite
+from tests.support.mqtt_broker import MosquittoBroker
+from tests.support.uplink import PREFIX, running, wait_until
 
 
 @pytest.mark.slow

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sessions_support import modbus_sessions, sim_site_config
 from structlog.testing import capture_logs
 from test_sessions import AVAILABLE, CHARGING, PREPARING, SUSP_EV, T0, Rig
 
@@ -35,6 +34,7 @@ from gateway.sessions import (
 )
 from gateway.sim.site import SimSite
 from gateway.store import Store
+from tests.support.sessions import modbus_sessions, sim_site_config
 
 PROFILES = load_profiles()
 GLITCHES = {

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from test_uplink_support import Target
 
 from gateway.errors import CommandError, GatewayError
 from gateway.model import from_rfc3339
@@ -27,6 +26,7 @@ from gateway.uplink.envelope import (
 )
 from gateway.uplink.schemas import validate
 from gateway.uplink.topics import COMMAND_NAMES, Topics
+from tests.support.uplink import Target
 
 TOPICS = Topics("evgw", "depot-7")
 NOW = 1_796_000_000.0

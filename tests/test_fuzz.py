@@ -26,7 +26,6 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_consumer_support import make_chain, make_signer
 
 from gateway.cli import main
 from gateway.cloud.cloudstore import open_cloud_store
@@ -40,6 +39,7 @@ from gateway.profiles import Profile, load_profile
 from gateway.uplink.commands import CommandHandler, MemoryRequestLog
 from gateway.uplink.topics import Topics
 from gateway.yamlpos import parse_yaml
+from tests.support.consumer import make_chain, make_signer
 
 REPO = Path(__file__).resolve().parent.parent
 _LONG = int(os.environ.get("EVGW_FUZZ_EXAMPLES", "0") or 0)

@@ -17,10 +17,8 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from mqtt_broker import MosquittoBroker, free_port
 from structlog.testing import capture_logs
 from test_loadmgmt_sim import grid_phase_a
-from test_uplink_support import PREFIX, SITE, Recorder, running, wait_until
 
 from gateway.app import Gateway
 from gateway.config import load_config
@@ -30,6 +28,8 @@ from gateway.profiles import Profile
 from gateway.sim.registers import RegisterImage
 from gateway.sim.server import FaultKind, SimServer
 from gateway.sim.site import SimSite
+from tests.support.mqtt_broker import MosquittoBroker, free_port
+from tests.support.uplink import PREFIX, SITE, Recorder, running, wait_until
 
 POLL_S = 0.5
 CONNECTION_A = 32.0

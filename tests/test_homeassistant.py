@@ -11,14 +11,14 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from mqtt_broker import MosquittoBroker, free_port
-from test_uplink_support import PREFIX, SITE, running, wait_until
 
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.profiles import Profile
 from gateway.sim.site import SimSite
+from tests.support.mqtt_broker import MosquittoBroker, free_port
+from tests.support.uplink import PREFIX, SITE, running, wait_until
 
 ROOT = f"{PREFIX}/{SITE}"
 

@@ -9,8 +9,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from mqtt_broker import free_port
-from test_uplink_support import running, wait_until
 
 from gateway.config import GatewayConfig, load_config
 from gateway.loadmgmt import LoadBalancer, LoadManager, Mode
@@ -20,6 +18,8 @@ from gateway.modbus.poller import DevicePoller
 from gateway.profiles import Profile
 from gateway.sim.devices import VOLTAGE_V
 from gateway.sim.site import SimSite
+from tests.support.mqtt_broker import free_port
+from tests.support.uplink import running, wait_until
 
 MAX_A = 32.0
 

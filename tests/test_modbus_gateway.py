@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_broker import free_port
-from sessions_support import modbus_sessions
 
 from gateway.config import check_config, load_config
 from gateway.errors import DeviceError
@@ -24,6 +22,8 @@ from gateway.sim.registers import RegisterImage
 from gateway.sim.server import FaultKind, LineTransaction, SimServer
 from gateway.sim.site import SimSite
 from gateway.store import Store
+from tests.support.mqtt_broker import free_port
+from tests.support.sessions import modbus_sessions
 
 SPEED = 60.0
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "example-gateway-site.yaml"

@@ -16,9 +16,7 @@ from typing import Any
 
 import pytest
 import websockets
-from mqtt_broker import MosquittoBroker, Pki, free_port
 from structlog.testing import capture_logs
-from test_uplink_support import PREFIX, SITE, Recorder, running, wait_until
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -27,6 +25,8 @@ from gateway.config import check_config, load_config
 from gateway.ocpp.mapping import parse_meter_values, parse_timestamp, timestamp
 from gateway.ocpp.sim import SimChargePoint
 from gateway.profiles import Profile
+from tests.support.mqtt_broker import MosquittoBroker, Pki, free_port
+from tests.support.uplink import PREFIX, SITE, Recorder, running, wait_until
 
 ALICE = "04A2B3C4D5E6F7"
 PASSWORD = "s3cret-Passw0rd-CP9"

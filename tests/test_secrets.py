@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.redact import redact_url
-from tests.mqtt_broker import free_port
+from tests.support.mqtt_broker import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MQTT_SECRET = "Mq77-s3cr3t-f0r-tests"

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
-from test_uplink_support import pending_readings
 
 from gateway.errors import StoreError
 from gateway.model import AuthStatus, MeterPoint, Token, TokenType
@@ -24,6 +23,7 @@ from gateway.records import GENESIS, canonical_json, record_hash, seal
 from gateway.store import Store
 from gateway.store.cli import load_session_rows, render_sessions
 from gateway.store.schema import SCHEMA_VERSION
+from tests.support.uplink import pending_readings
 
 T0 = 1_790_000_000.0  # 2026-09-21
 

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_uplink_support import ROOT, check_payload, pending_readings
 
 from gateway.model import rfc3339
 from gateway.store import Store
 from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
 from gateway.uplink.drain import reading_batches
 from gateway.wire import encode_reading, readings_batch, wire_ts
+from tests.support.uplink import ROOT, check_payload, pending_readings
 
 T0 = 1_790_000_000.0  # 2026-09-21
 TOPIC = ROOT + "/readings/{}"

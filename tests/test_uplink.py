@@ -7,12 +7,12 @@ import random
 
 import jsonschema
 import pytest
-from test_uplink_support import PREFIX, ROOT, SITE, Target, session_record
 
 from gateway.records import GENESIS, seal
 from gateway.uplink.commands import MAX_COMMAND_BYTES, CommandHandler
 from gateway.uplink.schemas import SCHEMA_NAMES, load_schema, validate
 from gateway.uplink.topics import Topics
+from tests.support.uplink import PREFIX, ROOT, SITE, Target, session_record
 
 TOPICS = Topics(PREFIX, SITE)
 

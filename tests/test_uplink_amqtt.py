@@ -11,13 +11,13 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from mqtt_broker import free_port
-from test_uplink_support import Target, running, wait_until
 
 from gateway.config import UplinkConfig
 from gateway.demo import embedded_broker
 from gateway.store import Store
 from gateway.uplink.mqtt import MqttUplink
+from tests.support.mqtt_broker import free_port
+from tests.support.uplink import Target, running, wait_until
 
 pytestmark = pytest.mark.e2e  # a real broker, if in-process
 

@@ -10,9 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from mqtt_broker import FaultProxy, MosquittoBroker, Pki
 from structlog.testing import capture_logs
-from test_uplink_support import (
+
+from gateway.config import TlsConfig, UplinkConfig, UplinkReadingsConfig
+from gateway.store import Store
+from gateway.uplink.mqtt import MqttUplink
+from tests.support.mqtt_broker import FaultProxy, MosquittoBroker, Pki
+from tests.support.uplink import (
     PREFIX,
     SITE,
     Recorder,
@@ -22,10 +26,6 @@ from test_uplink_support import (
     session_record,
     wait_until,
 )
-
-from gateway.config import TlsConfig, UplinkConfig, UplinkReadingsConfig
-from gateway.store import Store
-from gateway.uplink.mqtt import MqttUplink
 
 
 def uplink_config(url: str, **kw: object) -> UplinkConfig:

@@ -11,10 +11,10 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
-from test_uplink_support import wait_until
-from test_web_support import get_json, start_charging, validate, web_site
 
 from gateway.profiles import Profile
+from tests.support.uplink import wait_until
+from tests.support.web import get_json, start_charging, validate, web_site
 
 
 @pytest.mark.slow
