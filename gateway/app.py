@@ -26,6 +26,7 @@ from gateway.model import Clock, DeviceKind, DeviceSample, SystemClock, Token
 from gateway.outgoing import EVENT_STREAM, STARTED_TOPIC
 from gateway.ports import JsonObject
 from gateway.profiles import Profile, load_profiles
+from gateway.records import SessionRecord
 from gateway.sessions import MAX_COUNTER_WH, Counter
 
 __all__ = ["Gateway", "SiteCommands", "run_gateway"]
@@ -434,9 +435,9 @@ class Gateway:
         if self.uplink is not None:
             self.uplink.notify()
 
-    async def session_finished(self, record: JsonObject) -> None:
+    async def session_finished(self, record: SessionRecord) -> None:
         # Stored and queued on the outbox by the store already: the uplink is woken for it.
-        self.live.on_session_event("session_finished", record)
+        self.live.on_session_event("session_finished", record.to_dict())
         if self.uplink is not None:
             self.uplink.notify()
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias
 
 from gateway.model import AuthSource, AuthStatus, MeterPoint, Token
+from gateway.records import SessionRecord
 
 __all__ = [
     "AuthAnswer",
@@ -102,7 +103,7 @@ class SessionEvents(Protocol):
         """A session started and is persisted: the CONTRACT ``sessions/started`` payload."""
         ...
 
-    async def session_finished(self, record: JsonObject) -> None:
+    async def session_finished(self, record: SessionRecord) -> None:
         """A session's record is sealed, stored and queued (``SessionStore.finish_session``)."""
         ...
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from gateway.billing.report import build_report, usage_stats
+from gateway.records import GENESIS, SessionRecord, seal
 
 TZ = "Europe/Berlin"
 MAY = (date(2026, 5, 1), date(2026, 5, 31))
@@ -36,31 +37,51 @@ def record(
     idle_s: int,
     cost: tuple[str, str, str] | None,
     flags: list[str] | None = None,
-) -> dict[str, Any]:
-    return {
+) -> SessionRecord:
+    return sealed_record(
+        {
+            "session_id": sid,
+            "charger_id": charger,
+            "user": {"id": user, "token": "T", "token_type": "rfid", "auth": "local"},
+            "started_at": started,
+            "ended_at": ended,
+            "energy_wh": energy_wh,
+            "charging_s": charging_s,
+            "idle_s": idle_s,
+            "tariff_id": "standard" if cost else None,
+            "cost": (
+                {
+                    "currency": "EUR",
+                    "excl_vat": cost[0],
+                    "vat": cost[1],
+                    "incl_vat": cost[2],
+                    "lines": [],
+                }
+                if cost
+                else None
+            ),
+            "flags": flags or [],
+        }
+    )
+
+
+def sealed_record(fields: dict[str, Any]) -> SessionRecord:
+    """A sealed record of the fields a report reads; the others as a Modbus charger's."""
+    body: dict[str, Any] = {
         "schema": "evgw.session/1",
-        "session_id": sid,
-        "charger_id": charger,
-        "user": {"id": user, "token": "T", "token_type": "rfid", "auth": "local"},
-        "started_at": started,
-        "ended_at": ended,
-        "energy_wh": energy_wh,
-        "charging_s": charging_s,
-        "idle_s": idle_s,
-        "tariff_id": "standard" if cost else None,
-        "cost": (
-            {
-                "currency": "EUR",
-                "excl_vat": cost[0],
-                "vat": cost[1],
-                "incl_vat": cost[2],
-                "lines": [],
-            }
-            if cost
-            else None
-        ),
-        "flags": flags or [],
+        "seq": 1,
+        "site_id": "depot-7",
+        "connector": 1,
+        "meter_start_wh": 0,
+        "meter_stop_wh": fields["energy_wh"],
+        "max_power_w": None,
+        "stop_reason": "ev_disconnected",
+        "tariff_version": None,
+        "charging_periods": [],
+        "prev_hash": GENESIS,
+        **fields,
     }
+    return SessionRecord.from_dict(seal(body))
 
 
 SESSIONS = [
@@ -284,7 +305,7 @@ async def test_run_report_reads_the_real_buffer(tmp_path: Any) -> None:
         "elements": [{"components": [{"type": "energy", "price": "0.39"}]}],
     }
     async with Store.open(db, site_id="depot-7", sealer=seal) as store:
-        for rec in SESSIONS:
+        for rec in (r.to_dict() for r in SESSIONS):
             if rec["cost"] is None:
                 continue
             started, ended = from_rfc3339(rec["started_at"]), from_rfc3339(rec["ended_at"])

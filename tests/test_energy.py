@@ -355,7 +355,7 @@ def test_energy_is_bounded_and_exact_whatever_the_glitches(data: Any) -> None:
     good = [i for i, g in enumerate(glitch) if g is None]
     record = session.__class__.from_state(session.to_state())  # survives a restart
     record.ended_at, record.stop_reason = times[-1], "ev_disconnected"
-    rec = build_record(record, "site")
+    rec = build_record(record, "site").to_dict()
     if not good:
         assert rec["energy_wh"] == 0
         return

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_billing_report import sealed_record
 
 from gateway.billing.report import build_report
 from gateway.cli import main
@@ -92,32 +93,42 @@ async def test_statement_csv_and_html_are_safe(
 
 
 SESSIONS = [
-    {
-        "session_id": "s1",
-        "charger_id": "-cp1+1",
-        "user": {"id": TERMINAL_USER},
-        "started_at": "2026-05-04T08:00:00.000Z",
-        "ended_at": "2026-05-04T10:00:00.000Z",
-        "energy_wh": 22000,
-        "charging_s": 5400,
-        "idle_s": 0,
-        "tariff_id": "@standard",
-        "cost": {"currency": "EUR", "excl_vat": "-1.00", "vat": "0.00", "incl_vat": "-1.00"},
-        "flags": [],
-    },
-    {
-        "session_id": "s2",
-        "charger_id": "cp2",
-        "user": {"id": FORMULA_USER},
-        "started_at": "2026-05-05T08:00:00.000Z",
-        "ended_at": "2026-05-05T09:00:00.000Z",
-        "energy_wh": 1000,
-        "charging_s": 3600,
-        "idle_s": 0,
-        "tariff_id": None,
-        "cost": None,
-        "flags": [],
-    },
+    sealed_record(
+        {
+            "session_id": "s1",
+            "charger_id": "-cp1+1",
+            "user": {"id": TERMINAL_USER, "auth": "local"},
+            "started_at": "2026-05-04T08:00:00.000Z",
+            "ended_at": "2026-05-04T10:00:00.000Z",
+            "energy_wh": 22000,
+            "charging_s": 5400,
+            "idle_s": 0,
+            "tariff_id": "@standard",
+            "cost": {
+                "currency": "EUR",
+                "excl_vat": "-1.00",
+                "vat": "0.00",
+                "incl_vat": "-1.00",
+                "lines": [],
+            },
+            "flags": [],
+        }
+    ),
+    sealed_record(
+        {
+            "session_id": "s2",
+            "charger_id": "cp2",
+            "user": {"id": FORMULA_USER, "auth": "local"},
+            "started_at": "2026-05-05T08:00:00.000Z",
+            "ended_at": "2026-05-05T09:00:00.000Z",
+            "energy_wh": 1000,
+            "charging_s": 3600,
+            "idle_s": 0,
+            "tariff_id": None,
+            "cost": None,
+            "flags": [],
+        }
+    ),
 ]
 
 

@@ -133,7 +133,7 @@ class Rig:
         return [e for e in self.effects if isinstance(e, StartSession)]
 
     def records(self) -> list[dict[str, Any]]:
-        return [e.record for e in self.effects if isinstance(e, FinishSession)]
+        return [e.record.to_dict() for e in self.effects if isinstance(e, FinishSession)]
 
     def enables(self) -> list[bool]:
         return [e.enabled for e in self.effects if isinstance(e, SetEnabled)]
@@ -916,14 +916,16 @@ class Harness:
         return [k for k, _ in self.events if k != "status"]
 
 
+COST = {"currency": "EUR", "excl_vat": "0.02", "vat": "0.00", "incl_vat": "0.02", "lines": []}
+
+
 async def test_manager_persists_before_publishing_and_prices_with_frozen_tariff() -> None:
     calls: list[tuple[Any, list[MeterPoint], float, float]] = []
 
     def pricer(tariff: Any, points: list[MeterPoint], started: float, ended: float) -> Any:
         calls.append((tariff, list(points), started, ended))
-        return [{"start": "x", "tariff_element": 0, "energy_wh": points[-1].energy_wh}], {
-            "currency": "EUR"
-        }
+        start = "2026-09-21T08:00:00.000Z"
+        return [{"start": start, "tariff_element": 0, "energy_wh": points[-1].energy_wh}], COST
 
     store = MemorySessionStore()
     h = Harness(store, pricer=pricer)
@@ -947,13 +949,32 @@ async def test_manager_persists_before_publishing_and_prices_with_frozen_tariff(
     await manager.wait_idle()
     (rec,) = store.finished
     assert rec["energy_wh"] == 50 and rec["tariff_id"] == "standard"
-    assert rec["tariff_version"] == "v-1" and rec["cost"] == {"currency": "EUR"}
+    assert rec["tariff_version"] == "v-1" and rec["cost"] == COST
     assert rec["charging_periods"][0]["energy_wh"] == 50
     ((tariff, points, _, _),) = calls
     assert tariff["elements"] and points[0].energy_wh == 0 and points[-1].energy_wh == 50
     assert h.kinds() == ["session_started", "session_finished"]
     assert ("cp1", True) in h.chargers.calls
     assert store.open == {}
+
+
+async def test_a_price_no_record_can_carry_leaves_the_session_unpriced_not_lost() -> None:
+    def pricer(tariff: Any, points: list[MeterPoint], started: float, ended: float) -> Any:
+        return [{"start": "x", "energy_wh": -1}], {"currency": "EUR"}
+
+    store = MemorySessionStore()
+    h = Harness(store, pricer=pricer)
+    manager = await h.build()
+    await h.cp("cp1", PREPARING)
+    await h.cp("cp1", PREPARING, tag="AAA")
+    await manager.wait_idle()
+    for _ in range(3):
+        await h.cp("cp1", CHARGING, add_wh=10)
+    await h.cp("cp1", AVAILABLE)
+    await manager.wait_idle()
+    (rec,) = store.finished
+    assert rec["energy_wh"] == 30 and rec["cost"] is None and "unpriced" in rec["flags"]
+    assert rec["charging_periods"][0]["energy_wh"] == 30  # the curve's own period
 
 
 @pytest.mark.parametrize("how", ["fallback", "resolver_fails"])

@@ -20,7 +20,7 @@ from gateway.cloud.cloudstore import open_cloud_store
 from gateway.cloud.consumer import SessionConsumer
 from gateway.cloud.ocpi import CdrParty, session_to_cdr
 from gateway.cloud.statement import month_bounds
-from gateway.records import GENESIS, seal
+from gateway.records import GENESIS, SessionRecord, seal
 
 SITE = "depot-7"
 # 2026-10-01 00:00 Europe/Berlin is 2026-09-30T22:00Z
@@ -328,7 +328,8 @@ def test_ocpi_party_is_configurable_and_unpriced_sessions_say_so() -> None:
     body["user"] = {"id": "app-user-7", "token": None, "token_type": "app", "auth": "remote"}
     rec = seal({**body, "prev_hash": GENESIS})
     cdr = session_to_cdr(
-        rec, CdrParty(country_code="DE", party_id="ABC", location={"city": "Berlin"})
+        SessionRecord.from_dict(rec),
+        CdrParty(country_code="DE", party_id="ABC", location={"city": "Berlin"}),
     )
     assert (cdr["country_code"], cdr["party_id"]) == ("DE", "ABC")
     assert cdr["cdr_token"] == {

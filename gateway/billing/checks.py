@@ -2,7 +2,8 @@
 
 :func:`out_of_range` finds what the JSON Schema cannot say: integers beyond 64 bits, numbers
 that are not finite, strings a database cannot hold, negative energy, dates that do not exist.
-:func:`local_record_problem` is the whole check of a record from the gateway's own buffer.
+:func:`checked_local_record` is the whole check of a record from the gateway's own buffer: it
+gives the record as a :class:`~gateway.records.SessionRecord`, or raises :class:`RecordProblem`.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import ValidationError
 
 from gateway.billing.signing import verify_signature
 from gateway.model import from_rfc3339
-from gateway.records import record_hash
-from gateway.uplink.schemas import validate
+from gateway.records import SessionRecord, record_hash
+from gateway.uplink.schemas import model_problems, validate
 
-__all__ = ["INT64_MAX", "local_record_problem", "out_of_range"]
+__all__ = ["INT64_MAX", "RecordProblem", "checked_local_record", "out_of_range"]
 
 INT64_MAX = 2**63 - 1  # BIGINT in PostgreSQL, INTEGER in SQLite
 
@@ -67,26 +69,34 @@ def out_of_range(record: dict[str, Any]) -> str | None:
     return None
 
 
-def local_record_problem(record: Any, keys: Mapping[str, Ed25519PublicKey] | None) -> str | None:
-    """Why a record of the gateway's own buffer must not be billed, or None: schema, range,
-    hash, and the signature when the buffer's keys are known."""
+class RecordProblem(ValueError):
+    """Why a record of the gateway's own buffer must not be billed (the message)."""
+
+
+def checked_local_record(record: Any, keys: Mapping[str, Ed25519PublicKey] | None) -> SessionRecord:
+    """A record of the gateway's own buffer, checked: schema, range, hash, and the signature
+    when the buffer's keys are known. :class:`RecordProblem` when it must not be billed."""
     if not isinstance(record, dict):
-        return "not a session record"
+        raise RecordProblem("not a session record")
     errors = validate("session", record)
     if errors:
-        return "schema: " + "; ".join(errors[:3])
+        raise RecordProblem("schema: " + "; ".join(errors[:3]))
+    try:
+        checked = SessionRecord.from_dict(record)
+    except ValidationError as exc:
+        raise RecordProblem("schema: " + "; ".join(model_problems(exc)[:3])) from None
     problem = out_of_range(record)
     if problem is not None:
-        return problem
-    if record_hash(record) != record["hash"]:
-        return "hash does not match its content"
+        raise RecordProblem(problem)
+    if record_hash(record) != checked.hash:
+        raise RecordProblem("hash does not match its content")
     if keys is not None:
-        sig = record.get("signature")
-        if not isinstance(sig, dict):
-            return "not signed"
-        key = keys.get(str(sig.get("key_id")))
+        sig = checked.signature
+        if sig is None:
+            raise RecordProblem("not signed")
+        key = keys.get(sig.key_id)
         if key is None:
-            return f"signed with key {sig.get('key_id')}, not one of this gateway's keys"
-        if not verify_signature(key, record["hash"], sig):
-            return "signature does not verify"
-    return None
+            raise RecordProblem(f"signed with key {sig.key_id}, not one of this gateway's keys")
+        if not verify_signature(key, checked.hash, sig.model_dump()):
+            raise RecordProblem("signature does not verify")
+    return checked

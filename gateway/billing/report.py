@@ -34,6 +34,7 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from gateway.model import from_rfc3339
+from gateway.records import Cost, SessionRecord
 from gateway.safeout import csv_cell, printable
 
 if TYPE_CHECKING:
@@ -85,11 +86,8 @@ def _hours(seconds: float) -> str:
     return str((Decimal(round(seconds)) / 3600).quantize(Decimal("0.01")))
 
 
-def _user_id(record: dict[str, Any]) -> str:
-    user = record.get("user")
-    if isinstance(user, dict) and user.get("id"):
-        return str(user["id"])
-    return "(unknown)"
+def _user_id(record: SessionRecord) -> str:
+    return record.user.id or "(unknown)"
 
 
 @dataclass(slots=True)
@@ -98,10 +96,10 @@ class _Money:
     vat: Decimal = Decimal(0)
     incl_vat: Decimal = Decimal(0)
 
-    def add(self, cost: dict[str, Any]) -> None:
-        self.excl_vat += Decimal(cost["excl_vat"])
-        self.vat += Decimal(cost["vat"])
-        self.incl_vat += Decimal(cost["incl_vat"])
+    def add(self, cost: Cost) -> None:
+        self.excl_vat += Decimal(cost.excl_vat)
+        self.vat += Decimal(cost.vat)
+        self.incl_vat += Decimal(cost.incl_vat)
 
     def as_dict(self) -> dict[str, str]:
         return {
@@ -122,14 +120,14 @@ class _Group:
     money: dict[str, _Money] = field(default_factory=dict)
     items: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, rec: dict[str, Any], item: dict[str, Any]) -> None:
+    def add(self, rec: SessionRecord, item: dict[str, Any]) -> None:
         self.sessions += 1
-        self.energy_wh += int(rec.get("energy_wh") or 0)
-        self.charging_s += int(rec.get("charging_s") or 0)
-        self.idle_s += int(rec.get("idle_s") or 0)
-        cost = rec.get("cost")
-        if cost:
-            self.money.setdefault(cost["currency"], _Money()).add(cost)
+        self.energy_wh += rec.energy_wh
+        self.charging_s += int(rec.charging_s)
+        self.idle_s += int(rec.idle_s)
+        cost = rec.cost
+        if cost is not None:
+            self.money.setdefault(cost.currency, _Money()).add(cost)
         else:
             self.unpriced += 1
         self.items.append(item)
@@ -146,45 +144,44 @@ class _Group:
 
 
 def _select(
-    sessions: Iterable[dict[str, Any]], lo: float, hi: float
-) -> list[tuple[float, dict[str, Any]]]:
+    sessions: Iterable[SessionRecord], lo: float, hi: float
+) -> list[tuple[float, SessionRecord]]:
     out = []
     for rec in sessions:
-        started = from_rfc3339(rec["started_at"])
+        started = from_rfc3339(rec.started_at)
         if lo <= started < hi:
             out.append((started, rec))
-    out.sort(key=lambda pair: (pair[0], str(pair[1].get("session_id"))))
+    out.sort(key=lambda pair: (pair[0], pair[1].session_id))
     return out
 
 
-def _item(rec: dict[str, Any], started: float, zone: ZoneInfo) -> dict[str, Any]:
-    cost = rec.get("cost") or None
-    ended = rec.get("ended_at")
+def _item(rec: SessionRecord, started: float, zone: ZoneInfo) -> dict[str, Any]:
+    cost = rec.cost
     return {
-        "session_id": rec.get("session_id"),
-        "charger_id": rec.get("charger_id"),
+        "session_id": rec.session_id,
+        "charger_id": rec.charger_id,
         "user": _user_id(rec),
         "started": _local(started, zone),
-        "ended": _local(from_rfc3339(ended), zone) if ended else None,
-        "energy_kwh": _kwh(int(rec.get("energy_wh") or 0)),
-        "charging_h": _hours(rec.get("charging_s") or 0),
-        "idle_h": _hours(rec.get("idle_s") or 0),
-        "currency": cost["currency"] if cost else None,
-        "excl_vat": cost["excl_vat"] if cost else None,
-        "vat": cost["vat"] if cost else None,
-        "incl_vat": cost["incl_vat"] if cost else None,
-        "tariff_id": rec.get("tariff_id"),
-        "flags": list(rec.get("flags") or []),
+        "ended": _local(from_rfc3339(rec.ended_at), zone),
+        "energy_kwh": _kwh(rec.energy_wh),
+        "charging_h": _hours(rec.charging_s),
+        "idle_h": _hours(rec.idle_s),
+        "currency": cost.currency if cost is not None else None,
+        "excl_vat": cost.excl_vat if cost is not None else None,
+        "vat": cost.vat if cost is not None else None,
+        "incl_vat": cost.incl_vat if cost is not None else None,
+        "tariff_id": rec.tariff_id,
+        "flags": list(rec.flags),
     }
 
 
 def _groups(
-    selected: Sequence[tuple[float, dict[str, Any]]], by: str, zone: ZoneInfo
+    selected: Sequence[tuple[float, SessionRecord]], by: str, zone: ZoneInfo
 ) -> tuple[list[_Group], _Group]:
     groups: dict[str, _Group] = {}
     overall = _Group(key="(all)")
     for started, rec in selected:
-        key = _user_id(rec) if by == "user" else str(rec.get("charger_id"))
+        key = _user_id(rec) if by == "user" else rec.charger_id
         item = _item(rec, started, zone)
         groups.setdefault(key, _Group(key=key)).add(rec, item)
         overall.add(rec, item)
@@ -192,7 +189,7 @@ def _groups(
 
 
 def usage_stats(
-    sessions: Iterable[dict[str, Any]], chargers: Iterable[str], start: date, end: date, tz: str
+    sessions: Iterable[SessionRecord], chargers: Iterable[str], start: date, end: date, tz: str
 ) -> dict[str, Any]:
     """How the site was used from ``start`` to ``end`` (local dates, inclusive).
 
@@ -214,7 +211,7 @@ def usage_stats(
         local = datetime.fromtimestamp(started, zone)
         by_hour[local.hour] += 1
         by_weekday[_WEEKDAYS[local.weekday()]] += 1
-        ended = from_rfc3339(rec["ended_at"]) if rec.get("ended_at") else started
+        ended = from_rfc3339(rec.ended_at)
         a, b = max(started, lo), min(ended, hi)
         # Quarter-hour UTC steps line up with local hours in every real time zone.
         t = a
@@ -223,10 +220,10 @@ def usage_stats(
             occupied_by_hour[datetime.fromtimestamp((t + nxt) / 2, zone).hour] += nxt - t
             t = nxt
         stats = per_charger.setdefault(
-            str(rec.get("charger_id")), {"sessions": 0, "energy_wh": 0, "occupied_s": 0.0}
+            rec.charger_id, {"sessions": 0, "energy_wh": 0, "occupied_s": 0.0}
         )
         stats["sessions"] += 1
-        stats["energy_wh"] += int(rec.get("energy_wh") or 0)
+        stats["energy_wh"] += rec.energy_wh
         stats["occupied_s"] += max(0.0, b - a)
     ranked = sorted(
         (h for h in range(24) if occupied_by_hour[h] > 0), key=lambda h: (-occupied_by_hour[h], h)
@@ -253,7 +250,7 @@ def usage_stats(
 
 
 def build_report(
-    sessions: Sequence[dict[str, Any]],
+    sessions: Sequence[SessionRecord],
     by: str,
     start: date,
     end: date,
@@ -464,7 +461,7 @@ async def run_report(
 
     zone = ZoneInfo(config.site.timezone)
     lo, hi = _period(start, end, zone)
-    from gateway.billing.checks import local_record_problem
+    from gateway.billing.checks import RecordProblem, checked_local_record
     from gateway.billing.verify import buffer_keys
 
     async with Store.for_site(config, create=False) as store:
@@ -472,19 +469,18 @@ async def run_report(
     keys = await asyncio.to_thread(
         buffer_keys, Path(config.storage.path).with_name("evgw-signing.key")
     )
-    good: list[dict[str, Any]] = []
+    good: list[SessionRecord] = []
     excluded = 0
     for rec in sessions:
-        problem = local_record_problem(rec, keys)
-        if problem is None:
-            good.append(rec)
-            continue
-        excluded += 1
-        log.warning(
-            "report_record_excluded",
-            session_id=printable(rec.get("session_id") if isinstance(rec, dict) else None),
-            problem=printable(problem),
-        )
+        try:
+            good.append(checked_local_record(rec, keys))
+        except RecordProblem as problem:
+            excluded += 1
+            log.warning(
+                "report_record_excluded",
+                session_id=printable(rec.get("session_id") if isinstance(rec, dict) else None),
+                problem=printable(str(problem)),
+            )
     chargers = _charger_ids(config)
     text = build_report(
         good, by, start, end, config.site.timezone, fmt, chargers=chargers, excluded=excluded

@@ -35,6 +35,7 @@ from urllib.parse import unquote
 from gateway.cloud.schema import ADDED_COLUMNS, MIGRATION_LOCK, SCHEMA, UNTRUSTED_SESSIONS
 from gateway.errors import GatewayError
 from gateway.model import from_rfc3339
+from gateway.records import SessionRecord
 from gateway.redact import redact_url
 
 __all__ = [
@@ -215,34 +216,33 @@ class CloudStore(ABC):
 
     async def insert_session(
         self,
-        record: dict[str, Any],
+        record: SessionRecord,
         record_json: str,
         *,
         signature_ok: bool | None,
         received_at: float | None = None,
     ) -> bool:
         """Store a (validated) record; False when its session_id is already stored."""
-        cost = record.get("cost") or {}
-        user = record.get("user") or {}
+        cost = record.cost
         changed = await self._execute(
             "INSERT INTO sessions (session_id, site_id, seq, user_id, charger_id, started_at, "
             "ended_at, started_ts, energy_wh, currency, incl_vat, hash, prev_hash, signature_ok, "
             "record, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (session_id) DO NOTHING",
             (
-                record["session_id"],
-                record["site_id"],
-                int(record["seq"]),
-                user.get("id"),
-                record["charger_id"],
-                record["started_at"],
-                record["ended_at"],
-                from_rfc3339(record["started_at"]),
-                int(record["energy_wh"]),
-                cost.get("currency"),
-                cost.get("incl_vat"),
-                record["hash"],
-                record["prev_hash"],
+                record.session_id,
+                record.site_id,
+                record.seq,
+                record.user.id,
+                record.charger_id,
+                record.started_at,
+                record.ended_at,
+                from_rfc3339(record.started_at),
+                record.energy_wh,
+                cost.currency if cost is not None else None,
+                cost.incl_vat if cost is not None else None,
+                record.hash,
+                record.prev_hash,
                 signature_ok,
                 record_json,
                 time.time() if received_at is None else received_at,

@@ -31,6 +31,7 @@ from typing import Any
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import ValidationError
 
 from gateway.billing.checks import out_of_range
 from gateway.billing.signing import check_rotation, key_id, load_public_key, verify_signature
@@ -38,8 +39,8 @@ from gateway.cloud.cloudstore import CloudStore, Quarantined, SiteKey
 from gateway.cloud.trust import TrustedKey
 from gateway.errors import GatewayError
 from gateway.model import from_rfc3339
-from gateway.records import GENESIS, canonical_json, record_hash
-from gateway.uplink.schemas import validate
+from gateway.records import GENESIS, SessionRecord, canonical_json, record_hash
+from gateway.uplink.schemas import model_problems, validate
 
 __all__ = ["KEY_RELOAD_S", "RESERVED_SITES", "ConsumerStats", "SessionConsumer"]
 
@@ -356,12 +357,12 @@ class SessionConsumer:
         log.error("site_key_refused", site_id=site, key_id=kid, message=reason)
         return await self._quarantine("key", reason, topic, payload, site)
 
-    def _trust(self, site: str, record: dict[str, Any]) -> tuple[str, str] | None:
+    def _trust(self, site: str, record: SessionRecord) -> tuple[str, str] | None:
         """(kind, reason) when the record is not signed by a key trusted for its site."""
         label = _label(record)
         usable = self._usable(site)
-        sig = record.get("signature")
-        kid = str(sig.get("key_id")) if isinstance(sig, dict) else None
+        sig = record.signature
+        kid = sig.key_id if sig is not None else None
         if kid is not None and self._status(site, kid) == "revoked":
             return "revoked_key", f"{label}: signed with key {kid}, which is revoked"
         if not usable:
@@ -384,7 +385,7 @@ class SessionConsumer:
                 "unknown_key",
                 f"{label}: signed with key {kid}, not a key of site {site} ({known})",
             )
-        if not verify_signature(public, record["hash"], sig):
+        if not verify_signature(public, record.hash, sig.model_dump()):
             return "bad_signature", f"{label}: signature by key {kid} does not verify"
         return None
 
@@ -418,23 +419,27 @@ class SessionConsumer:
         if errors:
             more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
             return await keep("schema", "schema: " + "; ".join(errors[:3]) + more, record)
-        label = _label(record)
+        try:
+            rec = SessionRecord.from_dict(record)
+        except ValidationError as exc:  # what JSON Schema lets pass and the model not: 1.0 as seq
+            return await keep("schema", "schema: " + "; ".join(model_problems(exc)[:3]), record)
+        label = _label(rec)
         problem = out_of_range(record)
         if problem is not None:
             return await keep("range", f"{label}: {problem}", record)
-        if record["site_id"] != site:
-            reason = f"{label}: site_id {record['site_id']!r} is not the topic's site"
+        if rec.site_id != site:
+            reason = f"{label}: site_id {rec.site_id!r} is not the topic's site"
             return await keep("site_mismatch", reason, record)
-        if record_hash(record) != record["hash"]:
+        if record_hash(record) != rec.hash:
             return await keep("hash", f"{label}: hash does not match its content", record)
-        distrust = self._trust(site, record)
+        distrust = self._trust(site, rec)
         if distrust is not None:
             return await keep(*distrust, record)
 
-        sid, seq = record["session_id"], record["seq"]
+        sid, seq = rec.session_id, rec.seq
         existing = await self.store.get_session(sid)
         if existing is not None:
-            if canonical_json(existing.record) == canonical_json(record):
+            if canonical_json(existing.record) == rec.canonical():
                 self.stats.duplicates += 1
                 log.debug("session_duplicate", site_id=site, seq=seq, session_id=sid)
                 if held is not None:
@@ -448,8 +453,8 @@ class SessionConsumer:
             )
             return "conflict"
 
-        await self._check_chain(site, record, label)
-        stored = await self.store.insert_session(record, text, signature_ok=True)
+        await self._check_chain(site, rec, label)
+        stored = await self.store.insert_session(rec, text, signature_ok=True)
         if held is not None:
             await self.store.release(held.qid)
             self.stats.released += 1
@@ -460,9 +465,9 @@ class SessionConsumer:
         self.stats.duplicates += 1  # another consumer of the group stored it meanwhile
         return "duplicate"
 
-    async def _check_chain(self, site: str, record: dict[str, Any], label: str) -> None:
-        seq: int = record["seq"]
-        sid = record["session_id"]
+    async def _check_chain(self, site: str, record: SessionRecord, label: str) -> None:
+        seq = record.seq
+        sid = record.session_id
         top = await self.store.max_seq(site)
         if top is None:
             if seq > 1:
@@ -487,12 +492,12 @@ class SessionConsumer:
                 seq,
                 sid,
             )
-        if seq == 1 and record["prev_hash"] != GENESIS:
+        if seq == 1 and record.prev_hash != GENESIS:
             await self._chain_problem(
                 site, "chain_break", f"site {site}: {label}: prev_hash is not genesis", seq, sid
             )
         for before in await self.store.session_at(site, seq - 1):
-            if before.hash != record["prev_hash"]:
+            if before.hash != record.prev_hash:
                 await self._chain_problem(
                     site,
                     "chain_break",
@@ -501,7 +506,7 @@ class SessionConsumer:
                     sid,
                 )
         for after in await self.store.session_at(site, seq + 1):
-            if after.prev_hash != record["hash"]:
+            if after.prev_hash != record.hash:
                 await self._chain_problem(
                     site,
                     "chain_break",
@@ -540,8 +545,8 @@ def _store_failure(exc: BaseException) -> bool:
     return any(cls.__module__.split(".")[0] == "psycopg" for cls in type(exc).__mro__)
 
 
-def _label(record: dict[str, Any]) -> str:
-    return f"seq {record.get('seq')} (session {record.get('session_id')})"
+def _label(record: SessionRecord) -> str:
+    return f"seq {record.seq} (session {record.session_id})"
 
 
 def _span(first: int, last: int) -> str:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from gateway.records import SessionPeriod, SessionRecord
+
 __all__ = ["AUTH_METHODS", "TOKEN_TYPES", "CdrParty", "session_to_cdr"]
 
 # evgw user.token_type -> OCPI TokenType
@@ -68,84 +70,78 @@ def _kwh(wh: int) -> float:
     return _number(Decimal(wh) / 1000, 3)
 
 
-def _period(period: dict[str, Any], tariff_id: str | None) -> dict[str, Any]:
-    dimensions: list[dict[str, Any]] = [
-        {"type": "ENERGY", "volume": _kwh(int(period.get("energy_wh", 0)))}
-    ]
-    if period.get("charging_s"):
-        dimensions.append({"type": "TIME", "volume": _hours(float(period["charging_s"]))})
-    if period.get("idle_s"):
-        dimensions.append({"type": "PARKING_TIME", "volume": _hours(float(period["idle_s"]))})
-    out: dict[str, Any] = {"start_date_time": period["start"], "dimensions": dimensions}
+def _period(period: SessionPeriod, tariff_id: str | None) -> dict[str, Any]:
+    dimensions: list[dict[str, Any]] = [{"type": "ENERGY", "volume": _kwh(period.energy_wh)}]
+    if period.charging_s:
+        dimensions.append({"type": "TIME", "volume": _hours(float(period.charging_s))})
+    if period.idle_s:
+        dimensions.append({"type": "PARKING_TIME", "volume": _hours(float(period.idle_s))})
+    out: dict[str, Any] = {"start_date_time": period.start, "dimensions": dimensions}
     if tariff_id is not None:
         out["tariff_id"] = tariff_id
     return out
 
 
-def session_to_cdr(record: dict[str, Any], party: CdrParty | None = None) -> dict[str, Any]:
+def session_to_cdr(record: SessionRecord, party: CdrParty | None = None) -> dict[str, Any]:
     """One ``evgw.session/1`` record as an OCPI 2.2.1 CDR object."""
     party = party or CdrParty()
-    user = record.get("user") or {}
-    cost = record.get("cost")
-    tariff_id = record.get("tariff_id")
+    user, cost, tariff_id = record.user, record.cost, record.tariff_id
     location = {**_default_location(), **party.location}
-    token_uid = user.get("token") or user.get("id") or "UNKNOWN"
-    charging_s = float(record.get("charging_s") or 0)
-    idle_s = float(record.get("idle_s") or 0)
+    token_uid = user.token or user.id or "UNKNOWN"
+    charging_s, idle_s = float(record.charging_s), float(record.idle_s)
 
     cdr: dict[str, Any] = {
         "country_code": party.country_code,
         "party_id": party.party_id,
-        "id": record["session_id"],
-        "start_date_time": record["started_at"],
-        "end_date_time": record["ended_at"],
-        "session_id": record["session_id"],
+        "id": record.session_id,
+        "start_date_time": record.started_at,
+        "end_date_time": record.ended_at,
+        "session_id": record.session_id,
         "cdr_token": {
             "country_code": party.country_code,
             "party_id": party.party_id,
-            "uid": str(token_uid)[:36],
-            "type": TOKEN_TYPES.get(str(user.get("token_type")), "OTHER"),
-            "contract_id": str(user.get("id") or token_uid)[:36],
+            "uid": token_uid[:36],
+            "type": TOKEN_TYPES.get(str(user.token_type), "OTHER"),
+            "contract_id": (user.id or token_uid)[:36],
         },
-        "auth_method": AUTH_METHODS.get(str(user.get("auth")), "WHITELIST"),
+        "auth_method": AUTH_METHODS.get(user.auth, "WHITELIST"),
         "cdr_location": {
-            "id": record["site_id"],
+            "id": record.site_id,
             "address": location["address"],
             "city": location["city"],
             **({"postal_code": location["postal_code"]} if location.get("postal_code") else {}),
             "country": location["country"],
             "coordinates": location["coordinates"],
-            "evse_uid": record["charger_id"],
-            "evse_id": location.get("evse_id") or record["charger_id"],
-            "connector_id": str(record.get("connector", 1)),
+            "evse_uid": record.charger_id,
+            "evse_id": location.get("evse_id") or record.charger_id,
+            "connector_id": str(record.connector),
             "connector_standard": location["connector_standard"],
             "connector_format": location["connector_format"],
             "connector_power_type": location["connector_power_type"],
         },
-        "currency": cost["currency"] if cost else party.default_currency,
-        "charging_periods": [_period(p, tariff_id) for p in record.get("charging_periods", [])],
+        "currency": cost.currency if cost is not None else party.default_currency,
+        "charging_periods": [_period(p, tariff_id) for p in record.charging_periods],
     }
-    if cost:
+    if cost is not None:
         cdr["total_cost"] = {
-            "excl_vat": float(Decimal(cost["excl_vat"])),
-            "incl_vat": float(Decimal(cost["incl_vat"])),
+            "excl_vat": float(Decimal(cost.excl_vat)),
+            "incl_vat": float(Decimal(cost.incl_vat)),
         }
         parts: dict[str, Decimal] = {}
-        for line in cost.get("lines", []):
-            name = _COST_FIELDS.get(line.get("type", ""))
-            if name is not None:
-                parts[name] = parts.get(name, Decimal(0)) + Decimal(line["amount"])
+        for line in cost.lines:
+            name = _COST_FIELDS[line.type]
+            parts[name] = parts.get(name, Decimal(0)) + Decimal(line.amount)
         for name, amount in parts.items():
             cdr[name] = {"excl_vat": float(amount)}
     else:
         cdr["total_cost"] = {"excl_vat": 0.0, "incl_vat": 0.0}
-    cdr["total_energy"] = _kwh(int(record["energy_wh"]))
+    cdr["total_energy"] = _kwh(record.energy_wh)
     cdr["total_time"] = _hours(charging_s + idle_s)  # OCPI: charging and not charging
     cdr["total_parking_time"] = _hours(idle_s)
-    remarks = list(record.get("flags") or [])
-    if not cost:
+    remarks = list(record.flags)
+    if cost is None:
         remarks.insert(0, "unpriced")
     if remarks:
         cdr["remark"] = ("evgw flags: " + ", ".join(remarks))[:255]
-    cdr["last_updated"] = record["ended_at"]
+    cdr["last_updated"] = record.ended_at
     return cdr

@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.cloud.ocpi import CdrParty, session_to_cdr
 from gateway.errors import GatewayError
+from gateway.records import SessionRecord
 from gateway.safeout import csv_row, printable
 
 __all__ = ["FORMATS", "build_statement", "month_bounds", "render_statement", "run_statement"]
@@ -158,7 +159,7 @@ def render_statement(
     if fmt == "html":
         return _html(doc)
     if fmt == "ocpi":
-        cdrs = [session_to_cdr(r, party) for r in records or []]
+        cdrs = [session_to_cdr(SessionRecord.from_dict(r), party) for r in records or []]
         cdrs.sort(key=lambda c: (c["start_date_time"], c["id"]))
         return json.dumps(cdrs, indent=2, ensure_ascii=False) + "\n"
     raise GatewayError(f"unknown statement format {fmt!r} (one of {', '.join(FORMATS)})")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.model import MeterPoint
+from gateway.records import SessionFacts
 from gateway.sessions.ledger import OpenSession
 
 __all__ = [
@@ -36,7 +37,7 @@ class StartSession:
 @dataclass(frozen=True, slots=True)
 class FinishSession:
     session: OpenSession
-    record: dict[str, Any]  # without charging_periods/cost (pricer) and seq/hashes (store)
+    record: SessionFacts
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from gateway.model import SESSION_SCHEMA, Flag, rfc3339
+from gateway.records import SessionFacts
 
 __all__ = [
     "CLOCK_STEP_BACK_S",
@@ -441,7 +442,7 @@ class OpenSession:
         return True
 
 
-def build_record(session: OpenSession, site_id: str) -> dict[str, Any]:
+def build_record(session: OpenSession, site_id: str) -> SessionFacts:
     """The finished session as its billable record (CONTRACT ``sessions/finished``), without
     ``charging_periods``/``cost`` (the pricer adds them) and ``seq``/hashes (the store seals
     it). The flags a bill reader must see are settled here: ``no_meter``/``not_billable``
@@ -465,7 +466,7 @@ def build_record(session: OpenSession, site_id: str) -> dict[str, Any]:
             )
         if session.energy() == 0 and Flag.NOT_BILLABLE not in flags:
             flags.append(Flag.NOT_BILLABLE)
-    return {
+    facts = {
         "schema": SESSION_SCHEMA,
         "session_id": session.session_id,
         "site_id": site_id,
@@ -485,3 +486,4 @@ def build_record(session: OpenSession, site_id: str) -> dict[str, Any]:
         "tariff_version": session.tariff_version,
         "flags": [str(f) for f in flags],
     } | ({"ocpp": dict(session.ocpp)} if session.ocpp is not None else {})
+    return SessionFacts.from_dict(facts)

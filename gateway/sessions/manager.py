@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, S
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 from gateway.config import GatewayConfig
 from gateway.errors import CommandError
@@ -32,6 +33,7 @@ from gateway.ports import (
     SessionEvents,
     SessionStore,
 )
+from gateway.records import SessionRecord
 from gateway.sessions.connector import ChargerSpec, Grant
 from gateway.sessions.effects import (
     AddPoint,
@@ -433,7 +435,7 @@ class SessionManager:
         )
 
     async def _finish(self, effect: FinishSession) -> None:
-        session, record = effect.session, dict(effect.record)
+        session, facts = effect.session, effect.record
         points = self._points.pop(session.session_id, [])
         assert session.ended_at is not None
         periods: list[dict[str, Any]] | None = None
@@ -448,19 +450,22 @@ class SessionManager:
                 periods, cost = result
             except Exception as exc:  # pricing must never lose a session
                 log.error("session_pricing_failed", session_id=session.session_id, error=str(exc))
-                record["flags"] = [*record["flags"], UNPRICED]
-        if cost is not None and Flag.NOT_BILLABLE.value in record["flags"]:
+                facts = facts.model_copy(update={"flags": [*facts.flags, UNPRICED]})
+        if cost is not None and Flag.NOT_BILLABLE.value in facts.flags:
             # Plugged in but never charged: on record, priced at nothing.
             places = len(str(cost["excl_vat"]).partition(".")[2])  # the currency's minor unit
             zero = f"{0:.{places}f}"
             cost = {**cost, "excl_vat": zero, "vat": zero, "incl_vat": zero, "lines": []}
-        if periods is None:
-            periods = default_periods(points, session.started_at, session.ended_at)
-        record["charging_periods"] = periods
-        record["cost"] = cost
-        sealed = await self._store.finish_session(record)
+        default = default_periods(points, session.started_at, session.ended_at)
+        try:
+            record = facts.priced(default if periods is None else periods, cost)
+        except ValidationError as exc:  # a price no record can carry must not lose a session
+            log.error("session_price_invalid", session_id=session.session_id, error=str(exc))
+            facts = facts.model_copy(update={"flags": [*facts.flags, UNPRICED]})
+            record = facts.priced(default, None)
+        sealed = await self._store.finish_session(record.to_dict())
         if self._events is not None:
-            await self._events.session_finished(sealed)
+            await self._events.session_finished(SessionRecord.from_dict(sealed))
 
     async def _authorize(self, req: RequestAuth) -> None:
         try:

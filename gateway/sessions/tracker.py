@@ -644,8 +644,8 @@ class SessionTracker:
             session_id=session.session_id,
             charger_id=session.charger_id,
             stop_reason=reason.value,
-            energy_wh=record["energy_wh"],
-            flags=record["flags"],
+            energy_wh=record.energy_wh,
+            flags=record.flags,
         )
         effects.append(FinishSession(session, record))
         conn.session = None

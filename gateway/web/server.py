@@ -33,6 +33,7 @@ from aiohttp import web
 
 from gateway.config import WebConfig
 from gateway.errors import GatewayError
+from gateway.records import SessionRecord
 from gateway.web.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.web.status import build_status, session_summary
 from gateway.web.users import UsersFileError, load_users, verify_password
@@ -372,7 +373,9 @@ class WebServer:
                 "count": len(rows),
                 "sessions": [
                     {
-                        "summary": session_summary(r["record"], r["synced_at"]),
+                        "summary": session_summary(
+                            SessionRecord.from_dict(r["record"]), r["synced_at"]
+                        ),
                         "record": r["record"],
                     }
                     for r in rows

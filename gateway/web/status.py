@@ -11,6 +11,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from gateway.model import DeviceKind, rfc3339
+from gateway.records import SessionRecord
 
 if TYPE_CHECKING:
     from gateway.web.view import SiteView
@@ -30,21 +31,27 @@ def _ts(value: float | None) -> str | None:
     return rfc3339(value) if value else None
 
 
-def session_summary(record: dict[str, Any], synced_at: float | None = None) -> dict[str, Any]:
+def session_summary(record: SessionRecord, synced_at: float | None = None) -> dict[str, Any]:
     """A finished session record as the page lists it (the full record is in /api/sessions)."""
-    user = record.get("user") or {}
-    cost = record.get("cost")
+    cost = record.cost
     return {
-        "session_id": record["session_id"],
-        "seq": record.get("seq"),
-        "charger_id": record["charger_id"],
-        "user": user.get("id") if isinstance(user, dict) else user,
-        "started_at": record["started_at"],
-        "ended_at": record["ended_at"],
-        "energy_wh": record["energy_wh"],
-        "cost": _cost(cost),
-        "stop_reason": record.get("stop_reason"),
-        "flags": list(record.get("flags") or []),
+        "session_id": record.session_id,
+        "seq": record.seq,
+        "charger_id": record.charger_id,
+        "user": record.user.id,
+        "started_at": record.started_at,
+        "ended_at": record.ended_at,
+        "energy_wh": record.energy_wh,
+        "cost": None
+        if cost is None
+        else {
+            "currency": cost.currency,
+            "excl_vat": cost.excl_vat,
+            "vat": cost.vat,
+            "incl_vat": cost.incl_vat,
+        },
+        "stop_reason": record.stop_reason,
+        "flags": list(record.flags),
         "synced": synced_at is not None,
     }
 
@@ -88,7 +95,9 @@ async def build_status(gw: SiteView, links: dict[str, str] | None = None) -> dic
         "site": _site(gw, links or {}),
         "chargers": chargers,
         "meters": meters,
-        "recent_sessions": [session_summary(r["record"], r["synced_at"]) for r in recent],
+        "recent_sessions": [
+            session_summary(SessionRecord.from_dict(r["record"]), r["synced_at"]) for r in recent
+        ],
         "uplink": _uplink(gw),
         "buffer": await _buffer(gw),
     }

@@ -18,6 +18,7 @@ from gateway.modbus.poller import DevicePoller
 from gateway.model import SystemClock, Token, TokenType
 from gateway.ports import JsonObject
 from gateway.profiles import Profile
+from gateway.records import SessionRecord
 from gateway.sessions import SessionManager
 from tests.support.mqtt_broker import free_port
 
@@ -47,8 +48,8 @@ class EventLog:
     async def session_started(self, started: JsonObject) -> None:
         await self._add("session_started", started)
 
-    async def session_finished(self, record: JsonObject) -> None:
-        await self._add("session_finished", record)
+    async def session_finished(self, record: SessionRecord) -> None:
+        await self._add("session_finished", record.to_dict())
 
 
 def sim_site_config(tmp_path: Path, cp2_driver: str) -> GatewayConfig:
