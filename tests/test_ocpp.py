@@ -172,6 +172,7 @@ async def test_rfid_session_identified_exact_priced_and_delivered(
     assert [s["session_id"] for s in started] == [record["session_id"]]
 
 
+@pytest.mark.slow
 async def test_offline_stop_replayed_on_reconnect_is_one_exact_session(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:
