@@ -83,7 +83,7 @@ async def test_site_lifecycle_end_to_end(
     recorder = Recorder(mosquitto.port)
     async with (
         running(recorder.run(), "recorder"),
-        SimSite.from_config(config, shipped_profiles, speed=SPEED, traffic=False) as site,
+        SimSite(config, shipped_profiles, speed=SPEED, traffic=False) as site,
         Gateway(config, shipped_profiles, time_scale=SPEED) as gw,
         running(gw.run(), "gateway"),
     ):
@@ -192,7 +192,7 @@ async def test_tariffs_command_reprices_only_new_sessions_and_survives_a_restart
     recorder = Recorder(mosquitto.port)
     async with (
         running(recorder.run(), "recorder"),
-        SimSite.from_config(config, shipped_profiles, speed=SPEED, traffic=False) as site,
+        SimSite(config, shipped_profiles, speed=SPEED, traffic=False) as site,
     ):
         await wait_until(recorder.connected.is_set, 5, "cloud subscriber")
         cp1, cp2 = site.charger("cp1"), site.charger("cp2")

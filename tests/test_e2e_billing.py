@@ -40,7 +40,7 @@ async def test_site_to_statement_and_verify(
             run_consumer(mosquitto.url, db_url, topic_prefix=PREFIX, client_id="billing-1"),
             "consumer",
         ),
-        SimSite.from_config(config, shipped_profiles, speed=SPEED, traffic=False) as site,
+        SimSite(config, shipped_profiles, speed=SPEED, traffic=False) as site,
         Gateway(config, shipped_profiles, time_scale=SPEED) as gw,
         running(gw.run(), "gateway"),
     ):

@@ -420,7 +420,7 @@ async def test_glitches_answered_over_modbus_are_never_billed(
             done.set()
 
     async with (
-        SimSite.from_config(
+        SimSite(
             config, PROFILES, speed=speed, traffic=False, seed=5, enforce_heartbeat=False
         ) as site,
         Store.open(config.storage.path, site_id="sim-site", reserve_bytes=0) as store,

@@ -118,7 +118,7 @@ async def test_a_limit_command_lowers_the_draw_within_two_polls_and_expires(
     with capture_logs() as logs:
         async with (
             running(recorder.run(), "recorder"),
-            SimSite.from_config(config, shipped_profiles, speed=1.0, traffic=False) as site,
+            SimSite(config, shipped_profiles, speed=1.0, traffic=False) as site,
             Gateway(config, shipped_profiles) as gw,
             running(gw.run(), "gateway"),
         ):
@@ -213,7 +213,7 @@ async def test_a_relay_on_a_modbus_io_module_and_a_schedule(
         )
         config = load_config(write_site(tmp_path, grid_extra=grid_extra))
         async with (
-            SimSite.from_config(config, shipped_profiles, speed=1.0, traffic=False) as site,
+            SimSite(config, shipped_profiles, speed=1.0, traffic=False) as site,
             Gateway(config, shipped_profiles) as gw,
             running(gw.run(), "gateway"),
         ):
@@ -276,7 +276,7 @@ async def test_a_limit_command_must_be_signed_where_the_site_requires_it(
 
     async with (
         running(recorder.run(), "recorder"),
-        SimSite.from_config(config, shipped_profiles, speed=1.0, traffic=False),
+        SimSite(config, shipped_profiles, speed=1.0, traffic=False),
         Gateway(config, shipped_profiles) as gw,
         running(gw.run(), "gateway"),
     ):

@@ -144,7 +144,7 @@ async def test_discovery_and_states_on_the_cloud_broker(
     retained = Retained(mosquitto.port)
     async with running(retained.run(), "ha"):
         async with (
-            SimSite.from_config(config, shipped_profiles, speed=1.0, traffic=False) as site,
+            SimSite(config, shipped_profiles, speed=1.0, traffic=False) as site,
             Gateway(config, shipped_profiles) as gw,
             running(gw.run(), "gateway"),
         ):
@@ -168,7 +168,7 @@ async def test_discovery_on_a_local_broker_without_uplink(
     retained = Retained(mosquitto.port)
     async with (
         running(retained.run(), "ha"),
-        SimSite.from_config(config, shipped_profiles, speed=1.0, traffic=False) as site,
+        SimSite(config, shipped_profiles, speed=1.0, traffic=False) as site,
         Gateway(config, shipped_profiles) as gw,
         running(gw.run(), "gateway"),
     ):

@@ -102,9 +102,7 @@ async def test_three_evs_are_held_under_the_grid_limit(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:
     config = site_config(tmp_path)
-    async with SimSite.from_config(
-        config, shipped_profiles, speed=1.0, traffic=False, seed=7
-    ) as site:
+    async with SimSite(config, shipped_profiles, speed=1.0, traffic=False, seed=7) as site:
         evs = [site.charger(c) for c in ("cp1", "cp2", "cp3")]
         for ev in evs:
             ev.plug_in(power_w=22_000, phases=3)
@@ -167,9 +165,7 @@ async def test_a_silent_charger_counts_as_base_load(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:
     config = site_config(tmp_path)
-    async with SimSite.from_config(
-        config, shipped_profiles, speed=1.0, traffic=False, seed=3
-    ) as site:
+    async with SimSite(config, shipped_profiles, speed=1.0, traffic=False, seed=3) as site:
         evs = [site.charger(c) for c in ("cp1", "cp2", "cp3")]
         for ev, power_w in zip(evs, (22_000, 22_000, 7_400), strict=True):
             ev.plug_in(power_w=power_w, phases=3)

@@ -68,7 +68,7 @@ async def test_charger_and_billing_meter_behind_one_converter_bill_exactly(
             finished.set()
 
     async with (
-        SimSite.from_config(
+        SimSite(
             config, shipped_profiles, speed=SPEED, traffic=False, seed=5, enforce_heartbeat=False
         ) as site,
         Store.open(config.storage.path, site_id="converter-site", reserve_bytes=0) as store,
@@ -253,7 +253,7 @@ async def test_the_example_site_is_served_behind_a_simulated_converter(
     from gateway.modbus.commands import read_device_once
 
     config = load_config(EXAMPLE)
-    async with SimSite.from_config(config, shipped_profiles, traffic=False, seed=1) as site:
+    async with SimSite(config, shipped_profiles, traffic=False, seed=1) as site:
         endpoints = {s.device_id: s.endpoint for s in site.served}
         assert endpoints["cp1"] == endpoints["m1"] == "tcp-gateway://127.0.0.1:15030"
         assert endpoints["cp2"] == "tcp://127.0.0.1:15031"

@@ -36,7 +36,7 @@ async def test_sessions_over_modbus_match_the_simulator(tmp_path: Path) -> None:
         return [p for k, p in events if k == "session_finished"]
 
     async with (
-        SimSite.from_config(
+        SimSite(
             config, PROFILES, speed=SPEED, traffic=False, seed=3, enforce_heartbeat=False
         ) as site,
         Store.open(config.storage.path, site_id="sim-site", reserve_bytes=0) as store,
@@ -100,7 +100,7 @@ async def test_abb_car_drawing_before_the_first_plugged_poll_matches_the_simulat
             done.set()
 
     async with (
-        SimSite.from_config(
+        SimSite(
             config, PROFILES, speed=SPEED, traffic=False, seed=5, enforce_heartbeat=False
         ) as site,
         Store.open(config.storage.path, site_id="sim-site", reserve_bytes=0) as store,

@@ -90,7 +90,7 @@ async def test_site_serves_tcp_and_rtu_and_plays_scenario(tmp_path: Path) -> Non
     chargers = ["cp1", "cp2", "cp4", "far"]
     scenario = parse_scenario(SCENARIO, "s.yaml", device_ids=devices, charger_ids=chargers)
     truth = tmp_path / "truth.jsonl"
-    async with SimSite.from_config(
+    async with SimSite(
         config,
         PROFILES,
         speed=3000.0,
@@ -184,7 +184,7 @@ async def test_random_traffic_uses_configured_tokens(tmp_path: Path) -> None:
         linger_s=(0.0, 60.0),
         unknown_tag_probability=0.3,
     )
-    async with SimSite.from_config(
+    async with SimSite(
         config,
         PROFILES,
         speed=2000.0,
@@ -266,7 +266,7 @@ async def test_scenario_override_answers_garbage_for_n_polls(tmp_path: Path) -> 
         charger_ids=[],
     )
     assert scenario.steps[0].value == 1e33 and scenario.steps[0].polls == 2
-    async with SimSite.from_config(
+    async with SimSite(
         config, PROFILES, speed=100.0, scenario=scenario, seed=3, enforce_heartbeat=False
     ) as site:
         async with asyncio.timeout(10):

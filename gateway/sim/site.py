@@ -28,7 +28,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import structlog
 
@@ -79,7 +79,7 @@ class _Sleeper:
 
 
 class SimSite:
-    """Serve a site; use as ``async with SimSite.from_config(...) as site``."""
+    """Serve a site; use as ``async with SimSite(...) as site``."""
 
     def __init__(
         self,
@@ -125,27 +125,6 @@ class SimSite:
         self._seq = itertools.count()
         self._stack: contextlib.AsyncExitStack | None = None
         self._task: asyncio.Task[None] | None = None
-
-    @classmethod
-    def from_config(
-        cls,
-        config: GatewayConfig,
-        profiles: dict[str, Profile],
-        speed: float = 1.0,
-        scenario: Scenario | None = None,
-        truth_path: str | Path | None = None,
-        seed: int | None = None,
-        **kwargs: Any,
-    ) -> SimSite:
-        return cls(
-            config,
-            profiles,
-            speed=speed,
-            scenario=scenario,
-            truth_path=truth_path,
-            seed=seed,
-            **kwargs,
-        )
 
     # access for tests and the CLI -------------------------------------------------------------
     def charger(self, device_id: str) -> SimCharger:
@@ -266,9 +245,7 @@ class SimSite:
                 self._skip(dev.id, "neither host nor bus")
         for (host, port), devs in tcp_groups.items():
             serial = [
-                p
-                for p in (self._profile(d) for d in devs)
-                if "tcp" not in p.connection.transports
+                p for p in (self._profile(d) for d in devs) if "tcp" not in p.connection.transports
             ]
             # A converter fronts serial devices only; an address that mixes in a Modbus TCP
             # device is served as plain Modbus TCP (a simulator convenience, no real wiring).
@@ -561,7 +538,7 @@ async def run_simulator(
                 if d.driver in profiles and profiles[d.driver].kind is DeviceKind.CHARGER
             ],
         )
-    async with SimSite.from_config(
+    async with SimSite(
         config, profiles, speed=speed, scenario=scenario, truth_path=truth_path, seed=seed
     ) as site:
         _print_served(site, sys.stdout)

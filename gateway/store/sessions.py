@@ -15,23 +15,13 @@ from typing import Any
 import aiosqlite
 
 from gateway.errors import StoreError
-from gateway.model import MeterPoint, from_rfc3339
+from gateway.model import MeterPoint
 from gateway.outgoing import SESSION_STREAM, SESSION_TOPIC
 from gateway.records import GENESIS, canonical_json
+from gateway.store.finished import INSERT_FINISHED, finished_row
 from gateway.store.space import SpaceManaged
 
 __all__ = ["SessionTables"]
-
-
-def _ts_or_none(value: Any) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return from_rfc3339(value)
-        except ValueError:
-            return None
-    return None
 
 
 def _finished_rows(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
@@ -147,25 +137,13 @@ class SessionTables(SpaceManaged):
                 (SESSION_STREAM, SESSION_TOPIC, payload, now),
             )
             outbox_id = cursor.lastrowid
-            user = sealed.get("user")
-            user_id = user.get("id") if isinstance(user, dict) else user
-            energy = sealed.get("energy_wh")
             await db.execute(
-                "INSERT INTO finished_sessions (site_id, seq, session_id, charger_id, user_id, "
-                "started_ts, "
-                "ended_ts, energy_wh, record, hash, outbox_id, finished_ts) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
+                "INSERT " + INSERT_FINISHED,
+                finished_row(
                     self.site_id,
                     sealed["seq"],
                     session_id,
-                    sealed.get("charger_id"),
-                    user_id if isinstance(user_id, str) else None,
-                    _ts_or_none(sealed.get("started_at")),
-                    _ts_or_none(sealed.get("ended_at")),
-                    int(energy)
-                    if isinstance(energy, int | float) and not isinstance(energy, bool)
-                    else None,
+                    sealed,
                     payload.decode(),
                     sealed["hash"],
                     outbox_id,

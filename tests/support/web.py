@@ -84,7 +84,7 @@ async def web_site(
 ) -> AsyncIterator[WebSite]:
     config = load_config(write_site(tmp_path, broker_port=broker_port, users_file=users_file))
     async with (
-        SimSite.from_config(config, profiles, speed=SPEED, traffic=False) as site,
+        SimSite(config, profiles, speed=SPEED, traffic=False) as site,
         Gateway(config, profiles, time_scale=SPEED) as gw,
         running(gw.run(), "gateway"),
     ):
