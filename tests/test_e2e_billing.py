@@ -11,9 +11,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from mqtt_broker import MosquittoBroker
+import pytest
 from test_e2e import SPEED, _count, write_site
-from test_uplink_support import PREFIX, running, wait_until
 
 from gateway.app import Gateway
 from gateway.billing.verify import run_verify
@@ -23,8 +22,11 @@ from gateway.cloud.subscriber import run_consumer
 from gateway.config import load_config
 from gateway.profiles import Profile
 from gateway.sim.site import SimSite
+from tests.support.mqtt_broker import MosquittoBroker
+from tests.support.uplink import PREFIX, running, wait_until
 
 
+@pytest.mark.slow
 async def test_site_to_statement_and_verify(
     tmp_path: Path,
     mosquitto: MosquittoBroker,

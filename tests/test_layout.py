@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import gateway
 
 GATEWAY = Path(gateway.__file__).parent
@@ -100,6 +102,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.mark.e2e
 def test_the_edge_runtime_never_loads_the_cloud_side(tmp_path: Path) -> None:
     """A fresh interpreter imports the CLI, runs a gateway (store, web, session manager) for a
     second, then imports every other edge module: no gateway.cloud module gets loaded."""

@@ -84,6 +84,7 @@ SCENARIO = """\
 """
 
 
+@pytest.mark.e2e
 async def test_site_serves_tcp_and_rtu_and_plays_scenario(tmp_path: Path) -> None:
     config = _config(tmp_path)
     devices = [d.id for d in config.devices]
@@ -172,6 +173,7 @@ async def test_site_serves_tcp_and_rtu_and_plays_scenario(tmp_path: Path) -> Non
     ]
 
 
+@pytest.mark.e2e
 async def test_random_traffic_uses_configured_tokens(tmp_path: Path) -> None:
     config = _config(tmp_path)
     truth = tmp_path / "truth.jsonl"

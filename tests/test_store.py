@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
-from test_uplink_support import pending_readings
 
 from gateway.errors import StoreError
 from gateway.model import AuthStatus, MeterPoint, Token, TokenType
@@ -24,6 +23,7 @@ from gateway.records import GENESIS, canonical_json, record_hash, seal
 from gateway.store import Store
 from gateway.store.cli import load_session_rows, render_sessions
 from gateway.store.schema import SCHEMA_VERSION
+from tests.support.uplink import pending_readings
 
 T0 = 1_790_000_000.0  # 2026-09-21
 
@@ -444,6 +444,7 @@ _TMPFS_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_real_full_filesystem(tmp_path: Path) -> None:
     """A 3 MB tmpfs in a private mount namespace fills up for real (ENOSPC)."""
@@ -556,7 +557,6 @@ _TWICE_FULL_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def _run_on_a_3mb_tmpfs(tmp_path: Path, script_text: str) -> Any:
     """Run ``script_text`` (given the buffer path as its argument) in a private mount namespace
     with a 3 MB tmpfs, so a full disk is real; its last stdout line is JSON. Skips where no
@@ -577,6 +577,8 @@ def _run_on_a_3mb_tmpfs(tmp_path: Path, script_text: str) -> Any:
     return json.loads(done.stdout.decode().strip().splitlines()[-1])
 
 
+@pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_a_second_full_disk_finds_the_reserve_retaken(tmp_path: Path) -> None:
     """The reserve given up on a full disk is taken again as soon as space is back, so a disk
     that fills up again soon after still lets sessions finish. Found by the fault matrix
@@ -623,6 +625,7 @@ _RESERVE_KEPT_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_readings_never_eat_the_released_reserve(tmp_path: Path) -> None:
     """The reserve given up for a session on a full disk is for sessions: readings stop until it

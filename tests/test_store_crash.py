@@ -71,6 +71,7 @@ _WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigkill_never_loses_or_duplicates_a_committed_session(tmp_path: Path) -> None:
     db = tmp_path / "buffer.db"
