@@ -33,7 +33,6 @@ from gateway.ports import (
     SessionEvents,
     SessionStore,
 )
-from gateway.records import SessionRecord
 from gateway.sessions.connector import ChargerSpec, Grant
 from gateway.sessions.effects import (
     AddPoint,
@@ -463,9 +462,9 @@ class SessionManager:
             log.error("session_price_invalid", session_id=session.session_id, error=str(exc))
             facts = facts.model_copy(update={"flags": [*facts.flags, UNPRICED]})
             record = facts.priced(default, None)
-        sealed = await self._store.finish_session(record.to_dict())
+        sealed = await self._store.finish_session(record)
         if self._events is not None:
-            await self._events.session_finished(SessionRecord.from_dict(sealed))
+            await self._events.session_finished(sealed)
 
     async def _authorize(self, req: RequestAuth) -> None:
         try:

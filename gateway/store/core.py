@@ -27,7 +27,7 @@ import structlog
 from gateway.errors import StoreError
 from gateway.model import Clock, SystemClock
 from gateway.ports import Sealer
-from gateway.records import seal
+from gateway.records import UnsealedRecord
 from gateway.store.salvage import is_sqlite_file, move_aside, quick_check, salvage, secure_file
 from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -173,7 +173,7 @@ class StoreCore:
                 site_id=site_id,
                 max_size_mb=max_size_mb,
                 readings_retention_days=readings_retention_days,
-                sealer=sealer or seal,
+                sealer=sealer or UnsealedRecord.sealed,
                 clock=clock or SystemClock(),
                 reserve_bytes=(
                     reserve_bytes
