@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
-from record_support import unsealed
-from test_uplink_support import pending_readings
-
 from pydantic import ValidationError
+from record_support import unsealed
+from structlog.testing import capture_logs
+from test_uplink_support import pending_readings
 
 from gateway.errors import StoreError
 from gateway.model import AuthStatus, MeterPoint, Token, TokenType
