@@ -21,8 +21,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.model import from_rfc3339
+from pydantic import ValidationError
+
 from gateway.outgoing import SESSION_STREAM, SESSION_TOPIC
+from gateway.records import SessionRecord
+from gateway.store.schema import IndexColumns, index_columns
 
 __all__ = [
     "SALVAGED_TABLES",
@@ -145,15 +148,6 @@ def _scan(db: sqlite3.Connection, sql: str, rows: dict[int, tuple[object, ...]])
     return None
 
 
-def _ts(value: object) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return from_rfc3339(value)
-    return None
-
-
 def _rebuild_finished(dst: sqlite3.Connection) -> int:
     """A sealed record lives twice until it is acknowledged: in finished_sessions and as the
     payload of its outbox message. A finished row on a lost page comes back from the outbox."""
@@ -171,9 +165,11 @@ def _rebuild_finished(dst: sqlite3.Connection) -> int:
             continue
         if seq in have:
             continue
-        user = rec.get("user")
-        user_id = user.get("id") if isinstance(user, dict) else user
-        energy = rec.get("energy_wh")
+        columns: IndexColumns | tuple[None, ...]
+        try:
+            columns = index_columns(SessionRecord.from_dict(rec))
+        except ValidationError:  # kept and still sent, but no query finds it by these columns
+            columns = (None,) * 5
         dst.execute(
             "INSERT OR IGNORE INTO finished_sessions (site_id, seq, session_id, charger_id, "
             "user_id, started_ts, ended_ts, energy_wh, record, hash, outbox_id, finished_ts) "
@@ -182,13 +178,7 @@ def _rebuild_finished(dst: sqlite3.Connection) -> int:
                 site_id,
                 seq,
                 session_id,
-                rec.get("charger_id"),
-                user_id if isinstance(user_id, str) else None,
-                _ts(rec.get("started_at")),
-                _ts(rec.get("ended_at")),
-                int(energy)
-                if isinstance(energy, int | float) and not isinstance(energy, bool)
-                else None,
+                *columns,
                 payload.decode() if isinstance(payload, bytes) else str(payload),
                 str(hash_),
                 outbox_id,

@@ -15,20 +15,13 @@ from typing import Any
 import aiosqlite
 
 from gateway.errors import StoreError
-from gateway.model import MeterPoint, from_rfc3339
+from gateway.model import MeterPoint
 from gateway.outgoing import SESSION_STREAM, SESSION_TOPIC
 from gateway.records import GENESIS, SessionRecord, UnsealedRecord
+from gateway.store.schema import index_columns
 from gateway.store.space import SpaceManaged
 
 __all__ = ["SessionTables"]
-
-
-def _ts_or_none(text: str) -> float | None:
-    """The Unix time of a record's RFC 3339 time, for the query columns (None if it has none)."""
-    try:
-        return from_rfc3339(text)
-    except ValueError:
-        return None
 
 
 def _finished_rows(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
@@ -140,11 +133,7 @@ class SessionTables(SpaceManaged):
                     self.site_id,
                     sealed.seq,
                     session_id,
-                    sealed.charger_id,
-                    sealed.user.id,
-                    _ts_or_none(sealed.started_at),
-                    _ts_or_none(sealed.ended_at),
-                    sealed.energy_wh,
+                    *index_columns(sealed),
                     payload.decode(),
                     sealed.hash,
                     cursor.lastrowid,
