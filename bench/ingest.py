@@ -1,6 +1,6 @@
 """Scenario 3, ingest: readings per second into SQLite through ``Store.add_readings`` (batches of
 500, as the app flushes them) against raw ``sqlite3`` ``executemany`` into the same tables
-(schema 3: readings + readings_pending) with the same pragmas (WAL, synchronous=NORMAL), JSON
+(schema 4: readings + readings_pending) with the same pragmas (WAL, synchronous=NORMAL), JSON
 encoding of the values included on both sides (the raw side with the json module)."""
 
 from __future__ import annotations

@@ -26,7 +26,12 @@ __all__ = ["encode_reading", "readings_batch", "wire_ts"]
 
 _PLAIN = frozenset({int, float, str, bool, type(None)})
 _MSGSPEC: Callable[[Any], bytes] = msgspec.json.Encoder().encode
-_MAYBE_EXPONENT = re.compile(rb"\de|0\.0000").search
+# msgspec writes a float outside [1e-4, 1e16) as ``1e16``, ``1.5e-7`` or ``0.00001``. An ``e``
+# before a digit or a minus is a cheap hint (a literal first: ~0.4 us a reading, against ~3.6 us
+# for the exact pattern alone); only a text with the hint (a key such as ``mode3_state``) is
+# searched with the exact pattern, a digit before the ``e``.
+_EXPONENT_HINT = re.compile(rb"e[-\d]").search
+_EXPONENT = re.compile(rb"\de[-\d]").search
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _ENCODE: Callable[[Any], str] = _ENCODER.encode
 # Private parts of the json module (its C accelerator), used when present.
@@ -93,7 +98,11 @@ def encode_reading(ts: float, values: Mapping[str, Any]) -> bytes:
             raw = _MSGSPEC(values)
         except (TypeError, ValueError):  # a key msgspec refuses; an unpaired surrogate
             raw = None
-        if raw is not None and _MAYBE_EXPONENT(raw) is None:
+        if (
+            raw is not None
+            and b"0.0000" not in raw
+            and (_EXPONENT_HINT(raw) is None or _EXPONENT(raw) is None)
+        ):
             return head.encode() + (b"}" if len(raw) == 2 else b"," + raw[1:])
         try:
             body = _ENCODE(values)

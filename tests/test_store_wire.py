@@ -212,6 +212,46 @@ def test_fast_encoder_writes_the_same_bytes_as_the_json_module(values: dict[Any,
     assert encode_reading(T0 + 0.125, values) == _reference_wire(T0 + 0.125, values)
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"mode3_state": "C2", "phase1_w": 1.5},  # keys that look like an exponent's tail
+        {"mode3_state": "C2", "power_w": 1e16},
+        {"mode3_state": 1.5e-7, "x1e5": 2},
+        {"s": "1e5", "t": "0.00001", "p": 230.4},  # strings that do
+        {"p": 10.00001, "q": 9.99e-05, "r": -1e-05},
+        {1e16: 1, "e1": 2},  # a float key with an exponent
+        {"a": 1e22, "b": 1.2345678901234568e17, "c": 5e-324, "d": 9999999999999998.0},
+    ],
+)
+def test_fast_encoder_exponent_hints(values: dict[Any, Any]) -> None:
+    """The exponent check (a cheap hint, then the exact pattern) never lets msgspec's exponent
+    forms through, whatever the keys and strings look like."""
+    assert encode_reading(T0, values) == _reference_wire(T0, values)
+
+
+async def test_batches_of_any_size_keep_order_and_pending_marks(tmp_path: Path) -> None:
+    """Readings go in several rows a statement plus single rows for the rest: every batch size
+    around the statement's row count stores each reading once, in order, marked pending."""
+    sizes = [1, 49, 50, 51, 99, 100, 101, 137, 500]
+    async with Store.open(tmp_path / "b.db", site_id="s1", clock=Clock(), reserve_bytes=0) as s:
+        expected: list[tuple[str, bytes]] = []
+        n = 0
+        for size in sizes:
+            batch = [(f"cp{i % 3}", T0 + n + i, {"p": n + i, "q": 0.5}) for i in range(size)]
+            n += size
+            await s.add_readings(batch)
+            expected += [(d, encode_reading(ts, v)) for d, ts, v in batch]
+        rows = await s.readings_fetch_wire(10_000)
+        assert [(d, w) for _, d, w in rows] == expected
+        assert [i for i, _, _ in rows] == list(range(1, n + 1))
+        await s.readings_mark_synced(list(range(1, 200)))
+        assert len(await s.readings_fetch_wire(10_000)) == n - 199
+    db = sqlite3.connect(tmp_path / "b.db")
+    assert db.execute("SELECT COUNT(*), MAX(id) FROM readings").fetchone() == (n, n)
+    db.close()
+
+
 def test_fast_encoder_same_bytes_for_the_benchmark_reading() -> None:
     values = {f"v{i}": 230.0 + i * 0.37 for i in range(12)} | {"n": 7, "s": "é", "b": True}
     assert encode_reading(T0, values) == _reference_wire(T0, values)

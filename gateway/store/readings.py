@@ -11,6 +11,7 @@ import asyncio
 import json
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import chain
 from typing import Any
 
 import aiosqlite
@@ -27,6 +28,15 @@ log = structlog.get_logger(__name__)
 
 _READINGS_RETRY_S = 30.0  # while the disk is full, try storing readings again this often
 _CAP_CHECK_ROWS = 5_000  # check the size cap after this many readings were added
+# Readings go in this many rows a statement: what SQLite does once a statement (its reset and
+# bindings, AUTOINCREMENT's read and write of sqlite_sequence) is then not paid once a reading.
+# CPU in the write transaction: 3.3 -> 2.5 us a reading of 17 values. A fixed size keeps one
+# prepared statement in the cache; the rest of a batch goes in one row a statement.
+_ROWS_A_STATEMENT = 50
+_INSERT_ONE = "INSERT INTO readings (device_id, ts, data, wire) VALUES (?, ?, '', ?)"
+_INSERT_MANY = "INSERT INTO readings (device_id, ts, data, wire) VALUES " + ",".join(
+    ["(?, ?, '', ?)"] * _ROWS_A_STATEMENT
+)
 
 
 def _runs(ids: Iterable[int]) -> list[tuple[int, int]]:
@@ -66,10 +76,18 @@ class ReadingsTable(SpaceManaged):
         # Encoded once, in the form the uplink sends (gateway/wire.py).
         params = [(dev, float(ts), encode_reading(ts, values)) for dev, ts, values in rows]
 
+        whole = len(params) - len(params) % _ROWS_A_STATEMENT
+        groups = [
+            tuple(chain.from_iterable(params[i : i + _ROWS_A_STATEMENT]))
+            for i in range(0, whole, _ROWS_A_STATEMENT)
+        ]
+
         async def body(db: aiosqlite.Connection) -> None:
-            await db.executemany(
-                "INSERT INTO readings (device_id, ts, data, wire) VALUES (?, ?, '', ?)", params
-            )
+            # Rows keep their order (ids ascending) within and across the statements.
+            if groups:
+                await db.executemany(_INSERT_MANY, groups)
+            if whole < len(params):
+                await db.executemany(_INSERT_ONE, params[whole:])
             # One writer at a time (BEGIN IMMEDIATE): the newest ids are the rows just added.
             await db.execute(
                 "INSERT INTO readings_pending (id) SELECT id FROM readings ORDER BY id DESC "
