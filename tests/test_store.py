@@ -22,7 +22,14 @@ from test_uplink_support import pending_readings
 
 from gateway.errors import StoreError
 from gateway.model import AuthStatus, MeterPoint, Token, TokenType
-from gateway.records import GENESIS, SessionRecord, UnsealedRecord, record_hash
+from gateway.records import (
+    GENESIS,
+    SessionRecord,
+    UnsealedRecord,
+    canonical_json,
+    record_hash,
+    seal,
+)
 from gateway.store import Store
 from gateway.store.cli import load_session_rows, render_sessions
 from gateway.store.schema import SCHEMA_VERSION
@@ -132,6 +139,24 @@ async def test_finish_session_chains_seals_and_queues(store: Store) -> None:
     rows = await store.outbox_fetch("session", 100)
     assert [r.payload for r in rows] == [r.canonical() for r in records]
     assert {(r.topic, r.qos, r.retain) for r in rows} == {("sessions/finished", 1, False)}
+
+
+async def test_the_stored_bytes_are_the_canonical_json_of_what_the_record_dumps(
+    store: Store,
+) -> None:
+    """The typed record changes no byte: what the store writes (and so every hash and signature)
+    is the canonical JSON of the record's own JSON object, numbers as int or float as given and
+    absent optional keys absent."""
+    unsealed = record(
+        "s1",
+        max_power_w=11040.5,
+        charging_periods=[{"start": "2026-09-21T08:00:00.000Z", "energy_wh": 22000}],
+    )
+    sealed = await store.finish_session(unsealed)
+    old_way = canonical_json(seal({**unsealed.to_dict(), "seq": 1, "prev_hash": GENESIS}))
+    (row,) = await store.outbox_fetch("session", 10)
+    assert row.payload == sealed.canonical() == old_way
+    assert (await store.finished_sessions())[0] == json.loads(old_way)
 
 
 async def test_finish_session_is_idempotent_on_session_id(store: Store) -> None:
