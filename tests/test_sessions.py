@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sessions_support import EventLog
 
 from gateway.auth import Authorizer
 from gateway.config import AuthConfig, DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
@@ -46,6 +45,7 @@ from gateway.sessions import (
     StartSession,
     StatusChanged,
 )
+from tests.support.sessions import EventLog
 
 T0 = 1_790_000_000.0
 AVAILABLE = ChargerStatus.AVAILABLE

@@ -279,7 +279,7 @@ def _screenshot(page: Path, png: Path, profile: Path) -> None:
 ARTEFACTS = Path(__file__).resolve().parent.parent / "test-artefacts"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 async def test_html_and_svg_render_in_headless_chromium(
     buffer: GatewayConfig, tmp_path: Path
 ) -> None:

@@ -16,9 +16,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from record_support import unsealed
 from structlog.testing import capture_logs
-from test_uplink_support import pending_readings
 
 from gateway.errors import StoreError
 from gateway.model import AuthStatus, MeterPoint, Token, TokenType
@@ -33,6 +31,8 @@ from gateway.records import (
 from gateway.store import Store
 from gateway.store.cli import load_session_rows, render_sessions
 from gateway.store.schema import SCHEMA_VERSION
+from tests.support.records import unsealed
+from tests.support.uplink import pending_readings
 
 T0 = 1_790_000_000.0  # 2026-09-21
 
@@ -433,7 +433,7 @@ _TMPFS_SCRIPT = textwrap.dedent(
     """
     import asyncio, json, sys
     from gateway.store import Store
-    from record_support import unsealed
+    from tests.support.records import unsealed
 
     def rec(i):
         return unsealed(f"s{i}", energy_wh=i, flags=["x" * 3000])
@@ -459,6 +459,7 @@ _TMPFS_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_real_full_filesystem(tmp_path: Path) -> None:
     """A 3 MB tmpfs in a private mount namespace fills up for real (ENOSPC)."""
@@ -475,7 +476,7 @@ def test_real_full_filesystem(tmp_path: Path) -> None:
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()}")
     cmd = f"mount -t tmpfs -o size=3m tmpfs {mnt} && exec {sys.executable} {script} {mnt}/b.db"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
+    env = {**os.environ, "PYTHONPATH": str(repo)}
     done = subprocess.run(
         ["unshare", "-rm", "sh", "-c", cmd], capture_output=True, env=env, timeout=120, check=False
     )
@@ -531,7 +532,7 @@ _TWICE_FULL_SCRIPT = textwrap.dedent(
     """
     import asyncio, contextlib, json, os, sys, time
     from gateway.store import Store
-    from record_support import unsealed
+    from tests.support.records import unsealed
 
     def rec(i):
         return unsealed(f"s{i}", energy_wh=i, flags=["x" * 3000])
@@ -571,7 +572,6 @@ _TWICE_FULL_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def _run_on_a_3mb_tmpfs(tmp_path: Path, script_text: str) -> Any:
     """Run ``script_text`` (given the buffer path as its argument) in a private mount namespace
     with a 3 MB tmpfs, so a full disk is real; its last stdout line is JSON. Skips where no
@@ -582,7 +582,7 @@ def _run_on_a_3mb_tmpfs(tmp_path: Path, script_text: str) -> Any:
     script.write_text(script_text)
     repo = Path(__file__).resolve().parents[1]
     cmd = f"mount -t tmpfs -o size=3m tmpfs {mnt} && exec {sys.executable} {script} {mnt}/b.db"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
+    env = {**os.environ, "PYTHONPATH": str(repo)}
     done = subprocess.run(
         ["unshare", "-rm", "sh", "-c", cmd], capture_output=True, env=env, timeout=120, check=False
     )
@@ -592,6 +592,8 @@ def _run_on_a_3mb_tmpfs(tmp_path: Path, script_text: str) -> Any:
     return json.loads(done.stdout.decode().strip().splitlines()[-1])
 
 
+@pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_a_second_full_disk_finds_the_reserve_retaken(tmp_path: Path) -> None:
     """The reserve given up on a full disk is taken again as soon as space is back, so a disk
     that fills up again soon after still lets sessions finish. Found by the fault matrix
@@ -604,7 +606,7 @@ _RESERVE_KEPT_SCRIPT = textwrap.dedent(
     """
     import asyncio, contextlib, json, os, sys
     from gateway.store import Store
-    from record_support import unsealed
+    from tests.support.records import unsealed
 
     def rec(i):
         return unsealed(f"s{i}", energy_wh=i, flags=["x" * 3000])
@@ -638,6 +640,7 @@ _RESERVE_KEPT_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_readings_never_eat_the_released_reserve(tmp_path: Path) -> None:
     """The reserve given up for a session on a full disk is for sessions: readings stop until it

@@ -30,7 +30,7 @@ _WRITER = textwrap.dedent(
     import asyncio, sys
     from gateway.model import MeterPoint
     from gateway.store import Store
-    from record_support import unsealed
+    from tests.support.records import unsealed
 
     def report(rec):
         print(f"C {rec.session_id} {rec.seq} {rec.hash}", flush=True)
@@ -72,13 +72,13 @@ _WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigkill_never_loses_or_duplicates_a_committed_session(tmp_path: Path) -> None:
     db = tmp_path / "buffer.db"
     script = tmp_path / "writer.py"
     script.write_text(_WRITER)
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     rng = random.Random(0xE5)
     reported: dict[str, tuple[int, str]] = {}
     for cycle in range(CYCLES):

@@ -149,6 +149,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "argv",
     [
@@ -172,6 +173,7 @@ async def test_cli_tools_on_damaged_buffer_print_one_line(
     assert "damaged" in lines[0]
 
 
+@pytest.mark.e2e
 async def test_cli_tools_on_garbage_file_print_one_line(tmp_path: Path) -> None:
     buffer = tmp_path / "buffer.db"
     buffer.write_bytes(b"this is no database\n" * 500)

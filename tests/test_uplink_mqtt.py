@@ -10,9 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from mqtt_broker import FaultProxy, MosquittoBroker, Pki
 from structlog.testing import capture_logs
-from test_uplink_support import (
+
+from gateway.config import TlsConfig, UplinkConfig, UplinkReadingsConfig
+from gateway.store import Store
+from gateway.uplink.mqtt import MqttUplink
+from tests.support.mqtt_broker import FaultProxy, MosquittoBroker, Pki
+from tests.support.uplink import (
     PREFIX,
     SITE,
     Recorder,
@@ -22,10 +26,6 @@ from test_uplink_support import (
     unsealed_session,
     wait_until,
 )
-
-from gateway.config import TlsConfig, UplinkConfig, UplinkReadingsConfig
-from gateway.store import Store
-from gateway.uplink.mqtt import MqttUplink
 
 
 def uplink_config(url: str, **kw: object) -> UplinkConfig:
@@ -95,7 +95,6 @@ def final_status_ok(rec: Recorder, payload_power: float) -> None:
     assert gw[-1].json()["state"] == "online"
 
 
-@pytest.mark.slow
 async def test_long_backlog_drained_after_outage(mosquitto: MosquittoBroker, store: Store) -> None:
     """Broker down while 2000 sessions and 20000 readings pile up; then it comes back."""
     await mosquitto.stop()
@@ -190,7 +189,9 @@ async def test_broker_killed_and_restarted_mid_stream(
     assert rec.problems == []
 
 
-@pytest.mark.parametrize("fault", ["drop", "reset", "stall", "throttle", "refuse"])
+@pytest.mark.parametrize(
+    "fault", ["drop", "reset", "stall", "throttle", pytest.param("refuse", marks=pytest.mark.slow)]
+)
 async def test_proxy_faults(
     mosquitto: MosquittoBroker, fault_proxy: FaultProxy, store: Store, fault: str
 ) -> None:
@@ -309,6 +310,7 @@ async def _tls_case(
         broker.kill()
 
 
+@pytest.mark.e2e
 async def test_tls_with_generated_ca(tmp_path: Path, test_pki: Pki, store: Store) -> None:
     delivered, _ = await _tls_case(
         tmp_path / "b1", test_pki, TlsConfig(ca_file=test_pki.ca_file), store
@@ -316,6 +318,7 @@ async def test_tls_with_generated_ca(tmp_path: Path, test_pki: Pki, store: Store
     assert delivered
 
 
+@pytest.mark.e2e
 async def test_tls_wrong_ca_is_refused(tmp_path: Path, test_pki: Pki, store: Store) -> None:
     delivered, logs = await _tls_case(
         tmp_path / "b2", test_pki, TlsConfig(ca_file=test_pki.other_ca_file), store
@@ -325,6 +328,7 @@ async def test_tls_wrong_ca_is_refused(tmp_path: Path, test_pki: Pki, store: Sto
     assert errors and "CERTIFICATE_VERIFY_FAILED" in errors[0]["error"]
 
 
+@pytest.mark.e2e
 async def test_tls_client_certificate(tmp_path: Path, test_pki: Pki, store: Store) -> None:
     tls = TlsConfig(
         ca_file=test_pki.ca_file, cert_file=test_pki.client_cert, key_file=test_pki.client_key
@@ -333,6 +337,7 @@ async def test_tls_client_certificate(tmp_path: Path, test_pki: Pki, store: Stor
     assert delivered
 
 
+@pytest.mark.e2e
 async def test_tls_client_certificate_missing_is_refused(
     tmp_path: Path, test_pki: Pki, store: Store
 ) -> None:

@@ -25,13 +25,13 @@ from pydantic import ValidationError
 
 from gateway.outgoing import SESSION_STREAM, SESSION_TOPIC
 from gateway.records import SessionRecord
-from gateway.store.schema import IndexColumns, index_columns
+from gateway.store.failures import is_damage
+from gateway.store.finished import INSERT_FINISHED, finished_row
 
 __all__ = [
     "SALVAGED_TABLES",
     "SalvageReport",
     "companion_files",
-    "is_damage",
     "is_sqlite_file",
     "move_aside",
     "quick_check",
@@ -67,19 +67,6 @@ def secure_file(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             if p.stat().st_mode & 0o077:
                 os.chmod(p, 0o600)
-
-
-_SQLITE_CORRUPT = 11
-_SQLITE_NOTADB = 26
-
-
-def is_damage(exc: BaseException) -> bool:
-    """SQLITE_CORRUPT or SQLITE_NOTADB: the file itself is bad (not locked, not missing)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if isinstance(code, int):
-        return (code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
-    text = str(exc).lower()
-    return "malformed" in text or "not a database" in text
 
 
 def is_sqlite_file(path: Path) -> bool:
@@ -165,24 +152,16 @@ def _rebuild_finished(dst: sqlite3.Connection) -> int:
             continue
         if seq in have:
             continue
-        columns: IndexColumns | tuple[None, ...]
+        typed: SessionRecord | None
         try:
-            columns = index_columns(SessionRecord.from_dict(rec))
-        except ValidationError:  # kept and still sent, but no query finds it by these columns
-            columns = (None,) * 5
+            typed = SessionRecord.from_dict(rec)
+        except ValidationError:  # kept and still sent, but no query finds it by its columns
+            typed = None
+        text = payload.decode() if isinstance(payload, bytes) else str(payload)
         dst.execute(
-            "INSERT OR IGNORE INTO finished_sessions (site_id, seq, session_id, charger_id, "
-            "user_id, started_ts, ended_ts, energy_wh, record, hash, outbox_id, finished_ts) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                site_id,
-                seq,
-                session_id,
-                *columns,
-                payload.decode() if isinstance(payload, bytes) else str(payload),
-                str(hash_),
-                outbox_id,
-                float(created_ts),
+            "INSERT OR IGNORE " + INSERT_FINISHED,
+            finished_row(
+                site_id, seq, session_id, typed, text, str(hash_), outbox_id, float(created_ts)
             ),
         )
         have.add(seq)

@@ -2,37 +2,12 @@
 
 Migration N brings a database from version N-1 to N. Each is applied in one transaction together
 with its row in ``schema_version``, so a crash mid-upgrade leaves the previous version intact. Only
-ever append to ``MIGRATIONS``: a released migration never changes. ``index_columns`` gives the
-columns ``finished_sessions`` is queried by, from the record they index.
+ever append to ``MIGRATIONS``: a released migration never changes.
 """
 
 from __future__ import annotations
 
-from gateway.model import from_rfc3339
-from gateway.records import SessionRecord
-
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "IndexColumns", "index_columns"]
-
-IndexColumns = tuple[str, str | None, float | None, float | None, int]
-
-
-def _ts_or_none(text: str) -> float | None:
-    try:
-        return from_rfc3339(text)
-    except ValueError:
-        return None
-
-
-def index_columns(record: SessionRecord) -> IndexColumns:
-    """charger_id, user_id, started_ts, ended_ts, energy_wh (None for a time no calendar has)."""
-    return (
-        record.charger_id,
-        record.user.id,
-        _ts_or_none(record.started_at),
-        _ts_or_none(record.ended_at),
-        record.energy_wh,
-    )
-
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
 
 _V1 = (
     # A session that is still running: the session logic's own state, replaced on each transition.

@@ -18,7 +18,7 @@ from gateway.errors import StoreError
 from gateway.model import MeterPoint
 from gateway.outgoing import SESSION_STREAM, SESSION_TOPIC
 from gateway.records import GENESIS, SessionRecord, UnsealedRecord
-from gateway.store.schema import index_columns
+from gateway.store.finished import INSERT_FINISHED, finished_row
 from gateway.store.space import SpaceManaged
 
 __all__ = ["SessionTables"]
@@ -125,15 +125,12 @@ class SessionTables(SpaceManaged):
                 (SESSION_STREAM, SESSION_TOPIC, payload, now),
             )
             await db.execute(
-                "INSERT INTO finished_sessions (site_id, seq, session_id, charger_id, user_id, "
-                "started_ts, "
-                "ended_ts, energy_wh, record, hash, outbox_id, finished_ts) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
+                "INSERT " + INSERT_FINISHED,
+                finished_row(
                     self.site_id,
                     sealed.seq,
                     session_id,
-                    *index_columns(sealed),
+                    sealed,
                     payload.decode(),
                     sealed.hash,
                     cursor.lastrowid,

@@ -3,7 +3,7 @@
 ``unsealed("s1", energy_wh=1000)`` is a complete ``UnsealedRecord`` with the given fields
 replaced; a dict given for a field that holds an object (``user``, ``cost``) is merged into the
 default one, so ``user={"id": "bob"}`` keeps the default ``auth``. Crash subprocesses import it
-with ``tests/`` on their PYTHONPATH.
+as ``tests.support.records`` with the repository on their PYTHONPATH.
 """
 
 from __future__ import annotations
