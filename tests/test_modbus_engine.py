@@ -262,6 +262,35 @@ async def test_exception_response_carries_the_code() -> None:
     assert info.value.reason == "exception_response" and info.value.exception_code == 2
 
 
+async def test_each_request_times_out_at_its_own_deadline() -> None:
+    # The bus keeps one watchdog timer, re-armed when it fires early, not one timer a request:
+    # a short timeout after a long one still fires on time, a request after a quick one still
+    # gets all of its own timeout, and a slow answer inside its timeout is never cut short.
+    async with charger_server([1]) as (srv, _):
+        bus = TcpBus("127.0.0.1", srv.port)
+        loop = asyncio.get_running_loop()
+        assert await bus.read(1, IN, 1000, 1, 5.0) == [2]  # leaves a watchdog due in 5 s
+        srv.set_fault(1, FaultKind.NO_ANSWER)
+        t0 = loop.time()
+        with pytest.raises(DeviceError) as short:
+            await bus.read(1, IN, 1000, 1, 0.1)
+        assert short.value.reason == "timeout"
+        assert 0.09 <= loop.time() - t0 < 1.0
+        srv.clear_fault(1)
+        assert await bus.read(1, IN, 1000, 1, 0.2) == [2]  # a watchdog due in 0.2 s
+        srv.set_fault(1, Fault(FaultKind.NONE, delay_s=0.35))
+        assert await bus.read(1, IN, 1000, 1, 1.0) == [2]  # answered after 0.35 s: in time
+        srv.clear_fault(1)
+        assert await bus.read(1, IN, 1000, 1, 0.2) == [2]
+        srv.set_fault(1, FaultKind.NO_ANSWER)
+        t0 = loop.time()
+        with pytest.raises(DeviceError) as long:
+            await bus.read(1, IN, 1000, 1, 0.4)
+        assert long.value.reason == "timeout"
+        assert 0.39 <= loop.time() - t0 < 1.5
+        await bus.close()
+
+
 async def test_unreachable_endpoint_backs_off_without_blocking_another_bus() -> None:
     async with charger_server([1]) as (srv, _):
         # A port nobody listens on: take a free port from a server we then close.

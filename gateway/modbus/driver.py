@@ -95,7 +95,7 @@ class DeviceDriver:
         self._went_online()
         iec = status = None
         if self.profile.state is not None:
-            iec, status = self.profile.state.classify(dict(values))
+            iec, status = self.profile.state.classify(values)  # reads only: no copy
         return DeviceSample(self.device_id, ts, True, values, iec, status, self._tag(values))
 
     async def _after_connect(self) -> None:
