@@ -185,7 +185,9 @@ class ModbusBus(ABC):
         lock = self._lock
         await lock.acquire()
         try:
-            client = await self._ready(timeout_s, gap_s)
+            client = self._client
+            if client is None or self._closed or not client.connected or self.frame_gap_s or gap_s:
+                client = await self._ready(timeout_s, gap_s)  # connect, or keep a gap first
             rr = await self._transact(
                 getattr(client, _READERS[table]), address, count, True, unit, timeout_s, table
             )
