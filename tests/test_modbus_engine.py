@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import struct
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
@@ -423,6 +424,29 @@ async def test_fixed_schedule_skips_and_counts_missed_slots() -> None:
     assert slots[:2] == [0.0, 1.0]
     assert [round(s) for s in slots[2:]] == [5, 6, 7, 8]
     assert all(abs(s - round(s)) < 0.3 for s in slots)
+
+
+async def test_poll_stats_tell_how_late_each_poll_started_against_its_slot() -> None:
+    prof = replace(charger_profile(), heartbeat=None)
+    async with charger_server([1]) as (srv, _):
+        bus = TcpBus("127.0.0.1", srv.port)
+        driver = DeviceDriver(device("cp1", 1, srv.port, poll_interval_s=0.1), prof, bus)
+        lateness: list[float] = []
+        poller = DevicePoller([driver], lambda s: lateness.append(stats.last_lateness_s))
+        stats = poller.stats["cp1"]
+
+        async def block_the_loop() -> None:
+            await asyncio.sleep(0.15)
+            time.sleep(0.08)  # the slot at +0.2 s comes while the loop is stuck: ~30 ms late
+
+        blocker = asyncio.create_task(block_the_loop())
+        await run_for(poller, 0.45)
+        await blocker
+        await bus.close()
+    assert len(lateness) >= 4
+    assert max(lateness[:2]) < 0.02
+    assert 0.02 < lateness[2] < 0.08
+    assert all(x >= 0 for x in lateness)
 
 
 async def test_devices_start_spread_over_their_interval_and_keep_their_phase() -> None:
