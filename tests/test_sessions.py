@@ -30,6 +30,7 @@ from gateway.model import (
     TokenType,
     from_rfc3339,
 )
+from gateway.records import SessionRecord, UnsealedRecord
 from gateway.sessions import (
     AddPoint,
     ChargerSpec,
@@ -733,11 +734,11 @@ class MemorySessionStore:
         self.open[session_id] = dict(state)
         self.log.append(("save", session_id))
 
-    async def finish_session(self, record: dict[str, Any]) -> dict[str, Any]:
-        sealed = dict(record, seq=len(self.finished) + 1, prev_hash="0" * 64, hash="f" * 64)
-        self.finished.append(sealed)
-        self.open.pop(record["session_id"], None)
-        self.log.append(("finish", record["session_id"]))
+    async def finish_session(self, record: UnsealedRecord) -> SessionRecord:
+        sealed = record.sealed(len(self.finished) + 1, "0" * 64)
+        self.finished.append(sealed.to_dict())
+        self.open.pop(record.session_id, None)
+        self.log.append(("finish", record.session_id))
         return sealed
 
     async def enqueue(

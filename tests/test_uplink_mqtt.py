@@ -23,7 +23,7 @@ from tests.support.uplink import (
     Target,
     check_delivery,
     running,
-    session_record,
+    unsealed_session,
     wait_until,
 )
 
@@ -66,8 +66,8 @@ async def backlog_empty(store: Store) -> bool:
 
 async def produce(store: Store, uplink: MqttUplink, n: int, every_s: float, ids: list[str]) -> None:
     for i in range(n):
-        record = await store.finish_session(session_record(i))
-        ids.append(record["session_id"])
+        record = await store.finish_session(unsealed_session(i))
+        ids.append(record.session_id)
         await store.add_readings([("m1", time.time(), {"power_w": float(i), "energy_wh": i})] * 3)
         uplink.publish_status(
             "cp1",
@@ -98,7 +98,7 @@ def final_status_ok(rec: Recorder, payload_power: float) -> None:
 async def test_long_backlog_drained_after_outage(mosquitto: MosquittoBroker, store: Store) -> None:
     """Broker down while 2000 sessions and 20000 readings pile up; then it comes back."""
     await mosquitto.stop()
-    ids = [(await store.finish_session(session_record(i)))["session_id"] for i in range(2000)]
+    ids = [(await store.finish_session(unsealed_session(i))).session_id for i in range(2000)]
     now = time.time()
     await store.add_readings(
         [(f"m{i % 4}", now + i, {"power_w": i * 1.5, "energy_wh": i}) for i in range(20000)]
@@ -282,11 +282,11 @@ async def test_v5_refused_falls_back_to_v311(
     fault_proxy.v311_only = True
     rec = Recorder(mosquitto.port)
     uplink = make_uplink(uplink_config(fault_proxy.url), store)
-    record = await store.finish_session(session_record(1))
+    record = await store.finish_session(unsealed_session(1))
     async with running(rec.run()), running(uplink.run()):
         await wait_until(lambda: rec.sessions(), 5, "session")
     assert uplink.stats.protocol == "3.1.1"
-    assert rec.sessions()[0]["session_id"] == record["session_id"]
+    assert rec.sessions()[0]["session_id"] == record.session_id
 
 
 async def _tls_case(
@@ -297,7 +297,7 @@ async def _tls_case(
     try:
         rec = Recorder(broker.port)
         uplink = make_uplink(uplink_config(broker.tls_url, tls=tls), store)
-        await store.finish_session(session_record(1))
+        await store.finish_session(unsealed_session(1))
         with capture_logs() as logs:
             async with running(rec.run()), running(uplink.run()):
                 try:

@@ -190,7 +190,7 @@ async def test_verify_gateway_buffer_with_its_own_key(
     from gateway.billing.verify import run_verify
     from gateway.config import load_config
     from gateway.store import Store
-    from tests.support.consumer import record_body
+    from tests.support.consumer import unsealed_body
 
     cfg_path = tmp_path / "site.yaml"
     buffer = tmp_path / "buffer.db"
@@ -200,13 +200,13 @@ async def test_verify_gateway_buffer_with_its_own_key(
     config = load_config(cfg_path)
     signer = Signer.load_or_create(buffer.with_name("evgw-signing.key"))
     async with Store.open(
-        buffer, site_id="depot-7", reserve_bytes=0, sealer=lambda r: seal(r, signer.sign)
+        buffer,
+        site_id="depot-7",
+        reserve_bytes=0,
+        sealer=lambda r, seq, prev: r.sealed(seq, prev, signer.sign),
     ) as store:
         for i in range(1, 5):
-            body = record_body(i)
-            for key in ("seq", "prev_hash"):
-                body.pop(key, None)
-            await store.finish_session(body)
+            await store.finish_session(unsealed_body(i))
     assert await run_verify(config=config) == 0
     assert capsys.readouterr().out == "4 records OK, chain intact, signatures valid\n"
 

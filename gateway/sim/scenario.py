@@ -164,10 +164,6 @@ class Scenario:
     traffic: bool = False  # also run random EV traffic
     source: str = ""
 
-    @property
-    def end_s(self) -> float:
-        return max((s.at_s for s in self.steps), default=0.0)
-
 
 def load_scenario(
     path: str | Path,

@@ -29,7 +29,7 @@ from gateway.closing import AsyncClosing
 from gateway.errors import StoreError
 from gateway.model import Clock, SystemClock
 from gateway.ports import Sealer
-from gateway.records import seal
+from gateway.records import UnsealedRecord
 from gateway.store.salvage import is_sqlite_file, move_aside, quick_check, salvage, secure_file
 from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -160,7 +160,7 @@ class StoreCore(AsyncClosing):
                 site_id,
                 max_size_mb,
                 readings_retention_days,
-                sealer or seal,
+                sealer or UnsealedRecord.sealed,
                 clock or SystemClock(),
                 reserve,
             )

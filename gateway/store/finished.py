@@ -1,15 +1,12 @@
 """The ``finished_sessions`` row of a sealed record: written when a session is finished and
 again when a salvage rebuilds a lost row from the record's outbox message. The indexed columns
-(charger, user, start and end, energy) are read from the record leniently, as a damaged or older
-record may lack them."""
+(charger, user, start and end, energy) are read from the typed record; a salvaged message that is
+no record (damaged, or from an unknown writer) keeps its row with those columns NULL."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Mapping
-from typing import Any
-
 from gateway.model import from_rfc3339
+from gateway.records import SessionRecord
 
 __all__ = ["INSERT_FINISHED", "finished_row"]
 
@@ -19,41 +16,45 @@ INSERT_FINISHED = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
+_Columns = tuple[str | None, str | None, float | None, float | None, int | None]
 
-def _ts(value: object) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return from_rfc3339(value)
-    return None
+
+def _ts(text: str) -> float | None:
+    """Unix seconds of an RFC 3339 time (None for a time no calendar has)."""
+    try:
+        return from_rfc3339(text)
+    except ValueError:
+        return None
+
+
+def _columns(record: SessionRecord | None) -> _Columns:
+    if record is None:
+        return (None, None, None, None, None)
+    return (
+        record.charger_id,
+        record.user.id,
+        _ts(record.started_at),
+        _ts(record.ended_at),
+        record.energy_wh,
+    )
 
 
 def finished_row(
     site_id: str,
     seq: int,
     session_id: str,
-    record: Mapping[str, Any],
+    record: SessionRecord | None,
     payload: str,
     hash_: str,
     outbox_id: int | None,
     finished_ts: float,
-) -> tuple[Any, ...]:
+) -> tuple[str | int | float | None, ...]:
     """The values for ``INSERT_FINISHED``; ``payload`` is the record's canonical JSON."""
-    user = record.get("user")
-    user_id = user.get("id") if isinstance(user, dict) else user
-    energy = record.get("energy_wh")
-    if not isinstance(energy, int | float) or isinstance(energy, bool):
-        energy = None
     return (
         site_id,
         seq,
         session_id,
-        record.get("charger_id"),
-        user_id if isinstance(user_id, str) else None,
-        _ts(record.get("started_at")),
-        _ts(record.get("ended_at")),
-        None if energy is None else int(energy),
+        *_columns(record),
         payload,
         hash_,
         outbox_id,

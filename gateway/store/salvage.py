@@ -21,7 +21,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from gateway.outgoing import SESSION_STREAM, SESSION_TOPIC
+from gateway.records import SessionRecord
 from gateway.store.failures import is_damage
 from gateway.store.finished import INSERT_FINISHED, finished_row
 
@@ -149,11 +152,16 @@ def _rebuild_finished(dst: sqlite3.Connection) -> int:
             continue
         if seq in have:
             continue
+        typed: SessionRecord | None
+        try:
+            typed = SessionRecord.from_dict(rec)
+        except ValidationError:  # kept and still sent, but no query finds it by its columns
+            typed = None
         text = payload.decode() if isinstance(payload, bytes) else str(payload)
         dst.execute(
             "INSERT OR IGNORE " + INSERT_FINISHED,
             finished_row(
-                site_id, seq, session_id, rec, text, str(hash_), outbox_id, float(created_ts)
+                site_id, seq, session_id, typed, text, str(hash_), outbox_id, float(created_ts)
             ),
         )
         have.add(seq)
