@@ -20,6 +20,7 @@ from bench.ingest import sample_values
 from gateway.config import UplinkConfig, UplinkReadingsConfig
 from gateway.errors import CommandError
 from gateway.model import Token, new_session_id, rfc3339
+from gateway.records import UnsealedRecord
 from gateway.store import Store
 from gateway.uplink.drain import reading_batches
 from gateway.uplink.mqtt import MqttUplink
@@ -56,28 +57,43 @@ class _NoCommands:
         return None
 
 
-def session(i: int) -> dict[str, Any]:
+def session(i: int) -> UnsealedRecord:
     start = 1_790_000_000.0 + i * 60
-    return {
-        "schema": "evgw.session/1",
-        "session_id": new_session_id(start),
-        "charger_id": f"cp{i % DEVICES}",
-        "connector": 1,
-        "user": {"id": f"user{i % 7}", "token": "TAG0001", "token_type": "rfid", "auth": "local"},
-        "started_at": rfc3339(start),
-        "ended_at": rfc3339(start + 50),
-        "charging_s": 40,
-        "idle_s": 10,
-        "meter_start_wh": 1000 * i,
-        "meter_stop_wh": 1000 * i + 500,
-        "energy_wh": 500,
-        "max_power_w": 11000.0,
-        "stop_reason": "ev_disconnected",
-        "tariff_id": "standard",
-        "tariff_version": "abc",
-        "charging_periods": [],
-        "cost": {"currency": "EUR", "excl_vat": "0.20", "vat": "0.04", "incl_vat": "0.24"},
-    }
+    return UnsealedRecord.from_dict(
+        {
+            "schema": "evgw.session/1",
+            "session_id": new_session_id(start),
+            "site_id": SITE,
+            "charger_id": f"cp{i % DEVICES}",
+            "connector": 1,
+            "user": {
+                "id": f"user{i % 7}",
+                "token": "TAG0001",
+                "token_type": "rfid",
+                "auth": "local",
+            },
+            "started_at": rfc3339(start),
+            "ended_at": rfc3339(start + 50),
+            "charging_s": 40,
+            "idle_s": 10,
+            "meter_start_wh": 1000 * i,
+            "meter_stop_wh": 1000 * i + 500,
+            "energy_wh": 500,
+            "max_power_w": 11000.0,
+            "stop_reason": "ev_disconnected",
+            "tariff_id": "standard",
+            "tariff_version": "abc",
+            "charging_periods": [],
+            "cost": {
+                "currency": "EUR",
+                "excl_vat": "0.20",
+                "vat": "0.04",
+                "incl_vat": "0.24",
+                "lines": [],
+            },
+            "flags": [],
+        }
+    )
 
 
 async def fill(store: Store, sessions: int, readings: int) -> None:

@@ -191,7 +191,6 @@ class Gateway:
         from gateway.modbus.bus import BusPool
         from gateway.modbus.driver import Chargers, DeviceDriver
         from gateway.modbus.poller import DevicePoller
-        from gateway.records import seal
         from gateway.sessions import SessionManager
         from gateway.store import Store
 
@@ -199,7 +198,12 @@ class Gateway:
         Path(cfg.storage.path).parent.mkdir(parents=True, exist_ok=True)
         self.signer = Signer.load_or_create(Path(cfg.storage.path).with_name("evgw-signing.key"))
         self.store = await self._stack.enter_async_context(
-            Store.for_site(cfg, sealer=lambda record: seal(record, self.signer.sign))
+            Store.for_site(
+                cfg,
+                sealer=lambda record, seq, prev_hash: record.sealed(
+                    seq, prev_hash, self.signer.sign
+                ),
+            )
         )
         self.tariffs = TariffBook(
             cfg.tariffs,

@@ -18,13 +18,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from gateway import __version__
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, GatewayError, UsageError
 
 __all__ = ["main"]
-
-
-class UsageError(GatewayError):
-    exit_code = 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -175,20 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--json", action="store_true")
 
+    def period(sp: argparse.ArgumentParser, formats: list[str], default: str) -> None:
+        """A report over the local buffer: which days, in which format, to where."""
+        sp.add_argument("--from", dest="start", type=_date, required=True, metavar="DATE")
+        sp.add_argument("--to", dest="end", type=_date, required=True, metavar="DATE")
+        sp.add_argument("--format", choices=formats, default=default)
+        sp.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+
     sp = sub.add_parser("report", help="billing report from the local buffer")
     cfg(sp)
     sp.add_argument("--by", choices=["user", "charger"], required=True)
-    sp.add_argument("--from", dest="start", type=_date, required=True, metavar="DATE")
-    sp.add_argument("--to", dest="end", type=_date, required=True, metavar="DATE")
-    sp.add_argument("--format", choices=["csv", "json", "html"], default="csv")
-    sp.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+    period(sp, ["csv", "json", "html"], "csv")
 
     sp = sub.add_parser("stats", help="utilisation, peak hours and charts from the local buffer")
     cfg(sp)
-    sp.add_argument("--from", dest="start", type=_date, required=True, metavar="DATE")
-    sp.add_argument("--to", dest="end", type=_date, required=True, metavar="DATE")
-    sp.add_argument("--format", choices=["csv", "json", "html", "svg"], default="html")
-    sp.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+    period(sp, ["csv", "json", "html", "svg"], "html")
 
     sp = sub.add_parser(
         "consume", help="reference cloud consumer: store finished sessions idempotently"
@@ -427,12 +424,16 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     )
 
 
+def _load_for_period(args: argparse.Namespace) -> Any:
+    if args.end < args.start:
+        raise UsageError("--to is before --from")
+    return _load(args)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from gateway.billing.report import run_report
 
-    config = _load(args)
-    if args.end < args.start:
-        raise UsageError("--to is before --from")
+    config = _load_for_period(args)
     return _run_async(
         lambda: run_report(
             config, by=args.by, start=args.start, end=args.end, fmt=args.format, output=args.output
@@ -443,9 +444,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     from gateway.stats import run_stats
 
-    config = _load(args)
-    if args.end < args.start:
-        raise UsageError("--to is before --from")
+    config = _load_for_period(args)
     return _run_async(
         lambda: run_stats(
             config, start=args.start, end=args.end, fmt=args.format, output=args.output
@@ -454,6 +453,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 BROKER_PASSWORD_ENV = "EVGW_BROKER_PASSWORD"
+_PG_PASSWORD = "set PGPASSWORD or use ~/.pgpass (both read by libpq)"
 
 
 def _no_password_in(url: str | None, flag: str, where: str) -> None:
@@ -502,7 +502,7 @@ def _cmd_consume(args: argparse.Namespace) -> int:
     _no_password_in(
         args.broker, "--broker", f"use --password-file FILE or the {BROKER_PASSWORD_ENV} variable"
     )
-    _no_password_in(args.db, "--db", "set PGPASSWORD or use ~/.pgpass (both read by libpq)")
+    _no_password_in(args.db, "--db", _PG_PASSWORD)
     password = _broker_password(args)
     return _run_async(
         lambda: run_consumer(
@@ -524,9 +524,7 @@ def _cmd_consume(args: argparse.Namespace) -> int:
 def _cmd_trust(args: argparse.Namespace) -> int:
     from gateway.cloud.trustadmin import run_trust
 
-    _no_password_in(
-        getattr(args, "db", None), "--db", "set PGPASSWORD or use ~/.pgpass (both read by libpq)"
-    )
+    _no_password_in(getattr(args, "db", None), "--db", _PG_PASSWORD)
     return _run_async(
         lambda: run_trust(
             args.action,
@@ -560,7 +558,7 @@ def _cmd_rotate_key(args: argparse.Namespace) -> int:
 def _cmd_statement(args: argparse.Namespace) -> int:
     from gateway.cloud.statement import run_statement
 
-    _no_password_in(args.db, "--db", "set PGPASSWORD or use ~/.pgpass (both read by libpq)")
+    _no_password_in(args.db, "--db", _PG_PASSWORD)
     return _run_async(
         lambda: run_statement(
             db_url=args.db,
@@ -616,7 +614,7 @@ def _cmd_sign_command(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from gateway.billing.verify import run_verify
 
-    _no_password_in(args.db, "--db", "set PGPASSWORD or use ~/.pgpass (both read by libpq)")
+    _no_password_in(args.db, "--db", _PG_PASSWORD)
     config = _load(args) if args.config else None
     return _run_async(
         lambda: run_verify(

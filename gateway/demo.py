@@ -206,9 +206,7 @@ async def run_demo(
             assert config.uplink is not None
             profiles = load_profiles(config.drivers_path)
             charger_ids = [
-                d.id
-                for d in config.modbus_devices
-                if profiles[d.driver].kind.value == "charger"
+                d.id for d in config.modbus_devices if profiles[d.driver].kind.value == "charger"
             ]
             scenario = parse_scenario(
                 DEMO_SCENARIO,
@@ -217,7 +215,7 @@ async def run_demo(
                 charger_ids=charger_ids,
             )
             site = await stack.enter_async_context(
-                SimSite.from_config(
+                SimSite(
                     config,
                     profiles,
                     speed=speed,
@@ -235,6 +233,7 @@ async def run_demo(
             print(f"watch the topics:  {watch}", file=out)
             print(f"buffer database:   {config.storage.path}", file=out)
             out.flush()
+
             def announce(gw: Any) -> None:
                 if gw.web is not None:
                     print(f"status page:       {gw.web.url}", file=out)

@@ -18,6 +18,7 @@ __all__ = [
     "StoreError",
     "TariffError",
     "UplinkError",
+    "UsageError",
 ]
 
 
@@ -25,6 +26,12 @@ class GatewayError(Exception):
     """Base of every error the gateway raises on purpose."""
 
     exit_code = 1
+
+
+class UsageError(GatewayError):
+    """A command was called in a way that cannot work (a bad argument, a missing file): exit 2."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True, slots=True)

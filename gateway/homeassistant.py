@@ -20,19 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.live import LiveState
+from gateway.model import ChargerStatus
 
 __all__ = ["ChargerInfo", "HomeAssistant"]
 
-STATUSES = (
-    "available",
-    "preparing",
-    "charging",
-    "suspended_ev",
-    "suspended_evse",
-    "finishing",
-    "faulted",
-    "unavailable",
-)
+STATUSES = tuple(s.value for s in ChargerStatus)  # the sensor's options, in order
 
 
 @dataclass(frozen=True, slots=True)

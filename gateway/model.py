@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "MAX_VERSION",
@@ -167,6 +167,28 @@ class Token:
         ):
             return AuthStatus.EXPIRED
         return self.status
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored form (the buffer's cloud list, the parts of a list being assembled)."""
+        return {
+            "id": self.id,
+            "type": self.type.value,
+            "user": self.user,
+            "status": self.status.value,
+            "expires_at": self.expires_at,
+            "group": self.group,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Token:
+        return cls(
+            id=data["id"],
+            type=TokenType(data["type"]),
+            user=data["user"],
+            status=AuthStatus(data.get("status", "accepted")),
+            expires_at=data.get("expires_at"),
+            group=data.get("group"),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias
+from typing import Protocol, TypeAlias
 
 from gateway.model import AuthSource, AuthStatus, MeterPoint, Token
-from gateway.records import SessionRecord
+from gateway.records import SessionRecord, UnsealedRecord
 
 __all__ = [
     "AuthAnswer",
@@ -36,9 +36,10 @@ JsonValue: TypeAlias = "bool | int | float | str | list[JsonValue] | dict[str, J
 JsonObject: TypeAlias = "dict[str, JsonValue]"
 """A JSON document as Python values: a session's persisted state, a record, a payload."""
 
-Sealer = Callable[[dict[str, Any]], dict[str, Any]]
-"""Completes a finished record whose ``seq`` and ``prev_hash`` are set: adds ``hash`` (and a
-signature where a key is configured). See gateway/records.py."""
+Sealer: TypeAlias = Callable[[UnsealedRecord, int, str], SessionRecord]
+"""Seals a finished record as the site's record number ``seq`` after the one whose hash is
+``prev_hash``: adds ``hash`` (and a signature where a key is configured). The default is
+``UnsealedRecord.sealed``; see gateway/records.py."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +63,7 @@ class SessionStore(Protocol):
         self, session_id: str, charger_id: str, state: JsonObject
     ) -> None: ...
 
-    async def finish_session(self, record: JsonObject) -> JsonObject:
+    async def finish_session(self, record: UnsealedRecord) -> SessionRecord:
         """In one transaction: give the record the next ``seq`` of the site and the previous
         record's hash as ``prev_hash``, seal it, store it, drop the open session row, and queue it
         on the outbox (topic ``sessions/finished``). Returns the sealed record. Idempotent on
@@ -153,7 +154,7 @@ class SessionAuthorizer(Protocol):
 class RequestLog(Protocol):
     """Durable memory of cloud command request ids and the replies sent for them."""
 
-    async def request_reply(self, request_id: str) -> tuple[bool, dict[str, Any] | None]:
+    async def request_reply(self, request_id: str) -> tuple[bool, JsonObject | None]:
         """(seen, reply stored for it or None)."""
         ...
 
@@ -161,7 +162,7 @@ class RequestLog(Protocol):
         """Spend a request id (no reply yet); False when it was seen before."""
         ...
 
-    async def save_request_reply(self, request_id: str, reply: dict[str, Any]) -> None: ...
+    async def save_request_reply(self, request_id: str, reply: JsonObject) -> None: ...
 
 
 class UplinkStore(RequestLog, Protocol):
@@ -220,17 +221,13 @@ class CommandTarget(Protocol):
     """What cloud commands reach. Each raises gateway.errors.CommandError to refuse; a refused
     command changes nothing."""
 
-    async def remote_start(
-        self, charger_id: str, user: str, token: str | None
-    ) -> dict[str, Any]: ...
+    async def remote_start(self, charger_id: str, user: str, token: str | None) -> JsonObject: ...
 
-    async def remote_stop(
-        self, charger_id: str | None, session_id: str | None
-    ) -> dict[str, Any]: ...
+    async def remote_stop(self, charger_id: str | None, session_id: str | None) -> JsonObject: ...
 
     async def update_tokens(
         self, version: int, mode: str, tokens: Sequence[Token], remove: Sequence[str]
-    ) -> dict[str, Any]: ...
+    ) -> JsonObject: ...
 
     async def update_token_part(
         self,
@@ -240,17 +237,19 @@ class CommandTarget(Protocol):
         count: int,
         tokens: Sequence[Token],
         remove: Sequence[str],
-    ) -> dict[str, Any]:
+    ) -> JsonObject:
         """One part of a token list pushed in parts (gateway.tokenparts)."""
         ...
 
-    async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]: ...
+    async def update_tariffs(
+        self, version: int, tariffs: Mapping[str, JsonValue]
+    ) -> JsonObject: ...
 
-    async def change_availability(self, charger_id: str, available: bool) -> dict[str, Any]:
+    async def change_availability(self, charger_id: str, available: bool) -> JsonObject:
         """Take a charger out of service (False) or back (OCPP ChangeAvailability)."""
         ...
 
-    async def reset(self, charger_id: str, hard: bool) -> dict[str, Any]:
+    async def reset(self, charger_id: str, hard: bool) -> JsonObject:
         """Restart a charger (OCPP Reset)."""
         ...
 
@@ -266,6 +265,6 @@ class CommandTarget(Protocol):
         max_power_w: float | None,
         expires_at: float | None,
         reason: str | None,
-    ) -> dict[str, Any]:
+    ) -> JsonObject:
         """A ``limit`` command; both values None lifts the scope's limit."""
         ...

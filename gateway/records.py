@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal, Self
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal, Self, TypeAlias
 
 from pydantic import ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
@@ -40,6 +40,7 @@ __all__ = [
     "SessionPeriod",
     "SessionRecord",
     "SessionUser",
+    "Signer",
     "UnsealedRecord",
     "canonical_json",
     "record_hash",
@@ -48,6 +49,10 @@ __all__ = [
 
 GENESIS = "0" * 64
 UNHASHED_FIELDS = frozenset({"hash", "signature"})
+_CHAIN_FIELDS = frozenset({"seq", "prev_hash"}) | UNHASHED_FIELDS
+
+Signer: TypeAlias = Callable[[bytes], Mapping[str, Any]]
+"""Signs the ASCII hex of a hash: the ``signature`` object (gateway.keys.Signer.sign)."""
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -62,13 +67,13 @@ def record_hash(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
-def seal(record: Mapping[str, Any], sign: Any = None) -> dict[str, Any]:
+def seal(record: Mapping[str, Any], sign: Signer | None = None) -> dict[str, Any]:
     """Add ``hash`` (and ``signature`` when ``sign`` is given: a callable bytes -> dict)."""
     out = dict(record)
     out.pop("signature", None)
     out["hash"] = record_hash(out)
     if sign is not None:
-        out["signature"] = sign(out["hash"].encode("ascii"))
+        out["signature"] = dict(sign(out["hash"].encode("ascii")))
     return out
 
 
@@ -204,6 +209,12 @@ class UnsealedRecord(SessionFacts):
 
     charging_periods: list[SessionPeriod]
     cost: Cost | None
+
+    def sealed(self, seq: int, prev_hash: str, sign: Signer | None = None) -> SessionRecord:
+        """The site's ``seq``-th record, chained to ``prev_hash``, hashed (and signed with
+        ``sign``). The hash covers the very JSON object the record dumps (``to_dict``)."""
+        body = {k: v for k, v in self.to_dict().items() if k not in _CHAIN_FIELDS}
+        return SessionRecord.from_dict(seal({**body, "seq": seq, "prev_hash": prev_hash}, sign))
 
 
 class SessionRecord(UnsealedRecord):

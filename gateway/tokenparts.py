@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from gateway.errors import CommandError
-from gateway.model import AuthStatus, Token, TokenType
+from gateway.model import Token
 
 __all__ = ["MAX_PARTS", "KeyValueStore", "TokenParts"]
 
@@ -32,28 +32,6 @@ class KeyValueStore(Protocol):
 
 
 Apply = Callable[[int, str, Sequence[Token], Sequence[str]], Awaitable[dict[str, Any]]]
-
-
-def _to_json(t: Token) -> dict[str, Any]:
-    return {
-        "id": t.id,
-        "type": t.type.value,
-        "user": t.user,
-        "status": t.status.value,
-        "expires_at": t.expires_at,
-        "group": t.group,
-    }
-
-
-def _from_json(d: dict[str, Any]) -> Token:
-    return Token(
-        d["id"],
-        TokenType(d["type"]),
-        d["user"],
-        AuthStatus(d["status"]),
-        d["expires_at"],
-        d["group"],
-    )
 
 
 class TokenParts:
@@ -100,7 +78,7 @@ class TokenParts:
             )
         await self._store.kv_put(
             f"{_PART}{index}",
-            {"version": version, "tokens": [_to_json(t) for t in tokens], "remove": list(remove)},
+            {"version": version, "tokens": [t.to_json() for t in tokens], "remove": list(remove)},
         )
         received = sorted(set(pending["received"]) | {index})
         pending["received"] = received
@@ -120,7 +98,7 @@ class TokenParts:
                 pending["received"] = [j for j in pending["received"] if j != i]
                 await self._store.kv_put(_PENDING, pending)
                 raise CommandError("invalid", f"part {i} of version {version} is missing")
-            tokens.extend(_from_json(d) for d in part["tokens"])
+            tokens.extend(Token.from_json(d) for d in part["tokens"])
             remove.extend(part["remove"])
         result = await self._apply(version, pending["mode"], tokens, remove)
         await self._store.kv_put(_PENDING, None)

@@ -1,7 +1,9 @@
 """Fixtures shared by every test file.
 
-The broker fixtures start a real mosquitto per test on a free port (see tests/mqtt_broker.py);
-the profiles are the shipped ones, loaded once.
+The broker fixtures start a real mosquitto per test on a free port (tests/support/mqtt_broker.py);
+the profiles are the shipped ones, loaded once. tests/support/tiers.py sorts the tests into
+tiers: a test using a broker fixture is ``e2e``; a test that is not ``e2e`` cannot start a
+process.
 """
 
 from __future__ import annotations
@@ -11,12 +13,11 @@ from collections.abc import Iterator
 
 import pytest
 import structlog
-from mqtt_broker import fault_proxy, mosquitto, test_pki
 
 from gateway.logs import configure_logging
 from gateway.profiles import Profile, load_profiles
 
-__all__ = ["fault_proxy", "mosquitto", "shipped_profiles", "test_pki"]
+pytest_plugins = ["pytester", "tests.support.mqtt_broker", "tests.support.tiers"]
 
 
 @pytest.fixture(scope="session")

@@ -14,12 +14,12 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from mqtt_broker import MOSQUITTO, MosquittoBroker
 from test_uplink_mqtt import uplink_config
-from test_uplink_support import Target, running, wait_until
 
 from gateway.config import Secret
 from gateway.store import Store
+from tests.support.mqtt_broker import MOSQUITTO, MosquittoBroker
+from tests.support.uplink import Target, running, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 ACL = REPO / "config" / "mosquitto" / "evgw.acl"
@@ -120,6 +120,7 @@ class Client:
         return [p for t, p in self.received if t == topic]
 
 
+@pytest.mark.e2e
 async def test_site_accounts_cannot_command_the_cloud_account_can(
     acl_broker: MosquittoBroker, tmp_path: Path
 ) -> None:
@@ -189,6 +190,7 @@ async def test_site_accounts_cannot_command_the_cloud_account_can(
     assert [c.error for c in (cloud, billing, site_b, stolen_a)] == [None] * 4
 
 
+@pytest.mark.e2e
 async def test_a_site_publishes_its_grid_limit_and_home_assistant_topics_only(
     acl_broker: MosquittoBroker,
 ) -> None:
@@ -225,6 +227,7 @@ async def test_a_site_publishes_its_grid_limit_and_home_assistant_topics_only(
     assert [t for t, _ in operator.received] == ["evgw/site-a/grid/limit"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("account", ["billing", "cloud", "homeassistant"])
 async def test_service_accounts_cannot_publish_as_a_site_named_after_them(
     acl_broker: MosquittoBroker, account: str

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from bench import ingest, rtu
 from bench.__main__ import markdown, table
 from bench.common import Result, Size, median_result
 
 
+@pytest.mark.e2e  # the report asks `mosquitto -h` for its version
 async def test_ingest_and_rtu_figures_and_report(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(ingest, "rows", lambda n, devices=50, _rows=ingest.rows: _rows(2_000))
     result = median_result([await ingest.run(Size(quick=True, repeats=1)) for _ in range(2)])

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from gateway.billing.report import build_report, usage_stats
-from gateway.records import GENESIS, SessionRecord, seal
+from gateway.records import GENESIS, SessionRecord, UnsealedRecord, seal
 
 TZ = "Europe/Berlin"
 MAY = (date(2026, 5, 1), date(2026, 5, 31))
@@ -294,7 +294,6 @@ async def test_run_report_reads_the_real_buffer(tmp_path: Any) -> None:
     from gateway.billing.report import run_report
     from gateway.config import DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
     from gateway.model import MeterPoint, from_rfc3339
-    from gateway.records import seal
     from gateway.store import Store
 
     db = tmp_path / "buffer.db"
@@ -304,7 +303,7 @@ async def test_run_report_reads_the_real_buffer(tmp_path: Any) -> None:
         "vat_percent": 19,
         "elements": [{"components": [{"type": "energy", "price": "0.39"}]}],
     }
-    async with Store.open(db, site_id="depot-7", sealer=seal) as store:
+    async with Store.open(db, site_id="depot-7") as store:
         for rec in (r.to_dict() for r in SESSIONS):
             if rec["cost"] is None:
                 continue
@@ -312,18 +311,20 @@ async def test_run_report_reads_the_real_buffer(tmp_path: Any) -> None:
             points = [MeterPoint(ended, rec["energy_wh"], True)]
             periods, cost = pricer(tariff, points, started, ended)
             await store.finish_session(
-                {
-                    **rec,
-                    "site_id": "depot-7",
-                    "connector": 1,
-                    "meter_start_wh": 1_000_000,
-                    "meter_stop_wh": 1_000_000 + rec["energy_wh"],
-                    "max_power_w": 11000,
-                    "stop_reason": "ev_disconnected",
-                    "tariff_version": "0123456789abcdef",
-                    "charging_periods": periods,
-                    "cost": cost,
-                }
+                UnsealedRecord.from_dict(
+                    {
+                        **{k: v for k, v in rec.items() if k not in ("seq", "prev_hash", "hash")},
+                        "site_id": "depot-7",
+                        "connector": 1,
+                        "meter_start_wh": 1_000_000,
+                        "meter_stop_wh": 1_000_000 + rec["energy_wh"],
+                        "max_power_w": 11000,
+                        "stop_reason": "ev_disconnected",
+                        "tariff_version": "0123456789abcdef",
+                        "charging_periods": periods,
+                        "cost": cost,
+                    }
+                )
             )
     config = GatewayConfig(
         site=SiteConfig(id="depot-7", timezone=TZ),
@@ -357,13 +358,12 @@ async def test_run_report_leaves_out_records_that_fail_their_checks(
     gateway) is not billed; the report says how many it left out."""
     import sqlite3
 
-    from test_consumer_support import record_body
-
     from gateway.billing.report import run_report
     from gateway.billing.signing import Signer
     from gateway.config import load_config
     from gateway.records import seal
     from gateway.store import Store
+    from tests.support.consumer import unsealed_body
 
     buffer = tmp_path / "buffer.db"
     cfg = tmp_path / "site.yaml"
@@ -371,12 +371,13 @@ async def test_run_report_leaves_out_records_that_fail_their_checks(
     signer = Signer.load_or_create(buffer.with_name("evgw-signing.key"))
     stranger = Signer.load_or_create(tmp_path / "stranger.key")
     async with Store.open(
-        buffer, site_id="depot-7", reserve_bytes=0, sealer=lambda r: seal(r, signer.sign)
+        buffer,
+        site_id="depot-7",
+        reserve_bytes=0,
+        sealer=lambda r, seq, prev: r.sealed(seq, prev, signer.sign),
     ) as store:
         for i in range(1, 4):
-            body = record_body(i, start=1_790_000_000 + i * 7200)
-            body.pop("seq")
-            await store.finish_session(body)
+            await store.finish_session(unsealed_body(i, start=1_790_000_000 + i * 7200))
     with sqlite3.connect(buffer) as db:
         (text,) = db.execute("SELECT record FROM finished_sessions WHERE seq = 2").fetchone()
         rec = json.loads(text)

@@ -15,10 +15,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from mqtt_broker import MosquittoBroker
 from structlog.testing import capture_logs
 from test_uplink_mqtt import make_uplink, uplink_config
-from test_uplink_support import ROOT, SITE, Recorder, Target, running, wait_until
 
 from gateway.auth import Authorizer
 from gateway.config import AuthConfig
@@ -26,6 +24,8 @@ from gateway.model import AuthStatus, SystemClock
 from gateway.store import Store
 from gateway.uplink.envelope import sign_message
 from gateway.uplink.mqtt import MqttUplink
+from tests.support.mqtt_broker import MosquittoBroker
+from tests.support.uplink import ROOT, SITE, Recorder, Target, running, wait_until
 
 MAX_AGE_S = 60.0
 
@@ -351,7 +351,7 @@ async def test_replay_refused_after_the_gateway_process_is_killed_and_restarted(
     import subprocess
     import sys
 
-    from mqtt_broker import free_port
+    from tests.support.mqtt_broker import free_port
 
     write_public(cloud_key, tmp_path / "cloud.pub.pem")
     (tmp_path / "site.yaml").write_text(

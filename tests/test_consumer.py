@@ -13,9 +13,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from mqtt_broker import FaultProxy, MosquittoBroker, fault_proxy, mosquitto  # noqa: F401
 from structlog.testing import capture_logs
-from test_consumer_support import make_chain, make_signer, tampered
 
 from gateway.billing.verify import run_verify
 from gateway.cloud.cloudstore import CloudStore, CloudStoreError, open_cloud_store
@@ -27,6 +25,8 @@ from gateway.cloud.subscriber import (
     subscriptions,
 )
 from gateway.records import seal
+from tests.support.consumer import make_chain, make_signer, tampered
+from tests.support.mqtt_broker import FaultProxy, MosquittoBroker
 
 SITE = "depot-7"
 PG_BASE = "postgresql://{user}@127.0.0.1:5432/test"
@@ -100,7 +100,7 @@ async def _consumer(broker_url: str, db_url: str, **kw: Any) -> AsyncIterator[as
 
 
 async def test_consumer_end_to_end(
-    mosquitto: MosquittoBroker,  # noqa: F811
+    mosquitto: MosquittoBroker,
     db_url: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -259,8 +259,8 @@ async def test_chain_break_and_seq_reuse_are_problems(tmp_path: Path) -> None:
 
 
 async def test_v311_fallback_and_shared_group(
-    mosquitto: MosquittoBroker,  # noqa: F811
-    fault_proxy: FaultProxy,  # noqa: F811
+    mosquitto: MosquittoBroker,
+    fault_proxy: FaultProxy,
     tmp_path: Path,
 ) -> None:
     fault_proxy.v311_only = True

@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_broker import MosquittoBroker, mosquitto  # noqa: F401
 from test_consumer import _consumer, _publish, _session_msg, _until, db_url  # noqa: F401
-from test_consumer_support import make_chain, make_signer, record_body
 
 from gateway.billing.signing import Signer, check_rotation, raw_hex, sign_rotation
 from gateway.cli import main
@@ -26,6 +24,8 @@ from gateway.cloud.consumer import SessionConsumer
 from gateway.cloud.subscriber import _connection_loop, parse_broker_url
 from gateway.cloud.trust import TrustDirError, load_trust_dir
 from gateway.records import GENESIS, seal
+from tests.support.consumer import make_chain, make_signer, record_body
+from tests.support.mqtt_broker import MosquittoBroker
 
 SITE = "depot-7"
 TOPIC = f"evgw/{SITE}/sessions/finished"
@@ -67,7 +67,7 @@ async def _held(store: CloudStore) -> list[str]:
 
 
 async def test_forged_keys_and_records_are_quarantined_never_billed(
-    mosquitto: MosquittoBroker,  # noqa: F811
+    mosquitto: MosquittoBroker,
     db_url: str,  # noqa: F811
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -192,7 +192,7 @@ UNKNOWN_ALG_KEY = json.dumps(
 
 
 async def test_poison_records_are_quarantined_and_the_next_is_billed(
-    mosquitto: MosquittoBroker,  # noqa: F811
+    mosquitto: MosquittoBroker,
     db_url: str,  # noqa: F811
     tmp_path: Path,
 ) -> None:
@@ -238,7 +238,7 @@ async def _connected(consumer: SessionConsumer) -> bool:
 
 
 async def test_trust_dir_names_the_only_keys(
-    mosquitto: MosquittoBroker,  # noqa: F811
+    mosquitto: MosquittoBroker,
     db_url: str,  # noqa: F811
     tmp_path: Path,
 ) -> None:
@@ -281,7 +281,7 @@ def raw_hex_of(signer: Signer) -> str:
 
 
 async def test_rotation_signed_by_the_old_key_hands_the_site_over(
-    mosquitto: MosquittoBroker,  # noqa: F811
+    mosquitto: MosquittoBroker,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:

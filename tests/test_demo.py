@@ -8,15 +8,19 @@ import re
 from pathlib import Path
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_uplink_support import wait_until
 
 from gateway.cli import main
 from gateway.config import load_config
 from gateway.demo import run_demo
 from gateway.store import Store
+from tests.support.uplink import wait_until
+
+pytestmark = pytest.mark.e2e  # the whole demo, its embedded broker included
 
 
+@pytest.mark.slow
 async def test_demo_finishes_priced_sessions_and_delivers_them(tmp_path: Path) -> None:
     out = io.StringIO()
     assert await run_demo(duration_s=24.0, speed=60.0, workdir=tmp_path, view=True, out=out) == 0
@@ -58,6 +62,7 @@ def test_demo_and_sessions_command_line(tmp_path: Path, capsys: object) -> None:
     assert main(["sessions", "-c", str(tmp_path / "demo-site.yaml")]) == 0
 
 
+@pytest.mark.slow
 async def test_demo_prints_the_status_page_url_and_it_answers(tmp_path: Path) -> None:
     out = io.StringIO()
     demo = asyncio.create_task(

@@ -301,6 +301,7 @@ async def test_bender_all_ones_is_no_value_not_four_billion() -> None:
         assert (await driver.poll()).power_w == 0xFFFFFFFF
 
 
+@pytest.mark.slow
 async def test_heidelberg_woken_at_start_and_after_every_reconnect() -> None:
     profile = PROFILES["heidelberg-ec"]
     image = RegisterImage()
@@ -437,6 +438,7 @@ async def test_keba_p40_ignores_the_p30_pause_through_5014() -> None:
         assert sim.status is ChargerStatus.CHARGING  # still charging: 5014 means nothing here
 
 
+@pytest.mark.slow
 async def test_heidelberg_write_failure_is_retried_at_the_next_poll() -> None:
     profile = PROFILES["heidelberg-ec"]
     image = RegisterImage()

@@ -12,14 +12,15 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
-from mqtt_broker import MosquittoBroker, free_port
-from test_uplink_support import PREFIX, SITE, Recorder, running, wait_until
+import pytest
 
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.profiles import Profile
 from gateway.records import record_hash
 from gateway.sim.site import SimSite
+from tests.support.mqtt_broker import MosquittoBroker, free_port
+from tests.support.uplink import PREFIX, SITE, Recorder, running, wait_until
 
 SPEED = 60.0  # simulated seconds per second
 
@@ -74,6 +75,7 @@ def expected_cost(energy_wh: int) -> str:
     return str(excl + vat)
 
 
+@pytest.mark.slow
 async def test_site_lifecycle_end_to_end(
     tmp_path: Path, mosquitto: MosquittoBroker, shipped_profiles: dict[str, Profile]
 ) -> None:
@@ -81,7 +83,7 @@ async def test_site_lifecycle_end_to_end(
     recorder = Recorder(mosquitto.port)
     async with (
         running(recorder.run(), "recorder"),
-        SimSite.from_config(config, shipped_profiles, speed=SPEED, traffic=False) as site,
+        SimSite(config, shipped_profiles, speed=SPEED, traffic=False) as site,
         Gateway(config, shipped_profiles, time_scale=SPEED) as gw,
         running(gw.run(), "gateway"),
     ):
@@ -173,6 +175,7 @@ async def _count(coro: Any, n: int) -> bool:
     return len(await coro) >= n
 
 
+@pytest.mark.slow
 async def test_tariffs_command_reprices_only_new_sessions_and_survives_a_restart(
     tmp_path: Path, mosquitto: MosquittoBroker, shipped_profiles: dict[str, Profile]
 ) -> None:
@@ -189,7 +192,7 @@ async def test_tariffs_command_reprices_only_new_sessions_and_survives_a_restart
     recorder = Recorder(mosquitto.port)
     async with (
         running(recorder.run(), "recorder"),
-        SimSite.from_config(config, shipped_profiles, speed=SPEED, traffic=False) as site,
+        SimSite(config, shipped_profiles, speed=SPEED, traffic=False) as site,
     ):
         await wait_until(recorder.connected.is_set, 5, "cloud subscriber")
         cp1, cp2 = site.charger("cp1"), site.charger("cp2")

@@ -11,9 +11,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from mqtt_broker import MosquittoBroker
+import pytest
 from test_e2e import SPEED, _count, write_site
-from test_uplink_support import PREFIX, running, wait_until
 
 from gateway.app import Gateway
 from gateway.billing.verify import run_verify
@@ -23,8 +22,11 @@ from gateway.cloud.subscriber import run_consumer
 from gateway.config import load_config
 from gateway.profiles import Profile
 from gateway.sim.site import SimSite
+from tests.support.mqtt_broker import MosquittoBroker
+from tests.support.uplink import PREFIX, running, wait_until
 
 
+@pytest.mark.slow
 async def test_site_to_statement_and_verify(
     tmp_path: Path,
     mosquitto: MosquittoBroker,
@@ -38,7 +40,7 @@ async def test_site_to_statement_and_verify(
             run_consumer(mosquitto.url, db_url, topic_prefix=PREFIX, client_id="billing-1"),
             "consumer",
         ),
-        SimSite.from_config(config, shipped_profiles, speed=SPEED, traffic=False) as site,
+        SimSite(config, shipped_profiles, speed=SPEED, traffic=False) as site,
         Gateway(config, shipped_profiles, time_scale=SPEED) as gw,
         running(gw.run(), "gateway"),
     ):

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sessions_support import modbus_sessions, sim_site_config
 from structlog.testing import capture_logs
 from test_sessions import AVAILABLE, CHARGING, PREPARING, SUSP_EV, T0, Rig
 
@@ -35,6 +34,7 @@ from gateway.sessions import (
 )
 from gateway.sim.site import SimSite
 from gateway.store import Store
+from tests.support.sessions import modbus_sessions, sim_site_config
 
 PROFILES = load_profiles()
 GLITCHES = {
@@ -335,6 +335,7 @@ def _sessions(
     return times, truth, readings, glitch
 
 
+@pytest.mark.slow
 @settings(max_examples=600, deadline=None)
 @given(_sessions())
 def test_energy_is_bounded_and_exact_whatever_the_glitches(data: Any) -> None:
@@ -391,6 +392,7 @@ def test_energy_never_exceeds_max_power_times_duration(
 
 
 # ----------------------------------------------------------------------------- over Modbus
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("device", "driver", "value", "label"),
     [
@@ -418,7 +420,7 @@ async def test_glitches_answered_over_modbus_are_never_billed(
             done.set()
 
     async with (
-        SimSite.from_config(
+        SimSite(
             config, PROFILES, speed=speed, traffic=False, seed=5, enforce_heartbeat=False
         ) as site,
         Store.open(config.storage.path, site_id="sim-site", reserve_bytes=0) as store,

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from test_uplink_support import Target
 
 from gateway.errors import CommandError, GatewayError
 from gateway.model import from_rfc3339
@@ -27,6 +26,7 @@ from gateway.uplink.envelope import (
 )
 from gateway.uplink.schemas import validate
 from gateway.uplink.topics import COMMAND_NAMES, Topics
+from tests.support.uplink import Target
 
 TOPICS = Topics("evgw", "depot-7")
 NOW = 1_796_000_000.0
@@ -55,9 +55,7 @@ def test_signature_covers_the_documented_bytes() -> None:
     canonical = json.dumps(unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     message = b"evgw.command/1\n" + topic.encode() + b"\n" + canonical.encode("utf-8")
     key.public_key().verify(base64.b64decode(out["signature"]["value"]), message)
-    raw = key.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     assert out["signature"]["key_id"] == hashlib.sha256(raw).hexdigest()[:16]
     assert out["signature"]["alg"] == "ed25519"
 
@@ -110,6 +108,7 @@ def _evgw(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.e2e
 async def test_sign_command_tool_output_is_accepted_once(tmp_path: Path) -> None:
     private, public = _write_keys(tmp_path)
     topic = TOPICS.command("start")
@@ -138,6 +137,7 @@ async def test_sign_command_tool_output_is_accepted_once(tmp_path: Path) -> None
     assert stop is not None and stop.payload["ok"] is False
 
 
+@pytest.mark.e2e
 def test_sign_command_tool_new_key_and_errors(tmp_path: Path) -> None:
     key = tmp_path / "new" / "cloud.pem"
     topic = TOPICS.auth_response

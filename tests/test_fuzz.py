@@ -26,7 +26,6 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_consumer_support import make_chain, make_signer
 
 from gateway.cli import main
 from gateway.cloud.cloudstore import open_cloud_store
@@ -40,6 +39,7 @@ from gateway.profiles import Profile, load_profile
 from gateway.uplink.commands import CommandHandler, MemoryRequestLog
 from gateway.uplink.topics import Topics
 from gateway.yamlpos import parse_yaml
+from tests.support.consumer import make_chain, make_signer
 
 REPO = Path(__file__).resolve().parent.parent
 _LONG = int(os.environ.get("EVGW_FUZZ_EXAMPLES", "0") or 0)
@@ -125,6 +125,7 @@ _EXAMPLE = _example_config()
 _EXAMPLE_PATHS = list(_paths(_EXAMPLE))
 
 
+@pytest.mark.slow
 @fuzz(60)
 @given(
     path=st.sampled_from(_EXAMPLE_PATHS),
@@ -164,6 +165,7 @@ _PROFILES = {p.name: yaml.safe_load(p.read_text()) for p in _shipped_profile_fil
 _PROFILE_PATHS = [(name, path) for name, data in _PROFILES.items() for path in _paths(data)]
 
 
+@pytest.mark.slow
 @fuzz(60)
 @given(
     target=st.sampled_from(_PROFILE_PATHS),
@@ -430,6 +432,7 @@ def _records(draw: st.DrawFn) -> bytes:
     return json.dumps(rec).encode()
 
 
+@pytest.mark.slow
 @fuzz(40)
 @given(payloads=st.lists(_records(), min_size=1, max_size=4))
 def test_consumer_takes_any_record_without_an_exception(payloads: list[bytes]) -> None:

@@ -17,10 +17,8 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from mqtt_broker import MosquittoBroker, free_port
 from structlog.testing import capture_logs
 from test_loadmgmt_sim import grid_phase_a
-from test_uplink_support import PREFIX, SITE, Recorder, running, wait_until
 
 from gateway.app import Gateway
 from gateway.config import load_config
@@ -30,6 +28,8 @@ from gateway.profiles import Profile
 from gateway.sim.registers import RegisterImage
 from gateway.sim.server import FaultKind, SimServer
 from gateway.sim.site import SimSite
+from tests.support.mqtt_broker import MosquittoBroker, free_port
+from tests.support.uplink import PREFIX, SITE, Recorder, running, wait_until
 
 POLL_S = 0.5
 CONNECTION_A = 32.0
@@ -95,7 +95,6 @@ async def both_charging(site: SimSite, gw: Gateway) -> None:
     await wait_until(lambda: max(grid_phase_a(site)) <= CONNECTION_A, 10, "under the connection")
 
 
-@pytest.mark.slow
 async def test_a_limit_command_lowers_the_draw_within_two_polls_and_expires(
     tmp_path: Path, mosquitto: MosquittoBroker, shipped_profiles: dict[str, Profile]
 ) -> None:
@@ -119,7 +118,7 @@ async def test_a_limit_command_lowers_the_draw_within_two_polls_and_expires(
     with capture_logs() as logs:
         async with (
             running(recorder.run(), "recorder"),
-            SimSite.from_config(config, shipped_profiles, speed=1.0, traffic=False) as site,
+            SimSite(config, shipped_profiles, speed=1.0, traffic=False) as site,
             Gateway(config, shipped_profiles) as gw,
             running(gw.run(), "gateway"),
         ):
@@ -214,7 +213,7 @@ async def test_a_relay_on_a_modbus_io_module_and_a_schedule(
         )
         config = load_config(write_site(tmp_path, grid_extra=grid_extra))
         async with (
-            SimSite.from_config(config, shipped_profiles, speed=1.0, traffic=False) as site,
+            SimSite(config, shipped_profiles, speed=1.0, traffic=False) as site,
             Gateway(config, shipped_profiles) as gw,
             running(gw.run(), "gateway"),
         ):
@@ -243,7 +242,6 @@ async def test_a_relay_on_a_modbus_io_module_and_a_schedule(
             await wait_until(lambda: max(grid_phase_a(site)) <= 12.0, 5, "12 A while unknown")
 
 
-@pytest.mark.slow
 async def test_a_limit_command_must_be_signed_where_the_site_requires_it(
     tmp_path: Path, mosquitto: MosquittoBroker, shipped_profiles: dict[str, Profile]
 ) -> None:
@@ -278,7 +276,7 @@ async def test_a_limit_command_must_be_signed_where_the_site_requires_it(
 
     async with (
         running(recorder.run(), "recorder"),
-        SimSite.from_config(config, shipped_profiles, speed=1.0, traffic=False),
+        SimSite(config, shipped_profiles, speed=1.0, traffic=False),
         Gateway(config, shipped_profiles) as gw,
         running(gw.run(), "gateway"),
     ):

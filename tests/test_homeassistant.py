@@ -11,14 +11,14 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from mqtt_broker import MosquittoBroker, free_port
-from test_uplink_support import PREFIX, SITE, running, wait_until
 
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.profiles import Profile
 from gateway.sim.site import SimSite
+from tests.support.mqtt_broker import MosquittoBroker, free_port
+from tests.support.uplink import PREFIX, SITE, running, wait_until
 
 ROOT = f"{PREFIX}/{SITE}"
 
@@ -133,7 +133,6 @@ async def check_states(retained: Retained, site: SimSite) -> None:
     assert retained.latest[f"{ROOT}/ha/cp2/state"]["status"] == "available"
 
 
-@pytest.mark.slow
 async def test_discovery_and_states_on_the_cloud_broker(
     tmp_path: Path, mosquitto: MosquittoBroker, shipped_profiles: dict[str, Profile]
 ) -> None:
@@ -145,7 +144,7 @@ async def test_discovery_and_states_on_the_cloud_broker(
     retained = Retained(mosquitto.port)
     async with running(retained.run(), "ha"):
         async with (
-            SimSite.from_config(config, shipped_profiles, speed=1.0, traffic=False) as site,
+            SimSite(config, shipped_profiles, speed=1.0, traffic=False) as site,
             Gateway(config, shipped_profiles) as gw,
             running(gw.run(), "gateway"),
         ):
@@ -160,7 +159,6 @@ async def test_discovery_and_states_on_the_cloud_broker(
         )
 
 
-@pytest.mark.slow
 async def test_discovery_on_a_local_broker_without_uplink(
     tmp_path: Path, mosquitto: MosquittoBroker, shipped_profiles: dict[str, Profile]
 ) -> None:
@@ -170,7 +168,7 @@ async def test_discovery_on_a_local_broker_without_uplink(
     retained = Retained(mosquitto.port)
     async with (
         running(retained.run(), "ha"),
-        SimSite.from_config(config, shipped_profiles, speed=1.0, traffic=False) as site,
+        SimSite(config, shipped_profiles, speed=1.0, traffic=False) as site,
         Gateway(config, shipped_profiles) as gw,
         running(gw.run(), "gateway"),
     ):

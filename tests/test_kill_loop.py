@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_broker import MosquittoBroker, free_port
-from test_uplink_support import PREFIX, SITE, Recorder, running, wait_until
 
 from gateway.records import GENESIS, record_hash
 from gateway.store import Store
+from tests.support.mqtt_broker import MosquittoBroker, free_port
+from tests.support.uplink import PREFIX, SITE, Recorder, running, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SPEED = 50.0
 # The gateway runs in real time and checks every counter step against the charger's maximum

@@ -1,5 +1,5 @@
-"""The package layout holds: the edge runtime never loads the cloud side, and no two modules
-of ``gateway/`` import each other, however indirectly.
+"""The package layout holds: the edge runtime never loads the cloud side, no two modules
+of ``gateway/`` import each other, however indirectly, and none is over 700 lines.
 
 The checks read the code as it is: one imports the edge in a fresh interpreter and looks at
 ``sys.modules``; the others walk ``gateway/`` with ``ast``, so an import in the wrong place is
@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import gateway
 
@@ -100,6 +102,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.mark.e2e
 def test_the_edge_runtime_never_loads_the_cloud_side(tmp_path: Path) -> None:
     """A fresh interpreter imports the CLI, runs a gateway (store, web, session manager) for a
     second, then imports every other edge module: no gateway.cloud module gets loaded."""
@@ -227,3 +230,16 @@ def test_the_cycle_finder_finds_cycles() -> None:
 
 def test_no_import_cycle_in_gateway() -> None:
     assert _cycles(_import_graph()) == []
+
+
+MAX_MODULE_LINES = 700  # issue 12: a module past this has more than one reason to change
+
+
+def test_no_module_in_gateway_is_over_700_lines() -> None:
+    sizes = {
+        str(path.relative_to(GATEWAY.parent)): len(path.read_text("utf-8").splitlines())
+        for path in GATEWAY.rglob("*.py")
+    }
+    assert len(sizes) > 50  # the walk found the package
+    over = {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES}
+    assert over == {}, f"split these along their seams: {over}"

@@ -10,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.e2e
 def test_failure_after_the_store_is_open_exits_non_zero(tmp_path: Path) -> None:
     # The web server starts last, after the store, the buses and the authorizer: a port that is
     # already taken makes the very end of Gateway.__aenter__ fail.

@@ -106,6 +106,7 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (512 * 1024 * 1024, 512 * 1024 * 1024))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["bomb", "self_alias", "deep_flow", "merge_bomb"])
 def test_check_config_cli_one_line_fast_and_small(tmp_path: Path, name: str) -> None:
     """Tariffs live in the site config, so this covers tariff files too."""

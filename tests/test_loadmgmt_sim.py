@@ -8,8 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from mqtt_broker import free_port
-from test_uplink_support import running, wait_until
+import pytest
 
 from gateway.config import GatewayConfig, load_config
 from gateway.loadmgmt import LoadBalancer, LoadManager, Mode
@@ -19,6 +18,8 @@ from gateway.modbus.poller import DevicePoller
 from gateway.profiles import Profile
 from gateway.sim.devices import VOLTAGE_V
 from gateway.sim.site import SimSite
+from tests.support.mqtt_broker import free_port
+from tests.support.uplink import running, wait_until
 
 MAX_A = 32.0
 
@@ -96,13 +97,12 @@ class Watch:
             await asyncio.sleep(0.05)
 
 
+@pytest.mark.slow
 async def test_three_evs_are_held_under_the_grid_limit(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:
     config = site_config(tmp_path)
-    async with SimSite.from_config(
-        config, shipped_profiles, speed=1.0, traffic=False, seed=7
-    ) as site:
+    async with SimSite(config, shipped_profiles, speed=1.0, traffic=False, seed=7) as site:
         evs = [site.charger(c) for c in ("cp1", "cp2", "cp3")]
         for ev in evs:
             ev.plug_in(power_w=22_000, phases=3)
@@ -160,13 +160,12 @@ async def test_three_evs_are_held_under_the_grid_limit(
         assert watch.peak_a <= MAX_A
 
 
+@pytest.mark.slow
 async def test_a_silent_charger_counts_as_base_load(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:
     config = site_config(tmp_path)
-    async with SimSite.from_config(
-        config, shipped_profiles, speed=1.0, traffic=False, seed=3
-    ) as site:
+    async with SimSite(config, shipped_profiles, speed=1.0, traffic=False, seed=3) as site:
         evs = [site.charger(c) for c in ("cp1", "cp2", "cp3")]
         for ev, power_w in zip(evs, (22_000, 22_000, 7_400), strict=True):
             ev.plug_in(power_w=power_w, phases=3)

@@ -353,6 +353,7 @@ async def run_for(poller: DevicePoller, seconds: float) -> None:
         await task
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind", [FaultKind.NO_ANSWER, FaultKind.EXCEPTION, FaultKind.GARBAGE, FaultKind.DROP]
 )
@@ -697,6 +698,7 @@ def test_parse_units() -> None:
 
 
 # -- throughput --------------------------------------------------------------------------------
+@pytest.mark.slow  # polls for one second by design
 async def test_poll_loop_rate_against_a_loopback_sim(capsys: pytest.CaptureFixture[str]) -> None:
     """One device, polled back to back: requests/s of one poll loop (printed for the record)."""
     prof = replace(charger_profile(), heartbeat=None)

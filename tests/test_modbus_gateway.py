@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_broker import free_port
-from sessions_support import modbus_sessions
 
 from gateway.config import check_config, load_config
 from gateway.errors import DeviceError
@@ -24,6 +22,8 @@ from gateway.sim.registers import RegisterImage
 from gateway.sim.server import FaultKind, LineTransaction, SimServer
 from gateway.sim.site import SimSite
 from gateway.store import Store
+from tests.support.mqtt_broker import free_port
+from tests.support.sessions import modbus_sessions
 
 SPEED = 60.0
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "example-gateway-site.yaml"
@@ -49,6 +49,7 @@ def _gaps(transactions: list[LineTransaction]) -> list[tuple[int, float]]:
     ]
 
 
+@pytest.mark.slow
 async def test_charger_and_billing_meter_behind_one_converter_bill_exactly(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:
@@ -67,7 +68,7 @@ async def test_charger_and_billing_meter_behind_one_converter_bill_exactly(
             finished.set()
 
     async with (
-        SimSite.from_config(
+        SimSite(
             config, shipped_profiles, speed=SPEED, traffic=False, seed=5, enforce_heartbeat=False
         ) as site,
         Store.open(config.storage.path, site_id="converter-site", reserve_bytes=0) as store,
@@ -121,6 +122,7 @@ def _meter_unit(profile: Profile, seed: int) -> RegisterImage:
     return image
 
 
+@pytest.mark.slow
 async def test_shared_endpoint_serialises_requests_and_keeps_the_delays(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:
@@ -211,6 +213,7 @@ async def test_a_silent_unit_behind_the_converter_costs_its_timeout_not_the_othe
             await bus.close()
 
 
+@pytest.mark.slow
 async def test_scan_through_a_converter_names_its_serial_units_and_the_snippet_checks(
     tmp_path: Path, shipped_profiles: dict[str, Profile], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -250,7 +253,7 @@ async def test_the_example_site_is_served_behind_a_simulated_converter(
     from gateway.modbus.commands import read_device_once
 
     config = load_config(EXAMPLE)
-    async with SimSite.from_config(config, shipped_profiles, traffic=False, seed=1) as site:
+    async with SimSite(config, shipped_profiles, traffic=False, seed=1) as site:
         endpoints = {s.device_id: s.endpoint for s in site.served}
         assert endpoints["cp1"] == endpoints["m1"] == "tcp-gateway://127.0.0.1:15030"
         assert endpoints["cp2"] == "tcp://127.0.0.1:15031"

@@ -25,7 +25,10 @@ from gateway.sim.pty import pty_pair
 from gateway.sim.registers import RegisterImage
 from gateway.sim.server import Fault, FaultKind, SimServer
 
-pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed")
+pytestmark = [
+    pytest.mark.e2e,  # socat makes the pseudo-terminal pairs
+    pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed"),
+]
 
 BAUD = 19200
 # The pty pair refuses parity and character-size changes (tcsetattr EINVAL) here, and a pty

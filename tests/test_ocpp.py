@@ -16,9 +16,7 @@ from typing import Any
 
 import pytest
 import websockets
-from mqtt_broker import MosquittoBroker, Pki, free_port
 from structlog.testing import capture_logs
-from test_uplink_support import PREFIX, SITE, Recorder, running, wait_until
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -27,6 +25,8 @@ from gateway.config import check_config, load_config
 from gateway.ocpp.mapping import parse_meter_values, parse_timestamp, timestamp
 from gateway.ocpp.sim import SimChargePoint
 from gateway.profiles import Profile
+from tests.support.mqtt_broker import MosquittoBroker, Pki, free_port
+from tests.support.uplink import PREFIX, SITE, Recorder, running, wait_until
 
 ALICE = "04A2B3C4D5E6F7"
 PASSWORD = "s3cret-Passw0rd-CP9"
@@ -172,6 +172,7 @@ async def test_rfid_session_identified_exact_priced_and_delivered(
     assert [s["session_id"] for s in started] == [record["session_id"]]
 
 
+@pytest.mark.slow
 async def test_offline_stop_replayed_on_reconnect_is_one_exact_session(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:
@@ -567,6 +568,7 @@ def test_meter_values_units_locations_and_signed_data() -> None:
     assert parse_timestamp("2026-12-02T09:00:00") == parse_timestamp("2026-12-02T09:00:00Z")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("skew_s", [-3600.0, 5400.0])
 async def test_charger_clock_skew_is_measured_and_taken_off(
     tmp_path: Path, shipped_profiles: dict[str, Profile], skew_s: float
@@ -724,6 +726,7 @@ async def test_meter_values_without_transaction_id_and_from_another_register(
     assert two["energy_wh"] == 2_345 and two["flags"] == []
 
 
+@pytest.mark.slow
 async def test_transaction_whose_stop_never_comes_is_closed_as_estimated(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:
@@ -773,6 +776,7 @@ def call_stop(transaction_id: int | None, meter_stop: int) -> Any:
     )
 
 
+@pytest.mark.slow
 async def test_evgw_simulate_drives_the_sites_ocpp_chargers(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:

@@ -100,6 +100,7 @@ def test_unit_runs_the_gateway_as_evgw_with_hardening() -> None:
     assert install["WantedBy"] == "multi-user.target"
 
 
+@pytest.mark.e2e
 def test_config_error_exit_status_is_the_one_the_unit_does_not_restart(tmp_path: Path) -> None:
     # RestartPreventExitStatus=2 relies on `evgw run` exiting 2 for a bad configuration.
     bad = tmp_path / "site.yaml"
@@ -109,6 +110,7 @@ def test_config_error_exit_status_is_the_one_the_unit_does_not_restart(tmp_path:
     assert "bogus" in proc.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     unit = tmp_path / "evgw.service"
@@ -123,6 +125,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert "ProtectHom" in proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 def test_maintainer_scripts_are_executable_posix_shell() -> None:
     for name in ("postinst", "prerm", "postrm"):
         script = PACKAGING / "debian" / name
@@ -133,6 +136,7 @@ def test_maintainer_scripts_are_executable_posix_shell() -> None:
     assert os.access(BUILD, os.X_OK)
 
 
+@pytest.mark.e2e
 def test_build_script_refuses_unknown_arguments() -> None:
     proc = _run(["bash", str(BUILD), "--frobnicate"])
     assert proc.returncode != 0
@@ -190,6 +194,7 @@ def _arch() -> str:
     return _run(["dpkg", "--print-architecture"]).stdout.strip()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_deb_control_conffiles_and_scripts(deb: Path, tmp_path: Path) -> None:
     assert deb.name == f"ev-site-gateway_{__version__}_{_arch()}.deb"
@@ -210,6 +215,7 @@ def test_deb_control_conffiles_and_scripts(deb: Path, tmp_path: Path) -> None:
         assert (control / name).read_bytes() == (PACKAGING / "debian" / name).read_bytes()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_deb_file_list(deb: Path) -> None:
     lines = _run(["dpkg-deb", "--contents", str(deb)]).stdout.splitlines()
@@ -226,6 +232,7 @@ def test_deb_file_list(deb: Path) -> None:
     assert not any(re.search(r"/site-packages/(pip|setuptools)/", p) for p in by_path)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_extracted_payload_runs_and_names_no_build_path(extracted: Path) -> None:
     venv = extracted / VENV.lstrip("/")
@@ -254,6 +261,7 @@ def test_extracted_payload_runs_and_names_no_build_path(extracted: Path) -> None
     assert re.fullmatch(rf"{VENV}/lib/python3\.\d+/site-packages/gateway/cli\.py", filename)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_packaged_unit_verifies_with_the_payload_at_opt(extracted: Path, tmp_path: Path) -> None:
@@ -383,6 +391,7 @@ def overlay_lifecycle(deb: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
     yield facts
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_install_upgrade_remove_purge(overlay_lifecycle: dict[str, str]) -> None:
     f = overlay_lifecycle

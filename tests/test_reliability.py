@@ -12,9 +12,9 @@ import pytest
 
 from tests.reliability import matrix
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.skipif(not os.access("/usr/sbin/mosquitto", os.X_OK), reason="needs mosquitto")
 async def test_fault_matrix_loses_nothing(tmp_path: Path) -> None:
     faults = list(matrix.FAULTS)

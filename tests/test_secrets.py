@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.redact import redact_url
-from tests.mqtt_broker import free_port
+from tests.support.mqtt_broker import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MQTT_SECRET = "Mq77-s3cr3t-f0r-tests"
@@ -88,6 +88,7 @@ def _assert_clean(output: str) -> None:
         assert secret not in output, output[-3000:]
 
 
+@pytest.mark.e2e
 def test_every_command_keeps_secrets_out_of_its_output(site: Path, tmp_path: Path) -> None:
     port = free_port()
     db = tmp_path / "cloud.db"
@@ -131,6 +132,7 @@ def test_every_command_keeps_secrets_out_of_its_output(site: Path, tmp_path: Pat
     assert "mqtt_password_in_clear" in outputs["consume"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "argv",
     [
@@ -163,6 +165,7 @@ def test_password_on_the_command_line_is_refused_without_echo(argv: list[str]) -
     _assert_clean(proc.stdout + proc.stderr)
 
 
+@pytest.mark.e2e
 def test_password_file_for_the_consumer(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.write_text("\n")
@@ -178,6 +181,7 @@ def test_password_file_for_the_consumer(tmp_path: Path) -> None:
     assert "--password-file" in out and "empty" in out
 
 
+@pytest.mark.e2e
 def test_unreachable_postgres_error_is_redacted() -> None:
     port = free_port()
     out = _run(
@@ -216,6 +220,7 @@ def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
 
 
+@pytest.mark.e2e
 def test_tls_insecure_is_a_loud_warning(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("not used before the connection\n")

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sessions_support import EventLog
 
 from gateway.auth import Authorizer
 from gateway.config import AuthConfig, DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
@@ -31,6 +30,7 @@ from gateway.model import (
     TokenType,
     from_rfc3339,
 )
+from gateway.records import SessionRecord, UnsealedRecord
 from gateway.sessions import (
     AddPoint,
     ChargerSpec,
@@ -45,6 +45,7 @@ from gateway.sessions import (
     StartSession,
     StatusChanged,
 )
+from tests.support.sessions import EventLog
 
 T0 = 1_790_000_000.0
 AVAILABLE = ChargerStatus.AVAILABLE
@@ -733,11 +734,11 @@ class MemorySessionStore:
         self.open[session_id] = dict(state)
         self.log.append(("save", session_id))
 
-    async def finish_session(self, record: dict[str, Any]) -> dict[str, Any]:
-        sealed = dict(record, seq=len(self.finished) + 1, prev_hash="0" * 64, hash="f" * 64)
-        self.finished.append(sealed)
-        self.open.pop(record["session_id"], None)
-        self.log.append(("finish", record["session_id"]))
+    async def finish_session(self, record: UnsealedRecord) -> SessionRecord:
+        sealed = record.sealed(len(self.finished) + 1, "0" * 64)
+        self.finished.append(sealed.to_dict())
+        self.open.pop(record.session_id, None)
+        self.log.append(("finish", record.session_id))
         return sealed
 
     async def enqueue(

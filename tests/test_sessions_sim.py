@@ -7,17 +7,19 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from sessions_support import modbus_sessions, sim_site_config
+import pytest
 
 from gateway.modbus.bus import BusPool
 from gateway.profiles import load_profiles
 from gateway.sim.site import SimSite
 from gateway.store import Store
+from tests.support.sessions import modbus_sessions, sim_site_config
 
 PROFILES = load_profiles()
 SPEED = 60.0
 
 
+@pytest.mark.slow
 async def test_sessions_over_modbus_match_the_simulator(tmp_path: Path) -> None:
     config = sim_site_config(tmp_path, "abb-terra-ac")
     events: list[tuple[str, dict[str, Any]]] = []
@@ -34,7 +36,7 @@ async def test_sessions_over_modbus_match_the_simulator(tmp_path: Path) -> None:
         return [p for k, p in events if k == "session_finished"]
 
     async with (
-        SimSite.from_config(
+        SimSite(
             config, PROFILES, speed=SPEED, traffic=False, seed=3, enforce_heartbeat=False
         ) as site,
         Store.open(config.storage.path, site_id="sim-site", reserve_bytes=0) as store,
@@ -80,6 +82,7 @@ async def test_sessions_over_modbus_match_the_simulator(tmp_path: Path) -> None:
         assert sorted(r["session_id"] for r in stored) == sorted(r["session_id"] for r in (r1, r2))
 
 
+@pytest.mark.slow
 async def test_abb_car_drawing_before_the_first_plugged_poll_matches_the_simulator(
     tmp_path: Path,
 ) -> None:
@@ -97,7 +100,7 @@ async def test_abb_car_drawing_before_the_first_plugged_poll_matches_the_simulat
             done.set()
 
     async with (
-        SimSite.from_config(
+        SimSite(
             config, PROFILES, speed=SPEED, traffic=False, seed=5, enforce_heartbeat=False
         ) as site,
         Store.open(config.storage.path, site_id="sim-site", reserve_bytes=0) as store,

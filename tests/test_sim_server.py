@@ -265,6 +265,7 @@ async def _serial_client(path: str) -> AsyncModbusSerialClient:
     return client
 
 
+@pytest.mark.e2e
 async def test_rtu_over_pty_with_faults() -> None:
     units = {1: _image(), 3: _image()}
     async with (
@@ -313,6 +314,7 @@ async def test_rtu_over_pty_with_faults() -> None:
     assert not _is_link(gateway_path)
 
 
+@pytest.mark.e2e
 async def test_rtu_broadcast_writes_every_unit_without_answer() -> None:
     units = {1: RegisterImage(), 2: RegisterImage()}
     async with pty_pair() as (gw, sim), SimServer.rtu(sim, units):
@@ -330,6 +332,7 @@ async def test_rtu_broadcast_writes_every_unit_without_answer() -> None:
     assert units[2].get("holding", 10, 1) == [0x33]
 
 
+@pytest.mark.e2e
 async def test_pty_pair_at_given_path_replaces_stale_link(tmp_path: Path) -> None:
     link = tmp_path / "ttyEVGW0"
     link.symlink_to("/nonexistent/stale")

@@ -4,6 +4,7 @@ configured path, scenarios (with line-numbered errors), random traffic and the t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from pathlib import Path
 
@@ -83,13 +84,14 @@ SCENARIO = """\
 """
 
 
+@pytest.mark.e2e
 async def test_site_serves_tcp_and_rtu_and_plays_scenario(tmp_path: Path) -> None:
     config = _config(tmp_path)
     devices = [d.id for d in config.devices]
     chargers = ["cp1", "cp2", "cp4", "far"]
     scenario = parse_scenario(SCENARIO, "s.yaml", device_ids=devices, charger_ids=chargers)
     truth = tmp_path / "truth.jsonl"
-    async with SimSite.from_config(
+    async with SimSite(
         config,
         PROFILES,
         speed=3000.0,
@@ -171,6 +173,7 @@ async def test_site_serves_tcp_and_rtu_and_plays_scenario(tmp_path: Path) -> Non
     ]
 
 
+@pytest.mark.e2e
 async def test_random_traffic_uses_configured_tokens(tmp_path: Path) -> None:
     config = _config(tmp_path)
     truth = tmp_path / "truth.jsonl"
@@ -182,7 +185,7 @@ async def test_random_traffic_uses_configured_tokens(tmp_path: Path) -> None:
         linger_s=(0.0, 60.0),
         unknown_tag_probability=0.3,
     )
-    async with SimSite.from_config(
+    async with SimSite(
         config,
         PROFILES,
         speed=2000.0,
@@ -207,6 +210,18 @@ async def test_random_traffic_uses_configured_tokens(tmp_path: Path) -> None:
         if r["device"] in ("cp2", "cp4"):  # no tag register: app starts
             assert r["tag"] == "app-7f3c9a" and r["tag_seen"] is None
     assert any(r["energy_wh"] > 0 for r in done)
+    # a connector stays free for a while between two visits: a gateway polling a sped-up site
+    # must see it free, or two drivers' visits would read as one session
+    by_device: dict[str, list[dict[str, float]]] = {}
+    for r in sorted(done, key=lambda r: r["plugged_at"]):
+        by_device.setdefault(r["device"], []).append(r)
+    gaps = [
+        b["plugged_at"] - a["unplugged_at"]
+        for visits in by_device.values()
+        for a, b in itertools.pairwise(visits)
+    ]
+    # (truth times are wall-clock: at speed 2000 a simulated second is half a millisecond)
+    assert gaps and min(gaps) * 2000.0 >= fast.min_idle_s * 0.95, gaps
 
 
 def test_scenario_errors_carry_lines() -> None:
@@ -264,7 +279,7 @@ async def test_scenario_override_answers_garbage_for_n_polls(tmp_path: Path) -> 
         charger_ids=[],
     )
     assert scenario.steps[0].value == 1e33 and scenario.steps[0].polls == 2
-    async with SimSite.from_config(
+    async with SimSite(
         config, PROFILES, speed=100.0, scenario=scenario, seed=3, enforce_heartbeat=False
     ) as site:
         async with asyncio.timeout(10):

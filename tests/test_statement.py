@@ -41,7 +41,7 @@ def _chain(bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _bodies() -> list[dict[str, Any]]:
-    from test_consumer_support import record_body
+    from tests.support.consumer import record_body
 
     return [
         record_body(1, energy_wh=22000, start=OCT_START_BERLIN - 1800),  # Sep in Berlin
@@ -179,7 +179,7 @@ def test_csv_and_html(
 
 
 async def test_html_escapes_everything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from test_consumer_support import record_body
+    from tests.support.consumer import record_body
 
     evil = "<script>alert(1)</script>"
     body = record_body(1, user=evil, charger='cp"<b>')
@@ -321,7 +321,7 @@ def test_ocpi_export_has_the_required_fields(
 
 
 def test_ocpi_party_is_configurable_and_unpriced_sessions_say_so() -> None:
-    from test_consumer_support import record_body
+    from tests.support.consumer import record_body
 
     body = record_body(1)
     body.update(cost=None, flags=["end_estimated"])

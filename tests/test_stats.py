@@ -27,7 +27,7 @@ import pytest
 
 from gateway.config import DeviceConfig, GatewayConfig, GridConfig, SiteConfig, StorageConfig
 from gateway.model import MeterPoint, from_rfc3339
-from gateway.records import seal
+from gateway.records import UnsealedRecord
 from gateway.stats import SitePower, compute_stats, render_stats, run_stats
 from gateway.store import Store
 
@@ -125,13 +125,13 @@ def _config(tmp_path: Path) -> GatewayConfig:
 
 
 async def _fill(path: Path) -> None:
-    async with Store.open(path, site_id="depot-7", sealer=seal) as store:
+    async with Store.open(path, site_id="depot-7") as store:
         for r in SESSIONS:
             # Written as the session manager writes them: points first, then the sealed record.
             await store.add_session_point(
                 r["session_id"], MeterPoint(_ts(r["ended_at"]), r["energy_wh"], True)
             )
-            await store.finish_session(r)
+            await store.finish_session(UnsealedRecord.from_dict(r))
         await store.add_readings(READINGS)
 
 
@@ -279,7 +279,7 @@ def _screenshot(page: Path, png: Path, profile: Path) -> None:
 ARTEFACTS = Path(__file__).resolve().parent.parent / "test-artefacts"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 async def test_html_and_svg_render_in_headless_chromium(
     buffer: GatewayConfig, tmp_path: Path
 ) -> None:
@@ -340,14 +340,14 @@ async def test_reading_values_of_new_and_old_rows(tmp_path: Path) -> None:
     import sqlite3
 
     path = tmp_path / "buffer.db"
-    async with Store.open(path, site_id="depot-7", sealer=seal) as store:
+    async with Store.open(path, site_id="depot-7") as store:
         await store.add_readings([("cp1", 100.0, {"power_w": 7.5}), ("cp1", 101.0, {"x": 1})])
     with sqlite3.connect(path) as db:
         db.execute(
             "INSERT INTO readings (device_id, ts, data, wire) VALUES ('cp2', 102.0, ?, NULL)",
             ('{"power_w": 3}',),
         )
-    async with Store.open(path, site_id="depot-7", sealer=seal) as store:
+    async with Store.open(path, site_id="depot-7") as store:
         rows = await store.reading_values("power_w", 0.0, 200.0)
         assert [(d, ts, v) for _, d, ts, v in rows] == [
             ("cp1", 100.0, 7.5),

@@ -15,15 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from structlog.testing import capture_logs
-from test_uplink_support import pending_readings
 
 from gateway.errors import StoreError
 from gateway.model import AuthStatus, MeterPoint, Token, TokenType
-from gateway.records import GENESIS, canonical_json, record_hash, seal
+from gateway.records import (
+    GENESIS,
+    SessionRecord,
+    UnsealedRecord,
+    canonical_json,
+    record_hash,
+    seal,
+)
 from gateway.store import Store
 from gateway.store.cli import load_session_rows, render_sessions
 from gateway.store.schema import SCHEMA_VERSION
+from tests.support.records import unsealed
+from tests.support.uplink import pending_readings
 
 T0 = 1_790_000_000.0  # 2026-09-21
 
@@ -44,27 +53,8 @@ class FakeClock:
         self.mono += dt_s
 
 
-def record(session_id: str, **extra: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "schema": "evgw.session/1",
-        "session_id": session_id,
-        "charger_id": "cp1",
-        "connector": 1,
-        "user": {"id": "alice", "token": "04A2", "token_type": "rfid", "auth": "local"},
-        "started_at": "2026-09-21T08:00:00.000Z",
-        "ended_at": "2026-09-21T09:30:00.000Z",
-        "energy_wh": 22000,
-        "cost": {
-            "currency": "EUR",
-            "excl_vat": "8.58",
-            "vat": "1.63",
-            "incl_vat": "10.21",
-            "lines": [],
-        },
-        "flags": [],
-    }
-    base.update(extra)
-    return base
+def record(session_id: str, **extra: Any) -> UnsealedRecord:
+    return unsealed(session_id, **extra)
 
 
 @pytest.fixture
@@ -108,26 +98,26 @@ async def test_creates_schema_and_reopens_with_data(tmp_path: Path, clock: FakeC
     assert wal_bytes(path) == 0  # close() checkpointed everything into the database
     async with Store.open(path, site_id="depot-7", clock=clock, reserve_bytes=0) as s:
         assert [r["session_id"] for r in await s.finished_sessions()] == ["s1"]
-        assert (await s.finish_session(record("s2")))["seq"] == 2
+        assert (await s.finish_session(record("s2"))).seq == 2
 
 
 async def test_refuses_a_newer_schema(tmp_path: Path) -> None:
     path = tmp_path / "buffer.db"
-    async with Store.open(path, site_id="x", reserve_bytes=0):
+    async with Store.open(path, site_id="depot-7", reserve_bytes=0):
         pass
     with sqlite3.connect(path) as raw:
         raw.execute("INSERT INTO schema_version VALUES (?, 0)", (SCHEMA_VERSION + 1,))
     with pytest.raises(StoreError, match="newer than this gateway"):
-        await Store.open(path, site_id="x", reserve_bytes=0)
+        await Store.open(path, site_id="depot-7", reserve_bytes=0)
 
 
 async def test_garbage_file_and_missing_file_are_clear_errors(tmp_path: Path) -> None:
     bad = tmp_path / "buffer.db"
     bad.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match="not a usable gateway buffer"):
-        await Store.open(bad, site_id="x", reserve_bytes=0)
+        await Store.open(bad, site_id="depot-7", reserve_bytes=0)
     with pytest.raises(StoreError, match="no local buffer"):
-        await Store.open(tmp_path / "missing.db", site_id="x", create=False)
+        await Store.open(tmp_path / "missing.db", site_id="depot-7", create=False)
     assert not (tmp_path / "missing.db").exists()
 
 
@@ -139,15 +129,34 @@ async def test_finish_session_chains_seals_and_queues(store: Store) -> None:
     await store.add_session_point(
         "s1", MeterPoint(ts=T0, energy_wh=0, charging=True, power_w=11000)
     )
-    sealed = [await store.finish_session(record(f"s{i}", energy_wh=1000 * i)) for i in range(1, 6)]
+    records = [await store.finish_session(record(f"s{i}", energy_wh=1000 * i)) for i in range(1, 6)]
+    sealed = [r.to_dict() for r in records]
     verify_chain(sealed)
     assert all(r["site_id"] == "depot-7" for r in sealed)
     assert await store.finished_sessions() == sealed
     assert await store.load_open_sessions() == []
     assert await store.session_points("s1") == []
     rows = await store.outbox_fetch("session", 100)
-    assert [r.payload for r in rows] == [canonical_json(r) for r in sealed]
+    assert [r.payload for r in rows] == [r.canonical() for r in records]
     assert {(r.topic, r.qos, r.retain) for r in rows} == {("sessions/finished", 1, False)}
+
+
+async def test_the_stored_bytes_are_the_canonical_json_of_what_the_record_dumps(
+    store: Store,
+) -> None:
+    """The typed record changes no byte: what the store writes (and so every hash and signature)
+    is the canonical JSON of the record's own JSON object, numbers as int or float as given and
+    absent optional keys absent."""
+    unsealed = record(
+        "s1",
+        max_power_w=11040.5,
+        charging_periods=[{"start": "2026-09-21T08:00:00.000Z", "energy_wh": 22000}],
+    )
+    sealed = await store.finish_session(unsealed)
+    old_way = canonical_json(seal({**unsealed.to_dict(), "seq": 1, "prev_hash": GENESIS}))
+    (row,) = await store.outbox_fetch("session", 10)
+    assert row.payload == sealed.canonical() == old_way
+    assert (await store.finished_sessions())[0] == json.loads(old_way)
 
 
 async def test_finish_session_is_idempotent_on_session_id(store: Store) -> None:
@@ -155,32 +164,38 @@ async def test_finish_session_is_idempotent_on_session_id(store: Store) -> None:
     again = await store.finish_session(record("s1", energy_wh=99999, stop_reason="remote"))
     assert again == first
     second = await store.finish_session(record("s2"))
-    assert second["seq"] == 2 and second["prev_hash"] == first["hash"]
+    assert second.seq == 2 and second.prev_hash == first.hash
     assert (await store.outbox_backlog())["session"] == 2
 
 
 async def test_concurrent_finishes_get_distinct_gap_free_seqs(store: Store) -> None:
     ids = [f"s{i:02d}" for i in range(30)]
     results = await asyncio.gather(*(store.finish_session(record(i)) for i in ids + ids[:10]))
-    assert sorted({r["seq"] for r in results}) == list(range(1, 31))
+    assert sorted({r.seq for r in results}) == list(range(1, 31))
     verify_chain(await store.finished_sessions())
 
 
 async def test_custom_sealer_signature_is_stored(tmp_path: Path) -> None:
-    def sealer(rec: dict[str, Any]) -> dict[str, Any]:
-        return seal(rec, lambda digest: {"alg": "test", "sig": digest.decode()[::-1]})
+    def sealer(rec: UnsealedRecord, seq: int, prev_hash: str) -> SessionRecord:
+        return rec.sealed(
+            seq,
+            prev_hash,
+            lambda digest: {"alg": "ed25519", "key_id": "test", "value": digest.decode()[::-1]},
+        )
 
-    async with Store.open(tmp_path / "b.db", site_id="x", sealer=sealer, reserve_bytes=0) as s:
-        out = await s.finish_session(record("s1"))
-        assert out["signature"] == {"alg": "test", "sig": out["hash"][::-1]}
+    async with Store.open(
+        tmp_path / "b.db", site_id="depot-7", sealer=sealer, reserve_bytes=0
+    ) as s:
+        out = (await s.finish_session(record("s1"))).to_dict()
+        assert out["signature"] == {"alg": "ed25519", "key_id": "test", "value": out["hash"][::-1]}
         assert (await s.finished_sessions())[0] == out
 
 
 async def test_a_record_for_another_site_or_without_id_is_refused(store: Store) -> None:
     with pytest.raises(StoreError, match="site_id"):
         await store.finish_session(record("s1", site_id="other"))
-    with pytest.raises(StoreError, match="session_id"):
-        await store.finish_session({"charger_id": "cp1"})
+    with pytest.raises(ValidationError, match="session_id"):
+        await store.finish_session(record(""))
     assert await store.finished_sessions() == []
 
 
@@ -278,7 +293,7 @@ async def test_outbox_streams_in_id_order_and_ack_marks_synced(
         ("s1", T0 + 10),
         ("s2", None),
     ]
-    assert [r["record"] for r in rows] == [s1, s2]  # acking never changes a record
+    assert [r["record"] for r in rows] == [s1.to_dict(), s2.to_dict()]  # acking changes none
     # Ids are never reused: a new message after the last was acked still sorts after it.
     await store.outbox_ack([r.id for r in await store.outbox_fetch("event", 10)])
     e4 = await store.enqueue("event", "sessions/started", b"{}")
@@ -340,7 +355,7 @@ async def test_size_cap_deletes_oldest_synced_readings_first(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     async with Store.open(
-        tmp_path / "b.db", site_id="x", max_size_mb=1, clock=clock, reserve_bytes=0
+        tmp_path / "b.db", site_id="depot-7", max_size_mb=1, clock=clock, reserve_bytes=0
     ) as s:
         for i in range(20):
             await s.finish_session(record(f"s{i}"))
@@ -360,7 +375,7 @@ async def test_size_cap_deletes_oldest_synced_readings_first(
 
 async def test_size_cap_then_deletes_oldest_unsynced(tmp_path: Path, clock: FakeClock) -> None:
     async with Store.open(
-        tmp_path / "b.db", site_id="x", max_size_mb=1, clock=clock, reserve_bytes=0
+        tmp_path / "b.db", site_id="depot-7", max_size_mb=1, clock=clock, reserve_bytes=0
     ) as s:
         await s.finish_session(record("s1"))
         await _fill(s, 6000, T0)
@@ -377,7 +392,7 @@ async def test_disk_full_drops_readings_but_sessions_finish(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     """SQLite's max_page_count makes it report SQLITE_FULL exactly like a full disk."""
-    async with Store.open(tmp_path / "b.db", site_id="x", clock=clock, reserve_bytes=0) as s:
+    async with Store.open(tmp_path / "b.db", site_id="depot-7", clock=clock, reserve_bytes=0) as s:
         await s.finish_session(record("s0"))
         raw = s._conn()
         async with raw.execute("PRAGMA page_count") as cur:
@@ -395,7 +410,7 @@ async def test_disk_full_drops_readings_but_sessions_finish(
             await s.save_open_session("s1", "cp1", {"started_at": T0})
             for i in range(1, 30):
                 sealed = await s.finish_session(record(f"s{i}", flags=["x" * 2000]))
-                assert sealed["seq"] == i + 1
+                assert sealed.seq == i + 1
         verify_chain(await s.finished_sessions())
         assert len(await s.finished_sessions()) == 30
         assert await s.load_open_sessions() == []
@@ -418,14 +433,14 @@ _TMPFS_SCRIPT = textwrap.dedent(
     """
     import asyncio, json, sys
     from gateway.store import Store
+    from tests.support.records import unsealed
 
     def rec(i):
-        return {"schema": "evgw.session/1", "session_id": f"s{i}", "charger_id": "cp1",
-                "energy_wh": i, "flags": ["x" * 3000]}
+        return unsealed(f"s{i}", energy_wh=i, flags=["x" * 3000])
 
     async def main(path):
         out = {}
-        async with Store.open(path, site_id="x", reserve_bytes=512 * 1024) as s:
+        async with Store.open(path, site_id="depot-7", reserve_bytes=512 * 1024) as s:
             await s.finish_session(rec(0))
             n = 0
             while not s.readings_blocked and n < 100_000:
@@ -435,7 +450,7 @@ _TMPFS_SCRIPT = textwrap.dedent(
             out["dropped"] = s.readings_dropped_total
             for i in range(1, 40):
                 await s.finish_session(rec(i))
-        async with Store.open(path, site_id="x", reserve_bytes=0) as s:
+        async with Store.open(path, site_id="depot-7", reserve_bytes=0) as s:
             out["seqs"] = [r["seq"] for r in await s.finished_sessions()]
         print(json.dumps(out))
 
@@ -444,6 +459,7 @@ _TMPFS_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_real_full_filesystem(tmp_path: Path) -> None:
     """A 3 MB tmpfs in a private mount namespace fills up for real (ENOSPC)."""
@@ -475,14 +491,14 @@ def test_real_full_filesystem(tmp_path: Path) -> None:
 
 async def test_kv_and_request_ids_survive_reopen(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
-    async with Store.open(path, site_id="x", reserve_bytes=0) as s:
+    async with Store.open(path, site_id="depot-7", reserve_bytes=0) as s:
         assert await s.kv_get("tariffs") is None and await s.kv_get("nope", 7) == 7
         await s.kv_put("tariffs", json.dumps({"version": 3}))
         await s.kv_put("map", {"a": [1, 2.5, None]})
         await s.kv_put("map", {"a": [3]})
         assert await s.remember_request_id("req-1") is True
         assert await s.remember_request_id("req-1") is False
-    async with Store.open(path, site_id="x", reserve_bytes=0) as s:
+    async with Store.open(path, site_id="depot-7", reserve_bytes=0) as s:
         assert json.loads(await s.kv_get("tariffs")) == {"version": 3}
         assert await s.kv_get("map") == {"a": [3]}
         assert await s.remember_request_id("req-1") is False
@@ -496,7 +512,7 @@ async def test_auth_store_round_trip(tmp_path: Path) -> None:
         Token("FOB-1", TokenType.KEYFOB, "bob", AuthStatus.BLOCKED),
         Token("app-9", TokenType.APP, "carol", expires_at=T0 + 3600, group="staff"),
     ]
-    async with Store.open(path, site_id="x", reserve_bytes=0) as s:
+    async with Store.open(path, site_id="depot-7", reserve_bytes=0) as s:
         assert await s.load_cloud_list() == (0, [])
         assert await s.load_auth_cache() == []
         await s.save_cloud_list(4, tokens)
@@ -504,7 +520,7 @@ async def test_auth_store_round_trip(tmp_path: Path) -> None:
         await s.cache_auth(tokens[2], T0)
         await s.cache_auth(Token("FOB-1", TokenType.KEYFOB, "bob", AuthStatus.EXPIRED), T0 + 1)
         await s.cache_auth(tokens[2], T0 + 2)
-    async with Store.open(path, site_id="x", reserve_bytes=0) as s:
+    async with Store.open(path, site_id="depot-7", reserve_bytes=0) as s:
         assert await s.load_cloud_list() == (5, tokens[:2])
         assert await s.load_auth_cache() == [
             (Token("FOB-1", TokenType.KEYFOB, "bob", AuthStatus.EXPIRED), T0 + 1),
@@ -516,10 +532,10 @@ _TWICE_FULL_SCRIPT = textwrap.dedent(
     """
     import asyncio, contextlib, json, os, sys, time
     from gateway.store import Store
+    from tests.support.records import unsealed
 
     def rec(i):
-        return {"schema": "evgw.session/1", "session_id": f"s{i}", "charger_id": "cp1",
-                "energy_wh": i, "flags": ["x" * 3000]}
+        return unsealed(f"s{i}", energy_wh=i, flags=["x" * 3000])
 
     def fill(path):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -533,7 +549,7 @@ _TWICE_FULL_SCRIPT = textwrap.dedent(
         out = {}
         reserve = db + ".reserve"
         filler = os.path.join(os.path.dirname(db), "filler")
-        async with Store.open(db, site_id="x", reserve_bytes=512 * 1024) as s:
+        async with Store.open(db, site_id="depot-7", reserve_bytes=512 * 1024) as s:
             await s.finish_session(rec(1))
             fill(filler)  # another program fills the disk
             for i in range(2, 6):
@@ -547,7 +563,7 @@ _TWICE_FULL_SCRIPT = textwrap.dedent(
             for i in range(7, 11):
                 await s.finish_session(rec(i))
             os.unlink(filler)
-        async with Store.open(db, site_id="x", reserve_bytes=0) as s:
+        async with Store.open(db, site_id="depot-7", reserve_bytes=0) as s:
             out["seqs"] = [r["seq"] for r in await s.finished_sessions()]
         print(json.dumps(out))
 
@@ -556,7 +572,6 @@ _TWICE_FULL_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def _run_on_a_3mb_tmpfs(tmp_path: Path, script_text: str) -> Any:
     """Run ``script_text`` (given the buffer path as its argument) in a private mount namespace
     with a 3 MB tmpfs, so a full disk is real; its last stdout line is JSON. Skips where no
@@ -577,6 +592,8 @@ def _run_on_a_3mb_tmpfs(tmp_path: Path, script_text: str) -> Any:
     return json.loads(done.stdout.decode().strip().splitlines()[-1])
 
 
+@pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_a_second_full_disk_finds_the_reserve_retaken(tmp_path: Path) -> None:
     """The reserve given up on a full disk is taken again as soon as space is back, so a disk
     that fills up again soon after still lets sessions finish. Found by the fault matrix
@@ -589,15 +606,15 @@ _RESERVE_KEPT_SCRIPT = textwrap.dedent(
     """
     import asyncio, contextlib, json, os, sys
     from gateway.store import Store
+    from tests.support.records import unsealed
 
     def rec(i):
-        return {"schema": "evgw.session/1", "session_id": f"s{i}", "charger_id": "cp1",
-                "energy_wh": i, "flags": ["x" * 3000]}
+        return unsealed(f"s{i}", energy_wh=i, flags=["x" * 3000])
 
     async def main(db):
         out = {}
         filler = os.path.join(os.path.dirname(db), "filler")
-        async with Store.open(db, site_id="x", reserve_bytes=512 * 1024) as s:
+        async with Store.open(db, site_id="depot-7", reserve_bytes=512 * 1024) as s:
             await s.finish_session(rec(1))
             fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
             for size in (1 << 16, 1 << 10, 1):
@@ -614,7 +631,7 @@ _RESERVE_KEPT_SCRIPT = textwrap.dedent(
             for i in range(3, 25):
                 await s.finish_session(rec(i))
             os.unlink(filler)
-        async with Store.open(db, site_id="x", reserve_bytes=0) as s:
+        async with Store.open(db, site_id="depot-7", reserve_bytes=0) as s:
             out["seqs"] = [r["seq"] for r in await s.finished_sessions()]
         print(json.dumps(out))
 
@@ -623,6 +640,7 @@ _RESERVE_KEPT_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 def test_readings_never_eat_the_released_reserve(tmp_path: Path) -> None:
     """The reserve given up for a session on a full disk is for sessions: readings stop until it
@@ -633,7 +651,7 @@ def test_readings_never_eat_the_released_reserve(tmp_path: Path) -> None:
 
 
 async def test_reserve_file_is_preallocated(tmp_path: Path) -> None:
-    async with Store.open(tmp_path / "b.db", site_id="x", reserve_bytes=256 * 1024):
+    async with Store.open(tmp_path / "b.db", site_id="depot-7", reserve_bytes=256 * 1024):
         reserve = tmp_path / "b.db.reserve"
         assert reserve.stat().st_size == 256 * 1024
         assert reserve.stat().st_blocks * 512 >= 256 * 1024  # real blocks, not a sparse file
@@ -675,7 +693,7 @@ async def test_render_sessions_table_and_json(store: Store, clock: FakeClock) ->
 
 async def test_size_cap_is_enforced_while_adding_readings(tmp_path: Path, clock: FakeClock) -> None:
     async with Store.open(
-        tmp_path / "b.db", site_id="x", max_size_mb=1, clock=clock, reserve_bytes=0
+        tmp_path / "b.db", site_id="depot-7", max_size_mb=1, clock=clock, reserve_bytes=0
     ) as s:
         await s.finish_session(record("s1"))
         await _fill(s, 10_000, T0, width=200)  # ~2.5 MB offered, no prune() call
@@ -692,11 +710,11 @@ async def test_run_sessions_prints_the_listing(
     from gateway.store.cli import run_sessions
 
     config = GatewayConfig(
-        site=SiteConfig(id="x"), storage=StorageConfig(path=str(tmp_path / "b.db"))
+        site=SiteConfig(id="depot-7"), storage=StorageConfig(path=str(tmp_path / "b.db"))
     )
     with pytest.raises(StoreError, match="no local buffer"):
         await run_sessions(config, open_only=False, unsynced=False, as_json=False)
-    async with Store.open(tmp_path / "b.db", site_id="x", reserve_bytes=0) as s:
+    async with Store.open(tmp_path / "b.db", site_id="depot-7", reserve_bytes=0) as s:
         await s.finish_session(record("done-1"))
     capsys.readouterr()  # structlog's default printer wrote the migration line to stdout
     assert await run_sessions(config, open_only=False, unsynced=True, as_json=True) == 0

@@ -30,9 +30,10 @@ _WRITER = textwrap.dedent(
     import asyncio, sys
     from gateway.model import MeterPoint
     from gateway.store import Store
+    from tests.support.records import unsealed
 
     def report(rec):
-        print(f"C {rec['session_id']} {rec['seq']} {rec['hash']}", flush=True)
+        print(f"C {rec.session_id} {rec.seq} {rec.hash}", flush=True)
 
     async def charger(store, run, charger_id):
         n = 0
@@ -46,8 +47,8 @@ _WRITER = textwrap.dedent(
             await store.add_readings([(charger_id, 1e9 + i, {"power_w": i}) for i in range(200)])
             points = await store.session_points(sid)
             rec = await store.finish_session(
-                {"schema": "evgw.session/1", "session_id": sid, "charger_id": charger_id,
-                 "energy_wh": points[-1].energy_wh, "flags": []}
+                unsealed(sid, site_id="crash", charger_id=charger_id,
+                         energy_wh=points[-1].energy_wh, flags=[])
             )
             report(rec)
             n += 1
@@ -57,8 +58,8 @@ _WRITER = textwrap.dedent(
             # What the session manager does at start: finish what a killed run left open.
             for state in await store.load_open_sessions():
                 rec = await store.finish_session(
-                    {"schema": "evgw.session/1", "session_id": state["session_id"],
-                     "charger_id": state["charger_id"], "energy_wh": 0, "flags": ["end_estimated"]}
+                    unsealed(state["session_id"], site_id="crash", charger_id=state["charger_id"],
+                             energy_wh=0, flags=["end_estimated"])
                 )
                 report(rec)
             print("ready", flush=True)
@@ -71,6 +72,7 @@ _WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigkill_never_loses_or_duplicates_a_committed_session(tmp_path: Path) -> None:
     db = tmp_path / "buffer.db"

@@ -91,7 +91,7 @@ async def test_damaged_buffer_is_moved_aside_and_salvaged(damaged: Path) -> None
     assert {json.loads(r.payload)["session_id"] for r in rows} == {
         r["session_id"] for r in finished
     }
-    assert sealed["seq"] == SESSIONS + 1
+    assert sealed.seq == SESSIONS + 1
     assert quick_check(damaged) is None
     # The damaged copy is left as it was, for a person to look at.
     assert quick_check(moved) is not None
@@ -149,6 +149,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "argv",
     [
@@ -172,6 +173,7 @@ async def test_cli_tools_on_damaged_buffer_print_one_line(
     assert "damaged" in lines[0]
 
 
+@pytest.mark.e2e
 async def test_cli_tools_on_garbage_file_print_one_line(tmp_path: Path) -> None:
     buffer = tmp_path / "buffer.db"
     buffer.write_bytes(b"this is no database\n" * 500)
@@ -189,13 +191,13 @@ async def test_files_are_0600_whatever_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
         path = tmp_path / "buffer.db"
-        async with Store.open(path, site_id="x", reserve_bytes=64 * 1024) as s:
+        async with Store.open(path, site_id="depot-7", reserve_bytes=64 * 1024) as s:
             await s.finish_session(record("s1"))
             for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
                 assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
         # An existing buffer left world-readable by an older version is tightened.
         os.chmod(path, 0o644)
-        async with Store.open(path, site_id="x", reserve_bytes=0):
+        async with Store.open(path, site_id="depot-7", reserve_bytes=0):
             pass
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     finally:
@@ -209,7 +211,7 @@ async def test_writes_refused_mid_run_keep_what_was_committed(tmp_path: Path) ->
     VM. So SQLite itself is made to refuse writes (``PRAGMA query_only``: the SQLITE_READONLY
     path every write then takes) on the live connection."""
     path = tmp_path / "b.db"
-    async with Store.open(path, site_id="x", reserve_bytes=64 * 1024) as s:
+    async with Store.open(path, site_id="depot-7", reserve_bytes=64 * 1024) as s:
         for i in range(1, 6):
             await s.finish_session(record(f"s{i}"))
         await s._conn().execute("PRAGMA query_only=1")
@@ -225,7 +227,7 @@ async def test_writes_refused_mid_run_keep_what_was_committed(tmp_path: Path) ->
         await s._conn().execute("PRAGMA query_only=0")
     assert all("readonly" in e and "Traceback" not in e for e in errors), errors
     assert len({e.count("\n") for e in errors}) == 1 and "\n" not in errors[0]
-    async with Store.open(path, site_id="x", reserve_bytes=0) as s:
+    async with Store.open(path, site_id="depot-7", reserve_bytes=0) as s:
         recs = await s.finished_sessions()
     verify_chain(recs)
     assert [r["session_id"] for r in recs] == [f"s{i}" for i in range(1, 6)]

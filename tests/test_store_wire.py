@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_uplink_support import ROOT, check_payload, pending_readings
 
 from gateway.model import rfc3339
 from gateway.store import Store
 from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
 from gateway.uplink.drain import reading_batches
 from gateway.wire import encode_reading, readings_batch, wire_ts
+from tests.support.uplink import ROOT, check_payload, pending_readings
 
 T0 = 1_790_000_000.0  # 2026-09-21
 TOPIC = ROOT + "/readings/{}"
@@ -206,6 +206,7 @@ _KEYS = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=600, deadline=None)
 @given(values=st.dictionaries(_KEYS, _PLAIN_VALUES, max_size=20))
 def test_fast_encoder_writes_the_same_bytes_as_the_json_module(values: dict[Any, Any]) -> None:

@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_broker import MosquittoBroker
 from test_uplink_mqtt import uplink_config
-from test_uplink_support import Recorder, Target, running, wait_until
 
 from gateway.auth import Authorizer
 from gateway.config import AuthConfig
@@ -22,6 +20,8 @@ from gateway.store import Store
 from gateway.tokenparts import TokenParts
 from gateway.uplink.commands import MAX_COMMAND_BYTES
 from gateway.uplink.mqtt import MqttUplink
+from tests.support.mqtt_broker import MosquittoBroker
+from tests.support.uplink import Recorder, Target, running, wait_until
 
 
 def _tokens(n: int, start: int = 0) -> list[dict[str, Any]]:

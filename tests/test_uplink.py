@@ -9,7 +9,6 @@ from pathlib import Path
 import jsonschema
 import pydantic
 import pytest
-from test_uplink_support import PREFIX, ROOT, SITE, Target, session_record
 
 from gateway.records import GENESIS, SessionRecord, canonical_json, record_hash, seal
 from gateway.uplink.commands import MAX_COMMAND_BYTES, CommandHandler
@@ -22,6 +21,7 @@ from gateway.uplink.schemas import (
     validate,
 )
 from gateway.uplink.topics import Topics
+from tests.support.uplink import PREFIX, ROOT, SITE, Target, session_record
 
 TOPICS = Topics(PREFIX, SITE)
 

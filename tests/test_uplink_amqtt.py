@@ -10,13 +10,16 @@ import asyncio
 from pathlib import Path
 
 import aiomqtt
-from mqtt_broker import free_port
-from test_uplink_support import Target, running, wait_until
+import pytest
 
 from gateway.config import UplinkConfig
 from gateway.demo import embedded_broker
 from gateway.store import Store
 from gateway.uplink.mqtt import MqttUplink
+from tests.support.mqtt_broker import free_port
+from tests.support.uplink import Target, running, wait_until
+
+pytestmark = pytest.mark.e2e  # a real broker, if in-process
 
 
 async def test_uplink_switches_to_v311_when_an_mqtt5_connect_goes_unanswered(

@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_broker import MosquittoBroker
 from test_uplink_mqtt import make_uplink, uplink_config
-from test_uplink_support import SITE, Recorder, running, wait_until
 
 from gateway.config import UplinkReadingsConfig
 from gateway.model import rfc3339
 from gateway.store import Store
 from gateway.uplink.lean import LeanReadings
 from gateway.wire import encode_reading
+from tests.support.mqtt_broker import MosquittoBroker
+from tests.support.uplink import SITE, Recorder, running, wait_until
 
 T0 = 1_790_000_040.0  # a minute boundary (1_790_000_040 / 60 = 29_833_334)
 

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_broker import MosquittoBroker
 from test_uplink_mqtt import make_uplink, uplink_config
-from test_uplink_support import Recorder, Target, running, wait_until
 
 from gateway.store import Store
 from gateway.uplink.mqtt import MAX_PACKET_BYTES, MqttUplink
+from tests.support.mqtt_broker import MosquittoBroker
+from tests.support.uplink import Recorder, Target, running, wait_until
 
 
 class SlowTarget(Target):

@@ -10,22 +10,22 @@ import time
 from pathlib import Path
 
 import pytest
-from mqtt_broker import FaultProxy, MosquittoBroker, Pki
 from structlog.testing import capture_logs
-from test_uplink_support import (
+
+from gateway.config import TlsConfig, UplinkConfig, UplinkReadingsConfig
+from gateway.store import Store
+from gateway.uplink.mqtt import MqttUplink
+from tests.support.mqtt_broker import FaultProxy, MosquittoBroker, Pki
+from tests.support.uplink import (
     PREFIX,
     SITE,
     Recorder,
     Target,
     check_delivery,
     running,
-    session_record,
+    unsealed_session,
     wait_until,
 )
-
-from gateway.config import TlsConfig, UplinkConfig, UplinkReadingsConfig
-from gateway.store import Store
-from gateway.uplink.mqtt import MqttUplink
 
 
 def uplink_config(url: str, **kw: object) -> UplinkConfig:
@@ -66,8 +66,8 @@ async def backlog_empty(store: Store) -> bool:
 
 async def produce(store: Store, uplink: MqttUplink, n: int, every_s: float, ids: list[str]) -> None:
     for i in range(n):
-        record = await store.finish_session(session_record(i))
-        ids.append(record["session_id"])
+        record = await store.finish_session(unsealed_session(i))
+        ids.append(record.session_id)
         await store.add_readings([("m1", time.time(), {"power_w": float(i), "energy_wh": i})] * 3)
         uplink.publish_status(
             "cp1",
@@ -95,11 +95,10 @@ def final_status_ok(rec: Recorder, payload_power: float) -> None:
     assert gw[-1].json()["state"] == "online"
 
 
-@pytest.mark.slow
 async def test_long_backlog_drained_after_outage(mosquitto: MosquittoBroker, store: Store) -> None:
     """Broker down while 2000 sessions and 20000 readings pile up; then it comes back."""
     await mosquitto.stop()
-    ids = [(await store.finish_session(session_record(i)))["session_id"] for i in range(2000)]
+    ids = [(await store.finish_session(unsealed_session(i))).session_id for i in range(2000)]
     now = time.time()
     await store.add_readings(
         [(f"m{i % 4}", now + i, {"power_w": i * 1.5, "energy_wh": i}) for i in range(20000)]
@@ -190,7 +189,9 @@ async def test_broker_killed_and_restarted_mid_stream(
     assert rec.problems == []
 
 
-@pytest.mark.parametrize("fault", ["drop", "reset", "stall", "throttle", "refuse"])
+@pytest.mark.parametrize(
+    "fault", ["drop", "reset", "stall", "throttle", pytest.param("refuse", marks=pytest.mark.slow)]
+)
 async def test_proxy_faults(
     mosquitto: MosquittoBroker, fault_proxy: FaultProxy, store: Store, fault: str
 ) -> None:
@@ -281,11 +282,11 @@ async def test_v5_refused_falls_back_to_v311(
     fault_proxy.v311_only = True
     rec = Recorder(mosquitto.port)
     uplink = make_uplink(uplink_config(fault_proxy.url), store)
-    record = await store.finish_session(session_record(1))
+    record = await store.finish_session(unsealed_session(1))
     async with running(rec.run()), running(uplink.run()):
         await wait_until(lambda: rec.sessions(), 5, "session")
     assert uplink.stats.protocol == "3.1.1"
-    assert rec.sessions()[0]["session_id"] == record["session_id"]
+    assert rec.sessions()[0]["session_id"] == record.session_id
 
 
 async def _tls_case(
@@ -296,7 +297,7 @@ async def _tls_case(
     try:
         rec = Recorder(broker.port)
         uplink = make_uplink(uplink_config(broker.tls_url, tls=tls), store)
-        await store.finish_session(session_record(1))
+        await store.finish_session(unsealed_session(1))
         with capture_logs() as logs:
             async with running(rec.run()), running(uplink.run()):
                 try:
@@ -309,6 +310,7 @@ async def _tls_case(
         broker.kill()
 
 
+@pytest.mark.e2e
 async def test_tls_with_generated_ca(tmp_path: Path, test_pki: Pki, store: Store) -> None:
     delivered, _ = await _tls_case(
         tmp_path / "b1", test_pki, TlsConfig(ca_file=test_pki.ca_file), store
@@ -316,6 +318,7 @@ async def test_tls_with_generated_ca(tmp_path: Path, test_pki: Pki, store: Store
     assert delivered
 
 
+@pytest.mark.e2e
 async def test_tls_wrong_ca_is_refused(tmp_path: Path, test_pki: Pki, store: Store) -> None:
     delivered, logs = await _tls_case(
         tmp_path / "b2", test_pki, TlsConfig(ca_file=test_pki.other_ca_file), store
@@ -325,6 +328,7 @@ async def test_tls_wrong_ca_is_refused(tmp_path: Path, test_pki: Pki, store: Sto
     assert errors and "CERTIFICATE_VERIFY_FAILED" in errors[0]["error"]
 
 
+@pytest.mark.e2e
 async def test_tls_client_certificate(tmp_path: Path, test_pki: Pki, store: Store) -> None:
     tls = TlsConfig(
         ca_file=test_pki.ca_file, cert_file=test_pki.client_cert, key_file=test_pki.client_key
@@ -333,6 +337,7 @@ async def test_tls_client_certificate(tmp_path: Path, test_pki: Pki, store: Stor
     assert delivered
 
 
+@pytest.mark.e2e
 async def test_tls_client_certificate_missing_is_refused(
     tmp_path: Path, test_pki: Pki, store: Store
 ) -> None:

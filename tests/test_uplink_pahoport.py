@@ -9,10 +9,10 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as paho
 import pytest
-from mqtt_broker import MosquittoBroker
-from test_uplink_support import wait_until
 
 from gateway.uplink.pahoport import direct_publisher, manual_acks
+from tests.support.mqtt_broker import MosquittoBroker
+from tests.support.uplink import wait_until
 
 
 def _client(broker: MosquittoBroker, identifier: str, **kw: Any) -> aiomqtt.Client:

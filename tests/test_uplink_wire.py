@@ -6,12 +6,12 @@ import datetime
 import time
 from pathlib import Path
 
-from mqtt_broker import MosquittoBroker
 from test_uplink_mqtt import make_uplink, uplink_config
-from test_uplink_support import SITE, Recorder, running, wait_until
 
 from gateway.model import rfc3339
 from gateway.store import Store
+from tests.support.mqtt_broker import MosquittoBroker
+from tests.support.uplink import SITE, Recorder, running, wait_until
 
 
 async def test_odd_values_published_as_valid_batches(

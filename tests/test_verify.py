@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from test_consumer_support import make_chain, make_signer, tampered
 
 from gateway.billing.signing import Signer
 from gateway.billing.verify import read_records, verify_records
 from gateway.cli import main
 from gateway.records import seal
+from tests.support.consumer import make_chain, make_signer, tampered
 
 
 @pytest.fixture
@@ -187,11 +187,10 @@ async def test_verify_gateway_buffer_with_its_own_key(
     """-c CONFIG: the records sealed by the real Store, and the key file next to the buffer."""
     import sqlite3
 
-    from test_consumer_support import record_body
-
     from gateway.billing.verify import run_verify
     from gateway.config import load_config
     from gateway.store import Store
+    from tests.support.consumer import unsealed_body
 
     cfg_path = tmp_path / "site.yaml"
     buffer = tmp_path / "buffer.db"
@@ -201,13 +200,13 @@ async def test_verify_gateway_buffer_with_its_own_key(
     config = load_config(cfg_path)
     signer = Signer.load_or_create(buffer.with_name("evgw-signing.key"))
     async with Store.open(
-        buffer, site_id="depot-7", reserve_bytes=0, sealer=lambda r: seal(r, signer.sign)
+        buffer,
+        site_id="depot-7",
+        reserve_bytes=0,
+        sealer=lambda r, seq, prev: r.sealed(seq, prev, signer.sign),
     ) as store:
         for i in range(1, 5):
-            body = record_body(i)
-            for key in ("seq", "prev_hash"):
-                body.pop(key, None)
-            await store.finish_session(body)
+            await store.finish_session(unsealed_body(i))
     assert await run_verify(config=config) == 0
     assert capsys.readouterr().out == "4 records OK, chain intact, signatures valid\n"
 

@@ -13,13 +13,13 @@ from typing import Any
 import aiohttp
 import jsonschema
 import pytest
-from mqtt_broker import MosquittoBroker
 from prometheus_client.parser import text_string_to_metric_families
-from test_uplink_support import wait_until
-from test_web_support import basic, get_json, openapi, start_charging, validate, web_site
 
 from gateway.profiles import Profile
 from gateway.web.users import add_user
+from tests.support.mqtt_broker import MosquittoBroker
+from tests.support.uplink import wait_until
+from tests.support.web import basic, get_json, openapi, start_charging, validate, web_site
 
 
 def _charger(status: dict[str, Any], charger_id: str) -> dict[str, Any]:

@@ -25,11 +25,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from mqtt_broker import MosquittoBroker
-from test_uplink_support import wait_until
-from test_web_support import start_charging, web_site
 
 from gateway.profiles import Profile
+from tests.support.mqtt_broker import MosquittoBroker
+from tests.support.uplink import wait_until
+from tests.support.web import start_charging, web_site
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -193,6 +193,7 @@ def _card(charger: str, part: str = "dataset.state") -> str:
     return f"document.querySelector('[data-charger=\"{charger}\"]')?.{part}"
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 async def test_page_shows_chargers_and_updates_when_an_ev_starts(
     tmp_path: Path, mosquitto: MosquittoBroker, shipped_profiles: dict[str, Profile]

@@ -10,12 +10,14 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import aiohttp
-from test_uplink_support import wait_until
-from test_web_support import get_json, start_charging, validate, web_site
+import pytest
 
 from gateway.profiles import Profile
+from tests.support.uplink import wait_until
+from tests.support.web import get_json, start_charging, validate, web_site
 
 
+@pytest.mark.slow
 async def test_limit_in_force_and_statistics_page(
     tmp_path: Path, shipped_profiles: dict[str, Profile]
 ) -> None:

@@ -45,6 +45,7 @@ from gateway.billing.tariff_schema import (
 from gateway.errors import CommandError, TariffError
 from gateway.model import MAX_VERSION
 from gateway.records import canonical_json
+from gateway.schema import to_spec
 
 __all__ = [
     "DAYS",
@@ -184,14 +185,9 @@ def _element(element: ElementIn) -> TariffElement:
         ),
         restrictions=Restrictions()
         if r is None
-        else Restrictions(
-            start_time=r.start_time,
-            end_time=r.end_time,
-            start_date=r.start_date,
-            end_date=r.end_date,
-            day_of_week=r.day_of_week,
-            min_kwh=r.min_kwh,
-            max_kwh=r.max_kwh,
+        else to_spec(
+            r,
+            Restrictions,
             min_power_kw=r.min_power,
             max_power_kw=r.max_power,
             min_duration_s=r.min_duration,

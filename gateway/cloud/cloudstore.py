@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from gateway.cloud.schema import ADDED_COLUMNS, MIGRATION_LOCK, SCHEMA, UNTRUSTED_SESSIONS
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UsageError
 from gateway.model import from_rfc3339
 from gateway.records import SessionRecord
 from gateway.redact import redact_url
@@ -58,17 +58,13 @@ class CloudStoreError(GatewayError):
     """The consumer's store cannot be opened or used (bad URL, missing driver, server down)."""
 
 
-class StoreUrlError(CloudStoreError):
+class StoreUrlError(CloudStoreError, UsageError):
     """A store URL that names no supported store: a usage error."""
 
-    exit_code = 2
 
-
-class NoSuchStoreError(CloudStoreError):
+class NoSuchStoreError(CloudStoreError, UsageError):
     """A reading command named a store that does not exist (a mistyped path): nothing is
     created, exit 2."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +178,12 @@ class CloudStore(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
+    async def _of_site(self, select: str, site_id: str | None, order: str) -> list[tuple[Any, ...]]:
+        """The rows of ``select`` (``SELECT ... FROM table``) of one site, or of all."""
+        if site_id is None:
+            return await self._fetch(f"{select} ORDER BY {order}")
+        return await self._fetch(f"{select} WHERE site_id = ? ORDER BY {order}", (site_id,))
+
     @abstractmethod
     async def _columns(self, table: str) -> set[str]:
         """The column names of a table; empty when there is no such table."""
@@ -270,10 +272,8 @@ class CloudStore(ABC):
 
     async def sessions(self, site_id: str | None = None) -> list[StoredSession]:
         """Every stored session (of one site), ordered by site and seq."""
-        where, params = ("WHERE site_id = ? ", (site_id,)) if site_id is not None else ("", ())
-        rows = await self._fetch(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions {where}ORDER BY site_id, seq, session_id",
-            params,
+        rows = await self._of_site(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions", site_id, "site_id, seq, session_id"
         )
         return [_stored(r) for r in rows]
 
@@ -338,11 +338,11 @@ class CloudStore(ABC):
         return changed > 0
 
     async def key_rows(self, site_id: str | None = None) -> list[SiteKey]:
-        where, params = ("WHERE site_id = ? ", (site_id,)) if site_id is not None else ("", ())
-        rows = await self._fetch(
+        rows = await self._of_site(
             "SELECT site_id, key_id, alg, public_key_pem, status, source, received_at, note "
-            f"FROM site_keys {where}ORDER BY site_id, received_at, key_id",
-            params,
+            "FROM site_keys",
+            site_id,
+            "site_id, received_at, key_id",
         )
         return [
             SiteKey(si, k, a, pem, st, src, float(at), note)
@@ -373,11 +373,10 @@ class CloudStore(ABC):
         )
 
     async def problems(self, site_id: str | None = None) -> list[Problem]:
-        where, params = ("WHERE site_id = ? ", (site_id,)) if site_id is not None else ("", ())
-        rows = await self._fetch(
-            "SELECT site_id, kind, seq, session_id, detail, found_at FROM chain_problems "
-            f"{where}ORDER BY found_at",
-            params,
+        rows = await self._of_site(
+            "SELECT site_id, kind, seq, session_id, detail, found_at FROM chain_problems",
+            site_id,
+            "found_at",
         )
         return [
             Problem(s, k, None if q is None else int(q), sid, d, float(f))

@@ -26,7 +26,7 @@ from paho.mqtt.properties import Properties
 from gateway.cloud.cloudstore import open_cloud_store
 from gateway.cloud.consumer import RESERVED_SITES, SessionConsumer
 from gateway.cloud.trust import load_trust_dir
-from gateway.errors import GatewayError
+from gateway.errors import UsageError
 from gateway.redact import redact_url
 from gateway.uplink.pahoport import manual_acks
 
@@ -38,8 +38,8 @@ SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our queue for a week of con
 _UNSUPPORTED_PROTOCOL = frozenset({1, 132})  # v3.1.1 CONNACK 1, MQTT 5 reason 0x84
 
 
-class BrokerUrlError(GatewayError):
-    exit_code = 2  # a usage error
+class BrokerUrlError(UsageError):
+    """A ``--broker`` URL the consumer cannot use."""
 
 
 @dataclass(frozen=True, slots=True)

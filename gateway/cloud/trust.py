@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gateway.billing.signing import key_id, load_public_key
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UsageError
 
 __all__ = ["TrustDirError", "TrustedKey", "load_trust_dir", "public_pem"]
 
@@ -25,10 +25,8 @@ _PEM_BLOCK = re.compile(r"-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----"
 _HEX_KEY = re.compile(r"^[0-9a-fA-F]{64}$", re.M)
 
 
-class TrustDirError(GatewayError):
+class TrustDirError(UsageError):
     """The trust directory cannot be used as it is: a usage error."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,31 +15,46 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from gateway.billing.signing import key_id
 from gateway.billing.verify import load_key_file
 from gateway.cloud.cloudstore import open_cloud_store
 from gateway.cloud.consumer import KEY_RELOAD_S, SessionConsumer
 from gateway.cloud.trust import public_pem
-from gateway.errors import GatewayError
+from gateway.errors import UsageError
 from gateway.safeout import printable
 
 __all__ = ["KEY_RELOAD_S", "run_trust"]
 
 
-class TrustUsageError(GatewayError):
-    exit_code = 2
+class TrustUsageError(UsageError):
+    """A bad argument to ``evgw trust``."""
 
 
 def _when(ts: float | None) -> str:
     return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
+def _show(
+    as_json: bool,
+    objects: list[dict[str, Any]],
+    header: tuple[str, ...],
+    rows: list[tuple[str, ...]],
+    empty: str,
+) -> int:
+    """Print the listing as JSON objects, or as a table (every cell made printable)."""
+    if as_json:
+        print(json.dumps(objects, indent=2, ensure_ascii=False))
+        return 0
+    if not rows:
+        print(empty)
+        return 0
+    table = [header, *(tuple(printable(c) for c in r) for r in rows)]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
 
 
 async def _add(db_url: str, site: str, key_file: Path, note: str | None) -> int:
@@ -84,71 +99,54 @@ async def _revoke(db_url: str, site: str, kid: str, reason: str | None) -> int:
 async def _list(db_url: str, site: str | None, as_json: bool) -> int:
     async with open_cloud_store(db_url, create=False) as store:
         keys = await store.key_rows(site)
-    if as_json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "site_id": k.site_id,
-                        "key_id": k.key_id,
-                        "status": k.status,
-                        "source": k.source,
-                        "since": _when(k.received_at),
-                        "note": k.note,
-                        "public_key_pem": k.public_key_pem,
-                    }
-                    for k in keys
-                ],
-                indent=2,
-                ensure_ascii=False,
-            )
-        )
-        return 0
-    rows: list[tuple[str, ...]] = [("site", "key_id", "status", "source", "since", "note")]
-    rows += [
-        tuple(
-            printable(c)
-            for c in (k.site_id, k.key_id, k.status, k.source, _when(k.received_at), k.note or "")
-        )
-        for k in keys
-    ]
-    print(_table(rows) if keys else "(no keys)")
-    return 0
+    return _show(
+        as_json,
+        [
+            {
+                "site_id": k.site_id,
+                "key_id": k.key_id,
+                "status": k.status,
+                "source": k.source,
+                "since": _when(k.received_at),
+                "note": k.note,
+                "public_key_pem": k.public_key_pem,
+            }
+            for k in keys
+        ],
+        ("site", "key_id", "status", "source", "since", "note"),
+        [
+            (k.site_id, k.key_id, k.status, k.source, _when(k.received_at), k.note or "")
+            for k in keys
+        ],
+        "(no keys)",
+    )
 
 
 async def _quarantine(db_url: str, site: str | None, as_json: bool, released: bool) -> int:
     async with open_cloud_store(db_url, create=False) as store:
         held = await store.quarantined(site, released=released)
-    if as_json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "kind": q.kind,
-                        "reason": q.reason,
-                        "topic": q.topic,
-                        "site_id": q.site_id,
-                        "session_id": q.session_id,
-                        "seq": q.seq,
-                        "user_id": q.user_id,
-                        "received_at": _when(q.received_at),
-                        "qid": q.qid,
-                        "released_at": None if q.released_at is None else _when(q.released_at),
-                        "resolution": q.resolution,
-                        "payload": q.payload,
-                    }
-                    for q in held
-                ],
-                indent=2,
-                ensure_ascii=False,
-            )
-        )
-        return 0
-    rows: list[tuple[str, ...]] = [("qid", "received", "kind", "site", "user", "reason")]
-    rows += [
-        tuple(
-            printable(c)
-            for c in (
+    return _show(
+        as_json,
+        [
+            {
+                "kind": q.kind,
+                "reason": q.reason,
+                "topic": q.topic,
+                "site_id": q.site_id,
+                "session_id": q.session_id,
+                "seq": q.seq,
+                "user_id": q.user_id,
+                "received_at": _when(q.received_at),
+                "qid": q.qid,
+                "released_at": None if q.released_at is None else _when(q.released_at),
+                "resolution": q.resolution,
+                "payload": q.payload,
+            }
+            for q in held
+        ],
+        ("qid", "received", "kind", "site", "user", "reason"),
+        [
+            (
                 q.qid,
                 _when(q.received_at) + (f" ({q.resolution})" if q.released_at is not None else ""),
                 q.kind,
@@ -156,11 +154,10 @@ async def _quarantine(db_url: str, site: str | None, as_json: bool, released: bo
                 q.user_id or "-",
                 q.reason,
             )
-        )
-        for q in held
-    ]
-    print(_table(rows) if held else "(nothing quarantined)")
-    return 0
+            for q in held
+        ],
+        "(nothing quarantined)",
+    )
 
 
 async def _dismiss(

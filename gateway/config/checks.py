@@ -201,13 +201,12 @@ def _check_ocpp(ctx: Ctx, raw: dict[str, Any]) -> None:
                     f"security_profile 2 (TLS) needs {key_name}",
                 )
     elif profile < 2:
-        for key_name in ("cert_file", "key_file"):
-            if key_name in present:
-                ctx.add(
-                    (*path, key_name),
-                    f"{key_name} is for security_profile 2 (TLS); this is {profile}",
-                    key=True,
-                )
+        ctx.misplaced(
+            path,
+            present,
+            ("cert_file", "key_file"),
+            lambda name: f"{name} is for security_profile 2 (TLS); this is {profile}",
+        )
 
 
 def _check_tariffs(ctx: Ctx, raw: dict[str, Any]) -> None:

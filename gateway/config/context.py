@@ -3,7 +3,7 @@ and helpers that word references to ids ("unknown bus 'x' (did you mean 'y'?)").
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,15 @@ class Ctx:
 
     def add(self, path: PathT, message: str, *, key: bool = False) -> None:
         self.doc.add(path, message, key=key)
+
+    def misplaced(
+        self, path: PathT, present: set[str], names: Iterable[str], why: Callable[[str], str]
+    ) -> None:
+        """Each of ``names`` written at ``path``, where it means nothing: ``why(name)``, at the
+        key."""
+        for name in names:
+            if name in present:
+                self.add((*path, name), why(name), key=True)
 
 
 def choices_hint(name: str, choices: Iterable[str], plural: str) -> str:

@@ -36,10 +36,12 @@ def check_buses(ctx: Ctx, raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 ctx.add(
                     (*path, "port"), "an rtu bus needs port (the serial device, e.g. /dev/ttyUSB0)"
                 )
-            for key in sorted({"host", "tcp_port"} & present):
-                ctx.add(
-                    (*path, key), f"{key} is for rtu-over-tcp buses; an rtu bus uses port", key=True
-                )
+            ctx.misplaced(
+                path,
+                present,
+                ("host", "tcp_port"),
+                lambda name: f"{name} is for rtu-over-tcp buses; an rtu bus uses port",
+            )
         elif bus.get("type") == "rtu-over-tcp":
             if "host" not in present:
                 ctx.add((*path, "host"), "an rtu-over-tcp bus needs host (the serial server)")
@@ -138,13 +140,12 @@ def check_devices(
             if "tariff" in dev and isinstance(dev["tariff"], str):
                 ctx.tariff_refs.append(((*path, "tariff"), dev["tariff"]))
             continue
-        for key_name in ("charge_point_id", "meter_public_key"):
-            if key_name in present:
-                ctx.add(
-                    (*path, key_name),
-                    f"{key_name} is for OCPP chargers (driver: {OCPP_DRIVER})",
-                    key=True,
-                )
+        ctx.misplaced(
+            path,
+            present,
+            ("charge_point_id", "meter_public_key"),
+            lambda name: f"{name} is for OCPP chargers (driver: {OCPP_DRIVER})",
+        )
         if profiles is not None and "driver" in dev:
             profile = profiles.get(dev["driver"])
             if profile is None:
@@ -229,14 +230,12 @@ def check_devices(
             if other != dev["id"]:
                 ctx.add((*path, "unit"), f"unit {unit} {where} is already used by device '{other}'")
         if profile is not None and profile.kind is DeviceKind.METER:
-            for key_name in ("meter", "tariff", "max_current_a"):
-                if key_name in present:
-                    ctx.add(
-                        (*path, key_name),
-                        f"only chargers take {key_name}; "
-                        f"'{dev.get('id')}' is a meter ({profile.slug})",
-                        key=True,
-                    )
+            meter = f"'{dev.get('id')}' is a meter ({profile.slug})"
+
+            def only_chargers(name: str, meter: str = meter) -> str:
+                return f"only chargers take {name}; {meter}"
+
+            ctx.misplaced(path, present, ("meter", "tariff", "max_current_a"), only_chargers)
         is_meter = profile is not None and profile.kind is DeviceKind.METER
         if "tariff" in dev and not is_meter and isinstance(dev["tariff"], str):
             ctx.tariff_refs.append(((*path, "tariff"), dev["tariff"]))
@@ -267,15 +266,18 @@ def _check_ocpp_device(
     charge_points: dict[tuple[str, int], int],
 ) -> None:
     """An OCPP charge point: reached by its own websocket, so no Modbus address."""
-    for key_name in ("host", "port", "bus", "unit", "poll_interval", "timeout", "meter"):
-        if key_name in present:
-            why = (
-                "an OCPP charger is billed from its own meter values (meter: is not supported "
-                "for OCPP chargers yet)"
-                if key_name == "meter"
-                else "an OCPP charger connects to the gateway's ocpp: server by itself"
-            )
-            ctx.add((*path, key_name), f"{key_name} is for Modbus devices: {why}", key=True)
+
+    def why(name: str) -> str:
+        reason = (
+            "an OCPP charger is billed from its own meter values (meter: is not supported "
+            "for OCPP chargers yet)"
+            if name == "meter"
+            else "an OCPP charger connects to the gateway's ocpp: server by itself"
+        )
+        return f"{name} is for Modbus devices: {reason}"
+
+    modbus_keys = ("host", "port", "bus", "unit", "poll_interval", "timeout", "meter")
+    ctx.misplaced(path, present, modbus_keys, why)
     if "meter_public_key" in dev:
         from gateway.ocpp.ocmf import load_meter_key  # here: it needs cryptography
 

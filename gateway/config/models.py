@@ -39,6 +39,15 @@ from gateway.schema import AsTuple, Choice, Duration, Model, Range, Text
 Port = Annotated[int, Range(1, 65535)]
 
 
+def _host_port(url: str, default_port: int) -> tuple[str, int]:
+    """HOST and PORT of a checked ``scheme://host[:port]`` URL."""
+    rest = url.split("://", 1)[-1].rstrip("/")
+    if ":" in rest:
+        host, port = rest.rsplit(":", 1)
+        return host, int(port)
+    return rest, default_port
+
+
 class SiteConfig(Model):
     id: Annotated[str, ID] = Field(description="site id in topics and records")
     timezone: Annotated[str, Text(check=check_timezone)] = Field(
@@ -162,15 +171,11 @@ class UplinkConfig(Model):
 
     @property
     def host(self) -> str:
-        rest = self.url.split("://", 1)[1].rstrip("/")
-        return rest.rsplit(":", 1)[0] if ":" in rest else rest
+        return _host_port(self.url, 0)[0]
 
     @property
     def port(self) -> int:
-        rest = self.url.split("://", 1)[1].rstrip("/")
-        if ":" in rest:
-            return int(rest.rsplit(":", 1)[1])
-        return 8883 if self.scheme == "mqtts" else 1883
+        return _host_port(self.url, 8883 if self.scheme == "mqtts" else 1883)[1]
 
 
 Baudrate = Annotated[int, Choice(*BAUDRATES)]
@@ -436,6 +441,20 @@ class GridConfig(Model):
     signal: Annotated[dict[str, Any], _ReadFrom(_Signal, _set_keys)] | None = None
 
 
+class _Listening(Model):
+    """A server's section: ``listen`` is HOST:PORT (each section sets its own default)."""
+
+    listen: str
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
 class HomeAssistantConfig(Model):
     """Home Assistant MQTT discovery (gateway/homeassistant.py); off unless enabled."""
 
@@ -470,16 +489,14 @@ class HomeAssistantConfig(Model):
 
     @property
     def host(self) -> str:
-        rest = (self.url or "").split("://", 1)[-1].rstrip("/")
-        return rest.rsplit(":", 1)[0] if ":" in rest else rest
+        return _host_port(self.url or "", 1883)[0]
 
     @property
     def port(self) -> int:
-        rest = (self.url or "").split("://", 1)[-1].rstrip("/")
-        return int(rest.rsplit(":", 1)[1]) if ":" in rest else 1883
+        return _host_port(self.url or "", 1883)[1]
 
 
-class OcppConfig(Model):
+class OcppConfig(_Listening):
     """The OCPP-J server OCPP chargers connect to (``ws://HOST:PORT/{charge_point_id}``).
 
     ``security_profile``: 0 none, 1 HTTP basic auth, 2 TLS with basic auth (OCPP 1.6 security
@@ -517,16 +534,8 @@ class OcppConfig(Model):
         description="wait this long for a charge point's answer to a call",
     )
 
-    @property
-    def host(self) -> str:
-        return split_listen(self.listen)[0]
 
-    @property
-    def port(self) -> int:
-        return split_listen(self.listen)[1]
-
-
-class WebConfig(Model):
+class WebConfig(_Listening):
     """The status page, API and metrics (gateway.web): off unless ``web:`` is set."""
 
     listen: Annotated[str, Text(check=check_listen)] = Field(
@@ -539,14 +548,6 @@ class WebConfig(Model):
         description="NAME:scrypt-hash lines (evgw web-user add FILE NAME); with it every "
         "request needs HTTP basic auth",
     )
-
-    @property
-    def host(self) -> str:
-        return split_listen(self.listen)[0]
-
-    @property
-    def port(self) -> int:
-        return split_listen(self.listen)[1]
 
     @property
     def local_only(self) -> bool:

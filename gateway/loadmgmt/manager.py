@@ -200,11 +200,7 @@ class LoadManager:
             self._wake.clear()
             async with self._lock:
                 await self._evaluate()
-            try:
-                async with asyncio.timeout(self.interval_s):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+            await self._sleep()
 
     async def _await_first_meter_sample(self) -> None:
         """At start-up the grid meter has simply not been polled yet: judging the site before
@@ -216,11 +212,15 @@ class LoadManager:
         deadline = self.clock.monotonic() + settings.meter_stale_s
         while self.balancer.grid_sample is None and self.clock.monotonic() < deadline:
             self._wake.clear()
-            try:
-                async with asyncio.timeout(self.interval_s):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+            await self._sleep()
+
+    async def _sleep(self) -> None:
+        """One interval, or less when something wakes the manager (a new sample, a cap)."""
+        try:
+            async with asyncio.timeout(self.interval_s):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
 
     async def evaluate(self) -> Decision:
         """Decide and write once (what ``run`` does every interval)."""

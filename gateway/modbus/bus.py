@@ -26,11 +26,11 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from gateway.closing import AsyncClosing
 from gateway.errors import DeviceError
 from gateway.modbus import adapter
 from gateway.modbus.adapter import ConnectionException, ModbusException
@@ -546,7 +546,7 @@ def bus_from_config(cfg: BusConfig) -> ModbusBus:
     raise ValueError(f"bus {cfg.id}: unknown type {cfg.type!r}")
 
 
-class BusPool:
+class BusPool(AsyncClosing):
     """One bus per TCP endpoint or configured bus, shared by the devices on it.
 
     ``async with BusPool.from_config(config) as pool: pool.bus_for(device)``; buses connect on
@@ -598,14 +598,3 @@ class BusPool:
     async def close(self) -> None:
         for bus in self._buses.values():
             await bus.close()
-
-    async def __aenter__(self) -> BusPool:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

@@ -8,7 +8,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from gateway.errors import DeviceError, GatewayError
+from gateway.errors import DeviceError, UsageError
 from gateway.modbus.bus import BusPool
 from gateway.modbus.driver import DeviceDriver
 from gateway.modbus.scan import converter_hint, parse_units, scan
@@ -81,10 +81,8 @@ async def run_read(config: GatewayConfig, device_id: str, *, as_json: bool = Fal
     return 0 if sample.online else 1
 
 
-class EngineUsageError(GatewayError):
+class EngineUsageError(UsageError):
     """A bad argument to ``evgw read`` / ``evgw scan`` (exit 2, one line)."""
-
-    exit_code = 2
 
 
 def _usage(message: str) -> Exception:

@@ -81,11 +81,6 @@ class DeviceDriver:
     def can_control(self) -> bool:
         return self.profile.enable is not None or self.profile.current_limit is not None
 
-    @property
-    def requests_per_poll(self) -> int:
-        """Requests of a poll where every slow block is due too."""
-        return len(self.blocks)
-
     # -- polling ----------------------------------------------------------------------------
     async def poll(self) -> DeviceSample:
         """Read and decode the device once. Never raises for device faults."""

@@ -34,15 +34,8 @@ class Table(StrEnum):
     DISCRETE = "discrete"  # read FC02
 
     @property
-    def read_function(self) -> int:
-        return _READ_FUNCTION[self]
-
-    @property
     def is_bits(self) -> bool:
         return self in (Table.COIL, Table.DISCRETE)
-
-
-_READ_FUNCTION = {Table.COIL: 1, Table.DISCRETE: 2, Table.HOLDING: 3, Table.INPUT: 4}
 
 
 class DataType(StrEnum):

@@ -28,6 +28,7 @@ from gateway.profiles.spec import (
     StateSpec,
     TagSpec,
 )
+from gateway.schema import to_spec
 from gateway.tags import normalise_tag
 from gateway.yamlpos import YamlDoc
 
@@ -146,14 +147,7 @@ class _Builder:
         elif c.equals is not None and not all(isinstance(v, int) for v in c.equals):
             self.add(path, f"register {name!r} is a number: compare with integers")
             return None
-        return Condition(
-            register=name,
-            equals=c.equals,
-            min=c.min,
-            max=c.max,
-            bits_all=c.bits_all,
-            bits_any=c.bits_any,
-        )
+        return to_spec(c, Condition, register=name)
 
     def state(self) -> StateSpec | None:
         d = self.data.state
@@ -379,14 +373,9 @@ class _Builder:
         sim_states, sim_identity = self.simulate(kind, state, identify, controls)
         if not self.ok or self.broken:
             return None
-        return Profile(
-            slug=data.slug,
-            kind=data.kind,
-            manufacturer=data.manufacturer,
-            model=data.model,
-            description=data.description,
-            sources=data.sources,
-            uncertain=data.uncertain,
+        return to_spec(
+            data,
+            Profile,
             connection=self.connection(),
             registers=registers,
             state=state,
@@ -398,7 +387,6 @@ class _Builder:
             identify=identify,
             pause=pause,
             on_connect=on_connect,
-            session_energy_resets=data.session_energy_resets,
             simulate_states=sim_states,
             simulate_identity=sim_identity,
             path=self.doc.file,
@@ -416,17 +404,9 @@ class _Builder:
             )
             if setting != base and setting not in alternatives:
                 alternatives.append(setting)
-        return ConnectionSpec(
-            transports=c.transports,
-            default_port=c.default_port,
-            default_unit=c.default_unit,
-            baudrate=c.baudrate,
-            parity=c.parity,
-            stopbits=c.stopbits,
-            max_registers_per_read=c.max_registers_per_read,
-            single_value_reads=c.single_value_reads,
+        return to_spec(
+            c,
+            ConnectionSpec,
             inter_request_delay_s=c.inter_request_delay,
-            max_gap=c.max_gap,
-            rejects_gaps=c.rejects_gaps,
             serial_alternatives=tuple(alternatives),
         )

@@ -21,6 +21,7 @@ from gateway.modbus.types import CURRENT_UNITS, TYPES, DataType, RegisterSpec, T
 from gateway.model import ChargerStatus, DeviceKind, IecState
 from gateway.profiles.spec import CANONICAL_QUANTITIES, KNOWN_FROM
 from gateway.schema import AsTuple, Choice, Duration, Model, Problems, Range, Text, describe, fail
+from gateway.schema.model import to_spec
 
 __all__ = [
     "ConditionIn",
@@ -264,23 +265,15 @@ class RegisterIn(_Where):
         return self
 
     def register_spec(self) -> RegisterSpec:
-        return RegisterSpec(
-            name=self.name,
-            table=self.table,
-            address=self.address,
-            type=self.type,
+        return to_spec(
+            self,
+            RegisterSpec,
             count=self.registers,
-            word_order=self.word_order,
-            byte=self.byte,
-            mask=self.mask,
             scale=float(self.scale),
             offset=float(self.offset),
             unit=self.unit if self.unit is not None else CANONICAL_QUANTITIES.get(self.name, ""),
             sentinels=frozenset(self.sentinels),
             every_s=self.every,
-            note=self.note,
-            source=self.source,
-            known=self.known,
         )
 
 

@@ -16,6 +16,7 @@ from gateway.schema.model import (
     Problems,
     container_fields,
     fields_of,
+    to_spec,
     unwrap,
 )
 from gateway.schema.types import (
@@ -65,6 +66,7 @@ __all__ = [
     "parse_duration",
     "problems_of",
     "suggest",
+    "to_spec",
     "unwrap",
     "validate_doc",
     "validate_parts",

@@ -9,16 +9,20 @@ key that differs from the attribute is declared as ``Field(validation_alias="tim
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import typing
-from typing import Any, ClassVar, NoReturn, Union
+from collections.abc import Callable
+from typing import Any, ClassVar, NoReturn, TypeVar, Union, cast
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, model_validator
 from pydantic.fields import FieldInfo
 
 from gateway.schema.types import fail
 
-__all__ = ["STRICT", "Model", "Problems", "container_fields", "fields_of", "unwrap"]
+__all__ = ["STRICT", "Model", "Problems", "container_fields", "fields_of", "to_spec", "unwrap"]
+
+T = TypeVar("T")
 
 PathT = tuple[str | int, ...]
 
@@ -59,6 +63,19 @@ class Model(BaseModel):
                 if name in data:
                     raise fail(f"unknown key '{name}'", at=(name,), key=True)
         return _drop_empty(cls, data)
+
+
+def to_spec(model: BaseModel, spec: type[T], /, **computed: Any) -> T:
+    """The dataclass ``spec`` built from a checked ``model``: the ``computed`` fields as given,
+    every other field copied from the model's field of the same name (a spec field the model
+    lacks is a TypeError: nothing falls back to a default unseen)."""
+    values = dict(computed)
+    for f in dataclasses.fields(cast(Any, spec)):
+        if f.name not in values:
+            if f.name not in type(model).model_fields:
+                raise TypeError(f"{spec.__name__}.{f.name}: not in {type(model).__name__}")
+            values[f.name] = getattr(model, f.name)
+    return cast(Callable[..., T], spec)(**values)
 
 
 def unwrap(annotation: Any) -> Any:

@@ -322,5 +322,4 @@ class CounterReadings:
             session.sc_last_wh = sc
         changed = charging != session.charging
         session.charging = charging
-        session.ever_charged |= charging
         return changed

@@ -158,7 +158,6 @@ class OpenSession:
     idle_s: float = 0.0
     max_power_w: float = 0.0
     charging: bool = False  # measured state at the last sample
-    ever_charged: bool = False
     last_sample_ts: float | None = None
     last_activity_ts: float = 0.0  # last time seen online and plugged in
     sc_base_wh: float | None = None  # charger's session counter at start (swap detection)

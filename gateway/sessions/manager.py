@@ -33,7 +33,6 @@ from gateway.ports import (
     SessionEvents,
     SessionStore,
 )
-from gateway.records import SessionRecord
 from gateway.sessions.connector import ChargerSpec, Grant
 from gateway.sessions.effects import (
     AddPoint,
@@ -51,8 +50,6 @@ from gateway.sessions.tracker import SessionTracker
 __all__ = ["Pricer", "SessionManager", "TariffsResolver", "default_periods"]
 
 log = structlog.get_logger(__name__)
-
-UNPRICED = Flag.UNPRICED.value
 
 PricerResult = tuple[list[dict[str, Any]], dict[str, Any] | None]
 Pricer = Callable[
@@ -450,7 +447,7 @@ class SessionManager:
                 periods, cost = result
             except Exception as exc:  # pricing must never lose a session
                 log.error("session_pricing_failed", session_id=session.session_id, error=str(exc))
-                facts = facts.model_copy(update={"flags": [*facts.flags, UNPRICED]})
+                facts = facts.model_copy(update={"flags": [*facts.flags, Flag.UNPRICED.value]})
         if cost is not None and Flag.NOT_BILLABLE.value in facts.flags:
             # Plugged in but never charged: on record, priced at nothing.
             places = len(str(cost["excl_vat"]).partition(".")[2])  # the currency's minor unit
@@ -461,11 +458,11 @@ class SessionManager:
             record = facts.priced(default if periods is None else periods, cost)
         except ValidationError as exc:  # a price no record can carry must not lose a session
             log.error("session_price_invalid", session_id=session.session_id, error=str(exc))
-            facts = facts.model_copy(update={"flags": [*facts.flags, UNPRICED]})
+            facts = facts.model_copy(update={"flags": [*facts.flags, Flag.UNPRICED.value]})
             record = facts.priced(default, None)
-        sealed = await self._store.finish_session(record.to_dict())
+        sealed = await self._store.finish_session(record)
         if self._events is not None:
-            await self._events.session_finished(SessionRecord.from_dict(sealed))
+            await self._events.session_finished(sealed)
 
     async def _authorize(self, req: RequestAuth) -> None:
         try:

@@ -58,7 +58,6 @@ POINT_EVERY_S = 60.0
 # A charger reporting its own transactions sends meter values every few minutes (OCPP
 # MeterValueSampleInterval) and replays them after an outage: comms_gap only beyond 3 x this.
 TRANSACTION_INTERVAL_S = 300.0
-UNIDENTIFIED = Flag.UNIDENTIFIED.value
 
 
 class SessionTracker:
@@ -209,12 +208,12 @@ class SessionTracker:
 
     def _identify(self, session: OpenSession, grant: Grant, effects: list[Effect]) -> bool:
         """Name the user of an unidentified session (tag accepted late, app start)."""
-        if session.user.get("id") is not None or UNIDENTIFIED not in session.flags:
+        if session.user.get("id") is not None or Flag.UNIDENTIFIED.value not in session.flags:
             return False
         session.user = user_of(grant)
         session.group = grant.group
         session.tag = grant.tag or session.tag
-        session.flags.remove(UNIDENTIFIED)
+        session.flags.remove(Flag.UNIDENTIFIED.value)
         for f in grant.flags:
             session.flag(f)
         log.info("session_identified", session_id=session.session_id, user=grant.user)
@@ -398,7 +397,7 @@ class SessionTracker:
                     token_type=None,
                     auth=AuthSource.LOCAL,
                     at=now,
-                    flags=(UNIDENTIFIED,),
+                    flags=(Flag.UNIDENTIFIED.value,),
                     tag=tag,
                 )
                 log.warning("unidentified_charging", charger_id=cid, tag=tag)

@@ -34,6 +34,7 @@ from gateway.schema import (
     Range,
     Text,
     suggest,
+    to_spec,
     validate_value,
 )
 from gateway.sim.server import Fault, FaultKind
@@ -163,10 +164,6 @@ class Scenario:
     traffic: bool = False  # also run random EV traffic
     source: str = ""
 
-    @property
-    def end_s(self) -> float:
-        return max((s.at_s for s in self.steps), default=0.0)
-
 
 def load_scenario(
     path: str | Path,
@@ -214,21 +211,16 @@ def _build(
 
 def _step(step: _StepIn, line: int) -> ScenarioStep:
     override = step.action == "override"
-    return ScenarioStep(
+    return to_spec(
+        step,
+        ScenarioStep,
         at_s=step.at,
-        device=step.device,
-        action=step.action,
-        tag=step.tag,
-        power_w=step.power_w,
-        energy_need_wh=step.energy_need_wh,
-        phases=step.phases,
         fault=(
             Fault(FaultKind(step.fault), code=step.code, delay_s=step.delay)
             if step.action == "fault" and step.fault is not None
             else None
         ),
         register=step.register_name if override else None,
-        value=step.value,
         polls=step.polls if override else 1,
         line=line,
     )

@@ -28,7 +28,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import structlog
 
@@ -61,6 +61,9 @@ class TrafficProfile:
     """Random EV traffic, in simulated seconds."""
 
     mean_idle_s: float = 600.0  # between an EV leaving and the next arriving
+    # ... and never less: a gateway polling a sped-up site once a (real) second must see the
+    # connector free, as it would at any real driver's pace, or two visits read as one.
+    min_idle_s: float = 120.0
     tag_delay_s: tuple[float, float] = (3.0, 20.0)
     energy_need_wh: tuple[float, float] = (3_000.0, 30_000.0)
     power_w: tuple[float, ...] = (3_700.0, 7_400.0, 11_000.0, 22_000.0)
@@ -79,7 +82,7 @@ class _Sleeper:
 
 
 class SimSite:
-    """Serve a site; use as ``async with SimSite.from_config(...) as site``."""
+    """Serve a site; use as ``async with SimSite(...) as site``."""
 
     def __init__(
         self,
@@ -125,27 +128,6 @@ class SimSite:
         self._seq = itertools.count()
         self._stack: contextlib.AsyncExitStack | None = None
         self._task: asyncio.Task[None] | None = None
-
-    @classmethod
-    def from_config(
-        cls,
-        config: GatewayConfig,
-        profiles: dict[str, Profile],
-        speed: float = 1.0,
-        scenario: Scenario | None = None,
-        truth_path: str | Path | None = None,
-        seed: int | None = None,
-        **kwargs: Any,
-    ) -> SimSite:
-        return cls(
-            config,
-            profiles,
-            speed=speed,
-            scenario=scenario,
-            truth_path=truth_path,
-            seed=seed,
-            **kwargs,
-        )
 
     # access for tests and the CLI -------------------------------------------------------------
     def charger(self, device_id: str) -> SimCharger:
@@ -266,9 +248,7 @@ class SimSite:
                 self._skip(dev.id, "neither host nor bus")
         for (host, port), devs in tcp_groups.items():
             serial = [
-                p
-                for p in (self._profile(d) for d in devs)
-                if "tcp" not in p.connection.transports
+                p for p in (self._profile(d) for d in devs) if "tcp" not in p.connection.transports
             ]
             # A converter fronts serial devices only; an address that mixes in a Modbus TCP
             # device is served as plain Modbus TCP (a simulator convenience, no real wiring).
@@ -481,10 +461,12 @@ class SimSite:
         rng = random.Random(f"{self.seed}:{device_id}")
         await self.sleep(rng.uniform(1.0, tp.mean_idle_s / 2))
         while True:
-            while charger.ev is not None:  # someone else (a scenario, a test) has the connector
-                await self.sleep(60.0)
-            await self._one_visit(charger, rng)
-            await self.sleep(rng.expovariate(1.0 / tp.mean_idle_s))
+            if charger.ev is not None:  # someone else (a scenario, a test) has the connector
+                while charger.ev is not None:
+                    await self.sleep(60.0)
+            else:
+                await self._one_visit(charger, rng)
+            await self.sleep(max(tp.min_idle_s, rng.expovariate(1.0 / tp.mean_idle_s)))
 
     async def _one_visit(self, charger: SimCharger, rng: random.Random) -> None:
         """One EV: arrive, identify, charge (maybe pause), leave. Gives up quietly if another
@@ -561,7 +543,7 @@ async def run_simulator(
                 if d.driver in profiles and profiles[d.driver].kind is DeviceKind.CHARGER
             ],
         )
-    async with SimSite.from_config(
+    async with SimSite(
         config, profiles, speed=speed, scenario=scenario, truth_path=truth_path, seed=seed
     ) as site:
         _print_served(site, sys.stdout)

@@ -17,6 +17,7 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Generator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
@@ -24,17 +25,18 @@ from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 import aiosqlite
 import structlog
 
+from gateway.closing import AsyncClosing
 from gateway.errors import StoreError
 from gateway.model import Clock, SystemClock
 from gateway.ports import Sealer
-from gateway.records import seal
+from gateway.records import UnsealedRecord
 from gateway.store.salvage import is_sqlite_file, move_aside, quick_check, salvage, secure_file
 from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
 
-__all__ = ["DAY_S", "MB", "Body", "StoreCore", "is_disk_full", "is_read_only"]
+__all__ = ["DAY_S", "MB", "Body", "StoreCore"]
 
 log = structlog.get_logger(__name__)
 
@@ -45,25 +47,6 @@ Body = Callable[[aiosqlite.Connection], Awaitable[T]]
 DAY_S = 86_400.0
 MB = 1024 * 1024
 _DEFAULT_RESERVE_BYTES = 4 * MB
-_SQLITE_FULL = 13
-_SQLITE_IOERR = 10
-_SQLITE_READONLY = 8
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """SQLITE_FULL, or an I/O error (ENOSPC can surface as SQLITE_IOERR_WRITE)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if isinstance(code, int):
-        return (code & 0xFF) in (_SQLITE_FULL, _SQLITE_IOERR)
-    text = str(exc).lower()
-    return "disk is full" in text or "disk i/o error" in text
-
-
-def is_read_only(exc: BaseException) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if isinstance(code, int):
-        return (code & 0xFF) == _SQLITE_READONLY
-    return "readonly database" in str(exc).lower()
 
 
 def _has_content(path: Path) -> bool:
@@ -99,31 +82,32 @@ class _Opening(Generic[S]):
             await self._store.close()
 
 
-class StoreCore:
+@dataclass(frozen=True, slots=True)
+class _Settings:
+    """What ``StoreCore.open`` was given, defaults filled in."""
+
+    site_id: str
+    max_size_mb: float
+    readings_retention_days: float
+    sealer: Sealer
+    clock: Clock
+    reserve_bytes: int
+
+
+class StoreCore(AsyncClosing):
     """The connection and its transactions; ``gateway.store.Store`` adds the tables' methods.
     Open with ``await Store.open(path, site_id=...)`` or ``async with Store.open(...) as store``."""
 
-    def __init__(
-        self,
-        db: aiosqlite.Connection,
-        path: Path,
-        *,
-        site_id: str,
-        max_size_mb: float,
-        readings_retention_days: float,
-        sealer: Sealer,
-        clock: Clock,
-        reserve_bytes: int,
-    ) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: Path, settings: _Settings) -> None:
         self._db: aiosqlite.Connection | None = db
         self.path = path
-        self.site_id = site_id
-        self.max_size_bytes = int(max_size_mb * MB)
-        self.readings_retention_s = float(readings_retention_days) * DAY_S
-        self._sealer = sealer
-        self._clock = clock
+        self.site_id = settings.site_id
+        self.max_size_bytes = int(settings.max_size_mb * MB)
+        self.readings_retention_s = float(settings.readings_retention_days) * DAY_S
+        self._sealer = settings.sealer
+        self._clock = settings.clock
         self._reserve_path = path.with_name(path.name + ".reserve")
-        self._reserve_bytes = reserve_bytes
+        self._reserve_bytes = settings.reserve_bytes
         self._lock = asyncio.Lock()
         # The uplink's reads run on a connection of their own (``_read_now``).
         self._sync_reader: sqlite3.Connection | None = None
@@ -168,36 +152,24 @@ class StoreCore:
         """
 
         async def factory() -> Self:
-            return await cls._open(
-                Path(path),
-                site_id=site_id,
-                max_size_mb=max_size_mb,
-                readings_retention_days=readings_retention_days,
-                sealer=sealer or seal,
-                clock=clock or SystemClock(),
-                reserve_bytes=(
-                    reserve_bytes
-                    if reserve_bytes is not None
-                    else (_DEFAULT_RESERVE_BYTES if create else 0)
-                ),
-                create=create,
+            if reserve_bytes is None:
+                reserve = _DEFAULT_RESERVE_BYTES if create else 0
+            else:
+                reserve = reserve_bytes
+            settings = _Settings(
+                site_id,
+                max_size_mb,
+                readings_retention_days,
+                sealer or UnsealedRecord.sealed,
+                clock or SystemClock(),
+                reserve,
             )
+            return await cls._open(Path(path), settings, create=create)
 
         return _Opening(factory)
 
     @classmethod
-    async def _open(
-        cls,
-        path: Path,
-        *,
-        site_id: str,
-        max_size_mb: float,
-        readings_retention_days: float,
-        sealer: Sealer,
-        clock: Clock,
-        reserve_bytes: int,
-        create: bool,
-    ) -> Self:
+    async def _open(cls, path: Path, settings: _Settings, *, create: bool) -> Self:
         if not create and not await asyncio.to_thread(path.exists):
             raise StoreError(
                 f"{path}: no local buffer here (has the gateway run with this config?)"
@@ -234,16 +206,7 @@ class StoreCore:
             db = await aiosqlite.connect(str(path), isolation_level=None)
         except sqlite3.Error as exc:
             raise StoreError(f"{path}: cannot open the local buffer: {exc}") from exc
-        store = cls(
-            db,
-            path,
-            site_id=site_id,
-            max_size_mb=max_size_mb,
-            readings_retention_days=readings_retention_days,
-            sealer=sealer,
-            clock=clock,
-            reserve_bytes=reserve_bytes,
-        )
+        store = cls(db, path, settings)
         try:
             await store._prepare()
             if create:
@@ -381,17 +344,6 @@ class StoreCore:
                 dropped_total=self.readings_dropped_total,
                 still_full=True,
             )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def _conn(self) -> aiosqlite.Connection:
         if self._db is None:

@@ -18,7 +18,7 @@ import aiosqlite
 import structlog
 
 from gateway.errors import StoreError
-from gateway.store.core import is_disk_full, is_read_only
+from gateway.store.failures import is_disk_full, is_read_only
 from gateway.store.space import SpaceManaged
 from gateway.wire import encode_reading
 

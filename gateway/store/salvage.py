@@ -21,14 +21,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.model import from_rfc3339
+from pydantic import ValidationError
+
 from gateway.outgoing import SESSION_STREAM, SESSION_TOPIC
+from gateway.records import SessionRecord
+from gateway.store.failures import is_damage
+from gateway.store.finished import INSERT_FINISHED, finished_row
 
 __all__ = [
     "SALVAGED_TABLES",
     "SalvageReport",
     "companion_files",
-    "is_damage",
     "is_sqlite_file",
     "move_aside",
     "quick_check",
@@ -64,19 +67,6 @@ def secure_file(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             if p.stat().st_mode & 0o077:
                 os.chmod(p, 0o600)
-
-
-_SQLITE_CORRUPT = 11
-_SQLITE_NOTADB = 26
-
-
-def is_damage(exc: BaseException) -> bool:
-    """SQLITE_CORRUPT or SQLITE_NOTADB: the file itself is bad (not locked, not missing)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if isinstance(code, int):
-        return (code & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
-    text = str(exc).lower()
-    return "malformed" in text or "not a database" in text
 
 
 def is_sqlite_file(path: Path) -> bool:
@@ -145,15 +135,6 @@ def _scan(db: sqlite3.Connection, sql: str, rows: dict[int, tuple[object, ...]])
     return None
 
 
-def _ts(value: object) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return from_rfc3339(value)
-    return None
-
-
 def _rebuild_finished(dst: sqlite3.Connection) -> int:
     """A sealed record lives twice until it is acknowledged: in finished_sessions and as the
     payload of its outbox message. A finished row on a lost page comes back from the outbox."""
@@ -171,28 +152,16 @@ def _rebuild_finished(dst: sqlite3.Connection) -> int:
             continue
         if seq in have:
             continue
-        user = rec.get("user")
-        user_id = user.get("id") if isinstance(user, dict) else user
-        energy = rec.get("energy_wh")
+        typed: SessionRecord | None
+        try:
+            typed = SessionRecord.from_dict(rec)
+        except ValidationError:  # kept and still sent, but no query finds it by its columns
+            typed = None
+        text = payload.decode() if isinstance(payload, bytes) else str(payload)
         dst.execute(
-            "INSERT OR IGNORE INTO finished_sessions (site_id, seq, session_id, charger_id, "
-            "user_id, started_ts, ended_ts, energy_wh, record, hash, outbox_id, finished_ts) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                site_id,
-                seq,
-                session_id,
-                rec.get("charger_id"),
-                user_id if isinstance(user_id, str) else None,
-                _ts(rec.get("started_at")),
-                _ts(rec.get("ended_at")),
-                int(energy)
-                if isinstance(energy, int | float) and not isinstance(energy, bool)
-                else None,
-                payload.decode() if isinstance(payload, bytes) else str(payload),
-                str(hash_),
-                outbox_id,
-                float(created_ts),
+            "INSERT OR IGNORE " + INSERT_FINISHED,
+            finished_row(
+                site_id, seq, session_id, typed, text, str(hash_), outbox_id, float(created_ts)
             ),
         )
         have.add(seq)

@@ -15,23 +15,13 @@ from typing import Any
 import aiosqlite
 
 from gateway.errors import StoreError
-from gateway.model import MeterPoint, from_rfc3339
+from gateway.model import MeterPoint
 from gateway.outgoing import SESSION_STREAM, SESSION_TOPIC
-from gateway.records import GENESIS, canonical_json
+from gateway.records import GENESIS, SessionRecord, UnsealedRecord
+from gateway.store.finished import INSERT_FINISHED, finished_row
 from gateway.store.space import SpaceManaged
 
 __all__ = ["SessionTables"]
-
-
-def _ts_or_none(value: Any) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return from_rfc3339(value)
-        except ValueError:
-            return None
-    return None
 
 
 def _finished_rows(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
@@ -102,83 +92,56 @@ class SessionTables(SpaceManaged):
             for ts, e, c, p in rows
         ]
 
-    async def finish_session(self, record: dict[str, Any]) -> dict[str, Any]:
-        session_id = record.get("session_id")
-        if not isinstance(session_id, str) or not session_id:
-            raise StoreError("a finished session record needs a session_id")
-        site_id = record.get("site_id", self.site_id)
-        if site_id != self.site_id:
+    async def finish_session(self, record: UnsealedRecord) -> SessionRecord:
+        session_id = record.session_id
+        if record.site_id != self.site_id:
             raise StoreError(
-                f"session {session_id}: site_id {site_id!r} is not this store's {self.site_id!r}"
+                f"session {session_id}: site_id {record.site_id!r} is not this store's "
+                f"{self.site_id!r}"
             )
         now = self._clock.time()
 
-        async def body(db: aiosqlite.Connection) -> str:
+        async def body(db: aiosqlite.Connection) -> SessionRecord:
             async with db.execute(
                 "SELECT record FROM finished_sessions WHERE session_id = ?", (session_id,)
             ) as cur:
                 done = await cur.fetchone()
             if done is not None:
-                return str(done[0])
+                return SessionRecord.from_dict(json.loads(done[0]))
             async with db.execute(
                 "SELECT seq, hash FROM finished_sessions WHERE site_id = ? ORDER BY seq DESC "
                 "LIMIT 1",
                 (self.site_id,),
             ) as cur:
                 last = await cur.fetchone()
-            body_record = dict(record)
-            body_record["site_id"] = self.site_id
-            body_record["seq"] = int(last[0]) + 1 if last else 1
-            body_record["prev_hash"] = str(last[1]) if last else GENESIS
-            body_record.pop("hash", None)
-            body_record.pop("signature", None)
-            sealed = self._sealer(body_record)
-            if "hash" not in sealed:
-                raise StoreError(
-                    f"session {session_id}: the sealer returned a record without a hash"
-                )
-            try:
-                payload = canonical_json(sealed)
-            except (TypeError, ValueError) as exc:
-                raise StoreError(f"session {session_id}: record is not JSON: {exc}") from exc
+            seq, prev_hash = (int(last[0]) + 1, str(last[1])) if last else (1, GENESIS)
+            sealed = self._sealer(record, seq, prev_hash)
+            if (sealed.session_id, sealed.seq, sealed.prev_hash) != (session_id, seq, prev_hash):
+                raise StoreError(f"session {session_id}: the sealer changed the record's place")
+            payload = sealed.canonical()
             cursor = await db.execute(
                 "INSERT INTO outbox (stream, topic, payload, qos, retain, created_ts) VALUES (?, "
                 "?, ?, 1, 0, ?)",
                 (SESSION_STREAM, SESSION_TOPIC, payload, now),
             )
-            outbox_id = cursor.lastrowid
-            user = sealed.get("user")
-            user_id = user.get("id") if isinstance(user, dict) else user
-            energy = sealed.get("energy_wh")
             await db.execute(
-                "INSERT INTO finished_sessions (site_id, seq, session_id, charger_id, user_id, "
-                "started_ts, "
-                "ended_ts, energy_wh, record, hash, outbox_id, finished_ts) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
+                "INSERT " + INSERT_FINISHED,
+                finished_row(
                     self.site_id,
-                    sealed["seq"],
+                    sealed.seq,
                     session_id,
-                    sealed.get("charger_id"),
-                    user_id if isinstance(user_id, str) else None,
-                    _ts_or_none(sealed.get("started_at")),
-                    _ts_or_none(sealed.get("ended_at")),
-                    int(energy)
-                    if isinstance(energy, int | float) and not isinstance(energy, bool)
-                    else None,
+                    sealed,
                     payload.decode(),
-                    sealed["hash"],
-                    outbox_id,
+                    sealed.hash,
+                    cursor.lastrowid,
                     now,
                 ),
             )
             await db.execute("DELETE FROM open_sessions WHERE session_id = ?", (session_id,))
             await db.execute("DELETE FROM session_points WHERE session_id = ?", (session_id,))
-            return payload.decode()
+            return sealed
 
-        text = await self._durable_write(body, f"finishing session {session_id}")
-        result: dict[str, Any] = json.loads(text)
-        return result
+        return await self._durable_write(body, f"finishing session {session_id}")
 
     async def finished_sessions(
         self,

@@ -22,7 +22,8 @@ import structlog
 
 from gateway.errors import StoreError
 from gateway.outgoing import SESSION_STREAM
-from gateway.store.core import DAY_S, Body, StoreCore, is_disk_full
+from gateway.store.core import DAY_S, Body, StoreCore
+from gateway.store.failures import is_disk_full
 
 __all__ = ["SpaceManaged"]
 

@@ -6,39 +6,17 @@ of gateway.ports), key-values, and the request ids of cloud commands with their 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import aiosqlite
 
-from gateway.model import AuthStatus, Token, TokenType
+from gateway.model import Token
 from gateway.store.space import SpaceManaged
 
 __all__ = ["SmallState"]
 
 _CLOUD_LIST_KEY = "auth.cloud_list"
-
-
-def _token_to_json(token: Token) -> dict[str, Any]:
-    return {
-        "id": token.id,
-        "type": token.type.value,
-        "user": token.user,
-        "status": token.status.value,
-        "expires_at": token.expires_at,
-        "group": token.group,
-    }
-
-
-def _token_from_json(data: Mapping[str, Any]) -> Token:
-    return Token(
-        id=data["id"],
-        type=TokenType(data["type"]),
-        user=data["user"],
-        status=AuthStatus(data.get("status", "accepted")),
-        expires_at=data.get("expires_at"),
-        group=data.get("group"),
-    )
 
 
 class SmallState(SpaceManaged):
@@ -48,22 +26,22 @@ class SmallState(SpaceManaged):
         data = await self.kv_get(_CLOUD_LIST_KEY)
         if not isinstance(data, dict):
             return 0, []
-        return int(data["version"]), [_token_from_json(t) for t in data["tokens"]]
+        return int(data["version"]), [Token.from_json(t) for t in data["tokens"]]
 
     async def save_cloud_list(self, version: int, tokens: Sequence[Token]) -> None:
         await self.kv_put(
             _CLOUD_LIST_KEY,
-            {"version": int(version), "tokens": [_token_to_json(t) for t in tokens]},
+            {"version": int(version), "tokens": [t.to_json() for t in tokens]},
         )
 
     async def load_auth_cache(self) -> list[tuple[Token, float]]:
         rows = await self._read(
             "SELECT token, cached_at FROM auth_cache ORDER BY cached_at, token_id"
         )
-        return [(_token_from_json(json.loads(t)), float(at)) for t, at in rows]
+        return [(Token.from_json(json.loads(t)), float(at)) for t, at in rows]
 
     async def cache_auth(self, token: Token, cached_at: float) -> None:
-        text = json.dumps(_token_to_json(token), separators=(",", ":"))
+        text = json.dumps(token.to_json(), separators=(",", ":"))
 
         async def body(db: aiosqlite.Connection) -> None:
             await db.execute(

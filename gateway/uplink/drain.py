@@ -50,7 +50,6 @@ class UplinkStats:
     """Counters since start (for tests, the live view and figures)."""
 
     connects: int = 0
-    disconnects: int = 0
     published: dict[str, int] = field(default_factory=dict)  # messages PUBACKed, per stream
     acked_rows: int = 0  # outbox rows acknowledged to the store
     synced_readings: int = 0

@@ -286,7 +286,6 @@ class MqttUplink:
                     tg.create_task(self._drain.run(client, inflight), name="uplink-drain")
             except BaseExceptionGroup as group:
                 self._online = False
-                self.stats.disconnects += 1
                 self.stats.abandoned += inflight.count  # their rows stay unacked
                 await self._drain.flush_acks()
                 raise _first_mqtt_error(group) from None

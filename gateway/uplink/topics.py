@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.outgoing import SESSION_TOPIC, STARTED_TOPIC
+from gateway.outgoing import SESSION_TOPIC
 
 __all__ = ["COMMAND_NAMES", "Topics", "valid_topic_level"]
 
@@ -62,10 +62,6 @@ class Topics:
 
     def charger_status(self, device_id: str) -> str:
         return self.full(f"chargers/{_level(device_id)}/status")
-
-    @property
-    def sessions_started(self) -> str:
-        return self.full(STARTED_TOPIC)
 
     @property
     def sessions_finished(self) -> str:

@@ -9,7 +9,7 @@ registry, so two gateways in one process (tests) never share a series.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -163,6 +163,13 @@ class _StateCollector(Collector):
             yield from _load_metrics(gw.load)
 
 
+def _per_phase(name: str, documentation: str, amps: Sequence[float]) -> GaugeMetricFamily:
+    gauge = GaugeMetricFamily(name, documentation, labels=["phase"])
+    for i, value in enumerate(amps):
+        gauge.add_metric([f"L{i + 1}"], value)
+    return gauge
+
+
 def _load_metrics(load: LoadManager) -> Iterator[Metric]:
     settings = load.balancer.settings
     effective = load.grid_limit
@@ -203,23 +210,17 @@ def _load_metrics(load: LoadManager) -> Iterator[Metric]:
     yield limit
     yield target
     if decision is not None:
-        avail = GaugeMetricFamily(
+        yield _per_phase(
             "evgw_grid_available_a",
             "Current available to the managed chargers, per phase, A",
-            labels=["phase"],
+            decision.available_a,
         )
-        for i, amps in enumerate(decision.available_a):
-            avail.add_metric([f"L{i + 1}"], amps)
-        yield avail
         if decision.grid_a is not None:
-            grid = GaugeMetricFamily(
+            yield _per_phase(
                 "evgw_grid_current_a",
                 "Measured current of the connection, per phase, A",
-                labels=["phase"],
+                decision.grid_a,
             )
-            for i, amps in enumerate(decision.grid_a):
-                grid.add_metric([f"L{i + 1}"], amps)
-            yield grid
     yield CounterMetricFamily(
         "evgw_load_limit_writes", "Current-limit writes since start", value=float(load.writes)
     )

@@ -21,7 +21,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.errors import GatewayError
+from gateway.errors import UsageError
 
 __all__ = [
     "SCRYPT_LN",
@@ -46,10 +46,8 @@ _PHC_RE = re.compile(
 )
 
 
-class UsersFileError(GatewayError):
+class UsersFileError(UsageError):
     """The users file cannot be read or has a malformed line (``file:line: message``)."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,14 +8,3 @@ applied one kind after the other; afterwards every session the simulator produce
 reached the subscriber exactly once after dedup by session_id, with the simulator's energy, seq
 gap-free and the hash chain intact.
 """
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-# the test helpers (mqtt_broker, test_uplink_support) are plain modules in tests/, as pytest
-# sees them
-_TESTS = str(Path(__file__).resolve().parent.parent)
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)

@@ -37,14 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mqtt_broker import FaultProxy, MosquittoBroker, free_port
-from test_uplink_support import PREFIX, ROOT, SITE, Recorder
-
 from gateway.config import load_config
 from gateway.profiles import load_profiles
 from gateway.records import GENESIS, record_hash
 from gateway.sim.server import Fault, FaultKind
 from gateway.sim.site import SimSite
+from tests.support.mqtt_broker import FaultProxy, MosquittoBroker, free_port
+from tests.support.uplink import PREFIX, ROOT, SITE, Recorder
 
 # Debian's libfaketime (scripts/test.sh installs it); its path names the architecture
 FAKETIME_LIB = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), "")

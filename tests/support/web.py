@@ -13,16 +13,16 @@ from typing import Any
 
 import aiohttp
 import jsonschema
-from mqtt_broker import free_port
-from test_uplink_support import running, wait_until
 
 from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.profiles import Profile
 from gateway.sim.site import SimSite
+from tests.support.mqtt_broker import free_port
+from tests.support.uplink import running, wait_until
 
 SPEED = 60.0  # simulated seconds per second
-OPENAPI = Path(__file__).resolve().parent.parent / "gateway" / "web" / "static" / "openapi.json"
+OPENAPI = Path(__file__).resolve().parents[2] / "gateway" / "web" / "static" / "openapi.json"
 
 SITE_YAML = """
 site: {{id: web-site, timezone: Europe/Berlin, name: "Depot West"}}
@@ -84,7 +84,7 @@ async def web_site(
 ) -> AsyncIterator[WebSite]:
     config = load_config(write_site(tmp_path, broker_port=broker_port, users_file=users_file))
     async with (
-        SimSite.from_config(config, profiles, speed=SPEED, traffic=False) as site,
+        SimSite(config, profiles, speed=SPEED, traffic=False) as site,
         Gateway(config, profiles, time_scale=SPEED) as gw,
         running(gw.run(), "gateway"),
     ):

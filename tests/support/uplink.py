@@ -18,6 +18,7 @@ from paho.mqtt.properties import Properties
 from gateway.errors import CommandError
 from gateway.model import Token, from_rfc3339, new_session_id, rfc3339
 from gateway.ports import UplinkStore
+from gateway.records import UnsealedRecord
 from gateway.uplink.schemas import validate
 
 SITE = "depot-7"
@@ -221,6 +222,11 @@ def session_record(i: int, charger_id: str = "cp1", ts: float = 1_790_000_000.0)
         },
         "flags": [],
     }
+
+
+def unsealed_session(i: int, charger_id: str = "cp1") -> UnsealedRecord:
+    """:func:`session_record` as the typed record a store of site ``SITE`` finishes."""
+    return UnsealedRecord.from_dict({**session_record(i, charger_id), "site_id": SITE})
 
 
 def check_delivery(

@@ -9,13 +9,20 @@ from typing import Any
 
 from gateway.billing.signing import Signer
 from gateway.model import new_session_id, rfc3339
-from gateway.records import GENESIS, seal
+from gateway.records import GENESIS, UnsealedRecord, seal
 
 T0 = 1_790_000_000.0  # 2026-09-21T...Z
 
 
 def make_signer(tmp_path: Path, name: str = "evgw-signing.key") -> Signer:
     return Signer.load_or_create(tmp_path / name)
+
+
+def unsealed_body(seq: int, **kwargs: Any) -> UnsealedRecord:
+    """:func:`record_body` as the typed record a store finishes (the store gives it a ``seq``)."""
+    body = record_body(seq, **kwargs)
+    body.pop("seq")
+    return UnsealedRecord.from_dict(body)
 
 
 def record_body(

@@ -11,8 +11,8 @@
   connections, half-opens them (the broker side gone, the client side open and silent), or plays
   a 3.1.1-only broker refusing MQTT 5 CONNECTs.
 
-Fixtures: ``mosquitto``, ``fault_proxy`` (in front of ``mosquitto``), ``test_pki``. Import them
-into tests/conftest.py:  ``from mqtt_broker import fault_proxy, mosquitto, test_pki``.
+Fixtures: ``mosquitto``, ``fault_proxy`` (in front of ``mosquitto``), ``test_pki``;
+tests/conftest.py loads this module as a plugin, so every test file has them.
 """
 
 from __future__ import annotations

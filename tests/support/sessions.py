@@ -9,8 +9,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mqtt_broker import free_port
-
 from gateway.app import counter_facts, profile_max_currents, truncated_tags
 from gateway.auth import Authorizer
 from gateway.config import AuthConfig, DeviceConfig, GatewayConfig, SiteConfig, StorageConfig
@@ -22,6 +20,7 @@ from gateway.ports import JsonObject
 from gateway.profiles import Profile
 from gateway.records import SessionRecord
 from gateway.sessions import SessionManager
+from tests.support.mqtt_broker import free_port
 
 EventCallback = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 
