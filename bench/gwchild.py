@@ -74,6 +74,9 @@ class Probe:
 
     def __init__(self, rss_every_s: float = 0.5) -> None:
         self.jitter = Histogram()
+        # gateway mode: lateness against the first poll's actual start plus k intervals (what
+        # this probe measured before 2026-12-02; a late first poll skews every later one)
+        self.from_first = Histogram()
         self.rss: list[tuple[float, float]] = []
         self.rss_every_s = rss_every_s
         self.measuring = False
@@ -81,6 +84,12 @@ class Probe:
     def started(self, first: float, k: int, interval_s: float, now: float) -> None:
         if self.measuring:
             self.jitter.add(now - (first + k * interval_s))
+
+    def late(self, lateness_s: float, first: float, k: int, interval_s: float, now: float) -> None:
+        """A gateway poll started ``lateness_s`` after its slot in DevicePoller's schedule."""
+        if self.measuring:
+            self.jitter.add(lateness_s)
+            self.from_first.add(now - (first + k * interval_s))
 
     async def sample_rss(self) -> None:
         t0 = time.monotonic()
@@ -97,23 +106,35 @@ async def gateway_mode(args: argparse.Namespace, probe: Probe) -> dict[str, Any]
         for i in range(0, args.prefill, 5000):
             n = min(5000, args.prefill - i)
             await store.add_readings([(f"cp{j % 50}", 1.79e9 + i + j, _VALUES) for j in range(n)])
-        for d in drivers:
-            original = d.poll
-            state = {"first": None, "k": 0}
-
-            async def timed(original: Any = original, state: dict[str, Any] = state) -> Any:
-                now = loop.time()
-                if state["first"] is None:
-                    state["first"] = now
-                probe.started(state["first"], state["k"], args.interval_s, now)
-                state["k"] += 1
-                return await original()
-
-            d.poll = timed  # type: ignore[method-assign]
 
         def sink(sample: DeviceSample) -> None:
             if sample.online:
                 pending.append((sample.device_id, sample.ts, dict(sample.values)))
+
+        # --stagger K: K pollers started K-th of an interval apart, spreading the devices'
+        # phases (DevicePoller itself spreads them over 2 ms a device, at most the interval).
+        groups = max(1, args.stagger)
+        pollers = [DevicePoller(drivers[g::groups], sink) for g in range(groups)]
+        for g, poller in enumerate(pollers):
+            for d in drivers[g::groups]:
+                original = d.poll
+                stats = poller.stats[d.device_id]
+                state = {"first": None, "k": 0}
+
+                async def timed(
+                    original: Any = original, state: dict[str, Any] = state, stats: Any = stats
+                ) -> Any:
+                    # DevicePoller set the lateness against its slot just before this call
+                    now = loop.time()
+                    if state["first"] is None:
+                        state["first"] = now
+                    probe.late(
+                        stats.last_lateness_s, state["first"], state["k"], args.interval_s, now
+                    )
+                    state["k"] += 1
+                    return await original()
+
+                d.poll = timed  # type: ignore[method-assign]
 
         async def writer() -> None:
             while True:
@@ -121,11 +142,6 @@ async def gateway_mode(args: argparse.Namespace, probe: Probe) -> dict[str, Any]
                 batch = pending[:]
                 del pending[:]
                 await store.add_readings(batch)
-
-        # --stagger K: K pollers started K-th of an interval apart, spreading the devices'
-        # phases (DevicePoller itself starts every device at the same instant).
-        groups = max(1, args.stagger)
-        pollers = [DevicePoller(drivers[g::groups], sink) for g in range(groups)]
 
         async def start(poller: DevicePoller, delay_s: float) -> None:
             await asyncio.sleep(delay_s)
@@ -222,6 +238,7 @@ async def measured(args: argparse.Namespace, probe: Probe) -> dict[str, Any]:
         "jitter_p50_ms": jitter.percentile(0.5) * 1000,
         "jitter_p99_ms": jitter.percentile(0.99) * 1000,
         "jitter_max_ms": jitter.max_s * 1000,
+        "jitter_from_first_p99_ms": probe.from_first.percentile(0.99) * 1000,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import struct
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
@@ -262,6 +263,35 @@ async def test_exception_response_carries_the_code() -> None:
     assert info.value.reason == "exception_response" and info.value.exception_code == 2
 
 
+async def test_each_request_times_out_at_its_own_deadline() -> None:
+    # The bus keeps one watchdog timer, re-armed when it fires early, not one timer a request:
+    # a short timeout after a long one still fires on time, a request after a quick one still
+    # gets all of its own timeout, and a slow answer inside its timeout is never cut short.
+    async with charger_server([1]) as (srv, _):
+        bus = TcpBus("127.0.0.1", srv.port)
+        loop = asyncio.get_running_loop()
+        assert await bus.read(1, IN, 1000, 1, 5.0) == [2]  # leaves a watchdog due in 5 s
+        srv.set_fault(1, FaultKind.NO_ANSWER)
+        t0 = loop.time()
+        with pytest.raises(DeviceError) as short:
+            await bus.read(1, IN, 1000, 1, 0.1)
+        assert short.value.reason == "timeout"
+        assert 0.09 <= loop.time() - t0 < 1.0
+        srv.clear_fault(1)
+        assert await bus.read(1, IN, 1000, 1, 0.2) == [2]  # a watchdog due in 0.2 s
+        srv.set_fault(1, Fault(FaultKind.NONE, delay_s=0.35))
+        assert await bus.read(1, IN, 1000, 1, 1.0) == [2]  # answered after 0.35 s: in time
+        srv.clear_fault(1)
+        assert await bus.read(1, IN, 1000, 1, 0.2) == [2]
+        srv.set_fault(1, FaultKind.NO_ANSWER)
+        t0 = loop.time()
+        with pytest.raises(DeviceError) as long:
+            await bus.read(1, IN, 1000, 1, 0.4)
+        assert long.value.reason == "timeout"
+        assert 0.39 <= loop.time() - t0 < 1.5
+        await bus.close()
+
+
 async def test_unreachable_endpoint_backs_off_without_blocking_another_bus() -> None:
     async with charger_server([1]) as (srv, _):
         # A port nobody listens on: take a free port from a server we then close.
@@ -395,6 +425,25 @@ async def test_fixed_schedule_skips_and_counts_missed_slots() -> None:
     assert slots[:2] == [0.0, 1.0]
     assert [round(s) for s in slots[2:]] == [5, 6, 7, 8]
     assert all(abs(s - round(s)) < 0.3 for s in slots)
+
+
+async def test_poll_stats_tell_how_late_each_poll_started_against_its_slot() -> None:
+    prof = replace(charger_profile(), heartbeat=None)
+    async with charger_server([1]) as (srv, _):
+        bus = TcpBus("127.0.0.1", srv.port)
+        driver = DeviceDriver(device("cp1", 1, srv.port, poll_interval_s=0.1), prof, bus)
+        lateness: list[float] = []
+        poller = DevicePoller([driver], lambda s: lateness.append(stats.last_lateness_s))
+        stats = poller.stats["cp1"]
+
+        # the loop is stuck from +0.15 to +0.23 s: the slot at +0.2 s starts ~30 ms late
+        asyncio.get_running_loop().call_later(0.15, time.sleep, 0.08)
+        await run_for(poller, 0.45)
+        await bus.close()
+    assert len(lateness) >= 4
+    assert max(lateness[:2]) < 0.02
+    assert 0.02 < lateness[2] < 0.08
+    assert all(x >= 0 for x in lateness)
 
 
 async def test_devices_start_spread_over_their_interval_and_keep_their_phase() -> None:

@@ -1,9 +1,12 @@
 """Modbus buses: one object per physical serial line or TCP endpoint.
 
 A bus owns one pymodbus async client and a lock: pymodbus keeps one transaction in flight per
-client anyway, and on RS-485 only one frame may be on the wire. The bus applies its own timeout,
-one timer per request that fails the client's response future (the client's retries are off and
-its own response timer is switched off, so there is never a second one), keeps the
+client anyway, and on RS-485 only one frame may be on the wire. The bus applies its own timeout per
+request: one watchdog timer per bus that fails the client's response future when the pending
+request's deadline passes (the client's retries are off and its own response timer is switched
+off, so there is never a second one). The watchdog is re-armed only when it fires early, not
+per request: a bus doing a thousand requests a second schedules about one timer per timeout
+period instead of a thousand. It keeps the
 RTU inter-frame gap plus the gap a device asks for, reconnects after errors with capped,
 jittered exponential backoff (requests fail fast with ``connect_failed`` meanwhile, so a dead
 endpoint never holds up another bus), and turns every failure into
@@ -146,6 +149,8 @@ class ModbusBus(ABC):
         self._rx_seen = False  # bytes arrived during the current request
         self._silent = 0
         self._closed = False
+        self._deadline: float | None = None  # loop time the pending request times out at
+        self._watchdog: asyncio.TimerHandle | None = None
         self._log = log.bind(bus=endpoint)
 
     def __repr__(self) -> str:
@@ -176,8 +181,13 @@ class ModbusBus(ABC):
         ``gap_s`` is extra bus silence the device needs before this request (a profile's
         ``inter_request_delay``).
         """
-        async with self._lock:
-            client = await self._ready(timeout_s, gap_s)
+        # acquire/release rather than ``async with``: two coroutine frames less per request
+        lock = self._lock
+        await lock.acquire()
+        try:
+            client = self._client
+            if client is None or self._closed or not client.connected or self.frame_gap_s or gap_s:
+                client = await self._ready(timeout_s, gap_s)  # connect, or keep a gap first
             rr = await self._transact(
                 getattr(client, _READERS[table]), address, count, True, unit, timeout_s, table
             )
@@ -194,6 +204,8 @@ class ModbusBus(ABC):
                 raise self._fail(unit, "bad_frame", f"{n} registers for {count}")
             # pymodbus builds a fresh list per response: hand it over without a copy.
             return regs if type(regs) is list else list(regs)
+        finally:
+            lock.release()
 
     async def write(
         self,
@@ -236,6 +248,9 @@ class ModbusBus(ABC):
         self._closed = True
         async with self._lock:
             self._drop_client()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
 
     # -- client hooks (adapter.ClientHooks): pymodbus calls these ---------------------
     def trace_packet(self, sending: bool, data: bytes) -> bytes:
@@ -326,8 +341,30 @@ class ModbusBus(ABC):
         """Forget buffered bytes so a garbled answer cannot bleed into the next one."""
         adapter.flush_input(self._client)
 
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """The pending request times out at ``deadline``: keep a watchdog due no later."""
+        self._deadline = deadline
+        watchdog = self._watchdog
+        if watchdog is not None:
+            if watchdog.when() <= deadline:
+                return  # it fires first and re-arms for this deadline then
+            watchdog.cancel()
+        self._watchdog = loop.call_at(deadline, self._on_watchdog, loop)
+
+    def _on_watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the pending request if its deadline has come, else wait for that deadline."""
+        watchdog, self._watchdog = self._watchdog, None
+        deadline = self._deadline
+        if deadline is None:
+            return  # no request pending: the next one arms a new watchdog
+        if watchdog is not None and deadline > watchdog.when():
+            self._watchdog = loop.call_at(deadline, self._on_watchdog, loop)
+            return
+        self._expire()
+
     def _expire(self) -> None:
-        """The request timer: fail the pending response (the await returns at once)."""
+        """The request timed out: fail the pending response (the await returns at once)."""
+        self._deadline = None
         adapter.fail_pending(self._client, _Expired())
 
     async def _transact(
@@ -346,7 +383,7 @@ class ModbusBus(ABC):
         self._rx_seen = False
         self.stats.requests += 1
         loop = asyncio.get_running_loop()
-        timer = loop.call_later(timeout_s, self._expire)
+        self._arm(loop, loop.time() + timeout_s)
         try:
             if is_read:
                 rr = await method(address, count=arg, device_id=unit)
@@ -386,7 +423,7 @@ class ModbusBus(ABC):
             what = _what(table, address, arg, function)
             raise self._fail(unit, "bad_frame", f"{what}: {type(exc).__name__}: {exc}") from None
         finally:
-            timer.cancel()
+            self._deadline = None
             self._last_io_end = loop.time()
         _raise_swallowed_cancel()
         self._silent = 0

@@ -8,6 +8,7 @@ session logic as ``gateway.ports.ChargerControl``.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,9 @@ class DeviceDriver:
             conn.single_value_reads,
         )
         self._decoders = [BlockDecoder(b) for b in self.blocks]
+        # Every register's name in profile order, and one C-level getter for all of them.
+        self._names = tuple(spec.name for spec in profile.registers)
+        self._get_all = operator.itemgetter(*self._names) if len(self._names) > 1 else None
         self._slow_due: dict[int, float] = {}  # block index -> monotonic time it is due again
         self._cache: dict[str, Value] = {}  # last values of slow blocks
         self._online: bool | None = None
@@ -90,7 +94,7 @@ class DeviceDriver:
         self._went_online()
         iec = status = None
         if self.profile.state is not None:
-            iec, status = self.profile.state.classify(dict(values))
+            iec, status = self.profile.state.classify(values)  # reads only: no copy
         return DeviceSample(self.device_id, ts, True, values, iec, status, self._tag(values))
 
     async def _after_connect(self) -> None:
@@ -144,11 +148,12 @@ class DeviceDriver:
                 for spec in block.registers:
                     self._cache[spec.name] = fresh[spec.name]
         # Keep the profile's register order; slow values come from the cache between reads.
-        for spec in self.profile.registers:
-            if spec.name in fresh:
-                values[spec.name] = fresh[spec.name]
-            elif spec.name in self._cache:
-                values[spec.name] = self._cache[spec.name]
+        merged = {**self._cache, **fresh} if self._cache else fresh
+        if self._get_all is not None and len(merged) == len(self._names):
+            return dict(zip(self._names, self._get_all(merged), strict=True))
+        for name in self._names:
+            if name in merged:
+                values[name] = merged[name]
         return values
 
     def _tag(self, values: Mapping[str, Value]) -> str | None:

@@ -143,15 +143,16 @@ _NO_ERRORS: tuple[tuple[RegisterSpec, CodecError], ...] = ()
 class BlockDecoder:
     """Decodes every register of one ``ReadBlock`` from the block's words in one go.
 
-    The words become bytes once (``struct.pack(">nH")``); each numeric register is then one
-    ``unpack_from`` at an offset worked out here, followed by the steps of
-    ``gateway.modbus.codec.decode`` in the same order (sentinels on the unsigned raw bytes,
-    NaN/inf, byte, mask, scale and offset), so values are identical to ``decode`` of the
-    register's own words. Word order CDAB reverses the register's words before unpacking. Text,
-    bools and bit tables go through ``decode`` itself.
+    The words become bytes once (``struct.pack(">nH")``). The numeric registers in ABCD order
+    without sentinels that do not overlap come out of one ``unpack_from`` of a format built here
+    for the whole block, every other numeric register out of its own ``unpack_from``; then come
+    the steps of ``gateway.modbus.codec.decode`` in the same order (sentinels on the unsigned
+    raw bytes, NaN/inf, byte, mask, scale and offset), so values are identical to ``decode`` of
+    the register's own words. Word order CDAB reverses the register's words before unpacking.
+    Text, bools and bit tables go through ``decode`` itself.
     """
 
-    __slots__ = ("_count", "_fast", "_pack", "_slow", "block")
+    __slots__ = ("_count", "_fast", "_group", "_group_unpack", "_pack", "_slow", "block")
 
     def __init__(self, block: ReadBlock) -> None:
         self.block = block
@@ -195,6 +196,25 @@ class BlockDecoder:
                     start,
                 )
             )
+        # The common case, registers in ABCD order without sentinels that do not overlap, comes
+        # out of one ``unpack`` of the whole block: (name, post-step or None) in block order.
+        self._group: list[tuple[str, Any]] = []
+        self._group_unpack: Any = None
+        simple = [f for f in self._fast if f[4] is None and not f[11]]
+        simple.sort(key=lambda f: f[2])
+        fmt, at = ">", 0
+        types = {spec.name: spec.type for spec in block.registers}
+        for f in simple:
+            if f[2] < at:
+                continue  # overlaps the previous one (byte: high and low of one register)
+            one = TYPES[types[f[0]]].format or ""
+            fmt += "x" * (f[2] - at) + one.lstrip(">")
+            at = f[2] + struct.calcsize(one)
+            self._group.append((f[0], _post_step(f)))
+        if self._group:
+            grouped = {name for name, _ in self._group}
+            self._fast = [f for f in self._fast if f[0] not in grouped]
+            self._group_unpack = struct.Struct(fmt).unpack_from
 
     def decode_into(
         self, words: Sequence[int], out: dict[str, Value]
@@ -206,7 +226,7 @@ class BlockDecoder:
                 f"block {self.block.table}:{self.block.address} needs {self._count} words, "
                 f"got {len(words)}"
             )
-        if self._fast:
+        if self._fast or self._group:
             try:
                 data = (
                     self._pack(*words[: self._count])
@@ -215,6 +235,9 @@ class BlockDecoder:
                 )
             except struct.error:
                 return self._all_slow(words, out)
+            if self._group_unpack is not None:
+                for (name, post), raw in zip(self._group, self._group_unpack(data), strict=True):
+                    out[name] = raw if post is None else post(raw)
             for (
                 name,
                 unpack_from,
@@ -275,3 +298,30 @@ class BlockDecoder:
                 out[spec.name] = None
                 errors.append((spec, exc))
         return errors
+
+
+def _post_step(fast: tuple[Any, ...]) -> Any:
+    """What ``decode_into`` does to one raw number after unpacking (None: nothing), the same
+    steps in the same order as its per-register loop."""
+    _, _, _, is_float, _, _, byte, mask, scale, offset, plain, _, _ = fast
+    if is_float:
+        isfinite = math.isfinite
+
+        def scaled_float(raw: float) -> Value:
+            return raw * scale + offset if isfinite(raw) else None
+
+        return scaled_float
+    if plain:
+        return None
+    whole = scale == 1.0 and offset == 0.0
+
+    def stepped(raw: int) -> Value:
+        if byte == "high":
+            raw = (raw >> 8) & 0xFF
+        elif byte == "low":
+            raw &= 0xFF
+        if mask is not None:
+            raw &= mask
+        return int(raw) if whole else raw * scale + offset
+
+    return stepped

@@ -32,6 +32,7 @@ class PollStats:
     heartbeats: int = 0
     heartbeat_missed_slots: int = 0
     last_duration_s: float = 0.0
+    last_lateness_s: float = 0.0  # how long after its slot the last poll started
 
 
 class DevicePoller:
@@ -84,6 +85,7 @@ class DevicePoller:
             await asyncio.sleep(deadline - loop.time())
         while True:
             started = loop.time()
+            stats.last_lateness_s = started - deadline
             sample = await driver.poll()
             stats.polls += 1
             stats.last_duration_s = loop.time() - started

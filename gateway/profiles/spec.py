@@ -5,6 +5,7 @@ Profiles are validated and built by :mod:`gateway.profiles.build`; nothing here 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.modbus.types import (
@@ -97,7 +98,7 @@ class StateRule:
     iec: IecState
     status: ChargerStatus
 
-    def holds(self, values: dict[str, object]) -> bool:
+    def holds(self, values: Mapping[str, object]) -> bool:
         return all(c.holds(values.get(c.register)) for c in self.when)
 
 
@@ -109,7 +110,7 @@ class StateSpec:
     default_iec: IecState = IecState.E
     default_status: ChargerStatus = ChargerStatus.FAULTED
 
-    def classify(self, values: dict[str, object]) -> tuple[IecState, ChargerStatus]:
+    def classify(self, values: Mapping[str, object]) -> tuple[IecState, ChargerStatus]:
         for rule in self.rules:
             if rule.holds(values):
                 return rule.iec, rule.status
