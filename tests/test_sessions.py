@@ -31,16 +31,12 @@ from gateway.model import (
     from_rfc3339,
 )
 from gateway.records import SessionRecord, UnsealedRecord
-from gateway.sessions import (
+from gateway.sessions import ChargerSpec, Grant, OpenSession, SessionManager, SessionTracker
+from gateway.sessions.effects import (
     AddPoint,
-    ChargerSpec,
     Effect,
     FinishSession,
-    Grant,
-    OpenSession,
     RequestAuth,
-    SessionManager,
-    SessionTracker,
     SetEnabled,
     StartSession,
     StatusChanged,

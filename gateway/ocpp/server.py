@@ -495,21 +495,11 @@ class OcppServer:
         conn = self._by_device[device_id]
         now = self._clock.time()
         known = self._authorizer.lookup_user(user)
-        if known is not None and known.status_at(now) is not AuthStatus.ACCEPTED:
-            raise CommandError("not_authorized", f"user {user!r} is {known.status_at(now).value}")
-        if any(s.get("charger_id") == device_id for s in self._sessions.open_sessions()):
-            raise CommandError("busy", f"charger {device_id} has a session")
         # The idTag the charger will report in StartTransaction (20 characters at most).
         id_tag = (token or (known.id if known is not None else user))[:20]
-        grant = Grant(
-            user=user,
-            token=token if token is not None else (known.id if known is not None else None),
-            token_type="app" if token is not None or known is None else known.type.value,
-            auth=AuthSource.REMOTE,
-            at=now,
-            group=known.group if known is not None else None,
-            tag=id_tag,
-        )
+        grant = Grant.remote(user, token, known, now, tag=id_tag)
+        if any(s.get("charger_id") == device_id for s in self._sessions.open_sessions()):
+            raise CommandError("busy", f"charger {device_id} has a session")
         conn.remote = (id_tag, grant, self._clock.monotonic() + REMOTE_START_TIMEOUT_S)
         result = await self._command_call(
             device_id,

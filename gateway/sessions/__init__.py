@@ -35,20 +35,11 @@ Rules (one connector per charger device):
 The package: ``ledger`` (an open session's state, energy bookkeeping and record), ``connector``
 (a charger connector's facts and sample reading), ``counters`` (decisions on counter readings:
 start readings, swaps), ``tracker`` (the plug/authorization state machine), ``effects`` (what the
-tracker returns), ``manager`` (the async side performing them).
+tracker returns), ``manager`` (the async side performing them). The effects are the contract
+between tracker and manager, not the package's: they are imported from ``gateway.sessions.effects``.
 """
 
 from gateway.sessions.connector import ChargerSpec, Grant
-from gateway.sessions.effects import (
-    AddPoint,
-    Effect,
-    FinishSession,
-    RequestAuth,
-    SaveSession,
-    SetEnabled,
-    StartSession,
-    StatusChanged,
-)
 from gateway.sessions.ledger import (
     MAX_COUNTER_WH,
     MAX_SUSPECT_CHAINS,
@@ -63,20 +54,12 @@ from gateway.sessions.tracker import SessionTracker
 __all__ = [
     "MAX_COUNTER_WH",
     "MAX_SUSPECT_CHAINS",
-    "AddPoint",
     "ChargerSpec",
     "Counter",
-    "Effect",
-    "FinishSession",
     "Grant",
     "OpenSession",
-    "RequestAuth",
-    "SaveSession",
     "SessionManager",
     "SessionTracker",
-    "SetEnabled",
-    "StartSession",
-    "StatusChanged",
     "build_record",
     "default_periods",
     "max_power_w",

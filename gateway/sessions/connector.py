@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.model import AuthSource, ChargerStatus, DeviceSample, IecState
+from gateway.errors import CommandError
+from gateway.model import AuthSource, AuthStatus, ChargerStatus, DeviceSample, IecState, Token
 from gateway.sessions.ledger import DEFAULT_COUNTER, DEFAULT_MAX_POWER_W, Counter, OpenSession
 
 __all__ = [
@@ -69,6 +70,25 @@ class Grant:
     group: str | None = None
     flags: tuple[str, ...] = ()
     tag: str | None = None  # the tag as the charger shows it (may be a truncated UID)
+
+    @classmethod
+    def remote(
+        cls, user: str, token: str | None, known: Token | None, now: float, tag: str | None = None
+    ) -> Grant:
+        """A remote (app) start of ``user``, whose token the gateway may know (``known``).
+        Refused (CommandError) when that token is blocked or expired; a user the gateway does
+        not know is accepted: the cloud vouches for it."""
+        if known is not None and known.status_at(now) is not AuthStatus.ACCEPTED:
+            raise CommandError("not_authorized", f"user {user!r} is {known.status_at(now).value}")
+        return cls(
+            user=user,
+            token=token if token is not None else (known.id if known is not None else None),
+            token_type="app" if token is not None or known is None else known.type.value,
+            auth=AuthSource.REMOTE,
+            at=now,
+            group=known.group if known is not None else None,
+            tag=tag,
+        )
 
 
 @dataclass(slots=True)

@@ -252,16 +252,7 @@ class SessionManager:
         A user the gateway does not know is accepted: the cloud vouches for it."""
         now = self._clock.time()
         known = self._authorizer.lookup_user(user) if self._authorizer is not None else None
-        if known is not None and known.status_at(now) is not AuthStatus.ACCEPTED:
-            raise CommandError("not_authorized", f"user {user!r} is {known.status_at(now).value}")
-        grant = Grant(
-            user=user,
-            token=token if token is not None else (known.id if known is not None else None),
-            token_type="app" if token is not None or known is None else known.type.value,
-            auth=AuthSource.REMOTE,
-            at=now,
-            group=known.group if known is not None else None,
-        )
+        grant = Grant.remote(user, token, known, now)
         async with self._lock:
             effects, session_id = self.tracker.remote_start(charger_id, grant, now)
             await self._perform(effects)

@@ -483,12 +483,10 @@ class SessionTracker:
         transactionData). Readings older than the last one are ignored by ``OpenSession.feed``;
         the same guards as for Modbus counters apply."""
         effects: list[Effect] = []
-        charger_id = self.find_session(session_id)
-        if charger_id is None:
+        found = self._open_transaction(session_id)
+        if found is None:
             return effects
-        conn = self._conns[charger_id]
-        session = conn.session
-        assert session is not None
+        conn, session = found
         if session.feed(energy_wh, ts, TRANSACTION_INTERVAL_S, conn.spec.max_power_w):
             effects.append(SaveSession(session))
         if power_w is not None:
@@ -513,12 +511,10 @@ class SessionTracker:
         """The charger's end of a transaction (StopTransaction, possibly replayed later), or
         ``estimated``: the charger shows no EV and never sent its end."""
         effects: list[Effect] = []
-        charger_id = self.find_session(session_id)
-        if charger_id is None:
+        found = self._open_transaction(session_id)
+        if found is None:
             return effects
-        conn = self._conns[charger_id]
-        session = conn.session
-        assert session is not None
+        conn, session = found
         if ocpp:
             session.ocpp = {**(session.ocpp or {}), **ocpp}
         ts = max(ts, session.started_at)
@@ -528,6 +524,16 @@ class SessionTracker:
         conn.plugged = bool(conn.status is not None and conn.status.plugged)
         self._status(conn, ts, effects)
         return effects
+
+    def _open_transaction(self, session_id: str) -> tuple[Connector, OpenSession] | None:
+        """The connector and open session of ``session_id``; None when it is not (or no
+        longer) open: a replayed or unknown transaction."""
+        charger_id = self.find_session(session_id)
+        if charger_id is None:
+            return None
+        conn = self._conns[charger_id]
+        assert conn.session is not None
+        return conn, conn.session
 
     def _points(self, session: OpenSession, now: float, effects: list[Effect]) -> None:
         energy = round(session.energy())

@@ -125,9 +125,8 @@ class CommandHandler:
         request_id: str | None = None
         if len(payload) <= self._max_bytes:
             try:
-                rid = json.loads(payload.decode("utf-8")).get("request_id")
-                request_id = rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
-            except (UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+                request_id = _request_id(json.loads(payload.decode("utf-8")))
+            except (UnicodeDecodeError, ValueError, RecursionError):
                 request_id = None
         return Reply(
             reply_topic,
@@ -151,13 +150,10 @@ class CommandHandler:
         spent = False  # the request id is used up: remember whatever reply it gets
         try:
             data = self._decode(payload)
-            rid = data.get("request_id")
-            request_id = rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
+            request_id = _request_id(data)
             if name not in COMMAND_NAMES:
                 raise CommandError("unknown_command", f"no command named {name!r}")
-            problems = validate(f"command-{name}", data)
-            if problems:
-                raise CommandError("invalid", _clip("; ".join(problems)))
+            _check(f"command-{name}", data)
             assert request_id is not None  # the schema requires it
             if self._verifier is not None:
                 self._verifier.check(topic, data)
@@ -282,11 +278,8 @@ class CommandHandler:
         request_id: str | None = None
         try:
             data = self._decode(payload)
-            rid = data.get("request_id")
-            request_id = rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
-            problems = validate("auth-response", data)
-            if problems:
-                raise CommandError("invalid", _clip("; ".join(problems)))
+            request_id = _request_id(data)
+            _check("auth-response", data)
             assert request_id is not None  # the schema requires it
             if self._verifier is not None:
                 self._verifier.check(topic, data)
@@ -331,6 +324,20 @@ def _timestamp(value: Any) -> float | None:
     if isinstance(value, str):
         return from_rfc3339(value)
     return float(value)
+
+
+def _request_id(data: Any) -> str | None:
+    """The request id a reply carries: the payload's, when it is a plausible one (a string of
+    1 to 128 characters; the schemas refuse any other)."""
+    rid = data.get("request_id") if isinstance(data, dict) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
+
+
+def _check(schema: str, data: Mapping[str, Any]) -> None:
+    """Refuse (``invalid``) a payload its schema does not accept, every problem told."""
+    problems = validate(schema, data)
+    if problems:
+        raise CommandError("invalid", _clip("; ".join(problems)))
 
 
 def _error(request_id: str | None, code: str, message: str) -> dict[str, Any]:

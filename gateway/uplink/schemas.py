@@ -121,19 +121,15 @@ def validate(name: str, payload: Any) -> list[str]:
 def model_problems(exc: pydantic.ValidationError) -> list[str]:
     """A model's refusal of a payload its schema accepts (an integer written 1.0) in the same
     form as :func:`validate`'s problems."""
-    return [
-        "$"
-        + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"])
-        + f": {e['msg']}"
-        for e in exc.errors()
-    ]
+    return [f"{_json_path(e['loc'])}: {e['msg']}" for e in exc.errors()]
 
 
 # -- errors as lines ---------------------------------------------------------------------------
 
 
-def _path(error: ValidationError) -> str:
-    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+def _json_path(parts: Iterable[str | int]) -> str:
+    """``$.a[0].b``: where in a payload a problem is."""
+    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
 
 
 def _describe(value: Any) -> str:
@@ -158,7 +154,7 @@ def _kinds(error: ValidationError) -> list[str]:
 
 
 def _lines(error: ValidationError) -> list[str]:
-    path, keyword = _path(error), error.validator
+    path, keyword = _json_path(error.absolute_path), error.validator
     limit: Any = error.validator_value
     value: Any = error.instance
     if keyword == "type":
@@ -195,7 +191,7 @@ def _alternatives(error: ValidationError) -> list[str]:
     """anyOf/oneOf: the problems of the form that was meant: not one whose type does not even
     match (when none does, one line names the types expected), and the closest one (fewest
     problems) when that is clear; otherwise the first problem of each form."""
-    path = _path(error)
+    path = _json_path(error.absolute_path)
     if error.validator == "oneOf" and not error.context:
         return [f"{path}: matches more than one form"]
     by_form: dict[str | int, list[ValidationError]] = {}
