@@ -121,7 +121,9 @@ CHARGER_VALUES = {
 
 
 def device(dev_id: str, unit: int, port: int, **kw: object) -> DeviceConfig:
-    base: dict[str, object] = {"poll_interval_s": 0.1, "timeout_s": 0.05}
+    # a generous timeout: a loaded CI machine can take longer than 50 ms to accept a connection;
+    # the tests about timeouts ask for a short one themselves
+    base: dict[str, object] = {"poll_interval_s": 0.1, "timeout_s": 0.5}
     base.update(kw)
     return DeviceConfig(
         id=dev_id, driver="test-charger", host="127.0.0.1", port=port, unit=unit, **base
@@ -233,7 +235,7 @@ async def test_faults_become_offline_samples_logged_once(kind: FaultKind, reason
     prof = charger_profile()
     async with charger_server([1]) as (srv, _):
         bus = TcpBus("127.0.0.1", srv.port)
-        driver = DeviceDriver(device("cp1", 1, srv.port), prof, bus)
+        driver = DeviceDriver(device("cp1", 1, srv.port, timeout_s=0.2), prof, bus)
         assert (await driver.poll()).online
         srv.set_fault(1, kind)
         with capture_logs() as logs:
@@ -369,10 +371,10 @@ async def test_fault_on_one_device_leaves_the_others_on_time(kind: FaultKind) ->
         # no heartbeat here: this test is about polls
         prof = replace(prof, heartbeat=None)
         drivers = [
-            DeviceDriver(device("a1", 1, srv_a.port), prof, bus_a),
-            DeviceDriver(device("a2", 2, srv_a.port), prof, bus_a),
-            DeviceDriver(device("a3", 3, srv_a.port), prof, bus_a),
-            DeviceDriver(device("b1", 1, srv_b.port), prof, bus_b),
+            DeviceDriver(device("a1", 1, srv_a.port, timeout_s=0.05), prof, bus_a),
+            DeviceDriver(device("a2", 2, srv_a.port, timeout_s=0.05), prof, bus_a),
+            DeviceDriver(device("a3", 3, srv_a.port, timeout_s=0.05), prof, bus_a),
+            DeviceDriver(device("b1", 1, srv_b.port, timeout_s=0.05), prof, bus_b),
         ]
         rec = Recorder()
         poller = DevicePoller(drivers, rec)
