@@ -121,6 +121,12 @@ class Connector:
     resumed: bool = False
     last_status: tuple[str, bool, str | None] | None = None
 
+    def anchor_at(self, ts: float, wh: int | None) -> None:
+        """The session starts here, as read by the gateway: neither latched late nor dated
+        back."""
+        self.anchor_ts, self.anchor_wh = ts, wh
+        self.anchor_latched = self.anchor_reconstructed = False
+
 
 def is_plugged(sample: DeviceSample, previous: bool) -> bool:
     if sample.iec in (IecState.B, IecState.C, IecState.D):

@@ -186,8 +186,7 @@ class SessionTracker:
         effects.append(SetEnabled(charger_id, True))
         session_id: str | None = None
         if conn.plugged:
-            conn.anchor_ts, conn.anchor_wh = now, self._counters.reading(conn, now)
-            conn.anchor_latched = conn.anchor_reconstructed = False
+            conn.anchor_at(now, self._counters.reading(conn, now))
             session_id = self._start(conn, grant, now, effects).session_id
         self._status(conn, now, effects)
         return effects, session_id
@@ -465,8 +464,7 @@ class SessionTracker:
                 effects,
                 estimated=True,
             )
-        conn.anchor_ts, conn.anchor_wh = ts, round(meter_start_wh)
-        conn.anchor_latched = conn.anchor_reconstructed = False
+        conn.anchor_at(ts, round(meter_start_wh))
         session = self._start(conn, grant, ts, effects)
         session.source = "transaction"
         session.ocpp = dict(ocpp)
