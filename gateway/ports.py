@@ -29,6 +29,7 @@ __all__ = [
     "SessionAuthorizer",
     "SessionEvents",
     "SessionStore",
+    "TokenListPart",
     "UplinkStore",
 ]
 
@@ -40,6 +41,18 @@ Sealer: TypeAlias = Callable[[UnsealedRecord, int, str], SessionRecord]
 """Seals a finished record as the site's record number ``seq`` after the one whose hash is
 ``prev_hash``: adds ``hash`` (and a signature where a key is configured). The default is
 ``UnsealedRecord.sealed``; see gateway/records.py."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenListPart:
+    """Part ``index`` of ``count`` of token-list version ``version`` (gateway.tokenparts)."""
+
+    version: int
+    mode: str  # "replace" | "patch"
+    index: int
+    count: int
+    tokens: Sequence[Token]
+    remove: Sequence[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,15 +242,7 @@ class CommandTarget(Protocol):
         self, version: int, mode: str, tokens: Sequence[Token], remove: Sequence[str]
     ) -> JsonObject: ...
 
-    async def update_token_part(
-        self,
-        version: int,
-        mode: str,
-        index: int,
-        count: int,
-        tokens: Sequence[Token],
-        remove: Sequence[str],
-    ) -> JsonObject:
+    async def update_token_part(self, part: TokenListPart) -> JsonObject:
         """One part of a token list pushed in parts (gateway.tokenparts)."""
         ...
 

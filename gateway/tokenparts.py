@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from gateway.errors import CommandError
 from gateway.model import Token
+from gateway.ports import TokenListPart
 
 __all__ = ["MAX_PARTS", "KeyValueStore", "TokenParts"]
 
@@ -44,15 +45,8 @@ class TokenParts:
         self._current = current_version
         self._apply = apply
 
-    async def add(
-        self,
-        version: int,
-        mode: str,
-        index: int,
-        count: int,
-        tokens: Sequence[Token],
-        remove: Sequence[str],
-    ) -> dict[str, Any]:
+    async def add(self, part: TokenListPart) -> dict[str, Any]:
+        version, mode, index, count = part.version, part.mode, part.index, part.count
         if not 1 <= count <= MAX_PARTS or not 1 <= index <= count:
             raise CommandError(
                 "invalid", f"part {index} of {count}: need 1 <= index <= count <= {MAX_PARTS}"
@@ -78,7 +72,11 @@ class TokenParts:
             )
         await self._store.kv_put(
             f"{_PART}{index}",
-            {"version": version, "tokens": [t.to_json() for t in tokens], "remove": list(remove)},
+            {
+                "version": version,
+                "tokens": [t.to_json() for t in part.tokens],
+                "remove": list(part.remove),
+            },
         )
         received = sorted(set(pending["received"]) | {index})
         pending["received"] = received
