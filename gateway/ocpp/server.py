@@ -63,7 +63,7 @@ from gateway.ocpp.mapping import (
     timestamp,
 )
 from gateway.ocpp.transactions import KeyValueStore, TransactionBook, TransactionSink
-from gateway.sessions import Grant
+from gateway.sessions import Grant, TransactionStart
 
 __all__ = ["AuthorizerPort", "OcppServer"]
 
@@ -387,11 +387,13 @@ class OcppServer:
             if self._clocks.skew_s(cp_id):
                 attrs["clock_skew_s"] = round(self._clocks.skew_s(cp_id), 1)
             session_id = await self._sessions.begin_transaction(
-                conn.device.id,
-                grant,
-                self._clocks.event_time(ts_text, cp_id),
-                float(meter_start),
-                attrs,
+                TransactionStart(
+                    conn.device.id,
+                    grant,
+                    self._clocks.event_time(ts_text, cp_id),
+                    float(meter_start),
+                    attrs,
+                )
             )
             await self._tx.started(key, cp_id, transaction_id, info, session_id)
         return transaction_id, info

@@ -19,7 +19,7 @@ import structlog
 from gateway.model import StopReason
 from gateway.ocpp.clocks import ChargePointClocks
 from gateway.ocpp.mapping import MeterSample, parse_meter_values, signed_documents, stop_reason_of
-from gateway.sessions import Grant
+from gateway.sessions import TransactionEnd, TransactionStart
 
 __all__ = ["KeyValueStore", "TransactionBook", "TransactionSink"]
 
@@ -33,29 +33,13 @@ MAX_SESSION_WH = 200_000.0
 class TransactionSink(Protocol):
     """What the server needs of the session manager (gateway.sessions.SessionManager)."""
 
-    async def begin_transaction(
-        self,
-        charger_id: str,
-        grant: Grant,
-        ts: float,
-        meter_start_wh: float,
-        ocpp: Mapping[str, Any],
-    ) -> str: ...
+    async def begin_transaction(self, start: TransactionStart) -> str: ...
 
     async def transaction_meter(
         self, session_id: str, ts: float, energy_wh: float, power_w: float | None = None
     ) -> None: ...
 
-    async def end_transaction(
-        self,
-        session_id: str,
-        ts: float,
-        meter_stop_wh: float,
-        reason: StopReason,
-        ocpp: Mapping[str, Any] | None = None,
-        *,
-        estimated: bool = False,
-    ) -> bool: ...
+    async def end_transaction(self, end: TransactionEnd) -> bool: ...
 
     def open_sessions(self) -> list[dict[str, Any]]: ...
 
@@ -124,11 +108,13 @@ class TransactionBook:
             )
             last_wh = state.get("last_wh")
             await self.sessions.end_transaction(
-                str(state["session_id"]),
-                float(state.get("last_activity_ts") or state["started_at"]),
-                float(last_wh if last_wh is not None else state.get("meter_start_wh") or 0),
-                StopReason.UNKNOWN,
-                estimated=True,
+                TransactionEnd(
+                    str(state["session_id"]),
+                    float(state.get("last_activity_ts") or state["started_at"]),
+                    float(last_wh if last_wh is not None else state.get("meter_start_wh") or 0),
+                    StopReason.UNKNOWN,
+                    estimated=True,
+                )
             )
             await self.store.kv_put(
                 f"ocpp.tx/{cp_id}/{transaction_id}",
@@ -253,11 +239,13 @@ class TransactionBook:
             if id_tag is not None:
                 extra["stop_id_tag"] = id_tag
             await self.sessions.end_transaction(
-                session_id,
-                self._clocks.event_time(ts_text, cp_id),
-                float(meter_stop),
-                stop_reason_of(reason),
-                extra,
+                TransactionEnd(
+                    session_id,
+                    self._clocks.event_time(ts_text, cp_id),
+                    float(meter_stop),
+                    stop_reason_of(reason),
+                    extra,
+                )
             )
             await self.store.kv_put(
                 f"ocpp.tx/{cp_id}/{transaction_id}", {"session_id": session_id, "open": False}

@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import CommandError
-from gateway.model import AuthSource, AuthStatus, ChargerStatus, DeviceSample, IecState, Token
+from gateway.model import (
+    AuthSource,
+    AuthStatus,
+    ChargerStatus,
+    DeviceSample,
+    IecState,
+    StopReason,
+    Token,
+)
 from gateway.sessions.ledger import DEFAULT_COUNTER, DEFAULT_MAX_POWER_W, Counter, OpenSession
 
 __all__ = [
@@ -18,6 +26,8 @@ __all__ = [
     "ChargerSpec",
     "Connector",
     "Grant",
+    "TransactionEnd",
+    "TransactionStart",
     "is_charging",
     "is_plugged",
     "note_power",
@@ -89,6 +99,32 @@ class Grant:
             group=known.group if known is not None else None,
             tag=tag,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionStart:
+    """A transaction the charger started at ``ts`` with its register at ``meter_start_wh``,
+    authorized by ``grant``; ``ocpp``: the session's ``ocpp`` attributes."""
+
+    charger_id: str
+    grant: Grant
+    ts: float
+    meter_start_wh: float
+    ocpp: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionEnd:
+    """The charger's end of a transaction (OCPP StopTransaction, possibly replayed later), or
+    ``estimated``: the charger shows no EV and never sent its end. ``ocpp``: attributes merged
+    into the session's ``ocpp`` (signed meter values, the stop tag)."""
+
+    session_id: str
+    ts: float
+    meter_stop_wh: float
+    reason: StopReason
+    ocpp: Mapping[str, Any] | None = None
+    estimated: bool = False
 
 
 @dataclass(slots=True)
