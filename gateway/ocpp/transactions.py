@@ -11,6 +11,8 @@ messages never interleave.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -65,6 +67,27 @@ class TransactionBook:
         self._clocks = clocks
         self._now = now
         self.lock = asyncio.Lock()
+
+    @staticmethod
+    def start_key(
+        cp_id: str, connector_id: int, id_tag: str, meter_start: int, ts_text: str
+    ) -> str:
+        """The store key of a StartTransaction: the same for the same call replayed."""
+        call = json.dumps([cp_id, connector_id, id_tag, meter_start, ts_text]).encode()
+        return "ocpp.start/" + hashlib.sha256(call).hexdigest()[:32]
+
+    async def start_seen(self, key: str) -> dict[str, Any] | None:
+        """What the StartTransaction of ``key`` was given, if it came before."""
+        seen: dict[str, Any] | None = await self.store.kv_get(key)
+        return seen
+
+    async def give_out(self, key: str, info: dict[str, Any]) -> int:
+        """A new transaction id for the StartTransaction of ``key``, written before its session:
+        a replay after a crash gets the same id."""
+        transaction_id = int(await self.store.kv_get("ocpp.next_transaction_id", 1))
+        await self.store.kv_put("ocpp.next_transaction_id", transaction_id + 1)
+        await self.store.kv_put(key, {"transaction_id": transaction_id, "id_tag_info": info})
+        return transaction_id
 
     def open_session(self, cp_id: str, transaction_id: int) -> str | None:
         for state in self.sessions.open_sessions():
