@@ -115,7 +115,6 @@ class SessionManager:
         faster than real time (``evgw demo``); it widens the plausibility bound on counter
         steps, which is measured against the gateway's wall clock. ``profile_max_a``: charger
         id -> its profile's ``current_limit.max_a`` (see :func:`max_power_w`)."""
-        self._config = config
         self._store = store
         self._authorizer = authorizer
         self._chargers = chargers
@@ -228,7 +227,7 @@ class SessionManager:
                     stale.ended_at = max(stale.last_activity_ts, stale.started_at)
                     stale.stop_reason = StopReason.UNKNOWN.value
                     await self._load_points(stale.session_id)
-                    effects.append(FinishSession(stale, build_record(stale, self._config.site.id)))
+                    effects.append(FinishSession(stale, build_record(stale, self.tracker.site_id)))
                 session = self.tracker.restore(states[-1])
                 await self._load_points(session.session_id)
                 count += 1
