@@ -208,10 +208,7 @@ class SimServer:
         host: str = "127.0.0.1",
         port: int = 0,
         path: str = "",
-        baudrate: int = 9600,
-        parity: str = "N",
-        stopbits: int = 1,
-        bytesize: int = 8,
+        line: SerialLine = SerialLine(),
         seed: int | None = None,
         turnaround_s: float = 0.005,
         response_timeout_s: float = 0.5,
@@ -224,7 +221,7 @@ class SimServer:
         self.host = host
         self.port = port
         self.path = path
-        self.line = SerialLine(baudrate, parity, stopbits, bytesize)
+        self.line = line
         self._faults: dict[int, Fault] = {}
         self._overrides: dict[int, list[Override]] = {}
         self._rng = random.Random(seed)
@@ -285,9 +282,7 @@ class SimServer:
             units,
             host=host,
             port=port,
-            baudrate=baudrate,
-            parity=parity,
-            stopbits=stopbits,
+            line=SerialLine(baudrate, parity, stopbits),
             turnaround_s=turnaround_s,
             response_timeout_s=response_timeout_s,
             seed=seed,
@@ -312,10 +307,7 @@ class SimServer:
             "rtu",
             units,
             path=path,
-            baudrate=baudrate,
-            parity=parity,
-            stopbits=stopbits,
-            bytesize=bytesize,
+            line=SerialLine(baudrate, parity, stopbits, bytesize),
             seed=seed,
             line_peer=line_peer,
         )
