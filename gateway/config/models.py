@@ -299,11 +299,11 @@ class _TokenEntry(Model):
     id: Annotated[str, Text(max_len=64, pattern=r"[^\s]+", hint="without spaces")] = Field(
         description="RFID UID, fob or app token (quote it)"
     )
-    type: Annotated[TokenType, Choice(*(t.value for t in TokenType), convert=TokenType)]
+    type: Annotated[TokenType, Choice.of(TokenType)]
     user: Annotated[str, Text(max_len=128)] = Field(description="user id in records and bills")
     status: Annotated[
         AuthStatus,
-        Choice(*(s.value for s in AuthStatus if s is not AuthStatus.UNKNOWN), convert=AuthStatus),
+        Choice.of(AuthStatus, (s for s in AuthStatus if s is not AuthStatus.UNKNOWN)),
     ] = AuthStatus.ACCEPTED
     expires_at: Timestamp | None = Field(
         default=None, description="RFC 3339; after it the token counts as expired"

@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from datetime import date, datetime
+from enum import Enum
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, GetCoreSchemaHandler, GetJsonSchemaHandler
@@ -303,6 +304,11 @@ class Choice(Check):
     def __init__(self, *values: str | int, convert: Callable[[Any], Any] | None = None) -> None:
         self.values: Sequence[str | int] = values
         self.convert = convert
+
+    @classmethod
+    def of(cls, enum: type[Enum], members: Iterable[Enum] | None = None) -> Choice:
+        """The values of ``enum`` (or of some of its ``members``), read into the member."""
+        return cls(*(m.value for m in (enum if members is None else members)), convert=enum)
 
     def validate(self, value: Any, info: core_schema.ValidationInfo) -> Any:
         valid = any(type(value) is type(v) and value == v for v in self.values)
