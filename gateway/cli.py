@@ -522,23 +522,24 @@ def _cmd_consume(args: argparse.Namespace) -> int:
 
 
 def _cmd_trust(args: argparse.Namespace) -> int:
-    from gateway.cloud.trustadmin import run_trust
+    from gateway.cloud import trustadmin
 
-    _no_password_in(getattr(args, "db", None), "--db", _PG_PASSWORD)
-    return _run_async(
-        lambda: run_trust(
-            args.action,
-            args.db,
-            site=args.site,
-            key_file=getattr(args, "key", None),
-            key=getattr(args, "key_id", None),
-            note=getattr(args, "note", None) or getattr(args, "reason", None),
-            as_json=getattr(args, "json", False),
-            released=getattr(args, "released", False),
-            qids=getattr(args, "qid", None),
-            every=getattr(args, "all", False),
-        )
-    )
+    _no_password_in(args.db, "--db", _PG_PASSWORD)
+    # Each action has its own arguments (the subparsers require what it needs).
+    actions: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {
+        "add": lambda: trustadmin.add_key(args.db, args.site, args.key, args.note),
+        "list": lambda: trustadmin.list_keys(args.db, args.site, args.json),
+        "revoke": lambda: trustadmin.revoke_key(args.db, args.site, args.key_id, args.reason),
+        "quarantine": lambda: trustadmin.list_quarantine(
+            args.db, args.site, args.json, args.released
+        ),
+        "dismiss": lambda: trustadmin.dismiss_held(
+            args.db, args.qid, args.all, args.site, args.note
+        ),
+    }
+    code = _run_async(actions[args.action])
+    sys.stdout.flush()
+    return code
 
 
 def _cmd_rotate_key(args: argparse.Namespace) -> int:

@@ -142,7 +142,11 @@ async def test_the_client_timer_is_off_and_fail_pending_ends_the_request() -> No
     async with server(silent) as port:
         # A client timeout far below our wait: only one_timer keeps it from firing.
         raw = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=0.05, retries=0)
+        assert not adapter.response_timer_off(raw)
         client = adapter.one_timer(raw)
+        assert adapter.response_timer_off(client), upgrade_broke(
+            "ctx.comm_params.timeout_connect: one_timer no longer reaches it"
+        )
         assert await client.connect()
         try:
             request = asyncio.create_task(client.read_holding_registers(0, count=1, device_id=1))

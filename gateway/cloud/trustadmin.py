@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from gateway.cloud.trust import public_pem
 from gateway.errors import UsageError
 from gateway.safeout import printable
 
-__all__ = ["KEY_RELOAD_S", "run_trust"]
+__all__ = ["KEY_RELOAD_S", "add_key", "dismiss_held", "list_keys", "list_quarantine", "revoke_key"]
 
 
 class TrustUsageError(UsageError):
@@ -57,7 +56,8 @@ def _show(
     return 0
 
 
-async def _add(db_url: str, site: str, key_file: Path, note: str | None) -> int:
+async def add_key(db_url: str, site: str, key_file: Path, note: str | None) -> int:
+    """``evgw trust add``."""
     public = await asyncio.to_thread(load_key_file, key_file)
     kid = key_id(public)
     async with open_cloud_store(db_url, create=False) as store:
@@ -78,7 +78,8 @@ async def _add(db_url: str, site: str, key_file: Path, note: str | None) -> int:
     return 0
 
 
-async def _revoke(db_url: str, site: str, kid: str, reason: str | None) -> int:
+async def revoke_key(db_url: str, site: str, kid: str, reason: str | None) -> int:
+    """``evgw trust revoke``."""
     async with open_cloud_store(db_url, create=False) as store:
         known = {k.key_id: k for k in await store.key_rows(site)}
         if kid not in known:
@@ -96,7 +97,8 @@ async def _revoke(db_url: str, site: str, kid: str, reason: str | None) -> int:
     return 0
 
 
-async def _list(db_url: str, site: str | None, as_json: bool) -> int:
+async def list_keys(db_url: str, site: str | None, as_json: bool) -> int:
+    """``evgw trust list``."""
     async with open_cloud_store(db_url, create=False) as store:
         keys = await store.key_rows(site)
     return _show(
@@ -122,7 +124,8 @@ async def _list(db_url: str, site: str | None, as_json: bool) -> int:
     )
 
 
-async def _quarantine(db_url: str, site: str | None, as_json: bool, released: bool) -> int:
+async def list_quarantine(db_url: str, site: str | None, as_json: bool, released: bool) -> int:
+    """``evgw trust quarantine``."""
     async with open_cloud_store(db_url, create=False) as store:
         held = await store.quarantined(site, released=released)
     return _show(
@@ -160,9 +163,10 @@ async def _quarantine(db_url: str, site: str | None, as_json: bool, released: bo
     )
 
 
-async def _dismiss(
+async def dismiss_held(
     db_url: str, qids: list[str], every: bool, site: str | None, note: str | None
 ) -> int:
+    """``evgw trust dismiss``."""
     if not note:
         raise TrustUsageError("trust dismiss needs --note (why the messages are closed)")
     if not qids and not every:
@@ -177,36 +181,3 @@ async def _dismiss(
             await store.release(qid, f"dismissed: {note}")
     print(f"{len(chosen)} quarantined message(s) dismissed (kept, never billed)")
     return 0
-
-
-async def run_trust(
-    action: str,
-    db_url: str,
-    *,
-    site: str | None = None,
-    key_file: Path | None = None,
-    key: str | None = None,
-    note: str | None = None,
-    as_json: bool = False,
-    released: bool = False,
-    qids: list[str] | None = None,
-    every: bool = False,
-) -> int:
-    if action == "add":
-        if site is None or key_file is None:
-            raise TrustUsageError("trust add needs --site and --key")
-        result = await _add(db_url, site, key_file, note)
-    elif action == "revoke":
-        if site is None or key is None:
-            raise TrustUsageError("trust revoke needs --site and a key id")
-        result = await _revoke(db_url, site, key, note)
-    elif action == "list":
-        result = await _list(db_url, site, as_json)
-    elif action == "quarantine":
-        result = await _quarantine(db_url, site, as_json, released)
-    elif action == "dismiss":
-        result = await _dismiss(db_url, qids or [], every, site, note)
-    else:
-        raise TrustUsageError(f"unknown trust action {action!r}")
-    sys.stdout.flush()
-    return result

@@ -7,8 +7,8 @@ Checks between keys (references, duplicates, addressing) are in ``gateway.config
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 from pydantic import Field, GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue, SkipJsonSchema
@@ -299,11 +299,11 @@ class _TokenEntry(Model):
     id: Annotated[str, Text(max_len=64, pattern=r"[^\s]+", hint="without spaces")] = Field(
         description="RFID UID, fob or app token (quote it)"
     )
-    type: Annotated[TokenType, Choice(*(t.value for t in TokenType), convert=TokenType)]
+    type: Annotated[TokenType, Choice.of(TokenType)]
     user: Annotated[str, Text(max_len=128)] = Field(description="user id in records and bills")
     status: Annotated[
         AuthStatus,
-        Choice(*(s.value for s in AuthStatus if s is not AuthStatus.UNKNOWN), convert=AuthStatus),
+        Choice.of(AuthStatus, (s for s in AuthStatus if s is not AuthStatus.UNKNOWN)),
     ] = AuthStatus.ACCEPTED
     expires_at: Timestamp | None = Field(
         default=None, description="RFC 3339; after it the token counts as expired"
@@ -554,6 +554,22 @@ class WebConfig(_Listening):
         return is_loopback(self.host)
 
 
+class _Named(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+_NamedT = TypeVar("_NamedT", bound=_Named)
+
+
+def _by_id(items: Iterable[_NamedT], wanted: str) -> _NamedT:
+    """The entry whose ``id`` is ``wanted``; KeyError when there is none."""
+    for item in items:
+        if item.id == wanted:
+            return item
+    raise KeyError(wanted)
+
+
 class GatewayConfig(Model):
     """ev-site-gateway site configuration"""
 
@@ -601,16 +617,10 @@ class GatewayConfig(Model):
         return tuple(d for d in self.devices if d.driver != OCPP_DRIVER)
 
     def device(self, device_id: str) -> DeviceConfig:
-        for dev in self.devices:
-            if dev.id == device_id:
-                return dev
-        raise KeyError(device_id)
+        return _by_id(self.devices, device_id)
 
     def bus(self, bus_id: str) -> BusConfig:
-        for bus in self.buses:
-            if bus.id == bus_id:
-                return bus
-        raise KeyError(bus_id)
+        return _by_id(self.buses, bus_id)
 
     def endpoint(self, host: str, port: int) -> EndpointConfig | None:
         """The ``endpoints:`` entry of a Modbus TCP address, None when it has none."""

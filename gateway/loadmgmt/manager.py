@@ -15,7 +15,7 @@ import structlog
 
 from gateway.errors import CommandError, DeviceError
 from gateway.gridlimit import CloudLimit, EffectiveLimit, GridLimits, LimitValue
-from gateway.loadmgmt.balancer import Decision, LoadBalancer, Mode
+from gateway.loadmgmt.balancer import ChargerSpec, Decision, LoadBalancer, Mode
 from gateway.model import Clock, DeviceSample, SystemClock
 from gateway.ports import ChargerControl
 
@@ -153,9 +153,15 @@ class LoadManager:
     def can_control(self, device_id: str) -> bool:
         return self.chargers.can_control(device_id)
 
-    async def set_enabled(self, device_id: str, enabled: bool) -> None:
+    def _balanced(self, device_id: str) -> ChargerSpec | None:
+        """The charger's spec when load management writes its limit; None: commands for it go
+        straight to the charger."""
         spec = self.balancer.specs.get(device_id)
-        if spec is None or not spec.controllable:
+        return spec if spec is not None and spec.controllable else None
+
+    async def set_enabled(self, device_id: str, enabled: bool) -> None:
+        spec = self._balanced(device_id)
+        if spec is None:
             await self.chargers.set_enabled(device_id, enabled)
             return
         async with self._lock:
@@ -182,8 +188,7 @@ class LoadManager:
 
     async def set_current_limit(self, device_id: str, current_a: float) -> None:
         """A limit asked for by another part: kept as an upper bound for this charger."""
-        spec = self.balancer.specs.get(device_id)
-        if spec is None or not spec.controllable:
+        if self._balanced(device_id) is None:
             await self.chargers.set_current_limit(device_id, current_a)
             return
         async with self._lock:

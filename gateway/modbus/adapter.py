@@ -7,7 +7,8 @@ transaction manager, ``client.ctx``, that pymodbus does not promise to keep:
 
 - ``ctx.comm_params.timeout_connect``: the timeout each request awaits its answer with
   (``asyncio.wait_for``). ``one_timer`` sets it to None, a plain await, so the bus' own
-  per-request timer is the only one.
+  per-request timer is the only one (``response_timer_off`` says whether it took: the bus then
+  skips a per-request guard against a cancellation lost inside ``wait_for``).
 - ``ctx.response_future``: the future a pending request awaits. ``fail_pending`` fails it and
   the request ends at once with that exception (our timer, or a dropped link that pymodbus
   would otherwise leave waiting).
@@ -38,6 +39,7 @@ __all__ = [
     "flush_input",
     "is_error_response",
     "one_timer",
+    "response_timer_off",
     "serial_client",
     "tcp_client",
 ]
@@ -111,6 +113,13 @@ def one_timer(client: Any) -> Any:
     if params is not None and hasattr(params, "timeout_connect"):
         params.timeout_connect = None
     return client
+
+
+def response_timer_off(client: Any) -> bool:
+    """True when ``one_timer`` took: the client awaits its answer plainly, so it cannot lose a
+    cancellation the way ``asyncio.wait_for`` with a timeout can on Python 3.11."""
+    params = getattr(getattr(client, "ctx", None), "comm_params", None)
+    return params is not None and getattr(params, "timeout_connect", 0) is None
 
 
 def fail_pending(client: Any, exc: BaseException) -> None:

@@ -147,6 +147,9 @@ class ModbusBus(ABC):
         self._retry_at = 0.0  # loop time before which no reconnect is attempted
         self._last_io_end = 0.0
         self._rx_seen = False  # bytes arrived during the current request
+        # The client's own answer timer could not be switched off (adapter.response_timer_off):
+        # check after each request for a cancellation its ``wait_for`` swallowed.
+        self._guard_cancel = True
         self._silent = 0
         self._closed = False
         self._deadline: float | None = None  # loop time the pending request times out at
@@ -300,6 +303,7 @@ class ModbusBus(ABC):
         self._drop_client()
         client = self._make_client()
         self._client = client
+        self._guard_cancel = not adapter.response_timer_off(client)
         ok = False
         detail = "refused"
         try:
@@ -425,18 +429,22 @@ class ModbusBus(ABC):
         finally:
             self._deadline = None
             self._last_io_end = loop.time()
-        _raise_swallowed_cancel()
+        if self._guard_cancel:
+            _raise_swallowed_cancel()
         self._silent = 0
-        if rr is not None and adapter.is_error_response(rr):
-            code = int(getattr(rr, "exception_code", 0) or 0)
-            what = _what(table, address, arg, function)
-            raise self._fail(unit, "exception_response", f"{what}: exception code {code}", code)
         # pymodbus matches a reply to its request by transaction id only (TCP) and decodes
         # whatever function code it carries: an FC04 answer to an FC03 request came back as
-        # data. A reply with another function code is a frame we cannot use.
+        # data. A reply with another function code is a frame we cannot use. An exception
+        # reply carries the request's code + 0x80, so the expected code is the fast path.
         expected = function or _READ_FC[table]
         got = getattr(rr, "function_code", None)
         if got != expected:
+            if rr is not None and adapter.is_error_response(rr):
+                code = int(getattr(rr, "exception_code", 0) or 0)
+                what = _what(table, address, arg, function)
+                raise self._fail(
+                    unit, "exception_response", f"{what}: exception code {code}", code
+                )
             self._after_bad_frame()
             what = _what(table, address, arg, function)
             raise self._fail(unit, "bad_frame", f"{what}: reply has function code {got}")

@@ -8,7 +8,6 @@ session logic as ``gateway.ports.ChargerControl``.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +18,7 @@ from gateway.modbus.bus import ModbusBus
 from gateway.modbus.codec import encode_raw
 from gateway.modbus.plan import BlockDecoder, ReadBlock, plan_reads
 from gateway.model import DeviceSample, SystemClock, Value
-from gateway.profiles import ControlSpec, Profile
+from gateway.profiles import ControlSpec, Profile, TagSpec
 from gateway.tags import normalise_tag, reverse_hex_bytes
 
 if TYPE_CHECKING:
@@ -49,12 +48,15 @@ class DeviceDriver:
             conn.effective_max_gap,
             conn.single_value_reads,
         )
-        self._decoders = [BlockDecoder(b) for b in self.blocks]
-        # Every register's name in profile order, and one C-level getter for all of them.
-        self._names = tuple(spec.name for spec in profile.registers)
-        self._get_all = operator.itemgetter(*self._names) if len(self._names) > 1 else None
+        self._plan = [(i, b, BlockDecoder(b)) for i, b in enumerate(self.blocks)]
+        # Every register's name in profile order: a poll's values start as a copy of this and
+        # the blocks decode into it, so the order is the profile's without sorting. Each poll
+        # that succeeds has read every block at least once (a slow block is read at the first
+        # poll and again after the device was offline), so no name is left at this None.
+        self._template: dict[str, Value] = dict.fromkeys(spec.name for spec in profile.registers)
         self._slow_due: dict[int, float] = {}  # block index -> monotonic time it is due again
         self._cache: dict[str, Value] = {}  # last values of slow blocks
+        self._tag_seen: tuple[str, str | None] | None = None  # (raw text, tag) of the last poll
         self._online: bool | None = None
         self._last_error: str | None = None
         self._limit_a: float | None = None  # last current limit asked for (restored on enable)
@@ -86,7 +88,8 @@ class DeviceDriver:
         """Read and decode the device once. Never raises for device faults."""
         ts = self.clock.time()
         try:
-            await self._after_connect()
+            if self.profile.on_connect:
+                await self._after_connect()
             values = await self._read_values()
         except DeviceError as err:
             self._went_offline(err)
@@ -127,33 +130,31 @@ class DeviceDriver:
 
     async def _read_values(self) -> dict[str, Value]:
         now = self.clock.monotonic()
-        values: dict[str, Value] = {}
-        fresh: dict[str, Value] = {}
-        for index, block in enumerate(self.blocks):
-            if block.every_s is not None and now < self._slow_due.get(index, -math.inf):
+        values = self._template.copy()
+        cache = self._cache
+        if cache:
+            values.update(cache)  # slow values between their reads (re-read ones overwritten)
+        read, unit, timeout_s, gap_s = (
+            self.bus.read,
+            self.config.unit,
+            self.config.timeout_s,
+            self.gap_s,
+        )
+        slow_due = self._slow_due
+        for index, block, decoder in self._plan:
+            every_s = block.every_s
+            if every_s is not None and now < slow_due.get(index, -math.inf):
                 continue
-            words = await self.bus.read(
-                self.config.unit,
-                block.table,
-                block.address,
-                block.count,
-                self.config.timeout_s,
-                gap_s=self.gap_s,
+            words = await read(
+                unit, block.table, block.address, block.count, timeout_s, gap_s=gap_s
             )
             # A register that fails is None (a profile bug); the rest of the values still count.
-            for spec, exc in self._decoders[index].decode_into(words, fresh):
+            for spec, exc in decoder.decode_into(words, values):
                 self._log.warning("register_decode_failed", register=spec.name, error=str(exc))
-            if block.every_s is not None:
-                self._slow_due[index] = now + block.every_s
+            if every_s is not None:
+                slow_due[index] = now + every_s
                 for spec in block.registers:
-                    self._cache[spec.name] = fresh[spec.name]
-        # Keep the profile's register order; slow values come from the cache between reads.
-        merged = {**self._cache, **fresh} if self._cache else fresh
-        if self._get_all is not None and len(merged) == len(self._names):
-            return dict(zip(self._names, self._get_all(merged), strict=True))
-        for name in self._names:
-            if name in merged:
-                values[name] = merged[name]
+                    cache[spec.name] = values[spec.name]
         return values
 
     def _tag(self, values: Mapping[str, Value]) -> str | None:
@@ -163,7 +164,16 @@ class DeviceDriver:
         raw = values.get(spec.register)
         if raw is None:
             return None
-        text = normalise_tag(str(raw))
+        raw = str(raw)
+        seen = self._tag_seen
+        if seen is not None and seen[0] == raw:
+            return seen[1]  # the same text as the last poll: the same tag (most polls)
+        tag = self._tag_of(spec, raw)
+        self._tag_seen = (raw, tag)
+        return tag
+
+    def _tag_of(self, spec: TagSpec, raw: str) -> str | None:
+        text = normalise_tag(raw)
         if text is None or text in spec.empty:
             return None
         if spec.reverse_bytes:

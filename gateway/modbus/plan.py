@@ -152,7 +152,16 @@ class BlockDecoder:
     Text, bools and bit tables go through ``decode`` itself.
     """
 
-    __slots__ = ("_count", "_fast", "_group", "_group_unpack", "_pack", "_slow", "block")
+    __slots__ = (
+        "_count",
+        "_fast",
+        "_group",
+        "_group_unpack",
+        "_last",
+        "_pack",
+        "_slow",
+        "block",
+    )
 
     def __init__(self, block: ReadBlock) -> None:
         self.block = block
@@ -162,6 +171,10 @@ class BlockDecoder:
         #  mask, scale, offset, plain int?, CDAB words or 0)
         self._fast: list[tuple[Any, ...]] = []
         self._slow: list[tuple[RegisterSpec, int]] = []  # (spec, word index)
+        # The last words and value of each slow register: text (an EV id, an RFID tag: 10-20
+        # words each) changes at a session's start or end, not between polls, and ``decode``
+        # is a function of the words alone, so unchanged words give the value decoded before.
+        self._last: list[tuple[Sequence[int], Value] | None] = []
         for spec in block.registers:
             start = spec.address - block.address
             if start < 0 or spec.end > block.end:
@@ -171,6 +184,7 @@ class BlockDecoder:
             fmt = TYPES[spec.type].format
             if block.table.is_bits or fmt is None or spec.count != spec.type.fixed_count:
                 self._slow.append((spec, start))
+                self._last.append(None)
                 continue
             sentinel = (
                 struct.Struct(unsigned_format(spec.count)).unpack_from if spec.sentinels else None
@@ -274,14 +288,24 @@ class BlockDecoder:
                     raw &= mask
                 out[name] = int(raw) if scale == 1.0 and offset == 0.0 else raw * scale + offset
         errors: list[tuple[RegisterSpec, CodecError]] | None = None
-        for spec, start in self._slow:
+        last = self._last
+        for i, (spec, start) in enumerate(self._slow):
+            part = words[start : start + spec.count]
+            seen = last[i]
+            if seen is not None and seen[0] == part:
+                out[spec.name] = seen[1]
+                continue
             try:
-                out[spec.name] = decode(spec, words[start : start + spec.count])
+                value = decode(spec, part)
             except CodecError as exc:
                 out[spec.name] = None
+                last[i] = None  # failures are reported every time, never remembered
                 if errors is None:
                     errors = []
                 errors.append((spec, exc))
+                continue
+            out[spec.name] = value
+            last[i] = (part, value)
         return errors or _NO_ERRORS
 
     def _swapped(self, words: Sequence[int], start: int, n: int) -> bytes:

@@ -12,6 +12,7 @@ The format is documented in docs/profiles.md. Nothing here does I/O on a bus.
 Register tables, data types and ``RegisterSpec`` are Modbus vocabulary: gateway.modbus.types.
 """
 
+from gateway.profiles import spec
 from gateway.profiles.describe import describe_profile
 from gateway.profiles.load import (
     SCHEMA_FILE,
@@ -20,40 +21,17 @@ from gateway.profiles.load import (
     profile_json_schema,
     shipped_drivers_dir,
 )
-from gateway.profiles.spec import (
-    CANONICAL_QUANTITIES,
-    KNOWN_FROM,
-    Condition,
-    ConnectionSpec,
-    ControlSpec,
-    CurrentLimitSpec,
-    HeartbeatSpec,
-    IdentifySpec,
-    OnConnectWrite,
-    Profile,
-    StateRule,
-    StateSpec,
-    TagSpec,
-)
+
+# The typed form is the package's API as spec.__all__ lists it (the asyncio package re-exports
+# its modules the same way): one list to keep, not three.
+from gateway.profiles.spec import *  # noqa: F403
 
 __all__ = [
-    "CANONICAL_QUANTITIES",
-    "KNOWN_FROM",
     "SCHEMA_FILE",
-    "Condition",
-    "ConnectionSpec",
-    "ControlSpec",
-    "CurrentLimitSpec",
-    "HeartbeatSpec",
-    "IdentifySpec",
-    "OnConnectWrite",
-    "Profile",
-    "StateRule",
-    "StateSpec",
-    "TagSpec",
     "describe_profile",
     "load_profile",
     "load_profiles",
     "profile_json_schema",
     "shipped_drivers_dir",
 ]
+__all__ += spec.__all__

@@ -116,27 +116,26 @@ Address = Annotated[
 Baudrate = Annotated[int, Range(300, 1_000_000)]
 Parity = Annotated[str, Choice("N", "E", "O")]
 Stopbits = Annotated[int, Range(1, 2)]
-_STATUS_WORDS = tuple(s.value for s in ChargerStatus)
-Status = Annotated[ChargerStatus, Choice(*_STATUS_WORDS, convert=ChargerStatus)]
-Iec = Annotated[IecState, Choice(*(s.value for s in IecState), convert=IecState)]
+Status = Annotated[ChargerStatus, Choice.of(ChargerStatus)]
+Iec = Annotated[IecState, Choice.of(IecState)]
 TableName = Annotated[
     Table,
-    Choice(*(t.value for t in Table), convert=Table),
+    Choice.of(Table),
     Field(description="holding (FC03) | input (FC04) | coil (FC01) | discrete (FC02)"),
 ]
 TypeName = Annotated[
     DataType,
-    Choice(*(t.value for t in DataType), convert=DataType),
+    Choice.of(DataType),
     Field(description="value type on the wire"),
 ]
 NumericType = Annotated[
     DataType,
-    Choice(*(t.value for t in DataType if not t.is_text), convert=DataType),
+    Choice.of(DataType, (t for t in DataType if not t.is_text)),
     Field(description="value type on the wire"),
 ]
 Order = Annotated[
     WordOrder,
-    Choice(*(w.value for w in WordOrder), convert=WordOrder),
+    Choice.of(WordOrder),
     Field(description="ABCD high word first (default)"),
 ]
 Source = Annotated[
@@ -606,7 +605,7 @@ class ProfileFile(Model):
     """ev-site-gateway device profile (docs/profiles.md)."""
 
     slug: Slug = Field(description="must equal the file name without .yaml")
-    kind: Annotated[DeviceKind, Choice(*(k.value for k in DeviceKind), convert=DeviceKind)]
+    kind: Annotated[DeviceKind, Choice.of(DeviceKind)]
     manufacturer: Annotated[str, Text()]
     model: Annotated[str, Text()]
     description: str = ""

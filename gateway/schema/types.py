@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from datetime import date, datetime
+from enum import Enum
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, GetCoreSchemaHandler, GetJsonSchemaHandler
@@ -49,27 +50,33 @@ def fail(message: str, *, at: tuple[str | int, ...] = (), key: bool = False) -> 
     )
 
 
+# What a value is called where the value itself is not shown; the first kind that holds wins
+# (a boolean is an int to isinstance).
+_KINDS: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (bool, "a boolean"),
+    (dict, "a mapping"),
+    ((list, tuple), "a list"),
+    (datetime, "a timestamp"),
+    (date, "a date"),
+    ((int, float), "a number"),
+    (str, "a string"),
+)
+
+
 def describe(value: Any, *, secret: bool = False) -> str:
-    """How a wrong value is shown in a message; secrets only by their kind."""
+    """How a wrong value is shown in a message: a scalar as written, anything else and secrets
+    only by their kind."""
     if value is None:
         return "an empty value"
+    if secret or not isinstance(value, bool | int | float | str):
+        return next(
+            (word for kind, word in _KINDS if isinstance(value, kind)), type(value).__name__
+        )
     if isinstance(value, bool):
-        return "a boolean" if secret else ("true" if value else "false")
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if isinstance(value, datetime):
-        return "a timestamp"
-    if isinstance(value, date):
-        return "a date"
-    if isinstance(value, int | float):
-        return "a number" if secret else repr(value)
-    if isinstance(value, str):
-        if secret:
-            return "a string"
-        return repr(value) if len(value) <= 80 else repr(value[:77] + "...")
-    return type(value).__name__
+        return "true" if value else "false"
+    if isinstance(value, str) and len(value) > 80:
+        value = value[:77] + "..."
+    return repr(value)
 
 
 def suggest(word: object, choices: Iterable[str]) -> str:
@@ -303,6 +310,11 @@ class Choice(Check):
     def __init__(self, *values: str | int, convert: Callable[[Any], Any] | None = None) -> None:
         self.values: Sequence[str | int] = values
         self.convert = convert
+
+    @classmethod
+    def of(cls, enum: type[Enum], members: Iterable[Enum] | None = None) -> Choice:
+        """The values of ``enum`` (or of some of its ``members``), read into the member."""
+        return cls(*(m.value for m in (enum if members is None else members)), convert=enum)
 
     def validate(self, value: Any, info: core_schema.ValidationInfo) -> Any:
         valid = any(type(value) is type(v) and value == v for v in self.values)

@@ -132,20 +132,21 @@ def _json_path(parts: Iterable[str | int]) -> str:
     return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
 
 
+# JSON's names for a payload's values; the first that holds wins (a boolean is an int too).
+_JSON_KINDS: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (bool, "boolean"),
+    ((int, float), "number"),
+    (str, "string"),
+    (list, "array"),
+)
+
+
 def _describe(value: Any) -> str:
     if value is None:
         return "null"
-    if isinstance(value, bool):
-        return "boolean"
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # nan, inf
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
+    return next((word for kind, word in _JSON_KINDS if isinstance(value, kind)), "object")
 
 
 def _kinds(error: ValidationError) -> list[str]:
