@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from gateway.model import AuthSource, AuthStatus, MeterPoint, Token
 from gateway.records import SessionRecord, UnsealedRecord
@@ -23,6 +23,7 @@ __all__ = [
     "CommandTarget",
     "JsonObject",
     "JsonValue",
+    "KeyValueStore",
     "OutboxRow",
     "RequestLog",
     "Sealer",
@@ -162,6 +163,14 @@ class SessionAuthorizer(Protocol):
     def add_listener(self, listener: Callable[[], Awaitable[None] | None]) -> None:
         """Call ``listener`` after each change of the token lists."""
         ...
+
+
+class KeyValueStore(Protocol):
+    """Small durable values by key (OCPP transaction records, token-list parts)."""
+
+    async def kv_get(self, key: str, default: Any = None) -> Any: ...
+
+    async def kv_put(self, key: str, value: Any) -> None: ...
 
 
 class RequestLog(Protocol):

@@ -13,23 +13,17 @@ when a newer one starts; a part of a version older than the one being assembled 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from gateway.errors import CommandError
 from gateway.model import Token
-from gateway.ports import TokenListPart
+from gateway.ports import KeyValueStore, TokenListPart
 
-__all__ = ["MAX_PARTS", "KeyValueStore", "TokenParts"]
+__all__ = ["MAX_PARTS", "TokenParts"]
 
 MAX_PARTS = 1000
 _PENDING = "tokens.pending"
 _PART = "tokens.part."
-
-
-class KeyValueStore(Protocol):
-    async def kv_get(self, key: str, default: Any = None) -> Any: ...
-
-    async def kv_put(self, key: str, value: Any) -> None: ...
 
 
 Apply = Callable[[int, str, Sequence[Token], Sequence[str]], Awaitable[dict[str, Any]]]

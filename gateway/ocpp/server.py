@@ -60,7 +60,8 @@ from gateway.ocpp.mapping import (
     status_of,
     timestamp,
 )
-from gateway.ocpp.transactions import KeyValueStore, TransactionBook, TransactionSink
+from gateway.ocpp.transactions import TransactionBook, TransactionSink
+from gateway.ports import KeyValueStore
 from gateway.sessions import Grant, TransactionStart
 
 __all__ = ["AuthorizerPort", "OcppServer"]

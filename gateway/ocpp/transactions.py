@@ -21,9 +21,10 @@ import structlog
 from gateway.model import StopReason
 from gateway.ocpp.clocks import ChargePointClocks
 from gateway.ocpp.mapping import MeterSample, parse_meter_values, signed_documents, stop_reason_of
+from gateway.ports import KeyValueStore
 from gateway.sessions import TransactionEnd, TransactionStart
 
-__all__ = ["KeyValueStore", "TransactionBook", "TransactionSink"]
+__all__ = ["TransactionBook", "TransactionSink"]
 
 log = structlog.get_logger(__name__)
 
@@ -44,12 +45,6 @@ class TransactionSink(Protocol):
     async def end_transaction(self, end: TransactionEnd) -> bool: ...
 
     def open_sessions(self) -> list[dict[str, Any]]: ...
-
-
-class KeyValueStore(Protocol):
-    async def kv_get(self, key: str, default: Any = None) -> Any: ...
-
-    async def kv_put(self, key: str, value: Any) -> None: ...
 
 
 class TransactionBook:
