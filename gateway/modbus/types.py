@@ -35,7 +35,10 @@ class Table(StrEnum):
 
     @property
     def is_bits(self) -> bool:
-        return self in (Table.COIL, Table.DISCRETE)
+        return self in _BIT_TABLES
+
+
+_BIT_TABLES = frozenset({Table.COIL, Table.DISCRETE})
 
 
 class DataType(StrEnum):
