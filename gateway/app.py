@@ -24,7 +24,7 @@ from gateway.live import LiveState
 from gateway.modbus.types import DataType, RegisterSpec, value_range
 from gateway.model import Clock, DeviceKind, DeviceSample, SystemClock, Token
 from gateway.outgoing import EVENT_STREAM, STARTED_TOPIC
-from gateway.ports import JsonObject
+from gateway.ports import JsonObject, TokenListPart
 from gateway.profiles import Profile, load_profiles
 from gateway.records import SessionRecord
 from gateway.sessions import MAX_COUNTER_WH, Counter
@@ -87,16 +87,8 @@ class SiteCommands:
     ) -> dict[str, Any]:
         return await self._gw.authorizer.update_tokens(version, mode, tokens, remove)
 
-    async def update_token_part(
-        self,
-        version: int,
-        mode: str,
-        index: int,
-        count: int,
-        tokens: Sequence[Token],
-        remove: Sequence[str],
-    ) -> dict[str, Any]:
-        return await self._gw.token_parts.add(version, mode, index, count, tokens, remove)
+    async def update_token_part(self, part: TokenListPart) -> dict[str, Any]:
+        return await self._gw.token_parts.add(part)
 
     async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]:
         book = self._gw.tariffs

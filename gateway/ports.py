@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from gateway.model import AuthSource, AuthStatus, MeterPoint, Token
 from gateway.records import SessionRecord, UnsealedRecord
@@ -23,12 +23,14 @@ __all__ = [
     "CommandTarget",
     "JsonObject",
     "JsonValue",
+    "KeyValueStore",
     "OutboxRow",
     "RequestLog",
     "Sealer",
     "SessionAuthorizer",
     "SessionEvents",
     "SessionStore",
+    "TokenListPart",
     "UplinkStore",
 ]
 
@@ -40,6 +42,18 @@ Sealer: TypeAlias = Callable[[UnsealedRecord, int, str], SessionRecord]
 """Seals a finished record as the site's record number ``seq`` after the one whose hash is
 ``prev_hash``: adds ``hash`` (and a signature where a key is configured). The default is
 ``UnsealedRecord.sealed``; see gateway/records.py."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenListPart:
+    """Part ``index`` of ``count`` of token-list version ``version`` (gateway.tokenparts)."""
+
+    version: int
+    mode: str  # "replace" | "patch"
+    index: int
+    count: int
+    tokens: Sequence[Token]
+    remove: Sequence[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +165,14 @@ class SessionAuthorizer(Protocol):
         ...
 
 
+class KeyValueStore(Protocol):
+    """Small durable values by key (OCPP transaction records, token-list parts)."""
+
+    async def kv_get(self, key: str, default: Any = None) -> Any: ...
+
+    async def kv_put(self, key: str, value: Any) -> None: ...
+
+
 class RequestLog(Protocol):
     """Durable memory of cloud command request ids and the replies sent for them."""
 
@@ -229,15 +251,7 @@ class CommandTarget(Protocol):
         self, version: int, mode: str, tokens: Sequence[Token], remove: Sequence[str]
     ) -> JsonObject: ...
 
-    async def update_token_part(
-        self,
-        version: int,
-        mode: str,
-        index: int,
-        count: int,
-        tokens: Sequence[Token],
-        remove: Sequence[str],
-    ) -> JsonObject:
+    async def update_token_part(self, part: TokenListPart) -> JsonObject:
         """One part of a token list pushed in parts (gateway.tokenparts)."""
         ...
 

@@ -13,22 +13,17 @@ when a newer one starts; a part of a version older than the one being assembled 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from gateway.errors import CommandError
 from gateway.model import Token
+from gateway.ports import KeyValueStore, TokenListPart
 
-__all__ = ["MAX_PARTS", "KeyValueStore", "TokenParts"]
+__all__ = ["MAX_PARTS", "TokenParts"]
 
 MAX_PARTS = 1000
 _PENDING = "tokens.pending"
 _PART = "tokens.part."
-
-
-class KeyValueStore(Protocol):
-    async def kv_get(self, key: str, default: Any = None) -> Any: ...
-
-    async def kv_put(self, key: str, value: Any) -> None: ...
 
 
 Apply = Callable[[int, str, Sequence[Token], Sequence[str]], Awaitable[dict[str, Any]]]
@@ -44,15 +39,8 @@ class TokenParts:
         self._current = current_version
         self._apply = apply
 
-    async def add(
-        self,
-        version: int,
-        mode: str,
-        index: int,
-        count: int,
-        tokens: Sequence[Token],
-        remove: Sequence[str],
-    ) -> dict[str, Any]:
+    async def add(self, part: TokenListPart) -> dict[str, Any]:
+        version, mode, index, count = part.version, part.mode, part.index, part.count
         if not 1 <= count <= MAX_PARTS or not 1 <= index <= count:
             raise CommandError(
                 "invalid", f"part {index} of {count}: need 1 <= index <= count <= {MAX_PARTS}"
@@ -78,7 +66,11 @@ class TokenParts:
             )
         await self._store.kv_put(
             f"{_PART}{index}",
-            {"version": version, "tokens": [t.to_json() for t in tokens], "remove": list(remove)},
+            {
+                "version": version,
+                "tokens": [t.to_json() for t in part.tokens],
+                "remove": list(part.remove),
+            },
         )
         received = sorted(set(pending["received"]) | {index})
         pending["received"] = received

@@ -35,6 +35,7 @@ from gateway.errors import ConfigError, DeviceError
 from gateway.modbus.bus import REASONS, TcpBus
 from gateway.modbus.codec import CodecError, decode
 from gateway.modbus.types import Table
+from gateway.ports import TokenListPart
 from gateway.profiles import Profile, load_profile
 from gateway.uplink.commands import CommandHandler, MemoryRequestLog
 from gateway.uplink.topics import Topics
@@ -316,10 +317,8 @@ class _Target:
     ) -> dict[str, Any]:
         return {"version": version}
 
-    async def update_token_part(
-        self, version: int, mode: str, index: int, count: int, tokens: Any, remove: Any
-    ) -> dict[str, Any]:
-        return {"version": version, "part": index}
+    async def update_token_part(self, part: TokenListPart) -> dict[str, Any]:
+        return {"version": part.version, "part": part.index}
 
     async def update_tariffs(self, version: int, tariffs: Any) -> dict[str, Any]:
         return {"version": version}

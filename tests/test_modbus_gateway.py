@@ -77,7 +77,7 @@ async def test_charger_and_billing_meter_behind_one_converter_bill_exactly(
         [served] = {s.endpoint for s in site.served}
         assert served.startswith("tcp-gateway://127.0.0.1:")
         converter = site.server("m1")
-        assert converter is site.server("cp1") and converter.baudrate == 19200
+        assert converter is site.server("cp1") and converter.line.baudrate == 19200
         bus = pool.bus_for("cp1")
         assert bus is pool.bus_for("m1") and isinstance(bus, TcpBus)
         assert bus.frame_gap_s == pytest.approx(0.02)
@@ -257,7 +257,7 @@ async def test_the_example_site_is_served_behind_a_simulated_converter(
         endpoints = {s.device_id: s.endpoint for s in site.served}
         assert endpoints["cp1"] == endpoints["m1"] == "tcp-gateway://127.0.0.1:15030"
         assert endpoints["cp2"] == "tcp://127.0.0.1:15031"
-        assert site.server("m1").baudrate == 19200  # the endpoint's line, not a profile's
+        assert site.server("m1").line.baudrate == 19200  # the endpoint's line, not a profile's
         for device_id in ("cp1", "m1"):
             sample = await read_device_once(config, device_id, shipped_profiles)
             assert sample.online, (device_id, sample.error)

@@ -16,6 +16,7 @@ from gateway.auth import Authorizer
 from gateway.config import AuthConfig
 from gateway.errors import CommandError
 from gateway.model import SystemClock, Token, TokenType
+from gateway.ports import TokenListPart
 from gateway.store import Store
 from gateway.tokenparts import TokenParts
 from gateway.uplink.commands import MAX_COMMAND_BYTES
@@ -36,10 +37,8 @@ class PartsTarget(Target):
         super().__init__()
         self.parts = parts
 
-    async def update_token_part(
-        self, version: int, mode: str, index: int, count: int, tokens: Any, remove: Any
-    ) -> dict[str, Any]:
-        return await self.parts.add(version, mode, index, count, tokens, remove)
+    async def update_token_part(self, part: TokenListPart) -> dict[str, Any]:
+        return await self.parts.add(part)
 
 
 async def _authorizer(store: Store) -> tuple[Authorizer, TokenParts]:
@@ -119,26 +118,26 @@ async def test_parts_survive_a_restart_and_mixed_or_stale_parts_are_refused(tmp_
         from gateway.uplink.commands import _token
 
         t = [_token(d) for d in _tokens(30)]
-        assert (await parts.add(5, "replace", 1, 3, t[:10], []))["received"] == 1
+        assert (await parts.add(TokenListPart(5, "replace", 1, 3, t[:10], [])))["received"] == 1
         with pytest.raises(CommandError) as info:
-            await parts.add(5, "patch", 2, 3, t[10:20], [])
+            await parts.add(TokenListPart(5, "patch", 2, 3, t[10:20], []))
         assert info.value.code == "invalid"
         with pytest.raises(CommandError) as info:
-            await parts.add(4, "replace", 1, 1, t[:1], [])
+            await parts.add(TokenListPart(4, "replace", 1, 1, t[:1], []))
         assert info.value.code == "stale_version"
-        await parts.add(5, "replace", 2, 3, t[10:20], [])
+        await parts.add(TokenListPart(5, "replace", 2, 3, t[10:20], []))
         assert auth.cloud_version == 0
     async with Store.open(path, site_id="x", reserve_bytes=0) as store:
         auth, parts = await _authorizer(store)
-        result = await parts.add(5, "replace", 3, 3, t[20:], [])
+        result = await parts.add(TokenListPart(5, "replace", 3, 3, t[20:], []))
         assert result == {"version": 5, "count": 30, "parts": 3, "complete": True}
         assert auth.cloud_version == 5
         # A newer version starts over; an older one is stale now.
-        await parts.add(7, "patch", 1, 2, [], ["04" + "0" * 10])
+        await parts.add(TokenListPart(7, "patch", 1, 2, [], ["04" + "0" * 10]))
         with pytest.raises(CommandError) as info:
-            await parts.add(6, "patch", 1, 2, [], [])
+            await parts.add(TokenListPart(6, "patch", 1, 2, [], []))
         assert info.value.code == "stale_version"
-        await parts.add(7, "patch", 2, 2, [], [])
+        await parts.add(TokenListPart(7, "patch", 2, 2, [], []))
         assert auth.cloud_version == 7
         _, saved = await store.load_cloud_list()
         assert len(saved) == 29

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
-import json
 import logging
 import ssl
 from collections import OrderedDict
@@ -62,8 +60,9 @@ from gateway.ocpp.mapping import (
     status_of,
     timestamp,
 )
-from gateway.ocpp.transactions import KeyValueStore, TransactionBook, TransactionSink
-from gateway.sessions import Grant
+from gateway.ocpp.transactions import TransactionBook, TransactionSink
+from gateway.ports import KeyValueStore
+from gateway.sessions import Grant, TransactionStart
 
 __all__ = ["AuthorizerPort", "OcppServer"]
 
@@ -112,9 +111,7 @@ class OcppServer:
         clock: Clock | None = None,
     ) -> None:
         self.config = config
-        self._sessions = sessions
         self._authorizer = authorizer
-        self._store = store
         self._on_sample = on_sample
         self._clock = clock or SystemClock()
         self._connectors: dict[tuple[str, int], _Connector] = {}
@@ -131,7 +128,6 @@ class OcppServer:
         self._idle_since: dict[str, float] = {}  # device -> monotonic time it showed no EV
         self.abandon_after_s = ABANDON_AFTER_S
         self._answers: dict[str, OrderedDict[str, str]] = {}
-        self._tx.lock = asyncio.Lock()
         self._server: Server | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -312,17 +308,12 @@ class OcppServer:
     async def start_transaction(
         self, cp_id: str, connector_id: int, id_tag: str, meter_start: int, ts_text: str
     ) -> tuple[int, dict[str, Any]]:
-        key = (
-            "ocpp.start/"
-            + hashlib.sha256(
-                json.dumps([cp_id, connector_id, id_tag, meter_start, ts_text]).encode()
-            ).hexdigest()[:32]
-        )
-        seen = await self._store.kv_get(key)
+        key = self._tx.start_key(cp_id, connector_id, id_tag, meter_start, ts_text)
+        seen = await self._tx.start_seen(key)
         if seen is None:  # authorized outside the lock: a slow cloud answer holds up no one
             status, grant, expires = await self.authorize(cp_id, connector_id, id_tag)
         async with self._tx.lock:
-            seen = await self._store.kv_get(key)
+            seen = await self._tx.start_seen(key)
             conn = self.connector(cp_id, connector_id)
             if seen is not None:
                 transaction_id, info = int(seen["transaction_id"]), dict(seen["id_tag_info"])
@@ -344,12 +335,7 @@ class OcppServer:
                 info = {"status": id_tag_status(status)}
                 if expires is not None:
                     info["expiryDate"] = timestamp(expires)
-                transaction_id = int(await self._store.kv_get("ocpp.next_transaction_id", 1))
-                await self._store.kv_put("ocpp.next_transaction_id", transaction_id + 1)
-                # Written before the session: a replay after a crash gets the same id.
-                await self._store.kv_put(
-                    key, {"transaction_id": transaction_id, "id_tag_info": info}
-                )
+                transaction_id = await self._tx.give_out(key, info)
             if conn is None:
                 log.error(
                     "ocpp_unknown_connector",
@@ -386,12 +372,14 @@ class OcppServer:
             }
             if self._clocks.skew_s(cp_id):
                 attrs["clock_skew_s"] = round(self._clocks.skew_s(cp_id), 1)
-            session_id = await self._sessions.begin_transaction(
-                conn.device.id,
-                grant,
-                self._clocks.event_time(ts_text, cp_id),
-                float(meter_start),
-                attrs,
+            session_id = await self._tx.sessions.begin_transaction(
+                TransactionStart(
+                    conn.device.id,
+                    grant,
+                    self._clocks.event_time(ts_text, cp_id),
+                    float(meter_start),
+                    attrs,
+                )
             )
             await self._tx.started(key, cp_id, transaction_id, info, session_id)
         return transaction_id, info
@@ -498,7 +486,7 @@ class OcppServer:
         # The idTag the charger will report in StartTransaction (20 characters at most).
         id_tag = (token or (known.id if known is not None else user))[:20]
         grant = Grant.remote(user, token, known, now, tag=id_tag)
-        if any(s.get("charger_id") == device_id for s in self._sessions.open_sessions()):
+        if self._tx.connector_session(device_id) is not None:
             raise CommandError("busy", f"charger {device_id} has a session")
         conn.remote = (id_tag, grant, self._clock.monotonic() + REMOTE_START_TIMEOUT_S)
         result = await self._command_call(
@@ -511,9 +499,7 @@ class OcppServer:
         return {"charger_id": device_id, "session_id": None, "started": False, "ocpp": "accepted"}
 
     async def remote_stop(self, device_id: str, session_id: str | None) -> dict[str, Any]:
-        state = next(
-            (s for s in self._sessions.open_sessions() if s.get("charger_id") == device_id), None
-        )
+        state = self._tx.connector_session(device_id)
         if state is None or (session_id is not None and state["session_id"] != session_id):
             raise CommandError("no_session", f"no open session {session_id or ''} on {device_id}")
         transaction_id = int((state.get("ocpp") or {})["transaction_id"])

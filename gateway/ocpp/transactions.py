@@ -11,6 +11,8 @@ messages never interleave.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -19,9 +21,10 @@ import structlog
 from gateway.model import StopReason
 from gateway.ocpp.clocks import ChargePointClocks
 from gateway.ocpp.mapping import MeterSample, parse_meter_values, signed_documents, stop_reason_of
-from gateway.sessions import Grant
+from gateway.ports import KeyValueStore
+from gateway.sessions import TransactionEnd, TransactionStart
 
-__all__ = ["KeyValueStore", "TransactionBook", "TransactionSink"]
+__all__ = ["TransactionBook", "TransactionSink"]
 
 log = structlog.get_logger(__name__)
 
@@ -33,37 +36,15 @@ MAX_SESSION_WH = 200_000.0
 class TransactionSink(Protocol):
     """What the server needs of the session manager (gateway.sessions.SessionManager)."""
 
-    async def begin_transaction(
-        self,
-        charger_id: str,
-        grant: Grant,
-        ts: float,
-        meter_start_wh: float,
-        ocpp: Mapping[str, Any],
-    ) -> str: ...
+    async def begin_transaction(self, start: TransactionStart) -> str: ...
 
     async def transaction_meter(
         self, session_id: str, ts: float, energy_wh: float, power_w: float | None = None
     ) -> None: ...
 
-    async def end_transaction(
-        self,
-        session_id: str,
-        ts: float,
-        meter_stop_wh: float,
-        reason: StopReason,
-        ocpp: Mapping[str, Any] | None = None,
-        *,
-        estimated: bool = False,
-    ) -> bool: ...
+    async def end_transaction(self, end: TransactionEnd) -> bool: ...
 
     def open_sessions(self) -> list[dict[str, Any]]: ...
-
-
-class KeyValueStore(Protocol):
-    async def kv_get(self, key: str, default: Any = None) -> Any: ...
-
-    async def kv_put(self, key: str, value: Any) -> None: ...
 
 
 class TransactionBook:
@@ -81,6 +62,27 @@ class TransactionBook:
         self._clocks = clocks
         self._now = now
         self.lock = asyncio.Lock()
+
+    @staticmethod
+    def start_key(
+        cp_id: str, connector_id: int, id_tag: str, meter_start: int, ts_text: str
+    ) -> str:
+        """The store key of a StartTransaction: the same for the same call replayed."""
+        call = json.dumps([cp_id, connector_id, id_tag, meter_start, ts_text]).encode()
+        return "ocpp.start/" + hashlib.sha256(call).hexdigest()[:32]
+
+    async def start_seen(self, key: str) -> dict[str, Any] | None:
+        """What the StartTransaction of ``key`` was given, if it came before."""
+        seen: dict[str, Any] | None = await self.store.kv_get(key)
+        return seen
+
+    async def give_out(self, key: str, info: dict[str, Any]) -> int:
+        """A new transaction id for the StartTransaction of ``key``, written before its session:
+        a replay after a crash gets the same id."""
+        transaction_id = int(await self.store.kv_get("ocpp.next_transaction_id", 1))
+        await self.store.kv_put("ocpp.next_transaction_id", transaction_id + 1)
+        await self.store.kv_put(key, {"transaction_id": transaction_id, "id_tag_info": info})
+        return transaction_id
 
     def open_session(self, cp_id: str, transaction_id: int) -> str | None:
         for state in self.sessions.open_sessions():
@@ -124,11 +126,13 @@ class TransactionBook:
             )
             last_wh = state.get("last_wh")
             await self.sessions.end_transaction(
-                str(state["session_id"]),
-                float(state.get("last_activity_ts") or state["started_at"]),
-                float(last_wh if last_wh is not None else state.get("meter_start_wh") or 0),
-                StopReason.UNKNOWN,
-                estimated=True,
+                TransactionEnd(
+                    str(state["session_id"]),
+                    float(state.get("last_activity_ts") or state["started_at"]),
+                    float(last_wh if last_wh is not None else state.get("meter_start_wh") or 0),
+                    StopReason.UNKNOWN,
+                    estimated=True,
+                )
             )
             await self.store.kv_put(
                 f"ocpp.tx/{cp_id}/{transaction_id}",
@@ -253,11 +257,13 @@ class TransactionBook:
             if id_tag is not None:
                 extra["stop_id_tag"] = id_tag
             await self.sessions.end_transaction(
-                session_id,
-                self._clocks.event_time(ts_text, cp_id),
-                float(meter_stop),
-                stop_reason_of(reason),
-                extra,
+                TransactionEnd(
+                    session_id,
+                    self._clocks.event_time(ts_text, cp_id),
+                    float(meter_stop),
+                    stop_reason_of(reason),
+                    extra,
+                )
             )
             await self.store.kv_put(
                 f"ocpp.tx/{cp_id}/{transaction_id}", {"session_id": session_id, "open": False}

@@ -39,7 +39,7 @@ tracker returns), ``manager`` (the async side performing them). The effects are 
 between tracker and manager, not the package's: they are imported from ``gateway.sessions.effects``.
 """
 
-from gateway.sessions.connector import ChargerSpec, Grant
+from gateway.sessions.connector import ChargerSpec, Grant, TransactionEnd, TransactionStart
 from gateway.sessions.ledger import (
     MAX_COUNTER_WH,
     MAX_SUSPECT_CHAINS,
@@ -60,6 +60,8 @@ __all__ = [
     "OpenSession",
     "SessionManager",
     "SessionTracker",
+    "TransactionEnd",
+    "TransactionStart",
     "build_record",
     "default_periods",
     "max_power_w",

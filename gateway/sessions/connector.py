@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import CommandError
-from gateway.model import AuthSource, AuthStatus, ChargerStatus, DeviceSample, IecState, Token
+from gateway.model import (
+    AuthSource,
+    AuthStatus,
+    ChargerStatus,
+    DeviceSample,
+    IecState,
+    StopReason,
+    Token,
+)
 from gateway.sessions.ledger import DEFAULT_COUNTER, DEFAULT_MAX_POWER_W, Counter, OpenSession
 
 __all__ = [
@@ -18,6 +26,8 @@ __all__ = [
     "ChargerSpec",
     "Connector",
     "Grant",
+    "TransactionEnd",
+    "TransactionStart",
     "is_charging",
     "is_plugged",
     "note_power",
@@ -91,6 +101,32 @@ class Grant:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class TransactionStart:
+    """A transaction the charger started at ``ts`` with its register at ``meter_start_wh``,
+    authorized by ``grant``; ``ocpp``: the session's ``ocpp`` attributes."""
+
+    charger_id: str
+    grant: Grant
+    ts: float
+    meter_start_wh: float
+    ocpp: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionEnd:
+    """The charger's end of a transaction (OCPP StopTransaction, possibly replayed later), or
+    ``estimated``: the charger shows no EV and never sent its end. ``ocpp``: attributes merged
+    into the session's ``ocpp`` (signed meter values, the stop tag)."""
+
+    session_id: str
+    ts: float
+    meter_stop_wh: float
+    reason: StopReason
+    ocpp: Mapping[str, Any] | None = None
+    estimated: bool = False
+
+
 @dataclass(slots=True)
 class Connector:
     """What the tracker knows of one charger connector between samples."""
@@ -120,6 +156,12 @@ class Connector:
     session: OpenSession | None = None
     resumed: bool = False
     last_status: tuple[str, bool, str | None] | None = None
+
+    def anchor_at(self, ts: float, wh: int | None) -> None:
+        """The session starts here, as read by the gateway: neither latched late nor dated
+        back."""
+        self.anchor_ts, self.anchor_wh = ts, wh
+        self.anchor_latched = self.anchor_reconstructed = False
 
 
 def is_plugged(sample: DeviceSample, previous: bool) -> bool:

@@ -122,10 +122,7 @@ class CounterReadings:
 
     def new_plug(self, conn: Connector, now: float, reading: int | None) -> None:
         conn.plugged = True
-        conn.anchor_ts = now
-        conn.anchor_wh = reading
-        conn.anchor_latched = False
-        conn.anchor_reconstructed = False
+        conn.anchor_at(now, reading)
         conn.stopped_while_plugged = False
 
     def unwitnessed_plug(self, conn: Connector, now: float) -> None:
@@ -209,11 +206,9 @@ class CounterReadings:
                 start_wh=before[1],
                 tag_sample_wh=reading,
             )
-            conn.anchor_ts, conn.anchor_wh = before
+            conn.anchor_at(*before)
         else:
-            conn.anchor_ts, conn.anchor_wh = now, reading
-        # A start read by the gateway: neither latched late nor dated back.
-        conn.anchor_latched = conn.anchor_reconstructed = False
+            conn.anchor_at(now, reading)
 
     def swapped(self, session: OpenSession, sc: float | None) -> bool:
         if sc is None or session.sc_last_wh is None or session.sc_base_wh is None:

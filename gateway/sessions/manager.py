@@ -33,7 +33,7 @@ from gateway.ports import (
     SessionEvents,
     SessionStore,
 )
-from gateway.sessions.connector import ChargerSpec, Grant
+from gateway.sessions.connector import ChargerSpec, Grant, TransactionEnd, TransactionStart
 from gateway.sessions.effects import (
     AddPoint,
     Effect,
@@ -115,7 +115,6 @@ class SessionManager:
         faster than real time (``evgw demo``); it widens the plausibility bound on counter
         steps, which is measured against the gateway's wall clock. ``profile_max_a``: charger
         id -> its profile's ``current_limit.max_a`` (see :func:`max_power_w`)."""
-        self._config = config
         self._store = store
         self._authorizer = authorizer
         self._chargers = chargers
@@ -228,7 +227,7 @@ class SessionManager:
                     stale.ended_at = max(stale.last_activity_ts, stale.started_at)
                     stale.stop_reason = StopReason.UNKNOWN.value
                     await self._load_points(stale.session_id)
-                    effects.append(FinishSession(stale, build_record(stale, self._config.site.id)))
+                    effects.append(FinishSession(stale, build_record(stale, self.tracker.site_id)))
                 session = self.tracker.restore(states[-1])
                 await self._load_points(session.session_id)
                 count += 1
@@ -298,20 +297,11 @@ class SessionManager:
                         )
                     )
 
-    async def begin_transaction(
-        self,
-        charger_id: str,
-        grant: Grant,
-        ts: float,
-        meter_start_wh: float,
-        ocpp: Mapping[str, Any],
-    ) -> str:
+    async def begin_transaction(self, start: TransactionStart) -> str:
         """Open the session of a transaction the charger reported; returns its session id
         (persisted before this returns)."""
         async with self._lock:
-            effects, session = self.tracker.begin_transaction(
-                charger_id, grant, ts, meter_start_wh, ocpp
-            )
+            effects, session = self.tracker.begin_transaction(start)
             await self._perform(effects)
             return session.session_id
 
@@ -321,26 +311,13 @@ class SessionManager:
         async with self._lock:
             await self._perform(self.tracker.transaction_meter(session_id, ts, energy_wh, power_w))
 
-    async def end_transaction(
-        self,
-        session_id: str,
-        ts: float,
-        meter_stop_wh: float,
-        reason: StopReason,
-        ocpp: Mapping[str, Any] | None = None,
-        *,
-        estimated: bool = False,
-    ) -> bool:
+    async def end_transaction(self, end: TransactionEnd) -> bool:
         """Close a reported transaction's session (finished, priced, sealed and queued before
         this returns); False when no such session is open."""
         async with self._lock:
-            if self.tracker.find_session(session_id) is None:
+            if self.tracker.find_session(end.session_id) is None:
                 return False
-            await self._perform(
-                self.tracker.end_transaction(
-                    session_id, ts, meter_stop_wh, reason, ocpp, estimated=estimated
-                )
-            )
+            await self._perform(self.tracker.end_transaction(end))
             return True
 
     def open_sessions(self) -> list[dict[str, Any]]:

@@ -31,6 +31,8 @@ from gateway.sessions.connector import (
     ChargerSpec,
     Connector,
     Grant,
+    TransactionEnd,
+    TransactionStart,
     is_charging,
     is_plugged,
     note_power,
@@ -186,8 +188,7 @@ class SessionTracker:
         effects.append(SetEnabled(charger_id, True))
         session_id: str | None = None
         if conn.plugged:
-            conn.anchor_ts, conn.anchor_wh = now, self._counters.reading(conn, now)
-            conn.anchor_latched = conn.anchor_reconstructed = False
+            conn.anchor_at(now, self._counters.reading(conn, now))
             session_id = self._start(conn, grant, now, effects).session_id
         self._status(conn, now, effects)
         return effects, session_id
@@ -436,25 +437,17 @@ class SessionTracker:
                     session.max_power_w = max(session.max_power_w, conn.power_w)
         self._status(conn, now, effects)
 
-    def begin_transaction(
-        self,
-        charger_id: str,
-        grant: Grant,
-        ts: float,
-        meter_start_wh: float,
-        ocpp: Mapping[str, Any],
-    ) -> tuple[list[Effect], OpenSession]:
-        """A transaction the charger started at ``ts`` with its register at ``meter_start_wh``.
-
-        A session still open on the connector lost its end (the charger never reported it):
+    def begin_transaction(self, start: TransactionStart) -> tuple[list[Effect], OpenSession]:
+        """A session still open on the connector lost its end (the charger never reported it):
         it is closed first at its last activity, flagged ``end_estimated``."""
-        conn = self._conns[charger_id]
+        ts = start.ts
+        conn = self._conns[start.charger_id]
         effects: list[Effect] = []
         if conn.session is not None:
             old = conn.session
             log.warning(
                 "transaction_end_missing",
-                charger_id=charger_id,
+                charger_id=start.charger_id,
                 session_id=old.session_id,
                 ocpp=old.ocpp,
             )
@@ -465,11 +458,10 @@ class SessionTracker:
                 effects,
                 estimated=True,
             )
-        conn.anchor_ts, conn.anchor_wh = ts, round(meter_start_wh)
-        conn.anchor_latched = conn.anchor_reconstructed = False
-        session = self._start(conn, grant, ts, effects)
+        conn.anchor_at(ts, round(start.meter_start_wh))
+        session = self._start(conn, start.grant, ts, effects)
         session.source = "transaction"
-        session.ocpp = dict(ocpp)
+        session.ocpp = dict(start.ocpp)
         session.charging = conn.status is ChargerStatus.CHARGING
         session.last_activity_ts = max(session.last_activity_ts, ts)
         conn.plugged = True
@@ -498,29 +490,18 @@ class SessionTracker:
         self._points(session, ts, effects)
         return effects
 
-    def end_transaction(
-        self,
-        session_id: str,
-        ts: float,
-        meter_stop_wh: float,
-        reason: StopReason,
-        ocpp: Mapping[str, Any] | None = None,
-        *,
-        estimated: bool = False,
-    ) -> list[Effect]:
-        """The charger's end of a transaction (StopTransaction, possibly replayed later), or
-        ``estimated``: the charger shows no EV and never sent its end."""
+    def end_transaction(self, end: TransactionEnd) -> list[Effect]:
         effects: list[Effect] = []
-        found = self._open_transaction(session_id)
+        found = self._open_transaction(end.session_id)
         if found is None:
             return effects
         conn, session = found
-        if ocpp:
-            session.ocpp = {**(session.ocpp or {}), **ocpp}
-        ts = max(ts, session.started_at)
-        session.feed(meter_stop_wh, ts, TRANSACTION_INTERVAL_S, conn.spec.max_power_w)
+        if end.ocpp:
+            session.ocpp = {**(session.ocpp or {}), **end.ocpp}
+        ts = max(end.ts, session.started_at)
+        session.feed(end.meter_stop_wh, ts, TRANSACTION_INTERVAL_S, conn.spec.max_power_w)
         self._counters.account(conn, session, ts, charging=False, plugged=True)
-        self._end(conn, reason, ts, effects, estimated=estimated)
+        self._end(conn, end.reason, ts, effects, estimated=end.estimated)
         conn.plugged = bool(conn.status is not None and conn.status.plugged)
         self._status(conn, ts, effects)
         return effects

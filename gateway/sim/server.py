@@ -53,6 +53,7 @@ __all__ = [
     "Fault",
     "FaultKind",
     "LineTransaction",
+    "SerialLine",
     "SimServer",
     "crc16",
 ]
@@ -144,9 +145,39 @@ def _rtu_request_length(buf: bytes | bytearray) -> int | None:
     return 0
 
 
-def serial_char_bits(parity: str = "N", stopbits: int = 1, bytesize: int = 8) -> int:
-    """Bits on the wire per character: start, data, parity (if any), stop."""
-    return 1 + bytesize + (0 if parity.upper() == "N" else 1) + stopbits
+@dataclass(frozen=True, slots=True)
+class SerialLine:
+    """The settings of a simulated serial line, and what they mean on the wire and in termios."""
+
+    baudrate: int = 9600
+    parity: str = "N"
+    stopbits: int = 1
+    bytesize: int = 8
+
+    def char_bits(self) -> int:
+        """Bits on the wire per character: start, data, parity (if any), stop."""
+        return 1 + self.bytesize + (0 if self.parity.upper() == "N" else 1) + self.stopbits
+
+    def wire_s(self, nbytes: int) -> float:
+        """Time ``nbytes`` take on the line at its baud rate."""
+        return nbytes * self.char_bits() / self.baudrate
+
+    def termios_speed(self) -> int | None:
+        """The termios speed constant of the baud rate (None for a rate termios does not name)."""
+        speed: int | None = getattr(termios, f"B{self.baudrate}", None)
+        return speed
+
+    def termios_cflag(self, cflag: int) -> int:
+        """``cflag`` with its parity, stop-bit and character-size bits set for this line."""
+        cflag &= ~(termios.PARENB | termios.PARODD | termios.CSTOPB | termios.CSIZE)
+        cflag |= {5: termios.CS5, 6: termios.CS6, 7: termios.CS7}.get(self.bytesize, termios.CS8)
+        if self.parity.upper() in ("E", "O"):
+            cflag |= termios.PARENB
+        if self.parity.upper() == "O":
+            cflag |= termios.PARODD
+        if self.stopbits == 2:
+            cflag |= termios.CSTOPB
+        return cflag
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,10 +208,7 @@ class SimServer:
         host: str = "127.0.0.1",
         port: int = 0,
         path: str = "",
-        baudrate: int = 9600,
-        parity: str = "N",
-        stopbits: int = 1,
-        bytesize: int = 8,
+        line: SerialLine = SerialLine(),
         seed: int | None = None,
         turnaround_s: float = 0.005,
         response_timeout_s: float = 0.5,
@@ -193,10 +221,7 @@ class SimServer:
         self.host = host
         self.port = port
         self.path = path
-        self.baudrate = baudrate
-        self.parity = parity
-        self.stopbits = stopbits
-        self.bytesize = bytesize
+        self.line = line
         self._faults: dict[int, Fault] = {}
         self._overrides: dict[int, list[Override]] = {}
         self._rng = random.Random(seed)
@@ -257,9 +282,7 @@ class SimServer:
             units,
             host=host,
             port=port,
-            baudrate=baudrate,
-            parity=parity,
-            stopbits=stopbits,
+            line=SerialLine(baudrate, parity, stopbits),
             turnaround_s=turnaround_s,
             response_timeout_s=response_timeout_s,
             seed=seed,
@@ -284,10 +307,7 @@ class SimServer:
             "rtu",
             units,
             path=path,
-            baudrate=baudrate,
-            parity=parity,
-            stopbits=stopbits,
-            bytesize=bytesize,
+            line=SerialLine(baudrate, parity, stopbits, bytesize),
             seed=seed,
             line_peer=line_peer,
         )
@@ -476,10 +496,6 @@ class SimServer:
                 await writer.wait_closed()
 
     # Modbus TCP gateway: one serial line behind -----------------------------------------------
-    def wire_s(self, nbytes: int) -> float:
-        """Time ``nbytes`` take on the serial line at its baud rate."""
-        return nbytes * serial_char_bits(self.parity, self.stopbits, self.bytesize) / self.baudrate
-
     async def _through_line(self, unit: int, pdu: bytes) -> tuple[_Reply, bytes, float]:
         """Forward one MBAP request onto the serial line and wait for its answer; requests from
         every connection queue here, as they do in a converter with one line."""
@@ -494,7 +510,7 @@ class SimServer:
                 request = _rtu_frame(unit, pdu)
                 timed_out = (exception_pdu(pdu[0] if pdu else 0, EXC_GATEWAY_TARGET), 0.0)
                 # t3.5 of silence, then the request's characters
-                await self._pause(self.wire_s(len(request)) + self.wire_s(1) * 3.5)
+                await self._pause(self.line.wire_s(len(request)) + self.line.wire_s(1) * 3.5)
                 replies = self._rtu_frames(bytearray(request))
                 result: tuple[_Reply, bytes, float]
                 if unit == 0:
@@ -511,7 +527,7 @@ class SimServer:
                         await self._pause(self.response_timeout_s)
                         result = (_Reply.SEND, *timed_out)
                     else:
-                        await self._pause(late_s + self.wire_s(len(answer)))
+                        await self._pause(late_s + self.line.wire_s(len(answer)))
                         result = (_Reply.SEND, answer[1:-2], 0.0)
                 self.transactions.append(
                     LineTransaction(unit, received, start, loop.time(), pending)
@@ -581,20 +597,10 @@ class SimServer:
         try:
             tty.setraw(fd)
             attrs = termios.tcgetattr(fd)
-            speed = getattr(termios, f"B{self.baudrate}", None)
+            speed = self.line.termios_speed()
             if speed is not None:
                 attrs[4] = attrs[5] = speed
-            cflag = attrs[2] & ~(termios.PARENB | termios.PARODD | termios.CSTOPB | termios.CSIZE)
-            cflag |= {5: termios.CS5, 6: termios.CS6, 7: termios.CS7}.get(
-                self.bytesize, termios.CS8
-            )
-            if self.parity.upper() in ("E", "O"):
-                cflag |= termios.PARENB
-            if self.parity.upper() == "O":
-                cflag |= termios.PARODD
-            if self.stopbits == 2:
-                cflag |= termios.CSTOPB
-            attrs[2] = cflag | termios.CLOCAL | termios.CREAD
+            attrs[2] = self.line.termios_cflag(attrs[2]) | termios.CLOCAL | termios.CREAD
             try:
                 termios.tcsetattr(fd, termios.TCSANOW, attrs)
             except termios.error:
@@ -602,7 +608,9 @@ class SimServer:
                 # nothing there: carry on without it rather than fail the simulation.
                 attrs[2] &= ~(termios.PARENB | termios.PARODD)
                 termios.tcsetattr(fd, termios.TCSANOW, attrs)
-                log.warning("sim_serial_parity_unsupported", path=self.path, parity=self.parity)
+                log.warning(
+                    "sim_serial_parity_unsupported", path=self.path, parity=self.line.parity
+                )
         except BaseException:
             os.close(fd)
             raise
@@ -616,7 +624,7 @@ class SimServer:
     def _client_speed_matches(self) -> bool:
         if self._peer_fd is None:
             return True
-        want = getattr(termios, f"B{self.baudrate}", None)
+        want = self.line.termios_speed()
         attrs = termios.tcgetattr(self._peer_fd)
         return want is None or attrs[5] == want  # ospeed: what the client sends at
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import aiosqlite
 
@@ -21,7 +21,40 @@ from gateway.records import GENESIS, SessionRecord, UnsealedRecord
 from gateway.store.finished import INSERT_FINISHED, finished_row
 from gateway.store.space import SpaceManaged
 
-__all__ = ["SessionTables"]
+__all__ = ["SessionQuery", "SessionTables"]
+
+
+class SessionQuery(TypedDict, total=False):
+    """Which finished sessions to read; every key is optional. ``since``/``until`` (Unix
+    seconds) select by start time: since <= started_at < until."""
+
+    since: float | None
+    until: float | None
+    user: str | None
+    charger: str | None
+    unsynced_only: bool
+
+
+def _session_filter(query: SessionQuery) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    since, until = query.get("since"), query.get("until")
+    user, charger = query.get("user"), query.get("charger")
+    if since is not None:
+        clauses.append("started_ts >= ?")
+        params.append(float(since))
+    if until is not None:
+        clauses.append("started_ts < ?")
+        params.append(float(until))
+    if user is not None:
+        clauses.append("user_id = ?")
+        params.append(user)
+    if charger is not None:
+        clauses.append("charger_id = ?")
+        params.append(charger)
+    if query.get("unsynced_only"):
+        clauses.append("synced_at IS NULL")
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 def _finished_rows(rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
@@ -143,31 +176,16 @@ class SessionTables(SpaceManaged):
 
         return await self._durable_write(body, f"finishing session {session_id}")
 
-    async def finished_sessions(
-        self,
-        since: float | None = None,
-        until: float | None = None,
-        user: str | None = None,
-        charger: str | None = None,
-        unsynced_only: bool = False,
-    ) -> list[dict[str, Any]]:
+    async def finished_sessions(self, **query: Unpack[SessionQuery]) -> list[dict[str, Any]]:
         """Sealed records, exactly as stored (verifiable with gateway.records.record_hash), in
-        ``seq`` order. ``since``/``until`` (Unix seconds) select by start time:
-        since <= started_at < until."""
-        rows = await self.finished_session_rows(since, until, user, charger, unsynced_only)
+        ``seq`` order, selected by ``query`` (see :class:`SessionQuery`)."""
+        rows = await self.finished_session_rows(**query)
         return [row["record"] for row in rows]
 
-    async def finished_session_rows(
-        self,
-        since: float | None = None,
-        until: float | None = None,
-        user: str | None = None,
-        charger: str | None = None,
-        unsynced_only: bool = False,
-    ) -> list[dict[str, Any]]:
+    async def finished_session_rows(self, **query: Unpack[SessionQuery]) -> list[dict[str, Any]]:
         """Like finished_sessions, wrapped with local state: ``{"state": "finished",
         "synced_at": float | None, "finished_at": float, "record": {...}}``."""
-        where, params = self._session_filter(since, until, user, charger, unsynced_only)
+        where, params = _session_filter(query)
         rows = await self._read(
             f"SELECT record, synced_at, finished_ts FROM finished_sessions{where} ORDER BY "
             "site_id, seq",
@@ -184,32 +202,6 @@ class SessionTables(SpaceManaged):
             (int(limit),),
         )
         return _finished_rows(rows)
-
-    def _session_filter(
-        self,
-        since: float | None,
-        until: float | None,
-        user: str | None,
-        charger: str | None,
-        unsynced_only: bool,
-    ) -> tuple[str, list[Any]]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if since is not None:
-            clauses.append("started_ts >= ?")
-            params.append(float(since))
-        if until is not None:
-            clauses.append("started_ts < ?")
-            params.append(float(until))
-        if user is not None:
-            clauses.append("user_id = ?")
-            params.append(user)
-        if charger is not None:
-            clauses.append("charger_id = ?")
-            params.append(charger)
-        if unsynced_only:
-            clauses.append("synced_at IS NULL")
-        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
     async def open_sessions_rows(self) -> list[dict[str, Any]]:
         """One ``{"state": "open", "session_id", "charger_id", "updated_at", "data": {...}}``

@@ -32,7 +32,7 @@ import structlog
 
 from gateway.errors import CommandError
 from gateway.model import AuthStatus, Token, TokenType, from_rfc3339
-from gateway.ports import CommandTarget, RequestLog
+from gateway.ports import CommandTarget, RequestLog, TokenListPart
 from gateway.uplink.envelope import CommandVerifier
 from gateway.uplink.schemas import validate
 from gateway.uplink.topics import COMMAND_NAMES, Topics
@@ -241,12 +241,14 @@ class CommandHandler:
             part = data.get("part")
             if part is not None:
                 result = await target.update_token_part(
-                    data["version"],
-                    data["mode"],
-                    part["index"],
-                    part["count"],
-                    tokens,
-                    list(data.get("remove", [])),
+                    TokenListPart(
+                        data["version"],
+                        data["mode"],
+                        part["index"],
+                        part["count"],
+                        tokens,
+                        list(data.get("remove", [])),
+                    )
                 )
             else:
                 result = await target.update_tokens(
