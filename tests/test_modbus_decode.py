@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from gateway.modbus.codec import CodecError, decode, encode
-from gateway.modbus.plan import BlockDecoder, ReadBlock, plan_reads
+from gateway.modbus.plan import BlockDecoder, Memo, ReadBlock, plan_reads
 from gateway.modbus.types import (
     TYPES,
     DataType,
@@ -44,10 +44,15 @@ def random_words(rng: random.Random, n: int) -> list[int]:
     ]
 
 
-def check_block(block: ReadBlock, words: list[int], decoder: BlockDecoder | None = None) -> None:
+def check_block(
+    block: ReadBlock,
+    words: list[int],
+    decoder: BlockDecoder | None = None,
+    memo: Memo | None = None,
+) -> None:
     got: dict[str, Value] = {}
     decoder = decoder or BlockDecoder(block)
-    failed = {spec.name for spec, _ in decoder.decode_into(words, got)}
+    failed = {spec.name for spec, _ in decoder.decode_into(words, got, memo)}
     for spec, part in block.split(words):
         try:
             want = decode(spec, part)
@@ -92,13 +97,16 @@ def test_block_decode_matches_codec_for_random_words(slug: str) -> None:
 
 @pytest.mark.parametrize("slug", sorted(PROFILES))
 def test_one_decoder_poll_after_poll_matches_codec(slug: str) -> None:
-    """A decoder lives as long as its driver and remembers its text registers' last words: poll
-    after poll (the same words again, a few words changed, a word out of range and back) every
-    value is still what codec.decode gives for that poll's words."""
+    """A device remembers its text registers' last words (its memo, with a decoder shared by
+    every device of the profile): poll after poll (the same words again, a few words changed, a
+    word out of range and back) every value is still what codec.decode gives for those words.
+    Two devices take turns on one decoder, each with its own memo."""
     rng = random.Random(f"polls-{slug}")
     for block in plans(PROFILES[slug])[0]:
         decoder = BlockDecoder(block)
+        memos = [decoder.new_memo(), decoder.new_memo()]
         words = random_words(rng, block.count)
+        other = random_words(rng, block.count)
         for _ in range(300):
             roll = rng.random()
             if roll < 0.4:
@@ -112,17 +120,22 @@ def test_one_decoder_poll_after_poll_matches_codec(slug: str) -> None:
                 words[rng.randrange(block.count)] = 70000  # fails its register, every time
             if block.table.is_bits:
                 words = [w & 1 for w in words]
-            check_block(block, words, decoder)
+                other = [w & 1 for w in other]
+            check_block(block, words, decoder, memos[0])
+            check_block(block, other, decoder, memos[1])
 
 
 def test_a_changed_tag_is_decoded_again() -> None:
     (block,) = plan_reads([RegisterSpec("rfid", H, 0, DataType.ASCII, 4)], 125, 8, False)
     decoder = BlockDecoder(block)
+    memo, other = decoder.new_memo(), decoder.new_memo()
     seen: list[Value] = []
     for words in ([0x4142, 0x4344, 0, 0], [0x4142, 0x4344, 0, 0], [0x4142, 0x4345, 0, 0], [0] * 4):
         got: dict[str, Value] = {}
-        decoder.decode_into(words, got)
+        decoder.decode_into(words, got, memo)
         seen.append(got["rfid"])
+        decoder.decode_into([0x5858, 0, 0, 0], got, other)  # another device between polls
+        assert got["rfid"] == "XX"
     assert seen == ["ABCD", "ABCD", "ABCE", ""]
 
 

@@ -221,6 +221,24 @@ async def test_empty_tag_values_mean_no_tag(rfid: str) -> None:
     assert sample.online and sample.tag is None
 
 
+async def test_drivers_of_one_profile_share_its_plan_and_keep_their_own_tags() -> None:
+    prof = charger_profile()
+    async with charger_server([1, 2]) as (srv, images):
+        fill(images[1], prof, {"rfid": "CAFE01"})
+        fill(images[2], prof, {"rfid": "BEEF02"})
+        bus = TcpBus("127.0.0.1", srv.port)
+        one = DeviceDriver(device("cp1", 1, srv.port), prof, bus)
+        two = DeviceDriver(device("cp2", 2, srv.port), prof, bus)
+        tags = []
+        for rfid in ("CAFE01", "D00D03"):
+            fill(images[1], prof, {"rfid": rfid})
+            tags.append(((await one.poll()).tag, (await two.poll()).tag))
+        await bus.close()
+    shared = zip(one._plan, two._plan, strict=True)
+    assert all(a[2] is b[2] and a[3] is not b[3] for a, b in shared)  # decoders shared, memos not
+    assert tags == [("CAFE01", "BEEF02"), ("D00D03", "BEEF02")]
+
+
 # -- failures are data, logged once per change -------------------------------------------------
 @pytest.mark.parametrize(
     ("kind", "reason"),

@@ -24,6 +24,7 @@ __all__ = [
     "MAX_BITS_PER_READ",
     "MAX_REGISTERS_PER_READ",
     "BlockDecoder",
+    "Memo",
     "ReadBlock",
     "plan_reads",
 ]
@@ -140,6 +141,10 @@ def _merged(
 _NO_ERRORS: tuple[tuple[RegisterSpec, CodecError], ...] = ()
 
 
+# The last (words, value) of each text, bool or bit register of a block, per device.
+Memo = list[tuple[Sequence[int], Value] | None]
+
+
 class BlockDecoder:
     """Decodes every register of one ``ReadBlock`` from the block's words in one go.
 
@@ -157,7 +162,6 @@ class BlockDecoder:
         "_fast",
         "_group",
         "_group_unpack",
-        "_last",
         "_pack",
         "_slow",
         "block",
@@ -171,10 +175,6 @@ class BlockDecoder:
         #  mask, scale, offset, plain int?, CDAB words or 0)
         self._fast: list[tuple[Any, ...]] = []
         self._slow: list[tuple[RegisterSpec, int]] = []  # (spec, word index)
-        # The last words and value of each slow register: text (an EV id, an RFID tag: 10-20
-        # words each) changes at a session's start or end, not between polls, and ``decode``
-        # is a function of the words alone, so unchanged words give the value decoded before.
-        self._last: list[tuple[Sequence[int], Value] | None] = []
         for spec in block.registers:
             start = spec.address - block.address
             if start < 0 or spec.end > block.end:
@@ -184,7 +184,6 @@ class BlockDecoder:
             fmt = TYPES[spec.type].format
             if block.table.is_bits or fmt is None or spec.count != spec.type.fixed_count:
                 self._slow.append((spec, start))
-                self._last.append(None)
                 continue
             sentinel = (
                 struct.Struct(unsigned_format(spec.count)).unpack_from if spec.sentinels else None
@@ -230,11 +229,21 @@ class BlockDecoder:
             self._fast = [f for f in self._fast if f[0] not in grouped]
             self._group_unpack = struct.Struct(fmt).unpack_from
 
+    def new_memo(self) -> Memo:
+        """A device's own memory of this block's text, bool and bit registers."""
+        return [None] * len(self._slow)
+
     def decode_into(
-        self, words: Sequence[int], out: dict[str, Value]
+        self, words: Sequence[int], out: dict[str, Value], memo: Memo | None = None
     ) -> Sequence[tuple[RegisterSpec, CodecError]]:
         """Put each register's value into ``out``; returns the registers that failed (a value
-        out of 0..65535 or a profile bug), whose value is None."""
+        out of 0..65535 or a profile bug), whose value is None.
+
+        ``memo`` (from ``new_memo``, one per device: a decoder is shared by every device of a
+        profile) keeps the last words and value of each text, bool or bit register: text (an EV
+        id, an RFID tag: 10-20 words each) changes at a session's start or end, not between
+        polls, and ``decode`` is a function of the words alone, so unchanged words give the
+        value decoded before."""
         if len(words) < self._count:
             raise ValueError(
                 f"block {self.block.table}:{self.block.address} needs {self._count} words, "
@@ -288,10 +297,9 @@ class BlockDecoder:
                     raw &= mask
                 out[name] = int(raw) if scale == 1.0 and offset == 0.0 else raw * scale + offset
         errors: list[tuple[RegisterSpec, CodecError]] | None = None
-        last = self._last
         for i, (spec, start) in enumerate(self._slow):
             part = words[start : start + spec.count]
-            seen = last[i]
+            seen = memo[i] if memo is not None else None
             if seen is not None and seen[0] == part:
                 out[spec.name] = seen[1]
                 continue
@@ -299,13 +307,15 @@ class BlockDecoder:
                 value = decode(spec, part)
             except CodecError as exc:
                 out[spec.name] = None
-                last[i] = None  # failures are reported every time, never remembered
+                if memo is not None:
+                    memo[i] = None  # failures are reported every time, never remembered
                 if errors is None:
                     errors = []
                 errors.append((spec, exc))
                 continue
             out[spec.name] = value
-            last[i] = (part, value)
+            if memo is not None:
+                memo[i] = (part, value)
         return errors or _NO_ERRORS
 
     def _swapped(self, words: Sequence[int], start: int, n: int) -> bytes:
