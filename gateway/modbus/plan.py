@@ -171,8 +171,8 @@ class BlockDecoder:
         self.block = block
         self._count = block.count
         self._pack = struct.Struct(f">{block.count}H").pack
-        # (name, unpack_from, byte offset, float?, sentinel unpack_from, sentinels, byte,
-        #  mask, scale, offset, plain int?, CDAB words or 0)
+        # While building: (name, unpack_from, byte offset, float?, sentinel unpack_from,
+        #  sentinels, byte, mask, scale, offset, plain int?, CDAB words or 0, word index)
         self._fast: list[tuple[Any, ...]] = []
         self._slow: list[tuple[RegisterSpec, int]] = []  # (spec, word index)
         for spec in block.registers:
@@ -224,10 +224,17 @@ class BlockDecoder:
             fmt += "x" * (f[2] - at) + one.lstrip(">")
             at = f[2] + struct.calcsize(one)
             self._group.append((f[0], _post_step(f)))
+        grouped = {name for name, _ in self._group}
         if self._group:
-            grouped = {name for name, _ in self._group}
-            self._fast = [f for f in self._fast if f[0] not in grouped]
             self._group_unpack = struct.Struct(fmt).unpack_from
+        # The rest one by one (word order CDAB, sentinels, overlapping halves), each with the
+        # same post-step as in the group: (name, unpack_from, byte offset, sentinel
+        # unpack_from, sentinels, CDAB words or 0, word index, post-step or None).
+        self._fast = [
+            (f[0], f[1], f[2], f[4], f[5], f[11], f[12], _post_step(f))
+            for f in self._fast
+            if f[0] not in grouped
+        ]
 
     def new_memo(self) -> Memo:
         """A device's own memory of this block's text, bool and bit registers."""
@@ -261,41 +268,13 @@ class BlockDecoder:
             if self._group_unpack is not None:
                 for (name, post), raw in zip(self._group, self._group_unpack(data), strict=True):
                     out[name] = raw if post is None else post(raw)
-            for (
-                name,
-                unpack_from,
-                at,
-                is_float,
-                sentinel,
-                sentinels,
-                byte,
-                mask,
-                scale,
-                offset,
-                plain,
-                cdab,
-                start,
-            ) in self._fast:
-                buf = data
-                if cdab:
-                    buf = self._swapped(words, start, cdab)
+            for name, unpack_from, at, sentinel, sentinels, cdab, start, post in self._fast:
+                buf = self._swapped(words, start, cdab) if cdab else data
                 if sentinel is not None and sentinel(buf, at)[0] in sentinels:
                     out[name] = None
                     continue
                 (raw,) = unpack_from(buf, at)
-                if plain and not is_float:
-                    out[name] = raw
-                    continue
-                if is_float:
-                    out[name] = raw * scale + offset if math.isfinite(raw) else None
-                    continue
-                if byte == "high":
-                    raw = (raw >> 8) & 0xFF
-                elif byte == "low":
-                    raw &= 0xFF
-                if mask is not None:
-                    raw &= mask
-                out[name] = int(raw) if scale == 1.0 and offset == 0.0 else raw * scale + offset
+                out[name] = raw if post is None else post(raw)
         errors: list[tuple[RegisterSpec, CodecError]] | None = None
         for i, (spec, start) in enumerate(self._slow):
             part = words[start : start + spec.count]
@@ -335,8 +314,9 @@ class BlockDecoder:
 
 
 def _post_step(fast: tuple[Any, ...]) -> Any:
-    """What ``decode_into`` does to one raw number after unpacking (None: nothing), the same
-    steps in the same order as its per-register loop."""
+    """What ``decode_into`` does to one raw number after unpacking (None: nothing): NaN and
+    infinities to None and scale/offset for floats; byte half, mask, then scale/offset (or
+    ``int``) for integers, the order ``codec.decode`` applies them in."""
     _, _, _, is_float, _, _, byte, mask, scale, offset, plain, _, _ = fast
     if is_float:
         isfinite = math.isfinite
