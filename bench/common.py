@@ -224,6 +224,27 @@ def child_env() -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def cores_apart(sim_pid: int | None) -> Iterator[str]:
+    """This process on the first core, the simulator on the last, while the block runs; yields
+    what was done, for the notes. The simulated chargers stand in for devices on their own
+    hardware: left to the kernel, a thread of the measured process (the gateway's SQLite
+    writer) lands on the simulator's core and slows its answers, a cost the gateway is then
+    charged for and the single-threaded raw loop is not. Both sides run in this process, so
+    both get the same one core; nothing is pinned where there are fewer than two cores."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if sim_pid is None or len(cores) < 2:
+        yield "not pinned (fewer than two cores)"
+        return
+    before = set(cores)
+    os.sched_setaffinity(sim_pid, {cores[-1]})
+    os.sched_setaffinity(0, {cores[0]})
+    try:
+        yield f"measured process pinned to core {cores[0]}, simulator to core {cores[-1]}"
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 # -- the simulator process ------------------------------------------------------------------------
 
 

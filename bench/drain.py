@@ -20,6 +20,7 @@ from bench.ingest import sample_values
 from gateway.config import UplinkConfig, UplinkReadingsConfig
 from gateway.errors import CommandError
 from gateway.model import Token, new_session_id, rfc3339
+from gateway.ports import TokenListPart
 from gateway.records import UnsealedRecord
 from gateway.store import Store
 from gateway.uplink.drain import reading_batches
@@ -48,7 +49,27 @@ class _NoCommands:
     ) -> dict[str, Any]:
         raise CommandError("unsupported", "benchmark")
 
+    async def update_token_part(self, part: TokenListPart) -> dict[str, Any]:
+        raise CommandError("unsupported", "benchmark")
+
     async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]:
+        raise CommandError("unsupported", "benchmark")
+
+    async def change_availability(self, charger_id: str, available: bool) -> dict[str, Any]:
+        raise CommandError("unsupported", "benchmark")
+
+    async def reset(self, charger_id: str, hard: bool) -> dict[str, Any]:
+        raise CommandError("unsupported", "benchmark")
+
+    async def set_grid_limit(
+        self,
+        request_id: str,
+        scope: str,
+        max_current_a: float | None,
+        max_power_w: float | None,
+        expires_at: float | None,
+        reason: str | None,
+    ) -> dict[str, Any]:
         raise CommandError("unsupported", "benchmark")
 
     async def auth_response(
