@@ -226,12 +226,13 @@ def child_env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def cores_apart(sim_pid: int | None) -> Iterator[str]:
-    """This process on the first core, the simulator on the last, while the block runs; yields
-    what was done, for the notes. The simulated chargers stand in for devices on their own
-    hardware: left to the kernel, a thread of the measured process (the gateway's SQLite
-    writer) lands on the simulator's core and slows its answers, a cost the gateway is then
-    charged for and the single-threaded raw loop is not. Both sides run in this process, so
-    both get the same one core; nothing is pinned where there are fewer than two cores."""
+    """This process on the first core, its peer (the simulator, or the broker) on the last,
+    while the block runs; yields what was done, for the notes. The peer stands in for devices
+    or a cloud on their own hardware: left to the kernel, a thread of the measured process
+    (the gateway's SQLite writer) lands on the peer's core and slows its answers, a cost the
+    gateway is then charged for and a baseline without that thread is not. Both sides run in
+    this process, so both get the same one core; nothing is pinned where there are fewer
+    than two cores."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if sim_pid is None or len(cores) < 2:
         yield "not pinned (fewer than two cores)"
@@ -326,8 +327,8 @@ class SimProcess:
 
 
 @contextlib.asynccontextmanager
-async def mosquitto(workdir: Path) -> AsyncIterator[int]:
-    """Our own mosquitto on a free loopback port (never 1883); yields the port."""
+async def mosquitto(workdir: Path) -> AsyncIterator[tuple[int, int]]:
+    """Our own mosquitto on a free loopback port (never 1883); yields (port, pid)."""
     if shutil.which(MOSQUITTO) is None:
         raise RuntimeError(f"{MOSQUITTO} is not installed")
     port = free_port()
@@ -350,7 +351,7 @@ async def mosquitto(workdir: Path) -> AsyncIterator[int]:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("mosquitto did not start") from None
                 await asyncio.sleep(0.02)
-        yield port
+        yield port, proc.pid
     finally:
         proc.terminate()
         try:
