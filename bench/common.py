@@ -224,28 +224,6 @@ def child_env() -> dict[str, str]:
     return env
 
 
-@contextlib.contextmanager
-def cores_apart(sim_pid: int | None) -> Iterator[str]:
-    """This process on the first core, its peer (the simulator, or the broker) on the last,
-    while the block runs; yields what was done, for the notes. The peer stands in for devices
-    or a cloud on their own hardware: left to the kernel, a thread of the measured process
-    (the gateway's SQLite writer) lands on the peer's core and slows its answers, a cost the
-    gateway is then charged for and a baseline without that thread is not. Both sides run in
-    this process, so both get the same one core; nothing is pinned where there are fewer
-    than two cores."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if sim_pid is None or len(cores) < 2:
-        yield "not pinned (fewer than two cores)"
-        return
-    before = set(cores)
-    os.sched_setaffinity(sim_pid, {cores[-1]})
-    os.sched_setaffinity(0, {cores[0]})
-    try:
-        yield f"measured process pinned to core {cores[0]}, simulator to core {cores[-1]}"
-    finally:
-        os.sched_setaffinity(0, before)
-
-
 # -- the simulator process ------------------------------------------------------------------------
 
 
@@ -327,8 +305,8 @@ class SimProcess:
 
 
 @contextlib.asynccontextmanager
-async def mosquitto(workdir: Path) -> AsyncIterator[tuple[int, int]]:
-    """Our own mosquitto on a free loopback port (never 1883); yields (port, pid)."""
+async def mosquitto(workdir: Path) -> AsyncIterator[int]:
+    """Our own mosquitto on a free loopback port (never 1883); yields the port."""
     if shutil.which(MOSQUITTO) is None:
         raise RuntimeError(f"{MOSQUITTO} is not installed")
     port = free_port()
@@ -351,7 +329,7 @@ async def mosquitto(workdir: Path) -> AsyncIterator[tuple[int, int]]:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("mosquitto did not start") from None
                 await asyncio.sleep(0.02)
-        yield port, proc.pid
+        yield port
     finally:
         proc.terminate()
         try:

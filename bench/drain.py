@@ -15,7 +15,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from bench.common import HOST, Result, Size, cores_apart, mosquitto, percentile, tempdir
+from bench.common import HOST, Result, Size, mosquitto, percentile, tempdir
 from bench.ingest import sample_values
 from gateway.config import UplinkConfig, UplinkReadingsConfig
 from gateway.errors import CommandError
@@ -252,21 +252,19 @@ async def run(size: Size) -> Result:
     )
     with tempdir() as tmp:
         async with (
-            mosquitto(tmp) as (port, broker_pid),
+            mosquitto(tmp) as port,
             Store.open(tmp / "drain.db", site_id=SITE, reserve_bytes=0, max_size_mb=8192) as store,
         ):
             await fill(store, sessions, readings)
             msgs = await messages(store, Topics(PREFIX, SITE))
             # raw before and after the gateway: the machine is shared, and its load drifts
-            with cores_apart(broker_pid) as pinning:
-                result.notes.append(f"Cores: {pinning}.")
-                cpu0 = time.process_time()
-                raw_before = await asyncio.to_thread(raw_drain, port, msgs)
-                cpu1 = time.process_time()
-                gw = await gateway_drain(port, store, sessions, readings)
-                cpu2 = time.process_time()
-                raw_after = await asyncio.to_thread(raw_drain, port, msgs)
-                cpu3 = time.process_time()
+            cpu0 = time.process_time()
+            raw_before = await asyncio.to_thread(raw_drain, port, msgs)
+            cpu1 = time.process_time()
+            gw = await gateway_drain(port, store, sessions, readings)
+            cpu2 = time.process_time()
+            raw_after = await asyncio.to_thread(raw_drain, port, msgs)
+            cpu3 = time.process_time()
             raw_s = (raw_before + raw_after) / 2
             backlog = await store.outbox_backlog()
     n = len(msgs)

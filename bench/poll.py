@@ -19,7 +19,6 @@ from bench.common import (
     Result,
     SimProcess,
     Size,
-    cores_apart,
     cpu_seconds,
     tempdir,
 )
@@ -202,10 +201,7 @@ async def run(size: Size) -> Result:
     unstored_parts: list[dict[str, float]] = []
     with tempdir() as tmp:
         async with SimProcess(devices) as sim:
-            assert sim.proc is not None
-            with cores_apart(sim.proc.pid) as pinning:
-                result.notes.append(f"Cores: {pinning}.")
-                await _take_turns(sim, raw_parts, gw_parts, unstored_parts, tmp, size)
+            await _take_turns(sim, raw_parts, gw_parts, unstored_parts, tmp, size)
             sim.check_alive()
     raw, gw = _sum(raw_parts), _sum(gw_parts)
     unstored = _sum(unstored_parts) if unstored_parts else None
