@@ -29,7 +29,7 @@ SCENARIOS: dict[str, tuple[int, int]] = {
     "poll": (1, 3),
     "scale": (1, 1),
     "ingest": (1, 3),
-    "drain": (1, 1),
+    "drain": (1, 3),  # one run moved 0.6-0.8 with the machine: the median of three
     "memory": (1, 1),
     "restart": (1, 1),
     "rtu": (1, 1),

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import paho.mqtt.client as paho
 
@@ -19,7 +19,8 @@ from bench.common import HOST, Result, Size, mosquitto, percentile, tempdir
 from bench.ingest import sample_values
 from gateway.config import UplinkConfig, UplinkReadingsConfig
 from gateway.errors import CommandError
-from gateway.model import Token, new_session_id, rfc3339
+from gateway.model import new_session_id, rfc3339
+from gateway.ports import CommandTarget
 from gateway.records import UnsealedRecord
 from gateway.store import Store
 from gateway.uplink.drain import reading_batches
@@ -35,26 +36,15 @@ TARGET_RATIO = 0.7
 
 
 class _NoCommands:
-    """No commands arrive in this benchmark; each refuses if one did."""
+    """No commands arrive in this benchmark: every command refuses if one did, and an auth
+    answer is ignored (``gateway.ports.CommandTarget`` by duck typing, hence the cast)."""
 
-    async def remote_start(self, charger_id: str, user: str, token: str | None) -> dict[str, Any]:
-        raise CommandError("unsupported", "benchmark")
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        async def refuse(*args: object, **kwargs: object) -> None:
+            if name != "auth_response":
+                raise CommandError("unsupported", "benchmark")
 
-    async def remote_stop(self, charger_id: str | None, session_id: str | None) -> dict[str, Any]:
-        raise CommandError("unsupported", "benchmark")
-
-    async def update_tokens(
-        self, version: int, mode: str, tokens: Sequence[Token], remove: Sequence[str]
-    ) -> dict[str, Any]:
-        raise CommandError("unsupported", "benchmark")
-
-    async def update_tariffs(self, version: int, tariffs: Mapping[str, Any]) -> dict[str, Any]:
-        raise CommandError("unsupported", "benchmark")
-
-    async def auth_response(
-        self, request_id: str, status: str, user: str | None, expires_at: float | None
-    ) -> None:
-        return None
+        return refuse
 
 
 def session(i: int) -> UnsealedRecord:
@@ -191,7 +181,8 @@ async def gateway_drain(port: int, store: Store, sessions: int, readings: int) -
         # every reading, so both sides send the same messages (scenario 8 covers folding)
         readings=UplinkReadingsConfig(interval_s=0),
     )
-    uplink = MqttUplink(cfg, SITE, store, _NoCommands(), backoff_min_s=0.1, backoff_max_s=1.0)
+    commands = cast(CommandTarget, _NoCommands())
+    uplink = MqttUplink(cfg, SITE, store, commands, backoff_min_s=0.1, backoff_max_s=1.0)
     watch = await asyncio.to_thread(StatusWatch, port, uplink.topics.charger_status("cp0"))
     await asyncio.sleep(0.2)  # the subscription is in place
     seq = 0

@@ -159,10 +159,10 @@ async def gateway_mode(args: argparse.Namespace, probe: Probe) -> dict[str, Any]
                 task.cancel()
         for d in drivers:
             await d.bus.close()
-    stats = [s for p in pollers for s in p.stats.values()]
-    figures["missed"] = sum(s.missed_slots for s in stats)
-    figures["offline"] = sum(s.offline for s in stats)
-    figures["polls"] = sum(s.polls for s in stats)
+    every = [s for p in pollers for s in p.stats.values()]
+    figures["missed"] = sum(s.missed_slots for s in every)
+    figures["offline"] = sum(s.offline for s in every)
+    figures["polls"] = sum(s.polls for s in every)
     return figures
 
 

@@ -7,12 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from bench.common import HOST, PROFILE, Result, SimProcess, Size, cpu_seconds, tempdir
+from bench.common import (
+    HOST,
+    PROFILE,
+    Result,
+    SimProcess,
+    Size,
+    cpu_seconds,
+    tempdir,
+)
 from gateway.config import DeviceConfig
 from gateway.modbus.bus import TcpBus
 from gateway.modbus.driver import DeviceDriver
@@ -159,29 +168,40 @@ def _sum(parts: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+async def _take_turns(
+    sim: SimProcess,
+    raw_parts: list[dict[str, float]],
+    gw_parts: list[dict[str, float]],
+    unstored_parts: list[dict[str, float]],
+    tmp: Path,
+    size: Size,
+) -> None:
+    """Raw and gateway take turns in short slices, so a change in the machine's load during the
+    run weighs on both alike (one long stretch each drifted)."""
+    slices, slice_s = size.pick(2, 4), size.pick(0.75, 2.0)
+    async with asyncio.timeout(slices * (3 * slice_s + 30) + 60):
+        for k in range(slices):
+            raw_parts.append(await raw_polls(sim.ports, slice_s))
+            gw_parts.append(await gateway_polls(sim.ports, slice_s, tmp / f"poll{k}.db"))
+            # full runs only (--quick stays well under CI's 90 s): without storing
+            if not size.quick:
+                unstored_parts.append(
+                    await gateway_polls(
+                        sim.ports, slice_s, tmp / f"unstored{k}.db", store_samples=False
+                    )
+                )
+
+
 async def run(size: Size) -> Result:
     devices = size.pick(20, 50)
-    slices = size.pick(2, 4)
-    slice_s = size.pick(0.75, 2.0)
+    slices, slice_s = size.pick(2, 4), size.pick(0.75, 2.0)
     result = Result("poll", f"1. Poll saturation ({devices} devices, Modbus TCP loopback)")
     raw_parts: list[dict[str, float]] = []
     gw_parts: list[dict[str, float]] = []
     unstored_parts: list[dict[str, float]] = []
     with tempdir() as tmp:
         async with SimProcess(devices) as sim:
-            async with asyncio.timeout(slices * (3 * slice_s + 30) + 60):
-                # Raw and gateway take turns in short slices, so a change in the machine's
-                # load during the run weighs on both alike (one long stretch each drifted).
-                for k in range(slices):
-                    raw_parts.append(await raw_polls(sim.ports, slice_s))
-                    gw_parts.append(await gateway_polls(sim.ports, slice_s, tmp / f"poll{k}.db"))
-                    # full runs only (--quick stays well under CI's 90 s): without storing
-                    if not size.quick:
-                        unstored_parts.append(
-                            await gateway_polls(
-                                sim.ports, slice_s, tmp / f"unstored{k}.db", store_samples=False
-                            )
-                        )
+            await _take_turns(sim, raw_parts, gw_parts, unstored_parts, tmp, size)
             sim.check_alive()
     raw, gw = _sum(raw_parts), _sum(gw_parts)
     unstored = _sum(unstored_parts) if unstored_parts else None

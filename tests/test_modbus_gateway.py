@@ -245,6 +245,27 @@ async def test_scan_through_a_converter_names_its_serial_units_and_the_snippet_c
     assert code == 0, text
 
 
+async def test_a_unit_the_converter_reports_unreachable_is_probed_once(
+    shipped_profiles: dict[str, Profile],
+) -> None:
+    """Exception 0x0B (gateway target failed to respond) means nobody answers at that unit id:
+    the scan moves on instead of trying every other profile there, each after the converter's
+    own timeout."""
+    from gateway.modbus.scan import scan
+
+    units = {1: _meter_unit(shipped_profiles["eastron-sdm630"], 1)}
+    async with SimServer.tcp_gateway(
+        "127.0.0.1", 0, units, baudrate=9600, response_timeout_s=0.2
+    ) as converter:
+        result = await scan(shipped_profiles, tcp=f"127.0.0.1:{converter.port}", units=[1, 2, 3])
+    identities = [p.identify for p in shipped_profiles.values() if p.identify is not None]
+    station = sum(1 for ident in identities if ident.unit is not None)
+    per_unit = len(identities) - station
+    assert [m.unit for m in result.matches] and {m.unit for m in result.matches} == {1}
+    # unit 1: every profile (station-level identities once); units 2 and 3: one probe each
+    assert result.probed == per_unit + station + 2, result.probed
+
+
 async def test_the_example_site_is_served_behind_a_simulated_converter(
     shipped_profiles: dict[str, Profile],
 ) -> None:

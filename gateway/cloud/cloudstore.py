@@ -508,7 +508,19 @@ class _SqliteCloudStore(CloudStore):
             # A consumer writing (FULL fsyncs) and an operator's `evgw trust` or `statement`
             # share the file: wait for its lock, from the first statement on.
             conn.execute(f"PRAGMA busy_timeout={int(_BUSY_S * 1000)}")
-            conn.execute("PRAGMA journal_mode=WAL")
+            # Switching a new file to WAL takes an exclusive lock that SQLite does not wait for
+            # (the busy handler is not called when it could deadlock): two stores created at
+            # the same moment (a consumer and `evgw trust`) see "database is locked". Try again.
+            deadline = time.monotonic() + _BUSY_S
+            while True:
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        conn.close()
+                        raise
+                    time.sleep(0.05)
             conn.execute("PRAGMA synchronous=FULL")  # a stored session is acknowledged upstream
             return conn
 

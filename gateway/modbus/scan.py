@@ -105,6 +105,12 @@ def parse_units(text: str | None) -> list[int] | None:
     return sorted(units)
 
 
+# Exceptions a Modbus TCP gateway (converter) answers for a serial unit nobody answers as:
+# 0x0A "gateway path unavailable", 0x0B "gateway target device failed to respond" (Modbus
+# Application Protocol Specification V1.1b3, section 7, MODBUS Exception Codes).
+_NOBODY_THERE = frozenset({0x0A, 0x0B})
+
+
 def _identified(profile: Profile, value: Value) -> bool:
     ident = profile.identify
     assert ident is not None
@@ -129,8 +135,9 @@ async def _probe(
     timeout_s: float,
     result: ScanResult,
 ) -> list[tuple[int, Profile, Value]]:
-    """Try each profile's identify register on each unit. A unit that times out is absent for
-    this bus setting: the remaining profiles are not tried on it."""
+    """Try each profile's identify register on each unit. A unit that times out, or that a
+    converter reports unreachable, is absent for this bus setting: the remaining profiles are
+    not tried on it."""
     found: list[tuple[int, Profile, Value]] = []
     station_done: set[tuple[str, int]] = set()
     for unit in units:
@@ -155,9 +162,11 @@ async def _probe(
                     gap_s=profile.connection.inter_request_delay_s,
                 )
             except DeviceError as err:
-                if err.reason in ("timeout", "connect_failed") and ident.unit is None:
-                    if err.reason == "connect_failed":
-                        raise
+                if err.reason == "connect_failed":
+                    raise
+                if ident.unit is None and (
+                    err.reason == "timeout" or err.exception_code in _NOBODY_THERE
+                ):
                     break  # nobody at this unit id
                 continue
             try:
