@@ -13,15 +13,7 @@ from typing import Any
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from bench.common import (
-    HOST,
-    PROFILE,
-    Result,
-    SimProcess,
-    Size,
-    cpu_seconds,
-    tempdir,
-)
+from bench.common import HOST, PROFILE, Result, SimProcess, Size, cpu_seconds, tempdir
 from gateway.config import DeviceConfig
 from gateway.modbus.bus import TcpBus
 from gateway.modbus.driver import DeviceDriver
@@ -174,17 +166,17 @@ async def _take_turns(
     gw_parts: list[dict[str, float]],
     unstored_parts: list[dict[str, float]],
     tmp: Path,
-    size: Size,
+    slices: int,
+    slice_s: float,
+    unstored: bool,
 ) -> None:
     """Raw and gateway take turns in short slices, so a change in the machine's load during the
     run weighs on both alike (one long stretch each drifted)."""
-    slices, slice_s = size.pick(2, 4), size.pick(0.75, 2.0)
     async with asyncio.timeout(slices * (3 * slice_s + 30) + 60):
         for k in range(slices):
             raw_parts.append(await raw_polls(sim.ports, slice_s))
             gw_parts.append(await gateway_polls(sim.ports, slice_s, tmp / f"poll{k}.db"))
-            # full runs only (--quick stays well under CI's 90 s): without storing
-            if not size.quick:
+            if unstored:
                 unstored_parts.append(
                     await gateway_polls(
                         sim.ports, slice_s, tmp / f"unstored{k}.db", store_samples=False
@@ -201,7 +193,10 @@ async def run(size: Size) -> Result:
     unstored_parts: list[dict[str, float]] = []
     with tempdir() as tmp:
         async with SimProcess(devices) as sim:
-            await _take_turns(sim, raw_parts, gw_parts, unstored_parts, tmp, size)
+            # full runs only take the unstored turns (--quick stays well under CI's 90 s)
+            await _take_turns(
+                sim, raw_parts, gw_parts, unstored_parts, tmp, slices, slice_s, not size.quick
+            )
             sim.check_alive()
     raw, gw = _sum(raw_parts), _sum(gw_parts)
     unstored = _sum(unstored_parts) if unstored_parts else None

@@ -157,15 +157,7 @@ class BlockDecoder:
     Text, bools and bit tables go through ``decode`` itself.
     """
 
-    __slots__ = (
-        "_count",
-        "_fast",
-        "_group",
-        "_group_unpack",
-        "_pack",
-        "_slow",
-        "block",
-    )
+    __slots__ = ("_count", "_fast", "_group", "_group_unpack", "_pack", "_slow", "block")
 
     def __init__(self, block: ReadBlock) -> None:
         self.block = block

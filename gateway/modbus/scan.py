@@ -162,12 +162,11 @@ async def _probe(
                     gap_s=profile.connection.inter_request_delay_s,
                 )
             except DeviceError as err:
-                if err.reason == "connect_failed":
-                    raise
-                if ident.unit is None and (
-                    err.reason == "timeout" or err.exception_code in _NOBODY_THERE
-                ):
-                    break  # nobody at this unit id
+                if ident.unit is None:
+                    if err.reason == "connect_failed":
+                        raise
+                    if err.reason == "timeout" or err.exception_code in _NOBODY_THERE:
+                        break  # nobody at this unit id
                 continue
             try:
                 value = decode(reg, words)
