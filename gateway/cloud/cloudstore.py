@@ -508,9 +508,10 @@ class _SqliteCloudStore(CloudStore):
             # A consumer writing (FULL fsyncs) and an operator's `evgw trust` or `statement`
             # share the file: wait for its lock, from the first statement on.
             conn.execute(f"PRAGMA busy_timeout={int(_BUSY_S * 1000)}")
-            # Switching a new file to WAL takes an exclusive lock that SQLite does not wait for
-            # (the busy handler is not called when it could deadlock): two stores created at
-            # the same moment (a consumer and `evgw trust`) see "database is locked". Try again.
+            # Switching a new file to WAL takes an exclusive lock. Two connections that switch at
+            # the same moment (consumers of one group, a consumer and `evgw trust`) each hold a
+            # read lock and want it: SQLite answers one of them "database is locked" at once,
+            # without its busy handler, as waiting would deadlock. Try again until the bound.
             deadline = time.monotonic() + _BUSY_S
             while True:
                 try:
