@@ -28,6 +28,7 @@ from gateway.ports import JsonObject, TokenListPart
 from gateway.profiles import Profile, load_profiles
 from gateway.records import SessionRecord
 from gateway.sessions import MAX_COUNTER_WH, Counter
+from gateway.wire import encode_reading
 
 __all__ = ["Gateway", "SiteCommands", "run_gateway"]
 
@@ -153,7 +154,7 @@ class Gateway:
         self.live = live or LiveState()
         self._stack = AsyncExitStack()
         self._samples: asyncio.Queue[DeviceSample] = asyncio.Queue(maxsize=10_000)
-        self._readings: list[tuple[str, float, Mapping[str, Any]]] = []
+        self._readings: list[tuple[str, float, bytes]] = []  # wire forms, stored in batches
         self._last_values: dict[str, Mapping[str, Any]] = {}
         self._kinds = {
             d.id: DeviceKind.CHARGER if d.driver == OCPP_DRIVER else self.profiles[d.driver].kind
@@ -479,7 +480,9 @@ class Gateway:
             if sample.online:
                 self._last_values[sample.device_id] = sample.values
             if sample.online and sample.values:
-                self._readings.append((sample.device_id, sample.ts, dict(sample.values)))
+                # encoded now, in the form the uplink sends (gateway/wire.py), stored in batches
+                wire = encode_reading(sample.ts, sample.values)
+                self._readings.append((sample.device_id, sample.ts, wire))
             if self.load is not None:
                 self.load.on_sample(sample)
             await self.sessions.on_sample(sample)
@@ -490,7 +493,7 @@ class Gateway:
         if not self._readings or not hasattr(self, "store"):
             return
         batch, self._readings = self._readings, []
-        await self.store.add_readings(batch)
+        await self.store.add_wire_readings(batch)
         if self.uplink is not None:
             self.uplink.notify()
 

@@ -398,7 +398,10 @@ async def test_disk_full_drops_readings_but_sessions_finish(
         async with raw.execute("PRAGMA page_count") as cur:
             row = await cur.fetchone()
         assert row is not None
+        # a per-connection limit: readings are written on a connection of their own
+        readings_writer = s._writer_now()
         await raw.execute(f"PRAGMA max_page_count={int(row[0]) + 60}")
+        readings_writer.execute(f"PRAGMA max_page_count={int(row[0]) + 60}")
         with capture_logs() as logs:
             for _ in range(40):
                 await _fill(s, 500, clock.now, width=200)
@@ -416,6 +419,7 @@ async def test_disk_full_drops_readings_but_sessions_finish(
         assert await s.load_open_sessions() == []
         # Space comes back: after the retry interval readings are stored again.
         await raw.execute("PRAGMA max_page_count=1073741823")
+        readings_writer.execute("PRAGMA max_page_count=1073741823")
         before = len(await pending_readings(s, 100_000))
         await s.add_readings([("m1", clock.now, {"p": 1})])
         assert len(await pending_readings(s, 100_000)) == before  # still backing off
@@ -427,6 +431,51 @@ async def test_disk_full_drops_readings_but_sessions_finish(
             "readings_resumed"
         ]
         assert (await pending_readings(s, 100_000))[-1].values == {"p": 2}
+
+
+async def test_readings_wait_for_another_writer_without_blocking_the_loop(
+    tmp_path: Path,
+) -> None:
+    """Readings are written on the loop's thread; while another process (here: connection)
+    holds the write lock, the batch waits on a worker thread and the loop runs on."""
+    path = tmp_path / "b.db"
+    async with Store.open(path, site_id="depot-7", reserve_bytes=0) as s:
+        await s.add_readings([("m1", T0, {"p": 0})])
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            batch = asyncio.create_task(
+                s.add_readings([("m1", T0 + i, {"p": i}) for i in range(1, 6)])
+            )
+            loop = asyncio.get_running_loop()
+            ticks = []
+            for _ in range(10):
+                before = loop.time()
+                await asyncio.sleep(0.02)
+                ticks.append(loop.time() - before)
+            assert not batch.done()  # still waiting for the lock
+            assert max(ticks) < 0.5  # the loop was not held
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        await asyncio.wait_for(batch, 10)
+        stored = await pending_readings(s, 100)
+        assert [r.values for r in stored] == [{"p": i} for i in range(6)]
+
+
+async def test_readings_keep_the_wal_below_half_the_reserve(tmp_path: Path) -> None:
+    """The readings writer never checkpoints at its commits (that would hold the loop on the
+    disk); it checkpoints on a worker thread as often as the main connection would."""
+    path = tmp_path / "b.db"
+    reserve = 512 * 1024
+    async with Store.open(path, site_id="depot-7", reserve_bytes=reserve) as s:
+        for n in range(40):  # ~2.6 MB of readings, 60 kB a batch
+            await s.add_readings(
+                [("m1", T0 + n * 200 + i, {"pad": "y" * 300}) for i in range(200)]
+            )
+            wal = path.with_name(path.name + "-wal").stat().st_size
+            assert wal <= reserve // 2 + 200 * 1024, (n, wal)
+        assert len(await pending_readings(s, 10_000)) == 8000
 
 
 _TMPFS_SCRIPT = textwrap.dedent(

@@ -36,13 +36,17 @@ from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
 
-__all__ = ["DAY_S", "MB", "Body", "StoreCore"]
+__all__ = ["DAY_S", "MB", "Body", "NowBody", "StoreCore"]
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 S = TypeVar("S", bound="StoreCore")
 Body = Callable[[aiosqlite.Connection], Awaitable[T]]
+NowBody = Callable[[sqlite3.Connection], T]
+"""A transaction's body run on the event loop's thread (``StoreCore._write_now``)."""
+_DEFAULT_AUTOCHECKPOINT_PAGES = 1000  # SQLite's own default
+_PAGE_GUESS = 4096  # SQLite's default page size; the real one when the reserve asks for it
 
 DAY_S = 86_400.0
 MB = 1024 * 1024
@@ -111,6 +115,11 @@ class StoreCore(AsyncClosing):
         self._lock = asyncio.Lock()
         # The uplink's reads run on a connection of their own (``_read_now``).
         self._sync_reader: sqlite3.Connection | None = None
+        # Readings are written on the loop's thread, on a connection of their own
+        # (``_write_now``).
+        self._now_writer: sqlite3.Connection | None = None
+        self._checkpoint_bytes = _DEFAULT_AUTOCHECKPOINT_PAGES * _PAGE_GUESS
+        self._written_since_checkpoint = 0  # about: bytes appended to the WAL by _write_now
         self._inflight: set[asyncio.Task[Any]] = set()
         self._readings_blocked_at: float | None = None  # monotonic time readings stopped
         self._reserve_retry_at = 0.0  # monotonic time the given-up reserve is next retaken
@@ -256,8 +265,10 @@ class StoreCore(AsyncClosing):
                 # then always leaves room to checkpoint the WAL into the database file.
                 async with db.execute("PRAGMA page_size") as cur:
                     row = await cur.fetchone()
-                pages = max(16, self._reserve_bytes // (int(row[0]) if row else 4096) // 2)
+                page_size = int(row[0]) if row else 4096
+                pages = max(16, self._reserve_bytes // page_size // 2)
                 await db.execute(f"PRAGMA wal_autocheckpoint={pages}")
+                self._checkpoint_bytes = pages * page_size
             await self._migrate()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: not a usable gateway buffer: {exc}") from exc
@@ -324,9 +335,10 @@ class StoreCore(AsyncClosing):
             return
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
-        if self._sync_reader is not None:
-            self._sync_reader.close()
-            self._sync_reader = None
+        for conn in (self._sync_reader, self._now_writer):
+            if conn is not None:
+                conn.close()
+        self._sync_reader = self._now_writer = None
         async with self._lock:
             db, self._db = self._db, None
             if db is None:
@@ -353,7 +365,23 @@ class StoreCore(AsyncClosing):
     async def _write(self, body: Body[T], *, durable: bool = False) -> T:
         """Run ``body`` in one write transaction, in its own shielded task so that a cancelled
         caller cannot cut it in half. ``durable`` commits with synchronous=FULL."""
-        task = asyncio.create_task(self._transaction(body, durable), name="store-transaction")
+        return await self._shielded(self._transaction(body, durable))
+
+    async def _write_now(self, body: NowBody[T], *, nbytes: int) -> T:
+        """Run ``body`` in one write transaction on the event loop's thread (shielded like
+        ``_write``), for the one hot write: buffering readings, hundreds of times a second on a
+        busy site. The same work on the connection's thread cost 1.2-1.4x as much CPU in the
+        poll benchmark (bench/findings.md): every hop wakes a thread, and that thread's
+        statements take turns with the busy loop for the GIL and with the chargers' simulator
+        for the second core. Such a transaction appends ``nbytes`` or so to the WAL and never
+        syncs (synchronous=NORMAL): what may block, the checkpoint's writes and fsync, runs on
+        a worker thread, as does waiting for a write lock another process holds (a tool on the
+        same file)."""
+        return await self._shielded(self._transaction_now(body, nbytes))
+
+    async def _shielded(self, transaction: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(transaction)
+        task.set_name("store-transaction")
         self._inflight.add(task)
         task.add_done_callback(self._write_done)
         return await asyncio.shield(task)
@@ -384,6 +412,41 @@ class StoreCore(AsyncClosing):
                         await db.execute("PRAGMA synchronous=NORMAL")
             return result
 
+    async def _transaction_now(self, body: NowBody[T], nbytes: int) -> T:
+        async with self._lock:
+            conn = self._writer_now()
+            try:
+                result = _run_transaction(conn, body, busy_ms=0)
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                result = await asyncio.to_thread(_run_transaction, conn, body, busy_ms=5000)
+            # What wal_autocheckpoint does at a commit, here on a worker thread and still under
+            # the lock: the WAL stays as small as the main connection keeps it (below half the
+            # disk-full reserve), which the next write waits for.
+            self._written_since_checkpoint += nbytes + 4 * _PAGE_GUESS
+            if self._written_since_checkpoint >= self._checkpoint_bytes:
+                self._written_since_checkpoint = 0
+                try:
+                    await asyncio.to_thread(_checkpoint, conn)
+                except sqlite3.Error as exc:  # as after an autocheckpoint: the next one retries
+                    log.warning("store_checkpoint_failed", error=str(exc))
+        return result
+
+    def _writer_now(self) -> sqlite3.Connection:
+        self._conn()  # refuse when closed
+        if self._now_writer is None:
+            try:
+                conn = _connect(self.path)
+                conn.execute("PRAGMA synchronous=NORMAL")
+                # Its commits never checkpoint, which would block the loop on the disk:
+                # ``_transaction_now`` does on a worker thread.
+                conn.execute("PRAGMA wal_autocheckpoint=0")
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: cannot open a writer: {exc}") from exc
+            self._now_writer = conn
+        return self._now_writer
+
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         async with self._lock:
             return list(await self._conn().execute_fetchall(sql, params))  # one thread hop
@@ -399,9 +462,7 @@ class StoreCore(AsyncClosing):
         self._conn()  # refuse when closed
         if self._sync_reader is None:
             try:
-                reader = sqlite3.connect(
-                    str(self.path), isolation_level=None, check_same_thread=False
-                )
+                reader = _connect(self.path)
                 # short: this runs on the loop's thread (a WAL reader is rarely ever busy)
                 reader.execute("PRAGMA busy_timeout=50")
                 reader.execute("PRAGMA query_only=ON")
@@ -411,6 +472,34 @@ class StoreCore(AsyncClosing):
         try:
             return self._sync_reader.execute(sql, params).fetchall()
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
+            if not _is_busy(exc):
                 raise StoreError(f"{self.path}: reading for the uplink failed: {exc}") from exc
             return []
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """A plain connection beside aiosqlite's (autocommit: transactions are explicit)."""
+    return sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
+def _run_transaction(conn: sqlite3.Connection, body: NowBody[T], *, busy_ms: int) -> T:
+    """``body`` between BEGIN IMMEDIATE and COMMIT, rolled back if anything fails. With
+    ``busy_ms`` 0 a write lock held elsewhere fails at once (the caller then waits elsewhere)."""
+    conn.execute(f"PRAGMA busy_timeout={busy_ms}")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = body(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return result

@@ -5,7 +5,9 @@ never lost or changed, whatever happens to the process, the broker, the power or
 Readings are the only thing that gives way: pruned by age, by the size cap (oldest synced first,
 then oldest unsynced) and dropped while the disk is full.
 
-The ``Store`` is made of parts, one module each, all over one connection (``StoreCore``):
+The ``Store`` is made of parts, one module each, over one aiosqlite connection (``StoreCore``),
+beside which buffering readings writes, and the uplink reads, on connections of their own on the
+event loop's thread (``StoreCore._write_now``, ``StoreCore._read_now``):
 
 - gateway/store/core.py: opening (checks, migration, salvage of a damaged file), closing, the
   shielded transactions and the uplink's read-only connection;
