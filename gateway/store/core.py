@@ -436,15 +436,11 @@ class StoreCore(AsyncClosing):
     def _writer_now(self) -> sqlite3.Connection:
         self._conn()  # refuse when closed
         if self._now_writer is None:
-            try:
-                conn = _connect(self.path)
-                conn.execute("PRAGMA synchronous=NORMAL")
-                # Its commits never checkpoint, which would block the loop on the disk:
-                # ``_transaction_now`` does on a worker thread.
-                conn.execute("PRAGMA wal_autocheckpoint=0")
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: cannot open a writer: {exc}") from exc
-            self._now_writer = conn
+            # Its commits never checkpoint, which would block the loop on the disk:
+            # ``_transaction_now`` does on a worker thread.
+            self._now_writer = _connect(
+                self.path, "writer", ("synchronous=NORMAL", "wal_autocheckpoint=0")
+            )
         return self._now_writer
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
@@ -461,14 +457,8 @@ class StoreCore(AsyncClosing):
         uplink asks again on its next round."""
         self._conn()  # refuse when closed
         if self._sync_reader is None:
-            try:
-                reader = _connect(self.path)
-                # short: this runs on the loop's thread (a WAL reader is rarely ever busy)
-                reader.execute("PRAGMA busy_timeout=50")
-                reader.execute("PRAGMA query_only=ON")
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: cannot open a reader: {exc}") from exc
-            self._sync_reader = reader
+            # a short busy timeout: this runs on the loop's thread (a WAL reader is rarely busy)
+            self._sync_reader = _connect(self.path, "reader", ("busy_timeout=50", "query_only=ON"))
         try:
             return self._sync_reader.execute(sql, params).fetchall()
         except sqlite3.OperationalError as exc:
@@ -477,9 +467,18 @@ class StoreCore(AsyncClosing):
             return []
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, what: str, pragmas: Sequence[str]) -> sqlite3.Connection:
     """A plain connection beside aiosqlite's (autocommit: transactions are explicit)."""
-    return sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    conn: sqlite3.Connection | None = None
+    try:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        for pragma in pragmas:
+            conn.execute(f"PRAGMA {pragma}")
+    except sqlite3.Error as exc:
+        if conn is not None:
+            conn.close()
+        raise StoreError(f"{path}: cannot open a {what}: {exc}") from exc
+    return conn
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
