@@ -30,6 +30,7 @@ from gateway.errors import StoreError
 from gateway.model import Clock, SystemClock
 from gateway.ports import Sealer
 from gateway.records import UnsealedRecord
+from gateway.store.failures import is_busy
 from gateway.store.salvage import is_sqlite_file, move_aside, quick_check, salvage, secure_file
 from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -418,7 +419,7 @@ class StoreCore(AsyncClosing):
             try:
                 result = _run_transaction(conn, body, busy_ms=0)
             except sqlite3.OperationalError as exc:
-                if not _is_busy(exc):
+                if not is_busy(exc):
                     raise
                 result = await asyncio.to_thread(_run_transaction, conn, body, busy_ms=5000)
             # What wal_autocheckpoint does at a commit, here on a worker thread and still under
@@ -462,7 +463,7 @@ class StoreCore(AsyncClosing):
         try:
             return self._sync_reader.execute(sql, params).fetchall()
         except sqlite3.OperationalError as exc:
-            if not _is_busy(exc):
+            if not is_busy(exc):
                 raise StoreError(f"{self.path}: reading for the uplink failed: {exc}") from exc
             return []
 
@@ -479,10 +480,6 @@ def _connect(path: Path, what: str, pragmas: Sequence[str]) -> sqlite3.Connectio
             conn.close()
         raise StoreError(f"{path}: cannot open a {what}: {exc}") from exc
     return conn
-
-
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:

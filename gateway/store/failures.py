@@ -9,6 +9,8 @@ from collections.abc import Collection
 
 __all__ = ["is_damage", "is_disk_full", "is_read_only"]
 
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
 _SQLITE_READONLY = 8
 _SQLITE_IOERR = 10
 _SQLITE_CORRUPT = 11
@@ -27,6 +29,11 @@ def _is(exc: BaseException, codes: Collection[int], phrases: Collection[str]) ->
 def is_disk_full(exc: BaseException) -> bool:
     """SQLITE_FULL, or an I/O error (ENOSPC can surface as SQLITE_IOERR_WRITE)."""
     return _is(exc, (_SQLITE_FULL, _SQLITE_IOERR), ("disk is full", "disk i/o error"))
+
+
+def is_busy(exc: BaseException) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED: another connection holds the lock; worth asking again."""
+    return _is(exc, (_SQLITE_BUSY, _SQLITE_LOCKED), ("locked", "busy"))
 
 
 def is_read_only(exc: BaseException) -> bool:
