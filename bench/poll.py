@@ -1,8 +1,8 @@
 """Scenario 1, poll saturation: N simulated chargers over Modbus TCP on loopback, polled as fast
 as possible. Gateway path: ``DeviceDriver.poll`` (bus, decode, state, tag) with every sample's
 values encoded as it arrives and batched into ``Store.add_wire_readings`` (500 a transaction,
-as the app does). Baseline: a
-bare pymodbus ``AsyncModbusTcpClient`` per device reading the same register blocks in a loop."""
+as the app does). Baseline: a bare pymodbus ``AsyncModbusTcpClient`` per device reading the
+same register blocks in a loop."""
 
 from __future__ import annotations
 

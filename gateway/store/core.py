@@ -417,11 +417,11 @@ class StoreCore(AsyncClosing):
         async with self._lock:
             conn = self._writer_now()
             try:
-                result = _run_transaction(conn, body, busy_ms=0)
+                result = _run_transaction(conn, body)  # busy_timeout 0: a held lock fails at once
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     raise
-                result = await asyncio.to_thread(_run_transaction, conn, body, busy_ms=5000)
+                result = await asyncio.to_thread(_run_transaction_waiting, conn, body)
             # What wal_autocheckpoint does at a commit, here on a worker thread and still under
             # the lock: the WAL stays as small as the main connection keeps it (below half the
             # disk-full reserve), which the next write waits for.
@@ -439,9 +439,8 @@ class StoreCore(AsyncClosing):
         if self._now_writer is None:
             # Its commits never checkpoint, which would block the loop on the disk:
             # ``_transaction_now`` does on a worker thread.
-            self._now_writer = _connect(
-                self.path, "writer", ("synchronous=NORMAL", "wal_autocheckpoint=0")
-            )
+            pragmas = ("synchronous=NORMAL", "wal_autocheckpoint=0", "busy_timeout=0")
+            self._now_writer = _connect(self.path, "writer", pragmas)
         return self._now_writer
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
@@ -486,10 +485,18 @@ def _checkpoint(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
-def _run_transaction(conn: sqlite3.Connection, body: NowBody[T], *, busy_ms: int) -> T:
-    """``body`` between BEGIN IMMEDIATE and COMMIT, rolled back if anything fails. With
-    ``busy_ms`` 0 a write lock held elsewhere fails at once (the caller then waits elsewhere)."""
-    conn.execute(f"PRAGMA busy_timeout={busy_ms}")
+def _run_transaction_waiting(conn: sqlite3.Connection, body: NowBody[T]) -> T:
+    """``_run_transaction`` waiting up to 5 s for a write lock held elsewhere (on a worker
+    thread); the connection's busy timeout goes back to 0 after."""
+    conn.execute("PRAGMA busy_timeout=5000")
+    try:
+        return _run_transaction(conn, body)
+    finally:
+        conn.execute("PRAGMA busy_timeout=0")
+
+
+def _run_transaction(conn: sqlite3.Connection, body: NowBody[T]) -> T:
+    """``body`` between BEGIN IMMEDIATE and COMMIT, rolled back if anything fails."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = body(conn)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-__all__ = ["is_damage", "is_disk_full", "is_read_only"]
+__all__ = ["is_busy", "is_damage", "is_disk_full", "is_read_only"]
 
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
