@@ -18,6 +18,7 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.profiles import Profile
 from gateway.records import record_hash
+from gateway.sim.devices import SimCharger
 from gateway.sim.site import SimSite
 from tests.support.mqtt_broker import MosquittoBroker, free_port
 from tests.support.uplink import PREFIX, SITE, Recorder, running, wait_until
@@ -175,6 +176,11 @@ async def _count(coro: Any, n: int) -> bool:
     return len(await coro) >= n
 
 
+def _full(charger: SimCharger) -> bool:
+    """The car on ``charger`` took all the energy it needed (it draws no more)."""
+    return charger.ev is not None and charger.ev.satisfied
+
+
 @pytest.mark.slow
 async def test_tariffs_command_reprices_only_new_sessions_and_survives_a_restart(
     tmp_path: Path, mosquitto: MosquittoBroker, shipped_profiles: dict[str, Profile]
@@ -276,7 +282,8 @@ async def test_tariffs_command_reprices_only_new_sessions_and_survives_a_restart
             cp2.plug_in(tag="FOB-0042", power_w=11_000, energy_need_wh=1_000)
             await site.sleep(5)
             cp2.start_charging()
-            await site.sleep(600)
+            await wait_until(lambda: _full(cp1) and _full(cp2), 30, "both cars full")
+            await site.sleep(60)  # the counters stand still before they leave
             cp1.unplug()
             cp2.unplug()
             await wait_until(lambda: _count(gw.store.finished_sessions(), 2), 15, "sessions")
@@ -285,7 +292,8 @@ async def test_tariffs_command_reprices_only_new_sessions_and_survives_a_restart
             cp2.plug_in(tag="VIP-0001", power_w=11_000, energy_need_wh=500)
             await site.sleep(5)
             cp2.start_charging()
-            await site.sleep(300)
+            await wait_until(lambda: _full(cp2), 30, "vera's car full")
+            await site.sleep(60)
             cp2.unplug()
             await wait_until(lambda: _count(gw.store.finished_sessions(), 3), 15, "sessions")
             finished = await gw.store.finished_sessions()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_e2e import SPEED, _count, write_site
+from test_e2e import SPEED, _count, _full, write_site
 
 from gateway.app import Gateway
 from gateway.billing.verify import run_verify
@@ -47,16 +47,22 @@ async def test_site_to_statement_and_verify(
         await wait_until(lambda: gw.uplink.online, 10, "gateway uplink")
         await asyncio.sleep(1.0)
         cp1, cp2 = site.charger("cp1"), site.charger("cp2")
-        for need_wh in (1_500, 2_500):  # alice twice on cp1, bob once on cp2
+        # Each car charges until it is full, its counters then stand still for a minute (the
+        # gateway reads the final energy) before it leaves. The energies are small: the point is
+        # the statement's arithmetic, not the size of a session.
+        for need_wh in (600, 900):  # alice twice on cp1, bob once on cp2
             cp1.plug_in(tag="04A2B3C4D5E6F7", power_w=11_000, energy_need_wh=need_wh)
-            if need_wh == 1_500:
-                cp2.plug_in(tag="FOB-0042", power_w=7_400, energy_need_wh=3_000)
+            if need_wh == 600:
+                cp2.plug_in(tag="FOB-0042", power_w=7_400, energy_need_wh=1_200)
             await site.sleep(10)
             cp1.start_charging()
             cp2.start_charging()
-            await site.sleep(900)
+            await wait_until(lambda: _full(cp1), 30, "alice's car full")
+            await site.sleep(60)
             cp1.unplug()
             await site.sleep(60)
+        await wait_until(lambda: _full(cp2), 30, "bob's car full")
+        await site.sleep(60)
         cp2.unplug()
         await wait_until(lambda: _count(gw.store.finished_sessions(), 3), 15, "3 sessions")
         gateway_records = await gw.store.finished_sessions()
