@@ -66,7 +66,9 @@ def test_demo_and_sessions_command_line(tmp_path: Path, capsys: object) -> None:
 async def test_demo_prints_the_status_page_url_and_it_answers(tmp_path: Path) -> None:
     out = io.StringIO()
     demo = asyncio.create_task(
-        run_demo(duration_s=15.0, speed=30.0, workdir=tmp_path, view=False, out=out)
+        # long enough for the checks below (the page answers about a second after the start),
+        # short enough not to idle once they are done: the demo must still end by itself
+        run_demo(duration_s=7.0, speed=30.0, workdir=tmp_path, view=False, out=out)
     )
     try:
         pattern = re.compile(r"status page: +(http://127\.0\.0\.1:\d+/)")
