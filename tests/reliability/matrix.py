@@ -437,7 +437,7 @@ class Site:
                     )
             await sim.sleep(rng.uniform(5, 15))
             charger.start_charging()
-            await sim.sleep(rng.uniform(120, 400))
+            await sim.sleep(rng.uniform(120, 400) * CHARGE_SCALE[0])
             charger.suspend()  # the car is full: counters stand still before it leaves
             await sim.sleep(30)
             record = charger.unplug()
@@ -621,6 +621,9 @@ async def fault_broker_kill_nopersist(site: Site, rng: random.Random) -> None:
 
 
 HOLD_SCALE = [1.0]  # the CI-sized run shortens every fault's duration
+# ... and every charge: the cars on site when the faults are over must leave before the checks,
+# and shorter charges also mean more sessions during the faults
+CHARGE_SCALE = [1.0]
 STOP_AT = [math.inf]  # monotonic time after which no further fault cycle starts
 
 
@@ -810,6 +813,7 @@ async def run_matrix(
     for that long; then the checks. Returns the table's figures and every problem found."""
     result = RunResult()
     HOLD_SCALE[0] = 0.3 if quick else 1.0
+    CHARGE_SCALE[0] = 0.5 if quick else 1.0
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="evgw-reliability-")
