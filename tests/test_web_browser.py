@@ -218,7 +218,7 @@ async def test_page_shows_chargers_and_updates_when_an_ev_starts(
         # A first session on cp2, finished: it shows in the recent sessions with its cost.
         await start_charging(ws.site, "cp2", "FOB-0042")
         await page.wait_for(_card("cp2") + " === 'charging'", 15, "cp2 charging")
-        await ws.site.sleep(600)
+        await ws.site.sleep(120)  # two minutes at 11 kW: energy, and a cost to show
         ws.site.charger("cp2").unplug()
         await page.wait_for(
             "document.querySelector('#sessions tbody tr[data-session]')?.textContent",
@@ -257,7 +257,7 @@ async def test_page_shows_chargers_and_updates_when_an_ev_starts(
         text = await page.eval(_card("cp1", "textContent"))
         assert "alice" in text and "EUR" in text and "kW" in text
         assert "share of the site limit" in text or "its maximum" in text
-        await ws.site.sleep(300)  # some energy and cost on the card for the picture
+        await ws.site.sleep(120)  # some energy and cost on the card for the picture
         await asyncio.sleep(0.5)
         desktop = await page.screenshot(artefacts / "status-page.png")
 
