@@ -108,7 +108,7 @@ def test_every_command_keeps_secrets_out_of_its_output(site: Path, tmp_path: Pat
             "--db",
             f"sqlite:///{db}",
             "--duration",
-            "3s",
+            "1s",  # connection refused, the debug log of a retry and its back-off
         ),
         "consume-pg": _run(
             "consume",
