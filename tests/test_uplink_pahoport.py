@@ -4,13 +4,15 @@ beneath aiomqtt. An aiomqtt or paho-mqtt upgrade that moves any of it fails here
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
 import pytest
 
-from gateway.uplink.pahoport import direct_publisher, manual_acks
+from gateway.uplink.pahoport import corked_writes, direct_publisher, manual_acks
 from tests.support.mqtt_broker import MosquittoBroker
 from tests.support.uplink import wait_until
 
@@ -62,6 +64,44 @@ async def test_direct_publish_reports_pubacks_and_keeps_aiomqtt_publishes_workin
             reader.cancel()
     assert [t for t, _, _ in received[:20]] == [f"t/{i}" for i in range(20)]
     assert received[20][0] == "t/awaited" and received[21] == ("t/qos0", b"z", 0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="TCP_CORK is Linux's")
+async def test_corked_writes_send_a_burst_corked_and_uncork_after(
+    mosquitto: MosquittoBroker,
+) -> None:
+    received: list[bytes] = []
+    async with _client(mosquitto, "cork-sub") as sub:
+        await sub.subscribe("c/#", qos=0)
+
+        async def receive() -> None:
+            async for m in sub.messages:
+                assert isinstance(m.payload, bytes)
+                received.append(m.payload)
+
+        reader = asyncio.create_task(receive())
+        try:
+            async with _client(mosquitto, "cork-pub") as pub:
+                sock = pub._client.socket()
+                assert sock is not None
+                corked_during: list[int] = []
+
+                def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+                    # paho reports a QoS 0 publish from inside loop_write, once it is written
+                    corked_during.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK))
+
+                publish, _ = direct_publisher(pub, on_publish)
+                assert corked_writes(pub) is True
+                for i in range(30):
+                    publish(f"c/{i}", b"x" * 1000 + b"%d" % i, 0, False)
+                await wait_until(lambda: len(corked_during) == 30, 5, "30 writes")
+                assert corked_during == [1] * 30  # written while corked
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0  # and let go
+                publish("c/last", b"last", 0, False)  # a lone message after a burst goes out
+                await wait_until(lambda: received[-1:] == [b"last"], 5, "the lone message")
+        finally:
+            reader.cancel()
+    assert received[:30] == [b"x" * 1000 + b"%d" % i for i in range(30)]
 
 
 async def test_manual_acks_hold_the_puback_until_acked(mosquitto: MosquittoBroker) -> None:

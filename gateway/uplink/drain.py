@@ -32,7 +32,7 @@ from gateway.model import Clock, rfc3339
 from gateway.outgoing import OUTBOX_STREAMS, SESSION_STREAM
 from gateway.ports import UplinkStore
 from gateway.uplink.lean import Aggregate, LeanReadings
-from gateway.uplink.pahoport import Forward, Publish, direct_publisher
+from gateway.uplink.pahoport import Forward, Publish, corked_writes, direct_publisher
 from gateway.uplink.topics import Topics
 from gateway.wire import encode_reading, readings_batch
 
@@ -200,6 +200,7 @@ class Drain:
                 delivered(entry[2], entry[3], entry[4], entry[5])
 
         publish, forward = direct_publisher(client, on_publish)
+        corked_writes(client)
         batches: asyncio.Queue[list[tuple[int, str, bytes]]] = asyncio.Queue(
             maxsize=BATCHES_PER_FETCH
         )
@@ -231,6 +232,7 @@ class Drain:
         # a share of the window for finished sessions, so a backlog of them leaves room
         streams = [(s, share if s == SESSION_STREAM else inflight.limit) for s in OUTBOX_STREAMS]
         more: set[str] = set()  # streams whose last page was full
+        readings_topics: dict[str, str] = {}  # device id -> topic (built and checked once)
         lean = (
             LeanReadings(cfg.readings.interval_s, cfg.readings.mode)
             if cfg.readings.interval_s > 0
@@ -252,7 +254,7 @@ class Drain:
             info = publish(topic, payload, qos, retain)
             if info.rc != MQTT_ERR_SUCCESS:
                 raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
-            if info.is_published():  # QoS 0 already written
+            if qos == 0 and info.is_published():  # QoS 0 already written
                 self._delivered(stream, kind, ids, qos)
             else:
                 inflight.add(info.mid, loop.time(), size, stream, kind, ids, qos)
@@ -303,9 +305,12 @@ class Drain:
                 messages += aggregate_batches(lean.due(self._clock.time()))
             if messages:
                 for device_id, payload, ids in messages:
+                    to = readings_topics.get(device_id)
+                    if to is None:
+                        to = readings_topics[device_id] = self.topics.readings(device_id)
                     await send(
                         "readings",
-                        self.topics.readings(device_id),
+                        to,
                         payload,
                         cfg.readings_qos,
                         False,

@@ -19,13 +19,15 @@ the aiomqtt or paho-mqtt pin in pyproject.toml starts with that test.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
 
-__all__ = ["Forward", "OnPublish", "Publish", "direct_publisher", "manual_acks"]
+__all__ = ["Forward", "OnPublish", "Publish", "corked_writes", "direct_publisher", "manual_acks"]
 
 OnPublish = Callable[[Any, Any, int, Any, Any], None]
 """paho's VERSION2 ``on_publish``: (client, userdata, mid, reason_code, properties)."""
@@ -69,3 +71,37 @@ def manual_acks(client: aiomqtt.Client) -> Callable[[int, int], Any]:
     inner = _paho(client)
     inner.manual_ack_set(True)
     return inner.ack
+
+
+def corked_writes(client: aiomqtt.Client) -> bool:
+    """Let the packets paho writes in one go leave the host together (Linux's ``TCP_CORK``).
+
+    aiomqtt calls paho's ``loop_write`` once the socket is writable; paho then sends each queued
+    packet with a ``send`` of its own, and on a TCP socket each of those is a transmission (on
+    loopback, the receiving side's work too). Corked, the sends only fill the socket buffer and
+    the uncork at the end transmits them in full segments. Works under TLS as well (the cork is
+    on the TCP socket under it). Returns False, and changes nothing, where the platform has no
+    ``TCP_CORK``; call once a connection is up (the socket is paho's, per connection)."""
+    cork = getattr(socket, "TCP_CORK", None)
+    inner = _paho(client)
+    sock = inner.socket()
+    if cork is None or not isinstance(sock, socket.socket):  # SSLSocket is one too
+        return False
+    write = inner.loop_write
+    setsockopt = sock.setsockopt
+    level = socket.IPPROTO_TCP
+
+    def loop_write() -> paho.MQTTErrorCode:
+        try:
+            setsockopt(level, cork, 1)
+        except OSError:
+            return write()  # the socket is closing: paho reports it
+        try:
+            return write()
+        finally:
+            with contextlib.suppress(OSError):
+                setsockopt(level, cork, 0)
+
+    # an instance attribute: aiomqtt's writer callback looks loop_write up on each call
+    inner.loop_write = loop_write  # type: ignore[method-assign]
+    return True
