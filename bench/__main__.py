@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from bench.common import Result, Size, machine, median_result, versions
+from bench.common import Result, Size, host_speed_ms, machine, median_result, versions
 
 # name -> (runs in quick mode, runs in a full run)
 SCENARIOS: dict[str, tuple[int, int]] = {
@@ -77,8 +77,18 @@ def table(result: Result) -> list[str]:
     return lines
 
 
-def markdown(results: Sequence[Result], quick: bool, errors: dict[str, str], took_s: float) -> str:
+def markdown(
+    results: Sequence[Result],
+    quick: bool,
+    errors: dict[str, str],
+    took_s: float,
+    speed_ms: tuple[float, float],
+) -> str:
     mach, vers = machine(), versions()
+    mach["reference workload (one thread, CPU; lower is faster)"] = (
+        f"{speed_ms[0]:.0f} ms at the start, {speed_ms[1]:.0f} ms at the end "
+        "(bench/common.py host_speed_ms: compare runs on different hosts by it)"
+    )
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     out = [
         "# Benchmark results",
@@ -123,6 +133,8 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
         return 2
     names.sort(key=lambda n: n in RUN_LAST)  # stable: the rest keep their order
+    speed_start = host_speed_ms()
+    print(f"reference workload: {speed_start:.0f} ms (lower is faster)", flush=True)
     started = time.monotonic()
     results: list[Result] = []
     errors: dict[str, str] = {}
@@ -146,6 +158,7 @@ async def main_async(args: argparse.Namespace) -> int:
         results.append(result)
         print("\n".join(table(result)) + f"\n  ({time.monotonic() - t0:.1f} s)\n", flush=True)
     took_s = time.monotonic() - started
+    speed_end = host_speed_ms()
     results.sort(key=lambda r: list(SCENARIOS).index(r.scenario))
     output = (
         Path(args.output)
@@ -156,7 +169,7 @@ async def main_async(args: argparse.Namespace) -> int:
             else HERE / "RESULTS.md"
         )
     )
-    output.write_text(markdown(results, args.quick, errors, took_s))
+    output.write_text(markdown(results, args.quick, errors, took_s, (speed_start, speed_end)))
     missed = sum(len(r.missed) for r in results)
     print(
         f"{len(results)} scenario(s) in {took_s:.0f} s, {missed} target(s) MISSED; "

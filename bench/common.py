@@ -10,6 +10,7 @@ import platform
 import resource
 import shutil
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -145,6 +146,32 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "load average at the end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
+
+
+def _reference_workload() -> None:
+    rows = []
+    for i in range(20_000):
+        sample = {"device": f"cp{i % 20}", "power_w": i * 1.5, "energy_wh": i, "status": "ok"}
+        rows.append((sample["device"], json.dumps(sample)))
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("CREATE TABLE t (device TEXT, body TEXT)")
+        conn.executemany("INSERT INTO t VALUES (?, ?)", rows)
+        conn.execute("SELECT device, count(*), sum(length(body)) FROM t GROUP BY device").fetchall()
+    finally:
+        conn.close()
+
+
+def host_speed_ms(runs: int = 5) -> float:
+    """CPU milliseconds one thread takes for a fixed piece of work (Python objects, JSON,
+    SQLite): the same in every run, so figures of runs on different hosts, or at the start and
+    the end of one run, can be compared by it (lower is faster). Median of ``runs``."""
+    times = []
+    for _ in range(runs):
+        t0 = time.process_time()
+        _reference_workload()
+        times.append((time.process_time() - t0) * 1000)
+    return statistics.median(times)
 
 
 def versions() -> dict[str, str]:

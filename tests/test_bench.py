@@ -29,8 +29,9 @@ async def test_ingest_and_rtu_figures_and_report(monkeypatch) -> None:  # type: 
 
     lines = table(result)
     assert lines[0].startswith("3. Ingest") and any("Store.add_readings" in x for x in lines)
-    text = markdown([result], True, {"poll": "Traceback: boom"}, 1.0)
+    text = markdown([result], True, {"poll": "Traceback: boom"}, 1.0, (101.4, 98.6))
     assert "## Machine" in text and "pymodbus" in text and "poll: FAILED" in text
+    assert "101 ms at the start, 99 ms at the end" in text
 
 
 def test_median_rechecks_targets() -> None:
