@@ -81,7 +81,8 @@ def corked_writes(client: aiomqtt.Client) -> bool:
     loopback, the receiving side's work too). Corked, the sends only fill the socket buffer and
     the uncork at the end transmits them in full segments. Works under TLS as well (the cork is
     on the TCP socket under it). Returns False, and changes nothing, where the platform has no
-    ``TCP_CORK``; call once a connection is up (the socket is paho's, per connection)."""
+    ``TCP_CORK`` or paho has no socket to cork (not connected yet, or a WebSocket transport);
+    call once a connection is up (the socket is paho's, per connection)."""
     cork = getattr(socket, "TCP_CORK", None)
     inner = _paho(client)
     sock = inner.socket()
