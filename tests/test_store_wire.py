@@ -253,39 +253,6 @@ async def test_batches_of_any_size_keep_order_and_pending_marks(tmp_path: Path) 
     db.close()
 
 
-async def test_a_page_read_in_one_row_matches_a_row_at_a_time_and_guards_its_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """readings_fetch_wire reads a page as one concatenated row; paged with ``after_id`` past
-    delivered marks it gives what the row query gives, and a page that comes back out of order
-    (group_concat's order is not promised) is read again a row at a time."""
-    from gateway.store import readings as readings_module
-
-    async with Store.open(tmp_path / "p.db", site_id="s1", clock=Clock(), reserve_bytes=0) as s:
-        await s.add_readings([(f"cp-{i % 4}", T0 + i, {"p": i, "s": "a,b"}) for i in range(300)])
-        await s.readings_mark_synced(list(range(50, 120)))
-        db = sqlite3.connect(tmp_path / "p.db")
-        every = db.execute(
-            "SELECT r.id, r.device_id, r.wire FROM readings_pending p JOIN readings r "
-            "ON r.id = p.id ORDER BY p.id"
-        ).fetchall()
-        db.close()
-        pages: list[tuple[int, str, bytes]] = []
-        after = 0
-        while page := await s.readings_fetch_wire(37, after):
-            assert len(page) <= 37
-            pages += page
-            after = page[-1][0]
-        assert pages == every and len(pages) == 230
-        # a page whose ids come back descending: the order check sends it to the row query
-        monkeypatch.setattr(
-            readings_module,
-            "_PAGE_SQL",
-            readings_module._PAGE_SQL.replace("ORDER BY p.id", "ORDER BY p.id DESC"),
-        )
-        assert await s.readings_fetch_wire(500, 0) == every
-
-
 def test_fast_encoder_same_bytes_for_the_benchmark_reading() -> None:
     values = {f"v{i}": 230.0 + i * 0.37 for i in range(12)} | {"n": 7, "s": "é", "b": True}
     assert encode_reading(T0, values) == _reference_wire(T0, values)

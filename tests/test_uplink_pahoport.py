@@ -1,20 +1,108 @@
-"""gateway/uplink/pahoport.py against a real mosquitto: what the cloud consumer relies on beneath
-aiomqtt. An aiomqtt or paho-mqtt upgrade that moves any of it fails here, by name."""
+"""gateway/uplink/pahoport.py against a real mosquitto: what the drain and the consumer rely on
+beneath aiomqtt. An aiomqtt or paho-mqtt upgrade that moves any of it fails here, by name."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as paho
 import pytest
 
-from gateway.uplink.pahoport import manual_acks
+from gateway.uplink.pahoport import corked_writes, direct_publisher, manual_acks
 from tests.support.mqtt_broker import MosquittoBroker
+from tests.support.uplink import wait_until
 
 
 def _client(broker: MosquittoBroker, identifier: str, **kw: Any) -> aiomqtt.Client:
     return aiomqtt.Client("127.0.0.1", broker.port, identifier=identifier, timeout=5.0, **kw)
+
+
+@contextlib.asynccontextmanager
+async def _received(
+    broker: MosquittoBroker, topics: str, qos: int
+) -> AsyncIterator[list[tuple[str, bytes, int]]]:
+    """(topic, payload, qos) of every message on ``topics``, as they arrive."""
+    received: list[tuple[str, bytes, int]] = []
+    async with _client(broker, f"pahoport-sub-{topics}") as sub:
+        await sub.subscribe(topics, qos=qos)
+
+        async def receive() -> None:
+            async for m in sub.messages:
+                assert isinstance(m.payload, bytes)
+                received.append((m.topic.value, m.payload, m.qos))
+
+        reader = asyncio.create_task(receive())
+        try:
+            yield received
+        finally:
+            reader.cancel()
+
+
+async def test_direct_publish_reports_pubacks_and_keeps_aiomqtt_publishes_working(
+    mosquitto: MosquittoBroker,
+) -> None:
+    acked: list[int] = []
+    async with _received(mosquitto, "t/#", 1) as received:
+        async with _client(mosquitto, "pahoport-pub") as pub:
+            mine: set[int] = set()
+            forwarded: list[int] = []
+
+            def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+                if mid in mine:
+                    acked.append(mid)
+                else:
+                    forwarded.append(mid)
+                    forward(c, userdata, mid, reason, props)
+
+            publish, forward = direct_publisher(pub, on_publish)
+            infos = [publish(f"t/{i}", b"%d" % i, 1, False) for i in range(20)]
+            assert all(info.rc == paho.MQTT_ERR_SUCCESS for info in infos)
+            mine.update(info.mid for info in infos)
+            await wait_until(lambda: len(acked) == 20, 5, "20 PUBACKs")
+            assert sorted(acked) == sorted(mine) and all(info.is_published() for info in infos)
+            # aiomqtt's own awaited publish still completes: its PUBACK is passed on
+            await pub.publish("t/awaited", b"a", qos=1, timeout=5)
+            assert len(forwarded) == 1
+            qos0 = publish("t/qos0", b"z", 0, False)
+            assert qos0.rc == paho.MQTT_ERR_SUCCESS
+            await wait_until(qos0.is_published, 5, "the QoS 0 publish written")
+        await wait_until(lambda: len(received) == 22, 5, "every message at the subscriber")
+    assert [t for t, _, _ in received[:20]] == [f"t/{i}" for i in range(20)]
+    assert received[20][0] == "t/awaited" and received[21] == ("t/qos0", b"z", 0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="TCP_CORK is Linux's")
+async def test_corked_writes_send_a_burst_corked_and_uncork_after(
+    mosquitto: MosquittoBroker,
+) -> None:
+    async with (
+        _received(mosquitto, "c/#", 0) as received,
+        _client(mosquitto, "cork-pub") as pub,
+    ):
+        sock = pub._client.socket()  # the TCP socket under paho
+        assert sock is not None
+        corked_during: list[int] = []
+
+        def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+            # paho reports a QoS 0 publish from inside loop_write, once it is written
+            corked_during.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK))
+
+        publish, _ = direct_publisher(pub, on_publish)
+        assert corked_writes(pub) is True
+        for i in range(30):
+            publish(f"c/{i}", b"x" * 1000 + b"%d" % i, 0, False)
+        await wait_until(lambda: len(corked_during) == 30, 5, "30 writes")
+        assert corked_during == [1] * 30  # written while corked
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0  # and let go
+        publish("c/last", b"last", 0, False)  # a lone message after a burst goes out
+        await wait_until(lambda: received[-1:] == [("c/last", b"last", 0)], 5, "the last")
+    assert [p for _, p, _ in received[:30]] == [b"x" * 1000 + b"%d" % i for i in range(30)]
 
 
 async def test_manual_acks_hold_the_puback_until_acked(mosquitto: MosquittoBroker) -> None:

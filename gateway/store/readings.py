@@ -11,7 +11,7 @@ import asyncio
 import json
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import chain, pairwise
+from itertools import chain
 from typing import Any
 
 import aiosqlite
@@ -148,25 +148,7 @@ class ReadingsTable(SpaceManaged):
         self, limit: int, after_id: int = 0
     ) -> list[tuple[int, str, bytes]]:
         """(id, device_id, wire form) of undelivered readings in id order: what the uplink
-        splices into batches, with no per-row objects (read as ``_read_now`` says).
-
-        The page comes as one row of three concatenated columns, which Python splits in C:
-        sqlite3 lets go of the GIL around each row it steps, and with the uplink's network
-        thread busy beside the loop, taking it back cost more than the row (2-4 us a row against
-        1 us; bench/findings.md). group_concat keeps its input's order in practice, but SQLite
-        3.40 does not promise it: a page whose ids do not increase, or that holds a reading
-        without its wire form, is read again a row at a time."""
-        params = (int(after_id), int(limit))
-        page = self._read_now(_PAGE_SQL, params)
-        if not page or not page[0][0]:
-            return []
-        n, n_wire, ids_text, devices_text, wires_blob = page[0]
-        if n == n_wire:
-            ids = [int(i) for i in ids_text.split(",")]
-            devices = devices_text.split(_SEP)
-            wires = wires_blob.split(_SEP_BYTES)
-            if len(devices) == len(wires) == n and _increasing(ids):
-                return list(zip(ids, devices, wires, strict=True))
+        splices into batches, with no per-row objects (read as ``_read_now`` says)."""
         rows: list[tuple[int, str, bytes]] = self._read_now(
             "SELECT r.id, r.device_id, r.wire FROM readings_pending p "
             "JOIN readings r ON r.id = p.id WHERE p.id > ? ORDER BY p.id LIMIT ?",
@@ -227,19 +209,3 @@ class ReadingsTable(SpaceManaged):
             await db.executemany("DELETE FROM readings_pending WHERE id BETWEEN ? AND ?", runs)
 
         await self._write(body)
-
-
-# A page of pending readings as one row. The separator, ASCII record separator (30), cannot occur
-# in a wire form (JSON escapes control characters) nor in a device id (a topic level of
-# letters, digits, '-' and '_': gateway/config).
-_SEP = "\x1e"
-_SEP_BYTES = _SEP.encode()
-_PAGE_SQL = (
-    "SELECT count(*), count(wire), group_concat(id), group_concat(device_id, char(30)), "
-    "CAST(group_concat(wire, char(30)) AS BLOB) FROM (SELECT r.id, r.device_id, r.wire "
-    "FROM readings_pending p JOIN readings r ON r.id = p.id WHERE p.id > ? ORDER BY p.id LIMIT ?)"
-)
-
-
-def _increasing(ids: list[int]) -> bool:
-    return all(a < b for a, b in pairwise(ids))

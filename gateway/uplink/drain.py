@@ -1,11 +1,11 @@
 """The backlog drain: what one connection publishes, and the window of publishes in flight.
 
 A bounded window of QoS 1 publishes tracked by packet id. The drain hands each message to paho
-(``Link.publish_nowait``, gateway/uplink/link.py) and goes on; PUBACKs come back in batches of
-packet ids, which leave the window and queue their rows' ids, which a group-commit task
-acknowledges to the store in batches, only after their PUBACK. No future or task per message. A
-watchdog drops the connection when the oldest publish waits longer than the publish timeout.
-Readings batches are fetched by a prefetch task while the previous batch is being published.
+(gateway/uplink/pahoport.py) and goes on; the PUBACK callback takes the packet id out of the
+window and queues the rows' ids, which a group-commit task acknowledges to the store in batches,
+only after their PUBACK. No future or task per message. A watchdog drops the connection when the
+oldest publish waits longer than the publish timeout. Readings batches are fetched by a prefetch
+task while the previous batch is being published.
 
 Each round publishes the latest values that changed (charger statuses, other retained topics),
 then the outbox streams in ``OUTBOX_STREAMS`` order (session starts, then a share of finished
@@ -23,14 +23,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiomqtt
 import structlog
+from paho.mqtt.client import MQTT_ERR_SUCCESS
 
 from gateway.config import UplinkConfig
 from gateway.model import Clock, rfc3339
 from gateway.outgoing import OUTBOX_STREAMS, SESSION_STREAM
 from gateway.ports import UplinkStore
 from gateway.uplink.lean import Aggregate, LeanReadings
-from gateway.uplink.link import Link, LinkError
+from gateway.uplink.pahoport import Forward, Publish, corked_writes, direct_publisher
 from gateway.uplink.topics import Topics
 from gateway.wire import encode_reading, readings_batch
 
@@ -39,7 +41,7 @@ __all__ = ["Drain", "Inflight", "UplinkStats", "aggregate_batches", "encode", "r
 log = structlog.get_logger(__name__)
 
 ACK_RETRY_S = 1.0  # while the disk is full, try writing the delivery marks again this often
-BATCHES_PER_FETCH = 2
+BATCHES_PER_FETCH = 2  # readings batches read from the store at once while draining
 _MAX_FETCH_ROWS = 5000
 
 
@@ -182,20 +184,23 @@ class Drain:
         self._key_payload = payload
         self._wake.set()
 
-    async def run(self, client: Link, inflight: Inflight) -> None:
+    async def run(self, client: aiomqtt.Client, inflight: Inflight) -> None:
         """Drain over ``client`` until cancelled or the connection fails (the watchdog raises
-        LinkError when a PUBACK is overdue). Publishes still in ``inflight`` at the end are
+        MqttError when a PUBACK is overdue). Publishes still in ``inflight`` at the end are
         abandoned: their rows stay unacknowledged in the store and go out again."""
         delivered = self._delivered
-        pop = inflight.pop
+        forward: Forward | None = None
 
-        def on_acked(mids: list[int]) -> None:
-            for mid in mids:
-                entry = pop(mid)
-                if entry is not None:
-                    delivered(entry[2], entry[3], entry[4], entry[5])
+        def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+            entry = inflight.pop(mid)
+            if entry is None:
+                if forward is not None:
+                    forward(c, userdata, mid, reason, props)
+            else:
+                delivered(entry[2], entry[3], entry[4], entry[5])
 
-        client.on_acked = on_acked
+        publish, forward = direct_publisher(client, on_publish)
+        corked_writes(client)
         batches: asyncio.Queue[list[tuple[int, str, bytes]]] = asyncio.Queue(
             maxsize=BATCHES_PER_FETCH
         )
@@ -203,31 +208,26 @@ class Drain:
             tg.create_task(self._acker(), name="uplink-acker")
             tg.create_task(self._watchdog(inflight), name="uplink-watchdog")
             tg.create_task(self._prefetch(batches), name="uplink-prefetch")
-            tg.create_task(self._drain(client, inflight, batches), name="uplink-drain")
+            tg.create_task(self._drain(client, publish, inflight, batches), name="uplink-drain")
 
     async def _drain(
         self,
-        client: Link,
+        client: aiomqtt.Client,
+        publish: Publish,
         inflight: Inflight,
         batches: asyncio.Queue[list[tuple[int, str, bytes]]],
     ) -> None:
         cfg = self._config
         online = {"state": "online", "version": self._version, "ts": rfc3339(self._clock.time())}
-        wait_s = self._publish_timeout_s
-        await client.publish(
-            self.topics.gateway_status, encode(online), qos=1, retain=True, wait_s=wait_s
-        )
+        await client.publish(self.topics.gateway_status, encode(online), qos=1, retain=True)
         if self._key_payload is not None:
-            await client.publish(
-                self.topics.gateway_key, self._key_payload, qos=1, retain=True, wait_s=wait_s
-            )
+            await client.publish(self.topics.gateway_key, self._key_payload, qos=1, retain=True)
         self._dirty.update(self._statuses)
         self._dirty_retained.update(self._retained)
         cursors = dict.fromkeys(OUTBOX_STREAMS, 0)
         share = max(1, inflight.limit // 2)
         self._outbox_pending = True
         loop = asyncio.get_running_loop()
-        publish = client.publish_nowait
         outbox_due = loop.time()
         # a share of the window for finished sessions, so a backlog of them leaves room
         streams = [(s, share if s == SESSION_STREAM else inflight.limit) for s in OUTBOX_STREAMS]
@@ -251,10 +251,13 @@ class Drain:
             size = len(payload)
             if inflight.full(size):
                 await inflight.wait_room(size)
-            # QoS 0 too: paho reports it written the way it reports a PUBACK
-            inflight.add(
-                publish(topic, payload, qos, retain), loop.time(), size, stream, kind, ids, qos
-            )
+            info = publish(topic, payload, qos, retain)
+            if info.rc != MQTT_ERR_SUCCESS:
+                raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+            if qos == 0 and info.is_published():  # QoS 0 already written
+                self._delivered(stream, kind, ids, qos)
+            else:
+                inflight.add(info.mid, loop.time(), size, stream, kind, ids, qos)
 
         while True:
             self._wake.clear()
@@ -356,7 +359,7 @@ class Drain:
             oldest = inflight.oldest()
             now = loop.time()
             if oldest is not None and now - oldest >= timeout_s:
-                raise LinkError(f"no PUBACK within {timeout_s:g} s")
+                raise aiomqtt.MqttError(f"no PUBACK within {timeout_s:g} s")
             await asyncio.sleep(timeout_s if oldest is None else oldest + timeout_s - now)
 
     async def _drain_stream(

@@ -1,14 +1,14 @@
-"""Store-and-forward MQTT uplink (paho-mqtt 2.2 on its own thread): the connection and commands.
+"""Store-and-forward MQTT uplink (aiomqtt 2.5 over paho-mqtt 2.2): the connection and commands.
 
 The SQLite outbox is the only source of truth for what must arrive (which messages go through it
-and which do not: gateway/outgoing.py). One connection at a time, each with a fresh ``Link``
-(gateway/uplink/link.py, a paho client): paho keeps unacknowledged publishes in memory and resends
-its whole queue when the same client reconnects (paho #492), which would duplicate what we resend
-from the outbox anyway. So a dropped connection abandons its in-flight publishes; they stay unacked
-in the store and go out again, in order, on the next connection (at-least-once; consumers
+and which do not: gateway/outgoing.py). One connection at a time, each with a fresh
+``aiomqtt.Client``: paho keeps unacknowledged publishes in memory and resends its whole queue
+when the same client reconnects (paho #492), which would duplicate what we resend from the
+outbox anyway. So a dropped connection abandons its in-flight publishes; they stay unacked in
+the store and go out again, in order, on the next connection (at-least-once; consumers
 deduplicate finished sessions by ``session_id``). What a connection publishes is the drain's
-business (gateway/uplink/drain.py); this module connects, reconnects with backoff, falls back from
-MQTT 5 to 3.1.1, receives commands and sends their replies.
+business (gateway/uplink/drain.py); this module connects, reconnects with backoff, falls back
+from MQTT 5 to 3.1.1, receives commands and sends their replies.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ import random
 import ssl
 from typing import Any
 
+import aiomqtt
 import structlog
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -32,7 +35,6 @@ from gateway.ports import CommandTarget, UplinkStore
 from gateway.uplink.commands import MAX_COMMAND_BYTES, CommandHandler, Reply
 from gateway.uplink.drain import Drain, Inflight, UplinkStats, encode
 from gateway.uplink.envelope import CommandVerifier, load_command_key
-from gateway.uplink.link import ConnectRefused, Link, LinkError, LinkOptions
 from gateway.uplink.topics import Topics
 
 __all__ = ["MAX_PACKET_BYTES", "MqttUplink", "backoff_delay"]
@@ -98,9 +100,13 @@ class MqttUplink:
             safety_poll_s=safety_poll_s,
             publish_timeout_s=publish_timeout_s,
         )
-        self._client: Link | None = None
+        self._client: aiomqtt.Client | None = None
         self._online = False
-        self._v5 = config.protocol != "3.1.1"
+        self._protocol = (
+            aiomqtt.ProtocolVersion.V311
+            if config.protocol == "3.1.1"
+            else aiomqtt.ProtocolVersion.V5
+        )
         self._inbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(maxsize=inbox_size)
         # ``busy`` replies are ~120 bytes each: a deep queue costs little and loses nothing.
         self._busy_replies: asyncio.Queue[Reply] = asyncio.Queue(maxsize=BUSY_REPLIES_SIZE)
@@ -148,9 +154,9 @@ class MqttUplink:
         }
         try:
             await client.publish(
-                self.topics.auth_request, encode(payload), qos=1, wait_s=self._publish_timeout_s
+                self.topics.auth_request, encode(payload), qos=1, timeout=self._publish_timeout_s
             )
-        except LinkError as exc:
+        except aiomqtt.MqttError as exc:
             raise UplinkError(f"auth request not sent: {exc}") from exc
 
     # -- the loops ----------------------------------------------------------------------------
@@ -178,14 +184,19 @@ class MqttUplink:
             try:
                 await self._connection()
                 error = "closed"
-            except ConnectRefused as exc:
-                error = str(exc)
-                if exc.rc in _UNSUPPORTED_PROTOCOL and self._v5 and self._config.protocol == "auto":
+            except MqttConnectError as exc:
+                error = f"connect refused: {exc}"
+                code = getattr(exc.rc, "value", exc.rc)
+                if (
+                    code in _UNSUPPORTED_PROTOCOL
+                    and self._protocol is aiomqtt.ProtocolVersion.V5
+                    and self._config.protocol == "auto"
+                ):
                     log.warning("mqtt_v5_refused_falling_back_to_v311")
-                    self._v5 = False
+                    self._protocol = aiomqtt.ProtocolVersion.V311
                     self.stats.protocol = "3.1.1"
                     continue
-            except LinkError as exc:
+            except aiomqtt.MqttError as exc:
                 error = str(exc) or type(exc).__name__
                 if (
                     self._connect_phase
@@ -194,8 +205,14 @@ class MqttUplink:
                 ):
                     # Some 3.1.1-only brokers (amqtt) neither answer nor close an MQTT 5
                     # CONNECT they cannot parse: after a silent connect, try the other version.
-                    self._v5 = not self._v5
-                    self.stats.protocol = "5" if self._v5 else "3.1.1"
+                    self._protocol = (
+                        aiomqtt.ProtocolVersion.V311
+                        if self._protocol is aiomqtt.ProtocolVersion.V5
+                        else aiomqtt.ProtocolVersion.V5
+                    )
+                    self.stats.protocol = (
+                        "5" if self._protocol is aiomqtt.ProtocolVersion.V5 else "3.1.1"
+                    )
                     log.info("mqtt_connect_silent_switching_protocol", protocol=self.stats.protocol)
             except (OSError, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
@@ -212,9 +229,9 @@ class MqttUplink:
             last_error = error
             await asyncio.sleep(delay)
 
-    def _make_client(self, tls: ssl.SSLContext | None) -> Link:
+    def _make_client(self, tls: ssl.SSLContext | None) -> aiomqtt.Client:
         cfg = self._config
-        v5 = self._v5
+        v5 = self._protocol is aiomqtt.ProtocolVersion.V5
         properties: Properties | None = None
         if v5:
             properties = Properties(PacketTypes.CONNECT)
@@ -224,22 +241,22 @@ class MqttUplink:
             # here (MQTT 5 CONNECT property Maximum Packet Size: the server discards larger ones).
             properties.MaximumPacketSize = MAX_PACKET_BYTES
         offline = {"state": "offline", "version": self._version}
-        return Link(
-            LinkOptions(
-                host=cfg.host,
-                port=cfg.port,
-                client_id=cfg.client_id,
-                v5=v5,
-                keepalive_s=max(1, int(cfg.keepalive_s)),
-                connect_timeout_s=self._connect_timeout_s,
-                will=(self.topics.gateway_status, encode(offline), 1, True),
-                username=cfg.username,
-                password=cfg.password.reveal() if cfg.password is not None else None,
-                tls=tls,
-                connect_properties=properties,
-                max_inflight=max(1, cfg.inflight_window) + 16,  # + replies, auth requests
-                logger=_PAHO_LOGGER,
-            )
+        return aiomqtt.Client(
+            cfg.host,
+            cfg.port,
+            username=cfg.username,
+            password=cfg.password.reveal() if cfg.password is not None else None,
+            identifier=cfg.client_id,
+            protocol=self._protocol,
+            will=aiomqtt.Will(self.topics.gateway_status, encode(offline), qos=1, retain=True),
+            clean_session=None if v5 else False,
+            clean_start=False if v5 else MQTT_CLEAN_START_FIRST_ONLY,
+            keepalive=max(1, int(cfg.keepalive_s)),
+            timeout=self._connect_timeout_s,
+            properties=properties,
+            tls_context=tls,
+            max_inflight_messages=max(1, cfg.inflight_window) + 16,  # + replies, auth requests
+            logger=_PAHO_LOGGER,
         )
 
     async def _tls_context(self) -> ssl.SSLContext | None:
@@ -250,7 +267,6 @@ class MqttUplink:
     async def _connection(self) -> None:
         client = self._make_client(await self._tls_context())
         inflight = Inflight(self._config.inflight_window, _MAX_INFLIGHT_BYTES)
-        client.on_message = self._on_message
         self._connect_phase = True
         async with client:
             self._connect_phase = False
@@ -283,25 +299,27 @@ class MqttUplink:
                 self._online = False
                 self._client = None
 
-    async def _say_goodbye(self, client: Link) -> None:
+    async def _say_goodbye(self, client: aiomqtt.Client) -> None:
         offline = {"state": "offline", "version": self._version, "ts": rfc3339(self._clock.time())}
-        with contextlib.suppress(LinkError):
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             await client.publish(
-                self.topics.gateway_status, encode(offline), qos=1, retain=True, wait_s=2.0
+                self.topics.gateway_status, encode(offline), qos=1, retain=True, timeout=2.0
             )
 
-    async def _receive(self, client: Link) -> None:
-        for topic in (self.topics.commands_filter, self.topics.auth_response):
-            codes = await client.subscribe(topic, 1, wait_s=self._publish_timeout_s)
-            if any(code >= 128 for code in codes):
-                log.error("mqtt_subscription_refused", topic=topic, reason_codes=codes)
-        await client.wait_closed()  # raises LinkError when the connection drops
-
-    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        try:
-            self._inbox.put_nowait((topic, payload, retained))
-        except asyncio.QueueFull:
-            self._refuse_busy(topic, payload, retained)
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        await client.subscribe(self.topics.commands_filter, qos=1)
+        await client.subscribe(self.topics.auth_response, qos=1)
+        async for message in client.messages:  # raises MqttError when the connection drops
+            payload = message.payload
+            if isinstance(payload, str):
+                payload = payload.encode()
+            elif not isinstance(payload, bytes | bytearray):
+                payload = b"" if payload is None else str(payload).encode()
+            topic, data, retained = message.topic.value, bytes(payload), bool(message.retain)
+            try:
+                self._inbox.put_nowait((topic, data, retained))
+            except asyncio.QueueFull:
+                self._refuse_busy(topic, data, retained)
 
     def _refuse_busy(self, topic: str, payload: bytes, retained: bool) -> None:
         """The inbox is full: answer ``busy`` rather than drop the command without a word. The
@@ -324,10 +342,10 @@ class MqttUplink:
         if self.stats.commands_busy == 1 or self.stats.commands_busy % 1000 == 0:
             log.warning("command_queue_full_busy", topic=topic, busy_total=self.stats.commands_busy)
 
-    async def _send_busy_replies(self, client: Link) -> None:
+    async def _send_busy_replies(self, client: aiomqtt.Client) -> None:
         while True:
             reply = await self._busy_replies.get()
-            await client.publish(reply.topic, reply.encode(), qos=1, wait_s=10.0)
+            await client.publish(reply.topic, reply.encode(), qos=1, timeout=10.0)
 
     async def _command_worker(self) -> None:
         """Commands run outside the connection's task group: a dropped link never cancels a
@@ -343,8 +361,8 @@ class MqttUplink:
                 log.warning("command_reply_dropped_offline", topic=reply.topic)
                 continue
             try:
-                await client.publish(reply.topic, reply.encode(), qos=1, wait_s=10.0)
-            except LinkError as exc:
+                await client.publish(reply.topic, reply.encode(), qos=1, timeout=10.0)
+            except aiomqtt.MqttError as exc:
                 log.warning("command_reply_failed", topic=reply.topic, error=str(exc))
 
 
@@ -360,14 +378,14 @@ def backoff_delay(attempt: int, low_s: float, high_s: float) -> float:
 
 
 def _first_mqtt_error(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The reason a connection's task group ended: a LinkError if there is one."""
+    """The reason a connection's task group ended: an MqttError if there is one."""
     for exc in _leaves(group):
-        if isinstance(exc, LinkError):
+        if isinstance(exc, aiomqtt.MqttError):
             return exc
     for exc in _leaves(group):
         if not isinstance(exc, asyncio.CancelledError):
             return exc
-    return LinkError("connection task group ended")
+    return aiomqtt.MqttError("connection task group ended")
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:

@@ -1,25 +1,40 @@
 """Every touch of aiomqtt's insides, in one place (aiomqtt 2.5 over paho-mqtt 2.2).
 
-The cloud consumer (gateway/cloud/subscriber.py) receives through aiomqtt and must acknowledge a
-message only once it is stored: its PUBACK must not go out before its database has the record.
-aiomqtt has no public way to say so, so ``manual_acks`` reaches the paho client it keeps in its
-private ``_client`` and uses paho's public API there (``Client.manual_ack_set``, ``Client.ack``).
-tests/test_uplink_pahoport.py checks it against a real broker: an upgrade of aiomqtt or paho that
-moves any of it fails there, by name. Widening the aiomqtt or paho-mqtt pin in pyproject.toml
-starts with that test.
+aiomqtt has no public way to do two things the gateway needs, so both reach the paho client it
+keeps in its private ``_client``:
 
-(The gateway's own uplink does not use aiomqtt: gateway/uplink/link.py says why.)
+- Publishing without awaiting (``direct_publisher``): the drain keeps a window of QoS 1 publishes
+  tracked by packet id. aiomqtt's awaited ``publish`` costs a future, a ``wait_for`` timer and a
+  task per message, which kept a backlog drain at a fifth of what paho itself does.
+- Acknowledging a received message only once it is stored (``manual_acks``): the consumer's
+  PUBACK must not go out before its database has the record.
+
+What the rest of the code then uses is paho's public API (``Client.publish`` and its
+``MQTTMessageInfo``: ``rc``, ``mid``, ``is_published()``; ``Client.ack``; the VERSION2
+``on_publish`` signature ``(client, userdata, mid, reason_code, properties)`` that aiomqtt
+selects). tests/test_uplink_pahoport.py checks all of it against a real broker: an upgrade of
+aiomqtt or paho that moves any of it fails there, by name, not in a drain at a site. Widening
+the aiomqtt or paho-mqtt pin in pyproject.toml starts with that test.
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
 
-__all__ = ["manual_acks"]
+__all__ = ["Forward", "OnPublish", "Publish", "corked_writes", "direct_publisher", "manual_acks"]
+
+OnPublish = Callable[[Any, Any, int, Any, Any], None]
+"""paho's VERSION2 ``on_publish``: (client, userdata, mid, reason_code, properties)."""
+Publish = Callable[..., paho.MQTTMessageInfo]
+"""paho's ``Client.publish(topic, payload, qos, retain)``."""
+Forward = Callable[..., None]
+"""The callback aiomqtt installed (an ``OnPublish``; paho types it as either API version)."""
 
 
 def _paho(client: aiomqtt.Client) -> paho.Client:
@@ -32,9 +47,62 @@ def _paho(client: aiomqtt.Client) -> paho.Client:
     return inner
 
 
+def direct_publisher(client: aiomqtt.Client, on_publish: OnPublish) -> tuple[Publish, Forward]:
+    """Publish through the paho client under ``client`` and see every PUBACK first.
+
+    ``on_publish`` replaces the paho callback aiomqtt installed; that callback is returned, and
+    ``on_publish`` must pass it every packet id it did not send itself (aiomqtt's own awaited
+    publishes: replies, auth requests). Returns paho's bound ``publish``: one call a message,
+    nothing of ours in between."""
+    inner = _paho(client)
+    forward = inner.on_publish
+    if forward is None:
+        raise RuntimeError(
+            "aiomqtt no longer sets paho's on_publish: awaited publishes would never complete; "
+            "gateway/uplink/pahoport.py needs updating for this aiomqtt version"
+        )
+    inner.on_publish = on_publish
+    return inner.publish, forward
+
+
 def manual_acks(client: aiomqtt.Client) -> Callable[[int, int], Any]:
     """Turn paho's automatic PUBACKs off for ``client`` (call before connecting); returns
     ``ack(mid, qos)`` to send one once the message is safe."""
     inner = _paho(client)
     inner.manual_ack_set(True)
     return inner.ack
+
+
+def corked_writes(client: aiomqtt.Client) -> bool:
+    """Let the packets paho writes in one go leave the host together (Linux's ``TCP_CORK``).
+
+    aiomqtt calls paho's ``loop_write`` once the socket is writable; paho then sends each queued
+    packet with a ``send`` of its own, and on a TCP socket each of those is a transmission (on
+    loopback, the receiving side's work too). Corked, the sends only fill the socket buffer and
+    the uncork at the end transmits them in full segments. Works under TLS as well (the cork is
+    on the TCP socket under it). Returns False, and changes nothing, where the platform has no
+    ``TCP_CORK`` or paho has no socket to cork (not connected yet, or a WebSocket transport);
+    call once a connection is up (the socket is paho's, per connection)."""
+    cork = getattr(socket, "TCP_CORK", None)
+    inner = _paho(client)
+    sock = inner.socket()
+    if cork is None or not isinstance(sock, socket.socket):  # SSLSocket is one too
+        return False
+    write = inner.loop_write
+    setsockopt = sock.setsockopt
+    level = socket.IPPROTO_TCP
+
+    def loop_write() -> paho.MQTTErrorCode:
+        try:
+            setsockopt(level, cork, 1)
+        except OSError:
+            return write()  # the socket is closing: paho reports it
+        try:
+            return write()
+        finally:
+            with contextlib.suppress(OSError):
+                setsockopt(level, cork, 0)
+
+    # an instance attribute: aiomqtt's writer callback looks loop_write up on each call
+    inner.loop_write = loop_write  # type: ignore[method-assign]
+    return True
