@@ -122,6 +122,7 @@ async def _app_start(
     """Act as the cloud: authorize carol on cp3 from the app once her car is plugged in."""
     import aiomqtt
 
+    from gateway.uplink import pahoport
     from gateway.uplink.envelope import sign_message
 
     await site.sleep_until(APP_START_AT_S)
@@ -129,7 +130,7 @@ async def _app_start(
     topic = f"{prefix}/{site_id}/commands/start"
     for attempt in range(20):
         try:
-            async with aiomqtt.Client(
+            async with pahoport.Client(
                 broker_host,
                 broker_port,
                 identifier=f"evgw-demo-cloud-{uuid.uuid4().hex[:8]}",

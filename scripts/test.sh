@@ -31,4 +31,5 @@ fi
 
 .venv/bin/ruff check .
 .venv/bin/mypy
-exec .venv/bin/pytest "$@"
+# unbuffered: a CI log cut off by a time limit then ends at the test that was running
+PYTHONUNBUFFERED=1 exec .venv/bin/pytest "$@"

@@ -18,6 +18,7 @@ from test_uplink_mqtt import uplink_config
 
 from gateway.config import Secret
 from gateway.store import Store
+from gateway.uplink import pahoport
 from tests.support.mqtt_broker import MOSQUITTO, MosquittoBroker
 from tests.support.uplink import Target, running, wait_until
 
@@ -79,7 +80,7 @@ class Client:
         self.error: Exception | None = None
 
     async def run(self, *filters: str) -> None:
-        async with aiomqtt.Client(
+        async with pahoport.Client(
             "127.0.0.1",
             self.port,
             username=self.user,
@@ -106,7 +107,7 @@ class Client:
         """Publish on a connection of its own: here the client's connection ended after a
         publish the broker refused (PUBACK reason 0x87); the next publish must not depend on it."""
         with contextlib.suppress(aiomqtt.MqttError):
-            async with aiomqtt.Client(
+            async with pahoport.Client(
                 "127.0.0.1",
                 self.port,
                 username=self.user,

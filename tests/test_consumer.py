@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import pytest
 from structlog.testing import capture_logs
 
@@ -25,6 +24,7 @@ from gateway.cloud.subscriber import (
     subscriptions,
 )
 from gateway.records import seal
+from gateway.uplink import pahoport
 from tests.support.consumer import make_chain, make_signer, tampered
 from tests.support.mqtt_broker import FaultProxy, MosquittoBroker
 
@@ -71,7 +71,7 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 
 
 async def _publish(broker: MosquittoBroker, items: list[tuple[str, bytes, bool]]) -> None:
-    async with aiomqtt.Client(broker.host, broker.port, identifier=f"pub-{uuid.uuid4().hex}") as c:
+    async with pahoport.Client(broker.host, broker.port, identifier=f"pub-{uuid.uuid4().hex}") as c:
         for topic, payload, retain in items:
             await c.publish(topic, payload, qos=1, retain=retain)
 

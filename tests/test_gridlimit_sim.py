@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import pytest
 from structlog.testing import capture_logs
 from test_loadmgmt_sim import grid_phase_a
@@ -28,6 +27,7 @@ from gateway.profiles import Profile
 from gateway.sim.registers import RegisterImage
 from gateway.sim.server import FaultKind, SimServer
 from gateway.sim.site import SimSite
+from gateway.uplink import pahoport
 from tests.support.mqtt_broker import MosquittoBroker, free_port
 from tests.support.uplink import PREFIX, SITE, Recorder, running, wait_until
 
@@ -73,7 +73,7 @@ def write_site(tmp_path: Path, *, uplink: str = "", grid_extra: str = "") -> Pat
 
 
 async def retained(port: int, topic: str) -> dict[str, Any]:
-    async with aiomqtt.Client("127.0.0.1", port, identifier="late-subscriber") as client:
+    async with pahoport.Client("127.0.0.1", port, identifier="late-subscriber") as client:
         await client.subscribe(topic, qos=1)
         async with asyncio.timeout(5):
             async for message in client.messages:

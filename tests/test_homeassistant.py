@@ -17,6 +17,7 @@ from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.profiles import Profile
 from gateway.sim.site import SimSite
+from gateway.uplink import pahoport
 from tests.support.mqtt_broker import MosquittoBroker, free_port
 from tests.support.uplink import PREFIX, SITE, running, wait_until
 
@@ -54,7 +55,9 @@ class Retained:
     async def run(self) -> None:
         while True:
             try:
-                async with aiomqtt.Client("127.0.0.1", self.port, identifier="home-assistant") as c:
+                async with pahoport.Client(
+                    "127.0.0.1", self.port, identifier="home-assistant"
+                ) as c:
                     await c.subscribe("homeassistant/#", qos=1)
                     await c.subscribe(f"{ROOT}/#", qos=1)
                     self.ready.set()

@@ -15,6 +15,7 @@ import pytest
 from gateway.config import UplinkConfig
 from gateway.demo import embedded_broker
 from gateway.store import Store
+from gateway.uplink import pahoport
 from gateway.uplink.mqtt import MqttUplink
 from tests.support.mqtt_broker import free_port
 from tests.support.uplink import Target, running, wait_until
@@ -40,7 +41,7 @@ async def test_uplink_switches_to_v311_when_an_mqtt5_connect_goes_unanswered(
             backoff_min_s=0.05,
             backoff_max_s=0.1,
         )
-        async with aiomqtt.Client(
+        async with pahoport.Client(
             "127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V311, identifier="cloud"
         ) as cloud:
             await cloud.subscribe("t/s1/#", qos=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -14,13 +15,14 @@ import aiomqtt
 import paho.mqtt.client as paho
 import pytest
 
+from gateway.uplink import pahoport
 from gateway.uplink.pahoport import corked_writes, direct_publisher, manual_acks
 from tests.support.mqtt_broker import MosquittoBroker
 from tests.support.uplink import wait_until
 
 
 def _client(broker: MosquittoBroker, identifier: str, **kw: Any) -> aiomqtt.Client:
-    return aiomqtt.Client("127.0.0.1", broker.port, identifier=identifier, timeout=5.0, **kw)
+    return pahoport.Client("127.0.0.1", broker.port, identifier=identifier, timeout=5.0, **kw)
 
 
 @contextlib.asynccontextmanager
@@ -155,3 +157,51 @@ def test_an_aiomqtt_without_its_paho_client_is_refused_by_name() -> None:
 
     with pytest.raises(RuntimeError, match=r"pahoport\.py needs updating"):
         manual_acks(Moved())  # type: ignore[arg-type]
+
+
+async def test_a_cancellation_landing_with_the_puback_is_not_lost(
+    mosquitto: MosquittoBroker,
+) -> None:
+    """The PUBACK of an awaited publish and a cancellation of its task in the same loop turn:
+    the task ends cancelled. aiomqtt's own timer (asyncio.wait_for) returns the publish's result
+    on Python 3.11 and the task carries on, which is how a stopping uplink hung in CI."""
+    async with _client(mosquitto, "pahoport-cancel") as pub:
+        task: asyncio.Task[None] | None = None
+        publishing = asyncio.Event()
+
+        def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+            forward(c, userdata, mid, reason, props)  # aiomqtt's: the publish is confirmed
+            assert task is not None
+            task.cancel()  # ... and the stop arrives in the same turn
+
+        _, forward = direct_publisher(pub, on_publish)
+
+        async def publish_then_carry_on() -> None:
+            publishing.set()
+            await pub.publish("t/cancel", b"x", qos=1, timeout=5)
+            await asyncio.sleep(3600)  # a lost cancellation would leave the task here
+
+        task = asyncio.create_task(publish_then_carry_on())
+        await publishing.wait()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert done == {task}, "the cancellation was lost: the task went on after its publish"
+        assert task.cancelled()
+
+
+async def test_a_cancellation_landing_with_the_result_is_not_lost_on_any_timer() -> None:
+    """The same race for every awaited call aiomqtt times (connect, disconnect, subscribe): a
+    result and a cancellation in one turn end in CancelledError; a timeout is still MqttError."""
+    client = pahoport.Client("127.0.0.1", 1, timeout=5.0)
+    loop = asyncio.get_running_loop()
+    for timeout in (None, 5.0, math.inf):
+        fut: asyncio.Future[int] = loop.create_future()
+        task = asyncio.create_task(client._wait_for(fut, timeout=timeout))
+        await asyncio.sleep(0)  # the task waits on fut
+        fut.set_result(1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    never: asyncio.Future[int] = loop.create_future()
+    with pytest.raises(aiomqtt.MqttError, match="timed out"):
+        await client._wait_for(never, timeout=0.05)
+    assert never.cancelled()

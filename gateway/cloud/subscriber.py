@@ -28,6 +28,7 @@ from gateway.cloud.consumer import RESERVED_SITES, SessionConsumer
 from gateway.cloud.trust import load_trust_dir
 from gateway.errors import UsageError
 from gateway.redact import redact_url
+from gateway.uplink import pahoport
 from gateway.uplink.pahoport import manual_acks
 
 __all__ = ["BrokerAddress", "BrokerUrlError", "parse_broker_url", "run_consumer", "subscriptions"]
@@ -125,7 +126,7 @@ async def _connection(
     if v5:
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = SESSION_EXPIRY_S
-    client = aiomqtt.Client(
+    client = pahoport.Client(
         address.host,
         address.port,
         username=address.username,

@@ -20,6 +20,7 @@ import structlog
 from gateway import __version__
 from gateway.config import HomeAssistantConfig
 from gateway.model import Clock, SystemClock, rfc3339
+from gateway.uplink import pahoport
 from gateway.uplink.mqtt import backoff_delay
 
 __all__ = ["LocalRetainedLink"]
@@ -71,7 +72,7 @@ class LocalRetainedLink:
         last_error: str | None = None
         while True:
             try:
-                async with aiomqtt.Client(
+                async with pahoport.Client(
                     cfg.host,
                     cfg.port,
                     identifier=cfg.client_id or f"evgw-ha-{self.site_id}",

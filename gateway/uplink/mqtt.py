@@ -32,6 +32,7 @@ from gateway.config import UplinkConfig
 from gateway.errors import UplinkError
 from gateway.model import Clock, SystemClock, rfc3339
 from gateway.ports import CommandTarget, UplinkStore
+from gateway.uplink import pahoport
 from gateway.uplink.commands import MAX_COMMAND_BYTES, CommandHandler, Reply
 from gateway.uplink.drain import Drain, Inflight, UplinkStats, encode
 from gateway.uplink.envelope import CommandVerifier, load_command_key
@@ -241,7 +242,7 @@ class MqttUplink:
             # here (MQTT 5 CONNECT property Maximum Packet Size: the server discards larger ones).
             properties.MaximumPacketSize = MAX_PACKET_BYTES
         offline = {"state": "offline", "version": self._version}
-        return aiomqtt.Client(
+        return pahoport.Client(
             cfg.host,
             cfg.port,
             username=cfg.username,

@@ -1,13 +1,20 @@
 """Every touch of aiomqtt's insides, in one place (aiomqtt 2.5 over paho-mqtt 2.2).
 
 aiomqtt has no public way to do two things the gateway needs, so both reach the paho client it
-keeps in its private ``_client``:
+keeps in its private ``_client``; and one of its private methods needs replacing on Python 3.11:
 
 - Publishing without awaiting (``direct_publisher``): the drain keeps a window of QoS 1 publishes
   tracked by packet id. aiomqtt's awaited ``publish`` costs a future, a ``wait_for`` timer and a
   task per message, which kept a backlog drain at a fifth of what paho itself does.
 - Acknowledging a received message only once it is stored (``manual_acks``): the consumer's
   PUBACK must not go out before its database has the record.
+- Not losing a cancellation (``Client``): every awaited aiomqtt call (connect, disconnect,
+  publish, subscribe) goes through ``Client._wait_for``, which is ``asyncio.wait_for``. On Python
+  3.11 ``wait_for`` drops a cancellation that lands in the loop turn its awaited result arrives
+  in (CPython gh-86296, fixed by 3.12's rewrite): the cancelled task carries on as if nothing had
+  happened. A gateway stopping while a SUBACK came in went on receiving forever, and its stop
+  waited for it forever (a CI run hung so). ``Client`` times these calls with ``asyncio.timeout``,
+  which lets a cancellation through, and is what every part of the gateway uses.
 
 What the rest of the code then uses is paho's public API (``Client.publish`` and its
 ``MQTTMessageInfo``: ``rc``, ``mid``, ``is_published()``; ``Client.ack``; the VERSION2
@@ -19,15 +26,27 @@ the aiomqtt or paho-mqtt pin in pyproject.toml starts with that test.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import math
 import socket
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiomqtt
 import paho.mqtt.client as paho
 
-__all__ = ["Forward", "OnPublish", "Publish", "corked_writes", "direct_publisher", "manual_acks"]
+__all__ = [
+    "Client",
+    "Forward",
+    "OnPublish",
+    "Publish",
+    "corked_writes",
+    "direct_publisher",
+    "manual_acks",
+]
+
+T = TypeVar("T")
 
 OnPublish = Callable[[Any, Any, int, Any, Any], None]
 """paho's VERSION2 ``on_publish``: (client, userdata, mid, reason_code, properties)."""
@@ -35,6 +54,28 @@ Publish = Callable[..., paho.MQTTMessageInfo]
 """paho's ``Client.publish(topic, payload, qos, retain)``."""
 Forward = Callable[..., None]
 """The callback aiomqtt installed (an ``OnPublish``; paho types it as either API version)."""
+
+
+class Client(aiomqtt.Client):
+    """aiomqtt's client with its timer replaced: a cancellation always reaches the caller."""
+
+    # aiomqtt passes ``timeout=`` by name
+    async def _wait_for(self, fut: Awaitable[T], timeout: float | None) -> T:  # noqa: ASYNC109
+        if timeout is None:
+            timeout = self.timeout
+        try:
+            # asyncio.timeout(None) never fires; math.inf is aiomqtt's "no timeout"
+            async with asyncio.timeout(None if timeout == math.inf else timeout):
+                return await fut
+        except TimeoutError:
+            raise aiomqtt.MqttError("Operation timed out") from None
+
+
+if not hasattr(aiomqtt.Client, "_wait_for"):  # pragma: no cover - an aiomqtt upgrade
+    raise ImportError(
+        "aiomqtt.Client no longer times its calls in _wait_for: "
+        "gateway/uplink/pahoport.py needs updating for this aiomqtt version"
+    )
 
 
 def _paho(client: aiomqtt.Client) -> paho.Client:

@@ -19,6 +19,7 @@ from gateway.errors import CommandError
 from gateway.model import Token, from_rfc3339, new_session_id, rfc3339
 from gateway.ports import UplinkStore
 from gateway.records import UnsealedRecord
+from gateway.uplink import pahoport
 from gateway.uplink.schemas import validate
 
 SITE = "depot-7"
@@ -108,7 +109,7 @@ class Recorder:
         props.SessionExpiryInterval = 3600
         while True:
             try:
-                async with aiomqtt.Client(
+                async with pahoport.Client(
                     "127.0.0.1",
                     self.port,
                     identifier=self.client_id,
@@ -147,6 +148,9 @@ class Recorder:
         await self.client.publish(f"{ROOT}/{suffix}", payload, qos=1)
 
 
+STOP_WITHIN_S = 20.0
+
+
 @contextlib.asynccontextmanager
 async def running(coro: Any, name: str = "bg") -> Any:
     task = asyncio.create_task(coro, name=name)
@@ -154,6 +158,10 @@ async def running(coro: Any, name: str = "bg") -> Any:
         yield task
     finally:
         task.cancel()
+        # a task that swallows its cancellation fails the test by name, not by hanging it
+        await asyncio.wait({task}, timeout=STOP_WITHIN_S)
+        if not task.done():
+            raise AssertionError(f"{name}: still running {STOP_WITHIN_S} s after its cancel")
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
