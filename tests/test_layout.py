@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import gateway
+from tests.support.mqtt_broker import free_port
 
 GATEWAY = Path(gateway.__file__).parent
 CLOUD = "gateway.cloud"
@@ -96,12 +96,6 @@ print(json.dumps({"ran": ran, "all": sorted(sys.modules)}))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.e2e
 def test_the_edge_runtime_never_loads_the_cloud_side(tmp_path: Path) -> None:
     """A fresh interpreter imports the CLI, runs a gateway (store, web, session manager) for a
@@ -110,7 +104,7 @@ def test_the_edge_runtime_never_loads_the_cloud_side(tmp_path: Path) -> None:
     site.write_text(
         "site: {id: t1, timezone: Europe/Berlin}\n"
         f"storage: {{path: {tmp_path / 'buffer.db'}}}\n"
-        f'web: {{listen: "127.0.0.1:{_free_port()}"}}\n'
+        f'web: {{listen: "127.0.0.1:{free_port()}"}}\n'
     )
     edge = sorted(
         name

@@ -48,10 +48,20 @@ MOSQUITTO = "/usr/sbin/mosquitto"
 HOST = "127.0.0.1"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, never one this process handed out before: the kernel may give
+    two probes in a row the same port (the first was free again once closed), and a site with
+    two devices on one port fails to load (seen in CI: "unit 255 at ... is already used")."""
+    while True:
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 async def wait_port(port: int, timeout_s: float = 5.0) -> None:
