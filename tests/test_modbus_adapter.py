@@ -237,3 +237,70 @@ async def test_an_exception_answer_is_an_error_response() -> None:
             client.close()
     assert adapter.is_error_response(rr), upgrade_broke("how an exception answer is returned")
     assert rr.exception_code == 2
+
+
+async def test_register_answers_decode_as_pymodbus_own_classes_do() -> None:
+    """FC03 and FC04 answers come back as our classes (one unpack of all words) with the words
+    pymodbus' own classes read from the same bytes, and print without listing every word."""
+
+    async def words(header: bytes, pdu: bytes, writer: asyncio.StreamWriter) -> None:
+        count = struct.unpack(">H", pdu[3:5])[0]
+        body = bytes((7 * i + pdu[0]) % 256 for i in range(2 * count))
+        writer.write(reply(header, bytes([pdu[0], 2 * count]) + body))
+
+    async with server(words) as port:
+        ours, stock = client_for(port), AsyncModbusTcpClient("127.0.0.1", port=port, retries=0)
+        assert await ours.connect() and await stock.connect()
+        try:
+            for fc, cls in (
+                (3, adapter.HoldingRegistersResponse),
+                (4, adapter.InputRegistersResponse),
+            ):
+                for count in (1, 25, 125):
+                    read = "read_holding_registers" if fc == 3 else "read_input_registers"
+                    rr = await getattr(ours, read)(0, count=count, device_id=1)
+                    expected = await getattr(stock, read)(0, count=count, device_id=1)
+                    assert type(rr) is cls, upgrade_broke("client.register of answer classes")
+                    assert rr.function_code == fc and not adapter.is_error_response(rr)
+                    body = bytes((7 * i + fc) % 256 for i in range(2 * count))
+                    assert rr.registers == list(struct.unpack(f">{count}H", body))
+                    assert rr.registers == expected.registers
+            assert "125 registers" in str(rr) and str(rr.registers[0]) not in str(rr)
+        finally:
+            ours.close()
+            stock.close()
+
+
+async def test_odd_or_overlong_byte_counts_read_as_pymodbus_own_classes_read_them() -> None:
+    """An odd byte count gives its whole words (the bus then reports too few: a bad frame); a
+    byte count beyond the frame is a frame pymodbus cannot decode: the request goes on waiting
+    until the bus' timer ends it. Both as with pymodbus' own classes."""
+
+    async def odd(header: bytes, pdu: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(reply(header, bytes([pdu[0], 3, 1, 2, 3])))
+
+    async def overlong(header: bytes, pdu: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(reply(header, bytes([pdu[0], 9, 1, 2])))
+
+    async with server(odd) as port:
+        ours, stock = client_for(port), AsyncModbusTcpClient("127.0.0.1", port=port, retries=0)
+        assert await ours.connect() and await stock.connect()
+        try:
+            rr = await ours.read_holding_registers(0, count=2, device_id=1)
+            expected = await stock.read_holding_registers(0, count=2, device_id=1)
+            assert rr.registers == expected.registers == [0x0102]
+        finally:
+            ours.close()
+            stock.close()
+    async with server(overlong) as port:
+        client = client_for(port)
+        assert await client.connect()
+        try:
+            task = asyncio.create_task(client.read_holding_registers(0, count=2, device_id=1))
+            await asyncio.sleep(0.3)
+            assert not task.done()
+            adapter.fail_pending(client, Ours())
+            with pytest.raises(Ours):
+                await task
+        finally:
+            client.close()
