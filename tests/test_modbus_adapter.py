@@ -97,6 +97,23 @@ def client_for(port: int, trace_connect: Callable[[bool], None] | None = None) -
     return adapter.tcp_client("127.0.0.1", port, Hooks(trace_connect))
 
 
+@asynccontextmanager
+async def connected(*clients: Any) -> AsyncIterator[None]:
+    """The clients connected for the block, closed after it."""
+    try:
+        for client in clients:
+            assert await client.connect()
+        yield
+    finally:
+        for client in clients:
+            client.close()
+
+
+def stock_client(port: int) -> AsyncModbusTcpClient:
+    """pymodbus' own client, answer classes and all."""
+    return AsyncModbusTcpClient("127.0.0.1", port=port, retries=0)
+
+
 # -- the tests -----------------------------------------------------------------------------------
 def test_only_the_adapter_imports_pymodbus() -> None:
     root = PYPROJECT.parent
@@ -124,11 +141,8 @@ def test_installed_pymodbus_is_the_pinned_one() -> None:
 async def test_a_read_through_an_adapter_client() -> None:
     async with server(registers) as port:
         client = client_for(port)
-        assert await client.connect()
-        try:
+        async with connected(client):
             rr = await client.read_holding_registers(10, count=2, device_id=1)
-        finally:
-            client.close()
     assert not adapter.is_error_response(rr)
     assert rr.function_code == 3
     assert rr.registers == [0x0001, 0x0203]
@@ -230,11 +244,8 @@ async def test_an_exception_answer_is_an_error_response() -> None:
 
     async with server(refuse) as port:
         client = client_for(port)
-        assert await client.connect()
-        try:
+        async with connected(client):
             rr = await client.read_holding_registers(0, count=1, device_id=1)
-        finally:
-            client.close()
     assert adapter.is_error_response(rr), upgrade_broke("how an exception answer is returned")
     assert rr.exception_code == 2
 
@@ -249,9 +260,8 @@ async def test_register_answers_decode_as_pymodbus_own_classes_do() -> None:
         writer.write(reply(header, bytes([pdu[0], 2 * count]) + body))
 
     async with server(words) as port:
-        ours, stock = client_for(port), AsyncModbusTcpClient("127.0.0.1", port=port, retries=0)
-        assert await ours.connect() and await stock.connect()
-        try:
+        ours, stock = client_for(port), stock_client(port)
+        async with connected(ours, stock):
             for fc, cls in (
                 (3, adapter.HoldingRegistersResponse),
                 (4, adapter.InputRegistersResponse),
@@ -266,9 +276,6 @@ async def test_register_answers_decode_as_pymodbus_own_classes_do() -> None:
                     assert rr.registers == list(struct.unpack(f">{count}H", body))
                     assert rr.registers == expected.registers
             assert "125 registers" in str(rr) and str(rr.registers[0]) not in str(rr)
-        finally:
-            ours.close()
-            stock.close()
 
 
 async def test_odd_or_overlong_byte_counts_read_as_pymodbus_own_classes_read_them() -> None:
@@ -283,24 +290,17 @@ async def test_odd_or_overlong_byte_counts_read_as_pymodbus_own_classes_read_the
         writer.write(reply(header, bytes([pdu[0], 9, 1, 2])))
 
     async with server(odd) as port:
-        ours, stock = client_for(port), AsyncModbusTcpClient("127.0.0.1", port=port, retries=0)
-        assert await ours.connect() and await stock.connect()
-        try:
+        ours, stock = client_for(port), stock_client(port)
+        async with connected(ours, stock):
             rr = await ours.read_holding_registers(0, count=2, device_id=1)
             expected = await stock.read_holding_registers(0, count=2, device_id=1)
             assert rr.registers == expected.registers == [0x0102]
-        finally:
-            ours.close()
-            stock.close()
     async with server(overlong) as port:
         client = client_for(port)
-        assert await client.connect()
-        try:
+        async with connected(client):
             task = asyncio.create_task(client.read_holding_registers(0, count=2, device_id=1))
             await asyncio.sleep(0.3)
             assert not task.done()
             adapter.fail_pending(client, Ours())
             with pytest.raises(Ours):
                 await task
-        finally:
-            client.close()
