@@ -13,8 +13,9 @@ keeps in its private ``_client``; and one of its private methods needs replacing
   3.11 ``wait_for`` drops a cancellation that lands in the loop turn its awaited result arrives
   in (CPython gh-86296, fixed by 3.12's rewrite): the cancelled task carries on as if nothing had
   happened. A gateway stopping while a SUBACK came in went on receiving forever, and its stop
-  waited for it forever (a CI run hung so). ``Client`` times these calls with ``asyncio.timeout``,
-  which lets a cancellation through, and is what every part of the gateway uses.
+  waited for it forever (the likely cause of a CI run that hung in the uplink tests). ``Client``
+  times these calls with ``asyncio.timeout``, which lets a cancellation through, and is what
+  every part of the gateway uses.
 
 What the rest of the code then uses is paho's public API (``Client.publish`` and its
 ``MQTTMessageInfo``: ``rc``, ``mid``, ``is_published()``; ``Client.ack``; the VERSION2
