@@ -96,8 +96,25 @@ def final_status_ok(rec: Recorder, payload_power: float) -> None:
 
 
 async def test_long_backlog_drained_after_outage(mosquitto: MosquittoBroker, store: Store) -> None:
-    """Broker down while 2000 sessions and 20000 readings pile up; then it comes back."""
-    await mosquitto.stop()
+    """Broker down while 2000 sessions and 20000 readings pile up; then it comes back. The cloud
+    side subscribed before the outage (persistent sessions, as a billing backend does): a
+    recorder that subscribed only after the broker was back could be later than the gateway's
+    first publishes on a loaded machine, and never saw them."""
+    rec = Recorder(mosquitto.port)
+    # The status is timed by a subscriber of its own: the recorder takes every message of the
+    # backlog and validates each against its schema, so a status reaches it only after what the
+    # broker queued for it before (its own pace, not the gateway's).
+    status_rec = Recorder(
+        mosquitto.port,
+        client_id="status-watch",
+        topic_filter=f"{PREFIX}/{SITE}/chargers/+/status",
+    )
+    async with running(rec.run()), running(status_rec.run(), "status-watch"):
+        await rec.connected.wait()
+        await status_rec.connected.wait()
+    rec.connected.clear()  # (a cancelled run leaves it set)
+    status_rec.connected.clear()
+    await mosquitto.stop()  # graceful: the two sessions and their subscriptions are saved
     ids = [(await store.finish_session(unsealed_session(i))).session_id for i in range(2000)]
     now = time.time()
     await store.add_readings(
@@ -111,15 +128,6 @@ async def test_long_backlog_drained_after_outage(mosquitto: MosquittoBroker, sto
         await asyncio.sleep(1.0)
         assert not uplink.online
         await mosquitto.start()
-        rec = Recorder(mosquitto.port)
-        # The status is timed by a subscriber of its own: the recorder takes every message of
-        # the backlog and validates each against its schema, so a status reaches it only after
-        # what the broker queued for it before (its own pace, not the gateway's).
-        status_rec = Recorder(
-            mosquitto.port,
-            client_id="status-watch",
-            topic_filter=f"{PREFIX}/{SITE}/chargers/+/status",
-        )
         async with running(rec.run()), running(status_rec.run(), "status-watch"):
             await rec.connected.wait()
             await status_rec.connected.wait()
@@ -283,8 +291,10 @@ async def test_v5_refused_falls_back_to_v311(
     rec = Recorder(mosquitto.port)
     uplink = make_uplink(uplink_config(fault_proxy.url), store)
     record = await store.finish_session(unsealed_session(1))
-    async with running(rec.run()), running(uplink.run()):
-        await wait_until(lambda: rec.sessions(), 5, "session")
+    async with running(rec.run()):
+        await rec.connected.wait()  # subscribed before the gateway can publish the session
+        async with running(uplink.run()):
+            await wait_until(lambda: rec.sessions(), 5, "session")
     assert uplink.stats.protocol == "3.1.1"
     assert rec.sessions()[0]["session_id"] == record.session_id
 
@@ -299,12 +309,14 @@ async def _tls_case(
         uplink = make_uplink(uplink_config(broker.tls_url, tls=tls), store)
         await store.finish_session(unsealed_session(1))
         with capture_logs() as logs:
-            async with running(rec.run()), running(uplink.run()):
-                try:
-                    await wait_until(lambda: rec.sessions(), 3, "session over TLS")
-                    delivered = True
-                except AssertionError:
-                    delivered = False
+            async with running(rec.run()):
+                await rec.connected.wait()  # subscribed before the gateway can publish
+                async with running(uplink.run()):
+                    try:
+                        await wait_until(lambda: rec.sessions(), 3, "session over TLS")
+                        delivered = True
+                    except AssertionError:
+                        delivered = False
         return delivered, logs
     finally:
         broker.kill()
