@@ -164,7 +164,7 @@ async def test_a_cancellation_landing_with_the_puback_is_not_lost(
 ) -> None:
     """The PUBACK of an awaited publish and a cancellation of its task in the same loop turn:
     the task ends cancelled. aiomqtt's own timer (asyncio.wait_for) returns the publish's result
-    on Python 3.11 and the task carries on, which is how a stopping uplink hung in CI."""
+    on Python 3.11 and the task carries on: a stopping uplink then never stops."""
     async with _client(mosquitto, "pahoport-cancel") as pub:
         task: asyncio.Task[None] | None = None
         publishing = asyncio.Event()

@@ -73,19 +73,17 @@ class ClientHooks(Protocol):
 def tcp_client(host: str, port: int, hooks: ClientHooks, *, rtu_framing: bool = False) -> Any:
     """A Modbus TCP client (MBAP framing), or RTU frames over TCP with ``rtu_framing``; like
     every client here: no retries, no auto-reconnect (the bus reopens with its own backoff), our
-    trace hooks, the client's own answer timer off."""
-    return _fast_registers(
-        one_timer(
-            AsyncModbusTcpClient(
-                host,
-                port=port,
-                framer=FramerType.RTU if rtu_framing else FramerType.SOCKET,
-                timeout=CLIENT_TIMEOUT_S,
-                retries=0,
-                reconnect_delay=0,
-                trace_packet=hooks.trace_packet,
-                trace_connect=hooks.trace_connect,
-            )
+    trace hooks, the client's own answer timer off, our register answer classes."""
+    return _ours(
+        AsyncModbusTcpClient(
+            host,
+            port=port,
+            framer=FramerType.RTU if rtu_framing else FramerType.SOCKET,
+            timeout=CLIENT_TIMEOUT_S,
+            retries=0,
+            reconnect_delay=0,
+            trace_packet=hooks.trace_packet,
+            trace_connect=hooks.trace_connect,
         )
     )
 
@@ -100,21 +98,19 @@ def serial_client(
     bytesize: int,
 ) -> Any:
     """An RTU client on a serial port."""
-    return _fast_registers(
-        one_timer(
-            AsyncModbusSerialClient(
-                port,
-                framer=FramerType.RTU,
-                baudrate=baudrate,
-                parity=parity,
-                stopbits=stopbits,
-                bytesize=bytesize,
-                timeout=CLIENT_TIMEOUT_S,
-                retries=0,
-                reconnect_delay=0,
-                trace_packet=hooks.trace_packet,
-                trace_connect=hooks.trace_connect,
-            )
+    return _ours(
+        AsyncModbusSerialClient(
+            port,
+            framer=FramerType.RTU,
+            baudrate=baudrate,
+            parity=parity,
+            stopbits=stopbits,
+            bytesize=bytesize,
+            timeout=CLIENT_TIMEOUT_S,
+            retries=0,
+            reconnect_delay=0,
+            trace_packet=hooks.trace_packet,
+            trace_connect=hooks.trace_connect,
         )
     )
 
@@ -163,10 +159,12 @@ class InputRegistersResponse(RegistersResponse):
     function_code = 4
 
 
-def _fast_registers(client: Any) -> Any:
+def _ours(client: Any) -> Any:
+    """What every client here gets: its own answer timer off (``one_timer``) and our answer
+    classes for register reads."""
     for answer in (HoldingRegistersResponse, InputRegistersResponse):
         client.register(answer)
-    return client
+    return one_timer(client)
 
 
 def one_timer(client: Any) -> Any:
