@@ -14,13 +14,16 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from structlog.testing import capture_logs
 from test_uplink_mqtt import uplink_config
 
 from gateway.config import Secret
+from gateway.records import UnsealedRecord
 from gateway.store import Store
 from gateway.uplink import pahoport
+from gateway.uplink.mqtt import MqttUplink
 from tests.support.mqtt_broker import MOSQUITTO, MosquittoBroker
-from tests.support.uplink import Target, running, wait_until
+from tests.support.uplink import Target, running, session_record, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 ACL = REPO / "config" / "mosquitto" / "evgw.acl"
@@ -138,8 +141,6 @@ async def test_site_accounts_cannot_command_the_cloud_account_can(
         return json.dumps({"request_id": rid, "charger_id": "cp1", "user": "carol"}).encode()
 
     async with Store.open(tmp_path / "b.db", site_id="site-a", reserve_bytes=0) as store:
-        from gateway.uplink.mqtt import MqttUplink
-
         uplink = MqttUplink(
             cfg, "site-a", store, target, backoff_min_s=0.1, backoff_max_s=1.0, safety_poll_s=0.5
         )
@@ -255,3 +256,90 @@ async def test_service_accounts_cannot_publish_as_a_site_named_after_them(
             await wait_until(lambda: observer.received, 5, "site-a's record")
         await asyncio.sleep(0.5)  # anything let through would have arrived by now
     assert [t for t, _ in observer.received] == ["evgw/site-a/sessions/finished"]
+
+
+# A cloud broker whose ACL lets site-a publish its status but, by mistake, not its records; the
+# lines before the first ``user`` are the anonymous reader's (the test's).
+_ACL_WITHOUT_RECORDS = """topic read evgw/#
+user site-a
+topic deny evgw/site-a/sessions/#
+topic readwrite evgw/site-a/#
+"""
+
+
+@pytest.mark.e2e
+async def test_a_finished_session_the_broker_refuses_stays_buffered_until_it_is_taken(
+    tmp_path: Path,
+) -> None:
+    """An MQTT 5 broker answers a publish it will not take with a PUBACK all the same: here
+    reason 0x87 (not authorized) from a cloud broker whose ACL leaves out the site's records,
+    after which mosquitto also drops the connection. That PUBACK is not a delivery: the
+    finished session stays in the outbox, the uplink logs the refusal and tries again with
+    backoff, and once the ACL is fixed the same record goes out. Before, the refusal's PUBACK
+    deleted it from the outbox: a session billed nowhere."""
+    if not os.access(MOSQUITTO, os.X_OK):
+        pytest.skip(f"{MOSQUITTO} is not installed")
+    pw = tmp_path / "passwd"
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["mosquitto_passwd", "-c", "-b", str(pw), "site-a", PASSWORDS["site-a"]],
+        capture_output=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    acl = tmp_path / "acl"
+    acl.write_text(_ACL_WITHOUT_RECORDS)
+    broker = MosquittoBroker(
+        tmp_path / "mosquitto",
+        allow_anonymous=True,  # the test's reader
+        extra_config=f"password_file {pw}\nacl_file {acl}\n",
+    )
+    await broker.start()
+    received: list[bytes] = []
+
+    async def record_sessions() -> None:
+        async with pahoport.Client("127.0.0.1", broker.port, identifier="reader") as reader:
+            await reader.subscribe("evgw/site-a/sessions/finished", qos=1)
+            async for m in reader.messages:
+                received.append(bytes(m.payload))  # type: ignore[arg-type]
+
+    cfg = uplink_config(
+        broker.url,
+        client_id="evgw-site-a",
+        username="site-a",
+        password=Secret(PASSWORDS["site-a"]),
+    )
+    try:
+        async with Store.open(tmp_path / "b.db", site_id="site-a", reserve_bytes=0) as store:
+            uplink = MqttUplink(
+                cfg, "site-a", store, Target(), backoff_min_s=0.1, backoff_max_s=0.5
+            )
+            record = await store.finish_session(
+                UnsealedRecord.from_dict({**session_record(1), "site_id": "site-a"})
+            )
+            with capture_logs() as logs:
+                async with running(uplink.run()):
+                    await wait_until(
+                        lambda: uplink.stats.refused >= 2 and uplink.stats.connects >= 2,
+                        10,
+                        "the session refused on two connections",
+                    )
+            assert (await store.outbox_backlog()).get("session") == 1
+            assert uplink.stats.acked_rows == 0 and "session" not in uplink.stats.published
+            refused = [e for e in logs if e["event"] == "uplink_publish_refused"]
+            assert refused[0]["log_level"] == "error"
+            assert (refused[0]["stream"], refused[0]["code"], refused[0]["rows"]) == (
+                "session",
+                0x87,
+                1,
+            )
+
+            acl.write_text(_ACL_WITHOUT_RECORDS.replace("topic deny evgw/site-a/sessions/#\n", ""))
+            await broker.restart()
+            async with running(record_sessions()), running(uplink.run()):
+                await wait_until(lambda: received, 10, "the session, once the ACL allows it")
+                await wait_until(lambda: uplink.stats.acked_rows == 1, 5, "its PUBACK marked")
+            assert (await store.outbox_backlog()).get("session", 0) == 0
+            assert [json.loads(p)["session_id"] for p in received] == [record.session_id]
+    finally:
+        broker.kill()

@@ -205,3 +205,82 @@ async def test_a_cancellation_landing_with_the_result_is_not_lost_on_any_timer()
     with pytest.raises(aiomqtt.MqttError, match="timed out"):
         await client._wait_for(never, timeout=0.05)
     assert never.cancelled()
+
+
+# -- lean PUBACKs and dropped connections, against a scripted MQTT 5 broker -----------------------
+
+
+def _puback(mid: bytes, rest: bytes = b"") -> bytes:
+    return bytes([0x40, 2 + len(rest)]) + mid + rest
+
+
+_REASON_STRING = b"\x1f\x00\x06denied"  # property 0x1F (reason string) "denied"
+# PUBACK forms by topic: what MQTT 5 allows a broker to send (section 3.4.2)
+_PUBACKS = {
+    "p/id-only": lambda mid: _puback(mid),
+    "p/success": lambda mid: _puback(mid, b"\x00"),
+    "p/no-subscribers": lambda mid: _puback(mid, b"\x10"),
+    "p/not-authorized": lambda mid: _puback(mid, b"\x87"),
+    "p/quota-empty-props": lambda mid: _puback(mid, b"\x97\x00"),
+    "p/with-reason-string": lambda mid: _puback(
+        mid, b"\x87" + bytes([len(_REASON_STRING)]) + _REASON_STRING
+    ),
+}
+
+
+@contextlib.asynccontextmanager
+async def _scripted_broker(*, drop_on_subscribe: bool = False) -> AsyncIterator[int]:
+    """An MQTT 5 broker of a few lines on a free port: CONNACK, a PUBACK of the form its topic
+    names (``_PUBACKS``) to every QoS 1 PUBLISH, and with ``drop_on_subscribe`` a hang-up
+    instead of a SUBACK."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def packet() -> tuple[int, bytes]:
+            head = (await reader.readexactly(1))[0]
+            length, shift = 0, 0
+            while True:
+                byte = (await reader.readexactly(1))[0]
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    return head, await reader.readexactly(length)
+
+        try:
+            await packet()  # CONNECT
+            writer.write(b"\x20\x03\x00\x00\x00")  # CONNACK: success, no properties
+            while True:
+                head, body = await packet()
+                kind = head & 0xF0
+                if kind == 0x30 and head & 0x06:  # PUBLISH, QoS 1
+                    n = int.from_bytes(body[:2], "big")
+                    writer.write(_PUBACKS[body[2 : 2 + n].decode()](body[2 + n : 4 + n]))
+                elif kind == 0x80 and drop_on_subscribe:  # SUBSCRIBE
+                    return
+                elif kind == 0xC0:  # PINGREQ
+                    writer.write(b"\xd0\x00")
+                elif kind == 0xE0:  # DISCONNECT
+                    return
+        except asyncio.IncompleteReadError:
+            return
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+async def test_a_dropped_connection_ends_an_awaited_call_at_once() -> None:
+    """The broker hangs up instead of answering a SUBSCRIBE: the subscribe fails as soon as the
+    connection is gone, not when its 10 s timeout runs out (aiomqtt's own wait did)."""
+    async with _scripted_broker(drop_on_subscribe=True) as port:
+        client = pahoport.Client(
+            "127.0.0.1", port, identifier="dropped", protocol=aiomqtt.ProtocolVersion.V5, timeout=10
+        )
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(aiomqtt.MqttError):  # leaving a dead connection may say so
+            async with client:
+                start = loop.time()
+                with pytest.raises(aiomqtt.MqttError, match="Disconnected while waiting"):
+                    await client.subscribe("t/#", qos=1)
+                assert loop.time() - start < 2

@@ -54,6 +54,7 @@ class UplinkStats:
     acked_rows: int = 0  # outbox rows acknowledged to the store
     synced_readings: int = 0
     abandoned: int = 0  # publishes in flight when a connection dropped
+    refused: int = 0  # PUBACKs with a failure reason (MQTT 5): the broker did not take them
     commands: int = 0
     commands_busy: int = 0  # found the queue full and were answered ``busy``
     commands_dropped: int = 0  # found even the busy replies full (never seen in tests)
@@ -190,12 +191,15 @@ class Drain:
         abandoned: their rows stay unacknowledged in the store and go out again."""
         delivered = self._delivered
         forward: Forward | None = None
+        refusal = _Refusal()
 
         def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
             entry = inflight.pop(mid)
             if entry is None:
                 if forward is not None:
                     forward(c, userdata, mid, reason, props)
+            elif reason.is_failure:  # MQTT 5: the broker answered, but did not take it
+                self._refused(refusal, entry[2], entry[3], entry[4], reason)
             else:
                 delivered(entry[2], entry[3], entry[4], entry[5])
 
@@ -206,7 +210,7 @@ class Drain:
         )
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._acker(), name="uplink-acker")
-            tg.create_task(self._watchdog(inflight), name="uplink-watchdog")
+            tg.create_task(self._watchdog(inflight, refusal), name="uplink-watchdog")
             tg.create_task(self._prefetch(batches), name="uplink-prefetch")
             tg.create_task(self._drain(client, publish, inflight, batches), name="uplink-drain")
 
@@ -350,17 +354,55 @@ class Drain:
                 async with asyncio.timeout(self._safety_poll_s):
                     await self._readings_wake.wait()
 
-    async def _watchdog(self, inflight: Inflight) -> None:
+    async def _watchdog(self, inflight: Inflight, refusal: _Refusal) -> None:
         """Drops the connection when a publish has waited longer than the publish timeout for
-        its PUBACK (a stalled broker or link); its rows go out again on the next one."""
+        its PUBACK (a stalled broker or link), or the broker refused one that carries rows;
+        their rows go out again on the next connection."""
         loop = asyncio.get_running_loop()
         timeout_s = self._publish_timeout_s
         while True:
+            if refusal.error is not None:
+                raise refusal.error
             oldest = inflight.oldest()
             now = loop.time()
             if oldest is not None and now - oldest >= timeout_s:
                 raise aiomqtt.MqttError(f"no PUBACK within {timeout_s:g} s")
-            await asyncio.sleep(timeout_s if oldest is None else oldest + timeout_s - now)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(
+                    timeout_s if oldest is None else oldest + timeout_s - now
+                ):
+                    await refusal.event.wait()
+
+    def _refused(
+        self, refusal: _Refusal, stream: str, kind: int | None, ids: Sequence[int], reason: Any
+    ) -> None:
+        """The broker refused a publish (an MQTT 5 PUBACK with a reason code of 0x80 or more:
+        not authorized by its ACL, quota exceeded, topic or payload refused). Its rows are not
+        marked delivered: a finished session the broker did not take is not sent, whatever
+        the PUBACK says. A message that carries rows drops the connection, so they go out
+        again, in order, on the next one (after the reconnect backoff, which grows while the
+        broker goes on refusing); a latest value (a status) is only logged: the next change
+        replaces it."""
+        self.stats.refused += 1
+        code = getattr(reason, "value", reason)
+        text = f"the broker refused a {stream} publish: {reason} (0x{code:02x})"
+        if kind is None:
+            level = log.debug if (stream, code) in refusal.logged else log.warning
+            refusal.logged.add((stream, code))
+            level("uplink_publish_refused", stream=stream, reason=str(reason), code=code)
+            return
+        if refusal.error is None:
+            log.error(
+                "uplink_publish_refused",
+                stream=stream,
+                reason=str(reason),
+                code=code,
+                rows=len(ids),
+                hint="the rows stay buffered and go again on the next connection; "
+                "check the broker's ACL and quotas for this site's account",
+            )
+            refusal.error = aiomqtt.MqttError(text)
+            refusal.event.set()
 
     async def _drain_stream(
         self, send: Any, stream: str, cursors: dict[str, int], limit: int
@@ -437,6 +479,16 @@ class Drain:
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Refusal:
+    """The first refused publish that carries rows, on one connection (``Drain._refused``), and
+    the refused latest values already logged (again at DEBUG only)."""
+
+    error: aiomqtt.MqttError | None = None
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    logged: set[tuple[str, int]] = field(default_factory=set)
 
 
 def encode(payload: dict[str, Any]) -> bytes:

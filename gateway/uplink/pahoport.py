@@ -8,8 +8,9 @@ keeps in its private ``_client``; and one of its private methods needs replacing
   task per message, which kept a backlog drain at a fifth of what paho itself does.
 - Acknowledging a received message only once it is stored (``manual_acks``): the consumer's
   PUBACK must not go out before its database has the record.
-- Not losing a cancellation (``Client``): every awaited aiomqtt call (connect, disconnect,
-  publish, subscribe) goes through ``Client._wait_for``, which is ``asyncio.wait_for``. On Python
+- Not losing a cancellation, nor waiting on a dead connection (``Client``): every awaited aiomqtt
+  call (connect, disconnect, publish, subscribe) goes through ``Client._wait_for``, which is
+  ``asyncio.wait_for`` and knows nothing of the connection dropping. On Python
   3.11 ``wait_for`` drops a cancellation that lands in the loop turn its awaited result arrives
   in (CPython gh-86296, fixed by 3.12's rewrite): the cancelled task carries on as if nothing had
   happened. A gateway stopping while a SUBACK came in went on receiving forever, and its stop
@@ -58,18 +59,39 @@ Forward = Callable[..., None]
 
 
 class Client(aiomqtt.Client):
-    """aiomqtt's client with its timer replaced: a cancellation always reaches the caller."""
+    """aiomqtt's client with its timer replaced: a cancellation always reaches the caller, and
+    a connection that drops ends every wait on it at once."""
 
     # aiomqtt passes ``timeout=`` by name
     async def _wait_for(self, fut: Awaitable[T], timeout: float | None) -> T:  # noqa: ASYNC109
         if timeout is None:
             timeout = self.timeout
+        dropped = self._disconnected
         try:
             # asyncio.timeout(None) never fires; math.inf is aiomqtt's "no timeout"
             async with asyncio.timeout(None if timeout == math.inf else timeout):
-                return await fut
+                if fut is dropped or fut is self._connected:
+                    return await fut
+                return await _unless_dropped(fut, dropped)
         except TimeoutError:
             raise aiomqtt.MqttError("Operation timed out") from None
+
+
+async def _unless_dropped(fut: Awaitable[T], dropped: asyncio.Future[None]) -> T:
+    """``fut``'s result, or MqttError as soon as the connection is gone. aiomqtt fails only its
+    message iteration when the broker hangs up; a subscribe or publish awaiting its
+    acknowledgement waited out its whole timeout (10 s), and the uplink with it: mosquitto
+    closes the connection right after refusing a publish (PUBACK 0x87)."""
+    waiting = asyncio.ensure_future(fut)
+    try:
+        done, _ = await asyncio.wait((waiting, dropped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not waiting.done():
+            waiting.cancel()  # cancelled, timed out or disconnected: as wait_for would
+    if waiting in done:
+        return waiting.result()
+    cause = dropped.exception()
+    raise aiomqtt.MqttError("Disconnected while waiting for the broker's answer") from cause
 
 
 if not hasattr(aiomqtt.Client, "_wait_for"):  # pragma: no cover - an aiomqtt upgrade
