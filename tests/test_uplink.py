@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from gateway.records import GENESIS, SessionRecord, canonical_json, record_hash, seal
 from gateway.uplink.commands import MAX_COMMAND_BYTES, CommandHandler
+from gateway.uplink.drain import Inflight
 from gateway.uplink.payloads import PAYLOAD_MODELS
 from gateway.uplink.schemas import (
     SCHEMA_NAMES,
@@ -582,3 +584,26 @@ async def test_prune_keeps_request_ids_longer_than_the_largest_command_age(tmp_p
         clock.t += shortest_retention_s
         await store.prune()
         assert (await store.request_reply("r1"))[0] is False
+
+
+async def test_the_window_wakes_the_drain_for_every_free_slot() -> None:
+    """A full window lets the drain go on at the first PUBACK, not after a tenth of the window:
+    with nothing of ours on the wire while it waited, the broker's PUBACKs sat in its Nagle
+    buffer (bench/findings.md); and a message larger than the bytes left waits for room."""
+    window = Inflight(50, max_bytes=10_000)
+    for mid in range(1, 51):
+        window.add(mid, 0.0, 10, "readings", None, (), 1)
+    waiter = asyncio.create_task(window.wait_room(10))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    window.pop(1)
+    await asyncio.wait_for(waiter, 1)
+    window.add(51, 0.0, 10, "readings", None, (), 1)
+    big = asyncio.create_task(window.wait_room(9_600))  # 50 in flight, 500 bytes
+    window.pop(2)
+    await asyncio.sleep(0)
+    assert not big.done()  # a slot, but not the bytes
+    for mid in range(3, 12):
+        window.pop(mid)
+    await asyncio.wait_for(big, 1)
+    assert window.count == 40 and window.bytes == 400

@@ -16,7 +16,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from gateway.uplink import pahoport
-from gateway.uplink.pahoport import corked_writes, direct_publisher, manual_acks
+from gateway.uplink.pahoport import corked_writes, direct_publisher, lean_pubacks, manual_acks
 from tests.support.mqtt_broker import MosquittoBroker
 from tests.support.uplink import wait_until
 
@@ -268,6 +268,88 @@ async def _scripted_broker(*, drop_on_subscribe: bool = False) -> AsyncIterator[
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     async with server:
         yield server.sockets[0].getsockname()[1]
+
+
+async def _pubacks_seen(
+    port: int, lean: bool
+) -> tuple[list[tuple[str, int, str, str]], list[Any], Any]:
+    """(topic, reason value, reason name, properties) of each PUBACK, as on_publish got it; the
+    properties objects themselves; the paho client."""
+    client = pahoport.Client(
+        "127.0.0.1", port, identifier="lean", protocol=aiomqtt.ProtocolVersion.V5, timeout=5.0
+    )
+    seen: list[tuple[str, int, str, str]] = []
+    objects: list[Any] = []
+    topics: dict[int, str] = {}
+    async with client:
+
+        def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+            seen.append((topics[mid], reason.value, str(reason), str(props)))
+            objects.append(props)
+
+        publish, _ = direct_publisher(client, on_publish)
+        if lean:
+            lean_pubacks(client)
+        for topic in _PUBACKS:
+            info = publish(topic, b"x", 1, False)
+            topics[info.mid] = topic
+        await wait_until(lambda: len(seen) == len(_PUBACKS), 5, "every PUBACK")
+        return seen, objects, client._client
+
+
+async def test_lean_pubacks_hand_on_what_paho_would_for_every_puback_form() -> None:
+    """Each form a broker may send, read by paho itself and by ``lean_pubacks``: the same
+    packet id, reason code and properties reach on_publish, and paho's own bookkeeping (the
+    message table, the in-flight count, each message's info) ends the same."""
+    async with _scripted_broker() as port:
+        stock, fresh, _ = await _pubacks_seen(port, lean=False)
+        lean, shared, inner = await _pubacks_seen(port, lean=True)
+    assert lean == stock
+    # paho builds properties for every PUBACK; the lean path shares one empty set
+    assert len({id(p) for p in fresh}) == 6
+    assert len({id(p) for p in shared[:5]}) == 1 and shared[5] is not shared[0]
+    assert [(t, v) for t, v, _, _ in lean] == [
+        ("p/id-only", 0),
+        ("p/success", 0),
+        ("p/no-subscribers", 0x10),
+        ("p/not-authorized", 0x87),
+        ("p/quota-empty-props", 0x97),
+        ("p/with-reason-string", 0x87),
+    ]
+    assert lean[-1][3] == "[ReasonString : denied]"  # handed to paho's own decoder
+    assert inner._out_messages == {} and inner._inflight_messages == 0
+
+
+@pytest.mark.parametrize("protocol", [aiomqtt.ProtocolVersion.V5, aiomqtt.ProtocolVersion.V311])
+async def test_lean_pubacks_against_mosquitto(
+    mosquitto: MosquittoBroker, protocol: aiomqtt.ProtocolVersion
+) -> None:
+    """mosquitto's PUBACKs (MQTT 5: 2 bytes with a subscriber, reason 0x10 without one; MQTT
+    3.1.1: 2 bytes) complete every publish, and aiomqtt's awaited publish still completes."""
+    async with _received(mosquitto, "heard/#", 1) as received:
+        async with _client(mosquitto, "lean-pub", protocol=protocol) as pub:
+            reasons: dict[int, Any] = {}
+
+            def on_publish(c: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+                if mid in mine:
+                    reasons[mid] = reason
+                else:
+                    forward(c, userdata, mid, reason, props)
+
+            publish, forward = direct_publisher(pub, on_publish)
+            lean_pubacks(pub)
+            mine: set[int] = set()
+            infos = [
+                publish(f"{t}/{i}", b"x", 1, False) for i in range(10) for t in ("heard", "unheard")
+            ]
+            mine.update(info.mid for info in infos)
+            await wait_until(lambda: len(reasons) == 20, 5, "20 PUBACKs")
+            assert all(info.is_published() for info in infos)
+            assert not any(r.is_failure for r in reasons.values())
+            await pub.publish("heard/awaited", b"a", qos=1, timeout=5)
+            inner = pub._client
+            assert inner._out_messages == {} and inner._inflight_messages == 0
+        await wait_until(lambda: len(received) == 11, 5, "the heard ones")
 
 
 async def test_a_dropped_connection_ends_an_awaited_call_at_once() -> None:

@@ -32,7 +32,13 @@ from gateway.model import Clock, rfc3339
 from gateway.outgoing import OUTBOX_STREAMS, SESSION_STREAM
 from gateway.ports import UplinkStore
 from gateway.uplink.lean import Aggregate, LeanReadings
-from gateway.uplink.pahoport import Forward, Publish, corked_writes, direct_publisher
+from gateway.uplink.pahoport import (
+    Forward,
+    Publish,
+    corked_writes,
+    direct_publisher,
+    lean_pubacks,
+)
 from gateway.uplink.topics import Topics
 from gateway.wire import encode_reading, readings_batch
 
@@ -70,7 +76,7 @@ class Inflight:
     """Publishes awaiting PUBACK, by packet id: at most ``limit`` of them and ``max_bytes`` of
     payload (one message may exceed it alone)."""
 
-    __slots__ = ("_low", "_room", "bytes", "entries", "limit", "max_bytes")
+    __slots__ = ("_room", "bytes", "entries", "limit", "max_bytes")
 
     def __init__(self, limit: int, max_bytes: int) -> None:
         self.limit = max(1, limit)
@@ -80,16 +86,19 @@ class Inflight:
         # order is send order, so the first entry is the oldest
         self.entries: dict[int, tuple[float, int, str, int | None, Sequence[int], int]] = {}
         self._room = asyncio.Event()
-        self._low = self.limit - max(1, self.limit // 10)
 
     def full(self, size: int) -> bool:
         n = len(self.entries)
         return n >= self.limit or (n > 0 and self.bytes + size > self.max_bytes)
 
     async def wait_room(self, size: int) -> None:
-        """Once full, wait until a tenth of the window is free again: the drain then sends a
-        few messages a wake-up instead of one a PUBACK."""
-        while len(self.entries) > self._low or self.full(size):
+        """Wait until a message of ``size`` bytes fits. Every PUBACK wakes the drain, which
+        refills the slot at once: a steady stream both ways. Waiting for a tenth of the window
+        to free up instead (a few messages a wake-up) stalled the drain 2-3 ms a wait: with
+        nothing of ours to carry TCP's acknowledgements, the broker's small PUBACKs wait in its
+        Nagle buffer for a delayed ACK (mosquitto leaves Nagle on unless ``set_tcp_nodelay``);
+        a backlog then took 5 s instead of 3 (bench/findings.md)."""
+        while self.full(size):
             self._room.clear()
             await self._room.wait()
 
@@ -110,8 +119,7 @@ class Inflight:
         entry = self.entries.pop(mid, None)
         if entry is not None:
             self.bytes -= entry[1]
-            if len(self.entries) <= self._low:
-                self._room.set()
+            self._room.set()
         return entry
 
     def oldest(self) -> float | None:
@@ -204,6 +212,7 @@ class Drain:
                 delivered(entry[2], entry[3], entry[4], entry[5])
 
         publish, forward = direct_publisher(client, on_publish)
+        lean_pubacks(client)
         corked_writes(client)
         batches: asyncio.Queue[list[tuple[int, str, bytes]]] = asyncio.Queue(
             maxsize=BATCHES_PER_FETCH
