@@ -43,11 +43,19 @@ async def run(size: Size) -> Result:
     result.add("gateway steady RSS", steady, "MB", at_most=80)
     per_min = growth_mb_per_min(samples)
     result.add("gateway RSS growth (2nd half)", per_min, "MB/min")
-    result.add("gateway RSS growth (2nd half), per hour", per_min * 60, "MB/h", at_most=1)
+    # The target is an hour's: a quick run's 3 s second half, scaled to an hour, is mostly the
+    # start-up's last allocations (CI printed MISSED for it on every run), so quick only reports.
+    result.add(
+        "gateway RSS growth (2nd half), per hour",
+        per_min * 60,
+        "MB/h",
+        at_most=size.pick(None, 1.0),
+    )
     result.add("gateway RSS end - middle", samples[-1][1] - samples[len(samples) // 2][1], "MB")
     result.add("raw pymodbus peak RSS", raw["rss_peak_mb"], "MB")
     result.notes.append(
         f"Growth is the least-squares slope of RSS over the second half of a {duration_s:.0f} s "
-        "run (issue 14: <= 1 MB/h over the second half of 60 minutes in the full run)."
+        "run (issue 14: <= 1 MB/h over the second half of 60 minutes in the full run; a quick "
+        "run reports the slope without judging it)."
     )
     return result
