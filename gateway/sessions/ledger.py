@@ -52,6 +52,9 @@ GAP_POLLS = 3  # readings missing for more than this many poll intervals: comms_
 # A reading dated this much before the previous one is no late sample (the poll queue never holds
 # one that long): the wall clock was set back (an NTP step after a boot without a real-time clock).
 CLOCK_STEP_BACK_S = 10.0
+# Across such a step the time since the previous reading is unknown (the gateway may have been
+# down meanwhile): a rise is taken as counted at most at max power over up to this long.
+CLOCK_STEP_UNSEEN_MAX_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +242,9 @@ class OpenSession:
           start (flag ``start_latched``); a lifetime counter is never taken as session energy;
         * a reading older than the previous one is ignored (late sample), unless it is older by
           more than ``CLOCK_STEP_BACK_S`` (or two poll intervals): then the wall clock was set
-          back, and every time the session keeps moves back with it, so the counter counts on;
+          back, and every time the session keeps moves back with it, so the counter counts on
+          (as if the previous reading came one poll interval earlier, or as long earlier as
+          the rise needs at max power: the gateway may have been down across the step);
         * a gap of more than ``GAP_POLLS`` poll intervals: flag ``comms_gap`` (energy stays
           exact: it is the counter difference);
         * a reading that does not continue the counter (a drop, a jump) is *suspect*, not
@@ -253,12 +258,13 @@ class OpenSession:
         * a session that ends while its latest reading was implausible or suspect keeps the
           last plausible reading (flag ``energy_fallback``, added by ``build_record``).
         """
+        counter = counter or DEFAULT_COUNTER
+        value, why = counter.check(reading)
         if self.last_counter_ts is not None and ts < self.last_counter_ts - max(
             CLOCK_STEP_BACK_S, 2 * interval_s
         ):
-            self._shift_clock(ts - interval_s - self.last_counter_ts, ts - interval_s)
-        counter = counter or DEFAULT_COUNTER
-        value, why = counter.check(reading)
+            elapsed_s = self._unseen_s(value, interval_s, max_power_w, counter)
+            self._shift_clock(ts - elapsed_s - self.last_counter_ts, ts - elapsed_s)
         previous_read_ts = self.read_ts if self.read_ts is not None else self.last_counter_ts
         if previous_read_ts is None or ts > previous_read_ts:
             self.read_ts = ts
@@ -326,9 +332,22 @@ class OpenSession:
             )
         return changed
 
+    def _unseen_s(
+        self, value: int | None, interval_s: float, max_power_w: float, counter: Counter
+    ) -> float:
+        """How long before a reading dated after a clock step back the previous one came, as far
+        as the counter can tell: one poll interval, or, when the counter rose by more than that
+        allows, the time the rise takes at max power (up to ``CLOCK_STEP_UNSEEN_MAX_S``). The
+        wall clock cannot say, and the gateway may have been down meanwhile (a restart with a
+        car charging on); one interval made a minute of charging look like a meter reset."""
+        if value is None or self.last_wh is None or value < self.last_wh or max_power_w <= 0:
+            return interval_s
+        rise_wh = value - self.last_wh - counter.step_wh(value)
+        return min(max(interval_s, rise_wh * 3600.0 / max_power_w), CLOCK_STEP_UNSEEN_MAX_S)
+
     def _shift_clock(self, delta_s: float, floor_ts: float) -> None:
         """The wall clock was set back (an NTP step): move every time the counter checks use by
-        ``delta_s``, as if the last reading came one poll interval before this one."""
+        ``delta_s``, as if the last reading came that much before this one (``_unseen_s``)."""
         log.warning("wall_clock_stepped_back", session_id=self.session_id, by_s=round(-delta_s, 1))
         assert self.last_counter_ts is not None
         self.last_counter_ts += delta_s
