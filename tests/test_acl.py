@@ -42,8 +42,13 @@ def test_the_documented_acl_is_the_tested_one() -> None:
     assert ACL.read_text(encoding="utf-8").strip() in doc
 
 
-@pytest.fixture
-async def acl_broker(tmp_path: Path) -> Any:
+# the tests' own account, added to every ACL here: it reads everything, to see what got through
+_OBSERVER = "\nuser observer\ntopic read #\n"
+
+
+async def _broker_with_acl(tmp_path: Path, acl_text: str) -> MosquittoBroker:
+    """A started mosquitto with a password file of every account in ``PASSWORDS`` and the ACL
+    ``acl_text`` plus ``_OBSERVER``; the ACL file is ``tmp_path / "evgw.acl"``."""
     if not os.access(MOSQUITTO, os.X_OK):
         pytest.skip(f"{MOSQUITTO} is not installed")
     pw = tmp_path / "evgw.passwd"
@@ -56,15 +61,21 @@ async def acl_broker(tmp_path: Path) -> Any:
             check=False,
         )
         assert done.returncode == 0, done.stderr
-    # the shipped ACL plus a test account that reads everything, to see what got through
     acl = tmp_path / "evgw.acl"
-    acl.write_text(ACL.read_text(encoding="utf-8") + "\nuser observer\ntopic read #\n")
+    acl.write_text(acl_text + _OBSERVER)
     broker = MosquittoBroker(
         tmp_path / "mosquitto",
         allow_anonymous=False,
         extra_config=f"password_file {pw}\nacl_file {acl}\n",
     )
     await broker.start()
+    return broker
+
+
+@pytest.fixture
+async def acl_broker(tmp_path: Path) -> Any:
+    """The shipped ACL."""
+    broker = await _broker_with_acl(tmp_path, ACL.read_text(encoding="utf-8"))
     try:
         yield broker
     finally:
@@ -258,10 +269,9 @@ async def test_service_accounts_cannot_publish_as_a_site_named_after_them(
     assert [t for t, _ in observer.received] == ["evgw/site-a/sessions/finished"]
 
 
-# A cloud broker whose ACL lets site-a publish its status but, by mistake, not its records; the
-# lines before the first ``user`` are the anonymous reader's (the test's).
-_ACL_WITHOUT_RECORDS = """topic read evgw/#
-user site-a
+# A cloud broker whose ACL lets site-a publish its status but, by mistake, not its records.
+FINISHED = "evgw/site-a/sessions/finished"
+_ACL_WITHOUT_RECORDS = """user site-a
 topic deny evgw/site-a/sessions/#
 topic readwrite evgw/site-a/#
 """
@@ -277,32 +287,7 @@ async def test_a_finished_session_the_broker_refuses_stays_buffered_until_it_is_
     finished session stays in the outbox, the uplink logs the refusal and tries again with
     backoff, and once the ACL is fixed the same record goes out. Before, the refusal's PUBACK
     deleted it from the outbox: a session billed nowhere."""
-    if not os.access(MOSQUITTO, os.X_OK):
-        pytest.skip(f"{MOSQUITTO} is not installed")
-    pw = tmp_path / "passwd"
-    done = await asyncio.to_thread(
-        subprocess.run,
-        ["mosquitto_passwd", "-c", "-b", str(pw), "site-a", PASSWORDS["site-a"]],
-        capture_output=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    acl = tmp_path / "acl"
-    acl.write_text(_ACL_WITHOUT_RECORDS)
-    broker = MosquittoBroker(
-        tmp_path / "mosquitto",
-        allow_anonymous=True,  # the test's reader
-        extra_config=f"password_file {pw}\nacl_file {acl}\n",
-    )
-    await broker.start()
-    received: list[bytes] = []
-
-    async def record_sessions() -> None:
-        async with pahoport.Client("127.0.0.1", broker.port, identifier="reader") as reader:
-            await reader.subscribe("evgw/site-a/sessions/finished", qos=1)
-            async for m in reader.messages:
-                received.append(bytes(m.payload))  # type: ignore[arg-type]
-
+    broker = await _broker_with_acl(tmp_path, _ACL_WITHOUT_RECORDS)
     cfg = uplink_config(
         broker.url,
         client_id="evgw-site-a",
@@ -334,12 +319,20 @@ async def test_a_finished_session_the_broker_refuses_stays_buffered_until_it_is_
                 1,
             )
 
-            acl.write_text(_ACL_WITHOUT_RECORDS.replace("topic deny evgw/site-a/sessions/#\n", ""))
+            fixed = _ACL_WITHOUT_RECORDS.replace("topic deny evgw/site-a/sessions/#\n", "")
+            (tmp_path / "evgw.acl").write_text(fixed + _OBSERVER)
             await broker.restart()
-            async with running(record_sessions()), running(uplink.run()):
-                await wait_until(lambda: received, 10, "the session, once the ACL allows it")
-                await wait_until(lambda: uplink.stats.acked_rows == 1, 5, "its PUBACK marked")
+            observer = Client(broker.port, "observer")
+            async with running(observer.run(FINISHED)):
+                await asyncio.wait_for(observer.ready.wait(), 10)
+                async with running(uplink.run()):
+                    await wait_until(
+                        lambda: observer.received, 10, "the session, once the ACL allows it"
+                    )
+                    await wait_until(lambda: uplink.stats.acked_rows == 1, 5, "its PUBACK marked")
             assert (await store.outbox_backlog()).get("session", 0) == 0
-            assert [json.loads(p)["session_id"] for p in received] == [record.session_id]
+            assert [json.loads(p)["session_id"] for p in observer.on(FINISHED)] == [
+                record.session_id
+            ]
     finally:
         broker.kill()
