@@ -264,7 +264,7 @@ class OpenSession:
             CLOCK_STEP_BACK_S, 2 * interval_s
         ):
             elapsed_s = self._unseen_s(value, interval_s, max_power_w, counter)
-            self._shift_clock(ts - elapsed_s - self.last_counter_ts, ts - elapsed_s)
+            self._shift_clock(ts - elapsed_s - self.last_counter_ts)
         previous_read_ts = self.read_ts if self.read_ts is not None else self.last_counter_ts
         if previous_read_ts is None or ts > previous_read_ts:
             self.read_ts = ts
@@ -345,14 +345,14 @@ class OpenSession:
         rise_wh = value - self.last_wh - counter.step_wh(value)
         return min(max(interval_s, rise_wh * 3600.0 / max_power_w), CLOCK_STEP_UNSEEN_MAX_S)
 
-    def _shift_clock(self, delta_s: float, floor_ts: float) -> None:
+    def _shift_clock(self, delta_s: float) -> None:
         """The wall clock was set back (an NTP step): move every time the counter checks use by
         ``delta_s``, as if the last reading came that much before this one (``_unseen_s``)."""
         log.warning("wall_clock_stepped_back", session_id=self.session_id, by_s=round(-delta_s, 1))
         assert self.last_counter_ts is not None
         self.last_counter_ts += delta_s
         if self.read_ts is not None:
-            self.read_ts = min(self.read_ts + delta_s, floor_ts)
+            self.read_ts = min(self.read_ts + delta_s, self.last_counter_ts)
         if self.bound_ts is not None:
             self.bound_ts += delta_s
         if self.undo is not None and self.undo[2] is not None:

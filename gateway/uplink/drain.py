@@ -394,7 +394,6 @@ class Drain:
         replaces it."""
         self.stats.refused += 1
         code = getattr(reason, "value", reason)
-        text = f"the broker refused a {stream} publish: {reason} (0x{code:02x})"
         if kind is None:
             level = log.debug if (stream, code) in refusal.logged else log.warning
             refusal.logged.add((stream, code))
@@ -410,7 +409,9 @@ class Drain:
                 hint="the rows stay buffered and go again on the next connection; "
                 "check the broker's ACL and quotas for this site's account",
             )
-            refusal.error = aiomqtt.MqttError(text)
+            refusal.error = aiomqtt.MqttError(
+                f"the broker refused a {stream} publish: {reason} (0x{code:02x})"
+            )
             refusal.event.set()
 
     async def _drain_stream(
