@@ -336,3 +336,36 @@ async def test_a_finished_session_the_broker_refuses_stays_buffered_until_it_is_
             ]
     finally:
         broker.kill()
+
+
+@pytest.mark.e2e
+async def test_a_refused_status_is_logged_as_a_warning_not_an_error(tmp_path: Path) -> None:
+    """A latest value the broker refuses (a status, when its ACL leaves out the chargers'
+    topics) carries no rows: it is counted and logged as a warning, never as the error a
+    refused record is (mosquitto drops the connection after each refusal; the uplink
+    reconnects and the status is refused again)."""
+    broker = await _broker_with_acl(
+        tmp_path,
+        "user site-a\ntopic deny evgw/site-a/chargers/#\ntopic readwrite evgw/site-a/#\n",
+    )
+    cfg = uplink_config(
+        broker.url, client_id="evgw-site-a", username="site-a", password=Secret(PASSWORDS["site-a"])
+    )
+    try:
+        async with Store.open(tmp_path / "b.db", site_id="site-a", reserve_bytes=0) as store:
+            uplink = MqttUplink(
+                cfg, "site-a", store, Target(), backoff_min_s=0.1, backoff_max_s=0.5
+            )
+            uplink.publish_status(
+                "cp1", {"status": "available", "online": True, "session_id": None, "power_w": 0}
+            )
+            with capture_logs() as logs:
+                async with running(uplink.run()):
+                    await wait_until(lambda: uplink.stats.refused >= 2, 10, "two refusals")
+            refused = [e for e in logs if e["event"] == "uplink_publish_refused"]
+            assert {(e["log_level"], e["stream"], e["code"]) for e in refused} == {
+                ("warning", "charger_status", 0x87)
+            }
+            assert "rows" not in refused[0]
+    finally:
+        broker.kill()
